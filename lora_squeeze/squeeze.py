@@ -496,27 +496,22 @@ def squeeze_lora(lora_params: Any, rank: int | Mapping[str, int], *, method: str
     raise ValueError("squeeze_lora: no LoRA pairs ({'a': ..., 'b': ...}) found in the given tree")
   ranks = resolve_ranks(paths, rank)
 
-  groups: dict[tuple, list[str]] = {}
-  for i, p in enumerate(paths):
-    if ranks[p] is None:
-      continue
-    a, b = pairs[p]["a"], pairs[p]["b"]
-    a2, b2 = jax.eval_shape(functools.partial(to_matrices, where=p), a, b)  # shape checks only
+  todo = [(i, p) for i, p in enumerate(paths) if ranks[p] is not None]
+  for _, p in todo:  # all shape checks before any work
+    a2, b2 = jax.eval_shape(functools.partial(to_matrices, where=p), pairs[p]["a"], pairs[p]["b"])
     _check_factors(a2, b2, ranks[p], where=p)
-    sig = (a.shape, b.shape, jnp.result_type(a, b), ranks[p])
-    groups.setdefault(sig, []).append(p)
 
-  # One module per compiled call (compiled once per (shape, rank): 7 programs for Gemma 3). Batching a
-  # group into one program (the natural design, and what _squeeze_group supports) wedged XLA:CPU in jaxlib
-  # 0.10.0 for any batch >= 2 (second run never returns, all workers idle); batch 1 is reliable.
+  # One module per compiled call (compiled once per (shape, rank): 7 programs for Gemma 3). Batching
+  # same-shape modules into one program (the natural design, and what _squeeze_group supports) wedged
+  # XLA:CPU in jaxlib 0.10.0 for any batch >= 2 (second run never returns, all workers idle).
   new_pairs = {}
-  for (a_shape, b_shape, _, r), members in groups.items():
-    for p in members:
-      (new_a,), (new_b,), _, finite = _squeeze_group(
-          (pairs[p]["a"],), (pairs[p]["b"],), (jax.random.fold_in(key, paths.index(p)),),
-          rank=int(r), method=method, oversample=oversample, power_iters=power_iters)
-      _raise_if_not_finite(finite, [p], [a_shape], [b_shape])
-      new_pairs[p] = (new_a, new_b)
+  for i, p in todo:
+    a, b = pairs[p]["a"], pairs[p]["b"]
+    (new_a,), (new_b,), _, finite = _squeeze_group(
+        (a,), (b,), (jax.random.fold_in(key, i),),
+        rank=int(ranks[p]), method=method, oversample=oversample, power_iters=power_iters)
+    _raise_if_not_finite(finite, [p], [a.shape], [b.shape])
+    new_pairs[p] = (new_a, new_b)
 
   def visit(node, prefix):
     if is_lora_pair(node):

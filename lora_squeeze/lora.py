@@ -344,6 +344,22 @@ class LoRA(nn.Module):
     with nn.intercept_methods(_Interceptor(config=self.config, shapes=shapes)):
       return _call_without_nn_jit(self.model, *args, **kwargs)
 
+  @nn.compact
+  def hidden_states(self, tokens: Array, *, positions: Array, attention_mask: Array) -> Array:
+    """The final-norm hidden states (B, T, D) with LoRA, without the vocabulary projection.
+
+    Training and scoring need logits at a few positions only (answer / choice tokens); the 262k-vocab
+    projection is most of a full forward on the small Gemmas, so callers gather the positions they need and
+    project those (``logits_at``). ``positions`` (B, T) and ``attention_mask`` (B, T, T) are given
+    explicitly (see ``attention_mask_from_segments``), which also makes packed sequences work.
+    """
+    cfg = _text_config(self.model)
+    shapes = lora_shapes(cfg, self.config)
+    if not self.is_initializing():
+      self._check_lora_params(shapes)
+    with nn.intercept_methods(_Interceptor(config=self.config, shapes=shapes)):
+      return base_hidden_states(self.model, tokens, positions=positions, attention_mask=attention_mask)
+
   def _check_lora_params(self, shapes: Mapping[str, Any]) -> None:
     """The LoRA pairs in the params must be exactly the config's modules (ranks may differ): catches a
     joint/separate or targets mismatch, which would otherwise silently ignore some adapters."""
@@ -376,6 +392,41 @@ def _call_without_nn_jit(model: nn.Module, *args, **kwargs):
   if inner is not None and getattr(inner, "method_handler_wrapped", False):
     return inner(model, *args, **kwargs)
   return model(*args, **kwargs)
+
+
+def base_hidden_states(model: nn.Module, tokens: Array, *, positions: Array, attention_mask: Array) -> Array:
+  """gemma ``Transformer.__call__`` up to the final norm (text only, no cache, no logits).
+
+  Use as ``transformer.apply({"params": base}, tokens, positions=..., attention_mask=...,
+  method=base_hidden_states)`` for the model without LoRA. Mirrors gemma 3.3.0's ``__call__`` (embed, blocks,
+  final norm); ``tests/test_lora.py`` checks it against the library's own ``return_hidden_states``.
+  """
+  inputs = model._encode_and_get_inputs(  # pylint: disable=protected-access
+      tokens=tokens, positions=positions, attention_mask=attention_mask)
+  x, _ = model._apply_attention(inputs, None)  # pylint: disable=protected-access
+  return x
+
+
+def attention_mask_from_segments(segment_ids: Array) -> Array:
+  """(B, T) segment ids (0 = padding, 1..k = packed sequences) -> (B, T, T) causal, same-segment mask.
+
+  Padding rows attend to nothing real; gemma's softmax then sees an all-masked row, which it handles (large
+  negative logits, no NaN), and those positions are never read. gemma adds the sliding window itself.
+  """
+  seg = jnp.asarray(segment_ids)
+  t = seg.shape[-1]
+  causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+  same = (seg[..., :, None] == seg[..., None, :]) & (seg[..., None, :] > 0)
+  return same & causal
+
+
+def logits_at(hidden: Array, embedding: Array, *, softcap: float | None = None) -> Array:
+  """Vocabulary logits for selected hidden states (..., D) with the tied embedding (V, D), as gemma's
+  ``Embedder.decode`` plus the optional final soft-cap; computed in float32."""
+  logits = jnp.dot(hidden.astype(jnp.float32), embedding.astype(jnp.float32).T)
+  if softcap is not None:
+    logits = jnp.tanh(logits / softcap) * softcap
+  return logits
 
 
 # Equations gemma 3.3.0 uses at each projection; a change in the library must fail loudly, not silently.

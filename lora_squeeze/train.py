@@ -1,0 +1,708 @@
+"""The train loop: LoRA on a frozen Gemma 3 with Adafactor, whose rank changes after or during training.
+
+Run modes (``config.mode``; configs in ``configs/``, see PAPER.md Sec. 3-4):
+
+* ``direct``: one stage at ``config.lora.rank`` for ``config.steps`` steps (paper: N = 10k / 15k).
+* ``post_squeeze``: no training. The finished adapter of ``config.source_workdir`` (a ``direct`` run at
+  r_src) is squeezed to each of ``config.target_ranks`` and evaluated.
+* ``cont_squeeze``: Post-Squeeze r_src → r_tgt, then ``config.extra_steps`` (paper: M = 200 / 700) more steps
+  at r_tgt with a ``config.rank_change_warmup``-step warmup (paper: 100) and r_tgt's learning rate. The source
+  is ``config.source_workdir``'s adapter when given (a sweep trains it once), otherwise this run first
+  trains r_src for ``config.steps`` steps itself.
+* ``in_squeeze``: a rank ladder (``config.ranks``, default the halvings source_rank → target_rank) over
+  N + M steps, split by ``schedules.in_squeeze_steps`` (``config.scheme``: ``standard`` / ``min_steps``).
+
+Every run is a list of ``Stage``s (``plan_stages``); a stage after the first starts with the rank-change
+step. The state is a plain pytree ``{"params": LoRA params, "opt_state": Adafactor state, "step": int32}``;
+the stage, its step, the ranks, the data iterator state and the RNG seed travel as JSON metadata beside it
+in the orbax checkpoint.
+
+Train step (``Trainer.train_step``): one ``jax.jit`` with the state donated; gradients for the LoRA params
+only (the base params are an argument, never a baked-in constant, never differentiated); the loss is the
+mean cross-entropy over answer tokens (``batch["loss_mask"]``), and vocabulary logits are computed only at
+those positions (``lora.logits_at`` on gathered hidden states: the 262k-vocab projection is most of the
+forward on the small Gemmas). The learning rate is a traced scalar argument, so warmups and per-stage rates
+never recompile: the step compiles once per distinct rank (``Trainer.traces`` counts it).
+
+Optimizer: ``optax.adafactor`` with optax's defaults (factored second moments, update clipping 1.0,
+multiply-by-parameter-scale, no momentum) and the learning rate applied outside it: Adafactor's chain is
+linear after its RMS scaling, so ``lr · adafactor(None)`` equals ``adafactor(lr)`` and lets the rate change per
+step without a schedule baked into the program. Schedule (paper): linear warmup over ``config.warmup_steps``
+(1000) then constant; each later stage warms up again over ``config.rank_change_warmup`` steps.
+
+Rank change (``Trainer.change_rank``): jitted with the target rank static: LoRA params through
+``lora.change_rank`` (``squeeze_lora``, ``config.squeeze.method``, scale folded) and the optimizer state:
+
+* ``"fresh"`` (default): a new Adafactor state at the new rank (what a new LoRA run would start with).
+* ``"carry"``: what survives a change of basis on the rank axis is carried: the step count (Adafactor's
+  β2 schedule continues) and the second-moment statistics averaged over the rank axis, broadcast to the new
+  rank. Adafactor factors a parameter only when its two largest dims are >= 128, so the state's *layout*
+  changes at rank 128 (e.g. 128 → 64 turns ``v_row``/``v_col`` into a full ``v``): the carried statistics are
+  rebuilt as full second-moment tensors first and re-encoded in the new layout (``carry_adafactor_state``).
+
+Checkpoints (orbax, ``workdir/checkpoints``): every ``config.checkpoint_every`` steps, at each stage's end
+and right after each rank change. orbax step ids are ``2·global_step + phase`` (phase 1 = "just changed
+rank"), so the end of a stage and the start of the next one (same global step) are distinct checkpoints.
+Saves are synchronous and atomic (orbax writes a temporary directory and renames it), so a run killed at any
+point restarts from the last complete checkpoint and, on CPU, ends bit-identical to an uninterrupted run:
+everything random is a function of (seed, stage) or lives in the checkpoint (data iterator position).
+A finished workdir (``result.json`` present) does no work when run again.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lora_squeeze import lora as lora_lib
+from lora_squeeze import schedules
+from lora_squeeze import squeeze as squeeze_lib
+
+MODES = ("direct", "post_squeeze", "cont_squeeze", "in_squeeze")
+OPTIMIZER_STATE_MODES = ("fresh", "carry")
+RESULT_NAME = "result.json"
+METRICS_NAME = "metrics.jsonl"
+ADAPTER_DIR = "adapter"
+
+# --------------------------------------------------------------------------------------------------------
+# The stage plan.
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One constant-rank stretch of training. ``index`` > 0 (or ``squeeze_first``) starts with a rank change."""
+
+  index: int
+  rank: int
+  steps: int
+  learning_rate: float
+  warmup_steps: int
+  squeeze_first: bool = False
+
+
+def learning_rate_for(config, rank: int) -> float:
+  """``config.lr_by_rank["r{rank}"]`` if set (the paper tunes one rate per rank, Table 2), else
+  ``config.learning_rate``."""
+  table = config.get("lr_by_rank", None) or {}
+  key = f"r{int(rank)}"
+  if key in table:
+    return float(table[key])
+  return float(config.learning_rate)
+
+
+def _cfg(config, key: str, default=None):
+  return config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
+
+
+def plan_stages(config) -> list[Stage]:
+  """The stages of a run from its config (empty for ``post_squeeze``, which trains nothing)."""
+  mode = config.mode
+  if mode not in MODES:
+    raise ValueError(f"config.mode={mode!r}: expected one of {MODES}")
+  warmup = int(config.warmup_steps)
+  change_warmup = int(config.rank_change_warmup)
+  if mode == "post_squeeze":
+    return []
+  if mode == "direct":
+    r = int(config.lora.rank)
+    _positive(config.steps, "config.steps")
+    return [Stage(0, r, int(config.steps), learning_rate_for(config, r), warmup)]
+  if mode == "cont_squeeze":
+    src, tgt = int(config.source_rank), int(config.target_rank)
+    _positive(config.extra_steps, "config.extra_steps")
+    if tgt > src:
+      raise ValueError(f"config.target_rank={tgt} > config.source_rank={src} in cont_squeeze")
+    cont = dict(rank=tgt, steps=int(config.extra_steps), learning_rate=learning_rate_for(config, tgt),
+                warmup_steps=change_warmup)
+    if _cfg(config, "source_workdir"):
+      return [Stage(0, squeeze_first=True, **cont)]
+    _positive(config.steps, "config.steps")
+    return [Stage(0, src, int(config.steps), learning_rate_for(config, src), warmup), Stage(1, **cont)]
+  # in_squeeze
+  ranks = list(_cfg(config, "ranks", None) or schedules.halving_ladder(int(config.source_rank),
+                                                                        int(config.target_rank)))
+  if any(b > a for a, b in zip(ranks, ranks[1:])):
+    raise ValueError(f"config.ranks={ranks}: an In-Squeeze ladder must not increase")
+  total = int(config.steps) + int(_cfg(config, "extra_steps", 0) or 0)
+  steps = schedules.in_squeeze_steps(ranks, total, scheme=config.scheme, min_steps=int(config.min_steps))
+  return [Stage(i, r, s, learning_rate_for(config, r), warmup if i == 0 else change_warmup)
+          for i, (r, s) in enumerate(zip(ranks, steps))]
+
+
+def _positive(value, what: str) -> None:
+  if value is None or int(value) < 1:
+    raise ValueError(f"{what} must be a positive integer, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loss with logits only at answer positions.
+# --------------------------------------------------------------------------------------------------------
+
+
+def answer_loss(hidden: jax.Array, tokens: jax.Array, loss_mask: jax.Array, embedding: jax.Array, *,
+                max_targets: int, softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
+  """Mean cross-entropy of the answer tokens, projecting only the hidden states that predict them.
+
+  Token t is predicted from the hidden state at t-1; ``loss_mask[b, t] = 1`` marks the targets (position 0
+  never is). The (at most ``max_targets``, static) predicting positions of the whole batch are gathered
+  with ``jnp.nonzero(size=...)``, projected onto the vocabulary, and scored. The caller checks on the host
+  that no batch has more targets than ``max_targets`` (``check_target_budget``): extra ones would be dropped.
+
+  Returns (mean loss over target tokens, number of target tokens).
+  """
+  b, t, d = hidden.shape
+  mask = loss_mask.astype(jnp.bool_).at[:, 0].set(False).reshape(-1)
+  (target_idx,) = jnp.nonzero(mask, size=max_targets, fill_value=0)
+  valid = jnp.arange(max_targets) < mask.sum()
+  h = hidden.reshape(b * t, d)[target_idx - 1]
+  logits = lora_lib.logits_at(h, embedding, softcap=softcap)
+  targets = tokens.reshape(-1)[target_idx]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+  count = valid.sum()
+  loss = jnp.where(valid, nll, 0.0).sum() / jnp.maximum(count, 1)
+  return loss, count
+
+
+def check_target_budget(batch: Mapping[str, np.ndarray], max_targets: int) -> None:
+  """Host-side check that a batch's answer tokens fit the static gather size of the train step."""
+  mask = np.asarray(batch["loss_mask"])
+  n = int(mask[:, 1:].sum())
+  if n > max_targets:
+    per_example = int(mask[:, 1:].sum(axis=1).max())
+    raise ValueError(
+        f"train batch has {n} answer tokens (up to {per_example} in one example) but the train step "
+        f"gathers at most {max_targets} = config.data.batch_size x config.data.max_target_tokens; raise "
+        "config.data.max_target_tokens")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Optimizer state across a rank change.
+# --------------------------------------------------------------------------------------------------------
+
+
+def make_optimizer() -> optax.GradientTransformation:
+  """Adafactor with optax's defaults and no learning rate (applied by the train step, see module doc)."""
+  return optax.adafactor(learning_rate=None)
+
+
+def _factored_dims(shape, min_dim_size_to_factor: int = 128):
+  # Same rule as optax._src.factorized._factored_dims (factored=True).
+  if len(shape) < 2:
+    return None
+  order = np.argsort(shape)
+  if shape[order[-2]] < min_dim_size_to_factor:
+    return None
+  return int(order[-2]), int(order[-1])
+
+
+def _full_second_moment(shape, v_row, v_col, v) -> jax.Array:
+  """Adafactor's estimate of E[g²] with the parameter's shape, from either layout."""
+  dims = _factored_dims(shape)
+  if dims is None:
+    return v
+  d1, d0 = dims
+  reduced_d1 = d1 - 1 if d1 > d0 else d1
+  row_mean = jnp.mean(v_row, axis=reduced_d1, keepdims=True)
+  return jnp.expand_dims(v_row / row_mean, d0) * jnp.expand_dims(v_col, d1)
+
+
+def _encode_second_moment(full: jax.Array, fresh_row, fresh_col, fresh_v):
+  dims = _factored_dims(full.shape)
+  if dims is None:
+    return fresh_row, fresh_col, full.astype(fresh_v.dtype)
+  d1, d0 = dims
+  return (jnp.mean(full, axis=d0).astype(fresh_row.dtype), jnp.mean(full, axis=d1).astype(fresh_col.dtype),
+          fresh_v)
+
+
+def carry_adafactor_state(old_state, old_params, new_params, fresh_state):
+  """The ``"carry"`` optimizer state for ``new_params`` (see the module doc): the count, and each LoRA
+  factor's second moments averaged over its rank axis (a: last axis, b: first) and broadcast to the new rank,
+  re-encoded in the new rank's (factored or full) layout. Other state leaves come from ``fresh_state``."""
+  def is_factored_state(x):
+    return isinstance(x, optax.FactoredState)
+
+  old_fs = [s for s in jax.tree.leaves(old_state, is_leaf=is_factored_state) if is_factored_state(s)]
+  new_fs = [s for s in jax.tree.leaves(fresh_state, is_leaf=is_factored_state) if is_factored_state(s)]
+  if len(old_fs) != 1 or len(new_fs) != 1:
+    raise ValueError("carry_adafactor_state: expected exactly one Adafactor FactoredState in the state")
+  old_fs, new_fs = old_fs[0], new_fs[0]
+
+  def carry_leaf(path, old_p, new_p, o_row, o_col, o_v, f_row, f_col, f_v):
+    full = _full_second_moment(old_p.shape, o_row, o_col, o_v)
+    rank_axis = 0 if path[-1].key == "b" else full.ndim - 1
+    mean = jnp.mean(full, axis=rank_axis, keepdims=True)
+    new_full = jnp.broadcast_to(mean, new_p.shape)
+    return _encode_second_moment(new_full, f_row, f_col, f_v)
+
+  carried = jax.tree_util.tree_map_with_path(
+      carry_leaf, old_params, new_params, old_fs.v_row, old_fs.v_col, old_fs.v, new_fs.v_row, new_fs.v_col,
+      new_fs.v)
+  is_triple = lambda x: isinstance(x, tuple) and len(x) == 3 and not isinstance(x, optax.FactoredState)
+  v_row = jax.tree.map(lambda t: t[0], carried, is_leaf=is_triple)
+  v_col = jax.tree.map(lambda t: t[1], carried, is_leaf=is_triple)
+  v = jax.tree.map(lambda t: t[2], carried, is_leaf=is_triple)
+  replacement = optax.FactoredState(count=old_fs.count, v_row=v_row, v_col=v_col, v=v)
+  return jax.tree.map(lambda s: replacement if is_factored_state(s) else s, fresh_state,
+                      is_leaf=is_factored_state)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The trainer: jitted steps for one model / LoRA layout.
+# --------------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+  """The jitted train step and rank-change step for one model and LoRA configuration.
+
+  Attributes:
+    traces: {"train_step": n, "change_rank": n}: how often each was traced (compiled). The train step traces
+      once per distinct rank; a retrace for the same shapes would show here (tests assert it).
+  """
+
+  def __init__(self, model, lora_config: lora_lib.LoRAConfig, *, max_targets: int,
+               squeeze_method: str = "efficient", optimizer_state: str = "fresh"):
+    if optimizer_state not in OPTIMIZER_STATE_MODES:
+      raise ValueError(f"config.squeeze.optimizer_state={optimizer_state!r}: expected one of "
+                       f"{OPTIMIZER_STATE_MODES}")
+    squeeze_lib._check_method(squeeze_method)  # pylint: disable=protected-access
+    self.model = model
+    self.lora_config = lora_config
+    self.module = lora_lib.LoRA(model=model.transformer, config=lora_config)
+    self.optimizer = make_optimizer()
+    self.max_targets = int(max_targets)
+    self.squeeze_method = squeeze_method
+    self.optimizer_state = optimizer_state
+    self.softcap = getattr(model.config, "final_logit_softcap", None)
+    self.traces = {"train_step": 0, "change_rank": 0, "loss": 0}
+    self._train_step = jax.jit(self._train_step_impl, donate_argnums=(0,))
+    self._eval_loss = jax.jit(self._eval_loss_impl)
+    # Not donated: the outputs have other shapes (new rank), so XLA could not reuse the buffers anyway.
+    self._change = jax.jit(self._change_impl, static_argnames=("rank",))
+
+  # --- state ---
+  def init_state(self, key: jax.Array, rank: int) -> dict:
+    cfg = dataclasses.replace(self.lora_config, rank=int(rank))
+    params = lora_lib.init_lora(key, self.model.config, cfg)
+    return self.state_from_params(params)
+
+  def state_from_params(self, params) -> dict:
+    return {"params": params, "opt_state": self.optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  def abstract_state(self, ranks: int | Mapping[str, int]) -> Any:
+    cfg = dataclasses.replace(self.lora_config, rank=ranks)
+    shapes = lora_lib.lora_shapes(self.model.config, cfg)
+    params = lora_lib._nest({f"{p}/{n}": jax.ShapeDtypeStruct(s, jnp.float32)  # pylint: disable=protected-access
+                             for p, (a, b) in shapes.items() for n, s in (("a", a), ("b", b))})
+    return jax.eval_shape(self.state_from_params, params)
+
+  # --- loss ---
+  def _hidden(self, lora_params, base_params, batch):
+    params = lora_lib.merge_params(base_params, lora_params)
+    mask = lora_lib.attention_mask_from_segments(batch["segment_ids"])
+    return self.module.apply({"params": params}, batch["tokens"], positions=batch["positions"],
+                             attention_mask=mask, method=self.module.hidden_states)
+
+  def _loss(self, lora_params, base_params, batch):
+    hidden = self._hidden(lora_params, base_params, batch)
+    embedding = base_params["embedder"]["input_embedding"]
+    return answer_loss(hidden, batch["tokens"], batch["loss_mask"], embedding,
+                       max_targets=self.max_targets, softcap=self.softcap)
+
+  def _train_step_impl(self, state, base_params, batch, learning_rate):
+    self.traces["train_step"] += 1
+    (loss, count), grads = jax.value_and_grad(self._loss, has_aux=True)(state["params"], base_params, batch)
+    updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+    updates = jax.tree.map(lambda u: learning_rate * u, updates)
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "targets": count, "grad_norm": optax.global_norm(grads)}
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+  def train_step(self, state, base_params, batch, learning_rate: float):
+    """One optimizer step; ``state`` is donated (do not reuse it). Returns (new state, device metrics)."""
+    check_target_budget(batch, self.max_targets)
+    return self._train_step(state, base_params, batch, jnp.float32(learning_rate))
+
+  def _eval_loss_impl(self, lora_params, base_params, batch):
+    self.traces["loss"] += 1
+    return self._loss(lora_params, base_params, batch)
+
+  def eval_loss(self, lora_params, base_params, batch):
+    check_target_budget(batch, self.max_targets)
+    return self._eval_loss(lora_params, base_params, batch)
+
+  # --- rank change ---
+  def _change_impl(self, state, key, *, rank: int):
+    self.traces["change_rank"] += 1
+    params, _ = lora_lib.change_rank(state["params"], rank, self.lora_config, method=self.squeeze_method,
+                                     key=key)
+    fresh = self.optimizer.init(params)
+    if self.optimizer_state == "carry":
+      opt_state = carry_adafactor_state(state["opt_state"], state["params"], params, fresh)
+    else:
+      opt_state = fresh
+    return {"params": params, "opt_state": opt_state, "step": state["step"]}
+
+  def change_rank(self, state, rank: int, key: jax.Array):
+    """The state at a new rank (params squeezed, optimizer state fresh or carried)."""
+    return self._change(state, key, rank=int(rank))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checkpoints, metadata, results.
+# --------------------------------------------------------------------------------------------------------
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+  """Write ``text`` to ``path`` via a temporary sibling and a rename (never half-written)."""
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _encode_data_state(state: Any) -> Any:
+  if isinstance(state, bytes):
+    return {"bytes_b64": base64.b64encode(state).decode("ascii")}
+  return {"json": state}
+
+
+def _decode_data_state(encoded: Mapping[str, Any]) -> Any:
+  if "bytes_b64" in encoded:
+    return base64.b64decode(encoded["bytes_b64"])
+  return encoded["json"]
+
+
+def _ranks_to_json(ranks: Mapping[str, int]) -> int | dict[str, int]:
+  values = set(ranks.values())
+  return values.pop() if len(values) == 1 else dict(ranks)
+
+
+class Checkpoints:
+  """orbax CheckpointManager around {state, meta}; ids are 2·global_step + phase (see module doc)."""
+
+  def __init__(self, directory: Path, *, keep: int, primary: bool = True):
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    self._ocp = ocp
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
+                                           create=True)
+    self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
+                                         item_names=("state", "meta"))
+
+  def save(self, state, meta: Mapping[str, Any]) -> None:
+    ckpt_id = 2 * int(meta["global_step"]) + (1 if meta["phase"] == "changed" else 0)
+    if ckpt_id in self.manager.all_steps():
+      return
+    self.manager.save(ckpt_id, args=self._ocp.args.Composite(
+        state=self._ocp.args.StandardSave(state), meta=self._ocp.args.JsonSave(dict(meta))))
+    self.manager.wait_until_finished()
+
+  def latest_meta(self) -> dict | None:
+    step = self.manager.latest_step()
+    if step is None:
+      return None
+    restored = self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))
+    return dict(restored["meta"])
+
+  def restore_state(self, abstract_state) -> Any:
+    step = self.manager.latest_step()
+    restored = self.manager.restore(step, args=self._ocp.args.Composite(
+        state=self._ocp.args.StandardRestore(abstract_state)))
+    return restored["state"]
+
+  def close(self):
+    self.manager.close()
+
+
+def save_adapter(directory: Path, lora_params, lora_config: lora_lib.LoRAConfig, *, extra=None) -> None:
+  """The final LoRA params as an orbax checkpoint plus ``lora_config.json``, written atomically."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = Path(directory).absolute()
+  tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+  if tmp.exists():
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(tmp)
+  tmp.mkdir(parents=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp / "params", lora_params)
+    ckptr.wait_until_finished()
+  ranks = lora_lib.lora_ranks(lora_params)
+  meta = {"rank": _ranks_to_json(ranks), "alpha": lora_config.alpha, "targets": list(lora_config.targets),
+          "joint_kv": lora_config.joint_kv, "joint_gate_up": lora_config.joint_gate_up, **(extra or {})}
+  (tmp / "lora_config.json").write_text(json.dumps(meta, indent=2))
+  if directory.exists():
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(directory)
+  os.replace(tmp, directory)
+
+
+def load_adapter(directory: Path) -> tuple[dict, lora_lib.LoRAConfig, dict]:
+  """(LoRA params, LoRAConfig, the json metadata) of an adapter written by ``save_adapter``."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = Path(directory).absolute()
+  meta_path = directory / "lora_config.json"
+  if not meta_path.exists():
+    raise FileNotFoundError(f"no adapter at {directory} (missing lora_config.json); is the source run "
+                            "finished?")
+  meta = json.loads(meta_path.read_text())
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(directory / "params")
+  params = jax.tree.map(jnp.asarray, params)
+  config = lora_lib.LoRAConfig(rank=meta["rank"], alpha=meta["alpha"], targets=tuple(meta["targets"]),
+                               joint_kv=meta["joint_kv"], joint_gate_up=meta["joint_gate_up"])
+  return params, config, meta
+
+
+# --------------------------------------------------------------------------------------------------------
+# Running a config.
+# --------------------------------------------------------------------------------------------------------
+
+
+def lora_config_from(config) -> lora_lib.LoRAConfig:
+  c = config.lora
+  rank = int(c.rank) if config.mode == "direct" else int(_cfg(config, "source_rank", c.rank))
+  return lora_lib.LoRAConfig(rank=rank, alpha=c.get("alpha", None), targets=tuple(c.targets),
+                             joint_kv=bool(c.joint_kv), joint_gate_up=bool(c.joint_gate_up))
+
+
+def load_model(config):
+  from lora_squeeze import models  # pylint: disable=g-import-not-at-top
+  options = dict(config.get("model_options", {}) or {})
+  return models.load(config.model, **options)
+
+
+def make_train_iterator(config, tokenizer):
+  """The training batch iterator named by ``config.data`` (batch contract of ``lora_squeeze.data``)."""
+  d = config.data
+  seed = int(config.seed)
+  if d.source == "synthetic":
+    from lora_squeeze.data import synthetic  # pylint: disable=g-import-not-at-top
+    return synthetic.SyntheticIterator(tokenizer, batch_size=int(d.batch_size), max_len=int(d.max_len),
+                                       seed=seed)
+  from lora_squeeze import data  # pylint: disable=g-import-not-at-top
+  return data.train_iterator_from_config(config, tokenizer)
+
+
+def _stage_key(seed: int, stage: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(seed), 1000 + stage)
+
+
+class _Metrics:
+  """metrics.jsonl, appended by process 0; on resume lines past the restored step are dropped."""
+
+  def __init__(self, path: Path, *, resume_step: int, primary: bool):
+    self.path = path
+    self.primary = primary
+    if primary and path.exists():
+      keep = [line for line in path.read_text().splitlines()
+              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    if not self.primary:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def _fault_point(name: str) -> None:
+  """Fault injection for the kill/resume tests: ``LORA_SQUEEZE_FAULT=name`` SIGKILLs this process here."""
+  if os.environ.get("LORA_SQUEEZE_FAULT") == name:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = None) -> dict:
+  """Run (or resume, or skip if finished) the config in ``workdir``; returns the result dict.
+
+  ``evaluate_fn(model, lora_params, lora_config) -> dict`` computes final metrics; by default
+  ``evaluate.evaluate_config`` when ``config.eval.enabled``.
+  """
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  result_path = workdir / RESULT_NAME
+  if result_path.exists():
+    result = json.loads(result_path.read_text())
+    print(f"[lora_squeeze] {workdir} is finished ({RESULT_NAME} exists): nothing to do")
+    return result
+  primary = jax.process_index() == 0
+  if config.mode == "post_squeeze":
+    return _run_post_squeeze(config, workdir, evaluate_fn=evaluate_fn)
+
+  t_start = time.time()
+  stages = plan_stages(config)
+  model = load_model(config)
+  lora_config = lora_config_from(config)
+  max_targets = int(config.data.batch_size) * int(config.data.max_target_tokens)
+  trainer = Trainer(model, lora_config, max_targets=max_targets, squeeze_method=config.squeeze.method,
+                    optimizer_state=config.squeeze.optimizer_state)
+  ckpts = Checkpoints(workdir / "checkpoints", keep=int(config.keep_checkpoints), primary=primary)
+  iterator = make_train_iterator(config, model.tokenizer)
+  seed = int(config.seed)
+
+  meta = ckpts.latest_meta()
+  if meta is not None:
+    state = ckpts.restore_state(trainer.abstract_state(meta["ranks"]))
+    iterator.set_state(_decode_data_state(meta["data_state"]))
+    stage_idx, stage_step, phase = int(meta["stage"]), int(meta["stage_step"]), meta["phase"]
+    wall_before = float(meta["wall_seconds"])
+    print(f"[lora_squeeze] resuming {workdir} at step {meta['global_step']} (stage {stage_idx}, "
+          f"{stage_step}/{stages[stage_idx].steps}, phase {phase})")
+  else:
+    if stages[0].squeeze_first:
+      source_params, source_cfg, _ = load_adapter(Path(config.source_workdir) / ADAPTER_DIR)
+      _check_same_layout(source_cfg, lora_config, config.source_workdir)
+      state = trainer.state_from_params(source_params)
+    else:
+      state = trainer.init_state(jax.random.fold_in(jax.random.key(seed), 0), stages[0].rank)
+    stage_idx, stage_step, phase, wall_before = 0, 0, "trained", 0.0
+  global_step = int(state["step"])
+  metrics_log = _Metrics(workdir / METRICS_NAME, resume_step=global_step, primary=primary)
+  base_params = model.params
+
+  def make_meta(stage_idx, stage_step, phase):
+    return {"stage": stage_idx, "stage_step": stage_step, "phase": phase, "global_step": int(state["step"]),
+            "ranks": _ranks_to_json(lora_lib.lora_ranks(state["params"])),
+            "data_state": _encode_data_state(iterator.get_state()), "seed": seed,
+            "wall_seconds": wall_before + time.time() - t_start}
+
+  total_steps = sum(s.steps for s in stages)
+  progress = _progress_bar(total_steps, global_step, enabled=bool(config.get("progress", True)) and primary)
+  stage_losses: dict[int, float] = {}
+  log_every, checkpoint_every = int(config.log_every), int(config.checkpoint_every)
+  try:
+    for stage in stages[stage_idx:]:
+      resumed_here = stage.index == stage_idx and (stage_step > 0 or phase == "changed")
+      if (stage.index > 0 or stage.squeeze_first) and not resumed_here:
+        state = trainer.change_rank(state, stage.rank, _stage_key(seed, stage.index))
+        stage_step = 0
+        _fault_point(f"after_change:{stage.index}")
+        ckpts.save(state, make_meta(stage.index, 0, "changed"))
+        _fault_point(f"after_change_saved:{stage.index}")
+      elif not resumed_here:
+        stage_step = 0
+      pending: list[tuple[int, int, float, Any]] = []
+      clock = [time.time(), stage_step]
+
+      def flush(stage=stage):
+        if not pending:
+          return
+        fetched = jax.device_get([p[3] for p in pending])
+        now = time.time()
+        rate = (pending[-1][1] - clock[1]) / max(now - clock[0], 1e-9)
+        for (g_step, s_step, s_lr, _), mv in zip(pending, fetched):
+          metrics_log.write({"step": g_step, "stage": stage.index, "rank": stage.rank, "stage_step": s_step,
+                             "lr": s_lr, "loss": float(mv["loss"]), "targets": int(mv["targets"]),
+                             "grad_norm": float(mv["grad_norm"]), "steps_per_s": rate})
+        stage_losses[stage.index] = float(fetched[-1]["loss"])
+        progress.update(len(pending))
+        progress.set_postfix(stage=f"{stage.index + 1}/{len(stages)}", rank=stage.rank,
+                             loss=f"{float(fetched[-1]['loss']):.4f}", steps_s=f"{rate:.2f}")
+        clock[:] = [now, pending[-1][1]]
+        pending.clear()
+
+      while stage_step < stage.steps:
+        lr = schedules.warmup_constant(stage_step, peak=stage.learning_rate, warmup_steps=stage.warmup_steps)
+        batch = next(iterator)
+        state, m = trainer.train_step(state, base_params, batch, lr)
+        stage_step += 1
+        global_step += 1
+        pending.append((global_step, stage_step, lr, m))
+        checkpoint_now = stage_step == stage.steps or global_step % checkpoint_every == 0
+        if len(pending) >= log_every or checkpoint_now:
+          flush()
+        if checkpoint_now:
+          ckpts.save(state, make_meta(stage.index, stage_step, "trained"))
+          _fault_point(f"after_save:{global_step}")
+      stage_idx, phase = stage.index, "trained"
+  finally:
+    progress.close()
+
+  final_params = state["params"]
+  final_config = dataclasses.replace(lora_config, rank=_ranks_to_json(lora_lib.lora_ranks(final_params)))
+  metrics = _evaluate(config, model, final_params, final_config, evaluate_fn)
+  save_adapter(workdir / ADAPTER_DIR, final_params, final_config, extra={"mode": config.mode})
+  ckpts.close()
+  wall = wall_before + time.time() - t_start
+  result = {
+      "mode": config.mode,
+      "model": config.model,
+      "task": config.data.get("task", None),
+      "seed": seed,
+      "stages": [dataclasses.asdict(s) | {"final_loss": stage_losses.get(s.index)} for s in stages],
+      "ranks_per_stage": [s.rank for s in stages],
+      "final_rank": stages[-1].rank,
+      "steps": int(state["step"]),
+      "wall_seconds": wall,
+      "metrics": metrics,
+  }
+  if primary:
+    atomic_write_text(result_path, json.dumps(result, indent=2))
+  return result
+
+
+def _check_same_layout(source: lora_lib.LoRAConfig, ours: lora_lib.LoRAConfig, where) -> None:
+  if (source.targets, source.joint_kv, source.joint_gate_up, source.alpha) != (
+      ours.targets, ours.joint_kv, ours.joint_gate_up, ours.alpha):
+    raise ValueError(f"config.source_workdir={where}: its adapter has targets={source.targets}, "
+                     f"joint_kv={source.joint_kv}, joint_gate_up={source.joint_gate_up}, alpha={source.alpha}; "
+                     f"this config has {ours.targets}, {ours.joint_kv}, {ours.joint_gate_up}, {ours.alpha}")
+
+
+def _evaluate(config, model, lora_params, lora_config, evaluate_fn):
+  if evaluate_fn is not None:
+    return evaluate_fn(model, lora_params, lora_config)
+  eval_cfg = config.get("eval", None)
+  if not eval_cfg or not eval_cfg.get("enabled", False):
+    return {}
+  from lora_squeeze import evaluate  # pylint: disable=g-import-not-at-top
+  return evaluate.evaluate_config(config, model, lora_params, lora_config)
+
+
+def _run_post_squeeze(config, workdir: Path, *, evaluate_fn) -> dict:
+  """Squeeze the source adapter to each target rank and evaluate; no training."""
+  t_start = time.time()
+  source_params, source_cfg, source_meta = load_adapter(Path(config.source_workdir) / ADAPTER_DIR)
+  model = load_model(config)
+  spectra = squeeze_lib.lora_spectra(source_params)
+  per_rank = {}
+  for i, r in enumerate(sorted({int(r) for r in config.target_ranks}, reverse=True)):
+    params, new_cfg = lora_lib.change_rank(source_params, r, source_cfg, method=config.squeeze.method,
+                                           key=_stage_key(int(config.seed), i))
+    retention = float(np.mean([float(squeeze_lib.retention(s, r)) for s in spectra.values()]))
+    metrics = _evaluate(config, model, params, new_cfg, evaluate_fn)
+    per_rank[str(r)] = {"rank": r, "retention_mean": retention, "metrics": metrics}
+    if config.get("save_adapters", False):
+      save_adapter(workdir / f"{ADAPTER_DIR}_r{r}", params, new_cfg, extra={"mode": "post_squeeze"})
+  result = {"mode": "post_squeeze", "model": config.model, "task": config.data.get("task", None),
+            "seed": int(config.seed), "source_workdir": str(config.source_workdir),
+            "source_rank": _ranks_to_json(lora_lib.lora_ranks(source_params)), "targets": per_rank,
+            "method": config.squeeze.method, "steps": 0, "wall_seconds": time.time() - t_start}
+  if jax.process_index() == 0:
+    atomic_write_text(workdir / RESULT_NAME, json.dumps(result, indent=2))
+  return result
+
+
+def _progress_bar(total: int, initial: int, *, enabled: bool):
+  from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm.tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                   mininterval=1.0, desc="train")

@@ -5,6 +5,10 @@ q, k, v, o, gate, up, down, plus an embedding and a conv LoRA and a modules_to_s
 the CLI, and every module's new effective ΔW = scale·B@A (scale from the *written* config, resolved with
 PEFT's pattern rule implemented independently below) is checked against a float64 numpy SVD truncation of
 the original effective ΔW. The outputs are read back with the safetensors library, not our reader.
+
+The Gemma 3 export/import tests (second half) use the tiny 2-layer Gemma 3 of models.py; their reference for
+the Hugging Face layout is transformers' checkpoint conversion, re-implemented here, and two of them run the
+model itself, so a wrong head order or a transposed factor fails.
 """
 
 import json
@@ -15,12 +19,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from lora_squeeze import adapters
+from lora_squeeze import adapters, lora, models, squeeze
 
 HIDDEN, KV, FFN, VOCAB = 32, 16, 64, 64
 PREFIX = "base_model.model."
@@ -419,3 +425,478 @@ def test_peft_scale_rules():
   assert rs.scale("model.layers.0.mlp.up_proj") == 32 / 4
   with pytest.raises(adapters.AdapterError, match="peft_type"):
     adapters.LoraConfig.from_dict(base_config(peft_type="IA3"))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Gemma 3: our LoRA tree <-> PEFT adapters (export_peft / import_peft).
+#
+# The reference for the Hugging Face layout is written here independently of adapters.py: each module's ΔW
+# in gemma's einsum layout (the weights lora.fuse updates and the model multiplies), mapped to HF weights
+# by transformers' own checkpoint conversion (convert_gemma3_weights_orbax_to_hf.py: q_einsum (N, d, H) ->
+# transpose(0, 2, 1).reshape(N*H, d), kv_einsum[c] likewise, attn_vec_einsum (N, H, d) -> transpose(2, 0, 1)
+# .reshape(d, N*H), gating_einsum (2, F, d)[c] as is, linear (F, d) -> .T), and back (for the forwards).
+# --------------------------------------------------------------------------------------------------------
+
+G_SEP = lora.LoRAConfig(rank=4)
+G_JOINT = lora.LoRAConfig(rank={"*/attn/*": 3, "*": 2}, joint_kv=True, joint_gate_up=True)
+G_MIXED = lora.LoRAConfig(rank={"layer_1/mlp/*": 5, "*/attn/o_lora": 2, "*": 4},
+                          targets=("q", "v", "o", "gate", "up", "down"))
+G_ALPHA = lora.LoRAConfig(rank=4, alpha=8.0)
+G_ALPHA_MIXED = lora.LoRAConfig(rank={"*/mlp/*": 3, "*": 2}, alpha=6.0)  # exported with the scale folded
+G_CONFIGS = {"separate": G_SEP, "joint": G_JOINT, "mixed": G_MIXED, "alpha": G_ALPHA}
+HF_STEMS = {"causal_lm": "model.layers", "conditional_generation": "model.language_model.layers",
+            "legacy": "language_model.model.layers"}
+PROJ_GROUP = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+@pytest.fixture(scope="module")
+def gemma_cfg():
+  """The tiny Gemma 3 (2 layers; 4 query heads of 16 over 2 KV heads, d 64, F 128)."""
+  return models.model_config("tiny", num_layers=2)
+
+
+def trained_lora(cfg, config, seed: int = 0, std: float = 0.3) -> dict:
+  """LoRA params with random a AND b (as after training), float32 jax arrays in lora.py's layout."""
+  rng = np.random.default_rng(seed)
+  tree: dict = {}
+  for path, (a_shape, b_shape) in lora.lora_shapes(cfg, config).items():
+    node = tree
+    for k in path.split("/"):
+      node = node.setdefault(k, {})
+    node["a"] = jnp.asarray((std * rng.standard_normal(a_shape)).astype(np.float32))
+    node["b"] = jnp.asarray((std * rng.standard_normal(b_shape)).astype(np.float32))
+  return tree
+
+
+def gemma_deltas(params: dict, config) -> dict[tuple[int, str], np.ndarray]:
+  """{(layer, "q_einsum" | "kv_einsum" | "attn_vec_einsum" | "gating_einsum" | "linear"): float64 ΔW} in
+  gemma's weight layouts (k, v and gate, up land in slices [0], [1] of the shared weight)."""
+  out: dict[tuple[int, str], np.ndarray] = {}
+
+  def add(key, delta, index=None):
+    if index is None:
+      out[key] = out.get(key, 0) + delta
+    else:
+      full = out.get(key, np.zeros((2, *delta.shape)))
+      full[index] += delta
+      out[key] = full
+
+  for path, pair in squeeze.lora_pairs(params).items():
+    layer, kind = lora.module_kind(path)
+    a, b = np.asarray(pair["a"], np.float64), np.asarray(pair["b"], np.float64)
+    s = config.scale(a.shape[-1])
+    if kind == "q":
+      add((layer, "q_einsum"), s * np.einsum("dr,rnh->ndh", a, b))
+    elif kind in ("k", "v"):
+      add((layer, "kv_einsum"), s * np.einsum("dr,rnh->ndh", a, b), 0 if kind == "k" else 1)
+    elif kind == "kv":
+      add((layer, "kv_einsum"), s * np.einsum("dr,rckh->ckdh", a, b))
+    elif kind == "o":
+      add((layer, "attn_vec_einsum"), s * np.einsum("nhr,rd->nhd", a, b))
+    elif kind in ("gate", "up"):  # transpose_gating_einsum: gating_einsum (2, F, d)
+      add((layer, "gating_einsum"), s * np.einsum("dr,rf->fd", a, b), 0 if kind == "gate" else 1)
+    elif kind == "gate_up":
+      add((layer, "gating_einsum"), s * np.einsum("dr,rcf->cfd", a, b))
+    else:
+      add((layer, "linear"), s * np.einsum("fr,rd->fd", a, b))
+  return out
+
+
+def gemma_to_hf(deltas: dict, stem: str = "model.layers") -> dict[str, np.ndarray]:
+  """transformers' checkpoint conversion of gemma-layout weights: {HF module name: (out, in)}."""
+  out = {}
+  for (layer, weight), w in deltas.items():
+    p = f"{stem}.{layer}"
+    if weight == "q_einsum":
+      out[f"{p}.self_attn.q_proj"] = w.transpose(0, 2, 1).reshape(-1, w.shape[1])
+    elif weight == "kv_einsum":
+      for c, proj in enumerate(("k_proj", "v_proj")):
+        if w[c].any():  # a slot no adapter wrote (targets without k) is no module
+          out[f"{p}.self_attn.{proj}"] = w[c].transpose(0, 2, 1).reshape(-1, w.shape[2])
+    elif weight == "attn_vec_einsum":
+      out[f"{p}.self_attn.o_proj"] = w.transpose(2, 0, 1).reshape(w.shape[2], -1)
+    elif weight == "gating_einsum":
+      for c, proj in enumerate(("gate_proj", "up_proj")):
+        if w[c].any():
+          out[f"{p}.mlp.{proj}"] = w[c]
+    else:
+      out[f"{p}.mlp.down_proj"] = w.T
+  return out
+
+
+def base_plus_hf(base: dict, hf: dict[str, np.ndarray], cfg) -> dict:
+  """Gemma base params plus HF-layout deltas, mapped back with the inverse of the conversion above."""
+  n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
+  new = jax.tree.map(lambda x: np.array(x, np.float64), base)
+  for name, w in hf.items():
+    match = re.match(r"^(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj$", name)
+    layer, proj = f"layer_{match[1]}", match[3]
+    attn, mlp = new[layer]["attn"], new[layer]["mlp"]
+    if proj == "q":
+      attn["q_einsum"]["w"] += w.reshape(n, h, d).transpose(0, 2, 1)
+    elif proj in ("k", "v"):
+      attn["kv_einsum"]["w"][0 if proj == "k" else 1] += w.reshape(k, h, d).transpose(0, 2, 1)
+    elif proj == "o":
+      attn["attn_vec_einsum"]["w"] += w.reshape(d, n, h).transpose(1, 2, 0)
+    elif proj in ("gate", "up"):
+      mlp["gating_einsum"][0 if proj == "gate" else 1] += w
+    else:
+      mlp["linear"] += w.T
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), new)
+
+
+def hf_deltas(directory: Path) -> dict[str, np.ndarray]:
+  """{HF module name: float64 scale·B@A} of a PEFT directory, as PEFT computes it (effective_deltas)."""
+  return effective_deltas(directory)[0]
+
+
+def assert_deltas_match(got: dict, want: dict, tol: float = 1e-6) -> None:
+  assert set(got) == set(want), (sorted(set(got) ^ set(want)))[:4]
+  for name, w in want.items():
+    assert got[name].shape == w.shape, (name, got[name].shape, w.shape)
+    err = np.linalg.norm(got[name] - w) / np.linalg.norm(w)
+    assert err < tol, f"{name}: relative Frobenius error {err:.2e}"
+
+
+def leaves_by_path(params: dict) -> dict[str, np.ndarray]:
+  return {f"{p}/{side}": np.asarray(pair[side]) for p, pair in squeeze.lora_pairs(params).items() for side in "ab"}
+
+
+def _peft_name_set(cfg, config, stem: str) -> set[str]:
+  return {f"{stem}.{i}.{PROJ_GROUP[p]}.{p}" for i in range(cfg.num_layers)
+          for p in (f"{t}_proj" for t in config.targets)}
+
+
+@pytest.mark.parametrize("name", list(G_CONFIGS))
+def test_gemma_round_trip_is_bitwise(tmp_path, gemma_cfg, name):
+  config = G_CONFIGS[name]
+  params = trained_lora(gemma_cfg, config, seed=1)
+  out = tmp_path / "peft"
+  written = adapters.export_peft(params, out, lora_config=config, model_config=gemma_cfg,
+                                 base_model_name_or_path="google/gemma-3-270m")
+  assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+  assert json.loads((out / "adapter_config.json").read_text()) == written
+  back, back_config = adapters.import_peft(out, model_config=gemma_cfg, joint_kv=config.joint_kv,
+                                           joint_gate_up=config.joint_gate_up)
+  want, got = leaves_by_path(params), leaves_by_path(back)
+  assert set(got) == set(want)
+  for path, x in want.items():
+    assert got[path].dtype == np.float32 and got[path].shape == x.shape, path
+    np.testing.assert_array_equal(got[path].view(np.uint32), x.view(np.uint32), err_msg=path)
+  # The returned config describes the same modules, ranks and scale (a rank mapping comes back per module).
+  assert lora.lora_shapes(gemma_cfg, back_config) == lora.lora_shapes(gemma_cfg, config)
+  assert (back_config.alpha, back_config.targets, back_config.joint_kv, back_config.joint_gate_up) == (
+      config.alpha, config.targets, config.joint_kv, config.joint_gate_up)
+  if not isinstance(config.rank, dict):
+    assert back_config == config
+
+
+def test_gemma_mixed_ranks_with_alpha_fold_the_scale(tmp_path, gemma_cfg):
+  """alpha/r differs between modules of different rank; vLLM applies one lora_alpha/r to all, so the
+  export folds each module's scale and writes scale 1 everywhere; ΔW survives the round trip."""
+  config = G_ALPHA_MIXED
+  params = trained_lora(gemma_cfg, config, seed=2)
+  out = tmp_path / "peft"
+  written = adapters.export_peft(params, out, lora_config=config, model_config=gemma_cfg)
+  assert written["lora_alpha"] == written["r"] and written["alpha_pattern"] == written["rank_pattern"]
+  assert not written["use_rslora"] and written["rank_pattern"]
+  peft_deltas = hf_deltas(out)  # asserts every tensor's rank is the one the config resolves
+  assert_deltas_match(peft_deltas, gemma_to_hf(gemma_deltas(params, config)))
+  back, back_config = adapters.import_peft(out, model_config=gemma_cfg)
+  assert back_config.alpha is None
+  assert lora.lora_ranks(back) == lora.lora_ranks(params)
+  assert_deltas_match(gemma_to_hf(gemma_deltas(back, back_config)), gemma_to_hf(gemma_deltas(params, config)))
+
+
+@pytest.mark.parametrize("layout", ["causal_lm", "conditional_generation"])
+@pytest.mark.parametrize("name", list(G_CONFIGS))
+def test_exported_delta_w_is_the_hf_layout(tmp_path, gemma_cfg, name, layout):
+  """scale·B@A from the files (PEFT's rule, incl. rank/alpha patterns) equals our ΔW put through transformers'
+  conversion, for every module; and vLLM's single scale lora_alpha/r is every module's scale."""
+  config = G_CONFIGS[name]
+  params = trained_lora(gemma_cfg, config, seed=3)
+  out = tmp_path / "peft"
+  adapters.export_peft(params, out, lora_config=config, model_config=gemma_cfg, layout=layout,
+                       base_model_name_or_path="google/gemma-3-4b-pt")
+  deltas, written, tensors = effective_deltas(out)
+  stem = HF_STEMS[layout]
+  assert set(deltas) == _peft_name_set(gemma_cfg, config, stem)
+  assert_deltas_match(deltas, gemma_to_hf(gemma_deltas(params, config), stem))
+  assert all(x.dtype == np.float32 for x in tensors.values())
+  assert (written["peft_type"], written["task_type"], written["bias"]) == ("LORA", "CAUSAL_LM", "none")
+  assert written["base_model_name_or_path"] == "google/gemma-3-4b-pt"
+  assert written["modules_to_save"] is None and not written["use_dora"] and not written["fan_in_fan_out"]
+  projs = [f"{t}_proj" for t in config.targets]
+  if layout == "causal_lm":
+    assert written["target_modules"] == projs
+  else:  # a regex PEFT fullmatches: the language model's projections, not the SigLIP tower's q/k/v_proj
+    pattern = written["target_modules"]
+    assert all(re.fullmatch(pattern, n) for n in deltas)
+    assert not re.fullmatch(pattern, "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj")
+    assert re.search(r"\((.*?)\)\$?$", pattern)[1].split("|") == projs  # vLLM's reading of the regex
+  vllm_scale = written["lora_alpha"] / written["r"]
+  for module in deltas:
+    r = peft_lookup(written["rank_pattern"], module, written["r"])
+    assert peft_lookup(written["alpha_pattern"], module, written["lora_alpha"]) / r == vllm_scale
+    assert old_peft_lookup(written, module)[1] / old_peft_lookup(written, module)[0] == vllm_scale
+
+
+@pytest.fixture(scope="module")
+def tiny_model(gemma_cfg):
+  """(transformer, random base params, tokens, jitted base forward) of the 2-layer tiny Gemma 3."""
+  transformer = models.make_transformer("tiny", num_layers=2)
+  tokens = jax.random.randint(jax.random.key(1), (2, 9), 1, transformer.config.num_embed)
+  shapes = jax.eval_shape(transformer.init, jax.random.key(0), tokens)["params"]
+  rng = np.random.default_rng(0)
+  base = jax.tree.map(lambda x: jnp.asarray((0.2 * rng.standard_normal(x.shape)).astype(np.float32)), shapes)
+  forward = jax.jit(lambda p, t: transformer.apply({"params": p}, t).logits)
+  return transformer, base, tokens, forward
+
+
+def lora_logits(tiny_model, params, config) -> np.ndarray:
+  transformer, base, tokens, _ = tiny_model
+  model = lora.LoRA(model=transformer, config=config)
+  return np.asarray(jax.jit(lambda p, t: model.apply({"params": p}, t).logits)(
+      lora.merge_params(base, params), tokens))
+
+
+@pytest.mark.parametrize("name", ["alpha", "joint"])
+def test_exported_adapter_drives_the_model_like_ours(tmp_path, gemma_cfg, tiny_model, name):
+  """The real check of head order and transposes: the model with our LoRA and the model whose weights got
+  the PEFT file's ΔW (mapped back by transformers' conversion) give the same logits; the same ΔW with the
+  query heads or o_proj's input features in the wrong order does not."""
+  config = G_CONFIGS[name]
+  _, base, tokens, forward = tiny_model
+  params = trained_lora(gemma_cfg, config, seed=4)
+  adapters.export_peft(params, tmp_path / "peft", lora_config=config, model_config=gemma_cfg)
+  deltas = hf_deltas(tmp_path / "peft")
+  ours = lora_logits(tiny_model, params, config)
+  plain = np.asarray(forward(base, tokens))
+  via_peft = np.asarray(forward(base_plus_hf(base, deltas, gemma_cfg), tokens))
+  effect = np.abs(ours - plain).max()
+  assert effect > 0.1  # the adapter matters
+  np.testing.assert_allclose(via_peft, ours, atol=2e-3 * effect, rtol=0)
+  n, h = gemma_cfg.num_heads, gemma_cfg.head_dim
+  for module, perm in (("q_proj", lambda w: w.reshape(n, h, -1).transpose(1, 0, 2).reshape(n * h, -1)),
+                       ("o_proj", lambda w: w.reshape(-1, n, h).transpose(0, 2, 1).reshape(-1, n * h))):
+    wrong = {k: perm(w) if k.endswith(module) else w for k, w in deltas.items()}
+    bad = np.asarray(forward(base_plus_hf(base, wrong, gemma_cfg), tokens))
+    assert np.abs(bad - ours).max() > 100 * np.abs(via_peft - ours).max(), module
+
+
+def write_gemma_peft(directory: Path, cfg, config: dict, *, stem: str = "model.layers", kinds=KINDS,
+                     seed: int = 0, dtype=np.float32, extra: dict | None = None) -> dict[str, np.ndarray]:
+  """A PEFT Gemma 3 adapter written directly (safetensors library + json); returns its tensors."""
+  rng = np.random.default_rng(seed)
+  d, f = cfg.embed_dim, cfg.hidden_dim
+  nh, kh = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  dims = {"q_proj": (d, nh), "k_proj": (d, kh), "v_proj": (d, kh), "o_proj": (nh, d), "gate_proj": (d, f),
+          "up_proj": (d, f), "down_proj": (f, d)}
+  tensors = {}
+  for layer in range(cfg.num_layers):
+    for proj in kinds:
+      name = f"{stem}.{layer}.{PROJ_GROUP[proj]}.{proj}"
+      r = peft_lookup(config.get("rank_pattern", {}), name, config["r"])
+      n_in, n_out = dims[proj]
+      tensors[f"{PREFIX}{name}.lora_A.weight"] = (rng.standard_normal((r, n_in)) / math.sqrt(n_in)).astype(dtype)
+      tensors[f"{PREFIX}{name}.lora_B.weight"] = (0.05 * rng.standard_normal((n_out, r))).astype(dtype)
+  tensors.update(extra or {})
+  write_adapter(directory, config, tensors)
+  return tensors
+
+
+def gemma_peft_config(**overrides) -> dict:
+  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "google/gemma-3-270m",
+            "r": 4, "lora_alpha": 16, "target_modules": list(KINDS), "use_rslora": False,
+            "rank_pattern": {}, "alpha_pattern": {}}
+  config.update(overrides)
+  return config
+
+
+@pytest.mark.parametrize("stem", list(HF_STEMS))
+@pytest.mark.parametrize("variant", ["patterns", "rslora"])
+def test_import_hand_written_peft_adapter_folds_its_scale(tmp_path, gemma_cfg, stem, variant):
+  if variant == "patterns":  # lora_alpha != r, per-module ranks and alphas (scales 4, 8, 16/6, 3/4)
+    config = gemma_peft_config(rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
+                               alpha_pattern={"v_proj": 3})
+  else:
+    config = gemma_peft_config(use_rslora=True, lora_alpha=6, r=8)
+  write_gemma_peft(tmp_path / "in", gemma_cfg, config, stem=HF_STEMS[stem],
+                   dtype=ml_dtypes.bfloat16 if stem == "legacy" else np.float32)
+  want = hf_deltas(tmp_path / "in")
+  params, our_config = adapters.import_peft(tmp_path / "in", model_config=gemma_cfg)
+  assert our_config.alpha is None and our_config.targets == lora.TARGETS
+  assert lora.lora_shapes(gemma_cfg, our_config) == {p: (tuple(x["a"].shape), tuple(x["b"].shape))
+                                                    for p, x in squeeze.lora_pairs(params).items()}
+  if variant == "patterns":
+    ranks = lora.lora_ranks(params)
+    assert ranks["layer_0/attn/q_lora"] == 2 and ranks["layer_1/mlp/down_lora"] == 6
+    assert ranks["layer_0/mlp/down_lora"] == 4 and isinstance(our_config.rank, dict)
+  assert_deltas_match(gemma_to_hf(gemma_deltas(params, our_config), HF_STEMS[stem]), want)
+
+
+def test_imported_adapter_drives_the_model_like_the_hf_weights(tmp_path, gemma_cfg, tiny_model):
+  _, base, tokens, forward = tiny_model
+  config = gemma_peft_config(rank_pattern={"k_proj": 2}, alpha_pattern={"o_proj": 2})
+  write_gemma_peft(tmp_path / "in", gemma_cfg, config, stem=HF_STEMS["conditional_generation"], seed=5)
+  want = np.asarray(forward(base_plus_hf(base, hf_deltas(tmp_path / "in"), gemma_cfg), tokens))
+  params, our_config = adapters.import_peft(tmp_path / "in", model_config=gemma_cfg)
+  got = lora_logits(tiny_model, params, our_config)
+  effect = np.abs(want - np.asarray(forward(base, tokens))).max()
+  assert effect > 0.05
+  np.testing.assert_allclose(got, want, atol=2e-3 * effect, rtol=0)
+
+
+def test_import_keeps_a_common_alpha_bit_for_bit(tmp_path, gemma_cfg):
+  config = gemma_peft_config(rank_pattern={"layers.0.mlp.up_proj": 2})  # one lora_alpha: alpha/r per module
+  tensors = write_gemma_peft(tmp_path / "in", gemma_cfg, config)
+  params, our_config = adapters.import_peft(tmp_path / "in", model_config=gemma_cfg)
+  assert our_config.alpha == 16.0
+  name = f"{PREFIX}model.layers.0.mlp.up_proj"
+  pair = params["layer_0"]["mlp"]["up_lora"]
+  np.testing.assert_array_equal(np.asarray(pair["a"]), tensors[f"{name}.lora_A.weight"].T)
+  np.testing.assert_array_equal(np.asarray(pair["b"]), tensors[f"{name}.lora_B.weight"].T)
+  assert_deltas_match(gemma_to_hf(gemma_deltas(params, our_config)), hf_deltas(tmp_path / "in"))
+  folded, folded_config = adapters.import_peft(tmp_path / "in", model_config=gemma_cfg, keep_alpha=False)
+  assert folded_config.alpha is None
+  assert_deltas_match(gemma_to_hf(gemma_deltas(folded, folded_config)), hf_deltas(tmp_path / "in"))
+
+
+@pytest.mark.parametrize("alpha_pattern", [{"k_proj": 8}, {}])
+def test_import_joint_from_independent_halves(tmp_path, gemma_cfg, alpha_pattern):
+  """K and V (gate and up) with their own lora_A: joint import stacks them, rank r_k + r_v, ΔW exact (with
+  one lora_alpha kept as alpha, each half's alpha/r_half over alpha/(r_k + r_v) is folded in)."""
+  config = gemma_peft_config(rank_pattern={"v_proj": 3, "up_proj": 2}, alpha_pattern=alpha_pattern)
+  write_gemma_peft(tmp_path / "in", gemma_cfg, config, seed=6)
+  params, our_config = adapters.import_peft(tmp_path / "in", model_config=gemma_cfg, joint_kv=True,
+                                            joint_gate_up=True)
+  assert our_config.joint_kv and our_config.joint_gate_up
+  assert our_config.alpha == (None if alpha_pattern else 16.0)
+  ranks = lora.lora_ranks(params)
+  assert ranks["layer_0/attn/kv_lora"] == 4 + 3 and ranks["layer_1/mlp/gate_up_lora"] == 4 + 2
+  assert "layer_0/attn/k_lora" not in ranks
+  assert_deltas_match(gemma_to_hf(gemma_deltas(params, our_config)), hf_deltas(tmp_path / "in"))
+
+
+def test_export_bfloat16(tmp_path, gemma_cfg):
+  params = trained_lora(gemma_cfg, G_ALPHA, seed=8)
+  adapters.export_peft(params, tmp_path / "peft", lora_config=G_ALPHA, model_config=gemma_cfg, dtype="bfloat16")
+  deltas, _, tensors = effective_deltas(tmp_path / "peft")
+  assert all(x.dtype == ml_dtypes.bfloat16 for x in tensors.values())
+  assert_deltas_match(deltas, gemma_to_hf(gemma_deltas(params, G_ALPHA)), tol=2e-2)
+
+
+def test_export_to_an_existing_directory_needs_force(tmp_path, gemma_cfg):
+  params = trained_lora(gemma_cfg, G_SEP)
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "marker").write_text("x")
+  with pytest.raises(adapters.AdapterError, match="force"):
+    adapters.export_peft(params, out, lora_config=G_SEP, model_config=gemma_cfg)
+  assert (out / "marker").exists()
+  adapters.export_peft(params, out, lora_config=G_SEP, model_config=gemma_cfg, force=True)
+  assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("kind", ["wrong_shape", "nan", "joint_mismatch", "missing_module", "bad_layout"])
+def test_export_errors_leave_no_directory(tmp_path, gemma_cfg, kind):
+  config = G_SEP
+  params = trained_lora(gemma_cfg, config)
+  kwargs = {}
+  if kind == "wrong_shape":  # 3 query heads instead of 4
+    params["layer_1"]["attn"]["q_lora"]["b"] = jnp.ones((4, 3, 16))
+    fragment = "layer_1/attn/q_lora"
+  elif kind == "nan":
+    params["layer_1"]["mlp"]["down_lora"]["a"] = params["layer_1"]["mlp"]["down_lora"]["a"].at[2, 1].set(jnp.nan)
+    fragment = "NaN"
+  elif kind == "joint_mismatch":  # separate k/v params exported as if joint
+    config = lora.LoRAConfig(rank=4, joint_kv=True)
+    fragment = "kv_lora"
+  elif kind == "missing_module":
+    del params["layer_0"]["mlp"]["up_lora"]
+    fragment = "layer_0/mlp/up_lora"
+  else:
+    kwargs["layout"] = "seq2seq"
+    fragment = "layout"
+  with pytest.raises(adapters.AdapterError, match=re.escape(fragment)):
+    adapters.export_peft(params, tmp_path / "out", lora_config=config, model_config=gemma_cfg, **kwargs)
+  assert list(tmp_path.iterdir()) == []  # no output, no temporary left behind
+
+
+def _break_gemma(kind: str, directory: Path, cfg) -> str:
+  config = gemma_peft_config()
+  victim = f"{PREFIX}model.layers.1.mlp.up_proj"
+  if kind == "missing_lora_B":
+    tensors = write_gemma_peft(directory, cfg, config)
+    del tensors[f"{victim}.lora_B.weight"]
+    write_adapter(directory, config, tensors)
+    return "model.layers.1.mlp.up_proj"
+  if kind == "wrong_shape":  # a hidden size of 63, not the model's 64
+    tensors = write_gemma_peft(directory, cfg, config)
+    tensors[f"{victim}.lora_A.weight"] = np.zeros((4, 63), np.float32)
+    write_adapter(directory, config, tensors)
+    return "A [4, 63]"
+  if kind == "unknown_module":  # a LoRA on the SigLIP tower
+    vision = f"{PREFIX}model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj"
+    write_gemma_peft(directory, cfg, config, stem=HF_STEMS["conditional_generation"],
+                     extra={f"{vision}.lora_A.weight": np.zeros((4, 32), np.float32),
+                            f"{vision}.lora_B.weight": np.zeros((32, 4), np.float32)})
+    return "vision_tower"
+  if kind == "layer_out_of_range":  # an adapter for a deeper model
+    write_gemma_peft(directory, models.model_config("tiny", num_layers=3), config)
+    return "layer 2 is out of range"
+  if kind == "nan":
+    tensors = write_gemma_peft(directory, cfg, config)
+    tensors[f"{victim}.lora_B.weight"][7, 1] = np.nan
+    write_adapter(directory, config, tensors)
+    return "NaN"
+  if kind == "modules_to_save":
+    write_gemma_peft(directory, cfg, {**config, "modules_to_save": ["lm_head"]},
+                     extra={f"{PREFIX}lm_head.weight": np.zeros((8, 64), np.float32)})
+    return "lm_head"
+  if kind == "missing_layer":  # layers_to_transform=[0]: our LoRA adapts every layer
+    tensors = write_gemma_peft(directory, cfg, config)
+    write_adapter(directory, config, {k: v for k, v in tensors.items() if ".layers.1." not in k})
+    return "layer 1 adapts []"
+  if kind == "joint_needs_both":
+    write_gemma_peft(directory, cfg, config, kinds=("q_proj", "k_proj"))
+    return "joint_kv"
+  raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing_lora_B", "wrong_shape", "unknown_module", "layer_out_of_range", "nan",
+                                  "modules_to_save", "missing_layer", "joint_needs_both"])
+def test_import_errors_name_the_problem(tmp_path, gemma_cfg, kind):
+  src = tmp_path / "in"
+  src.mkdir()
+  fragment = _break_gemma(kind, src, gemma_cfg)
+  with pytest.raises(adapters.AdapterError, match=re.escape(fragment)):
+    adapters.import_peft(src, model_config=gemma_cfg, joint_kv=kind == "joint_needs_both")
+
+
+def test_export_cli_squeeze_import(tmp_path, gemma_cfg):
+  """Post-Squeeze through the PEFT files: export at rank 8 (alpha 16, so PEFT's scale is 2), `lora-squeeze
+  squeeze --rank 3`, import: every module's ΔW is squeeze_factors' rank-3 ΔW of ours (= the float64 SVD
+  truncation), and lora.change_rank on our tree gives the same ΔW."""
+  config = lora.LoRAConfig(rank=8, alpha=16.0)
+  params = trained_lora(gemma_cfg, config, seed=7)
+  adapters.export_peft(params, tmp_path / "peft", lora_config=config, model_config=gemma_cfg)
+  assert run_cli("squeeze", tmp_path / "peft", tmp_path / "small", "--rank", 3) == 0
+  small, small_config = adapters.import_peft(tmp_path / "small", model_config=gemma_cfg)
+  assert small_config.rank == 3 and small_config.alpha is None  # the squeeze writes scale 1
+  changed, changed_config = lora.change_rank(params, 3, config)
+  new_pairs, changed_pairs = squeeze.lora_pairs(small), squeeze.lora_pairs(changed)
+  for path, pair in squeeze.lora_pairs(params).items():
+    a, b = squeeze.to_matrices(np.asarray(pair["a"]), np.asarray(pair["b"]))
+    half = np.float32(math.sqrt(config.scale(8)))
+    out = squeeze.squeeze_factors(np.asarray(a) * half, np.asarray(b) * half, 3)
+    want = np.asarray(out.a, np.float64) @ np.asarray(out.b, np.float64)
+    full = config.scale(8) * np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+    for got_pair, got_config in ((new_pairs[path], small_config), (changed_pairs[path], changed_config)):
+      ga, gb = squeeze.to_matrices(np.asarray(got_pair["a"]), np.asarray(got_pair["b"]))
+      assert ga.shape[-1] == 3
+      got = got_config.scale(3) * np.asarray(ga, np.float64) @ np.asarray(gb, np.float64)
+      assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5, path
+      assert np.linalg.norm(got - truncate(full, 3)) / np.linalg.norm(want) < 1e-5, path

@@ -293,11 +293,18 @@ def _cli(workdir, *args, fault=None, timeout=600):
   return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.slow
-def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
-  ref = _cli(tmp_path / "ref")
+@pytest.fixture(scope="module")
+def smoke_reference(tmp_path_factory):
+  """An uninterrupted smoke run through the CLI (shared by the kill/resume tests)."""
+  work = tmp_path_factory.mktemp("smoke") / "ref"
+  ref = _cli(work)
   assert ref.returncode == 0, ref.stderr[-3000:]
-  want = _adapter_leaves(tmp_path / "ref")
+  return work
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, smoke_reference):
+  want = _adapter_leaves(smoke_reference)
 
   # Killed right after the rank change into stage 1, before its checkpoint; then right after that
   # checkpoint; then mid-stage after a periodic save: each restart continues and ends bit-identical.
@@ -313,7 +320,7 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
     assert got.keys() == want.keys()
     for k in want:
       np.testing.assert_array_equal(got[k], want[k], err_msg=f"{fault}: {k}")
-    _same_losses(work / "metrics.jsonl", tmp_path / "ref" / "metrics.jsonl")  # timings aside
+    _same_losses(work / "metrics.jsonl", smoke_reference / "metrics.jsonl")  # timings aside
 
 
 def _same_losses(a, b):
@@ -324,9 +331,7 @@ def _same_losses(a, b):
 
 
 @pytest.mark.slow
-def test_external_sigkill_at_a_random_moment_then_resume(tmp_path):
-  ref = _cli(tmp_path / "ref")
-  assert ref.returncode == 0, ref.stderr[-3000:]
+def test_external_sigkill_at_a_random_moment_then_resume(tmp_path, smoke_reference):
   work = tmp_path / "killed"
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   env.pop("LORA_SQUEEZE_FAULT", None)
@@ -343,10 +348,10 @@ def test_external_sigkill_at_a_random_moment_then_resume(tmp_path):
   proc.wait()
   resumed = _cli(work)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  want, got = _adapter_leaves(tmp_path / "ref"), _adapter_leaves(work)
+  want, got = _adapter_leaves(smoke_reference), _adapter_leaves(work)
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-  _same_losses(work / "metrics.jsonl", tmp_path / "ref" / "metrics.jsonl")
+  _same_losses(work / "metrics.jsonl", smoke_reference / "metrics.jsonl")
   # A finished workdir: no training (the metrics file is untouched).
   before = metrics.read_text()
   again = _cli(work)

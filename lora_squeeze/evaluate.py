@@ -1,0 +1,364 @@
+"""Scoring-based evaluation: the log-likelihood of every choice, all choices of an example in one row.
+
+How a batch is scored (``ChoiceScorer``): each example becomes ONE packed row
+
+    BOS prompt… | choice 0 … | choice 1 … | … | pad
+
+with an attention mask that makes it a tree: prompt tokens attend causally to the prompt, each choice's
+tokens attend to the prompt and to the earlier tokens of the same choice only, and every choice's positions
+continue from the end of the prompt (gemma's rope and sliding window read the explicit positions, so each
+choice sees exactly what it would see alone after the prompt). The prompt is therefore run once for all
+choices, and the vocabulary projection is computed only at the positions that predict a choice token: the
+hidden state before each choice token is gathered and projected (``lora.logits_at``). A choice's score is
+the sum of its tokens' log-probabilities; the predicted answer is the arg-max (``acc``), and the
+length-normalised arg-max (mean log-probability per token, ``acc_norm``) is reported beside it.
+
+Tokenisation is the training pipeline's (``data.pipeline.encode_example`` with ``continuation=choice``):
+prompt and choice tokenised separately, so a choice is scored on exactly the tokens a model trained on
+that target saw. A prompt too long for ``max_len`` is cut from the left (like training); examples whose
+choices together do not fit one row are split over several rows (the prompt repeated).
+
+Shapes are bucketed (row length and scored positions to powers of two, at least 16) so a whole eval
+compiles a handful of programs, not one per batch.
+
+Metrics per task (``evaluate_examples``): ``choice_accuracy``: acc; ``multilabel_choice_accuracy``
+(GoEmotions): the top choice is one of the gold labels; ``generative`` (DROP): greedy decoding (no KV
+cache: one forward per generated token, fine for short answers; ``max_new_tokens``) with exact match and
+token F1 against the best reference. Accuracies come with a 95% Wilson score interval.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+import string
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_squeeze import lora as lora_lib
+
+PROMPT_BRANCH = 1  # branch ids: 0 padding, 1 the prompt, 2 + k choice k
+
+
+# --------------------------------------------------------------------------------------------------------
+# Packing examples into tree-masked rows.
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Row:
+  tokens: list[int]
+  positions: list[int]
+  branch: list[int]
+  # Scored tokens: (index of the predicting hidden state in the row, target token, (example, choice)).
+  scored: list[tuple[int, int, tuple[int, int]]]
+
+
+def _encode_choices(example, tokenizer, max_len: int) -> tuple[list[int], list[list[int]]]:
+  from lora_squeeze.data import pipeline  # pylint: disable=g-import-not-at-top
+  prompt = None
+  choices = []
+  for choice in example.choices:
+    enc = pipeline.encode_example(example, tokenizer, 1 << 30, continuation=choice, add_eos=False)
+    tokens, mask = enc["tokens"].tolist(), enc["loss_mask"]
+    n_prompt = int(len(tokens) - mask.sum())
+    if prompt is None:
+      prompt = tokens[:n_prompt]
+    choices.append(tokens[n_prompt:])
+  longest = max(len(c) for c in choices)
+  if longest + 2 > max_len:
+    raise ValueError(f"evaluate: a choice of {longest} tokens does not fit max_len={max_len} with BOS and "
+                     "one prompt token; raise config.data.max_len (or config.eval.max_len)")
+  # Keep BOS and the prompt's tail: the longest choice must fit after it.
+  keep = min(len(prompt) - 1, max_len - longest - 1)
+  prompt = prompt[:1] + prompt[len(prompt) - keep:] if keep < len(prompt) - 1 else prompt
+  return prompt, choices
+
+
+def pack_example(example_index: int, example, tokenizer, max_len: int) -> list[_Row]:
+  """One example -> rows (usually one) holding the prompt once and as many choices as fit."""
+  prompt, choices = _encode_choices(example, tokenizer, max_len)
+  rows: list[_Row] = []
+  row = None
+  for k, choice in enumerate(choices):
+    if row is None or len(row.tokens) + len(choice) > max_len:
+      row = _Row(list(prompt), list(range(len(prompt))), [PROMPT_BRANCH] * len(prompt), [])
+      rows.append(row)
+    start = len(row.tokens)
+    prev = len(prompt) - 1  # the first choice token is predicted from the last prompt token
+    for j, tok in enumerate(choice):
+      row.scored.append((prev, int(tok), (example_index, k)))
+      prev = start + j
+    row.tokens.extend(int(t) for t in choice)
+    row.positions.extend(range(len(prompt), len(prompt) + len(choice)))
+    row.branch.extend([2 + k] * len(choice))
+  return rows
+
+
+def tree_attention_mask(branch: jax.Array) -> jax.Array:
+  """(B, T) branch ids -> (B, T, T): causal, prompt visible to all, a choice only to itself."""
+  t = branch.shape[-1]
+  causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+  q, k = branch[..., :, None], branch[..., None, :]
+  visible = (k == PROMPT_BRANCH) | (k == q)
+  return causal & visible & (k > 0) & (q > 0)
+
+
+def _bucket(n: int, multiple: int) -> int:
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(4, (n - 1).bit_length())
+
+
+# --------------------------------------------------------------------------------------------------------
+# The scorer.
+# --------------------------------------------------------------------------------------------------------
+
+
+class ChoiceScorer:
+  """Summed log-likelihood of each choice of each example, for a model with (or without) LoRA.
+
+  Args:
+    model: a ``models.load`` result (transformer, params, tokenizer, config).
+    lora_params: a LoRA tree (``lora.init_lora`` layout) or None for the base model.
+    lora_config: its LoRAConfig (scale, targets) or None.
+    max_len: the longest row.
+    batch_rows: rows per forward pass.
+  """
+
+  def __init__(self, model, lora_params=None, lora_config=None, *, max_len: int = 1024, batch_rows: int = 8):
+    self.model = model
+    self.lora_params = lora_params
+    self.max_len = int(max_len)
+    self.batch_rows = int(batch_rows)
+    self.softcap = getattr(model.config, "final_logit_softcap", None)
+    if lora_params is not None:
+      if lora_config is None:
+        raise ValueError("ChoiceScorer: lora_config is required with lora_params")
+      self._module = lora_lib.LoRA(model=model.transformer, config=lora_config)
+    else:
+      self._module = None
+    self.traces = 0
+    self._score = jax.jit(self._score_impl)
+
+  def _hidden(self, lora_params, base_params, tokens, positions, mask):
+    if self._module is None:
+      return self.model.transformer.apply({"params": base_params}, tokens, positions=positions,
+                                          attention_mask=mask, method=lora_lib.base_hidden_states)
+    params = lora_lib.merge_params(base_params, lora_params)
+    return self._module.apply({"params": params}, tokens, positions=positions, attention_mask=mask,
+                              method=self._module.hidden_states)
+
+  def _score_impl(self, lora_params, base_params, tokens, positions, branch, pred_idx, targets):
+    self.traces += 1
+    mask = tree_attention_mask(branch)
+    hidden = self._hidden(lora_params, base_params, tokens, positions, mask)  # (B, T, D)
+    b, t, d = hidden.shape
+    h = hidden.reshape(b * t, d)[pred_idx]  # (S, D): only the positions that predict a choice token
+    logits = lora_lib.logits_at(h, base_params["embedder"]["input_embedding"], softcap=self.softcap)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+
+  def score(self, examples: Sequence[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """[(summed log-prob per choice, token count per choice)] for each example."""
+    rows = []
+    for i, ex in enumerate(examples):
+      if not ex.choices:
+        raise ValueError(f"evaluate: example {i} has no choices (a generative task?); use generate()")
+      rows.extend(pack_example(i, ex, self.model.tokenizer, self.max_len))
+    sums = [np.zeros(len(ex.choices), np.float64) for ex in examples]
+    counts = [np.zeros(len(ex.choices), np.int64) for ex in examples]
+    # Longest rows first so buckets stay tight.
+    rows.sort(key=lambda r: -len(r.tokens))
+    for start in range(0, len(rows), self.batch_rows):
+      chunk = rows[start:start + self.batch_rows]
+      t = _pow2(max(len(r.tokens) for r in chunk))
+      bsz = self.batch_rows
+      tokens = np.zeros((bsz, t), np.int32)
+      positions = np.zeros((bsz, t), np.int32)
+      branch = np.zeros((bsz, t), np.int32)
+      pred, tgt, owner = [], [], []
+      for r_i, r in enumerate(chunk):
+        n = len(r.tokens)
+        tokens[r_i, :n], positions[r_i, :n], branch[r_i, :n] = r.tokens, r.positions, r.branch
+        for p, tok, who in r.scored:
+          pred.append(r_i * t + p)
+          tgt.append(tok)
+          owner.append(who)
+      s = _pow2(len(pred))
+      pred_idx = np.zeros(s, np.int32)
+      targets = np.zeros(s, np.int32)
+      pred_idx[:len(pred)], targets[:len(tgt)] = pred, tgt
+      logp = np.asarray(self._score(self.lora_params, self.model.params, tokens, positions, branch, pred_idx,
+                                    targets), np.float64)
+      for v, (ex_i, k) in zip(logp[:len(owner)], owner):
+        sums[ex_i][k] += v
+        counts[ex_i][k] += 1
+    return list(zip(sums, counts))
+
+
+def full_vocab_choice_scores(model, examples, *, lora_params=None, lora_config=None, max_len: int = 1024):
+  """Reference scorer: each (example, choice) as its own sequence through gemma's ``__call__`` (full
+  vocabulary logits at every position). Slow; for tests and the benchmark."""
+  from lora_squeeze.data import pipeline  # pylint: disable=g-import-not-at-top
+  if lora_params is None:
+    apply = jax.jit(lambda p, tok: model.transformer.apply({"params": p}, tok).logits)
+    params = model.params
+  else:
+    module = lora_lib.LoRA(model=model.transformer, config=lora_config)
+    apply = jax.jit(lambda p, tok: module.apply({"params": p}, tok).logits)
+    params = lora_lib.merge_params(model.params, lora_params)
+  out = []
+  for ex in examples:
+    sums = np.zeros(len(ex.choices))
+    for k, choice in enumerate(ex.choices):
+      enc = pipeline.encode_example(ex, model.tokenizer, max_len, continuation=choice, add_eos=False)
+      tok = enc["tokens"][None]
+      logits = np.asarray(apply(params, jnp.asarray(tok)), np.float64)[0]
+      logp = logits - logits.max(-1, keepdims=True)
+      logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+      idx = np.nonzero(enc["loss_mask"])[0]
+      sums[k] = logp[idx - 1, enc["tokens"][idx]].sum()
+    out.append(sums)
+  return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Metrics.
+# --------------------------------------------------------------------------------------------------------
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+  """95% Wilson score interval for a binomial proportion (well behaved near 0 and 1 and for small n)."""
+  if n == 0:
+    return (0.0, 1.0)
+  p = correct / n
+  denom = 1 + z * z / n
+  centre = (p + z * z / (2 * n)) / denom
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+  return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _normalize_answer(text: str) -> str:
+  text = text.lower()
+  text = "".join(ch for ch in text if ch not in set(string.punctuation))
+  text = re.sub(r"\b(a|an|the)\b", " ", text)
+  return " ".join(text.split())
+
+
+def exact_match_f1(prediction: str, references: Sequence[str]) -> tuple[float, float]:
+  """DROP/SQuAD-style exact match and bag-of-tokens F1, maximised over the references."""
+  pred = _normalize_answer(prediction)
+  best_em, best_f1 = 0.0, 0.0
+  for ref in references:
+    gold = _normalize_answer(ref)
+    best_em = max(best_em, float(pred == gold))
+    p_toks, g_toks = pred.split(), gold.split()
+    common = collections.Counter(p_toks) & collections.Counter(g_toks)
+    same = sum(common.values())
+    if not p_toks or not g_toks:
+      f1 = float(p_toks == g_toks)
+    elif same == 0:
+      f1 = 0.0
+    else:
+      precision, recall = same / len(p_toks), same / len(g_toks)
+      f1 = 2 * precision * recall / (precision + recall)
+    best_f1 = max(best_f1, f1)
+  return best_em, best_f1
+
+
+def greedy_generate(model, prompts: Sequence[str], *, lora_params=None, lora_config=None,
+                    max_new_tokens: int = 16, max_len: int = 1024, stop: str = "\n") -> list[str]:
+  """Greedy continuation of each prompt (no KV cache; one forward per new token; stops at EOS / ``stop``)."""
+  tok = model.tokenizer
+  scorer = ChoiceScorer(model, lora_params, lora_config, max_len=max_len, batch_rows=1)
+
+  @jax.jit
+  def next_token(lp, base, tokens, positions, segs, last):
+    mask = lora_lib.attention_mask_from_segments(segs)
+    hidden = scorer._hidden(lp, base, tokens, positions, mask)  # pylint: disable=protected-access
+    h = hidden[jnp.arange(hidden.shape[0]), last]
+    return jnp.argmax(lora_lib.logits_at(h, base["embedder"]["input_embedding"], softcap=scorer.softcap), -1)
+
+  outs = []
+  for prompt in prompts:
+    ids = [tok.bos_id] + [int(t) for t in tok.encode(prompt)]
+    ids = ids[:1] + ids[1:][-(max_len - max_new_tokens - 1):]
+    new: list[int] = []
+    t = _bucket(len(ids) + max_new_tokens, 64)
+    for _ in range(max_new_tokens):
+      seq = ids + new
+      tokens = np.zeros((1, t), np.int32)
+      tokens[0, :len(seq)] = seq
+      positions = np.zeros((1, t), np.int32)
+      positions[0, :len(seq)] = np.arange(len(seq))
+      segs = (tokens > 0).astype(np.int32)
+      segs[0, :len(seq)] = 1
+      nxt = int(next_token(lora_params, model.params, tokens, positions, segs, np.array([len(seq) - 1]))[0])
+      if nxt == tok.eos_id:
+        break
+      new.append(nxt)
+      if stop and stop in tok.decode(new):
+        break
+    text = tok.decode(new)
+    outs.append(text.split(stop)[0] if stop else text)
+  return outs
+
+
+def evaluate_examples(model, task, examples: Sequence[Any], *, lora_params=None, lora_config=None,
+                      max_len: int = 1024, batch_rows: int = 8, max_new_tokens: int = 16) -> dict[str, Any]:
+  """Metrics of one task on the given examples (see the module doc for each metric)."""
+  from lora_squeeze.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  task = tasks_lib.get_task(task) if isinstance(task, str) else task
+  n = len(examples)
+  if n == 0:
+    raise ValueError(f"evaluate: no examples for task {task.name}")
+  if task.metric == "generative":
+    preds = greedy_generate(model, [ex.prompt for ex in examples], lora_params=lora_params,
+                            lora_config=lora_config, max_new_tokens=max_new_tokens, max_len=max_len)
+    em_f1 = [exact_match_f1(p, ex.references or (ex.target,)) for p, ex in zip(preds, examples)]
+    em = float(np.mean([e for e, _ in em_f1]))
+    f1 = float(np.mean([f for _, f in em_f1]))
+    return {"task": task.name, "metric": "generative", "n": n, "exact_match": em, "f1": f1,
+            "accuracy": em, "ci95": list(wilson_interval(int(round(em * n)), n))}
+  scores = ChoiceScorer(model, lora_params, lora_config, max_len=max_len, batch_rows=batch_rows).score(examples)
+  correct = correct_norm = 0
+  chance = 0.0
+  for ex, (sums, counts) in zip(examples, scores):
+    gold = set(ex.answers)
+    correct += int(int(np.argmax(sums)) in gold)
+    correct_norm += int(int(np.argmax(sums / np.maximum(counts, 1))) in gold)
+    chance += len(gold) / len(ex.choices)
+  return {"task": task.name, "metric": task.metric, "n": n, "accuracy": correct / n,
+          "ci95": list(wilson_interval(correct, n)), "accuracy_norm": correct_norm / n,
+          "chance": chance / n}
+
+
+def evaluate_tasks(model, task_examples: Mapping[str, Sequence[Any]], **kwargs) -> dict[str, Any]:
+  """Per task metrics and their unweighted average accuracy (the paper averages over tasks)."""
+  per_task = {name: evaluate_examples(model, name, exs, **kwargs) for name, exs in task_examples.items()}
+  return {"tasks": per_task, "average_accuracy": float(np.mean([m["accuracy"] for m in per_task.values()]))}
+
+
+def evaluate_config(config, model, lora_params, lora_config) -> dict[str, Any]:
+  """The train loop's final evaluation: ``config.data.task`` on its eval split (``config.data.eval_split``,
+  else the offline held-out part for ``data.source="olmo"``, else the task's TFDS eval split), at most
+  ``config.eval.limit`` examples (0 = all)."""
+  from lora_squeeze import data  # pylint: disable=g-import-not-at-top
+  d = config.data
+  split = str(d.get("eval_split", "") or "") or ("offline_heldout" if d.get("source") == "olmo" else None)
+  limit = int(config.eval.get("limit", 0) or 0) or None
+  examples = data.eval_examples(str(d.task), split, limit=limit)
+  metrics = evaluate_examples(model, str(d.task), examples, lora_params=lora_params, lora_config=lora_config,
+                              max_len=int(config.eval.get("max_len", 0) or d.max_len),
+                              batch_rows=int(config.eval.get("batch_size", 8)))
+  metrics["split"] = split or "default"
+  return metrics

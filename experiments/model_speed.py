@@ -1,0 +1,156 @@
+"""Speed of the real Gemma 3 270M on this machine: forward and LoRA train step at batch 8 x 128 tokens.
+
+Rows (all jitted, float32, timed after a warm-up call, median of ``--repeats``):
+  * forward, full logits: gemma's ``__call__`` (262k-vocab logits at every position);
+  * forward, hidden + answer logits: ``LoRA.hidden_states`` and ``logits_at`` at the answer positions only;
+  * LoRA train step, answer-only loss: ``train.Trainer.train_step`` (Adafactor, rank 8 on all projections);
+  * LoRA train step, full-vocab loss: the same step computing logits at every position (the naive loss).
+FLOPs per call come from XLA's own cost analysis of the compiled program (``compiled.cost_analysis()``),
+so they count what actually runs; the matmul rate is an XLA float32 GEMM measured in the same run, so
+"% of matmul" compares like with like on a shared, noisy machine.
+
+  python experiments/model_speed.py [--batch 8 --seq 128 --answer 16 --rank 8 --repeats 5]
+writes experiments/results/model_speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lora_squeeze import lora  # noqa: E402
+from lora_squeeze import models  # noqa: E402
+from lora_squeeze import train  # noqa: E402
+
+
+def _time(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())  # warm-up (compile)
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def _flops(jitted, *args) -> float:
+  cost = jitted.lower(*args).compile().cost_analysis()
+  if isinstance(cost, list):
+    cost = cost[0]
+  return float(cost.get("flops", float("nan")))
+
+
+def matmul_rate(n: int, repeats: int) -> tuple[float, float]:
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
+  b = jnp.asarray(np.random.default_rng(1).normal(size=(n, n)), jnp.float32)
+  f = jax.jit(jnp.dot)
+  sec = _time(lambda: f(a, b), repeats)
+  return 2 * n ** 3 / sec / 1e9, sec
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--answer", type=int, default=16, help="answer tokens per example (the loss positions)")
+  p.add_argument("--rank", type=int, default=8)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--out", default=str(Path(__file__).parent / "results" / "model_speed.md"))
+  args = p.parse_args(argv)
+
+  model = models.load("gemma3_270m")
+  b, t = args.batch, args.seq
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(10, 200_000, size=(b, t)).astype(np.int32)
+  loss_mask = np.zeros((b, t), np.int32)
+  loss_mask[:, t - args.answer:] = 1
+  batch = {"tokens": tokens, "loss_mask": loss_mask, "segment_ids": np.ones((b, t), np.int32),
+           "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+  cfg = lora.LoRAConfig(rank=args.rank)
+  n_targets = int(loss_mask[:, 1:].sum())
+
+  rows = []
+  gemm_rate, gemm_sec = matmul_rate(2048, args.repeats)
+  rows.append(("XLA f32 GEMM 2048³ (reference rate)", gemm_sec, 2 * 2048 ** 3))
+
+  params = model.params
+  fwd_full = jax.jit(lambda p, tok: model.transformer.apply({"params": p}, tok).logits)
+  sec = _time(lambda: fwd_full(params, tokens), args.repeats)
+  rows.append(("forward, full logits (gemma __call__)", sec, _flops(fwd_full, params, tokens)))
+
+  trainer = train.Trainer(model, cfg, max_targets=n_targets)
+  state = trainer.init_state(jax.random.key(0), args.rank)
+  state["params"] = jax.tree.map(lambda x: x + 0.01, state["params"])  # nonzero b: a real LoRA forward
+  hidden_fwd = jax.jit(lambda lp, base, batch: trainer._loss(lp, base, batch))  # pylint: disable=protected-access
+  sec = _time(lambda: hidden_fwd(state["params"], params, batch), args.repeats)
+  rows.append((f"forward with LoRA r={args.rank}, logits at {n_targets} answer tokens", sec,
+               _flops(hidden_fwd, state["params"], params, batch)))
+
+  step = trainer._train_step  # pylint: disable=protected-access
+  lr = jnp.float32(1e-3)
+  flops_step = _flops(step, state, params, batch, lr)
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], m = step(holder["state"], params, batch, lr)
+    return m["loss"]
+
+  sec = _time(one_step, args.repeats)
+  rows.append((f"LoRA r={args.rank} train step, answer-only loss ({n_targets} logits)", sec, flops_step))
+
+  full_trainer = train.Trainer(model, cfg, max_targets=b * t)
+  full_mask = dict(batch, loss_mask=np.ones((b, t), np.int32))
+  full_state = full_trainer.init_state(jax.random.key(0), args.rank)
+  fstep = full_trainer._train_step  # pylint: disable=protected-access
+  flops_full = _flops(fstep, full_state, params, full_mask, lr)
+  fholder = {"state": full_state}
+
+  def one_full_step():
+    fholder["state"], m = fstep(fholder["state"], params, full_mask, lr)
+    return m["loss"]
+
+  sec = _time(one_full_step, args.repeats)
+  rows.append((f"LoRA r={args.rank} train step, full-vocab loss ({b * (t - 1)} logits)", sec, flops_full))
+
+  lines = [
+      "# Real Gemma 3 270M speed (float32, jit)",
+      "",
+      f"Machine: {platform.node()}, {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
+      f"jax {jax.__version__} on {jax.devices()[0].platform}. Batch {b} x {t} tokens; LoRA rank {args.rank} "
+      f"on all 7 projections of 18 layers; {args.answer} answer tokens per example; median of "
+      f"{args.repeats} timed calls after a warm-up. FLOPs: XLA cost analysis of each compiled program.",
+      "",
+      "| what | seconds | tokens/s | GFLOP per call | GFLOP/s | % of GEMM rate |",
+      "|---|---:|---:|---:|---:|---:|",
+  ]
+  for name, sec, flops in rows:
+    gf = flops / 1e9
+    rate = gf / sec
+    tok_s = "" if "GEMM" in name else f"{b * t / sec:,.0f}"
+    lines.append(f"| {name} | {sec:.3f} | {tok_s} | {gf:,.1f} | {rate:,.1f} | {100 * rate / gemm_rate:.0f}% |")
+  answer_step, full_step = rows[3][1], rows[4][1]
+  lines += ["", f"Answer-only loss vs full-vocab loss: {full_step / answer_step:.2f}x faster per train step "
+            f"({rows[4][2] / rows[3][2]:.2f}x fewer FLOPs)."]
+  text = "\n".join(lines) + "\n"
+  print(text)
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_suffix(".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, out)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

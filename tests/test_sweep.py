@@ -1,0 +1,87 @@
+"""sweep.py: cell order and overrides, the results store, skip-on-rerun, failing cells, source reuse; the
+quickstart report (table + heatmap PNG)."""
+
+import json
+
+import pytest
+
+from lora_squeeze import reports
+from lora_squeeze import sweep
+from lora_squeeze import train
+
+
+def _config(cells):
+  import importlib.util
+  import pathlib
+  root = pathlib.Path(__file__).resolve().parents[1]
+  spec = importlib.util.spec_from_file_location("smoke", root / "configs" / "smoke.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("steps=6")
+  c.progress = False
+  c.sweep = cells
+  return c
+
+
+def test_order_overrides_store_rerun_and_failures(tmp_path):
+  cells = [
+      {"name": "post", "overrides": {"mode": "post_squeeze", "source_workdir": "@src", "target_ranks": (2,)}},
+      {"name": "src", "overrides": {"mode": "direct", "lora.rank": 4}},
+      {"name": "bad", "overrides": {"lora.rnak": 3}},
+  ]
+  config = _config(cells)
+  assert [c["name"] for c in sweep.cells_of(config)] == ["src", "post", "bad"]  # sources first
+  calls = []
+
+  def fake_run(cfg, workdir):
+    calls.append((cfg.mode, cfg.lora.rank, cfg.get("source_workdir"), str(workdir)))
+    return {"mode": cfg.mode}
+
+  records = sweep.run_sweep(config, tmp_path, run_fn=fake_run)
+  assert [c[:2] for c in calls] == [("direct", 4), ("post_squeeze", 8)]
+  assert calls[1][2] == str(tmp_path / "cells" / "src")
+  assert records["bad"]["status"] == "error" and "lora.rnak" in records["bad"]["error"]
+  stored = json.loads((tmp_path / "results" / "src.json").read_text())
+  assert stored["status"] == "ok" and stored["result"] == {"mode": "direct"}
+  calls.clear()
+  sweep.run_sweep(config, tmp_path, run_fn=fake_run)  # rerun: finished cells are skipped, the bad one retried
+  assert calls == []
+  with pytest.raises(ValueError, match="unknown cell"):
+    sweep.cells_of(_config([{"name": "a", "overrides": {"source_workdir": "@nope"}}]))
+
+
+def test_failed_source_blocks_its_users(tmp_path):
+  config = _config([{"name": "src", "overrides": {"mode": "direct"}},
+                    {"name": "post", "overrides": {"mode": "post_squeeze", "source_workdir": "@src"}}])
+
+  def failing(cfg, workdir):
+    raise RuntimeError("boom")
+
+  records = sweep.run_sweep(config, tmp_path, run_fn=failing)
+  assert records["src"]["status"] == "error" and "boom" in records["src"]["error"]
+  assert "has not finished" in records["post"]["error"]
+
+
+def test_real_tiny_sweep_and_report(tmp_path):
+  config = _config([
+      {"name": "direct_r4", "overrides": {"mode": "direct", "lora.rank": 4}},
+      {"name": "post", "overrides": {"mode": "post_squeeze", "source_workdir": "@direct_r4",
+                                     "target_ranks": (2, 1)}},
+  ])
+  calls = []
+
+  def run_with_fake_eval(cfg, workdir):
+    calls.append(cfg.mode)
+    return train.run(cfg, workdir, evaluate_fn=lambda m, p, c: {"accuracy": 0.5 + 0.01 * len(
+        train.lora_lib.lora_ranks(p)) / 100, "ci95": [0.4, 0.6]})
+
+  records = sweep.run_sweep(config, tmp_path, run_fn=run_with_fake_eval)
+  assert all(r["status"] == "ok" for r in records.values()), records
+  assert sorted(records["post"]["result"]["targets"]) == ["1", "2"]
+  # The post-squeeze cell read the direct cell's adapter (no retraining: steps 0).
+  assert records["post"]["result"]["steps"] == 0 and (tmp_path / "cells" / "direct_r4" / "adapter").exists()
+  reports.write_report({"name": "q", "title": "tiny"}, tmp_path, records)
+  md = (tmp_path / "q.md").read_text()
+  assert "post_squeeze from r=4" in md and "| direct_r4 | direct | 4 | 6 |" in md
+  png = (tmp_path / "q.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000

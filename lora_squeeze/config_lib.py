@@ -79,6 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
                                           max_target_tokens=64, train_split="", eval_split="",
                                           shuffle_buffer=0, num_workers=0))
   c.eval = ml_collections.ConfigDict(dict(enabled=True, limit=0, batch_size=8))
+  # Device mesh (lora_squeeze/sharding.py), used when there is more than one device: axis sizes, -1 = the
+  # devices the other axis leaves. data: batch split only; fsdp: batch AND the frozen base weights split.
+  # shard_lora: split the LoRA factors / optimizer state over fsdp too (default replicated; see sharding.py).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_lora=False))
   c.checkpoint_every = 1000
   c.keep_checkpoints = 2
   c.log_every = 50

@@ -3,7 +3,9 @@
   python -m lora_squeeze.main --config=configs/NAME.py[:k=v,...] --workdir=DIR [--config.key=value]
 
 Runs, resumes, or (when DIR holds result.json) skips the run. Multi-host: set LORA_SQUEEZE_DISTRIBUTED=1 (or
-``--distributed``) to call ``jax.distributed.initialize()`` first (coordinator from the environment).
+``--distributed``) to call ``jax.distributed.initialize()`` first (``sharding.initialize_distributed``: the
+coordinator detected on TPU VMs / SLURM, else from JAX_COORDINATOR_ADDRESS, LORA_SQUEEZE_NUM_PROCESSES,
+LORA_SQUEEZE_PROCESS_ID). Every process runs this same command on the same (shared) workdir.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def main(argv):
   from lora_squeeze import adapters  # pylint: disable=g-import-not-at-top
   adapters.enable_compile_cache()
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    from lora_squeeze import sharding  # pylint: disable=g-import-not-at-top
+    sharding.initialize_distributed()
   from lora_squeeze import train  # pylint: disable=g-import-not-at-top
   result = train.run(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0:

@@ -71,6 +71,7 @@ import optax
 
 from lora_squeeze import lora as lora_lib
 from lora_squeeze import schedules
+from lora_squeeze import sharding as sharding_lib
 from lora_squeeze import squeeze as squeeze_lib
 
 MODES = ("direct", "post_squeeze", "cont_squeeze", "in_squeeze")
@@ -278,7 +279,8 @@ class Trainer:
   """
 
   def __init__(self, model, lora_config: lora_lib.LoRAConfig, *, max_targets: int,
-               squeeze_method: str = "efficient", optimizer_state: str = "fresh"):
+               squeeze_method: str = "efficient", optimizer_state: str = "fresh", mesh=None,
+               shard_lora: bool = False):
     if optimizer_state not in OPTIMIZER_STATE_MODES:
       raise ValueError(f"config.squeeze.optimizer_state={optimizer_state!r}: expected one of "
                        f"{OPTIMIZER_STATE_MODES}")
@@ -292,6 +294,12 @@ class Trainer:
     self.optimizer_state = optimizer_state
     self.softcap = getattr(model.config, "final_logit_softcap", None)
     self.traces = {"train_step": 0, "change_rank": 0, "loss": 0}
+    # Sharded mode (``mesh`` given, see sharding.py): the same jitted functions; their impls pin the
+    # state's shardings with ``with_sharding_constraint`` (a rule of the shapes, so it also covers the new
+    # rank's shapes in the rank change) and the host-side inputs (batch, keys, lr) become global arrays.
+    # ``mesh=None`` (one device) leaves every program exactly as it was.
+    self.mesh = mesh
+    self.shard_lora = bool(shard_lora)
     self._train_step = jax.jit(self._train_step_impl, donate_argnums=(0,))
     self._eval_loss = jax.jit(self._eval_loss_impl)
     # Not donated: the outputs have other shapes (new rank), so XLA could not reuse the buffers anyway.
@@ -300,18 +308,57 @@ class Trainer:
   # --- state ---
   def init_state(self, key: jax.Array, rank: int) -> dict:
     cfg = dataclasses.replace(self.lora_config, rank=int(rank))
+    if self.mesh is not None:
+      # Created in place with its shardings (``jax.jit(init, out_shardings=...)``), never on one device first.
+      init = lambda key_data: self._state_from_params_impl(lora_lib.init_lora(
+          jax.random.wrap_key_data(key_data), self.model.config, cfg))
+      key_data = self._host_key(key)
+      out = self.state_shardings(jax.eval_shape(init, key_data))
+      return jax.jit(init, out_shardings=out)(key_data)
     params = lora_lib.init_lora(key, self.model.config, cfg)
     return self.state_from_params(params)
 
-  def state_from_params(self, params) -> dict:
+  def _state_from_params_impl(self, params) -> dict:
     return {"params": params, "opt_state": self.optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  def state_from_params(self, params) -> dict:
+    if self.mesh is not None:
+      params = sharding_lib.put(params, self.state_shardings(params))
+      out = self.state_shardings(jax.eval_shape(self._state_from_params_impl, params))
+      return jax.jit(self._state_from_params_impl, out_shardings=out)(params)
+    return self._state_from_params_impl(params)
+
+  def state_shardings(self, tree) -> Any:
+    """NamedShardings of a state-like tree (arrays or ShapeDtypeStructs) under the mesh (sharding.py)."""
+    return sharding_lib.state_shardings(tree, self.mesh, shard_lora=self.shard_lora)
+
+  def _constrain(self, tree):
+    return tree if self.mesh is None else jax.lax.with_sharding_constraint(tree, self.state_shardings(tree))
+
+  def _host_key(self, key: jax.Array) -> np.ndarray:
+    # Keys cross into sharded programs as host uint32 data: a single-device key array cannot be an input of
+    # a program spanning other processes' devices.
+    return np.asarray(jax.random.key_data(key))
+
+  def _global_batch(self, batch):
+    return sharding_lib.global_batch(batch, self.mesh)
+
+  def _check_budget(self, batch) -> None:
+    # Sharded: each process checks its own rows against its share of the static gather size (sufficient
+    # for the global bound; identical to the one-process check when a process holds the whole batch).
+    check_target_budget(batch, self.max_targets // jax.process_count())
 
   def abstract_state(self, ranks: int | Mapping[str, int]) -> Any:
     cfg = dataclasses.replace(self.lora_config, rank=ranks)
     shapes = lora_lib.lora_shapes(self.model.config, cfg)
     params = lora_lib._nest({f"{p}/{n}": jax.ShapeDtypeStruct(s, jnp.float32)  # pylint: disable=protected-access
                              for p, (a, b) in shapes.items() for n, s in (("a", a), ("b", b))})
-    return jax.eval_shape(self.state_from_params, params)
+    abstract = jax.eval_shape(self._state_from_params_impl, params)
+    if self.mesh is None:
+      return abstract
+    # With shardings, so orbax restores every array straight onto its devices.
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract,
+                        self.state_shardings(abstract))
 
   # --- loss ---
   def _hidden(self, lora_params, base_params, batch):
@@ -333,10 +380,20 @@ class Trainer:
     updates = jax.tree.map(lambda u: learning_rate * u, updates)
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "targets": count, "grad_norm": optax.global_norm(grads)}
-    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+    if self.mesh is not None:  # the state keeps its layout; metrics replicated (every process reads them)
+      new_state = self._constrain(new_state)
+      metrics = jax.lax.with_sharding_constraint(metrics, jax.sharding.NamedSharding(
+          self.mesh, jax.sharding.PartitionSpec()))
+    return new_state, metrics
 
   def train_step(self, state, base_params, batch, learning_rate: float):
-    """One optimizer step; ``state`` is donated (do not reuse it). Returns (new state, device metrics)."""
+    """One optimizer step; ``state`` is donated (do not reuse it). Returns (new state, device metrics).
+
+    ``batch``: host numpy, the whole batch, or under a mesh this process's rows of the global batch."""
+    if self.mesh is not None:
+      self._check_budget(batch)
+      return self._train_step(state, base_params, self._global_batch(batch), np.float32(learning_rate))
     check_target_budget(batch, self.max_targets)
     return self._train_step(state, base_params, batch, jnp.float32(learning_rate))
 
@@ -345,12 +402,17 @@ class Trainer:
     return self._loss(lora_params, base_params, batch)
 
   def eval_loss(self, lora_params, base_params, batch):
+    if self.mesh is not None:
+      self._check_budget(batch)
+      return self._eval_loss(lora_params, base_params, self._global_batch(batch))
     check_target_budget(batch, self.max_targets)
     return self._eval_loss(lora_params, base_params, batch)
 
   # --- rank change ---
   def _change_impl(self, state, key, *, rank: int):
     self.traces["change_rank"] += 1
+    if self.mesh is not None:
+      key = jax.random.wrap_key_data(key)
     params, _ = lora_lib.change_rank(state["params"], rank, self.lora_config, method=self.squeeze_method,
                                      key=key)
     fresh = self.optimizer.init(params)
@@ -358,10 +420,14 @@ class Trainer:
       opt_state = carry_adafactor_state(state["opt_state"], state["params"], params, fresh)
     else:
       opt_state = fresh
-    return {"params": params, "opt_state": opt_state, "step": state["step"]}
+    # Sharded: squeeze_lora ran on the state's (replicated or fsdp-sharded) factors; the new rank's state
+    # gets its shardings from the same rule.
+    return self._constrain({"params": params, "opt_state": opt_state, "step": state["step"]})
 
   def change_rank(self, state, rank: int, key: jax.Array):
     """The state at a new rank (params squeezed, optimizer state fresh or carried)."""
+    if self.mesh is not None:
+      key = self._host_key(key)
     return self._change(state, key, rank=int(rank))
 
 
@@ -438,22 +504,30 @@ def save_adapter(directory: Path, lora_params, lora_config: lora_lib.LoRAConfig,
   """The final LoRA params as an orbax checkpoint plus ``lora_config.json``, written atomically."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = Path(directory).absolute()
-  tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-  if tmp.exists():
-    import shutil  # pylint: disable=g-import-not-at-top
-    shutil.rmtree(tmp)
-  tmp.mkdir(parents=True)
+  # Several processes: all of them call orbax's save (it synchronises them) on ONE temporary path, and only
+  # process 0 touches the filesystem around it, between barriers.
+  multi = jax.process_count() > 1
+  primary = jax.process_index() == 0
+  tmp = directory.with_name(f".{directory.name}.tmp" + ("" if multi else str(os.getpid())))
+  if primary:
+    if tmp.exists():
+      import shutil  # pylint: disable=g-import-not-at-top
+      shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+  sharding_lib.sync(f"save_adapter:{directory}:tmp")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(tmp / "params", lora_params)
     ckptr.wait_until_finished()
   ranks = lora_lib.lora_ranks(lora_params)
   meta = {"rank": _ranks_to_json(ranks), "alpha": lora_config.alpha, "targets": list(lora_config.targets),
           "joint_kv": lora_config.joint_kv, "joint_gate_up": lora_config.joint_gate_up, **(extra or {})}
-  (tmp / "lora_config.json").write_text(json.dumps(meta, indent=2))
-  if directory.exists():
-    import shutil  # pylint: disable=g-import-not-at-top
-    shutil.rmtree(directory)
-  os.replace(tmp, directory)
+  if primary:
+    (tmp / "lora_config.json").write_text(json.dumps(meta, indent=2))
+    if directory.exists():
+      import shutil  # pylint: disable=g-import-not-at-top
+      shutil.rmtree(directory)
+    os.replace(tmp, directory)
+  sharding_lib.sync(f"save_adapter:{directory}:done")
 
 
 def load_adapter(directory: Path) -> tuple[dict, lora_lib.LoRAConfig, dict]:
@@ -491,16 +565,20 @@ def load_model(config):
   return models.load(config.model, **options)
 
 
-def make_train_iterator(config, tokenizer):
-  """The training batch iterator named by ``config.data`` (batch contract of ``lora_squeeze.data``)."""
+def make_train_iterator(config, tokenizer, *, shard: tuple[int, int] = (0, 1)):
+  """The training batch iterator named by ``config.data`` (batch contract of ``lora_squeeze.data``).
+
+  ``shard=(index, count)``: this process's block of rows of every global batch
+  (``sharding.process_batch_shard``); the iterator state stays that of the global stream, so a run can
+  resume on another number of processes."""
   d = config.data
   seed = int(config.seed)
   if d.source == "synthetic":
     from lora_squeeze.data import synthetic  # pylint: disable=g-import-not-at-top
     return synthetic.SyntheticIterator(tokenizer, batch_size=int(d.batch_size), max_len=int(d.max_len),
-                                       seed=seed)
+                                       seed=seed, shard=shard)
   from lora_squeeze import data  # pylint: disable=g-import-not-at-top
-  return data.train_iterator_from_config(config, tokenizer)
+  return data.train_iterator_from_config(config, tokenizer, shard=shard)
 
 
 def _stage_key(seed: int, stage: int) -> jax.Array:
@@ -553,10 +631,17 @@ def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = No
   model = load_model(config)
   lora_config = lora_config_from(config)
   max_targets = int(config.data.batch_size) * int(config.data.max_target_tokens)
+  # Several devices (or processes): the (data, fsdp) mesh of config.mesh (sharding.py). One device: no
+  # mesh, exactly the single-device programs.
+  mesh, shard = None, (0, 1)
+  if jax.device_count() > 1:
+    mesh = sharding_lib.mesh_from_config(config)
+    shard = sharding_lib.process_batch_shard(mesh, int(config.data.batch_size))
   trainer = Trainer(model, lora_config, max_targets=max_targets, squeeze_method=config.squeeze.method,
-                    optimizer_state=config.squeeze.optimizer_state)
+                    optimizer_state=config.squeeze.optimizer_state, mesh=mesh,
+                    shard_lora=sharding_lib.shard_lora_enabled(config))
   ckpts = Checkpoints(workdir / "checkpoints", keep=int(config.keep_checkpoints), primary=primary)
-  iterator = make_train_iterator(config, model.tokenizer)
+  iterator = make_train_iterator(config, model.tokenizer, shard=shard)
   seed = int(config.seed)
 
   meta = ckpts.latest_meta()
@@ -578,6 +663,8 @@ def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = No
   global_step = int(state["step"])
   metrics_log = _Metrics(workdir / METRICS_NAME, resume_step=global_step, primary=primary)
   base_params = model.params
+  if mesh is not None:  # the frozen base split over fsdp (each device receives only its slices)
+    base_params = sharding_lib.put(base_params, sharding_lib.base_shardings(base_params, mesh))
 
   def make_meta(stage_idx, stage_step, phase):
     return {"stage": stage_idx, "stage_step": stage_step, "phase": phase, "global_step": int(state["step"]),
@@ -638,6 +725,8 @@ def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = No
     progress.close()
 
   final_params = state["params"]
+  if mesh is not None:  # evaluation and the adapter files are host-side: every process gets the whole LoRA
+    final_params = sharding_lib.to_host(final_params)
   final_config = dataclasses.replace(lora_config, rank=_ranks_to_json(lora_lib.lora_ranks(final_params)))
   metrics = _evaluate(config, model, final_params, final_config, evaluate_fn)
   save_adapter(workdir / ADAPTER_DIR, final_params, final_config, extra={"mode": config.mode})

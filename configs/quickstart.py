@@ -26,6 +26,7 @@ def get_config(arg=None):
   c.data.update(task=arg.task, source="olmo", batch_size=4, max_len=96, max_target_tokens=32)
   c.eval.update(enabled=True, limit=arg.eval_limit, batch_size=8)
   c.checkpoint_every = 1000
+  c.tensorboard = False  # TensorFlow's import alone is seconds here; metrics.jsonl has everything
   c.log_every = 2
   c.sweep = [
       {"name": "direct_r8", "overrides": {"mode": "direct", "lora.rank": 8}},

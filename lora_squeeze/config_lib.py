@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.log_every = 50
   c.progress = True
+  c.tensorboard = True  # clu SummaryWriter event files in workdir/tensorboard (imports TensorFlow)
   c.save_adapters = False
   return c
 

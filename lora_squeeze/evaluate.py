@@ -18,8 +18,8 @@ prompt and choice tokenised separately, so a choice is scored on exactly the tok
 that target saw. A prompt too long for ``max_len`` is cut from the left (like training); examples whose
 choices together do not fit one row are split over several rows (the prompt repeated).
 
-Shapes are bucketed (row length and scored positions to powers of two, at least 16) so a whole eval
-compiles a handful of programs, not one per batch.
+Shapes are bucketed (row length to a power of two, scored positions to a multiple of 64) so a whole eval
+compiles a handful of programs, not one per batch, while padding adds few projected rows.
 
 Metrics per task (``evaluate_examples``): ``choice_accuracy``: acc; ``multilabel_choice_accuracy``
 (GoEmotions): the top choice is one of the gold labels; ``generative`` (DROP): greedy decoding (no KV
@@ -193,7 +193,7 @@ class ChoiceScorer:
           pred.append(r_i * t + p)
           tgt.append(tok)
           owner.append(who)
-      s = _pow2(len(pred))
+      s = _bucket(len(pred), 64)
       pred_idx = np.zeros(s, np.int32)
       targets = np.zeros(s, np.int32)
       pred_idx[:len(pred)], targets[:len(tgt)] = pred, tgt

@@ -674,55 +674,92 @@ def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = No
 
   total_steps = sum(s.steps for s in stages)
   progress = _progress_bar(total_steps, global_step, enabled=bool(config.get("progress", True)) and primary)
+  writer = _tensorboard_writer(workdir, enabled=bool(config.get("tensorboard", False)) and primary)
   stage_losses: dict[int, float] = {}
+  timing: dict[int, dict[str, Any]] = {}
   log_every, checkpoint_every = int(config.log_every), int(config.checkpoint_every)
+  t_loop = time.time()
   try:
     for stage in stages[stage_idx:]:
+      stage_time = timing.setdefault(stage.index, {"rank": stage.rank, "change_seconds": 0.0,
+                                                   "first_step_seconds": 0.0, "steady_seconds": 0.0,
+                                                   "steady_steps": 0})
       resumed_here = stage.index == stage_idx and (stage_step > 0 or phase == "changed")
       if (stage.index > 0 or stage.squeeze_first) and not resumed_here:
-        state = trainer.change_rank(state, stage.rank, _stage_key(seed, stage.index))
+        t = time.time()
+        state = jax.block_until_ready(trainer.change_rank(state, stage.rank, _stage_key(seed, stage.index)))
+        stage_time["change_seconds"] = time.time() - t
         stage_step = 0
         _fault_point(f"after_change:{stage.index}")
         ckpts.save(state, make_meta(stage.index, 0, "changed"))
         _fault_point(f"after_change_saved:{stage.index}")
       elif not resumed_here:
         stage_step = 0
-      pending: list[tuple[int, int, float, Any]] = []
+      pending: list[tuple[int, int, float, int, Any]] = []
       clock = [time.time(), stage_step]
 
       def flush(stage=stage):
         if not pending:
           return
-        fetched = jax.device_get([p[3] for p in pending])
+        fetched = jax.device_get([p[4] for p in pending])
         now = time.time()
         rate = (pending[-1][1] - clock[1]) / max(now - clock[0], 1e-9)
-        for (g_step, s_step, s_lr, _), mv in zip(pending, fetched):
-          metrics_log.write({"step": g_step, "stage": stage.index, "rank": stage.rank, "stage_step": s_step,
-                             "lr": s_lr, "loss": float(mv["loss"]), "targets": int(mv["targets"]),
-                             "grad_norm": float(mv["grad_norm"]), "steps_per_s": rate})
+        tokens_rate = sum(p[3] for p in pending) / max(now - clock[0], 1e-9)
+        for (g_step, s_step, s_lr, _, _), mv in zip(pending, fetched):
+          loss = float(mv["loss"])
+          if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss {loss} at step {g_step} (stage {stage.index}, rank {stage.rank}, "
+                f"learning rate {s_lr:g}); stopped without saving, so the last good checkpoint in "
+                f"{workdir / 'checkpoints'} is kept. Lower config.learning_rate / config.lr_by_rank.")
+          record = {"step": g_step, "stage": stage.index, "rank": stage.rank, "stage_step": s_step, "lr": s_lr,
+                    "loss": loss, "targets": int(mv["targets"]), "grad_norm": float(mv["grad_norm"]),
+                    "steps_per_s": rate, "tokens_per_s": tokens_rate}
+          metrics_log.write(record)
+          if writer is not None:
+            writer.write_scalars(g_step, {k: record[k] for k in ("loss", "lr", "rank", "grad_norm",
+                                                                 "steps_per_s", "tokens_per_s")})
         stage_losses[stage.index] = float(fetched[-1]["loss"])
         progress.update(len(pending))
         progress.set_postfix(stage=f"{stage.index + 1}/{len(stages)}", rank=stage.rank,
-                             loss=f"{float(fetched[-1]['loss']):.4f}", steps_s=f"{rate:.2f}")
+                             loss=f"{float(fetched[-1]['loss']):.4f}", steps_s=f"{rate:.2f}",
+                             tok_s=f"{tokens_rate:,.0f}")
         clock[:] = [now, pending[-1][1]]
         pending.clear()
 
+      first = True
+      start_step = stage_step
       while stage_step < stage.steps:
         lr = schedules.warmup_constant(stage_step, peak=stage.learning_rate, warmup_steps=stage.warmup_steps)
         batch = next(iterator)
+        t = time.time()
         state, m = trainer.train_step(state, base_params, batch, lr)
+        if first:  # the stage's compile (a new rank) + one step; one sync per stage
+          jax.block_until_ready(m)
+          stage_time["first_step_seconds"] = time.time() - t
+          clock[:] = [time.time(), stage_step + 1]
+          t_steady = time.time()
         stage_step += 1
         global_step += 1
-        pending.append((global_step, stage_step, lr, m))
+        pending.append((global_step, stage_step, lr, int(np.asarray(batch["segment_ids"]).astype(bool).sum()), m))
         checkpoint_now = stage_step == stage.steps or global_step % checkpoint_every == 0
-        if len(pending) >= log_every or checkpoint_now:
+        if first:
+          flush()
+          first = False
+        elif len(pending) >= log_every or checkpoint_now:
           flush()
         if checkpoint_now:
+          if stage_step == stage.steps:  # steps after this stage's first, up to its end (flushed: synced)
+            stage_time["steady_seconds"] = time.time() - t_steady
+            stage_time["steady_steps"] = stage.steps - start_step - 1
           ckpts.save(state, make_meta(stage.index, stage_step, "trained"))
           _fault_point(f"after_save:{global_step}")
       stage_idx, phase = stage.index, "trained"
   finally:
     progress.close()
+    if writer is not None:
+      writer.flush()
+  train_seconds = time.time() - t_loop
 
   final_params = state["params"]
   if mesh is not None:  # evaluation and the adapter files are host-side: every process gets the whole LoRA
@@ -742,11 +779,29 @@ def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = No
       "final_rank": stages[-1].rank,
       "steps": int(state["step"]),
       "wall_seconds": wall,
+      "final_train_loss": stage_losses.get(stages[-1].index),
       "metrics": metrics,
+      "timing": _timing_summary(timing, train_seconds),
   }
   if primary:
     atomic_write_text(result_path, json.dumps(result, indent=2))
   return result
+
+
+def _timing_summary(timing: Mapping[int, Mapping[str, Any]], train_seconds: float) -> dict[str, Any]:
+  """Where the train loop's time went (this process's run; a resumed run counts only its own part)."""
+  stages = [dict(v, stage=k) for k, v in sorted(timing.items())]
+  steady = [s["steady_seconds"] / s["steady_steps"] for s in stages if s["steady_steps"] > 0]
+  return {"train_seconds": train_seconds, "stages": stages,
+          "steady_step_seconds": float(np.median(steady)) if steady else None}
+
+
+def _tensorboard_writer(workdir: Path, *, enabled: bool):
+  """clu's TensorBoard SummaryWriter on ``workdir/tensorboard`` (imports TensorFlow: only when enabled)."""
+  if not enabled:
+    return None
+  from clu.metric_writers import summary_writer  # pylint: disable=g-import-not-at-top
+  return summary_writer.SummaryWriter(os.fspath(Path(workdir) / "tensorboard"))
 
 
 def _check_same_layout(source: lora_lib.LoRAConfig, ours: lora_lib.LoRAConfig, where) -> None:

@@ -356,3 +356,32 @@ def test_external_sigkill_at_a_random_moment_then_resume(tmp_path, smoke_referen
   before = metrics.read_text()
   again = _cli(work)
   assert again.returncode == 0 and "nothing to do" in again.stdout and metrics.read_text() == before
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = _smoke(mode="direct", steps=12, learning_rate=1e30, checkpoint_every=1, log_every=1,
+                  warmup_steps=0)
+  with pytest.raises(FloatingPointError, match="non-finite loss .* at step"):
+    train.run(config, tmp_path / "w")
+  assert not (tmp_path / "w" / "result.json").exists()
+  lines = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+  assert lines and all(np.isfinite(x["loss"]) for x in lines)
+  ckpts = train.Checkpoints(tmp_path / "w" / "checkpoints", keep=2)
+  meta = ckpts.latest_meta()
+  assert meta["global_step"] == lines[-1]["step"]  # the newest checkpoint is the last finite step
+  ckpts.close()
+
+
+def test_tensorboard_events_and_timing(tmp_path):
+  config = _smoke(mode="direct", steps=6, tensorboard=True, log_every=2)
+  result = train.run(config, tmp_path / "w")
+  events = list((tmp_path / "w" / "tensorboard").glob("events.out.tfevents.*"))
+  assert events, list((tmp_path / "w").iterdir())
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(str(events[0].parent))
+  acc.Reload()
+  tags = set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
+  assert {"loss", "lr", "rank", "tokens_per_s"} <= tags, tags
+  timing = result["timing"]
+  assert timing["stages"][0]["steady_steps"] == 5 and timing["stages"][0]["first_step_seconds"] > 0
+  assert timing["steady_step_seconds"] > 0 and result["final_train_loss"] == result["stages"][0]["final_loss"]

@@ -385,3 +385,36 @@ def test_tensorboard_events_and_timing(tmp_path):
   timing = result["timing"]
   assert timing["stages"][0]["steady_steps"] == 5 and timing["stages"][0]["first_step_seconds"] > 0
   assert timing["steady_step_seconds"] > 0 and result["final_train_loss"] == result["stages"][0]["final_loss"]
+
+
+@pytest.mark.parametrize("max_targets", [7, 13, 64])
+def test_answer_loss_and_gradient_equal_a_float64_reference(max_targets):
+  """The gathered projection = a dense float64 reference, loss and gradient, whatever the padding."""
+  rng = np.random.default_rng(0)
+  b, t, d, v = 3, 9, 8, 50
+  hidden = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+  emb = jnp.asarray(rng.normal(size=(v, d)), jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, v, size=(b, t)), jnp.int32)
+  mask = np.zeros((b, t), np.int32)
+  mask[0, 3:6] = mask[1, 8] = mask[2, 1:4] = 1  # 7 targets
+  fn = lambda h: train.answer_loss(h, tokens, jnp.asarray(mask), emb, max_targets=max_targets)
+  (loss, count), grad = jax.value_and_grad(fn, has_aux=True)(hidden)
+
+  def ref(h):
+    h = np.asarray(h, np.float64)
+    logits = h @ np.asarray(emb, np.float64).T
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    bi, ti = np.nonzero(mask)
+    return -np.mean(logp[bi, ti - 1, np.asarray(tokens)[bi, ti]])
+
+  assert int(count) == 7
+  assert abs(float(loss) - ref(hidden)) < 1e-5 * ref(hidden)
+  eps = 1e-4  # finite differences in float64 on two coordinates that matter and one that does not
+  for idx in [(0, 2, 1), (2, 3, 0), (1, 0, 4)]:
+    hp = np.asarray(hidden, np.float64).copy()
+    hm = hp.copy()
+    hp[idx] += eps
+    hm[idx] -= eps
+    fd = (ref(hp) - ref(hm)) / (2 * eps)
+    assert abs(float(grad[idx]) - fd) < 1e-4, (idx, float(grad[idx]), fd)

@@ -7,7 +7,7 @@
 # 1. copies this checkout to ~/lora_squeeze on every worker (gcloud ... scp --worker=all),
 # 2. installs the pinned stack with libtpu into ~/lora_squeeze/.venv on every worker (launch/_venv.sh with
 #    LORA_SQUEEZE_EXTRA=tpu; a second launch installs nothing),
-# 3. runs `python -m lora_squeeze.main` on all workers at once with LORA_SQUEEZE_DISTRIBUTED=1.
+# 3. runs `python -m lora_squeeze.main` (or $LORA_SQUEEZE_ENTRY) on all workers at once with LORA_SQUEEZE_DISTRIBUTED=1.
 # The workdir must be one directory all workers share (an NFS / Filestore / gcsfuse mount; train.run uses
 # local paths, not gs:// URLs): orbax writes each
 # checkpoint from all processes, only process 0 writes metrics.jsonl / result.json / the adapter json.
@@ -27,5 +27,5 @@ tar -C "$ROOT" --exclude=.venv --exclude=.git -czf /tmp/lora_squeeze_src.tgz .
 "${GCLOUD[@]}" ssh "$TPU" --worker=all "${COMMON[@]}" --command="
   set -e; mkdir -p ~/lora_squeeze && tar -C ~/lora_squeeze -xzf /tmp/lora_squeeze_src.tgz
   cd ~/lora_squeeze && LORA_SQUEEZE_EXTRA=tpu bash -c 'source launch/_venv.sh'
-  LORA_SQUEEZE_DISTRIBUTED=1 .venv/bin/python -m lora_squeeze.main --config=$(printf %q "$CONFIG") \
+  LORA_SQUEEZE_DISTRIBUTED=1 .venv/bin/python -m ${LORA_SQUEEZE_ENTRY:-lora_squeeze.main} --config=$(printf %q "$CONFIG") \
     --workdir=$(printf %q "$WORKDIR")$EXTRA_ARGS"

@@ -7,7 +7,8 @@ adapter instead of retraining it); such cells run after their sources.
 
   python -m lora_squeeze.sweep --config=configs/quickstart.py --workdir=DIR            # all cells, in order
   python -m lora_squeeze.sweep --config=configs/quickstart.py --workdir=DIR --cell=X   # one cell (launchers)
-  python -m lora_squeeze.sweep --config=configs/quickstart.py --workdir=DIR --list
+  python -m lora_squeeze.sweep --config=configs/quickstart.py --workdir=DIR --list       # "NAME [SOURCES]"
+  bash launch/sweep.sh local|slurm|tpu CONFIG DIR ...                                   # one launch per cell
 
 Layout: ``DIR/cells/NAME/`` is the cell's run workdir (train.run: checkpoints, metrics.jsonl, result.json,
 adapter) and ``DIR/results/NAME.json`` its record: ``{"name", "status": "ok"|"error", "overrides",
@@ -28,6 +29,10 @@ from typing import Any
 import ml_collections
 
 from lora_squeeze import train
+
+
+def _deps(cell: Mapping[str, Any]) -> list[str]:
+  return [v[1:] for v in dict(cell.get("overrides", {})).values() if isinstance(v, str) and v.startswith("@")]
 
 
 def cells_of(config) -> list[dict[str, Any]]:
@@ -122,7 +127,9 @@ def run_cell(config, cell: Mapping[str, Any], sweep_dir: Path, *,
     record.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
     print(f"[lora_squeeze] sweep cell {cell['name']} FAILED: {type(e).__name__}: {e}")
   record["seconds"] = time.time() - t
-  _write_json(path, record)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:  # multi-host cells: every process runs the cell, one writes its record
+    _write_json(path, record)
   return record
 
 
@@ -159,10 +166,14 @@ def main(argv=None) -> None:
     if len(args) > 1:
       raise app.UsageError(f"unexpected arguments: {args[1:]}")
     config = config_flag.value
-    if list_cells.value:
+    if list_cells.value:  # "NAME [SOURCE,...]" in run order (launch/sweep.sh reads it)
       for c in cells_of(config):
-        print(c["name"])
+        print(" ".join([c["name"], ",".join(_deps(c))]).strip())
       return
+    import os  # pylint: disable=g-import-not-at-top
+    if os.environ.get("LORA_SQUEEZE_DISTRIBUTED") == "1":
+      from lora_squeeze import sharding  # pylint: disable=g-import-not-at-top
+      sharding.initialize_distributed()
     from absl import logging  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)

@@ -5,7 +5,7 @@ writes a heatmap PNG (accuracy per method and rank, red = better than direct tra
 
   bash launch/quickstart.sh          # = python -m lora_squeeze.sweep --config=configs/quickstart.py --workdir=...
 
-This is a demonstration of the whole path at toy scale (a dozen optimizer steps): its accuracies are
+This is a demonstration of the whole path at toy scale (8 optimizer steps per run): its accuracies are
 not the paper's claims, which need the step budgets of configs/{direct,cont_squeeze,in_squeeze}.py.
 """
 
@@ -13,7 +13,7 @@ from lora_squeeze import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, task="arc_e", steps=12, eval_limit=64, lr=0.03, seed=42)
+  arg = config_lib.parse_arg(arg, task="arc_e", steps=8, eval_limit=48, lr=0.03, seed=42)
   c = config_lib.base_config()
   c.mode = "direct"
   c.model = "gemma3_270m"
@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.steps, c.extra_steps = arg.steps, 0
   c.learning_rate = arg.lr
   c.warmup_steps, c.rank_change_warmup = 2, 1
-  c.data.update(task=arg.task, source="olmo", batch_size=4, max_len=96, max_target_tokens=32)
+  c.data.update(task=arg.task, source="olmo", batch_size=4, max_len=96, max_target_tokens=16)
   c.eval.update(enabled=True, limit=arg.eval_limit, batch_size=8)
   c.checkpoint_every = 1000
   c.tensorboard = False  # TensorFlow's import alone is seconds here; metrics.jsonl has everything

@@ -741,7 +741,7 @@ def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = No
         if first:  # the stage's compile (a new rank) + one step; one sync per stage
           jax.block_until_ready(m)
           stage_time["first_step_seconds"] = time.time() - t
-          clock[:] = [time.time(), stage_step + 1]
+          clock[:] = [t, stage_step]  # the first flush reports this (compiling) step's own rate
           t_steady = time.time()
         stage_step += 1
         global_step += 1

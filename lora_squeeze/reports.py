@@ -73,13 +73,14 @@ def method_rank_heatmap(rows, path: Path, title: str) -> None:
           for j, rank in enumerate(ranks)}
   delta = grid - np.array([base[r] for r in ranks])[None, :]
   span = np.nanmax(np.abs(delta)) if np.isfinite(delta).any() else 1.0
-  span = max(span, 1e-6)
+  span = max(span, 1.0)  # at least ±1 point, so equal accuracies do not blow tiny differences up
   fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(ranks), 1.2 + 0.55 * len(methods)))
   im = ax.imshow(np.nan_to_num(delta), cmap="RdBu_r", vmin=-span, vmax=span, aspect="auto")
   for i in range(len(methods)):
     for j in range(len(ranks)):
       if np.isfinite(grid[i, j]):
-        ax.text(j, i, f"{grid[i, j]:.1f}\n({delta[i, j]:+.1f})", ha="center", va="center", fontsize=8)
+        label = f"{grid[i, j]:.1f}" + (f"\n({delta[i, j]:+.1f})" if np.isfinite(delta[i, j]) else "\n(no direct)")
+        ax.text(j, i, label, ha="center", va="center", fontsize=8)
   ax.set_xticks(range(len(ranks)), [f"r={r}" for r in ranks])
   ax.set_yticks(range(len(methods)), methods)
   ax.set_title(title, fontsize=9)

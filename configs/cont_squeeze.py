@@ -14,10 +14,6 @@ def get_config(arg=None):
                              method="efficient")
   c = config_lib.base_config()
   c.mode = "cont_squeeze"
-  c.model = arg.model
-  if arg.checkpoint:
-    c.model_options.checkpoint = arg.checkpoint
-  c.seed = arg.seed
   c.source_rank, c.target_rank = arg.src, arg.tgt
   c.lora.rank = arg.src
   c.steps, c.extra_steps = arg.steps, arg.extra
@@ -25,7 +21,5 @@ def get_config(arg=None):
   c.rank_change_warmup = 100
   c.source_workdir = arg.source
   c.squeeze.method = arg.method
-  c.data.task = arg.task
-  if arg.runlocal:
-    config_lib.runlocal(c, steps=arg.steps)
+  config_lib.apply_run_args(c, arg)
   return c

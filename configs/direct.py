@@ -14,14 +14,8 @@ def get_config(arg=None):
                              checkpoint="", runlocal=False)
   c = config_lib.base_config()
   c.mode = "direct"
-  c.model = arg.model
-  if arg.checkpoint:
-    c.model_options.checkpoint = arg.checkpoint
-  c.seed = arg.seed
   c.lora.rank = arg.rank
   c.learning_rate = arg.lr
   c.steps = arg.steps
-  c.data.task = arg.task
-  if arg.runlocal:
-    config_lib.runlocal(c, steps=arg.steps)
+  config_lib.apply_run_args(c, arg)
   return c

@@ -12,14 +12,8 @@ def get_config(arg=None):
                              model="gemma3_4b", checkpoint="", runlocal=False, method="efficient")
   c = config_lib.base_config()
   c.mode = "post_squeeze"
-  c.model = arg.model
-  if arg.checkpoint:
-    c.model_options.checkpoint = arg.checkpoint
-  c.seed = arg.seed
   c.source_workdir = arg.source
   c.target_ranks = arg.targets
   c.squeeze.method = arg.method
-  c.data.task = arg.task
-  if arg.runlocal:
-    config_lib.runlocal(c, steps=0)
+  config_lib.apply_run_args(c, arg)
   return c

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_squeeze import data  # noqa: E402
 from lora_squeeze import evaluate  # noqa: E402
 from lora_squeeze import models  # noqa: E402
+from lora_squeeze import train  # noqa: E402
 from lora_squeeze.data import pipeline  # noqa: E402
 
 
@@ -130,9 +131,7 @@ def main(argv=None) -> int:
   print(text)
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix(".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, out)
+  train.atomic_write_text(out, text)
   return 0
 
 

@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lora_squeeze import train  # noqa: E402  (atomic_write_text)
 
 
 def _run(mode_args: str, workdir: Path, *, steps: int, batch: int, max_len: int, cache: str) -> dict:
@@ -103,9 +106,7 @@ def main(argv=None) -> int:
   print(text)
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp_out = out.with_suffix(".tmp")
-  tmp_out.write_text(text)
-  os.replace(tmp_out, out)
+  train.atomic_write_text(out, text)
   return 0
 
 

@@ -146,9 +146,7 @@ def main(argv=None) -> int:
   print(text)
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix(".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, out)
+  train.atomic_write_text(out, text)
   return 0
 
 

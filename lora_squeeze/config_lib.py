@@ -92,6 +92,18 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def apply_run_args(c: ml_collections.ConfigDict, arg: ml_collections.ConfigDict) -> None:
+  """The arguments every run config shares (model, checkpoint, seed, task, runlocal), applied last so
+  ``runlocal`` sees the config's own step counts."""
+  c.model = arg.model
+  if arg.checkpoint:
+    c.model_options.checkpoint = arg.checkpoint
+  c.seed = arg.seed
+  c.data.task = arg.task
+  if arg.runlocal:
+    runlocal(c, steps=arg.get("steps", 0))
+
+
 def runlocal(c: ml_collections.ConfigDict, *, steps: int) -> None:
   """CPU scale (big_vision's ``runlocal``): the real Gemma 3 270M, the offline validation data (split into
   train / held-out parts, not the paper's protocol), short sequences, frequent checkpoints. ``steps`` is

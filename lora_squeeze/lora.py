@@ -760,7 +760,7 @@ def change_rank(lora_params: Mapping, rank: int | Mapping[str, int], config: LoR
                    "b": (pair["b"] * f).astype(pair["b"].dtype)}
   if folded:
     new_params = _replace_pairs(new_params, folded)
-  return new_params, dataclasses.replace(config, rank=_describe_ranks(new_ranks))
+  return new_params, dataclasses.replace(config, rank=describe_ranks(new_ranks))
 
 
 def _replace_pairs(tree: Mapping, replacements: Mapping[str, Mapping], prefix: str = "") -> dict:
@@ -776,8 +776,8 @@ def _replace_pairs(tree: Mapping, replacements: Mapping[str, Mapping], prefix: s
   return out
 
 
-def _describe_ranks(ranks: Mapping[str, int]) -> int | dict[str, int]:
-  """One int when all equal, else {canonical module path: rank}."""
+def describe_ranks(ranks: Mapping[str, int]) -> int | dict[str, int]:
+  """One int when all equal, else {canonical module path: rank} (a LoRAConfig.rank; JSON-able)."""
   values = set(ranks.values())
   if len(values) == 1:
     return values.pop()

@@ -52,15 +52,13 @@ A finished workdir (``result.json`` present) does no work when run again.
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -463,11 +461,6 @@ def _decode_data_state(encoded: Mapping[str, Any]) -> Any:
   return encoded["json"]
 
 
-def _ranks_to_json(ranks: Mapping[str, int]) -> int | dict[str, int]:
-  values = set(ranks.values())
-  return values.pop() if len(values) == 1 else dict(ranks)
-
-
 class Checkpoints:
   """orbax CheckpointManager around {state, meta}; ids are 2·global_step + phase (see module doc)."""
 
@@ -523,7 +516,7 @@ def save_adapter(directory: Path, lora_params, lora_config: lora_lib.LoRAConfig,
     ckptr.save(tmp / "params", lora_params)
     ckptr.wait_until_finished()
   ranks = lora_lib.lora_ranks(lora_params)
-  meta = {"rank": _ranks_to_json(ranks), "alpha": lora_config.alpha, "targets": list(lora_config.targets),
+  meta = {"rank": lora_lib.describe_ranks(ranks), "alpha": lora_config.alpha, "targets": list(lora_config.targets),
           "joint_kv": lora_config.joint_kv, "joint_gate_up": lora_config.joint_gate_up, **(extra or {})}
   if primary:
     (tmp / "lora_config.json").write_text(json.dumps(meta, indent=2))
@@ -672,7 +665,7 @@ def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = No
 
   def make_meta(stage_idx, stage_step, phase):
     return {"stage": stage_idx, "stage_step": stage_step, "phase": phase, "global_step": int(state["step"]),
-            "ranks": _ranks_to_json(lora_lib.lora_ranks(state["params"])),
+            "ranks": lora_lib.describe_ranks(lora_lib.lora_ranks(state["params"])),
             "data_state": _encode_data_state(iterator.get_state()), "seed": seed,
             "wall_seconds": wall_before + time.time() - t_start}
 
@@ -768,7 +761,7 @@ def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = No
   final_params = state["params"]
   if mesh is not None:  # evaluation and the adapter files are host-side: every process gets the whole LoRA
     final_params = sharding_lib.to_host(final_params)
-  final_config = dataclasses.replace(lora_config, rank=_ranks_to_json(lora_lib.lora_ranks(final_params)))
+  final_config = dataclasses.replace(lora_config, rank=lora_lib.describe_ranks(lora_lib.lora_ranks(final_params)))
   metrics = _evaluate(config, model, final_params, final_config, evaluate_fn)
   save_adapter(workdir / ADAPTER_DIR, final_params, final_config, extra={"mode": config.mode})
   ckpts.close()
@@ -843,7 +836,7 @@ def _run_post_squeeze(config, workdir: Path, *, evaluate_fn) -> dict:
       save_adapter(workdir / f"{ADAPTER_DIR}_r{r}", params, new_cfg, extra={"mode": "post_squeeze"})
   result = {"mode": "post_squeeze", "model": config.model, "task": config.data.get("task", None),
             "seed": int(config.seed), "source_workdir": str(config.source_workdir),
-            "source_rank": _ranks_to_json(lora_lib.lora_ranks(source_params)), "targets": per_rank,
+            "source_rank": lora_lib.describe_ranks(lora_lib.lora_ranks(source_params)), "targets": per_rank,
             "method": config.squeeze.method, "steps": 0, "wall_seconds": time.time() - t_start}
   if jax.process_index() == 0:
     atomic_write_text(workdir / RESULT_NAME, json.dumps(result, indent=2))

@@ -72,7 +72,7 @@ from lora_squeeze import schedules
 from lora_squeeze import sharding as sharding_lib
 from lora_squeeze import squeeze as squeeze_lib
 
-MODES = ("direct", "post_squeeze", "cont_squeeze", "in_squeeze")
+MODES = ("direct", "post_squeeze", "cont_squeeze", "in_squeeze", "zero_shot")
 OPTIMIZER_STATE_MODES = ("fresh", "carry")
 RESULT_NAME = "result.json"
 METRICS_NAME = "metrics.jsonl"
@@ -110,13 +110,13 @@ def _cfg(config, key: str, default=None):
 
 
 def plan_stages(config) -> list[Stage]:
-  """The stages of a run from its config (empty for ``post_squeeze``, which trains nothing)."""
+  """The stages of a run from its config (empty for ``post_squeeze`` and ``zero_shot``: no training)."""
   mode = config.mode
   if mode not in MODES:
     raise ValueError(f"config.mode={mode!r}: expected one of {MODES}")
   warmup = int(config.warmup_steps)
   change_warmup = int(config.rank_change_warmup)
-  if mode == "post_squeeze":
+  if mode in ("post_squeeze", "zero_shot"):
     return []
   if mode == "direct":
     r = int(config.lora.rank)
@@ -622,6 +622,8 @@ def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = No
   primary = jax.process_index() == 0
   if config.mode == "post_squeeze":
     return _run_post_squeeze(config, workdir, evaluate_fn=evaluate_fn)
+  if config.mode == "zero_shot":
+    return _run_zero_shot(config, workdir, evaluate_fn=evaluate_fn)
 
   t_start = time.time()
   stages = plan_stages(config)
@@ -774,6 +776,11 @@ def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = No
       "stages": [dataclasses.asdict(s) | {"final_loss": stage_losses.get(s.index)} for s in stages],
       "ranks_per_stage": [s.rank for s in stages],
       "final_rank": stages[-1].rank,
+      "source_rank": _source_rank(config) if stages[0].squeeze_first else stages[0].rank,
+      "learning_rate": stages[0].learning_rate,
+      "scheme": str(config.scheme) if config.mode == "in_squeeze" else None,
+      "squeeze_method": str(config.squeeze.method) if len(stages) > 1 or stages[0].squeeze_first else None,
+      "source_workdir": str(_cfg(config, "source_workdir", "") or "") or None,
       "steps": int(state["step"]),
       "wall_seconds": wall,
       "final_train_loss": stage_losses.get(stages[-1].index),
@@ -838,6 +845,27 @@ def _run_post_squeeze(config, workdir: Path, *, evaluate_fn) -> dict:
             "seed": int(config.seed), "source_workdir": str(config.source_workdir),
             "source_rank": lora_lib.describe_ranks(lora_lib.lora_ranks(source_params)), "targets": per_rank,
             "method": config.squeeze.method, "steps": 0, "wall_seconds": time.time() - t_start}
+  if jax.process_index() == 0:
+    atomic_write_text(workdir / RESULT_NAME, json.dumps(result, indent=2))
+  return result
+
+
+def _source_rank(config):
+  """The rank of ``config.source_workdir``'s adapter (from its result.json, else from the adapter)."""
+  source = Path(config.source_workdir)
+  if (source / RESULT_NAME).exists():
+    return json.loads((source / RESULT_NAME).read_text()).get("final_rank")
+  return lora_lib.describe_ranks(lora_lib.lora_ranks(load_adapter(source / ADAPTER_DIR)[0]))
+
+
+def _run_zero_shot(config, workdir: Path, *, evaluate_fn) -> dict:
+  """The base model without any adapter, evaluated (the paper's "0-S" column)."""
+  t_start = time.time()
+  model = load_model(config)
+  metrics = _evaluate(config, model, None, None, evaluate_fn)
+  result = {"mode": "zero_shot", "model": config.model, "task": config.data.get("task", None),
+            "seed": int(config.seed), "final_rank": 0, "steps": 0, "metrics": metrics,
+            "wall_seconds": time.time() - t_start}
   if jax.process_index() == 0:
     atomic_write_text(workdir / RESULT_NAME, json.dumps(result, indent=2))
   return result

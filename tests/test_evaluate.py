@@ -99,3 +99,11 @@ def test_real_270m_zero_shot_above_chance():
   assert results["arc_e"]["ci95"][0] > results["arc_e"]["chance"]
   assert results["piqa"]["ci95"][0] > results["piqa"]["chance"]
   assert results["winogrande"]["accuracy"] > 0.45
+
+
+def test_scored_bucket_bounds_padding_and_shapes():
+  from lora_squeeze.evaluate import _scored_bucket
+  sizes = [_scored_bucket(n) for n in range(1, 2049)]
+  for n, s in zip(range(1, 2049), sizes):
+    assert n <= s and s - n <= max(7, n // 8), (n, s)  # padding: at most 7 rows, or 1/8 of the rows
+  assert len(set(sizes)) <= 8 + 8 * 8  # eight shapes per octave above 64

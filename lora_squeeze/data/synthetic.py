@@ -31,6 +31,35 @@ def synthetic_examples(num_examples: int = 64, seed: int = 0) -> list[SyntheticE
   return out
 
 
+def choice_examples(num_examples: int = 64, seed: int = 0, num_choices: int = 4) -> list[Any]:
+  """The training table as a multiple-choice eval (``data.tasks.Example``): after ``"<key>="`` the true value
+  against ``num_choices - 1`` other values of the table, the gold one at a seeded position. A tiny model
+  that memorised the table scores near 100%; chance is ``1 / num_choices``. It measures the same thing the
+  training loss does, so it is what the tiny sweeps of the experiments tests evaluate."""
+  from lora_squeeze.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  train = synthetic_examples(num_examples, seed)
+  values = sorted({e.target for e in train})
+  if len(values) < num_choices:
+    raise ValueError(f"synthetic: {len(values)} distinct values, fewer than num_choices={num_choices}")
+  rng = np.random.default_rng([seed, 1])
+  out = []
+  for e in train:
+    others = [v for v in values if v != e.target]
+    picks = [others[i] for i in rng.choice(len(others), num_choices - 1, replace=False)]
+    gold = int(rng.integers(num_choices))
+    choices = picks[:gold] + [e.target] + picks[gold:]
+    out.append(tasks_lib.Example(prompt=e.prompt, choices=tuple(choices), answers=(gold,), target=e.target))
+  return out
+
+
+def task() -> Any:
+  """The synthetic task as a ``data.tasks.Task`` (choice accuracy), for ``evaluate.evaluate_examples``; it
+  is not in the registry because no TFDS or offline source holds it."""
+  from lora_squeeze.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  return tasks_lib.Task(name="synthetic", title="synthetic lookup", tfds_name="", train_split="",
+                        eval_split="", metric="choice_accuracy", format_fn=lambda r: r)
+
+
 def encode(example: SyntheticExample, tokenizer: Any, max_len: int) -> dict[str, np.ndarray]:
   """BOS + prompt + target + EOS, right-padded; loss on target and EOS tokens."""
   prompt = [int(t) for t in tokenizer.encode(example.prompt, add_bos=True)]

@@ -1,0 +1,64 @@
+"""Table 2: direct training's task-averaged accuracy for every (rank, learning rate) of the grid, and the best
+rate per rank (the paper's rule: the rate that maximises the average over all tasks; seeds averaged first).
+
+  python experiments/table2_lr_grid.py --results runs/lr_grid --out experiments/results/paper
+writes table2_lr_grid.{md,png}.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lora_squeeze import results as R  # noqa: E402
+
+
+def grid(rows):
+  direct = R.require(rows, "table2", method="direct")
+  by = R.per_task(direct, lambda r: (r.rank, r.learning_rate))
+  tasks = sorted({t for v in by.values() for t in v})
+  ranks = sorted({k[0] for k in by})
+  lrs = sorted({k[1] for k in by})
+  g = {(r, lr): R.mean_over_tasks(by[(r, lr)], tasks) if (r, lr) in by else math.nan for r in ranks for lr in lrs}
+  return g, ranks, lrs, tasks
+
+
+def main(argv=None):
+  args, rows = R.script_args(__doc__, argv)
+  g, ranks, lrs, tasks = grid(rows)
+  best = R.best_direct_lr(rows)
+  table = [[str(r)] + R.bold_best([None if math.isnan(g[(r, lr)]) else g[(r, lr)] for lr in lrs])
+           + [f"{best[r]:g}" if r in best else "—"] for r in ranks]
+  title = f"{args.title} direct training, mean accuracy (%) over {len(tasks)} task(s)".strip()
+  md = [f"# Table 2: {title}\n\nA rank's average counts only if every task has a result at that rate.\n\n",
+        R.markdown_table(["rank"] + [f"lr={lr:g}" for lr in lrs] + ["best lr"], table),
+        "\n" + R.provenance(args.results, rows)]
+  path = R.write_text(Path(args.out) / "table2_lr_grid.md", "".join(md))
+  plt = R.pyplot()
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  a = np.array([[100 * g[(r, lr)] for lr in lrs] for r in ranks])
+  fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(lrs), 1.2 + 0.45 * len(ranks)))
+  im = ax.imshow(np.ma.masked_invalid(a), cmap="viridis", aspect="auto")
+  for i, r in enumerate(ranks):
+    for j, lr in enumerate(lrs):
+      if np.isfinite(a[i, j]):
+        ax.text(j, i, f"{a[i, j]:.1f}" + ("*" if best.get(r) == lr else ""), ha="center", va="center",
+                fontsize=8, color="w")
+  ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+  ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
+  ax.set_xlabel("learning rate (* = best for the rank)")
+  ax.set_ylabel("rank")
+  ax.set_title(title, fontsize=9)
+  fig.colorbar(im, ax=ax, label="accuracy (%)")
+  fig.tight_layout()
+  png = R.save_figure(fig, Path(args.out) / "table2_lr_grid.png")
+  print("".join(md))
+  print(f"wrote {path} and {png}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

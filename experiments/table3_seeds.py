@@ -1,0 +1,66 @@
+"""Table 3: direct training's task-averaged accuracy, mean ± standard error of the mean (SEM) over seeds
+(paper: 42, 43, 44), per (rank, learning rate); also any squeeze method run over several seeds.
+
+  python experiments/table3_seeds.py --results runs/lr_grid_seeds --out experiments/results/paper
+writes table3_seeds.{md,png}.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lora_squeeze import results as R  # noqa: E402
+
+
+def per_seed(rows):
+  """{(method, rank, lr, steps): {seed: task-averaged accuracy}} over cells with results for every task."""
+  out = {}
+  for key, rs in R.group([r for r in rows if r.accuracy is not None and r.method != "post_squeeze"],
+                         lambda r: (r.method, r.rank, r.learning_rate, r.steps)).items():
+    tasks = sorted({r.task for r in rs})
+    for seed, srs in R.group(rs, lambda r: r.seed).items():
+      by_task = {r.task: r.accuracy for r in srs}
+      if all(t in by_task for t in tasks):
+        out.setdefault(key, {})[seed] = R.mean_over_tasks(by_task, tasks)
+  return {k: v for k, v in out.items() if len(v) >= 2}
+
+
+def main(argv=None):
+  args, rows = R.script_args(__doc__, argv)
+  data = per_seed(rows)
+  if not data:
+    raise SystemExit("table3: no configuration was run with two or more seeds")
+  keys = sorted(data, key=lambda k: (k[0] != "direct", k[0], k[1], k[2] or 0, k[3]))
+  table = []
+  for k in keys:
+    vals = list(data[k].values())
+    table.append([k[0], str(k[1]), "—" if k[2] is None else f"{k[2]:g}", str(k[3]),
+                  " ".join(str(s) for s in sorted(data[k])),
+                  f"{100 * R.mean(vals):.2f} ± {100 * R.sem(vals):.2f}"])
+  title = f"{args.title} mean ± SEM over seeds (task-averaged accuracy, %)".strip()
+  md = [f"# Table 3: {title}\n\n",
+        R.markdown_table(["method", "rank", "lr", "steps", "seeds", "accuracy"], table, align="llrrll"),
+        "\n" + R.provenance(args.results, rows)]
+  path = R.write_text(Path(args.out) / "table3_seeds.md", "".join(md))
+  plt = R.pyplot()
+  fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(keys) + 1.5), 3.4))
+  means = [100 * R.mean(list(data[k].values())) for k in keys]
+  sems = [100 * R.sem(list(data[k].values())) for k in keys]
+  ax.errorbar(range(len(keys)), means, yerr=sems, fmt="o", capsize=4)
+  for i, k in enumerate(keys):
+    ax.scatter([i] * len(data[k]), [100 * v for v in data[k].values()], s=10, color="grey", zorder=3)
+  ax.set_xticks(range(len(keys)), [f"{k[0]} r={k[1]}\nlr={k[2]}" for k in keys], fontsize=7)
+  ax.set_ylabel("accuracy (%)")
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  png = R.save_figure(fig, Path(args.out) / "table3_seeds.png")
+  print("".join(md))
+  print(f"wrote {path} and {png}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

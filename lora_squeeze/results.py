@@ -1,0 +1,351 @@
+"""Results stores -> flat rows -> the paper's aggregates; the ``experiments/`` figure and table scripts build
+on this module.
+
+A results store is a sweep directory (``lora_squeeze.sweep``: ``DIR/results/NAME.json`` per cell), or a
+single run's workdir holding a ``result.json``. ``load_rows`` turns every finished cell into one ``Row`` per
+evaluated adapter (a Post-Squeeze cell gives one row per target rank), with the fields the paper's
+artefacts group by:
+
+  method         zero_shot | direct | post_squeeze | cont_squeeze | in_squeeze_standard | in_squeeze_min_steps
+  rank           the evaluated adapter's rank (Post-Squeeze: r_tgt; In-/Cont-Squeeze: the final rank)
+  source_rank    r_src of Post- / Cont- / In-Squeeze (None for direct and zero-shot)
+  learning_rate  the first stage's rate (Post-Squeeze: its source run's)
+  steps          optimizer steps that produced the adapter (Post-Squeeze: its source run's; Cont-Squeeze:
+                 source steps + M; In-Squeeze: N + M)
+  squeeze_method efficient | standard | full (Post-/Cont-/In-Squeeze)
+  accuracy, ci95 the task metric (``evaluate``), retention = mean V_r over modules (Post-Squeeze)
+
+The aggregates follow the paper: per task first, then the unweighted mean over tasks (``mean_over_tasks``
+averages only over tasks present in every compared cell, and says how many).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+METHODS = ("zero_shot", "direct", "post_squeeze", "cont_squeeze", "in_squeeze_standard", "in_squeeze_min_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One evaluated adapter (or the base model, for zero-shot)."""
+
+  store: str
+  cell: str
+  task: str
+  model: str
+  method: str
+  rank: int
+  source_rank: int | None
+  learning_rate: float | None
+  seed: int
+  steps: int
+  squeeze_method: str | None
+  accuracy: float | None
+  ci95: tuple[float, float] | None
+  n: int | None
+  retention: float | None = None
+
+
+def _int_rank(value) -> int | None:
+  if value is None:
+    return None
+  if isinstance(value, Mapping):  # mixed per-module ranks: report the largest
+    return max(int(v) for v in value.values())
+  return int(value)
+
+
+def _metrics(m: Mapping[str, Any] | None) -> tuple[float | None, tuple | None, int | None]:
+  m = m or {}
+  acc = m.get("accuracy", m.get("average_accuracy"))
+  ci = m.get("ci95")
+  return (None if acc is None else float(acc)), (tuple(ci) if ci else None), m.get("n")
+
+
+def _records(store: Path) -> list[tuple[str, dict]]:
+  """(cell name, result) of every finished cell of a sweep directory or a run's workdir."""
+  store = Path(store)
+  if (store / "results").is_dir():
+    out = []
+    for p in sorted((store / "results").glob("*.json")):
+      rec = json.loads(p.read_text())
+      if rec.get("status") == "ok":
+        out.append((rec.get("name", p.stem), rec["result"]))
+    return out
+  if (store / "result.json").exists():
+    return [(store.name, json.loads((store / "result.json").read_text()))]
+  raise FileNotFoundError(f"results: {store} is neither a sweep directory (no results/*.json) nor a run "
+                          f"workdir (no result.json)")
+
+
+def failed_cells(store: str | os.PathLike) -> dict[str, str]:
+  """{cell: error} of a sweep directory's failed cells (the scripts print them: nothing is hidden)."""
+  out = {}
+  for p in sorted((Path(store) / "results").glob("*.json")):
+    rec = json.loads(p.read_text())
+    if rec.get("status") != "ok":
+      out[rec.get("name", p.stem)] = str(rec.get("error", "?"))
+  return out
+
+
+def _source_result(res: Mapping[str, Any], store: str) -> dict:
+  """The source run's result: its workdir's result.json, else its record in the same results store (a
+  store copied without the cells' workdirs, like experiments/results/cpu_270m/store)."""
+  src = res.get("source_workdir")
+  if not src:
+    return {}
+  if (Path(src) / "result.json").exists():
+    return json.loads((Path(src) / "result.json").read_text())
+  record = Path(store) / "results" / f"{Path(src).name}.json"
+  if record.exists():
+    return json.loads(record.read_text()).get("result", {})
+  return {}
+
+
+def rows_from_result(store: str, cell: str, res: Mapping[str, Any]) -> list[Row]:
+  """The rows of one run's ``result.json`` dict."""
+  mode = res["mode"]
+  common = dict(store=store, cell=cell, task=str(res.get("task")), model=str(res.get("model")),
+                seed=int(res.get("seed", 0)))
+  if mode == "post_squeeze":
+    source = _source_result(res, store)
+    out = []
+    for r, t in res["targets"].items():
+      acc, ci, n = _metrics(t.get("metrics"))
+      out.append(Row(**common, method="post_squeeze", rank=int(r), source_rank=_int_rank(res["source_rank"]),
+                     learning_rate=source.get("learning_rate"), steps=int(source.get("steps", 0) or 0),
+                     squeeze_method=res.get("method"), accuracy=acc, ci95=ci, n=n,
+                     retention=t.get("retention_mean")))
+    return out
+  acc, ci, n = _metrics(res.get("metrics"))
+  if mode == "zero_shot":
+    return [Row(**common, method="zero_shot", rank=0, source_rank=None, learning_rate=None, steps=0,
+                squeeze_method=None, accuracy=acc, ci95=ci, n=n)]
+  stages = res.get("stages") or []
+  lr = res.get("learning_rate", stages[0]["learning_rate"] if stages else None)
+  steps = int(res.get("steps", 0) or 0)
+  if mode == "direct":
+    method, source_rank = "direct", None
+  elif mode == "cont_squeeze":
+    method, source_rank = "cont_squeeze", _int_rank(res.get("source_rank"))
+    if stages and stages[0].get("squeeze_first"):  # trained from a source run: count the source's steps
+      source = _source_result(res, store)
+      steps += int(source.get("steps", 0) or 0)
+      lr = source.get("learning_rate", lr)
+  elif mode == "in_squeeze":
+    method, source_rank = f"in_squeeze_{res.get('scheme') or 'standard'}", _int_rank(res["ranks_per_stage"][0])
+  else:
+    raise ValueError(f"results: cell {cell!r} of {store} has an unknown mode {mode!r}")
+  return [Row(**common, method=method, rank=_int_rank(res["final_rank"]), source_rank=source_rank,
+              learning_rate=None if lr is None else float(lr), steps=steps,
+              squeeze_method=res.get("squeeze_method"), accuracy=acc, ci95=ci, n=n)]
+
+
+def load_rows(stores: Iterable[str | os.PathLike]) -> list[Row]:
+  """Every row of every store (sweep directories or run workdirs); failed cells are skipped (see
+  ``failed_cells``), cells without an evaluation keep ``accuracy=None``."""
+  rows = []
+  for store in stores:
+    for cell, res in _records(Path(store)):
+      rows.extend(rows_from_result(str(store), cell, res))
+  return rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# Aggregation.
+# --------------------------------------------------------------------------------------------------------
+
+
+def mean(values: Sequence[float]) -> float:
+  return float(sum(values) / len(values)) if values else float("nan")
+
+
+def sem(values: Sequence[float]) -> float:
+  """Standard error of the mean (sample standard deviation / sqrt(n)); nan below two values."""
+  n = len(values)
+  if n < 2:
+    return float("nan")
+  m = mean(values)
+  return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
+
+
+def group(rows: Iterable[Row], key: Callable[[Row], Any]) -> dict[Any, list[Row]]:
+  out: dict[Any, list[Row]] = defaultdict(list)
+  for r in rows:
+    out[key(r)].append(r)
+  return dict(out)
+
+
+def per_task(rows: Iterable[Row], key: Callable[[Row], Any]) -> dict[Any, dict[str, float]]:
+  """{key: {task: accuracy averaged over the rows (seeds) of that task}} for rows with an accuracy."""
+  out: dict[Any, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+  for r in rows:
+    if r.accuracy is not None:
+      out[key(r)][r.task].append(r.accuracy)
+  return {k: {t: mean(v) for t, v in tasks.items()} for k, tasks in out.items()}
+
+
+def mean_over_tasks(by_task: Mapping[str, float], tasks: Iterable[str] | None = None) -> float:
+  """The paper's unweighted task average; with ``tasks``, nan unless every one of them is present."""
+  if tasks is not None:
+    tasks = list(tasks)
+    if any(t not in by_task for t in tasks):
+      return float("nan")
+    return mean([by_task[t] for t in tasks])
+  return mean(list(by_task.values()))
+
+
+def best_direct_lr(rows: Iterable[Row]) -> dict[int, float]:
+  """{rank: the learning rate of direct training with the best task-averaged accuracy} (Table 2's rule:
+  the rate that maximises the average over all tasks; seeds averaged first)."""
+  table = per_task([r for r in rows if r.method == "direct"], lambda r: (r.rank, r.learning_rate))
+  tasks = sorted({t for v in table.values() for t in v})
+  best: dict[int, tuple[float, float]] = {}
+  for (rank, lr), by_task in table.items():
+    score = mean_over_tasks(by_task, tasks)
+    if math.isnan(score):
+      continue
+    if rank not in best or score > best[rank][0]:
+      best[rank] = (score, lr)
+  return {rank: lr for rank, (_, lr) in best.items()}
+
+
+def squeezed_from_best(rows: Sequence[Row], post: Sequence[Row]) -> list[Row]:
+  """The Post-Squeeze rows whose source run used, among the rates the store has Post-Squeezes from at that
+  r_src, the one whose direct training scores best (the paper squeezes its tuned r_src adapters)."""
+  used = {(r.source_rank, r.learning_rate) for r in post}
+  candidates = [r for r in rows if r.method == "direct" and (r.rank, r.learning_rate) in used]
+  best = best_direct_lr(candidates)
+  return [r for r in post if best.get(r.source_rank, r.learning_rate) == r.learning_rate]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Output: markdown and PNG, written atomically.
+# --------------------------------------------------------------------------------------------------------
+
+
+def fmt_pct(value: float | None, digits: int = 1) -> str:
+  return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else \
+      f"{100 * value:.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, align: str | None = None) -> str:
+  align = align or ("l" + "r" * (len(header) - 1))
+  sep = ["---:" if a == "r" else "---" for a in align]
+  lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+  lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+  return "\n".join(lines) + "\n"
+
+
+def bold_best(values: Sequence[float | None], fmt: Callable[[float | None], str] = fmt_pct) -> list[str]:
+  """Formatted cells with the largest value(s) in bold (the paper's tables)."""
+  finite = [v for v in values if v is not None and not math.isnan(v)]
+  top = max(finite) if finite else None
+  return [f"**{fmt(v)}**" if top is not None and v is not None and fmt(v) == fmt(top) else fmt(v)
+          for v in values]
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+  from lora_squeeze import train  # pylint: disable=g-import-not-at-top
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  train.atomic_write_text(path, text)
+  return path
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 130) -> Path:
+  """Save a matplotlib figure atomically (temp file, then rename) and close it."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+  fig.savefig(tmp, dpi=dpi)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path
+
+
+def pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def heatmap(values, *, row_labels: Sequence[str], col_labels: Sequence[str], title: str, cbar_label: str,
+            path: str | os.PathLike, xlabel: str = "", ylabel: str = "", min_span: float = 1.0,
+            cell_fmt: str = "{:+.1f}") -> Path:
+  """A diverging heatmap centred on 0 (``RdBu_r``: red = positive, blue = negative, as the paper's Fig. 4),
+  each cell labelled; nan cells are grey and unlabelled."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  plt = pyplot()
+  grid = np.asarray(values, dtype=float)
+  finite = np.isfinite(grid)
+  span = max(float(np.nanmax(np.abs(grid))) if finite.any() else 0.0, min_span)
+  fig, ax = plt.subplots(figsize=(1.4 + 0.75 * len(col_labels), 1.2 + 0.55 * len(row_labels)))
+  cmap = plt.get_cmap("RdBu_r").copy()
+  cmap.set_bad("#dddddd")
+  im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-span, vmax=span, aspect="auto")
+  for i in range(grid.shape[0]):
+    for j in range(grid.shape[1]):
+      if finite[i, j]:
+        ax.text(j, i, cell_fmt.format(grid[i, j]), ha="center", va="center", fontsize=8)
+  ax.set_xticks(range(len(col_labels)), col_labels)
+  ax.set_yticks(range(len(row_labels)), row_labels)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=9)
+  fig.colorbar(im, ax=ax, label=cbar_label)
+  fig.tight_layout()
+  return save_figure(fig, path)
+
+
+def provenance(stores: Sequence[str | os.PathLike], rows: Sequence[Row]) -> str:
+  """A markdown footer: which stores, models and tasks the artefact was computed from, and failed cells."""
+  models = sorted({r.model for r in rows})
+  tasks = sorted({r.task for r in rows})
+  lines = [f"Computed from {len(rows)} evaluated adapters in: " + ", ".join(f"`{s}`" for s in stores) + ".",
+           f"Models: {', '.join(models) or '—'}. Tasks: {', '.join(tasks) or '—'}."]
+  for s in stores:
+    if (Path(s) / "results").is_dir():
+      for cell, err in failed_cells(s).items():
+        lines.append(f"- failed cell `{cell}` of `{s}`: {err[:160]}")
+  return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------
+# The experiments/ scripts' shared command line.
+# --------------------------------------------------------------------------------------------------------
+
+
+def script_args(doc: str, argv=None, *, extra: Callable | None = None):
+  """``--results DIR [DIR ...]`` (sweep directories or run workdirs), ``--out DIR`` (default
+  experiments/results/paper), plus the script's own options (``extra(parser)``)."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--results", nargs="+", required=True, help="sweep directories or run workdirs")
+  p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "experiments" / "results" / "paper"))
+  p.add_argument("--title", default="", help="prefix of the figure titles (e.g. the model and scale)")
+  if extra is not None:
+    extra(p)
+  args = p.parse_args(argv)
+  rows = load_rows(args.results)
+  if not rows:
+    raise SystemExit(f"no finished cells in {args.results}")
+  return args, rows
+
+
+def require(rows: Sequence[Row], what: str, **where) -> list[Row]:
+  """The rows matching ``where`` (field=value); a clear error naming the missing cells if there are none."""
+  out = [r for r in rows if all(getattr(r, k) == v for k, v in where.items())]
+  if not out:
+    have = sorted({(r.method, r.rank) for r in rows})
+    raise SystemExit(f"{what}: no results with {where}; the stores hold (method, rank) {have}")
+  return out

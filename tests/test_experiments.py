@@ -1,0 +1,160 @@
+"""The paper's sweeps (configs/paper.py) and the experiments/ figure and table scripts, end to end on the
+tiny model: one real tiny sweep holding every artefact's cells, then every script on its results store, with
+the numbers the scripts print checked against the stored records."""
+
+import importlib.util
+import json
+import math
+import pathlib
+
+import pytest
+
+from lora_squeeze import results as R
+from lora_squeeze import sweep
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _module(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _paper(arg):
+  return _module(ROOT / "configs" / "paper.py").get_config(arg)
+
+
+def _script(name):
+  return _module(ROOT / "experiments" / f"{name}.py")
+
+
+def test_paper_scale_cells():
+  c = _paper("artefact=table1")
+  cells = sweep.cells_of(c)  # checks names unique and every '@source' exists
+  per_task = [x for x in cells if x["overrides"]["data.task"] == "mmlu"]
+  # zero-shot, direct r128, direct r1, Post 128->1, and for M in (200, 700): direct N+M, Cont, In std, In min
+  assert len(per_task) == 4 + 2 * 4 and len(cells) == 13 * 12
+  assert c.model == "gemma3_4b" and c.data.max_len == 1024 and c.data.batch_size == 8 and c.warmup_steps == 1000
+  steps = {x["name"]: x["overrides"].get("steps") for x in per_task}
+  assert steps["mmlu_s42_direct_r1_lr0.01"] == 15_000 and steps["mmlu_s42_direct_r1_lr0.01_n15700"] == 15_700
+  arc = {x["name"]: x["overrides"] for x in cells if x["overrides"]["data.task"] == "arc_e"}
+  assert arc["arc_e_s42_direct_r1_lr0.01"]["steps"] == 10_000
+  assert arc["arc_e_s42_in_min_steps_128to1_m700"]["scheme"] == "min_steps"
+  assert arc["arc_e_s42_cont_128to1_m200"]["source_workdir"] == "@arc_e_s42_direct_r128_lr0.01"
+  heat = sweep.cells_of(_paper("artefact=heatmap,tasks=arc_e"))
+  assert len(heat) == 8 + 8 * 2  # direct at 8 ranks, Post from each of 8 sources, efficient and rsvd
+  assert {x["overrides"].get("squeeze.method") for x in heat} == {None, "efficient", "rsvd"}
+  grid = sweep.cells_of(_paper("artefact=lr_grid,tasks=arc_e,seeds=42+43+44"))
+  assert len(grid) == 8 * 5 * 3
+  union = sweep.cells_of(_paper("artefact=heatmap+table1,tasks=arc_e"))
+  assert len(union) == 24 + 12 - 2  # the direct r128 and r1 cells are shared
+  local = _paper("artefact=heatmap,runlocal")
+  assert local.model == "gemma3_270m" and local.data.source == "olmo"
+  assert {x["overrides"]["data.task"] for x in local.sweep} == {"arc_e", "obqa", "piqa"}
+  with pytest.raises(ValueError, match="artefact"):
+    _paper("artefact=fig99")
+  with pytest.raises(ValueError, match="RANK:RATE"):
+    _paper("artefact=heatmap,lrs=0.1")
+
+
+# Every artefact's cells at the smallest size that still exercises them: ranks 2 and 1, one source rank,
+# both squeeze methods, the Table 1 columns; then a second sweep into the same store adding a second learning
+# rate and a second seed at rank 1 (Table 2 / Table 3). Shared cells (the direct runs) run once.
+TINY = "tiny,artefact=heatmap+table1,ranks=2+1,sources=2,lr=0.1,steps=8,extra=4"
+TINY_SEEDS = "tiny,artefact=lr_grid,ranks=1,lr_grid=0.03+0.1,seeds=42+43,steps=8"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+  """A real tiny results store holding the cells of every artefact."""
+  d = tmp_path_factory.mktemp("paper_tiny")
+  records = {}
+  for arg in (TINY, TINY_SEEDS):
+    config = _paper(arg)
+    config.eval.limit = 16
+    records.update(sweep.run_sweep(config, d))
+  failed = {k: v["error"] for k, v in records.items() if v["status"] != "ok"}
+  assert not failed, failed
+  assert len(records) == 10 + 3
+  return d
+
+
+def _record(store, name):
+  return json.loads((store / "results" / f"{name}.json").read_text())["result"]
+
+
+def test_rows_from_the_store(store):
+  rows = R.load_rows([store])
+  methods = {r.method for r in rows}
+  assert methods == set(R.METHODS)
+  zs = [r for r in rows if r.method == "zero_shot"]
+  assert len(zs) == 1 and all(0.0 <= r.accuracy <= 1.0 and r.n == 16 for r in zs)
+  post = [r for r in rows if r.method == "post_squeeze" and r.source_rank == 2 and r.rank == 2]
+  assert post and all(abs(r.retention - 1.0) < 1e-6 for r in post)  # V_r(r -> r) = 1 by definition
+  cont = [r for r in rows if r.method == "cont_squeeze"]
+  assert cont and all(r.steps == 8 + 4 and r.source_rank == 2 and r.rank == 1 for r in cont)
+  ins = [r for r in rows if r.method.startswith("in_squeeze")]
+  assert ins and all(r.steps == 12 and r.source_rank == 2 and r.rank == 1 for r in ins)
+  best = R.best_direct_lr(rows)
+  assert set(best) == {1, 2} and best[2] == 0.1 and best[1] in (0.03, 0.1)
+  with pytest.raises(FileNotFoundError, match="neither a sweep directory"):
+    R.load_rows([store / "nope"])
+
+
+def test_lr_from_reads_the_best_rates(store):
+  best = R.best_direct_lr(R.load_rows([store]))
+  c = _paper(f"tiny,artefact=heatmap,ranks=2+1,sources=2,lr_from={store}")
+  lrs = {x["overrides"]["lora.rank"]: x["overrides"]["learning_rate"] for x in c.sweep
+         if x["overrides"]["mode"] == "direct"}
+  assert lrs == best
+
+
+def test_fig4_gain_matches_records(store, tmp_path):
+  out = tmp_path / "out"
+  assert _script("fig4_heatmap").main(["--results", str(store), "--out", str(out)]) == 0
+  assert (out / "fig4_heatmap.png").stat().st_size > 1000
+  rows = R.load_rows([store])
+  best = R.best_direct_lr(rows)
+  post = _record(store, "synthetic_s42_post_from2_efficient")["targets"]["1"]["metrics"]["accuracy"]
+  # the direct baseline at r=1: its best rate, seeds averaged (the lr_grid sweep added seed 43)
+  direct = [_record(store, f"synthetic_s{s}_direct_r1_lr{best[1]:g}")["metrics"]["accuracy"] for s in (42, 43)]
+  gain = 100 * (post - sum(direct) / 2)
+  md = (out / "fig4_heatmap.md").read_text()
+  row = next(line for line in md.splitlines() if line.startswith("| 2 |"))  # r_src = 2; columns r_tgt 1, 2
+  assert row.split("|")[2].strip() == f"{gain:+.1f}", (row, gain)
+
+
+def test_every_script_writes_md_and_png(store, tmp_path):
+  out = tmp_path / "out"
+  for name in ("fig3_lr_transfer", "fig5_efficient_vs_standard", "fig6_retention", "table1_methods",
+               "table2_lr_grid", "table3_seeds"):
+    assert _script(name).main(["--results", str(store), "--out", str(out), "--title", "tiny"]) == 0, name
+    assert (out / f"{name}.png").stat().st_size > 1000, name
+    assert "Computed from" in (out / f"{name}.md").read_text(), name
+  t1 = (out / "table1_methods.md").read_text()
+  for col in ("0-S", "direct r=1, N=8", "direct r=1, N+4", "Post-Squeeze 2→1", "Cont-Squeeze +4",
+              "In-Squeeze std +4", "In-Squeeze min-steps +4"):
+    assert col in t1, col
+  assert "**" in t1  # best per row in bold
+  t3 = (out / "table3_seeds.md").read_text()
+  accs = [_record(store, f"synthetic_s{s}_direct_r1_lr0.03")["metrics"]["accuracy"] for s in (42, 43)]
+  assert f"{100 * R.mean(accs):.2f} ± {100 * R.sem(accs):.2f}" in t3
+  ret = (out / "fig6_retention.md").read_text()
+  assert "100.0" in ret  # V_r(2 -> 2)
+
+
+def test_appendix_e_reproduces_the_papers_numbers(tmp_path):
+  assert _script("appE_flops").main(["--out", str(tmp_path)]) == 0
+  md = (tmp_path / "appE_flops.md").read_text()
+  assert "| full SVD of ΔW | 8.6B | ~8.6B |" in md
+  assert "| RSVD of ΔW | 75.5M | ~75.5M |" in md
+  assert "| memory-efficient (Alg. 2) | 16.8M | ~16.8M |" in md
+  assert "gemma3_12b" in md and (tmp_path / "appE_flops.png").exists()
+
+
+def test_sem_and_bold():
+  assert math.isclose(R.sem([1.0, 2.0, 3.0]), 1.0 / math.sqrt(3))
+  assert math.isnan(R.sem([1.0]))
+  assert R.bold_best([0.5, 0.7, None]) == ["50.0", "**70.0**", "—"]

@@ -24,7 +24,9 @@ compiles a handful of programs, not one per batch, while padding adds few projec
 Metrics per task (``evaluate_examples``): ``choice_accuracy``: acc; ``multilabel_choice_accuracy``
 (GoEmotions): the top choice is one of the gold labels; ``generative`` (DROP): greedy decoding (no KV
 cache: one forward per generated token, fine for short answers; ``max_new_tokens``) with exact match and
-token F1 against the best reference. Accuracies come with a 95% Wilson score interval.
+token F1 against the best reference. Accuracies come with a 95% Wilson score interval. Vision-language
+tasks (``data.vqa``: VQA accuracy, exact match, ChartQA's relaxed accuracy) are scored on greedy answers
+generated with their images (``evaluate_vl``; the vision tower runs once per batch).
 """
 
 from __future__ import annotations
@@ -320,6 +322,107 @@ def greedy_generate(model, prompts: Sequence[str], *, lora_params=None, lora_con
   return outs
 
 
+def generate_vl(model, examples: Sequence[Any], *, lora_params=None, lora_config=None, max_new_tokens: int = 16,
+                max_len: int = 1024, batch_rows: int = 8, stop: str = "\n") -> list[str]:
+  """Greedy answers of a multimodal model to examples with images (``Example.image``), batch by batch.
+
+  Each batch's images go through the frozen vision tower once (``lora.encode_images``); then one forward
+  per new token over the whole batch (no KV cache: VQA answers are a few tokens), each row stopping at EOS
+  or ``stop``. Prompts are encoded as in training (``pipeline.encode_example``: the image token block, the
+  prompt's text cut from the left if ``max_len - max_new_tokens`` is exceeded).
+  """
+  from lora_squeeze import models  # pylint: disable=g-import-not-at-top
+  from lora_squeeze.data import pipeline  # pylint: disable=g-import-not-at-top
+  spec = models.image_spec(model)
+  if spec is None:
+    raise ValueError("generate_vl: the model has no vision encoder; load it with text_only=False")
+  if max_len <= max_new_tokens + 1:
+    raise ValueError(f"generate_vl: max_len={max_len} leaves no room for a prompt and {max_new_tokens} new tokens")
+  tok = model.tokenizer
+  softcap = getattr(model.config, "final_logit_softcap", None)
+  module = None
+  if lora_params is not None:
+    if lora_config is None:
+      raise ValueError("generate_vl: lora_config is required with lora_params")
+    module = lora_lib.LoRA(model=model.transformer, config=lora_config)
+
+  @jax.jit
+  def embed_images(base, images):
+    return model.transformer.apply({"params": base}, images, method=lora_lib.encode_images)
+
+  @jax.jit
+  def next_token(lp, base, tokens, positions, segs, last, image_embeddings):
+    mask = lora_lib.attention_mask_from_segments(segs, tokens=tokens)
+    kwargs = dict(positions=positions, attention_mask=mask, image_embeddings=image_embeddings)
+    if module is None:
+      hidden = model.transformer.apply({"params": base}, tokens, method=lora_lib.base_hidden_states, **kwargs)
+    else:
+      hidden = module.apply({"params": lora_lib.merge_params(base, lp)}, tokens, method=module.hidden_states,
+                            **kwargs)
+    h = hidden[jnp.arange(hidden.shape[0]), last]
+    return jnp.argmax(lora_lib.logits_at(h, base["embedder"]["input_embedding"], softcap=softcap), -1)
+
+  outs: list[str] = []
+  for start in range(0, len(examples), batch_rows):
+    chunk = examples[start:start + batch_rows]
+    encoded = [pipeline.encode_example(ex, tok, max_len - max_new_tokens, continuation="", add_eos=False,
+                                       image_spec=spec) for ex in chunk]
+    if any("images" not in e for e in encoded):
+      raise ValueError("generate_vl: every example needs an image (Example.image)")
+    t = _bucket(max(len(e["tokens"]) for e in encoded) + max_new_tokens, 64)
+    images = np.zeros((batch_rows, *encoded[0]["images"].shape), np.uint8)  # padding rows: black images
+    for i, e in enumerate(encoded):
+      images[i] = e["images"]
+    image_embeddings = embed_images(model.params, images)
+    seqs = [list(e["tokens"]) for e in encoded]
+    new: list[list[int]] = [[] for _ in chunk]
+    done = [False] * len(chunk)
+    for _ in range(max_new_tokens):
+      tokens = np.zeros((batch_rows, t), np.int32)
+      segs = np.zeros((batch_rows, t), np.int32)
+      positions = np.zeros((batch_rows, t), np.int32)
+      last = np.zeros(batch_rows, np.int32)
+      for i, (seq, gen) in enumerate(zip(seqs, new)):
+        row = seq + gen
+        tokens[i, :len(row)], segs[i, :len(row)] = row, 1
+        positions[i, :len(row)] = np.arange(len(row))
+        last[i] = len(row) - 1
+      nxt = np.asarray(next_token(lora_params, model.params, tokens, positions, segs, last, image_embeddings))
+      for i in range(len(chunk)):
+        if done[i]:
+          continue
+        if int(nxt[i]) == tok.eos_id:
+          done[i] = True
+          continue
+        new[i].append(int(nxt[i]))
+        if stop and stop in tok.decode(new[i]):
+          done[i] = True
+      if all(done):
+        break
+    for gen in new:
+      text = tok.decode(gen)
+      outs.append(text.split(stop)[0] if stop else text)
+  return outs
+
+
+def evaluate_vl(model, task, examples: Sequence[Any], *, lora_params=None, lora_config=None, max_len: int = 1024,
+                batch_rows: int = 8, max_new_tokens: int = 16) -> dict[str, Any]:
+  """A vision-language task's metric (``data.vqa``: VQA accuracy, exact match or relaxed accuracy) on greedy
+  answers (``generate_vl``). ``accuracy`` is the mean per-example score in [0, 1] with a normal-approximation
+  95% interval (VQA accuracy takes fractional values); ``exact_match`` (processed answers) is reported too."""
+  from lora_squeeze.data import vqa  # pylint: disable=g-import-not-at-top
+  preds = generate_vl(model, examples, lora_params=lora_params, lora_config=lora_config,
+                      max_new_tokens=max_new_tokens, max_len=max_len, batch_rows=batch_rows)
+  scores = np.asarray([vqa.score(task.metric, p, ex.references or (ex.target,)) for p, ex in zip(preds, examples)])
+  exact = np.asarray([vqa.exact_match(p, ex.references or (ex.target,)) for p, ex in zip(preds, examples)])
+  n = len(examples)
+  mean = float(scores.mean())
+  half = 1.959963984540054 * float(scores.std(ddof=1) if n > 1 else 0.0) / math.sqrt(n)
+  return {"task": task.name, "metric": task.metric, "n": n, "accuracy": mean,
+          "ci95": [max(0.0, mean - half), min(1.0, mean + half)], "exact_match": float(exact.mean()),
+          "correct": int((scores == 1.0).sum()), "predictions": preds[:8]}
+
+
 def evaluate_examples(model, task, examples: Sequence[Any], *, lora_params=None, lora_config=None,
                       max_len: int = 1024, batch_rows: int = 8, max_new_tokens: int = 16) -> dict[str, Any]:
   """Metrics of one task on the given examples (see the module doc for each metric)."""
@@ -328,6 +431,10 @@ def evaluate_examples(model, task, examples: Sequence[Any], *, lora_params=None,
   n = len(examples)
   if n == 0:
     raise ValueError(f"evaluate: no examples for task {task.name}")
+  from lora_squeeze.data import vqa  # pylint: disable=g-import-not-at-top
+  if task.metric in vqa.VL_METRICS:
+    return evaluate_vl(model, task, examples, lora_params=lora_params, lora_config=lora_config, max_len=max_len,
+                       batch_rows=batch_rows, max_new_tokens=max_new_tokens)
   if task.metric == "generative":
     preds = greedy_generate(model, [ex.prompt for ex in examples], lora_params=lora_params,
                             lora_config=lora_config, max_new_tokens=max_new_tokens, max_len=max_len)

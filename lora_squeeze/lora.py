@@ -43,6 +43,16 @@ factors so ΔW is preserved exactly when the rank changes.
 dtypes. LoRA params are float32 whatever the base dtype; the delta is computed in float32 and cast to the
 activation dtype before it is added.
 
+Vision-language (Gemma 3 4B/12B, the multimodal tiny model): LoRA stays on the language model's projections.
+SigLIP is built from flax ``nn.Dense`` / ``nn.Conv`` / attention (never gemma's ``Einsum``) and the multimodal
+projector (``embedder.mm_input_projection``) is an ``Einsum`` whose parent is the ``Embedder``: the interceptor
+adapts neither, and both stay frozen (they are base params: never differentiated, never updated).
+``hidden_states(..., images=...)`` takes token sequences in which the image's soft tokens are already laid out
+as ``IMAGE_PLACEHOLDER`` ids (the host does it, ``data.pipeline.image_token_block``, exactly as gemma's
+``add_extra_tokens_for_images`` would inside the model), so positions, masks and the answer loss see the
+sequence the model runs; the embedding of the images and their merge use gemma's own code
+(``Transformer._encode_vision``, ``merge_embeddings``).
+
 Why the wrapper bypasses ``nn.jit``: gemma's ``Transformer.__call__`` is an ``nn.jit`` whose trace cache is
 keyed on the transformer's fields and the input shapes only, not on the interceptor around it. Through it,
 a second ``init`` with another rank returned the first rank's shapes (FACTS.md), and an ``apply`` with a new
@@ -63,6 +73,9 @@ from typing import Any
 from flax import linen as nn
 from gemma.gm.nn import _layers
 from gemma.gm.nn import _modules
+from gemma.gm.utils import _attention_mask
+from gemma.gm.vision import _token_utils
+from gemma.multimodal import vision as gemma_vision
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -71,6 +84,10 @@ import numpy as np
 from lora_squeeze import squeeze
 
 Array = jax.Array
+
+# The soft image token placeholder (gemma's TOKEN_PLACEHOLDER, -2): a token sequence holds one per soft token of
+# each image (``data.pipeline`` inserts them on the host); their embeddings are replaced by the image's.
+IMAGE_PLACEHOLDER = gemma_vision.TOKEN_PLACEHOLDER
 
 # All text projections, in the order used for paths and counts.
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -345,20 +362,24 @@ class LoRA(nn.Module):
       return _call_without_nn_jit(self.model, *args, **kwargs)
 
   @nn.compact
-  def hidden_states(self, tokens: Array, *, positions: Array, attention_mask: Array) -> Array:
+  def hidden_states(self, tokens: Array, *, positions: Array, attention_mask: Array, images: Array | None = None,
+                    image_embeddings: Array | None = None) -> Array:
     """The final-norm hidden states (B, T, D) with LoRA, without the vocabulary projection.
 
     Training and scoring need logits at a few positions only (answer / choice tokens); the 262k-vocab
     projection is most of a full forward on the small Gemmas, so callers gather the positions they need and
     project those (``logits_at``). ``positions`` (B, T) and ``attention_mask`` (B, T, T) are given
     explicitly (see ``attention_mask_from_segments``), which also makes packed sequences work.
+    ``images`` (B, N, H, W, 3) uint8, or their ``encode_images`` output, fill the ``IMAGE_PLACEHOLDER``
+    tokens (see ``base_hidden_states``); the vision tower and projector run without LoRA.
     """
     cfg = _text_config(self.model)
     shapes = lora_shapes(cfg, self.config)
     if not self.is_initializing():
       self._check_lora_params(shapes)
     with nn.intercept_methods(_Interceptor(config=self.config, shapes=shapes)):
-      return base_hidden_states(self.model, tokens, positions=positions, attention_mask=attention_mask)
+      return base_hidden_states(self.model, tokens, positions=positions, attention_mask=attention_mask,
+                                images=images, image_embeddings=image_embeddings)
 
   def _check_lora_params(self, shapes: Mapping[str, Any]) -> None:
     """The LoRA pairs in the params must be exactly the config's modules (ranks may differ): catches a
@@ -394,30 +415,68 @@ def _call_without_nn_jit(model: nn.Module, *args, **kwargs):
   return model(*args, **kwargs)
 
 
-def base_hidden_states(model: nn.Module, tokens: Array, *, positions: Array, attention_mask: Array) -> Array:
-  """gemma ``Transformer.__call__`` up to the final norm (text only, no cache, no logits).
+def base_hidden_states(model: nn.Module, tokens: Array, *, positions: Array, attention_mask: Array,
+                       images: Array | None = None, image_embeddings: Array | None = None) -> Array:
+  """gemma ``Transformer.__call__`` up to the final norm (no cache, no logits), with optional images.
 
   Use as ``transformer.apply({"params": base}, tokens, positions=..., attention_mask=...,
   method=base_hidden_states)`` for the model without LoRA. Mirrors gemma 3.3.0's ``__call__`` (embed, blocks,
   final norm); ``tests/test_lora.py`` checks it against the library's own ``return_hidden_states``.
+
+  Images: ``tokens`` already hold ``IMAGE_PLACEHOLDER`` ids where gemma's ``__call__`` would insert them
+  (each ``<start_of_image>`` expanded to ``\\n\\n <start_of_image> placeholder… <end_of_image> \\n\\n``), and
+  ``attention_mask`` lets each image's soft tokens see each other (``attention_mask_from_segments(...,
+  tokens=tokens)``). ``images`` (B, N, H, W, 3) uint8 go through gemma's ``_encode_vision`` (resize to the
+  encoder's size, SigLIP, projector); ``image_embeddings`` (B, N, P, D), that output computed once
+  (``encode_images``), skip it (greedy decoding). The soft tokens replace the placeholders' embeddings
+  through gemma's ``merge_embeddings``; ``tests/test_vl.py`` checks the result against gemma's own
+  ``__call__(tokens, images=...)``.
   """
   inputs = model._encode_and_get_inputs(  # pylint: disable=protected-access
       tokens=tokens, positions=positions, attention_mask=attention_mask)
+  if images is not None or image_embeddings is not None:
+    if model.config.vision_encoder is None:
+      raise ValueError("images given to a model without a vision encoder; load the multimodal model "
+                       "(models.load(name, text_only=False))")
+    if image_embeddings is None:
+      image_embeddings = model._encode_vision(images)  # pylint: disable=protected-access
+    merged = _token_utils.merge_embeddings(
+        text_embeddings=inputs.embeddings, vision_embeddings=image_embeddings.astype(inputs.embeddings.dtype),
+        mask=tokens == IMAGE_PLACEHOLDER)
+    inputs = inputs.replace(embeddings=merged)
   x, _ = model._apply_attention(inputs, None)  # pylint: disable=protected-access
   return x
 
 
-def attention_mask_from_segments(segment_ids: Array) -> Array:
+def encode_images(model: nn.Module, images: Array) -> Array:
+  """Images (B, N, H, W, 3) uint8 -> their soft tokens in the text embedding space (B, N, P, D).
+
+  gemma's ``Transformer._encode_vision`` (SigLIP + the multimodal projector, both frozen, no LoRA); use as
+  ``transformer.apply({"params": base}, images, method=encode_images)`` and pass the result as
+  ``image_embeddings`` to run the vision tower once for many forwards.
+  """
+  if model.config.vision_encoder is None:
+    raise ValueError("encode_images: the model has no vision encoder (load it with text_only=False)")
+  return model._encode_vision(images)  # pylint: disable=protected-access
+
+
+def attention_mask_from_segments(segment_ids: Array, *, tokens: Array | None = None) -> Array:
   """(B, T) segment ids (0 = padding, 1..k = packed sequences) -> (B, T, T) causal, same-segment mask.
 
   Padding rows attend to nothing real; gemma's softmax then sees an all-masked row, which it handles (large
   negative logits, no NaN), and those positions are never read. gemma adds the sliding window itself.
+  With ``tokens`` (B, T), the soft tokens of each image (runs of ``IMAGE_PLACEHOLDER``) also attend to each
+  other in both directions, as in gemma's own mask (``make_causal_bidirectional_attention_mask``).
   """
   seg = jnp.asarray(segment_ids)
   t = seg.shape[-1]
   causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
   same = (seg[..., :, None] == seg[..., None, :]) & (seg[..., None, :] > 0)
-  return same & causal
+  mask = same & causal
+  if tokens is not None:
+    mask = _attention_mask._add_bidirectional_mask(  # pylint: disable=protected-access
+        mask, jnp.asarray(tokens) == IMAGE_PLACEHOLDER)
+  return mask
 
 
 def logits_at(hidden: Array, embedding: Array, *, softcap: float | None = None) -> Array:

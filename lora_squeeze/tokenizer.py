@@ -35,6 +35,11 @@ PAD_ID = 0
 EOS_ID = 1
 BOS_ID = 2
 UNK_ID = 3
+# Gemma 3's image markers (`<start_of_image>`, `<end_of_image>`; gemma's
+# `Gemma3Tokenizer.special_tokens`). The ByteTokenizer uses the first two ids
+# past its bytes instead, so that they fit a small test vocabulary.
+START_OF_IMAGE_ID = 255_999
+END_OF_IMAGE_ID = 256_000
 
 # Name of the rebuilt model inside the cache dir (`<cache>/tokenizer/...`).
 TOKENIZER_FILENAME = 'gemma3_from_gguf.model'
@@ -83,10 +88,12 @@ def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
 class ByteTokenizer:
   """Byte-level tokenizer for the random `"tiny"` model.
 
-  Ids: 0 pad, 1 eos, 2 bos, 3 unk, then byte b -> b + 4 (so ids 4..259).
-  Ids >= 260 (the rest of a tiny vocab) are unused and decode to ''.
-  Chat markers such as `<start_of_turn>` are plain text here (several ids),
-  unlike the real tokenizer where they are single pieces.
+  Ids: 0 pad, 1 eos, 2 bos, 3 unk, then byte b -> b + 4 (so ids 4..259),
+  260 and 261 the image markers of the multimodal tiny model (never produced
+  by `encode`; the pipeline inserts them, see `data.pipeline`). Ids >= 260
+  (the rest of a tiny vocab) decode to ''. Chat markers such as
+  `<start_of_turn>` are plain text here (several ids), unlike the real
+  tokenizer where they are single pieces.
   """
 
   vocab_size: int = 512
@@ -94,6 +101,8 @@ class ByteTokenizer:
   eos_id: int = EOS_ID
   bos_id: int = BOS_ID
   unk_id: int = UNK_ID
+  start_of_image_id: int = 260
+  end_of_image_id: int = 261
 
   OFFSET = 4
 
@@ -240,6 +249,8 @@ class SentencePieceTokenizer:
   eos_id: int = EOS_ID
   bos_id: int = BOS_ID
   unk_id: int = UNK_ID
+  start_of_image_id: int = START_OF_IMAGE_ID
+  end_of_image_id: int = END_OF_IMAGE_ID
 
   @functools.cached_property
   def _sp(self):

@@ -22,7 +22,9 @@ only (the base params are an argument, never a baked-in constant, never differen
 mean cross-entropy over answer tokens (``batch["loss_mask"]``), and vocabulary logits are computed only at
 those positions (``lora.logits_at`` on gathered hidden states: the 262k-vocab projection is most of the
 forward on the small Gemmas). The learning rate is a traced scalar argument, so warmups and per-stage rates
-never recompile: the step compiles once per distinct rank (``Trainer.traces`` counts it).
+never recompile: the step compiles once per distinct rank (``Trainer.traces`` counts it). A vision-language
+batch (``data.vqa`` tasks, a ``text_only=False`` model) also carries ``images``: the frozen SigLIP tower and
+projector embed them inside the step; like every base param they are an argument, never differentiated.
 
 Optimizer: ``optax.adafactor`` with optax's defaults (factored second moments, update clipping 1.0,
 multiply-by-parameter-scale, no momentum) and the learning rate applied outside it: Adafactor's chain is
@@ -365,9 +367,13 @@ class Trainer:
   # --- loss ---
   def _hidden(self, lora_params, base_params, batch):
     params = lora_lib.merge_params(base_params, lora_params)
-    mask = lora_lib.attention_mask_from_segments(batch["segment_ids"])
+    # Vision-language batches carry "images" (data.pipeline): the frozen vision tower fills the image's soft
+    # tokens, which attend to each other both ways (as in gemma). Text batches run exactly as before.
+    images = batch.get("images")
+    mask = lora_lib.attention_mask_from_segments(batch["segment_ids"],
+                                                 tokens=None if images is None else batch["tokens"])
     return self.module.apply({"params": params}, batch["tokens"], positions=batch["positions"],
-                             attention_mask=mask, method=self.module.hidden_states)
+                             attention_mask=mask, images=images, method=self.module.hidden_states)
 
   def _loss(self, lora_params, base_params, batch):
     hidden = self._hidden(lora_params, base_params, batch)
@@ -562,12 +568,19 @@ def load_model(config):
   return models.load(config.model, **options)
 
 
-def make_train_iterator(config, tokenizer, *, shard: tuple[int, int] = (0, 1)):
+def _image_spec(model):
+  """The model's ``data.pipeline.ImageSpec`` (None for a text-only model)."""
+  from lora_squeeze import models  # pylint: disable=g-import-not-at-top
+  return models.image_spec(model)
+
+
+def make_train_iterator(config, tokenizer, *, shard: tuple[int, int] = (0, 1), image_spec=None):
   """The training batch iterator named by ``config.data`` (batch contract of ``lora_squeeze.data``).
 
   ``shard=(index, count)``: this process's block of rows of every global batch
   (``sharding.process_batch_shard``); the iterator state stays that of the global stream, so a run can
-  resume on another number of processes."""
+  resume on another number of processes. ``image_spec``: the model's (``models.image_spec``), so that
+  vision-language tasks' batches carry their images."""
   d = config.data
   seed = int(config.seed)
   if d.source == "synthetic":
@@ -575,7 +588,7 @@ def make_train_iterator(config, tokenizer, *, shard: tuple[int, int] = (0, 1)):
     return synthetic.SyntheticIterator(tokenizer, batch_size=int(d.batch_size), max_len=int(d.max_len),
                                        seed=seed, shard=shard)
   from lora_squeeze import data  # pylint: disable=g-import-not-at-top
-  return data.train_iterator_from_config(config, tokenizer, shard=shard)
+  return data.train_iterator_from_config(config, tokenizer, shard=shard, image_spec=image_spec)
 
 
 def _stage_key(seed: int, stage: int) -> jax.Array:
@@ -640,7 +653,7 @@ def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = No
                     optimizer_state=config.squeeze.optimizer_state, mesh=mesh,
                     shard_lora=sharding_lib.shard_lora_enabled(config))
   ckpts = Checkpoints(workdir / "checkpoints", keep=int(config.keep_checkpoints), primary=primary)
-  iterator = make_train_iterator(config, model.tokenizer, shard=shard)
+  iterator = make_train_iterator(config, model.tokenizer, shard=shard, image_spec=_image_spec(model))
   seed = int(config.seed)
 
   meta = ckpts.latest_meta()

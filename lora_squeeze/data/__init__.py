@@ -9,8 +9,10 @@
 * `pipeline`: `encode_example` and the grain `train_iterator` producing the
   batch contract {tokens, loss_mask, segment_ids, positions}, resumable from a
   JSON state.
-* `builders`: TFDS builders `mmlu` and `social_iqa` (imported on demand, so
-  `import lora_squeeze.data` stays light).
+* `vqa`: the ten vision-language QA tasks (`VL_TASKS`; `get_task` finds them
+  too), their prompts with the image and the VQA accuracies.
+* `builders`: TFDS builders `mmlu`, `social_iqa` and the ten VQA sets
+  (imported on demand, so `import lora_squeeze.data` stays light).
 
 Typical use:
 
@@ -23,6 +25,8 @@ Typical use:
 from lora_squeeze.data.olmo import OfflineSource
 from lora_squeeze.data.pipeline import BATCH_KEYS
 from lora_squeeze.data.pipeline import encode_example
+from lora_squeeze.data.pipeline import IMAGE_MARKER
+from lora_squeeze.data.pipeline import ImageSpec
 from lora_squeeze.data.pipeline import pad_batch
 from lora_squeeze.data.pipeline import train_iterator
 from lora_squeeze.data.pipeline import train_iterator_from_config
@@ -38,3 +42,6 @@ from lora_squeeze.data.tasks import METRICS
 from lora_squeeze.data.tasks import Task
 from lora_squeeze.data.tasks import TASK_NAMES
 from lora_squeeze.data.tasks import TASKS
+from lora_squeeze.data.vqa import VL_METRICS
+from lora_squeeze.data.vqa import VL_TASK_NAMES
+from lora_squeeze.data.vqa import VL_TASKS

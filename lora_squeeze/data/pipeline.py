@@ -26,6 +26,18 @@ BOS, so the question and answer at its end survive a long passage. Only if the
 target (+ EOS) alone does not fit beside BOS is the target cut from the right
 (its beginning is what scoring and decoding need first).
 
+Images (vision-language tasks, `Example.image`; needs `image_spec`, the
+model's `ImageSpec` from `models.image_spec`): the prompt holds IMAGE_MARKER
+("<start_of_image>") once, and the marker becomes the token block Gemma 3 was
+trained with, exactly what gemma's `add_extra_tokens_for_images` inserts inside
+the model: "\\n\\n" <start_of_image> IMAGE_PLACEHOLDER x tokens_per_image
+<end_of_image> "\\n\\n" (`image_token_block`). Doing it here keeps the batch
+contract true of the sequence the model runs (T, loss_mask and positions count
+the soft tokens). The batch then also has `images`: (B, 1, H, W, 3) uint8, the
+example's image resized to the encoder's H x W (PIL bilinear with
+antialiasing). Truncation never cuts the BOS + text before the marker + image
+block; it cuts the text after the marker from the left, then the target.
+
 Order and resume: `ds.shuffle(seed)` then `repeat` (grain reshuffles every
 epoch deterministically from the seed), batches may span an epoch boundary,
 and `TrainIterator.get_state()` is a small JSON-serialisable dict (grain's
@@ -47,6 +59,72 @@ from lora_squeeze.data import tasks as tasks_lib
 
 PAD_ID = 0
 BATCH_KEYS = ('tokens', 'loss_mask', 'segment_ids', 'positions')
+# Where a vision-language prompt's image goes (Gemma 3's own marker text).
+IMAGE_MARKER = '<start_of_image>'
+# One per soft image token; gemma's TOKEN_PLACEHOLDER (lora.IMAGE_PLACEHOLDER
+# reads it from gemma; this module stays free of the gemma import).
+IMAGE_PLACEHOLDER = -2
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+  """How images enter a multimodal model (`models.image_spec(model)`).
+
+  Attributes:
+    height: image height the vision encoder takes (Gemma 3: 896).
+    width: image width (Gemma 3: 896).
+    tokens_per_image: soft tokens per image (Gemma 3: 256).
+  """
+
+  height: int
+  width: int
+  tokens_per_image: int
+
+
+def image_token_block(tokenizer: Any, tokens_per_image: int) -> list[int]:
+  """The ids that stand for one image: gemma's expansion of <start_of_image>.
+
+  "\\n\\n" <start_of_image> IMAGE_PLACEHOLDER x tokens_per_image <end_of_image>
+  "\\n\\n", with the tokenizer's own "\\n\\n" (one id, 108, for Gemma 3) and
+  image marker ids (`start_of_image_id`, `end_of_image_id`).
+  """
+  for attr in ('start_of_image_id', 'end_of_image_id'):
+    if not hasattr(tokenizer, attr):
+      raise ValueError(
+          f'Tokenizer {type(tokenizer).__name__} has no {attr}: it cannot'
+          ' encode images.'
+      )
+  newlines = [int(t) for t in tokenizer.encode('\n\n')]
+  return (newlines + [int(tokenizer.start_of_image_id)]
+          + [IMAGE_PLACEHOLDER] * int(tokens_per_image)
+          + [int(tokenizer.end_of_image_id)] + newlines)
+
+
+def resize_image(image: Any, spec: ImageSpec) -> np.ndarray:
+  """An RGB image (H, W, 3) (or grey (H, W[, 1])) -> uint8 (height, width, 3).
+
+  PIL bilinear with antialiasing (as gemma's own `jax.image.resize`), on the
+  host, so a batch has one shape and the model's resize is the identity.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  array = np.asarray(image)
+  if array.ndim == 3 and array.shape[-1] == 1:
+    array = array[..., 0]
+  if array.ndim == 2:
+    array = np.stack([array] * 3, axis=-1)
+  if array.ndim != 3 or array.shape[-1] != 3:
+    raise ValueError(
+        f'Expected an RGB image (H, W, 3), got shape {np.shape(image)}.'
+    )
+  if array.dtype != np.uint8:
+    array = np.clip(array, 0, 255).astype(np.uint8)
+  if array.shape[:2] == (spec.height, spec.width):
+    return array
+  resized = Image.fromarray(array).resize(
+      (spec.width, spec.height), Image.Resampling.BILINEAR
+  )
+  return np.asarray(resized, dtype=np.uint8)
 
 
 def encode_example(
@@ -56,6 +134,7 @@ def encode_example(
     *,
     continuation: str | None = None,
     add_eos: bool = True,
+    image_spec: ImageSpec | None = None,
 ) -> dict[str, np.ndarray]:
   """One example -> unpadded int32 arrays of the batch contract (length <= max_len).
 
@@ -68,39 +147,80 @@ def encode_example(
       (evaluate.py: each choice in turn).
     add_eos: append EOS after the continuation (and put it in the loss). True
       for training; scoring a choice normally uses False.
+    image_spec: the model's `ImageSpec`; required when `example.image` is set
+      (see the module docstring), ignored otherwise.
 
   Returns:
-    {"tokens", "loss_mask", "segment_ids", "positions"}, each (L,) int32.
+    {"tokens", "loss_mask", "segment_ids", "positions"}, each (L,) int32, and
+    "images" (1, height, width, 3) uint8 for an example with an image.
   """
   if max_len < 2:
     raise ValueError(f'max_len must be >= 2 (BOS + one token), got {max_len}.')
   text = example.target if continuation is None else continuation
-  prompt_ids = tokenizer.encode(example.prompt) if example.prompt else []
   cont_ids = tokenizer.encode(text) if text else []
   if add_eos:
     cont_ids = cont_ids + [tokenizer.eos_id]
-  budget = max_len - 1  # BOS is always kept.
+  if example.image is not None:
+    head, prompt_ids = _image_prompt(example, tokenizer, image_spec)
+  else:
+    head = [tokenizer.bos_id]
+    prompt_ids = tokenizer.encode(example.prompt) if example.prompt else []
+  budget = max_len - len(head)  # BOS (and the image block) are always kept.
+  if budget < 1:
+    raise ValueError(
+        f'max_len={max_len} leaves no room after BOS, the text before the'
+        f' image and its {len(head) - 1}-token block; raise max_len.'
+    )
   if len(cont_ids) >= budget:
     prompt_ids, cont_ids = [], cont_ids[:budget]
   elif len(prompt_ids) + len(cont_ids) > budget:
     keep = budget - len(cont_ids)
     prompt_ids = prompt_ids[len(prompt_ids) - keep:] if keep else []
-  tokens = [tokenizer.bos_id] + list(prompt_ids) + list(cont_ids)
+  tokens = list(head) + list(prompt_ids) + list(cont_ids)
   n = len(tokens)
   loss_mask = np.zeros(n, np.int32)
   loss_mask[n - len(cont_ids):] = 1
-  return {
+  out = {
       'tokens': np.asarray(tokens, np.int32),
       'loss_mask': loss_mask,
       'segment_ids': np.ones(n, np.int32),
       'positions': np.arange(n, dtype=np.int32),
   }
+  if example.image is not None:
+    out['images'] = resize_image(example.image, image_spec)[None]
+  return out
+
+
+def _image_prompt(
+    example: tasks_lib.Example, tokenizer: Any, image_spec: ImageSpec | None
+) -> tuple[list[int], list[int]]:
+  """(BOS + text before the marker + image block, text after the marker)."""
+  if image_spec is None:
+    raise ValueError(
+        'This example has an image but no image_spec was given: train and'
+        ' evaluate vision-language tasks with a multimodal model'
+        ' (models.load(name, text_only=False)) and pass'
+        ' image_spec=models.image_spec(model).'
+    )
+  if example.prompt.count(IMAGE_MARKER) != 1:
+    raise ValueError(
+        f'A prompt with an image must contain {IMAGE_MARKER!r} exactly once,'
+        f' got {example.prompt.count(IMAGE_MARKER)} in {example.prompt!r}.'
+    )
+  before, after = example.prompt.split(IMAGE_MARKER)
+  head = [tokenizer.bos_id] + (tokenizer.encode(before) if before else [])
+  head += image_token_block(tokenizer, image_spec.tokens_per_image)
+  return head, (tokenizer.encode(after) if after else [])
 
 
 def pad_batch(
     examples: Sequence[Mapping[str, np.ndarray]], max_len: int
 ) -> dict[str, np.ndarray]:
-  """Stacks encoded examples into (B, max_len) arrays, right-padded with 0."""
+  """Stacks encoded examples into (B, max_len) arrays, right-padded with 0.
+
+  Encoded examples with images (all or none of them) also give "images"
+  (B, 1, H, W, 3) uint8.
+  """
   out = {k: np.zeros((len(examples), max_len), np.int32) for k in BATCH_KEYS}
   for i, ex in enumerate(examples):
     n = len(ex['tokens'])
@@ -109,6 +229,14 @@ def pad_batch(
     for k in BATCH_KEYS:
       out[k][i, :n] = ex[k]
   out['tokens'][out['segment_ids'] == 0] = PAD_ID
+  with_images = sum('images' in ex for ex in examples)
+  if with_images:
+    if with_images != len(examples):
+      raise ValueError(
+          f'{with_images} of {len(examples)} examples have an image: a batch'
+          ' must be all text or all image examples.'
+      )
+    out['images'] = np.stack([ex['images'] for ex in examples])
   return out
 
 
@@ -118,9 +246,12 @@ class _Encode:
 
   tokenizer: Any
   max_len: int
+  image_spec: ImageSpec | None = None
 
   def __call__(self, example: tasks_lib.Example) -> dict[str, np.ndarray]:
-    return encode_example(example, self.tokenizer, self.max_len)
+    return encode_example(
+        example, self.tokenizer, self.max_len, image_spec=self.image_spec
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +284,7 @@ class TrainIterator:
       shuffle: bool = True,
       num_threads: int = 2,
       shard: tuple[int, int] = (0, 1),
+      image_spec: ImageSpec | None = None,
   ):
     # pylint: disable-next=g-import-not-at-top
     import grain
@@ -178,7 +310,7 @@ class TrainIterator:
     if shuffle:
       ds = ds.shuffle(seed=int(seed))
     ds = ds.repeat(num_epochs)
-    ds = ds.map(_Encode(tokenizer, int(max_len)))
+    ds = ds.map(_Encode(tokenizer, int(max_len), image_spec))
     if shard_count == 1:
       ds = ds.batch(
           int(batch_size), drop_remainder=True, batch_fn=_Pad(int(max_len))
@@ -230,6 +362,7 @@ def train_iterator(
     shuffle: bool = True,
     num_threads: int = 2,
     shard: tuple[int, int] = (0, 1),
+    image_spec: ImageSpec | None = None,
     **source_options: Any,
 ) -> TrainIterator:
   """Training batches for a task (TFDS or offline split) or a given source.
@@ -248,6 +381,8 @@ def train_iterator(
     shard: (index, count) for multi-host input: this process gets rows
       [index·B/count, (index+1)·B/count) of every global batch of B =
       batch_size rows (`sharding.process_batch_shard` gives it).
+    image_spec: the model's `ImageSpec` (`models.image_spec`); needed for
+      vision-language tasks, whose batches then carry "images".
     **source_options: data_dir=, heldout_fraction=, download= for `source`.
   """
   if isinstance(task_or_source, (str, tasks_lib.Task)):
@@ -259,12 +394,16 @@ def train_iterator(
   return TrainIterator(
       src, tokenizer, batch_size=batch_size, max_len=max_len, seed=seed,
       num_epochs=num_epochs, shuffle=shuffle, num_threads=num_threads,
-      shard=shard,
+      shard=shard, image_spec=image_spec,
   )
 
 
 def train_iterator_from_config(
-    config: Any, tokenizer: Any, *, shard: tuple[int, int] = (0, 1)
+    config: Any,
+    tokenizer: Any,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    image_spec: ImageSpec | None = None,
 ) -> TrainIterator:
   """`train_iterator` from a run config (`config.data`, `config.seed`).
 
@@ -272,6 +411,7 @@ def train_iterator_from_config(
   data, training part), `data.train_split` ("" = the task's default, or
   "offline_train" under "olmo"), `data.batch_size`, `data.max_len`, and the
   optional `data.data_dir` (TFDS) and `data.heldout_fraction` (olmo).
+  `image_spec`: the model's, for vision-language tasks.
   """
   d = config.data
   kind = str(d.get('source', 'tfds'))
@@ -293,5 +433,5 @@ def train_iterator_from_config(
   return train_iterator(
       str(d.task), tokenizer, batch_size=int(d.batch_size),
       max_len=int(d.max_len), seed=int(config.seed), split=split or None,
-      shard=shard, **options,
+      shard=shard, image_spec=image_spec, **options,
   )

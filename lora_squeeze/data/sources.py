@@ -11,7 +11,10 @@ tooling, e.g.
   tfds build mmlu --imports=lora_squeeze.data.builders --file_format=array_record
 
 (`--imports=tensorflow_datasets.text` for drop, goemotions, hellaswag,
-winogrande, whose builders register only from that module).
+winogrande, whose builders register only from that module). The
+vision-language builders read hand-downloaded raw files:
+
+  tfds build okvqa --imports=lora_squeeze.data.builders --file_format=array_record --manual_dir=RAW
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def prepare_command(task: tasks_lib.Task, data_dir: str | None = None) -> str:
   cmd = f'tfds build {task.tfds_name} --file_format=array_record'
   if task.tfds_module:
     cmd += f' --imports={task.tfds_module}'
+  if task.manual_dir:
+    cmd += ' --manual_dir=RAW_FILES_DIR'
   if data_dir:
     cmd += f' --data_dir={data_dir}'
   return cmd

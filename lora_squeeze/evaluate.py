@@ -62,17 +62,32 @@ class _Row:
   scored: list[tuple[int, int, tuple[int, int]]]
 
 
-def _encode_choices(example, tokenizer, max_len: int) -> tuple[list[int], list[list[int]]]:
+def _encode_choices(example, tokenizer, max_len: int) -> tuple[list[int], list[list[int]], list[int]]:
+  """(prompt tokens with BOS, tokens of each choice, number of leading unscored tokens of each choice)."""
   from lora_squeeze.data import pipeline  # pylint: disable=g-import-not-at-top
   prompt = None
-  choices = []
-  for choice in example.choices:
-    enc = pipeline.encode_example(example, tokenizer, 1 << 30, continuation=choice, add_eos=False)
+  choices, unscored = [], []
+  context = tuple(getattr(example, "choice_context", ()) or ())
+  if context and len(context) != len(example.choices):
+    raise ValueError(f"evaluate: {len(context)} choice_context entries for {len(example.choices)} choices")
+  for k, choice in enumerate(example.choices):
+    head = context[k] if context else ""
+    if not choice.startswith(head):
+      raise ValueError(f"evaluate: choice {choice!r} does not start with its context {head!r}")
+    enc = pipeline.encode_example(example, tokenizer, 1 << 30, continuation=head or choice, add_eos=False)
     tokens, mask = enc["tokens"].tolist(), enc["loss_mask"]
     n_prompt = int(len(tokens) - mask.sum())
     if prompt is None:
       prompt = tokens[:n_prompt]
-    choices.append(tokens[n_prompt:])
+    if head:  # context and scored rest tokenised separately: the scored tokens are exactly the rest's
+      rest = [int(t) for t in tokenizer.encode(choice[len(head):])]
+      if not rest:
+        raise ValueError(f"evaluate: choice {choice!r} has nothing to score after its context {head!r}")
+      choices.append(tokens[n_prompt:] + rest)
+      unscored.append(len(tokens) - n_prompt)
+    else:
+      choices.append(tokens[n_prompt:])
+      unscored.append(0)
   longest = max(len(c) for c in choices)
   if longest + 2 > max_len:
     raise ValueError(f"evaluate: a choice of {longest} tokens does not fit max_len={max_len} with BOS and "
@@ -80,12 +95,12 @@ def _encode_choices(example, tokenizer, max_len: int) -> tuple[list[int], list[l
   # Keep BOS and the prompt's tail: the longest choice must fit after it.
   keep = min(len(prompt) - 1, max_len - longest - 1)
   prompt = prompt[:1] + prompt[len(prompt) - keep:] if keep < len(prompt) - 1 else prompt
-  return prompt, choices
+  return prompt, choices, unscored
 
 
 def pack_example(example_index: int, example, tokenizer, max_len: int) -> list[_Row]:
   """One example -> rows (usually one) holding the prompt once and as many choices as fit."""
-  prompt, choices = _encode_choices(example, tokenizer, max_len)
+  prompt, choices, unscored = _encode_choices(example, tokenizer, max_len)
   rows: list[_Row] = []
   row = None
   for k, choice in enumerate(choices):
@@ -95,7 +110,8 @@ def pack_example(example_index: int, example, tokenizer, max_len: int) -> list[_
     start = len(row.tokens)
     prev = len(prompt) - 1  # the first choice token is predicted from the last prompt token
     for j, tok in enumerate(choice):
-      row.scored.append((prev, int(tok), (example_index, k)))
+      if j >= unscored[k]:
+        row.scored.append((prev, int(tok), (example_index, k)))
       prev = start + j
     row.tokens.extend(int(t) for t in choice)
     row.positions.extend(range(len(prompt), len(prompt) + len(choice)))
@@ -156,6 +172,7 @@ class ChoiceScorer:
     else:
       self._module = None
     self.traces = 0
+    self.logit_rows = 0  # rows of vocabulary logits computed so far (scored positions + bucket padding)
     self._score = jax.jit(self._score_impl)
 
   def _hidden(self, lora_params, base_params, tokens, positions, mask):
@@ -203,6 +220,7 @@ class ChoiceScorer:
           tgt.append(tok)
           owner.append(who)
       s = _scored_bucket(len(pred))
+      self.logit_rows += s
       pred_idx = np.zeros(s, np.int32)
       targets = np.zeros(s, np.int32)
       pred_idx[:len(pred)], targets[:len(tgt)] = pred, tgt
@@ -217,7 +235,6 @@ class ChoiceScorer:
 def full_vocab_choice_scores(model, examples, *, lora_params=None, lora_config=None, max_len: int = 1024):
   """Reference scorer: each (example, choice) as its own sequence through gemma's ``__call__`` (full
   vocabulary logits at every position). Slow; for tests and the benchmark."""
-  from lora_squeeze.data import pipeline  # pylint: disable=g-import-not-at-top
   if lora_params is None:
     apply = jax.jit(lambda p, tok: model.transformer.apply({"params": p}, tok).logits)
     params = model.params
@@ -228,14 +245,14 @@ def full_vocab_choice_scores(model, examples, *, lora_params=None, lora_config=N
   out = []
   for ex in examples:
     sums = np.zeros(len(ex.choices))
-    for k, choice in enumerate(ex.choices):
-      enc = pipeline.encode_example(ex, model.tokenizer, max_len, continuation=choice, add_eos=False)
-      tok = enc["tokens"][None]
-      logits = np.asarray(apply(params, jnp.asarray(tok)), np.float64)[0]
+    prompt, choices, unscored = _encode_choices(ex, model.tokenizer, max_len)
+    for k, choice in enumerate(choices):
+      tok = np.asarray(prompt + choice, np.int32)
+      logits = np.asarray(apply(params, jnp.asarray(tok[None])), np.float64)[0]
       logp = logits - logits.max(-1, keepdims=True)
       logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-      idx = np.nonzero(enc["loss_mask"])[0]
-      sums[k] = logp[idx - 1, enc["tokens"][idx]].sum()
+      idx = np.arange(len(prompt) + unscored[k], len(tok))
+      sums[k] = logp[idx - 1, tok[idx]].sum()
     out.append(sums)
   return out
 

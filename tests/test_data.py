@@ -92,6 +92,7 @@ def test_formats_of_hand_made_tfds_records():
   assert wino.prompt == 'The cup fell off the table because'
   assert wino.choices == (' the cup was slippery.', ' the table was slippery.')
   assert wino.target == ' the table was slippery.'
+  assert wino.choice_context == (' the cup', ' the table')  # partial scoring
   boolq = data.get_task('boolq').format(
       {'passage': b'Water boils at 100 C.', 'question': b'does water boil',
        'answer': np.bool_(True), 'title': b'x'})

@@ -47,6 +47,30 @@ def test_tree_packed_scores_equal_separate_full_vocab_scores(tiny, with_lora, ma
     assert max(np.abs(b[0] - g[0]).max() for b, g in zip(base, got)) > 1e-3
 
 
+def test_partial_scoring_scores_only_the_rest_after_the_context(tiny):
+  """WinoGrande's partial scoring: each choice is option + rest; only the rest's tokens are scored, given
+  the option. Checked against a hand computation with gemma's own forward."""
+  ex = tasks.get_task("winogrande").format({
+      "sentence": b"The cup fell off the table because _ was slippery.", "option1": b"the cup",
+      "option2": b"the table", "label": 1})
+  assert ex.choice_context == (" the cup", " the table")
+  (sums, counts), = evaluate.ChoiceScorer(tiny, max_len=128).score([ex])
+  tok = tiny.tokenizer
+  rest = tok.encode(" was slippery.")
+  assert counts.tolist() == [len(rest), len(rest)]
+  for k, ctx in enumerate(ex.choice_context):
+    ids = [tok.bos_id] + list(tok.encode(ex.prompt)) + list(tok.encode(ctx)) + list(rest)
+    logits = np.asarray(tiny.transformer.apply({"params": tiny.params}, np.asarray([ids])).logits[0], np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    start = len(ids) - len(rest)
+    want = sum(logp[i - 1, ids[i]] for i in range(start, len(ids)))
+    np.testing.assert_allclose(sums[k], want, rtol=2e-6, atol=1e-5)
+  full = evaluate.ChoiceScorer(tiny, max_len=128).score([tasks.Example(ex.prompt, ex.choices, ex.answers,
+                                                                         ex.target)])
+  assert full[0][1].tolist() == [len(tok.encode(c)) for c in ex.choices]  # without context: every token
+
+
 def test_tree_mask_hides_other_choices():
   branch = np.array([[1, 1, 2, 2, 3, 3, 0]])
   mask = np.asarray(evaluate.tree_attention_mask(branch))[0]

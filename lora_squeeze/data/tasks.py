@@ -107,6 +107,10 @@ class Example:
     image: the example's image, uint8 (H, W, 3), for the vision-language tasks
       (`data.vqa`; the prompt then holds `pipeline.IMAGE_MARKER`), else None.
       Not compared by `==`.
+    choice_context: per choice, a leading part of it that is context, not
+      scored (WinoGrande's partial scoring: each choice is "option + rest",
+      only the shared rest is scored given the option); empty = every choice
+      token is scored.
   """
 
   prompt: str
@@ -115,6 +119,7 @@ class Example:
   target: str
   references: tuple[str, ...] = ()
   image: Any = dataclasses.field(default=None, compare=False, repr=False)
+  choice_context: tuple[str, ...] = ()
 
 
 METRICS = ('choice_accuracy', 'multilabel_choice_accuracy', 'generative')
@@ -401,7 +406,11 @@ def _winogrande(sentence: str, options: Sequence[str], label: int) -> Example:
   if not 0 <= label < len(filled):
     raise InvalidExampleError(f'WinoGrande: label {label} (hidden test: -1).')
   choices = tuple(filled)
-  return Example(prompt, choices, (label,), choices[label])
+  # Partial scoring (Trinh & Le 2018; GPT-3's WinoGrande protocol): the option is context, the rest of the
+  # sentence after the blank is what is scored, so options of different lengths and frequencies compete
+  # only through how well they make the rest of the sentence fit.
+  context = tuple(gap + o.strip() for o in options)
+  return Example(prompt, choices, (label,), choices[label], choice_context=context)
 
 
 def _winogrande_tfds(r: Mapping[str, Any]) -> Example:

@@ -763,3 +763,26 @@ def test_vl_configs_at_paper_scale():
   assert {'zero_shot', 'direct', 'post_squeeze', 'cont_squeeze', 'in_squeeze'} <= modes
   assert {c['overrides']['data.task'] for c in table8.sweep} == set(data.VL_TASK_NAMES)
   assert _load_config('vl', 'artefact=fig9').model_options.text_only is False
+
+
+def test_vl_results_through_the_experiment_scripts(okvqa_dir, tmp_path):
+  """VL runs land in a results store like text runs, and the experiments/ scripts read them (Fig. 9 here:
+  the Post-Squeeze gain over direct training, checked against the two records)."""
+  from lora_squeeze import sweep  # pylint: disable=g-import-not-at-top
+  config = _load_config('vl', f'runlocal,task=okvqa,data_dir={okvqa_dir}')
+  config.sweep = [{'name': 'd2', 'overrides': {'mode': 'direct', 'lora.rank': 2}},
+                  {'name': 'd1', 'overrides': {'mode': 'direct', 'lora.rank': 1}},
+                  {'name': 'p2', 'overrides': {'mode': 'post_squeeze', 'source_workdir': '@d2',
+                                               'target_ranks': (1,)}}]
+  records = sweep.run_sweep(config, tmp_path / 'store')
+  assert all(r['status'] == 'ok' for r in records.values()), records
+  path = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'fig4_heatmap.py'
+  spec = importlib.util.spec_from_file_location('fig4_heatmap', path)
+  fig4 = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(fig4)
+  assert fig4.main(['--results', str(tmp_path / 'store'), '--out', str(tmp_path / 'out')]) == 0
+  gain = 100 * (records['p2']['result']['targets']['1']['metrics']['accuracy']
+                - records['d1']['result']['metrics']['accuracy'])
+  md = (tmp_path / 'out' / 'fig4_heatmap.md').read_text()
+  row = next(line for line in md.splitlines() if line.startswith('| 2 |'))
+  assert row.split('|')[2].strip() == f'{gain:+.1f}' and 'okvqa' in md

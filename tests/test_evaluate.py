@@ -118,11 +118,13 @@ def test_real_270m_zero_shot_above_chance():
     exs = data.eval_examples(task, "offline_heldout", limit=120)
     results[task] = evaluate.evaluate_examples(model, task, exs, max_len=512)
     print(task, results[task])
-  # ARC-E (4 choices) and PIQA (2) are clearly above chance for the 270M; WinoGrande is a hard task for
-  # a model this small (Gemma 3 270M's own report: ~52%), so only its point estimate is checked.
+  # ARC-E (4 choices) and PIQA (2) are clearly above chance for the 270M even on 120 examples. WinoGrande
+  # (partial scoring) is 57.5% on these 120, too few for a 95% interval above 50%; on the whole held-out
+  # part (643 examples) it is 55.8% [52.0, 59.6] (closing note of issue 5), so here its point estimate
+  # must beat chance.
   assert results["arc_e"]["ci95"][0] > results["arc_e"]["chance"]
   assert results["piqa"]["ci95"][0] > results["piqa"]["chance"]
-  assert results["winogrande"]["accuracy"] > 0.45
+  assert results["winogrande"]["accuracy"] > results["winogrande"]["chance"] == 0.5
 
 
 def test_scored_bucket_bounds_padding_and_shapes():

@@ -31,9 +31,9 @@ def compute(rows, *, src=None, lr=None):
     lr = lrs[0]
   post = [r for r in post if r.learning_rate == lr and r.squeeze_method in (None, "efficient")] or \
       [r for r in post if r.learning_rate == lr]
-  direct = [r for r in rows if r.method == "direct"]
+  direct = [r for r in rows if r.method == "direct" and r.steps in {p.steps for p in post}]  # not N + M runs
   same_lr = R.per_task([r for r in direct if r.learning_rate == lr], lambda r: r.rank)
-  best = R.best_direct_lr(rows)
+  best = R.best_direct_lr(direct)
   tuned = R.per_task([r for r in direct if best.get(r.rank) == r.learning_rate], lambda r: r.rank)
   squeezed = R.per_task(post, lambda r: r.rank)
   squeezed[src] = same_lr.get(src, {})

@@ -22,11 +22,13 @@ from lora_squeeze import results as R  # noqa: E402
 
 def gains(rows, *, method="efficient"):
   """({(src, tgt): {task: post − direct}}, direct per task per rank, post per task)."""
-  best = R.best_direct_lr(rows)
-  direct = R.per_task([r for r in rows if r.method == "direct" and best.get(r.rank) == r.learning_rate],
-                      lambda r: r.rank)
   post_rows = R.squeezed_from_best(rows, [r for r in R.require(rows, "fig4", method="post_squeeze")
                                           if r.squeeze_method == method])
+  # Baselines trained as long as the squeezed sources were (a store may also hold N + M runs, Table 1).
+  steps = {r.steps for r in post_rows}
+  direct_rows = [r for r in rows if r.method == "direct" and r.steps in steps]
+  best = R.best_direct_lr(direct_rows)
+  direct = R.per_task([r for r in direct_rows if best.get(r.rank) == r.learning_rate], lambda r: r.rank)
   if not post_rows:
     raise SystemExit(f"fig4: no Post-Squeeze results with method={method!r} from best-rate sources")
   post = R.per_task(post_rows, lambda r: (r.source_rank, r.rank))

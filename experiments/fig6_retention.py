@@ -51,6 +51,8 @@ def main(argv=None):
         ys = [by_task[task][k] for k in tgts]
       ax.plot(tgts, [100 * y for y in ys], "o-", label=f"r_src={src}")
     ax.set_xscale("log", base=2)
+    ticks = sorted({k for v in ret.values() for by in v.values() for k in by})
+    ax.set_xticks(ticks, [str(k) for k in ticks])
     ax.set_xlabel("r_tgt")
     ax.set_ylabel("V_r (%)")
     ax.set_title(f"{args.title} {label}".strip(), fontsize=9)

@@ -7,6 +7,7 @@ writes table2_lr_grid.{md,png}.
 
 from __future__ import annotations
 
+import collections
 import math
 import sys
 from pathlib import Path
@@ -18,18 +19,20 @@ from lora_squeeze import results as R  # noqa: E402
 
 def grid(rows):
   direct = R.require(rows, "table2", method="direct")
+  n = collections.Counter(r.steps for r in direct).most_common(1)[0][0]  # the grid's N (not N + M runs)
+  direct = [r for r in direct if r.steps == n]
   by = R.per_task(direct, lambda r: (r.rank, r.learning_rate))
   tasks = sorted({t for v in by.values() for t in v})
   ranks = sorted({k[0] for k in by})
   lrs = sorted({k[1] for k in by})
   g = {(r, lr): R.mean_over_tasks(by[(r, lr)], tasks) if (r, lr) in by else math.nan for r in ranks for lr in lrs}
-  return g, ranks, lrs, tasks
+  return g, ranks, lrs, tasks, direct
 
 
 def main(argv=None):
   args, rows = R.script_args(__doc__, argv)
-  g, ranks, lrs, tasks = grid(rows)
-  best = R.best_direct_lr(rows)
+  g, ranks, lrs, tasks, direct = grid(rows)
+  best = R.best_direct_lr(direct)
   table = [[str(r)] + R.bold_best([None if math.isnan(g[(r, lr)]) else g[(r, lr)] for lr in lrs])
            + [f"{best[r]:g}" if r in best else "—"] for r in ranks]
   title = f"{args.title} direct training, mean accuracy (%) over {len(tasks)} task(s)".strip()

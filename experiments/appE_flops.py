@@ -83,10 +83,7 @@ def main(argv=None):
   ax.legend(fontsize=7)
   fig.tight_layout()
   png = R.save_figure(fig, Path(args.out) / "appE_flops.png")
-  path = R.write_text(Path(args.out) / "appE_flops.md", "".join(md))
-  print("".join(md))
-  print(f"wrote {path} and {png}")
-  return 0
+  return R.finish(args.out, "appE_flops", md, png)
 
 
 if __name__ == "__main__":

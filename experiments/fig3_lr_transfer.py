@@ -77,10 +77,7 @@ def main(argv=None):
   out = Path(args.out)
   png = R.save_figure(fig, out / "fig3_lr_transfer.png")
   md.append("\n" + R.provenance(args.results, rows))
-  path = R.write_text(out / "fig3_lr_transfer.md", "".join(md))
-  print("".join(md))
-  print(f"wrote {path} and {png}")
-  return 0
+  return R.finish(args.out, "fig3_lr_transfer", md, png)
 
 
 if __name__ == "__main__":

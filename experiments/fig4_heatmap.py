@@ -72,10 +72,7 @@ def main(argv=None):
   md.append(R.markdown_table(["task"] + [f"r={r}" for r in ranks],
                              [[task] + [R.fmt_pct(direct[r].get(task)) for r in ranks] for task in tasks]))
   md.append("\n" + R.provenance(args.results, rows))
-  path = R.write_text(Path(args.out) / "fig4_heatmap.md", "".join(md))
-  print("".join(md))
-  print(f"wrote {path} and {png}")
-  return 0
+  return R.finish(args.out, "fig4_heatmap", md, png)
 
 
 if __name__ == "__main__":

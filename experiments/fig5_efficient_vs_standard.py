@@ -51,10 +51,7 @@ def main(argv=None):
         f"{max(abs(v) for v in flat):.1f} points, identical accuracy in "
         f"{sum(1 for v in flat if abs(v) < 1e-9)} of {len(flat)}.\n",
         "\n" + R.provenance(args.results, rows)]
-  path = R.write_text(Path(args.out) / "fig5_efficient_vs_standard.md", "".join(md))
-  print("".join(md))
-  print(f"wrote {path} and {png}")
-  return 0
+  return R.finish(args.out, "fig5_efficient_vs_standard", md, png)
 
 
 if __name__ == "__main__":

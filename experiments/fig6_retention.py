@@ -72,10 +72,7 @@ def main(argv=None):
     md.append(R.markdown_table(["task"] + [f"r_tgt={k}" for k in tgts],
                                [[t] + [R.fmt_pct(by_task[t].get(k)) for k in tgts] for t in sorted(by_task)]))
   md.append("\n" + R.provenance(args.results, rows))
-  path = R.write_text(Path(args.out) / "fig6_retention.md", "".join(md))
-  print("".join(md))
-  print(f"wrote {path} and {png}")
-  return 0
+  return R.finish(args.out, "fig6_retention", md, png)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,6 @@ def main(argv=None):
   title = f"{args.title} accuracy (%) per method, r_src={src}, r_tgt={tgt}".strip()
   md = [f"# Table 1: {title}\n\n", R.markdown_table(["task"] + [c for c, _ in cols], table),
         "\n" + R.provenance(args.results, rows)]
-  path = R.write_text(Path(args.out) / "table1_methods.md", "".join(md))
   plt = R.pyplot()
   fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(cols), 3.6))
   ax.bar(range(len(cols)), [100 * (a or 0) for a in avgs], color="#4477aa")
@@ -80,9 +79,7 @@ def main(argv=None):
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
   png = R.save_figure(fig, Path(args.out) / "table1_methods.png")
-  print("".join(md))
-  print(f"wrote {path} and {png}")
-  return 0
+  return R.finish(args.out, "table1_methods", md, png)
 
 
 if __name__ == "__main__":

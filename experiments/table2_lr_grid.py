@@ -39,7 +39,6 @@ def main(argv=None):
   md = [f"# Table 2: {title}\n\nA rank's average counts only if every task has a result at that rate.\n\n",
         R.markdown_table(["rank"] + [f"lr={lr:g}" for lr in lrs] + ["best lr"], table),
         "\n" + R.provenance(args.results, rows)]
-  path = R.write_text(Path(args.out) / "table2_lr_grid.md", "".join(md))
   plt = R.pyplot()
   import numpy as np  # pylint: disable=g-import-not-at-top
   a = np.array([[100 * g[(r, lr)] for lr in lrs] for r in ranks])
@@ -58,9 +57,7 @@ def main(argv=None):
   fig.colorbar(im, ax=ax, label="accuracy (%)")
   fig.tight_layout()
   png = R.save_figure(fig, Path(args.out) / "table2_lr_grid.png")
-  print("".join(md))
-  print(f"wrote {path} and {png}")
-  return 0
+  return R.finish(args.out, "table2_lr_grid", md, png)
 
 
 if __name__ == "__main__":

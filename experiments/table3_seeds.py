@@ -44,7 +44,6 @@ def main(argv=None):
   md = [f"# Table 3: {title}\n\n",
         R.markdown_table(["method", "rank", "lr", "steps", "seeds", "accuracy"], table, align="llrrll"),
         "\n" + R.provenance(args.results, rows)]
-  path = R.write_text(Path(args.out) / "table3_seeds.md", "".join(md))
   plt = R.pyplot()
   fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(keys) + 1.5), 3.4))
   means = [100 * R.mean(list(data[k].values())) for k in keys]
@@ -57,9 +56,7 @@ def main(argv=None):
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
   png = R.save_figure(fig, Path(args.out) / "table3_seeds.png")
-  print("".join(md))
-  print(f"wrote {path} and {png}")
-  return 0
+  return R.finish(args.out, "table3_seeds", md, png)
 
 
 if __name__ == "__main__":

@@ -260,6 +260,16 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
   return path
 
 
+def finish(out: str | os.PathLike, name: str, md: Sequence[str], png: Path) -> int:
+  """The experiments scripts' last step: write ``out/NAME.md`` atomically, print it and where both files
+  are; returns the exit status 0."""
+  text = "".join(md)
+  path = write_text(Path(out) / f"{name}.md", text)
+  print(text)
+  print(f"wrote {path} and {png}")
+  return 0
+
+
 def save_figure(fig, path: str | os.PathLike, dpi: int = 130) -> Path:
   """Save a matplotlib figure atomically (temp file, then rename) and close it."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

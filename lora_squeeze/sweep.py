@@ -44,13 +44,9 @@ def cells_of(config) -> list[dict[str, Any]]:
   if len(set(names)) != len(names):
     raise ValueError(f"sweep: duplicate cell names in {names}")
   order, done = [], set()
-
-  def deps(cell):
-    return [v[1:] for v in dict(cell.get("overrides", {})).values() if isinstance(v, str) and v.startswith("@")]
-
   by_name = {c["name"]: c for c in cells}
   for c in cells:
-    for d in deps(c):
+    for d in _deps(c):
       if d not in by_name:
         raise ValueError(f"sweep: cell {c['name']!r} refers to unknown cell '@{d}'")
 
@@ -59,7 +55,7 @@ def cells_of(config) -> list[dict[str, Any]]:
       return
     if c["name"] in stack:
       raise ValueError(f"sweep: cycle through {c['name']!r}")
-    for d in deps(c):
+    for d in _deps(c):
       visit(by_name[d], stack + (c["name"],))
     done.add(c["name"])
     order.append(c)
@@ -117,7 +113,7 @@ def run_cell(config, cell: Mapping[str, Any], sweep_dir: Path, *,
   t = time.time()
   record = {"name": cell["name"], "overrides": dict(cell.get("overrides", {}))}
   try:
-    for dep in [v[1:] for v in record["overrides"].values() if isinstance(v, str) and v.startswith("@")]:
+    for dep in _deps(record):
       dep_record = record_path(sweep_dir, dep)
       if not dep_record.exists() or json.loads(dep_record.read_text()).get("status") != "ok":
         raise RuntimeError(f"source cell {dep!r} has not finished successfully")

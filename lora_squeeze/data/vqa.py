@@ -237,12 +237,7 @@ def score(metric: str, prediction: str, references: Sequence[str]) -> float:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _text(value: Any) -> str:
-  if isinstance(value, np.ndarray):
-    value = value.item()
-  if isinstance(value, bytes):
-    return value.decode('utf-8')
-  return str(value)
+_text = tasks_lib._text  # pylint: disable=protected-access  (TFDS text -> str, one rule for all tasks)
 
 
 def _texts(values: Any) -> list[str]:

@@ -878,7 +878,7 @@ def _load_real(
     return LoadedModel(
         name=name,
         transformer=transformer,
-        params=params,
+        params=_default_placement(params),
         tokenizer=tokenizer,
         config=transformer.config,
         variant=variant,
@@ -911,6 +911,28 @@ def _load_real(
       transformer, cache_dir=cache_dir, gguf_path=gguf_path
   )
   return loaded(_cast_all(params, dtype), source)
+
+
+def _default_placement(params: Any) -> Any:
+  """On one device: the params in JAX's default single-device placement.
+
+  `gm.ckpts.load_params` restores onto kauldron's REPLICATED sharding, a
+  NamedSharding over a one-axis 'devices' mesh. A jitted train step fed such
+  base params returns its state with that NamedSharding, while a fresh state
+  has the default SingleDeviceSharding, so the second step retraced and
+  recompiled the whole step (15 s warm, about 45 s cold, on 2 CPU cores).
+  With several devices the caller places the params itself (sharding.py).
+  Abstract params (ShapeDtypeStructs) pass through.
+  """
+  if jax.device_count() != 1:
+    return params
+  # An explicit SingleDeviceSharding: `device_put(x, device)` keeps the mesh in
+  # the array's type (no reshard needed on the same device), this replaces it.
+  single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(
+      lambda x: jax.device_put(x, single) if isinstance(x, jax.Array) else x,
+      params,
+  )
 
 
 def _load_checkpoint(

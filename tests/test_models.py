@@ -449,6 +449,28 @@ def test_real_270m_is_the_gemma_tree(real):
 
 
 @pytest.mark.slow
+def test_real_270m_params_do_not_retrace_a_step_fed_its_own_output(real):
+  """gm.ckpts.load_params restores onto a one-axis 'devices' mesh; a jitted step
+  computing its new state from such base params returned arrays whose type
+  carried that mesh, so the next call (fed its own output) retraced and
+  recompiled: the real train step compiled twice (15-45 s each on CPU)."""
+  base = real.loaded.params
+  scale = base['final_norm']['scale']
+  assert not jax.typeof(scale).sharding.mesh.axis_names, jax.typeof(scale)
+  traces = []
+
+  @jax.jit
+  def step(state, base):
+    traces.append(1)
+    return jax.tree.map(lambda x: x + base['final_norm']['scale'][:2].sum(), state)
+
+  state = {'a': jnp.ones((2, 3)), 'b': jnp.zeros((4,))}
+  for _ in range(3):
+    state = step(state, base)
+  assert len(traces) == 1
+
+
+@pytest.mark.slow
 def test_real_270m_knows_paris(real):
   tok = real.loaded.tokenizer
   ids = tok.encode('The capital of France is', add_bos=True)

@@ -775,7 +775,7 @@ def _load_tiny(
   return LoadedModel(
       name='tiny',
       transformer=transformer,
-      params=params,
+      params=_default_placement(params),  # as the real models' (committed)
       tokenizer=tokenizer,
       config=transformer.config,
       source=source,
@@ -922,7 +922,8 @@ def _default_placement(params: Any) -> Any:
   has the default SingleDeviceSharding, so the second step retraced and
   recompiled the whole step (15 s warm, about 45 s cold, on 2 CPU cores).
   With several devices the caller places the params itself (sharding.py).
-  Abstract params (ShapeDtypeStructs) pass through.
+  Abstract params (ShapeDtypeStructs) pass through. The tiny model's params get
+  the same placement, so the tests see what real loads give.
   """
   if jax.device_count() != 1:
     return params
@@ -930,7 +931,9 @@ def _default_placement(params: Any) -> Any:
   # the array's type (no reshard needed on the same device), this replaces it.
   single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree.map(
-      lambda x: jax.device_put(x, single) if isinstance(x, jax.Array) else x,
+      lambda x: jax.device_put(x, single)
+      if isinstance(x, (jax.Array, np.ndarray))
+      else x,
       params,
   )
 

@@ -330,7 +330,11 @@ class Trainer:
       params = sharding_lib.put(params, self.state_shardings(params))
       out = self.state_shardings(jax.eval_shape(self._state_from_params_impl, params))
       return jax.jit(self._state_from_params_impl, out_shardings=out)(params)
-    return self._state_from_params_impl(params)
+    # Committed to the default device, like the train step's outputs: an uncommitted first state lowers the
+    # step with unspecified input shardings, its (committed) output with SingleDeviceShardings, so the
+    # second step compiled the whole program again (7-15 s per run on the real 270M on CPU).
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.device_put(self._state_from_params_impl(params), single)
 
   def state_shardings(self, tree) -> Any:
     """NamedShardings of a state-like tree (arrays or ShapeDtypeStructs) under the mesh (sharding.py)."""

@@ -154,6 +154,9 @@ def test_train_step_traces_once_per_rank_and_learns(tiny):
       state, m = trainer.train_step(state, tiny.params, next(it), 0.1 if i > 2 else 0.03)
   loss1 = float(trainer.eval_loss(state["params"], tiny.params, eval_batch)[0])
   assert trainer.traces["train_step"] == 3 and trainer.traces["change_rank"] == 2
+  # Compiled once per rank too: a first state of other (uncommitted) shardings than the step's outputs
+  # traced once but compiled twice.
+  assert trainer._train_step._cache_size() == 3  # pylint: disable=protected-access
   assert int(state["step"]) == 75
   assert loss1 < loss0 - 0.5, (loss0, loss1)
   # Back to a rank seen before: no new trace.

@@ -482,10 +482,18 @@ def attention_mask_from_segments(segment_ids: Array, *, tokens: Array | None = N
 def logits_at(hidden: Array, embedding: Array, *, softcap: float | None = None) -> Array:
   """Vocabulary logits for selected hidden states (..., D) with the tied embedding (V, D), as gemma's
   ``Embedder.decode`` plus the optional final soft-cap; computed in float32."""
-  logits = jnp.dot(hidden.astype(jnp.float32), embedding.astype(jnp.float32).T)
-  if softcap is not None:
-    logits = jnp.tanh(logits / softcap) * softcap
-  return logits
+  return _softcap(jnp.dot(hidden.astype(jnp.float32), embedding.astype(jnp.float32).T), softcap)
+
+
+def target_logits(hidden: Array, embedding: Array, targets: Array, *, softcap: float | None = None) -> Array:
+  """The logit of one given token per hidden state: ``logits_at(hidden)[i, targets[i]]`` for hidden (N, D),
+  targets (N,), from the targets' embedding rows only (no vocabulary-wide product)."""
+  rows = embedding[targets].astype(jnp.float32)
+  return _softcap(jnp.einsum("nd,nd->n", hidden.astype(jnp.float32), rows), softcap)
+
+
+def _softcap(logits: Array, softcap: float | None) -> Array:
+  return logits if softcap is None else jnp.tanh(logits / softcap) * softcap
 
 
 # Equations gemma 3.3.0 uses at each projection; a change in the library must fail loudly, not silently.
@@ -510,11 +518,58 @@ _SITES = {
 }
 
 
+# The hand-written backward of the LoRA product (``_lora_matmul``); False falls back to autodiff, which
+# experiments/model_speed.py times side by side and tests/test_lora.py checks against.
+HAND_BACKWARD = True
+
+
 def _lora_delta(x: Array, a: Array, b: Array, scale: float) -> Array:
   """scale · (x @ a) @ b in float32; x (..., *in), a (*in, r), b (r, *out) -> (..., *out)."""
   n_in = a.ndim - 1
-  xa = jnp.tensordot(x.astype(jnp.float32), a.astype(jnp.float32), axes=n_in)
-  return jnp.tensordot(xa * scale, b.astype(jnp.float32), axes=1)
+  if not HAND_BACKWARD:
+    xa = jnp.tensordot(x.astype(jnp.float32), a.astype(jnp.float32), axes=n_in)
+    return jnp.tensordot(xa * scale, b.astype(jnp.float32), axes=1)
+  lead, in_dims, out_dims = x.shape[:x.ndim - n_in], a.shape[:-1], b.shape[1:]
+  x2 = x.astype(jnp.float32).reshape(-1, math.prod(in_dims))
+  a2 = a.astype(jnp.float32).reshape(-1, a.shape[-1])
+  b2 = b.astype(jnp.float32).reshape(b.shape[0], -1)
+  return _lora_matmul(x2, a2, b2, float(scale)).reshape(*lead, *out_dims)
+
+
+# The contraction over tokens: dot_general(u (T, m), v (T, n)) -> (m, n), no transposed copy of u or v.
+_TOKENS = (((0,), (0,)), ((), ()))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _lora_matmul(x: Array, a: Array, b: Array, scale: float) -> Array:
+  """scale · (x @ a) @ b for 2-D x (T, m), a (m, r), b (r, n), with a hand-written backward.
+
+  Why not autodiff: on XLA:CPU the transposed GEMMs autodiff emits for the factor gradients (a's (m, r) =
+  xᵀ · g_xa and b's (r, n) = (xa)ᵀ · g) were laid out by copying the LARGE operand (x or the (T, n)
+  cotangent) into transposed form, up to 18 ms per projection on the real 270M: with the other copies
+  of that kind a quarter of a train step (experiments/model_speed.py). Here every token contraction is
+  written as (big, small) -> (m, r) or (n, r), which XLA runs on the untransposed big operand; only
+  (T, r) and (r, n) things get transposed. Same math, checked against autodiff in float64
+  (tests/test_lora.py).
+  """
+  return jnp.dot(jnp.dot(x, a) * scale, b)
+
+
+def _lora_matmul_fwd(x, a, b, scale):
+  xa = jnp.dot(x, a)
+  return jnp.dot(xa * scale, b), (x, a, b, xa)
+
+
+def _lora_matmul_bwd(scale, res, g):
+  x, a, b, xa = res
+  g_xa = lax.dot_general(g, b, (((1,), (1,)), ((), ()))) * scale  # (T, r) = g · bᵀ
+  grad_b = (lax.dot_general(g, xa, _TOKENS) * scale).T  # (r, n) = ((g)ᵀ · xa)ᵀ
+  grad_a = lax.dot_general(x, g_xa, _TOKENS)  # (m, r) = xᵀ · g_xa
+  grad_x = lax.dot_general(g_xa, a, (((1,), (1,)), ((), ())))  # (T, m) = g_xa · aᵀ
+  return grad_x, grad_a, grad_b
+
+
+_lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -542,18 +597,22 @@ class _Interceptor:
       raise NotImplementedError(f"LoRA: {block_name}/{owner} {einsum} is called with {eqn!r}; this module "
                                 f"knows {expected} (gemma 3.3.0). Update lora.py for this gemma version.")
     y = next_fun(*args, **kwargs)
+    halves = {}  # separate k/v or gate/up deltas: stacked into one add (no scatter, no strided update)
     for kind in kinds:
       a, b = self._params(owner_scope, f"{block_name}/{owner}/{kind}_lora", kind)
       delta = _lora_delta(x, a, b, self.config.scale(a.shape[-1])).astype(y.dtype)
       where = _SITES[einsum][kind]
       if where is None:
         y = y + delta
-      elif isinstance(where, int):
-        y = y.at[where].add(delta)
       elif where == "stack":  # (..., 2, K, H) -> (2, ..., K, H)
         y = y + jnp.moveaxis(delta, -3, 0)
+      else:
+        halves[where] = delta
+    if halves:
+      if einsum == "kv_einsum":  # output (2, ..., K, H): k is [0], v is [1]
+        y = y + jnp.stack([halves.get(i, jnp.zeros_like(y[0])) for i in (0, 1)], axis=0)
       else:  # gating output (..., 2, F): gate is [..., 0, :], up [..., 1, :]
-        y = y.at[..., 0 if where == "gate" else 1, :].add(delta)
+        y = y + jnp.stack([halves.get(h, jnp.zeros_like(y[..., 0, :])) for h in ("gate", "up")], axis=-2)
     return y
 
   def _params(self, owner_scope, path: str, kind: str) -> tuple[Array, Array]:

@@ -4,7 +4,12 @@ Rows (all jitted, float32, timed after a warm-up call, median of ``--repeats``):
   * forward, full logits: gemma's ``__call__`` (262k-vocab logits at every position);
   * forward, hidden + answer logits: ``LoRA.hidden_states`` and ``logits_at`` at the answer positions only;
   * LoRA train step, answer-only loss: ``train.Trainer.train_step`` (Adafactor, rank 8 on all projections);
+  * the same step with autodiff's backward for the LoRA product (``lora.HAND_BACKWARD = False``: what the
+    step was before the hand-written backward), side by side;
   * LoRA train step, full-vocab loss: the same step computing logits at every position (the naive loss).
+Then one answer-only step runs under ``jax.profiler`` and its XLA ops are split into GEMMs (``dot``) and the
+rest, with the GEMMs' FLOPs counted from the compiled HLO: where the step's time goes, and the ceiling the
+non-GEMM work puts on "% of the GEMM rate".
 FLOPs per call come from XLA's own cost analysis of the compiled program (``compiled.cost_analysis()``),
 so they count what actually runs; the matmul rate is an XLA float32 GEMM measured in the same run, so
 "% of matmul" compares like with like on a shared, noisy machine.
@@ -16,7 +21,14 @@ writes experiments/results/model_speed.md.
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
+import json
+import math
 import os
+import re
+import tempfile
 import platform
 import statistics
 import sys
@@ -49,6 +61,53 @@ def _flops(jitted, *args) -> float:
   if isinstance(cost, list):
     cost = cost[0]
   return float(cost.get("flops", float("nan")))
+
+
+_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = (\w+)\[([\d,]*)\]\S* (\w[\w-]*)\((.*)$", re.M)
+
+
+def profile_step(compiled_text: str, run_once) -> dict:
+  """Run ``run_once`` under jax.profiler; split the XLA:CPU op time into GEMMs and the rest.
+
+  GEMM FLOPs: 2 x |output| x |contracted dims| of every ``dot`` in the compiled HLO (names match the
+  profiler's op events)."""
+  shapes, dots = {}, {}
+  for name, _, dims, opcode, rest in _INSTR.findall(compiled_text):
+    shapes[name] = [int(d) for d in dims.split(",") if d]
+    if opcode == "dot":
+      dots[name] = rest
+  dot_flops = {}
+  for name, rest in dots.items():
+    lhs = rest.split(",")[0].strip().lstrip("%").rstrip(")")
+    contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+    k = math.prod(shapes[lhs][int(i)] for i in contract.group(1).split(",") if i) if contract else 1
+    dot_flops[name] = 2 * math.prod(shapes[name]) * k
+  with tempfile.TemporaryDirectory() as d:
+    jax.profiler.start_trace(d, create_perfetto_trace=True)
+    run_once()
+    jax.profiler.stop_trace()
+    trace = json.load(gzip.open(sorted(glob.glob(f"{d}/**/*perfetto*.json.gz", recursive=True))[-1]))
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  secs = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e["name"] in shapes:
+      secs["dot" if e["name"] in dot_flops else "other"] += e.get("dur", 0) / 1e6
+  kinds = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e["name"] in shapes and e["name"] not in dot_flops:
+      kinds[re.sub(r"[._]\d+$", "", e["name"])] += e.get("dur", 0) / 1e6
+  return {"dot_seconds": secs["dot"], "other_seconds": secs["other"], "dot_flops": sum(dot_flops.values()),
+          "top_other": kinds.most_common(6)}
+
+
+def _cpu_name() -> str:
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 def matmul_rate(n: int, repeats: int) -> tuple[float, float]:
@@ -108,6 +167,24 @@ def main(argv=None) -> int:
 
   sec = _time(one_step, args.repeats)
   rows.append((f"LoRA r={args.rank} train step, answer-only loss ({n_targets} logits)", sec, flops_step))
+  prof = profile_step(step.lower(holder["state"], params, batch, lr).compile().as_text(),
+                      lambda: jax.block_until_ready(one_step()))
+
+  lora.HAND_BACKWARD = False  # the same step with autodiff's backward for the LoRA product (before)
+  auto_trainer = train.Trainer(model, cfg, max_targets=n_targets)
+  auto_step = auto_trainer._train_step  # pylint: disable=protected-access
+  auto = {"state": auto_trainer.init_state(jax.random.key(0), args.rank)}
+  auto["state"]["params"] = jax.tree.map(lambda x: x + 0.01, auto["state"]["params"])
+  flops_auto = _flops(auto_step, auto["state"], params, batch, lr)
+
+  def one_auto_step():
+    auto["state"], m = auto_step(auto["state"], params, batch, lr)
+    return m["loss"]
+
+  sec = _time(one_auto_step, args.repeats)
+  lora.HAND_BACKWARD = True
+  rows.append((f"LoRA r={args.rank} train step, answer-only loss, autodiff LoRA backward (before)", sec,
+               flops_auto))
 
   full_trainer = train.Trainer(model, cfg, max_targets=b * t)
   full_mask = dict(batch, loss_mask=np.ones((b, t), np.int32))
@@ -126,7 +203,7 @@ def main(argv=None) -> int:
   lines = [
       "# Real Gemma 3 270M speed (float32, jit)",
       "",
-      f"Machine: {platform.node()}, {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
+      f"Machine: {platform.node()}, {os.cpu_count()} CPU cores, {_cpu_name()}, "
       f"jax {jax.__version__} on {jax.devices()[0].platform}. Batch {b} x {t} tokens; LoRA rank {args.rank} "
       f"on all 7 projections of 18 layers; {args.answer} answer tokens per example; median of "
       f"{args.repeats} timed calls after a warm-up. FLOPs: XLA cost analysis of each compiled program.",
@@ -139,9 +216,23 @@ def main(argv=None) -> int:
     rate = gf / sec
     tok_s = "" if "GEMM" in name else f"{b * t / sec:,.0f}"
     lines.append(f"| {name} | {sec:.3f} | {tok_s} | {gf:,.1f} | {rate:,.1f} | {100 * rate / gemm_rate:.0f}% |")
-  answer_step, full_step = rows[3][1], rows[4][1]
-  lines += ["", f"Answer-only loss vs full-vocab loss: {full_step / answer_step:.2f}x faster per train step "
-            f"({rows[4][2] / rows[3][2]:.2f}x fewer FLOPs)."]
+  answer_step, auto_step_s, full_step = rows[3][1], rows[4][1], rows[5][1]
+  op_total = prof["dot_seconds"] + prof["other_seconds"]
+  dot_rate = prof["dot_flops"] / 1e9 / prof["dot_seconds"]
+  lines += [
+      "",
+      f"Hand-written LoRA backward vs autodiff's: {auto_step_s / answer_step:.2f}x faster per train step.",
+      f"Answer-only loss vs full-vocab loss: {full_step / answer_step:.2f}x faster per train step "
+      f"({rows[5][2] / rows[3][2]:.2f}x fewer FLOPs).",
+      "",
+      f"Where the answer-only step's time goes (one step under jax.profiler, {op_total:.3f} s of XLA ops): "
+      f"GEMMs {prof['dot_seconds']:.3f} s ({100 * prof['dot_seconds'] / op_total:.0f}%) for "
+      f"{prof['dot_flops'] / 1e9:,.1f} GFLOP = {dot_rate:,.1f} GFLOP/s ({100 * dot_rate / gemm_rate:.0f}% of "
+      f"the GEMM rate); everything else (norms, activations, softmax, rope, layout copies, the optimizer) "
+      f"{prof['other_seconds']:.3f} s. Even with that rest at zero cost the step would run at "
+      f"{100 * rows[3][2] / 1e9 / prof['dot_seconds'] / gemm_rate:.0f}% of the GEMM rate.",
+      "Largest non-GEMM op kinds: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in prof["top_other"]) + ".",
+  ]
   text = "\n".join(lines) + "\n"
   print(text)
   out = Path(args.out)

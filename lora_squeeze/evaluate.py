@@ -11,7 +11,10 @@ choice sees exactly what it would see alone after the prompt). The prompt is the
 choices, and the vocabulary projection is computed only at the positions that predict a choice token: the
 hidden state before each choice token is gathered and projected (``lora.logits_at``). A choice's score is
 the sum of its tokens' log-probabilities; the predicted answer is the arg-max (``acc``), and the
-length-normalised arg-max (mean log-probability per token, ``acc_norm``) is reported beside it.
+length-normalised arg-max (mean log-probability per token, ``acc_norm``) is reported beside it, and so is
+``gold_nll``: the gold choice's negative log-likelihood per token (nats; the best-scored gold for multi-label
+tasks), the held-out counterpart of the training loss. It moves with training long before the arg-max does,
+which is what a short CPU-scale run needs (experiments/claims.py); ``per_example`` keeps both per example.
 
 Tokenisation is the training pipeline's (``data.pipeline.encode_example`` with ``continuation=choice``):
 prompt and choice tokenised separately, so a choice is scored on exactly the tokens a model trained on
@@ -461,16 +464,22 @@ def evaluate_examples(model, task, examples: Sequence[Any], *, lora_params=None,
     return {"task": task.name, "metric": "generative", "n": n, "exact_match": em, "f1": f1,
             "accuracy": em, "ci95": list(wilson_interval(int(round(em * n)), n))}
   scores = ChoiceScorer(model, lora_params, lora_config, max_len=max_len, batch_rows=batch_rows).score(examples)
-  correct = correct_norm = 0
+  correct, correct_norm, gold_nll = [], [], []
   chance = 0.0
   for ex, (sums, counts) in zip(examples, scores):
-    gold = set(ex.answers)
-    correct += int(int(np.argmax(sums)) in gold)
-    correct_norm += int(int(np.argmax(sums / np.maximum(counts, 1))) in gold)
+    gold = sorted(set(ex.answers))
+    correct.append(int(int(np.argmax(sums)) in gold))
+    correct_norm.append(int(int(np.argmax(sums / np.maximum(counts, 1))) in gold))
+    gold_nll.append(float(min(-sums[g] / max(counts[g], 1) for g in gold)))
     chance += len(gold) / len(ex.choices)
-  return {"task": task.name, "metric": task.metric, "n": n, "accuracy": correct / n,
-          "ci95": list(wilson_interval(correct, n)), "accuracy_norm": correct_norm / n,
-          "chance": chance / n}
+  nll = np.asarray(gold_nll)
+  return {"task": task.name, "metric": task.metric, "n": n, "accuracy": sum(correct) / n,
+          "ci95": list(wilson_interval(sum(correct), n)), "accuracy_norm": sum(correct_norm) / n,
+          "chance": chance / n, "gold_nll": float(nll.mean()),
+          "gold_nll_sem": float(nll.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+          # Per example, in ``examples`` order: paired comparisons of two adapters on the same examples
+          # (experiments/claims.py) have far more power than their accuracies' intervals.
+          "per_example": {"correct": correct, "gold_nll": [round(v, 5) for v in gold_nll]}}
 
 
 def evaluate_tasks(model, task_examples: Mapping[str, Sequence[Any]], **kwargs) -> dict[str, Any]:

@@ -14,6 +14,8 @@ artefacts group by:
                  source steps + M; In-Squeeze: N + M)
   squeeze_method efficient | standard | full (Post-/Cont-/In-Squeeze)
   accuracy, ci95 the task metric (``evaluate``), retention = mean V_r over modules (Post-Squeeze)
+  gold_nll       the gold choice's held-out NLL per token (choice tasks), per_example: its per-example values
+                 and correctness (paired comparisons, ``paired``; experiments/claims.py)
 
 The aggregates follow the paper: per task first, then the unweighted mean over tasks (``mean_over_tasks``
 averages only over tasks present in every compared cell, and says how many).
@@ -52,6 +54,8 @@ class Row:
   ci95: tuple[float, float] | None
   n: int | None
   retention: float | None = None
+  gold_nll: float | None = None
+  per_example: Mapping[str, Sequence[float]] | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def _int_rank(value) -> int | None:
@@ -67,6 +71,13 @@ def _metrics(m: Mapping[str, Any] | None) -> tuple[float | None, tuple | None, i
   acc = m.get("accuracy", m.get("average_accuracy"))
   ci = m.get("ci95")
   return (None if acc is None else float(acc)), (tuple(ci) if ci else None), m.get("n")
+
+
+def _nll(m: Mapping[str, Any] | None) -> dict[str, Any]:
+  """The Row fields of a metrics dict's held-out NLL (absent in records made before it existed)."""
+  m = m or {}
+  return {"gold_nll": None if m.get("gold_nll") is None else float(m["gold_nll"]),
+          "per_example": m.get("per_example")}
 
 
 def _records(store: Path) -> list[tuple[str, dict]]:
@@ -122,12 +133,12 @@ def rows_from_result(store: str, cell: str, res: Mapping[str, Any]) -> list[Row]
       out.append(Row(**common, method="post_squeeze", rank=int(r), source_rank=_int_rank(res["source_rank"]),
                      learning_rate=source.get("learning_rate"), steps=int(source.get("steps", 0) or 0),
                      squeeze_method=res.get("method"), accuracy=acc, ci95=ci, n=n,
-                     retention=t.get("retention_mean")))
+                     retention=t.get("retention_mean"), **_nll(t.get("metrics"))))
     return out
   acc, ci, n = _metrics(res.get("metrics"))
   if mode == "zero_shot":
     return [Row(**common, method="zero_shot", rank=0, source_rank=None, learning_rate=None, steps=0,
-                squeeze_method=None, accuracy=acc, ci95=ci, n=n)]
+                squeeze_method=None, accuracy=acc, ci95=ci, n=n, **_nll(res.get("metrics")))]
   stages = res.get("stages") or []
   lr = res.get("learning_rate", stages[0]["learning_rate"] if stages else None)
   steps = int(res.get("steps", 0) or 0)
@@ -145,7 +156,7 @@ def rows_from_result(store: str, cell: str, res: Mapping[str, Any]) -> list[Row]
     raise ValueError(f"results: cell {cell!r} of {store} has an unknown mode {mode!r}")
   return [Row(**common, method=method, rank=_int_rank(res["final_rank"]), source_rank=source_rank,
               learning_rate=None if lr is None else float(lr), steps=steps,
-              squeeze_method=res.get("squeeze_method"), accuracy=acc, ci95=ci, n=n)]
+              squeeze_method=res.get("squeeze_method"), accuracy=acc, ci95=ci, n=n, **_nll(res.get("metrics")))]
 
 
 def load_rows(stores: Iterable[str | os.PathLike]) -> list[Row]:
@@ -174,6 +185,55 @@ def sem(values: Sequence[float]) -> float:
     return float("nan")
   m = mean(values)
   return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Paired:
+  """A − B over the examples both were evaluated on (same task, same held-out examples, same order).
+
+  Attributes:
+    n: examples compared (summed over tasks).
+    accuracy, accuracy_sem: mean difference of per-example correctness (points / 100) and its SEM.
+    nll, nll_sem: mean difference of the gold choice's NLL per token (nats; negative = A fits better).
+    tasks: the tasks compared.
+  """
+
+  n: int
+  accuracy: float
+  accuracy_sem: float
+  nll: float
+  nll_sem: float
+  tasks: tuple[str, ...]
+
+
+def paired(a_rows: Iterable[Row], b_rows: Iterable[Row]) -> Paired | None:
+  """The paired difference A − B, pooled over the tasks where both have per-example results (seeds: the
+  rows of one task are averaged per example first). None when no task has both."""
+  def by_task(rows):
+    out = defaultdict(list)
+    for r in rows:
+      if r.per_example and r.per_example.get("gold_nll"):
+        out[r.task].append(r.per_example)
+    return out
+
+  a, b = by_task(a_rows), by_task(b_rows)
+  d_acc, d_nll, tasks = [], [], []
+  for task in sorted(set(a) & set(b)):
+    def avg(pes, key):
+      n = min(len(p[key]) for p in pes)
+      return [mean([float(p[key][i]) for p in pes]) for i in range(n)]
+    aa, bb = avg(a[task], "correct"), avg(b[task], "correct")
+    an, bn = avg(a[task], "gold_nll"), avg(b[task], "gold_nll")
+    if len(aa) != len(bb):
+      raise ValueError(f"results.paired: task {task!r} was evaluated on {len(aa)} vs {len(bb)} examples; "
+                       "a paired comparison needs the same held-out examples (config.eval.limit)")
+    d_acc += [x - y for x, y in zip(aa, bb)]
+    d_nll += [x - y for x, y in zip(an, bn)]
+    tasks.append(task)
+  if not tasks:
+    return None
+  return Paired(n=len(d_acc), accuracy=mean(d_acc), accuracy_sem=sem(d_acc), nll=mean(d_nll),
+                nll_sem=sem(d_nll), tasks=tuple(tasks))
 
 
 def group(rows: Iterable[Row], key: Callable[[Row], Any]) -> dict[Any, list[Row]]:

@@ -85,6 +85,15 @@ def test_accuracy_metrics_and_intervals(tiny):
   scores = evaluate.ChoiceScorer(tiny, max_len=256).score(exs)
   want = np.mean([int(np.argmax(s)) in ex.answers for (s, _), ex in zip(scores, exs)])
   assert m["accuracy"] == pytest.approx(want) and m["n"] == 3
+  # Held-out NLL: the gold choice's per-token NLL (the best-scored gold of a multi-gold example), from the
+  # full-vocabulary reference scores; per-example values in order.
+  ref = evaluate.full_vocab_choice_scores(tiny, exs)
+  counts = [[len(tiny.tokenizer.encode(c)) for c in ex.choices] for ex in exs]
+  nll = [min(-ref[i][g] / counts[i][g] for g in ex.answers) for i, ex in enumerate(exs)]
+  np.testing.assert_allclose(m["per_example"]["gold_nll"], nll, rtol=1e-4)
+  assert m["gold_nll"] == pytest.approx(np.mean(nll), rel=1e-4)
+  assert m["gold_nll_sem"] == pytest.approx(np.std(nll, ddof=1) / np.sqrt(3), rel=1e-3)
+  assert m["per_example"]["correct"] == [int(int(np.argmax(s)) in ex.answers) for (s, _), ex in zip(scores, exs)]
   assert m["chance"] == pytest.approx((1 / 3 + 1 / 2 + 2 / 4) / 3)
   lo, hi = evaluate.wilson_interval(56, 100)
   assert (round(lo, 4), round(hi, 4)) == (0.4623, 0.6533)  # Wilson 95% for 56/100 (z = 1.96)

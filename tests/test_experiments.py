@@ -145,6 +145,41 @@ def test_every_script_writes_md_and_png(store, tmp_path):
   assert "100.0" in ret  # V_r(2 -> 2)
 
 
+def test_claims_pair_the_records(store, tmp_path):
+  """experiments/claims.py: every claim the store has cells for, and the paired NLL difference it prints for
+  Post-Squeeze 2 -> 1 vs direct r=1 equals the per-example records' (direct: its best rate, seeds averaged
+  per example)."""
+  out = tmp_path / "out"
+  assert _script("claims").main(["--results", str(store), "--out", str(out)]) == 0
+  assert (out / "claims.png").stat().st_size > 1000
+  md = (out / "claims.md").read_text()
+  for label in ("Post-Squeeze 2→1", "efficient (Alg. 2)", "Cont-Squeeze 2→1 +4", "In-Squeeze standard 2→1",
+                "In-Squeeze min-steps 2→1", "| 2→1 | yes |"):
+    assert label in md, label
+  best = R.best_direct_lr(R.load_rows([store]))[1]
+  post = _record(store, "synthetic_s42_post_from2_efficient")["targets"]["1"]["metrics"]["per_example"]
+  direct = [_record(store, f"synthetic_s{s}_direct_r1_lr{best:g}")["metrics"]["per_example"] for s in (42, 43)]
+  diffs = [p - (d0 + d1) / 2 for p, d0, d1 in zip(post["gold_nll"], direct[0]["gold_nll"], direct[1]["gold_nll"])]
+  row = next(line for line in md.splitlines() if "| Post-Squeeze 2→1 | direct r=1 |" in line)
+  assert f"{R.mean(diffs):+.4f} ± {R.sem(diffs):.4f}" in row, (row, R.mean(diffs))
+
+
+def test_paired_differences():
+  def row(task, nll, correct, **kw):
+    return R.Row(store="s", cell="c", task=task, model="m", method="direct", rank=1, source_rank=None,
+                 learning_rate=0.1, seed=42, steps=8, squeeze_method=None, accuracy=None, ci95=None, n=len(nll),
+                 per_example={"gold_nll": nll, "correct": correct}, **kw)
+  a = [row("t1", [1.0, 2.0, 3.0], [1, 1, 0]), row("t2", [0.5], [1])]
+  b = [row("t1", [1.0, 1.0, 1.0], [0, 1, 0]), row("t3", [9.0], [0])]
+  p = R.paired(a, b)  # only t1 is in both
+  assert p.tasks == ("t1",) and p.n == 3
+  assert p.nll == pytest.approx(1.0) and p.nll_sem == pytest.approx(1.0 / math.sqrt(3))
+  assert p.accuracy == pytest.approx(1 / 3)
+  assert R.paired(a[1:], b[:1]) is None
+  with pytest.raises(ValueError, match="same held-out examples"):
+    R.paired([row("t1", [1.0, 2.0], [1, 1])], b[:1])
+
+
 def test_appendix_e_reproduces_the_papers_numbers(tmp_path):
   assert _script("appE_flops").main(["--out", str(tmp_path)]) == 0
   md = (tmp_path / "appE_flops.md").read_text()

@@ -1,0 +1,176 @@
+"""The paper's claims, one by one, as paired comparisons on the same held-out examples.
+
+Each claim compares two sets of adapters A and B evaluated on the same examples of the same tasks
+(``results.paired``): the mean per-example difference A − B of correctness (accuracy points) and of the gold
+choice's NLL per token (nats), each with its standard error over the pooled examples. Pairing removes the
+between-example variance that makes two accuracies' 95% intervals overlap at n = 100; the NLL moves with
+training long before the arg-max does. A verdict needs |difference| > 2 SEM:
+
+  * "A better than B" claims: supported / contradicted / not significant, on NLL and on accuracy;
+  * "no difference" claims (Fig. 5: efficient = standard Post-Squeeze): supported when neither is significant.
+
+Claims checked, as far as the store holds the cells (configs/paper.py: heatmap + table1 artefacts):
+  1. Post-Squeeze r_src → r_tgt beats direct training at r_tgt (Fig. 4), for every (r_src, r_tgt < r_src),
+     and pooled over all of them;
+  2. memory-efficient Post-Squeeze (Alg. 2) = standard (Alg. 1, RSVD of ΔW) (Fig. 5), pooled;
+  3. V_r when halving the rank is high (App. F: ~94-96%), and lower for large steps;
+  4. Cont-Squeeze (+M steps at r_tgt) recovers from a large squeeze: better than Post-Squeeze r_src → r_tgt;
+  5. Cont-Squeeze and In-Squeeze (standard, minimum-steps) against direct training at r_tgt for the same
+     N + M steps (Table 1).
+Seed variation is Table 3's (experiments/table3_seeds.py).
+
+  python experiments/claims.py --results runs/heatmap runs/table1 --out experiments/results/paper
+writes claims.{md,png}.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lora_squeeze import results as R  # noqa: E402
+
+
+def _direct(rows, rank, steps):
+  """Direct training at ``rank`` for ``steps`` steps, at its best rate when the store has several."""
+  cands = [r for r in rows if r.method == "direct" and r.rank == rank and r.steps == steps]
+  lrs = {r.learning_rate for r in cands}
+  if len(lrs) > 1:
+    best = R.best_direct_lr(cands).get(rank)
+    cands = [r for r in cands if r.learning_rate == best]
+  return cands
+
+
+def _post(rows, src, tgt, method="efficient"):
+  return [r for r in rows if r.method == "post_squeeze" and r.source_rank == src and r.rank == tgt
+          and (r.squeeze_method or "efficient") == method]
+
+
+def _verdict(d, d_sem, better_is_negative: bool, equality: bool = False) -> str:
+  if d_sem is None or math.isnan(d_sem):
+    return "n/a"
+  if d_sem == 0:
+    return "identical" if d == 0 else ("A better" if (d < 0) == better_is_negative else "B better")
+  z = d / d_sem
+  if equality:
+    return "no significant difference" if abs(z) <= 2 else f"differ ({z:+.1f} SEM)"
+  if abs(z) <= 2:
+    return "not significant"
+  return "A better" if (z < 0) == better_is_negative else "B better"
+
+
+def comparisons(rows):
+  """[(claim, A label, B label, Paired, equality?)] for every claim the store has cells for."""
+  out = []
+  post_pairs = sorted({(r.source_rank, r.rank) for r in rows if r.method == "post_squeeze"
+                       and r.source_rank and r.rank < r.source_rank}, key=lambda p: (-p[0], -p[1]))
+  pooled_a, pooled_b = [], []
+  for src, tgt in post_pairs:
+    a = _post(rows, src, tgt)
+    n_steps = {r.steps for r in a}
+    b = [r for s in n_steps for r in _direct(rows, tgt, s)]
+    p = R.paired(a, b)
+    if p:
+      out.append(("Post-Squeeze beats direct at r_tgt (Fig. 4)", f"Post-Squeeze {src}→{tgt}", f"direct r={tgt}",
+                  p, False))
+      # Pooled: every (post, direct) pair once; relabel tasks so pairs do not merge per task.
+      pooled_a += [_relabel(r, f"{src}->{tgt}") for r in a]
+      pooled_b += [_relabel(r, f"{src}->{tgt}") for r in b]
+  p = R.paired(pooled_a, pooled_b)
+  if p and len(post_pairs) > 1:
+    out.append(("Post-Squeeze beats direct at r_tgt (Fig. 4)", "Post-Squeeze, all r_src → r_tgt",
+                "direct r_tgt", p, False))
+  ea, eb = [], []
+  for src, tgt in post_pairs + sorted({(r.source_rank, r.rank) for r in rows if r.method == "post_squeeze"
+                                        and r.rank == r.source_rank}):
+    a, b = _post(rows, src, tgt, "efficient"), _post(rows, src, tgt, "rsvd")
+    if a and b:
+      ea += [_relabel(r, f"{src}->{tgt}") for r in a]
+      eb += [_relabel(r, f"{src}->{tgt}") for r in b]
+  p = R.paired(ea, eb)
+  if p:
+    out.append(("efficient = standard Post-Squeeze (Fig. 5)", "efficient (Alg. 2)", "standard (RSVD, Alg. 1)",
+                p, True))
+  for method, label in (("cont_squeeze", "Cont-Squeeze"), ("in_squeeze_standard", "In-Squeeze standard"),
+                        ("in_squeeze_min_steps", "In-Squeeze min-steps")):
+    for (src, tgt, steps), a in sorted(R.group([r for r in rows if r.method == method],
+                                               lambda r: (r.source_rank, r.rank, r.steps)).items()):
+      if method == "cont_squeeze":
+        post = _post(rows, src, tgt)
+        p = R.paired(a, post)
+        if p:
+          m = steps - min((r.steps for r in post), default=steps)
+          out.append(("Cont-Squeeze recovers from a large squeeze", f"{label} {src}→{tgt} +{m}",
+                      f"Post-Squeeze {src}→{tgt}", p, False))
+      b = _direct(rows, tgt, steps)
+      p = R.paired(a, b)
+      if p:
+        out.append((f"{label} vs direct training, same steps (Table 1)", f"{label} {src}→{tgt}",
+                    f"direct r={tgt}, {steps} steps", p, False))
+  return out
+
+
+def _relabel(row, tag):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  return dataclasses.replace(row, task=f"{row.task}|{tag}")
+
+
+def retention_rows(rows):
+  """[(r_src, r_tgt, mean V_r over tasks)] of the Post-Squeeze rows (efficient), r_tgt < r_src."""
+  by = R.group([r for r in rows if r.method == "post_squeeze" and r.retention is not None
+                and (r.squeeze_method or "efficient") == "efficient" and r.rank < (r.source_rank or 0)],
+               lambda r: (r.source_rank, r.rank))
+  return sorted(((s, t, R.mean([r.retention for r in v])) for (s, t), v in by.items()), key=lambda x: (-x[0], -x[1]))
+
+
+def main(argv=None):
+  args, rows = R.script_args(__doc__, argv)
+  comps = comparisons(rows)
+  if not comps:
+    raise SystemExit("claims: no pair of cells with per-example results to compare (records made before "
+                     "evaluate stored per-example results cannot be paired)")
+  table = []
+  for claim, a, b, p, equality in comps:
+    table.append([claim, a, b, ", ".join(sorted({t.split("|")[0] for t in p.tasks})), str(p.n),
+                  f"{100 * p.accuracy:+.1f} ± {100 * p.accuracy_sem:.1f}",
+                  _verdict(p.accuracy, p.accuracy_sem, better_is_negative=False, equality=equality),
+                  f"{p.nll:+.4f} ± {p.nll_sem:.4f}",
+                  _verdict(p.nll, p.nll_sem, better_is_negative=True, equality=equality)])
+  title = f"{args.title} the paper's claims, paired on the same held-out examples".strip()
+  md = [f"# Claims: {title}\n\n",
+        "A − B per held-out example, mean ± SEM over the pooled examples; accuracy in points (positive = A "
+        "better), gold-choice NLL in nats per token (negative = A better). Verdicts need |mean| > 2 SEM.\n\n",
+        R.markdown_table(["claim", "A", "B", "tasks", "examples", "Δ accuracy (points)", "verdict (accuracy)",
+                          "Δ NLL (nats/token)", "verdict (NLL)"], table, align="lllllrlrl")]
+  ret = retention_rows(rows)
+  if ret:
+    md += ["\n## Retention V_r of Post-Squeeze (App. F; mean over tasks and modules)\n\n",
+           R.markdown_table(["r_src → r_tgt", "halving?", "V_r"],
+                            [[f"{s}→{t}", "yes" if 2 * t == s else "", f"{100 * v:.1f}%"] for s, t, v in ret])]
+  md.append("\n" + R.provenance(args.results, rows))
+
+  plt = R.pyplot()
+  labels = [f"{a}  vs  {b}" for _, a, b, _, _ in comps]
+  fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 + 0.32 * len(comps)), sharey=True)
+  y = list(range(len(comps)))[::-1]
+  for ax, vals, sems, name in (
+      (axes[0], [-p.nll for *_, p, _ in comps], [2 * p.nll_sem for *_, p, _ in comps],
+       "NLL improvement of A over B (nats/token), ± 2 SEM"),
+      (axes[1], [100 * p.accuracy for *_, p, _ in comps], [200 * p.accuracy_sem for *_, p, _ in comps],
+       "accuracy gain of A over B (points), ± 2 SEM")):
+    colors = ["#c0392b" if v - e > 0 else "#2471a3" if v + e < 0 else "#999999" for v, e in zip(vals, sems)]
+    ax.barh(y, vals, xerr=[0 if math.isnan(e) else e for e in sems], color=colors, capsize=2)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel(name, fontsize=8)
+  axes[0].set_yticks(y, labels, fontsize=7)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  png = R.save_figure(fig, Path(args.out) / "claims.png")
+  return R.finish(args.out, "claims", md, png)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

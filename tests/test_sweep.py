@@ -73,7 +73,8 @@ def test_real_tiny_sweep_and_report(tmp_path):
   def run_with_fake_eval(cfg, workdir):
     calls.append(cfg.mode)
     return train.run(cfg, workdir, evaluate_fn=lambda m, p, c: {"accuracy": 0.5 + 0.01 * len(
-        train.lora_lib.lora_ranks(p)) / 100, "ci95": [0.4, 0.6]})
+        train.lora_lib.lora_ranks(p)) / 100, "ci95": [0.4, 0.6],
+        "gold_nll": 1.0 + 0.1 * max(train.lora_lib.lora_ranks(p).values()), "gold_nll_sem": 0.01})
 
   records = sweep.run_sweep(config, tmp_path, run_fn=run_with_fake_eval)
   assert all(r["status"] == "ok" for r in records.values()), records
@@ -83,5 +84,6 @@ def test_real_tiny_sweep_and_report(tmp_path):
   reports.write_report({"name": "q", "title": "tiny"}, tmp_path, records)
   md = (tmp_path / "q.md").read_text()
   assert "post_squeeze from r=4" in md and "| direct_r4 | direct | 4 | 6 |" in md
+  assert "| 1.4000 ± 0.0100 |" in md and "| 1.1000 ± 0.0100 |" in md  # held-out NLL of r=4 and of r=1
   png = (tmp_path / "q.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000

@@ -14,6 +14,11 @@ FLOPs per call come from XLA's own cost analysis of the compiled program (``comp
 so they count what actually runs; the matmul rate is an XLA float32 GEMM measured in the same run, so
 "% of matmul" compares like with like on a shared, noisy machine.
 
+Tried and dropped (measured on the 2-core AMD EPYC of experiments/results/model_speed.md): letting XLA choose
+the frozen weights' layouts (``Format(Layout.AUTO)`` inputs, weights placed once in them: 91 of them change
+layout) ran the step in 2.443 s against 2.405 s; the vocabulary projection's backward (K = 262,144, 167
+GFLOP/s) split into 2-64 chunks as one batched GEMM or an einsum ran no faster (97-168 GFLOP/s).
+
   python experiments/model_speed.py [--batch 8 --seq 128 --answer 16 --rank 8 --repeats 5]
 writes experiments/results/model_speed.md.
 """

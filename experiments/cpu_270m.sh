@@ -4,14 +4,14 @@
 # and experiments/claims.py (the paper's claims as paired comparisons on the same held-out examples).
 # Resumable: rerunning skips finished cells. Usage: bash experiments/cpu_270m.sh [RUN_DIR]
 # About 2 minutes per training cell on 2 CPU cores (32 steps + loading + a 100-example evaluation): the
-# 48 cells of the three tasks take about two hours.
+# 48 cells of the three tasks take about an hour and a half.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN="${1:-runs/cpu_270m}"
 OUT=experiments/results/cpu_270m
 PY="${PYTHON:-.venv/bin/python}"
-ARGS="${CPU_ARGS:-runlocal,tasks=obqa+piqa+arc_e,ranks=1+2+4+8+16+32,sources=16+32,schemes=standard+min_steps}"
-SEEDS="${CPU_SEEDS:-runlocal,artefact=lr_grid,tasks=piqa,ranks=4,lr_grid=0.1,seeds=43+44}"
+ARGS="${CPU_ARGS:-runlocal,tasks=obqa+siqa+arc_e,ranks=1+2+4+8+16+32,sources=16+32,schemes=standard+min_steps}"
+SEEDS="${CPU_SEEDS:-runlocal,artefact=lr_grid,tasks=arc_e,ranks=4,lr_grid=0.1,seeds=43+44}"
 "$PY" -m lora_squeeze.sweep --config="configs/paper.py:artefact=heatmap+table1,${ARGS}" --workdir="$RUN"
 "$PY" -m lora_squeeze.sweep --config="configs/paper.py:${SEEDS}" --workdir="$RUN"
 mkdir -p "$OUT/store/results"

@@ -52,7 +52,7 @@ def test_paper_scale_cells():
   assert len(union) == 24 + 12 - 2  # the direct r128 and r1 cells are shared
   local = _paper("artefact=heatmap,runlocal")
   assert local.model == "gemma3_270m" and local.data.source == "olmo"
-  assert {x["overrides"]["data.task"] for x in local.sweep} == {"arc_e", "obqa", "piqa"}
+  assert {x["overrides"]["data.task"] for x in local.sweep} == {"arc_e", "obqa", "siqa"}
   with pytest.raises(ValueError, match="artefact"):
     _paper("artefact=fig99")
   with pytest.raises(ValueError, match="RANK:RATE"):

@@ -15,16 +15,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_squeeze import results as R  # noqa: E402
 
 
-def per_seed(rows):
-  """{(method, rank, lr, steps): {seed: task-averaged accuracy}} over cells with results for every task."""
+def per_seed(rows, value=lambda r: r.accuracy):
+  """{(method, rank, lr, steps, tasks): {seed: task-averaged value}}: per configuration, the tasks that two or
+  more seeds ran, averaged for every seed that ran all of them (a seed sweep on one task next to a main sweep
+  on three compares that one task)."""
   out = {}
-  for key, rs in R.group([r for r in rows if r.accuracy is not None and r.method != "post_squeeze"],
+  for key, rs in R.group([r for r in rows if value(r) is not None and r.method != "post_squeeze"],
                          lambda r: (r.method, r.rank, r.learning_rate, r.steps)).items():
-    tasks = sorted({r.task for r in rs})
+    seeds_of = R.group(rs, lambda r: r.task)
+    tasks = tuple(sorted(t for t, trs in seeds_of.items() if len({r.seed for r in trs}) >= 2))
+    if not tasks:
+      continue
     for seed, srs in R.group(rs, lambda r: r.seed).items():
-      by_task = {r.task: r.accuracy for r in srs}
+      by_task = {r.task: value(r) for r in srs}
       if all(t in by_task for t in tasks):
-        out.setdefault(key, {})[seed] = R.mean_over_tasks(by_task, tasks)
+        out.setdefault(key + (tasks,), {})[seed] = R.mean_over_tasks(by_task, tasks)
   return {k: v for k, v in out.items() if len(v) >= 2}
 
 
@@ -34,15 +39,19 @@ def main(argv=None):
   if not data:
     raise SystemExit("table3: no configuration was run with two or more seeds")
   keys = sorted(data, key=lambda k: (k[0] != "direct", k[0], k[1], k[2] or 0, k[3]))
+  nll = per_seed(rows, lambda r: r.gold_nll)
   table = []
   for k in keys:
     vals = list(data[k].values())
-    table.append([k[0], str(k[1]), "—" if k[2] is None else f"{k[2]:g}", str(k[3]),
+    nv = [nll[k][s] for s in sorted(data[k]) if s in nll.get(k, {})]
+    table.append([k[0], str(k[1]), "—" if k[2] is None else f"{k[2]:g}", str(k[3]), ", ".join(k[4]),
                   " ".join(str(s) for s in sorted(data[k])),
-                  f"{100 * R.mean(vals):.2f} ± {100 * R.sem(vals):.2f}"])
-  title = f"{args.title} mean ± SEM over seeds (task-averaged accuracy, %)".strip()
+                  f"{100 * R.mean(vals):.2f} ± {100 * R.sem(vals):.2f}",
+                  f"{R.mean(nv):.4f} ± {R.sem(nv):.4f}" if len(nv) == len(vals) else "—"])
+  title = f"{args.title} mean ± SEM over seeds (task-averaged)".strip()
   md = [f"# Table 3: {title}\n\n",
-        R.markdown_table(["method", "rank", "lr", "steps", "seeds", "accuracy"], table, align="llrrll"),
+        R.markdown_table(["method", "rank", "lr", "steps", "tasks", "seeds", "accuracy (%)",
+                          "held-out NLL (nats/token)"], table, align="llrrllll"),
         "\n" + R.provenance(args.results, rows)]
   plt = R.pyplot()
   fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(keys) + 1.5), 3.4))

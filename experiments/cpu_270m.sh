@@ -16,7 +16,7 @@ SEEDS="${CPU_SEEDS:-runlocal,artefact=lr_grid,tasks=arc_e,ranks=4,lr_grid=0.1,se
 "$PY" -m lora_squeeze.sweep --config="configs/paper.py:${SEEDS}" --workdir="$RUN"
 mkdir -p "$OUT/store/results"
 cp "$RUN"/results/*.json "$OUT/store/results/"   # the records (small); the cells' checkpoints stay in $RUN
-for s in fig4_heatmap fig5_efficient_vs_standard fig6_retention table1_methods table3_seeds claims; do
+for s in fig3_lr_transfer fig4_heatmap fig5_efficient_vs_standard fig6_retention table1_methods table3_seeds claims; do
   "$PY" "experiments/$s.py" --results "$OUT/store" --out "$OUT" --title "270M CPU" > /dev/null || echo "$s failed"
 done
 "$PY" experiments/appE_flops.py --out "$OUT" > /dev/null

@@ -25,6 +25,7 @@ writes claims.{md,png}.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -114,7 +115,6 @@ def comparisons(rows):
 
 
 def _relabel(row, tag):
-  import dataclasses  # pylint: disable=g-import-not-at-top
   return dataclasses.replace(row, task=f"{row.task}|{tag}")
 
 

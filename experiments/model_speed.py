@@ -93,16 +93,33 @@ def profile_step(compiled_text: str, run_once) -> dict:
     jax.profiler.stop_trace()
     trace = json.load(gzip.open(sorted(glob.glob(f"{d}/**/*perfetto*.json.gz", recursive=True))[-1]))
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  secs = collections.Counter()
+  secs, kinds = collections.Counter(), collections.Counter()  # GEMM vs rest; the rest by op kind
   for e in events:
     if e.get("ph") == "X" and e["name"] in shapes:
-      secs["dot" if e["name"] in dot_flops else "other"] += e.get("dur", 0) / 1e6
-  kinds = collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and e["name"] in shapes and e["name"] not in dot_flops:
-      kinds[re.sub(r"[._]\d+$", "", e["name"])] += e.get("dur", 0) / 1e6
+      dur = e.get("dur", 0) / 1e6
+      if e["name"] in dot_flops:
+        secs["dot"] += dur
+      else:
+        secs["other"] += dur
+        kinds[re.sub(r"[._]\d+$", "", e["name"])] += dur
   return {"dot_seconds": secs["dot"], "other_seconds": secs["other"], "dot_flops": sum(dot_flops.values()),
           "top_other": kinds.most_common(6)}
+
+
+def _step_runner(trainer, rank, params, batch, lr, *, nonzero_b: bool):
+  """({"state": ...}, FLOPs per step, one_step()): a fresh state at ``rank`` (b moved off zero for a real LoRA
+  forward when ``nonzero_b``) and a closure running the jitted, donating train step on it."""
+  holder = {"state": trainer.init_state(jax.random.key(0), rank)}
+  if nonzero_b:
+    holder["state"]["params"] = jax.tree.map(lambda x: x + 0.01, holder["state"]["params"])
+  step = trainer._train_step  # pylint: disable=protected-access
+  flops = _flops(step, holder["state"], params, batch, lr)
+
+  def one_step():
+    holder["state"], m = step(holder["state"], params, batch, lr)
+    return m["loss"]
+
+  return holder, flops, one_step
 
 
 def _cpu_name() -> str:
@@ -153,55 +170,31 @@ def main(argv=None) -> int:
   sec = _time(lambda: fwd_full(params, tokens), args.repeats)
   rows.append(("forward, full logits (gemma __call__)", sec, _flops(fwd_full, params, tokens)))
 
-  trainer = train.Trainer(model, cfg, max_targets=n_targets)
-  state = trainer.init_state(jax.random.key(0), args.rank)
-  state["params"] = jax.tree.map(lambda x: x + 0.01, state["params"])  # nonzero b: a real LoRA forward
-  hidden_fwd = jax.jit(lambda lp, base, batch: trainer._loss(lp, base, batch))  # pylint: disable=protected-access
-  sec = _time(lambda: hidden_fwd(state["params"], params, batch), args.repeats)
-  rows.append((f"forward with LoRA r={args.rank}, logits at {n_targets} answer tokens", sec,
-               _flops(hidden_fwd, state["params"], params, batch)))
-
-  step = trainer._train_step  # pylint: disable=protected-access
   lr = jnp.float32(1e-3)
-  flops_step = _flops(step, state, params, batch, lr)
-  holder = {"state": state}
-
-  def one_step():
-    holder["state"], m = step(holder["state"], params, batch, lr)
-    return m["loss"]
+  trainer = train.Trainer(model, cfg, max_targets=n_targets)
+  holder, flops_step, one_step = _step_runner(trainer, args.rank, params, batch, lr, nonzero_b=True)
+  lora_params = holder["state"]["params"]  # timed before the first (donating) step
+  hidden_fwd = jax.jit(lambda lp, base, batch: trainer._loss(lp, base, batch))  # pylint: disable=protected-access
+  sec = _time(lambda: hidden_fwd(lora_params, params, batch), args.repeats)
+  rows.append((f"forward with LoRA r={args.rank}, logits at {n_targets} answer tokens", sec,
+               _flops(hidden_fwd, lora_params, params, batch)))
 
   sec = _time(one_step, args.repeats)
   rows.append((f"LoRA r={args.rank} train step, answer-only loss ({n_targets} logits)", sec, flops_step))
-  prof = profile_step(step.lower(holder["state"], params, batch, lr).compile().as_text(),
+  prof = profile_step(trainer._train_step.lower(holder["state"], params, batch, lr).compile().as_text(),  # pylint: disable=protected-access
                       lambda: jax.block_until_ready(one_step()))
 
   lora.HAND_BACKWARD = False  # the same step with autodiff's backward for the LoRA product (before)
-  auto_trainer = train.Trainer(model, cfg, max_targets=n_targets)
-  auto_step = auto_trainer._train_step  # pylint: disable=protected-access
-  auto = {"state": auto_trainer.init_state(jax.random.key(0), args.rank)}
-  auto["state"]["params"] = jax.tree.map(lambda x: x + 0.01, auto["state"]["params"])
-  flops_auto = _flops(auto_step, auto["state"], params, batch, lr)
-
-  def one_auto_step():
-    auto["state"], m = auto_step(auto["state"], params, batch, lr)
-    return m["loss"]
-
+  _, flops_auto, one_auto_step = _step_runner(train.Trainer(model, cfg, max_targets=n_targets), args.rank,
+                                              params, batch, lr, nonzero_b=True)
   sec = _time(one_auto_step, args.repeats)
   lora.HAND_BACKWARD = True
   rows.append((f"LoRA r={args.rank} train step, answer-only loss, autodiff LoRA backward (before)", sec,
                flops_auto))
 
-  full_trainer = train.Trainer(model, cfg, max_targets=b * t)
   full_mask = dict(batch, loss_mask=np.ones((b, t), np.int32))
-  full_state = full_trainer.init_state(jax.random.key(0), args.rank)
-  fstep = full_trainer._train_step  # pylint: disable=protected-access
-  flops_full = _flops(fstep, full_state, params, full_mask, lr)
-  fholder = {"state": full_state}
-
-  def one_full_step():
-    fholder["state"], m = fstep(fholder["state"], params, full_mask, lr)
-    return m["loss"]
-
+  _, flops_full, one_full_step = _step_runner(train.Trainer(model, cfg, max_targets=b * t), args.rank, params,
+                                              full_mask, lr, nonzero_b=False)
   sec = _time(one_full_step, args.repeats)
   rows.append((f"LoRA r={args.rank} train step, full-vocab loss ({b * (t - 1)} logits)", sec, flops_full))
 

@@ -216,12 +216,13 @@ def paired(a_rows: Iterable[Row], b_rows: Iterable[Row]) -> Paired | None:
         out[r.task].append(r.per_example)
     return out
 
+  def avg(pes, key):  # per example, over the rows (seeds) of one task
+    n = min(len(p[key]) for p in pes)
+    return [mean([float(p[key][i]) for p in pes]) for i in range(n)]
+
   a, b = by_task(a_rows), by_task(b_rows)
   d_acc, d_nll, tasks = [], [], []
   for task in sorted(set(a) & set(b)):
-    def avg(pes, key):
-      n = min(len(p[key]) for p in pes)
-      return [mean([float(p[key][i]) for p in pes]) for i in range(n)]
     aa, bb = avg(a[task], "correct"), avg(b[task], "correct")
     an, bn = avg(a[task], "gold_nll"), avg(b[task], "gold_nll")
     if len(aa) != len(bb):

@@ -2,7 +2,7 @@
 
     lora-squeeze squeeze IN_DIR OUT_DIR --rank R  [--method efficient|rsvd|svd] [--dtype keep|float32|...]
     lora-squeeze squeeze IN_DIR OUT_DIR --energy E [--per-module] [--dry-run] [--force]
-    lora-squeeze inspect IN_DIR [--plot retention.png]
+    lora-squeeze inspect IN_DIR [--plot retention.png|.pdf|.svg|...]
 
 A PEFT LoRA adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with, per adapted
 module, ``<prefix>.lora_A.weight`` (r, in) and ``<prefix>.lora_B.weight`` (out, r) (``lora_embedding_A``
@@ -30,11 +30,18 @@ first module is squeezed, so the header is written first and each tensor's bytes
 about one module's factors plus the JAX runtime, whatever the adapter's size. The output directory is
 built next to OUT_DIR and renamed into place at the end: on any error OUT_DIR does not exist.
 
+Safety (``_check_out_dir``, ``_atomic_dir``): an OUT_DIR that is IN_DIR, contains it or lies inside it is
+refused before any work, --force or not (symlinks resolved): replacing it would delete the input. A rank
+above a module's full rank min(out, in) is capped there (``plan_ranks``; one note on stderr), since ΔW is
+exact at full rank. The scratch directory (``.OUT_DIR.<pid>@<host>.<random>.partial``) carries its writer's
+PID, so a later write of the same OUT_DIR removes those of killed runs and never a live writer's; it is
+made like ``mkdir`` makes directories (0777 minus the umask), so OUT_DIR does not end up 0700.
+
 Speed (experiments/peft_squeeze_speed.py: a Llama-3-8B-shaped rank-64 adapter in seconds on 2 CPU cores,
 where the full-ΔW SVD route takes hours): the efficient route costs milliseconds per module, so the
 fixed costs dominate and are cut where they arise: XLA compiles (one per distinct module shape, 2-5 s on
 CPU: see ``squeeze_matrices`` for the exact padding/rank tricks that make a Llama adapter need two, and
-``enable_compile_cache`` for reusing them across runs), per-call dispatch (numpy in and out), and
+``runtime.enable_compile_cache`` for reusing them across runs), per-call dispatch (numpy in and out), and
 OpenBLAS threads in jaxlib's small LAPACK calls (``small_lapack_threads``).
 
 Gemma 3 LoRAs in and out (our tree, lora.py's layout, <-> a PEFT directory that PEFT and vLLM load on the
@@ -87,11 +94,14 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
+import signal
+import socket
 import struct
 import sys
-import tempfile
 import time
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -100,6 +110,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from lora_squeeze import runtime
 from lora_squeeze import squeeze
 
 CONFIG_NAME = "adapter_config.json"
@@ -451,6 +462,11 @@ class LoraModule:
     return self.shape_b[0]
 
   @property
+  def full_rank(self) -> int:
+    """min(out_features, in_features): no ΔW of this module has a higher rank, so no target rank need be higher."""
+    return min(self.out_features, self.in_features)
+
+  @property
   def kind(self) -> str:
     """The module's type for summaries: its last name component (q_proj, down_proj, ...)."""
     return self.name.rsplit(".", 1)[-1]
@@ -679,14 +695,9 @@ def check_target(rank: int | None, energy: float | None, per_module: bool) -> No
     raise AdapterError(f"--energy must be in (0, 1], got {energy}")
 
 
-def plan_ranks(modules: Sequence[LoraModule], spectra: Mapping[str, np.ndarray] | None, *,
-               rank: int | None = None, energy: float | None = None, per_module: bool = False
-               ) -> dict[str, int]:
-  """Each module's target rank: ``rank`` everywhere, or from the retention target ``energy``.
-
-  ``energy`` alone: one rank for all, the largest of the per-module choices (``choose_homogeneous_rank``);
-  with ``per_module``: each module's own smallest rank with V_r >= energy (``choose_rank``).
-  """
+def _wanted_ranks(modules: Sequence[LoraModule], spectra: Mapping[str, np.ndarray] | None, *,
+                  rank: int | None, energy: float | None, per_module: bool) -> dict[str, int]:
+  """``plan_ranks`` before the full-rank cap."""
   check_target(rank, energy, per_module)
   if rank is not None:
     return {m.name: rank for m in modules}
@@ -694,6 +705,33 @@ def plan_ranks(modules: Sequence[LoraModule], spectra: Mapping[str, np.ndarray] 
     return {m.name: squeeze.choose_rank(spectra[m.name], energy) for m in modules}
   r = squeeze.choose_homogeneous_rank({m.name: spectra[m.name] for m in modules}, energy)
   return {m.name: r for m in modules}
+
+
+def plan_ranks(modules: Sequence[LoraModule], spectra: Mapping[str, np.ndarray] | None, *,
+               rank: int | None = None, energy: float | None = None, per_module: bool = False
+               ) -> dict[str, int]:
+  """Each module's target rank: ``rank`` everywhere, or from the retention target ``energy``.
+
+  ``energy`` alone: one rank for all, the largest of the per-module choices (``choose_homogeneous_rank``);
+  with ``per_module``: each module's own smallest rank with V_r >= energy (``choose_rank``). Every rank is
+  capped at the module's full rank min(out, in) (``LoraModule.full_rank``): ΔW_eff is then kept exactly,
+  and a higher rank would only add random A rows with zero B columns, bytes that change nothing (``--rank
+  1000000`` wrote a 1.9 GiB adapter). A rank above r_src but within the full rank is kept (it grows the
+  adapter, ΔW exact).
+  """
+  wanted = _wanted_ranks(modules, spectra, rank=rank, energy=energy, per_module=per_module)
+  return {m.name: min(wanted[m.name], m.full_rank) for m in modules}
+
+
+def _cap_note(modules: Sequence[LoraModule], wanted: Mapping[str, int], ranks: Mapping[str, int],
+              rank: int | None, energy: float | None) -> str | None:
+  """The one-line note that ``plan_ranks`` capped some modules' ranks (None when it capped none)."""
+  capped = [m for m in modules if ranks[m.name] < wanted[m.name]]
+  if not capped:
+    return None
+  what = f"--rank {rank}" if rank is not None else f"the rank chosen for --energy {energy:g}"
+  return (f"{what} exceeds the full rank of {len(capped)} modules; capped at min(m, n) per module (largest "
+          f"{max(ranks[m.name] for m in capped)})")
 
 
 def output_config(config: LoraConfig, ranks: Mapping[str, int]) -> dict:
@@ -746,6 +784,7 @@ class SqueezeReport:
   in_bytes: int
   out_bytes: int
   seconds: float = 0.0
+  note: str | None = None  # e.g. that ranks were capped at full rank: the command prints it on stderr
 
   def table(self) -> str:
     width = max(len(m.name) for m in self.modules)
@@ -799,8 +838,10 @@ def squeeze_adapter(in_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
   """Writes a copy of the PEFT adapter ``in_dir`` at new ranks to ``out_dir`` (see the module docstring).
 
   Args:
-    in_dir, out_dir: adapter directories; ``out_dir`` must not exist unless ``force``.
-    rank: one target rank for every module; or
+    in_dir, out_dir: adapter directories; ``out_dir`` must not exist unless ``force``, and may never be
+      ``in_dir``, contain it or lie inside it.
+    rank: one target rank for every module (capped at each module's full rank min(out, in): see
+      ``plan_ranks``; the report's ``note`` says when); or
     energy: a retention target (0, 1]: one rank for all modules (the largest per-module choice), or with
       ``per_module`` each module's own rank (written as rank_pattern/alpha_pattern).
     method: "efficient" (Alg. 2, never forms ΔW), "rsvd" (Alg. 1) or "svd" (full SVD of ΔW).
@@ -822,19 +863,18 @@ def squeeze_adapter(in_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
     raise AdapterError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
   check_target(rank, energy, per_module)
   in_dir, out_dir = Path(in_dir), Path(out_dir)
+  # Before opening anything: an OUT_DIR that is, holds or lies in IN_DIR is refused even for a dry run.
+  _check_out_dir(out_dir, force, inputs=(in_dir,), dry_run=dry_run)
   with PeftAdapter(in_dir) as adapter:
-    if out_dir.exists() and not dry_run:
-      if out_dir.resolve() == in_dir.resolve():
-        raise AdapterError(f"{out_dir}: output directory is the input directory")
-      if not force:
-        raise AdapterError(f"{out_dir}: already exists (use --force to replace it)")
-      if not out_dir.is_dir():
-        raise AdapterError(f"{out_dir}: exists and is not a directory")
-    # One compute rank for every module (see squeeze_matrices): --rank R, or the largest r for --energy.
-    compute_rank = rank if rank is not None else max(m.r for m in adapter.modules)
+    # One compute rank for every module (see squeeze_matrices): --rank R (at most the largest full rank:
+    # the plan caps every module there, and a compute rank of 10^6 would itself allocate gigabytes), or the
+    # largest r for --energy.
+    compute_rank = (max(min(rank, m.full_rank) for m in adapter.modules) if rank is not None
+                    else max(m.r for m in adapter.modules))
     need_spectra = energy is not None or dry_run or method == "rsvd"
     spectra = (adapter_spectra(adapter, compute_rank=compute_rank, progress=progress)
                if need_spectra else None)
+    wanted = _wanted_ranks(adapter.modules, spectra, rank=rank, energy=energy, per_module=per_module)
     ranks = plan_ranks(adapter.modules, spectra, rank=rank, energy=energy, per_module=per_module)
     config = output_config(adapter.config, ranks)
 
@@ -852,7 +892,8 @@ def squeeze_adapter(in_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
         CONFIG_NAME, WEIGHTS_NAME, TORCH_WEIGHTS_NAME))
     report = SqueezeReport(in_dir=in_dir, out_dir=out_dir, method=method, dry_run=dry_run, modules=[],
                            passthrough=list(adapter.passthrough), copied_files=extra_files, config=config,
-                           in_bytes=adapter.reader.file_size, out_bytes=safetensors_size(entries, metadata))
+                           in_bytes=adapter.reader.file_size, out_bytes=safetensors_size(entries, metadata),
+                           note=_cap_note(adapter.modules, wanted, ranks, rank, energy))
 
     def module_report(m: LoraModule, s: np.ndarray) -> ModuleReport:
       return ModuleReport(name=m.name, shape=(m.out_features, m.in_features), r_src=m.r,
@@ -864,49 +905,155 @@ def squeeze_adapter(in_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
       report.seconds = time.perf_counter() - start
       return report
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    writer = None
-    try:
+    with _atomic_dir(out_dir) as tmp:
       writer = SafetensorsWriter(tmp / WEIGHTS_NAME, entries, metadata)
-      # Module i's key is split(key(seed), n)[i], made from host data (one dispatch in all, not one each).
-      key_data = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), len(adapter.modules))))
-      with small_lapack_threads(method == "efficient"):
-        for i, m in enumerate(_progress(adapter.modules, len(adapter.modules), "squeeze", progress)):
-          a, b = adapter.factors(m)
-          new_a, new_b, s = squeeze_matrices(a, b, ranks[m.name], method=method, where=m.name,
-                                             key=jax.random.wrap_key_data(key_data[i]),
-                                             compute_rank=compute_rank)
-          shape_a, shape_b = m.new_shapes(ranks[m.name])
-          writer.write(m.key_a, _cast(new_a.T.reshape(shape_a), code(m.dtype_a), m.name))
-          writer.write(m.key_b, _cast(new_b.T.reshape(shape_b), code(m.dtype_b), m.name))
-          report.modules.append(module_report(m, spectra[m.name] if spectra is not None else s))
-      for k in adapter.passthrough:
-        writer.write(k, adapter.reader.read(k))
+      try:
+        # Module i's key is split(key(seed), n)[i], made from host data (one dispatch in all, not one each).
+        key_data = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), len(adapter.modules))))
+        with small_lapack_threads(method == "efficient"):
+          for i, m in enumerate(_progress(adapter.modules, len(adapter.modules), "squeeze", progress)):
+            a, b = adapter.factors(m)
+            new_a, new_b, s = squeeze_matrices(a, b, ranks[m.name], method=method, where=m.name,
+                                               key=jax.random.wrap_key_data(key_data[i]),
+                                               compute_rank=compute_rank)
+            shape_a, shape_b = m.new_shapes(ranks[m.name])
+            writer.write(m.key_a, _cast(new_a.T.reshape(shape_a), code(m.dtype_a), m.name))
+            writer.write(m.key_b, _cast(new_b.T.reshape(shape_b), code(m.dtype_b), m.name))
+            report.modules.append(module_report(m, spectra[m.name] if spectra is not None else s))
+            _fault_point(f"squeeze_after_module:{i}")
+        for k in adapter.passthrough:
+          writer.write(k, adapter.reader.read(k))
+      except BaseException:
+        writer.abort()
+        raise
       writer.close()
-      writer = None
       (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
       for name in extra_files:
         shutil.copy2(in_dir / name, tmp / name)
-      _replace_dir(tmp, out_dir)
-    except BaseException:
-      if writer is not None:
-        writer.abort()
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise
   report.seconds = time.perf_counter() - start
   return report
+
+
+def _fault_point(name: str) -> None:
+  """Fault injection for the kill tests: ``LORA_SQUEEZE_FAULT=name`` SIGKILLs this process here (as in
+  train.py; a SIGKILL runs no cleanup, which is what leaves a partial directory behind)."""
+  if os.environ.get("LORA_SQUEEZE_FAULT") == name:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing output directories: guarded, atomic, with normal permissions, and no debris from killed runs.
+# --------------------------------------------------------------------------------------------------------
+
+# Scratch directories (a ``.partial`` being written, an ``.old`` being deleted) sit next to OUT_DIR and are
+# named ``.<OUT_DIR name>.<pid>@<host>.<random>.<kind>``: the writer's PID and a hash of its host name let a
+# later run tell a dead writer's leftovers (removed) from a live writer's (kept), also on a file system that
+# several machines share, where a PID means something only on its own host.
+_HOST_ID = f"{zlib.crc32(socket.gethostname().encode()):08x}"
+_SCRATCH_KINDS = ("partial", "old")
+
+
+def _scratch_dir(out_dir: Path, kind: str) -> Path:
+  """Creates an empty scratch directory of ``kind`` next to ``out_dir`` for this process.
+
+  ``os.mkdir(path, 0o777)`` applies the umask as ``mkdir`` does (0755 under umask 022); tempfile.mkdtemp
+  would create it 0700, and the final rename would give OUT_DIR that mode.
+  """
+  while True:
+    path = out_dir.parent / f".{out_dir.name}.{os.getpid()}@{_HOST_ID}.{secrets.token_hex(4)}.{kind}"
+    try:
+      os.mkdir(path, 0o777)
+      return path
+    except FileExistsError:
+      continue
+
+
+def _pid_alive(pid: int) -> bool:
+  """Whether a process ``pid`` exists on this host. Errs towards True: a live writer's files must stay."""
+  if pid <= 0:  # os.kill(0, ...) would address our process group; no writer has such a PID
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:  # EPERM: alive, another user's
+    return True
+  return True
+
+
+def _remove_stale_scratch(out_dir: Path) -> list[Path]:
+  """Removes the scratch directories of ``out_dir`` (same name only) whose writer on this host is dead.
+
+  A SIGKILLed run (or a power cut) gets no chance to remove its ``.partial``; without this they stay next to
+  OUT_DIR forever. Returns the directories removed. (Scratch directories written before PIDs were in the
+  name, ``.<name>.<random>.partial``, cannot be attributed and are left alone.)
+  """
+  pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(\d+)@{_HOST_ID}\.[0-9a-z]+\.({'|'.join(_SCRATCH_KINDS)})")
+  removed = []
+  try:
+    entries = list(os.scandir(out_dir.parent))
+  except OSError:
+    return removed
+  for entry in entries:
+    match = pattern.fullmatch(entry.name)
+    if match and entry.is_dir(follow_symlinks=False) and not _pid_alive(int(match[1])):
+      shutil.rmtree(entry.path, ignore_errors=True)
+      removed.append(Path(entry.path))
+  return removed
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
   """Moves the finished ``tmp`` to ``out_dir`` with a rename (atomic); an old ``out_dir`` is moved aside first."""
   if out_dir.exists():
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+    old = _scratch_dir(out_dir, "old")
     os.rename(out_dir, old / "x")
     os.rename(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
   else:
     os.rename(tmp, out_dir)
+
+
+def _dir_ids(path: Path) -> list[tuple[int, int]]:
+  """(st_dev, st_ino) of ``path`` and of each of its ancestors that exists, nearest first."""
+  ids = []
+  for p in (path, *path.parents):
+    try:
+      st = p.stat()
+    except OSError:
+      continue
+    ids.append((st.st_dev, st.st_ino))
+  return ids
+
+
+def _check_not_input(out_dir: Path, in_dir: Path) -> None:
+  """Raises AdapterError if ``out_dir`` is ``in_dir``, contains it, or lies inside it.
+
+  Why: replacing OUT_DIR (--force) deletes it, so an OUT_DIR above IN_DIR would delete the input and every
+  file beside it, and one inside IN_DIR would put the output among the input's files. Paths are compared as
+  given (made absolute), with symlinks resolved, and by inode for the parts that exist (bind mounts, case-
+  insensitive file systems).
+  """
+  outs = {Path(os.path.abspath(out_dir)), out_dir.resolve()}
+  ins = {Path(os.path.abspath(in_dir)), in_dir.resolve()}
+  same = any(o == i for o in outs for i in ins)
+  contains = any(o in i.parents for o in outs for i in ins)
+  inside = any(i in o.parents for o in outs for i in ins)
+  in_ids, out_ids = _dir_ids(in_dir.resolve()), _dir_ids(out_dir.resolve())
+  if in_ids and in_dir.exists():
+    if out_dir.exists():
+      same |= out_ids[0] == in_ids[0]
+      contains |= out_ids[0] in in_ids[1:]
+      inside |= in_ids[0] in out_ids[1:]
+    else:
+      inside |= in_ids[0] in out_ids
+  if same:
+    raise AdapterError(f"{out_dir}: output directory is the input directory; choose another OUT_DIR")
+  if contains:
+    raise AdapterError(f"{out_dir}: output directory contains the input directory {in_dir} (replacing it would "
+                       "delete the input); choose another OUT_DIR")
+  if inside:
+    raise AdapterError(f"{out_dir}: output directory lies inside the input directory {in_dir}; choose one "
+                       "outside it")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -954,6 +1101,7 @@ class InspectReport:
 
   def plot(self, path: str | os.PathLike) -> None:
     """Retention curves V_k (k = 1..r): the mean over all modules and the mean per module type."""
+    check_plot_path(path)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -984,6 +1132,27 @@ class InspectReport:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def check_plot_path(path: str | os.PathLike) -> None:
+  """Raises AdapterError unless matplotlib can save a figure to ``path``: an extension it knows (matplotlib's
+  own list) in an existing directory. The command runs this before the spectra, so a typo costs no pass
+  over the adapter (an unknown format used to end in matplotlib's traceback after all the work; no
+  extension would make matplotlib append ".png" to the name)."""
+  try:
+    from matplotlib.backend_bases import FigureCanvasBase  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise AdapterError("--plot needs matplotlib (pip install matplotlib)") from None
+  formats = sorted(FigureCanvasBase.get_supported_filetypes())
+  valid = ", ".join(f".{f}" for f in formats)
+  path = Path(path)
+  suffix = path.suffix.lower()[1:]
+  if not suffix:
+    raise AdapterError(f"--plot {path}: no file extension; use one of {valid}")
+  if suffix not in formats:
+    raise AdapterError(f"--plot {path}: unknown plot format '.{suffix}'; use one of {valid}")
+  if not path.parent.is_dir():
+    raise AdapterError(f"--plot {path}: no such directory {path.parent}")
 
 
 def inspect_adapter(directory: str | os.PathLike, *, progress: bool = True) -> InspectReport:
@@ -1054,22 +1223,28 @@ def _lora_alpha_json(alpha: float) -> int | float:
   return int(alpha) if float(alpha).is_integer() else float(alpha)
 
 
-def _check_out_dir(out_dir: Path, force: bool) -> None:
-  """Raises unless ``out_dir`` may be written: absent, or (with ``force``) a directory to replace."""
-  if not out_dir.exists():
+def _check_out_dir(out_dir: Path, force: bool, inputs: Sequence[Path] = (), *, dry_run: bool = False) -> None:
+  """Raises unless ``out_dir`` may be written: absent, or (with ``force``) a directory to replace; and never
+  one of ``inputs``, a directory holding one, or one inside one (``_check_not_input``, also for a dry run).
+  Every writer of an output directory calls this before any work."""
+  for in_dir in inputs:
+    _check_not_input(out_dir, Path(in_dir))
+  if dry_run or not out_dir.exists():
     return
   if not force:
-    raise AdapterError(f"{out_dir}: already exists (use force=True / --force to replace it)")
+    raise AdapterError(f"{out_dir}: already exists (use --force / force=True to replace it)")
   if not out_dir.is_dir():
     raise AdapterError(f"{out_dir}: exists and is not a directory")
 
 
 @contextlib.contextmanager
 def _atomic_dir(out_dir: Path):
-  """Yields a fresh temporary directory next to ``out_dir``; renamed to ``out_dir`` when the block ends,
-  removed if it raises, so ``out_dir`` either appears complete or not at all (``_replace_dir``)."""
+  """Yields a fresh scratch directory next to ``out_dir``; renamed to ``out_dir`` when the block ends,
+  removed if it raises, so ``out_dir`` either appears complete or not at all (``_replace_dir``). Dead
+  writers' scratch directories of the same ``out_dir`` are removed first (``_remove_stale_scratch``)."""
   out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+  _remove_stale_scratch(out_dir)
+  tmp = _scratch_dir(out_dir, "partial")
   try:
     yield tmp
     _replace_dir(tmp, out_dir)
@@ -1350,7 +1525,10 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("in_dir", metavar="IN_DIR")
   s.add_argument("out_dir", metavar="OUT_DIR")
   target = s.add_mutually_exclusive_group(required=True)
-  target.add_argument("--rank", type=int, help="the new rank of every module")
+  target.add_argument("--rank", type=int, help="the new rank of every module, capped at each module's full "
+                      "rank min(out, in) (where ΔW is exact; a note on stderr says so). A rank above the "
+                      "input's r is allowed: ΔW stays exact, the new directions are random A rows with zero "
+                      "B columns")
   target.add_argument("--energy", type=float, help="keep this fraction of each module's energy (retention "
                       "V_r >= E): one rank for all, the largest needed (or per module with --per-module)")
   s.add_argument("--per-module", action="store_true",
@@ -1359,56 +1537,38 @@ def _parser() -> argparse.ArgumentParser:
                  help="efficient: never forms ΔW (default); rsvd: randomized SVD of ΔW; svd: full SVD of ΔW")
   s.add_argument("--dtype", choices=DTYPES, default="keep", help="dtype of the new factors (default: as input)")
   s.add_argument("--dry-run", action="store_true", help="print the plan (ranks, retention, size); write nothing")
-  s.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+  s.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists (never one that is, "
+                 "contains or lies inside IN_DIR: refused)")
   s.add_argument("--seed", type=int, default=0, help="PRNG seed (rsvd sketches, init of energy-free directions)")
   s.add_argument("--no-progress", action="store_true", help="no progress bar")
   i = sub.add_parser("inspect", help="print each module's spectrum and retention at r/2, r/4, r/8")
   i.add_argument("in_dir", metavar="IN_DIR")
-  i.add_argument("--plot", metavar="PATH.png", help="also write retention curves to this PNG")
+  i.add_argument("--plot", metavar="PATH.png", help="also write retention curves to this file; its extension "
+                 "picks the format (.png, .pdf, .svg, ... : matplotlib's formats), checked before any work")
   i.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p
-
-
-def enable_compile_cache() -> Path | None:
-  """Keeps compiled XLA programs on disk across runs of the command; returns the directory (None: off).
-
-  On CPU each distinct module shape costs a 2-5 s compile, more than squeezing all the modules of that
-  shape; with the cache, a second run on adapters of the same base model skips them. The directory is
-  ``$LORA_SQUEEZE_JAX_CACHE`` if set (empty: no cache), else ``jax/`` under the project's cache root
-  (``$LORA_SQUEEZE_CACHE``, else ``~/.cache/lora_squeeze``, as in ``models.cache_root``); a cache JAX is
-  already configured with (``JAX_COMPILATION_CACHE_DIR``) is left alone. Process-wide, which is why only
-  ``main`` calls it, and before any compile.
-  """
-  if jax.config.jax_compilation_cache_dir:
-    return Path(jax.config.jax_compilation_cache_dir)
-  path = os.environ.get("LORA_SQUEEZE_JAX_CACHE")
-  if path is None:
-    root = os.environ.get("LORA_SQUEEZE_CACHE") or Path.home() / ".cache" / "lora_squeeze"
-    path = Path(root).expanduser() / "jax"
-  if not str(path):
-    return None
-  try:
-    Path(path).mkdir(parents=True, exist_ok=True)
-  except OSError:
-    return None  # a read-only home: run without the cache
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  return Path(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """The ``lora-squeeze`` command; returns the exit status (2 for user errors, message on stderr).
 
-  Being the command, it also turns on the on-disk compile cache (``enable_compile_cache``); library users
-  call ``squeeze_adapter`` / ``inspect_adapter``.
+  Being the command, it also turns on the on-disk compile cache (``runtime.enable_compile_cache``) and
+  drops native libraries' harmless log lines (``runtime.quiet_native_logs``); library users call
+  ``squeeze_adapter`` / ``inspect_adapter``.
   """
   args = _parser().parse_args(argv)
-  enable_compile_cache()
+  runtime.quiet_native_logs()
   try:
+    if args.command == "inspect" and args.plot:
+      check_plot_path(args.plot)  # before the cache directory and the spectra: a typo costs nothing
+    runtime.enable_compile_cache()
     if args.command == "squeeze":
       report = squeeze_adapter(args.in_dir, args.out_dir, rank=args.rank, energy=args.energy,
                                per_module=args.per_module, method=args.method, dtype=args.dtype,
                                dry_run=args.dry_run, force=args.force, seed=args.seed,
                                progress=not args.no_progress)
+      if report.note:
+        print(f"lora-squeeze: note: {report.note}", file=sys.stderr)
       if args.dry_run:
         print(report.table())
         print()

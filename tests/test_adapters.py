@@ -15,6 +15,8 @@ import json
 import math
 import os
 import re
+import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -375,6 +377,158 @@ def test_argument_errors_exit_2(tmp_path, adapter_dir, capsys):
     adapters.main(["squeeze", str(adapter_dir), str(tmp_path / "o")])
   assert exc.value.code == 2
   assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Misuse guards: nothing the command is asked to do may destroy its input or leave debris behind.
+# --------------------------------------------------------------------------------------------------------
+
+
+def run_subprocess(*argv, fault: str | None = None) -> subprocess.CompletedProcess:
+  """The command itself, in its own process (``python -m lora_squeeze.adapters``), no compile cache."""
+  env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "LORA_SQUEEZE_JAX_CACHE": ""}
+  env.pop("LORA_SQUEEZE_FAULT", None)
+  if fault is not None:
+    env["LORA_SQUEEZE_FAULT"] = fault
+  with subprocess.Popen([sys.executable, "-m", "lora_squeeze.adapters", *map(str, argv), "--no-progress"],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as child:
+    out, err = child.communicate(timeout=300)
+  proc = subprocess.CompletedProcess(child.args, child.returncode, out, err)
+  proc.pid = child.pid  # the command's own PID (no shell in between): the kill test looks for it
+  return proc
+
+
+def assert_one_error_line(returncode: int, err: str, *fragments: str) -> None:
+  assert returncode == 2, err
+  err = err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith("lora-squeeze: error:"), err
+  assert "Traceback" not in err
+  for fragment in fragments:
+    assert fragment in err, err
+
+
+def small_names() -> list[str]:
+  return module_names(1, ("q_proj", "v_proj"), extras=False)
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+  """Every path under ``root`` with its bytes (None for directories and symlinks)."""
+  return {str(p.relative_to(root)): p.read_bytes() if p.is_file() and not p.is_symlink() else None
+          for p in sorted(root.rglob("*"))}
+
+
+def test_output_that_is_contains_or_lies_inside_the_input_is_refused(tmp_path, capsys):
+  x = tmp_path / "x"
+  src = make_adapter(x / "a" / "adapter", names=small_names())
+  (x / "a" / "notes.txt").write_text("beside the adapter")
+  (x / "b.txt").write_text("two levels up")
+  (tmp_path / "link").symlink_to(x / "a")  # a second name for IN's parent
+  before = tree(tmp_path)
+  # OUT = IN's parent with --force used to delete IN and its neighbours: the command itself refuses.
+  proc = run_subprocess("squeeze", src, x / "a", "--rank", 4, "--force")
+  assert_one_error_line(proc.returncode, proc.stderr, "contains the input directory")
+  assert tree(tmp_path) == before
+  cases = [(x, src, "contains the input directory"),
+           (src, src, "is the input directory"),
+           (src / "sub", src, "lies inside the input directory"),
+           (tmp_path / "link", src, "contains the input directory"),  # through a symlink
+           (tmp_path / "link" / "adapter", src, "is the input directory"),
+           (x, tmp_path / "link" / "adapter", "contains the input directory")]  # IN named through a symlink
+  for out, inp, fragment in cases:
+    for extra in (["--force"], ["--dry-run"]):
+      assert run_cli("squeeze", inp, out, "--rank", 4, *extra) == 2, (out, inp, extra)
+      assert_one_error_line(2, capsys.readouterr().err, fragment)
+  assert tree(tmp_path) == before
+
+
+def test_rank_above_full_rank_is_capped_per_module(tmp_path, adapter_dir, capsys):
+  before, _, _ = effective_deltas(adapter_dir)
+  full = {name: min(w.shape) for name, w in before.items()}  # 32, or 16 for k_proj and v_proj
+  assert set(full.values()) == {16, 32}
+  # Library: a rank above r_src (16) but below min(m, n) stays, as documented; above, it is capped.
+  with adapters.PeftAdapter(adapter_dir) as adapter:
+    planned = adapters.plan_ranks(adapter.modules, None, rank=20)
+  assert planned == {name: min(20, r) for name, r in full.items()}
+
+  out = tmp_path / "out"
+  for dry in (True, False):
+    assert run_cli("squeeze", adapter_dir, out, "--rank", 100, *(["--dry-run"] if dry else [])) == 0
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("lora-squeeze: note: --rank 100 exceeds"), err
+    assert "16 modules" in err and "capped" in err and "largest 32" in err, err
+    if dry:  # the plan the real run then follows
+      rows = [line.split() for line in captured.out.splitlines() if line.startswith("model.")]
+      assert {row[0]: int(row[4]) for row in rows} == full
+  after, config, _ = effective_deltas(out)  # checks each module's shapes against its resolved r
+  assert config["r"] == config["lora_alpha"] == 32 and len(config["rank_pattern"]) == 4
+  for name, r in full.items():
+    assert peft_lookup(config["rank_pattern"], name, config["r"]) == r
+    assert peft_lookup(config["alpha_pattern"], name, config["lora_alpha"]) == r  # scale 1
+    assert old_peft_lookup(config, name) == (r, r)
+  assert_truncations(before, after, full)  # at full rank: ΔW exactly as before
+
+
+def test_killed_squeeze_leaves_a_partial_dir_that_the_next_run_removes(tmp_path):
+  src = make_adapter(tmp_path / "in", names=small_names())
+  out = tmp_path / "out"
+  proc = run_subprocess("squeeze", src, out, "--rank", 4, fault="squeeze_after_module:0")
+  assert proc.returncode == -signal.SIGKILL, proc.stderr
+  leftovers = [p for p in tmp_path.iterdir() if p.name not in ("in",)]
+  assert len(leftovers) == 1 and leftovers[0].name.startswith(".out.") and leftovers[0].name.endswith(".partial")
+  assert (leftovers[0] / "adapter_model.safetensors").exists() and not out.exists()
+  dead = leftovers[0].name
+  assert f".{proc.pid}@" in dead  # the writer's PID is in the name
+  # Also a stale `.old` of the same OUT, a live writer's partial dir (this process), and a dead writer's
+  # partial dir for another OUT name: only the dead writers' dirs of this OUT may go.
+  stale_old = tmp_path / (dead[: -len("partial")] + "old")
+  (stale_old / "x").mkdir(parents=True)
+  live = tmp_path / dead.replace(f".{proc.pid}@", f".{os.getpid()}@")
+  live.mkdir()
+  other = tmp_path / dead.replace(".out.", ".other.", 1)
+  other.mkdir()
+
+  proc = run_subprocess("squeeze", src, out, "--rank", 4)
+  assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", "out", live.name, other.name])
+  assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+  before, _, _ = effective_deltas(src)
+  after, _, _ = effective_deltas(out)
+  assert_truncations(before, after, 4)
+
+
+def test_outputs_get_the_permissions_mkdir_gives(tmp_path, adapter_dir):
+  def mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+  old = os.umask(0o022)
+  try:
+    assert run_cli("squeeze", adapter_dir, tmp_path / "out", "--rank", 4) == 0
+    assert mode(tmp_path / "out") == 0o755
+    assert all(mode(p) == 0o644 for p in (tmp_path / "out").iterdir())
+    assert run_cli("squeeze", adapter_dir, tmp_path / "out", "--rank", 4, "--force") == 0
+    assert mode(tmp_path / "out") == 0o755
+    with adapters._atomic_dir(tmp_path / "export") as tmp:  # export_peft's writer
+      (tmp / "f").write_text("x")
+    assert mode(tmp_path / "export") == 0o755
+    os.umask(0o077)
+    with adapters._atomic_dir(tmp_path / "private") as tmp:
+      (tmp / "f").write_text("x")
+    assert mode(tmp_path / "private") == 0o700
+  finally:
+    os.umask(old)
+
+
+def test_unknown_plot_format_is_refused_before_any_work(tmp_path, adapter_dir, capsys):
+  proc = run_subprocess("inspect", adapter_dir, "--plot", tmp_path / "x.xyz")
+  assert_one_error_line(proc.returncode, proc.stderr, "x.xyz", ".png", ".pdf", ".svg")
+  assert proc.stdout == ""  # no table: the spectra were never computed
+  for path, fragment in ((tmp_path / "retention", "no file extension"), (tmp_path / "no" / "r.png", "no such")):
+    assert run_cli("inspect", adapter_dir, "--plot", path) == 2
+    captured = capsys.readouterr()
+    assert_one_error_line(2, captured.err, fragment)
+    assert captured.out == ""
+  assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def _four_devices() -> None:
   2 CPU cores every SPMD compile costs seconds."""
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from lora_squeeze import adapters
+  from lora_squeeze import runtime
   from lora_squeeze import lora
   from lora_squeeze import models
   from lora_squeeze import sharding
@@ -100,7 +100,7 @@ def _four_devices() -> None:
   from lora_squeeze import train
   from lora_squeeze.data import synthetic
 
-  adapters.enable_compile_cache()
+  runtime.enable_compile_cache()
   assert jax.device_count() == 4, jax.devices()
   tiny = models.load("tiny")
   it = synthetic.SyntheticIterator(tiny.tokenizer, batch_size=8, max_len=16, seed=0)

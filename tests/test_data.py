@@ -15,6 +15,7 @@ import sys
 from lora_squeeze import data
 from lora_squeeze import tokenizer as tokenizer_lib
 from lora_squeeze.data import olmo
+from lora_squeeze.data import pipeline
 from lora_squeeze.data import tasks as tasks_lib
 import numpy as np
 import pytest
@@ -431,3 +432,142 @@ def test_train_iterator_from_run_config():
   config.data.source = 'hf'
   with pytest.raises(ValueError, match='Unknown data.source'):
     data.train_iterator_from_config(config, BYTE_TOK)
+
+
+# ------------------------------------------------------------------- packing
+
+
+def _varied_source(n):
+  """Examples of 12 to 30 byte tokens, each answer naming its index."""
+  return [data.Example(f'Q{i}:' + 'x' * (i * 7 % 13), (), (), f' a{i}' + 'y' * (i % 5))
+          for i in range(n)]
+
+
+def _segments(batch):
+  """[(row, start, end, segment id)] of every packed example, row-major."""
+  out = []
+  for r, seg in enumerate(batch['segment_ids']):
+    n_real = int((seg > 0).sum())
+    # Real tokens first, then padding only.
+    assert (seg[:n_real] > 0).all() and (seg[n_real:] == 0).all()
+    starts = [0] + [t for t in range(1, n_real) if seg[t] != seg[t - 1]]
+    for j, (s, e) in enumerate(zip(starts, starts[1:] + [n_real]), start=1):
+      out.append((r, s, e, j))
+  return out
+
+
+def _stream(src, max_len, seed):
+  """The shuffled example stream, one epoch, from the unpacked iterator."""
+  it = data.train_iterator(src, BYTE_TOK, batch_size=1, max_len=max_len,
+                           seed=seed, num_epochs=1)
+  return [a for batch in it for a in _answers(batch)]
+
+
+def test_packed_batches_keep_the_contract_and_the_stream_order():
+  src = _varied_source(40)
+  by_answer = {ex.target: ex for ex in src}
+  b, t = 3, 64
+  it = data.train_iterator(src, BYTE_TOK, batch_size=b, max_len=t, seed=0,
+                           num_epochs=1, pack=True)
+  batches = list(it)
+  order = _stream(src, t, seed=0)
+  seen = []
+  for k, batch in enumerate(batches):
+    assert set(batch) == set(data.BATCH_KEYS)
+    for key in data.BATCH_KEYS:
+      assert batch[key].shape == (b, t) and batch[key].dtype == np.int32
+    pad = batch['segment_ids'] == 0
+    for key in ('tokens', 'loss_mask', 'positions'):
+      assert (batch[key][pad] == 0).all()
+    in_batch = []
+    for r, s, e, _ in _segments(batch):
+      mask = batch['loss_mask'][r, s:e] == 1
+      answer = BYTE_TOK.decode(batch['tokens'][r, s:e][mask])
+      in_batch.append((r, s, answer))
+      enc = data.encode_example(by_answer[answer], BYTE_TOK, t)
+      # Whole and unchanged: its BOS first (never a target), positions from 0.
+      np.testing.assert_array_equal(batch['tokens'][r, s:e], enc['tokens'])
+      np.testing.assert_array_equal(batch['loss_mask'][r, s:e], enc['loss_mask'])
+      assert batch['positions'][r, s:e].tolist() == list(range(e - s))
+      assert batch['tokens'][r, s] == BYTE_TOK.bos_id and batch['loss_mask'][r, s] == 0
+    # A batch is the next run of the shuffled stream, each row in stream order.
+    chunk = order[len(seen):len(seen) + len(in_batch)]
+    assert sorted(a for _, _, a in in_batch) == sorted(chunk)
+    for r in range(b):
+      row = [a for rr, _, a in sorted(in_batch) if rr == r]
+      assert row == [a for a in chunk if a in row]
+    seen += chunk
+    # First fit: the batch closed because the next example fits in no row.
+    if k + 1 < len(batches):
+      n_next = len(data.encode_example(by_answer[order[len(seen)]], BYTE_TOK, t)['tokens'])
+      assert ((batch['segment_ids'] > 0).sum(axis=1) + n_next > t).all()
+  assert seen == order and sorted(seen) == sorted(by_answer)  # each once
+  full = [(batch['segment_ids'] > 0).mean() for batch in batches[:-1]]
+  assert min(full) > 0.7, full
+  assert max(batch['segment_ids'].max() for batch in batches) >= 3
+
+
+def test_packed_resume_gives_identical_batches_and_settings_must_match():
+  src = _varied_source(10)  # About 3 batches an epoch: they cross epochs.
+  make = lambda **kw: data.train_iterator(
+      src, BYTE_TOK, batch_size=2, max_len=48, seed=7, **{'pack': True, **kw})
+  it = make()
+  for _ in range(4):
+    next(it)
+  saved = json.dumps(it.get_state())
+  assert json.loads(saved)['settings']['pack'] is True
+  reference = [next(it) for _ in range(6)]
+  resumed = make()
+  resumed.set_state(json.loads(saved))
+  for ref in reference:
+    got = next(resumed)
+    for k in data.BATCH_KEYS:
+      np.testing.assert_array_equal(got[k], ref[k])
+  # The state of an unpacked iterator is what it was before packing existed.
+  unpacked = make(pack=False)
+  assert 'pack' not in unpacked.get_state()['settings']
+  with pytest.raises(ValueError, match='other settings'):
+    unpacked.set_state(saved)
+  with pytest.raises(ValueError, match='other settings'):
+    make().set_state(json.dumps(unpacked.get_state()))
+
+
+def test_packed_shards_are_row_blocks_of_the_global_batch():
+  src = _varied_source(30)
+  make = lambda shard: data.train_iterator(
+      src, BYTE_TOK, batch_size=4, max_len=40, seed=1, pack=True, shard=shard)
+  whole, first, second = make((0, 1)), make((0, 2)), make((1, 2))
+  for _ in range(5):
+    want = next(whole)
+    got = [next(first), next(second)]
+    for k in data.BATCH_KEYS:
+      np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), want[k])
+  assert first.get_state() == second.get_state() == whole.get_state()
+
+
+def test_packing_refuses_images():
+  image = np.zeros((4, 4, 3), np.uint8)
+  src = [data.Example(f'{data.IMAGE_MARKER} What?', (), (), ' x', image=image)]
+  with pytest.raises(ValueError, match='pack=True packs text examples only'):
+    data.train_iterator(src, BYTE_TOK, batch_size=1, max_len=32, seed=0,
+                        pack=True)
+  enc = {k: np.ones(3, np.int32) for k in data.BATCH_KEYS}
+  with pytest.raises(ValueError, match='cannot be packed'):
+    pipeline.pack_rows([[dict(enc, images=image[None])]], 8)
+
+
+def test_pack_from_run_config():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  config = ml_collections.ConfigDict(dict(seed=3, data=dict(
+      task='arc_e', source='olmo', batch_size=2, max_len=512, train_split='',
+      pack=True)))
+  batch = next(data.train_iterator_from_config(config, BYTE_TOK))
+  direct = next(data.train_iterator('arc_e', BYTE_TOK, batch_size=2,
+                                    max_len=512, seed=3, split='offline_train',
+                                    pack=True))
+  for k in data.BATCH_KEYS:
+    np.testing.assert_array_equal(batch[k], direct[k])
+  assert batch['segment_ids'].max() >= 2  # Several ARC-E examples per row.
+  from lora_squeeze import config_lib  # pylint: disable=g-import-not-at-top
+  assert config_lib.base_config().data.pack is False

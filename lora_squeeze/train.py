@@ -73,6 +73,7 @@ from lora_squeeze import lora as lora_lib
 from lora_squeeze import schedules
 from lora_squeeze import sharding as sharding_lib
 from lora_squeeze import squeeze as squeeze_lib
+from lora_squeeze import workdir as workdir_lib
 
 MODES = ("direct", "post_squeeze", "cont_squeeze", "in_squeeze", "zero_shot")
 OPTIMIZER_STATE_MODES = ("fresh", "carry")
@@ -395,7 +396,10 @@ class Trainer:
     updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
     updates = jax.tree.map(lambda u: learning_rate * u, updates)
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "targets": count, "grad_norm": optax.global_norm(grads)}
+    # The loss is that of the params before the update; the new params are checked too, so a divergent
+    # update is never checkpointed (the run loop stops before saving such a state).
+    metrics = {"loss": loss, "targets": count, "grad_norm": optax.global_norm(grads),
+               "params_finite": jnp.isfinite(optax.global_norm(params))}
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
     if self.mesh is not None:  # the state keeps its layout; metrics replicated (every process reads them)
       new_state = self._constrain(new_state)
@@ -482,13 +486,19 @@ def _decode_data_state(encoded: Mapping[str, Any]) -> Any:
 class Checkpoints:
   """orbax CheckpointManager around {state, meta}; ids are 2·global_step + phase (see module doc)."""
 
-  def __init__(self, directory: Path, *, keep: int, primary: bool = True):
+  SKIPPED_DIR = "skipped_checkpoints"
+
+  def __init__(self, directory: Path, *, keep: int):
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     self._ocp = ocp
+    self.directory = Path(directory).absolute()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
                                            create=True)
-    self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                                         item_names=("state", "meta"))
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+  @staticmethod
+  def describe(ckpt_id: int) -> str:
+    return f"step {ckpt_id // 2}" + (" (just after a rank change)" if ckpt_id % 2 else "")
 
   def save(self, state, meta: Mapping[str, Any]) -> None:
     ckpt_id = 2 * int(meta["global_step"]) + (1 if meta["phase"] == "changed" else 0)
@@ -498,6 +508,10 @@ class Checkpoints:
         state=self._ocp.args.StandardSave(state), meta=self._ocp.args.JsonSave(dict(meta))))
     self.manager.wait_until_finished()
 
+  def latest(self) -> int | None:
+    """The newest checkpoint's id (None: none)."""
+    return self.manager.latest_step()
+
   def latest_meta(self) -> dict | None:
     step = self.manager.latest_step()
     if step is None:
@@ -505,11 +519,55 @@ class Checkpoints:
     restored = self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))
     return dict(restored["meta"])
 
-  def restore_state(self, abstract_state) -> Any:
-    step = self.manager.latest_step()
-    restored = self.manager.restore(step, args=self._ocp.args.Composite(
-        state=self._ocp.args.StandardRestore(abstract_state)))
-    return restored["state"]
+  def restore_latest(self, abstract_state: Callable[[Any], Any]) -> tuple[dict, Any] | None:
+    """(meta, state) of the newest checkpoint that restores (None: there is none).
+
+    ``abstract_state(ranks)``: the state's abstract tree for the ranks the meta records. A newer checkpoint
+    that does not restore (a truncated array file, missing metadata, ...) is skipped with one line saying
+    which and why, and moved to ``skipped_checkpoints/`` beside the checkpoint directory, so that the run
+    can save that step again. If none restores: ``workdir.UserError``.
+    """
+    args = self._ocp.args
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    bad = []
+    for ckpt_id in steps:
+      try:
+        meta = dict(self.manager.restore(ckpt_id, args=args.Composite(meta=args.JsonRestore()))["meta"])
+        state = self.manager.restore(ckpt_id, args=args.Composite(
+            state=args.StandardRestore(abstract_state(meta["ranks"]))))["state"]
+      except Exception as e:  # pylint: disable=broad-except  (any failure to restore: try an older one)
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        print(f"[lora_squeeze] checkpoint {self.describe(ckpt_id)} in {self.directory} does not restore, "
+              f"skipped: {reason}")
+        bad.append(ckpt_id)
+        continue
+      self._set_aside(bad)
+      return meta, state
+    if steps:
+      raise workdir_lib.UserError(
+          f"none of the {len(steps)} checkpoints in {self.directory} restores (newest: "
+          f"{self.describe(steps[0])}); add --fresh to start the run afresh (the old files are kept aside)")
+    return None
+
+  def discard_from(self, global_step: int, *, why: str) -> None:
+    """Sets aside every checkpoint at ``global_step`` or later (a state that led to a non-finite loss)."""
+    bad = [i for i in self.manager.all_steps() if i // 2 >= global_step]
+    for ckpt_id in bad:
+      print(f"[lora_squeeze] checkpoint {self.describe(ckpt_id)} set aside: {why}")
+    self._set_aside(bad)
+
+  def _set_aside(self, ckpt_ids) -> None:
+    if not ckpt_ids:
+      return
+    if jax.process_index() == 0:
+      dest = self.directory.parent / self.SKIPPED_DIR
+      dest.mkdir(exist_ok=True)
+      for ckpt_id in ckpt_ids:
+        src = self.directory / str(ckpt_id)
+        if src.exists():
+          os.replace(src, dest / f"{ckpt_id}.{int(time.time())}")
+    sharding_lib.sync(f"checkpoints:{self.directory}:set_aside")
+    self.manager.reload()
 
   def close(self):
     self.manager.close()
@@ -631,14 +689,36 @@ def _fault_point(name: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = None) -> dict:
+def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = None, fresh: bool = False) -> dict:
   """Run (or resume, or skip if finished) the config in ``workdir``; returns the result dict.
 
   ``evaluate_fn(model, lora_params, lora_config) -> dict`` computes final metrics; by default
   ``evaluate.evaluate_config`` when ``config.eval.enabled``.
+
+  The workdir guarantees of ``lora_squeeze.workdir`` hold: the config is checked before anything is
+  created (``config_lib.check_run_config``); one process writes a workdir at a time (``workdir.Lock``); a
+  workdir holding a run with other result-determining settings is refused (``workdir.SettingsMismatch``),
+  unless ``fresh``, which moves the old run to ``workdir/superseded/`` and starts afresh.
   """
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  from lora_squeeze import config_lib  # pylint: disable=g-import-not-at-top
+  config_lib.check_run_config(config)
+  workdir = workdir_lib.check_writable_dir(workdir)
+  primary = jax.process_index() == 0
+  if not fresh:  # every process refuses a mismatch before anyone writes (process 0 alone would hang the rest)
+    workdir_lib.check_settings(workdir, config)
+  if primary:
+    workdir.mkdir(parents=True, exist_ok=True)
+  sharding_lib.sync(f"run:{workdir}:mkdir")
+  with workdir_lib.Lock(workdir, primary=primary):
+    if primary:
+      moved = workdir_lib.record_settings(workdir, config, fresh=fresh)
+      if moved is not None:
+        print(f"[lora_squeeze] --fresh: the earlier run in {workdir} was moved to {moved}")
+    sharding_lib.sync(f"run:{workdir}:settings")
+    return _run_locked(config, workdir, evaluate_fn=evaluate_fn)
+
+
+def _run_locked(config, workdir: Path, *, evaluate_fn: Callable | None) -> dict:
   result_path = workdir / RESULT_NAME
   if result_path.exists():
     result = json.loads(result_path.read_text())
@@ -664,13 +744,15 @@ def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = No
   trainer = Trainer(model, lora_config, max_targets=max_targets, squeeze_method=config.squeeze.method,
                     optimizer_state=config.squeeze.optimizer_state, mesh=mesh,
                     shard_lora=sharding_lib.shard_lora_enabled(config))
-  ckpts = Checkpoints(workdir / "checkpoints", keep=int(config.keep_checkpoints), primary=primary)
+  ckpts = Checkpoints(workdir / "checkpoints", keep=int(config.keep_checkpoints))
   iterator = make_train_iterator(config, model.tokenizer, shard=shard, image_spec=_image_spec(model))
   seed = int(config.seed)
 
-  meta = ckpts.latest_meta()
-  if meta is not None:
-    state = ckpts.restore_state(trainer.abstract_state(meta["ranks"]))
+  restored = ckpts.restore_latest(trainer.abstract_state)
+  stage_losses: dict[int, float] = {}
+  if restored is not None:
+    meta, state = restored
+    stage_losses = {int(k): v for k, v in meta.get("stage_losses", {}).items()}
     iterator.set_state(_decode_data_state(meta["data_state"]))
     stage_idx, stage_step, phase = int(meta["stage"]), int(meta["stage_step"]), meta["phase"]
     wall_before = float(meta["wall_seconds"])
@@ -694,12 +776,12 @@ def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = No
     return {"stage": stage_idx, "stage_step": stage_step, "phase": phase, "global_step": int(state["step"]),
             "ranks": lora_lib.describe_ranks(lora_lib.lora_ranks(state["params"])),
             "data_state": _encode_data_state(iterator.get_state()), "seed": seed,
+            "stage_losses": {str(k): v for k, v in stage_losses.items()},
             "wall_seconds": wall_before + time.time() - t_start}
 
   total_steps = sum(s.steps for s in stages)
   progress = _progress_bar(total_steps, global_step, enabled=bool(config.get("progress", True)) and primary)
   writer = _tensorboard_writer(workdir, enabled=bool(config.get("tensorboard", False)) and primary)
-  stage_losses: dict[int, float] = {}
   timing: dict[int, dict[str, Any]] = {}
   log_every, checkpoint_every = int(config.log_every), int(config.checkpoint_every)
   t_loop = time.time()
@@ -731,11 +813,17 @@ def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = No
         tokens_rate = sum(p[3] for p in pending) / max(now - clock[0], 1e-9)
         for (g_step, s_step, s_lr, _, _), mv in zip(pending, fetched):
           loss = float(mv["loss"])
-          if not math.isfinite(loss):
+          if not math.isfinite(loss) or not bool(mv["params_finite"]):
+            what = f"loss {loss}" if not math.isfinite(loss) else "parameters after the update"
+            if not math.isfinite(loss):  # the state this loss was computed on (step g - 1) is not good either
+              ckpts.discard_from(g_step - 1, why=f"its loss at step {g_step} is {loss}")
+            kept = ckpts.latest()
+            kept = (f"the newest checkpoint, {Checkpoints.describe(kept)}, stays in {workdir / 'checkpoints'}"
+                    if kept is not None else "no checkpoint was saved before it")
             raise FloatingPointError(
-                f"non-finite loss {loss} at step {g_step} (stage {stage.index}, rank {stage.rank}, "
-                f"learning rate {s_lr:g}); stopped without saving, so the last good checkpoint in "
-                f"{workdir / 'checkpoints'} is kept. Lower config.learning_rate / config.lr_by_rank.")
+                f"non-finite {what} at step {g_step} (stage {stage.index}, rank {stage.rank}, learning rate "
+                f"{s_lr:g}); stopped without saving that state: {kept}. Lower config.learning_rate / "
+                "config.lr_by_rank and rerun with --fresh.")
           record = {"step": g_step, "stage": stage.index, "rank": stage.rank, "stage_step": s_step, "lr": s_lr,
                     "loss": loss, "targets": int(mv["targets"]), "grad_norm": float(mv["grad_norm"]),
                     "steps_per_s": rate, "tokens_per_s": tokens_rate}

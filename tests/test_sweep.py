@@ -37,14 +37,19 @@ def test_order_overrides_store_rerun_and_failures(tmp_path):
     calls.append((cfg.mode, cfg.lora.rank, cfg.get("source_workdir"), str(workdir)))
     return {"mode": cfg.mode}
 
+  # Every cell's override keys are checked before the first cell runs: nothing runs, nothing is written.
+  with pytest.raises(ValueError, match=r"sweep cell 'bad': unknown config key 'lora.rnak' \(did you mean 'lora.rank'"):
+    sweep.run_sweep(config, tmp_path, run_fn=fake_run)
+  assert calls == [] and not (tmp_path / "results").exists()
+  config = _config(cells[:2])
   records = sweep.run_sweep(config, tmp_path, run_fn=fake_run)
   assert [c[:2] for c in calls] == [("direct", 4), ("post_squeeze", 8)]
   assert calls[1][2] == str(tmp_path / "cells" / "src")
-  assert records["bad"]["status"] == "error" and "lora.rnak" in records["bad"]["error"]
+  assert set(records) == {"src", "post"}
   stored = json.loads((tmp_path / "results" / "src.json").read_text())
   assert stored["status"] == "ok" and stored["result"] == {"mode": "direct"}
   calls.clear()
-  sweep.run_sweep(config, tmp_path, run_fn=fake_run)  # rerun: finished cells are skipped, the bad one retried
+  sweep.run_sweep(config, tmp_path, run_fn=fake_run)  # rerun: finished cells are skipped
   assert calls == []
   with pytest.raises(ValueError, match="unknown cell"):
     sweep.cells_of(_config([{"name": "a", "overrides": {"source_workdir": "@nope"}}]))

@@ -208,6 +208,8 @@ def check_run_config(config) -> None:
       names = list(tasks_lib.TASK_NAMES) + list(vqa.VL_TASK_NAMES)
       raise UserError(f"config.data.task={d.task!r} is not a task{did_you_mean(str(d.task), names)}; "
                       f"tasks: {', '.join(names)}") from None
+  need(not (d.get("pack", False) and d.source == "synthetic"), "config.data.pack=True: the synthetic source "
+       "has no packing (its rows are made whole); use pack=False with it")
   positive_int("data.batch_size", d.batch_size)
   positive_int("data.max_len", d.max_len, minimum=2)
   positive_int("data.max_target_tokens", d.max_target_tokens)

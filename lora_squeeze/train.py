@@ -194,9 +194,9 @@ def check_target_budget(batch: Mapping[str, np.ndarray], max_targets: int) -> No
   mask = np.asarray(batch["loss_mask"])
   n = int(mask[:, 1:].sum())
   if n > max_targets:
-    per_example = int(mask[:, 1:].sum(axis=1).max())
+    per_row = int(mask[:, 1:].sum(axis=1).max())
     raise ValueError(
-        f"train batch has {n} answer tokens (up to {per_example} in one example) but the train step "
+        f"train batch has {n} answer tokens (up to {per_row} in one row) but the train step "
         f"gathers at most {max_targets} = config.data.batch_size x config.data.max_target_tokens; raise "
         "config.data.max_target_tokens")
 

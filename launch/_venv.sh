@@ -2,13 +2,14 @@
 #
 # The whole stack is pinned in requirements/cpu.lock (a pip constraints file, the single source of versions).
 # A stamp in .venv records the hash of what was installed; a second run with the same pyproject.toml and lock
-# installs nothing. Set LORA_SQUEEZE_EXTRA=gpu (or tpu) to add the accelerator wheels of the pinned jax.
+# installs nothing. The training framework is the [train] extra (the bare package is only the
+# lora-squeeze command). Set LORA_SQUEEZE_EXTRA=gpu (or tpu) to add the accelerator wheels of the pinned jax.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${LORA_SQUEEZE_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
-EXTRAS="test${LORA_SQUEEZE_EXTRA:+,$LORA_SQUEEZE_EXTRA}"
+EXTRAS="train,test${LORA_SQUEEZE_EXTRA:+,$LORA_SQUEEZE_EXTRA}"
 want="$(cat "$ROOT/pyproject.toml" "$ROOT/requirements/cpu.lock" | sha256sum | cut -c1-16)-$EXTRAS"
 stamp="$VENV/.lora_squeeze_installed"
 

@@ -1,8 +1,15 @@
-"""Hugging Face PEFT LoRA adapters without torch, and the ``lora-squeeze`` command (DESIGN.md contract 7).
+"""Hugging Face PEFT LoRA adapters without torch, and the ``lora-squeeze`` command.
 
-    lora-squeeze squeeze IN_DIR OUT_DIR --rank R  [--method efficient|rsvd|svd] [--dtype keep|float32|...]
-    lora-squeeze squeeze IN_DIR OUT_DIR --energy E [--per-module] [--dry-run] [--force]
-    lora-squeeze inspect IN_DIR [--plot retention.png|.pdf|.svg|...]
+    lora-squeeze squeeze IN OUT --rank R  [--method efficient|rsvd|svd] [--dtype keep|float32|...]
+    lora-squeeze squeeze IN OUT --energy E [--per-module] [--max-rank N] [--dry-run] [--force]
+    lora-squeeze squeeze IN OUT --sv-ratio R | --sv-fro F | --sv-cumulative C [--max-rank N]
+    lora-squeeze inspect IN [--plot retention.png|.pdf|.svg|...]
+
+IN is a PEFT adapter directory (this module) or a single-file kohya / LyCORIS / diffusers LoRA
+(``lora_files.py``, which reuses this module's reader, writer, planning and squeeze). The ``--sv-*`` rules are
+kohya sd-scripts' dynamic resize rules (``DYNAMIC_RULES``, ``squeeze.rank_sv_*``), each module's rank from
+its own spectrum. The command imports jax, numpy and ml_dtypes only: the training stack (flax, gemma,
+tensorflow) is the ``[train]`` extra, imported by ``export_peft`` / ``import_peft`` alone.
 
 A PEFT LoRA adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with, per adapted
 module, ``<prefix>.lora_A.weight`` (r, in) and ``<prefix>.lora_B.weight`` (out, r) (``lora_embedding_A``
@@ -681,36 +688,67 @@ def adapter_spectra(adapter: PeftAdapter, *, compute_rank: int | None = None, pr
             for m in _progress(adapter.modules, len(adapter.modules), "spectra", progress)}
 
 
-def check_target(rank: int | None, energy: float | None, per_module: bool) -> None:
-  """Raises AdapterError unless exactly one of rank (>= 1) / energy (in (0, 1]) is given, per_module only
-  with energy. Run before any work, so a typo fails in a second, not after a pass over the adapter."""
-  if (rank is None) == (energy is None):
-    raise AdapterError("give exactly one of --rank and --energy")
+# kohya sd-scripts' dynamic rank rules (networks/resize_lora.py), each choosing every module's rank from
+# its own spectrum: the squeeze.rank_* function, and the command's flag.
+DYNAMIC_RULES = {"sv_ratio": squeeze.rank_sv_ratio, "sv_fro": squeeze.rank_sv_fro,
+                 "sv_cumulative": squeeze.rank_sv_cumulative}
+
+
+def check_target(rank: int | None, energy: float | None, per_module: bool, *,
+                 dynamic: tuple[str, float] | None = None, max_rank: int | None = None) -> None:
+  """Raises AdapterError unless exactly one rule is given: rank (>= 1), energy (in (0, 1]) or a ``dynamic``
+  kohya rule (name in DYNAMIC_RULES, value); per_module only with energy; max_rank (>= 1) only with energy
+  or a dynamic rule. Run before any work, so a typo fails in a second, not after a pass over the adapter."""
+  given = [x for x in (rank, energy, dynamic) if x is not None]
+  if len(given) != 1:
+    raise AdapterError("give exactly one of --rank, --energy, --sv-ratio, --sv-fro and --sv-cumulative")
+  if per_module and energy is None:
+    raise AdapterError("--per-module needs --energy (with --rank every module gets the same rank; the --sv-* "
+                       "rules are always per module)")
+  if max_rank is not None:
+    if rank is not None:
+      raise AdapterError("--max-rank goes with --energy or an --sv-* rule, not --rank")
+    if max_rank < 1:
+      raise AdapterError(f"--max-rank must be >= 1, got {max_rank}")
   if rank is not None:
-    if per_module:
-      raise AdapterError("--per-module needs --energy (with --rank every module gets the same rank)")
     if rank < 1:
       raise AdapterError(f"--rank must be >= 1, got {rank}")
-  elif not 0.0 < energy <= 1.0:
-    raise AdapterError(f"--energy must be in (0, 1], got {energy}")
+  elif energy is not None:
+    if not 0.0 < energy <= 1.0:
+      raise AdapterError(f"--energy must be in (0, 1], got {energy}")
+  else:
+    name, value = dynamic
+    if name not in DYNAMIC_RULES:
+      raise AdapterError(f"unknown rank rule {name!r}; choose one of {', '.join(DYNAMIC_RULES)}")
+    ok = value >= 1.0 if name == "sv_ratio" else 0.0 < value <= 1.0
+    if not ok:
+      flag = "--" + name.replace("_", "-")
+      raise AdapterError(f"{flag} must be {'>= 1' if name == 'sv_ratio' else 'in (0, 1]'}, got {value}")
 
 
 def _wanted_ranks(modules: Sequence[LoraModule], spectra: Mapping[str, np.ndarray] | None, *,
-                  rank: int | None, energy: float | None, per_module: bool) -> dict[str, int]:
-  """``plan_ranks`` before the full-rank cap."""
-  check_target(rank, energy, per_module)
+                  rank: int | None, energy: float | None, per_module: bool,
+                  dynamic: tuple[str, float] | None = None, max_rank: int | None = None) -> dict[str, int]:
+  """``plan_ranks`` before the full-rank cap (``max_rank`` already applied)."""
+  check_target(rank, energy, per_module, dynamic=dynamic, max_rank=max_rank)
   if rank is not None:
     return {m.name: rank for m in modules}
-  if per_module:
-    return {m.name: squeeze.choose_rank(spectra[m.name], energy) for m in modules}
-  r = squeeze.choose_homogeneous_rank({m.name: spectra[m.name] for m in modules}, energy)
-  return {m.name: r for m in modules}
+  if dynamic is not None:
+    rule, value = DYNAMIC_RULES[dynamic[0]], dynamic[1]
+    wanted = {m.name: rule(spectra[m.name], value) for m in modules}
+  elif per_module:
+    wanted = {m.name: squeeze.choose_rank(spectra[m.name], energy) for m in modules}
+  else:
+    r = squeeze.choose_homogeneous_rank({m.name: spectra[m.name] for m in modules}, energy)
+    wanted = {m.name: r for m in modules}
+  return {n: min(r, max_rank) if max_rank else r for n, r in wanted.items()}
 
 
 def plan_ranks(modules: Sequence[LoraModule], spectra: Mapping[str, np.ndarray] | None, *,
-               rank: int | None = None, energy: float | None = None, per_module: bool = False
-               ) -> dict[str, int]:
-  """Each module's target rank: ``rank`` everywhere, or from the retention target ``energy``.
+               rank: int | None = None, energy: float | None = None, per_module: bool = False,
+               dynamic: tuple[str, float] | None = None, max_rank: int | None = None) -> dict[str, int]:
+  """Each module's target rank: ``rank`` everywhere, from the retention target ``energy``, or from a kohya
+  ``dynamic`` rule (``DYNAMIC_RULES``: each module from its own spectrum), at most ``max_rank``.
 
   ``energy`` alone: one rank for all, the largest of the per-module choices (``choose_homogeneous_rank``);
   with ``per_module``: each module's own smallest rank with V_r >= energy (``choose_rank``). Every rank is
@@ -719,7 +757,8 @@ def plan_ranks(modules: Sequence[LoraModule], spectra: Mapping[str, np.ndarray] 
   1000000`` wrote a 1.9 GiB adapter). A rank above r_src but within the full rank is kept (it grows the
   adapter, ΔW exact).
   """
-  wanted = _wanted_ranks(modules, spectra, rank=rank, energy=energy, per_module=per_module)
+  wanted = _wanted_ranks(modules, spectra, rank=rank, energy=energy, per_module=per_module, dynamic=dynamic,
+                         max_rank=max_rank)
   return {m.name: min(wanted[m.name], m.full_rank) for m in modules}
 
 
@@ -729,7 +768,8 @@ def _cap_note(modules: Sequence[LoraModule], wanted: Mapping[str, int], ranks: M
   capped = [m for m in modules if ranks[m.name] < wanted[m.name]]
   if not capped:
     return None
-  what = f"--rank {rank}" if rank is not None else f"the rank chosen for --energy {energy:g}"
+  what = (f"--rank {rank}" if rank is not None else f"the rank chosen for --energy {energy:g}"
+          if energy is not None else "the rank chosen by the --sv-* rule")
   return (f"{what} exceeds the full rank of {len(capped)} modules; capped at min(m, n) per module (largest "
           f"{max(ranks[m.name] for m in capped)})")
 
@@ -785,6 +825,11 @@ class SqueezeReport:
   out_bytes: int
   seconds: float = 0.0
   note: str | None = None  # e.g. that ranks were capped at full rank: the command prints it on stderr
+  # Single-file formats (lora_files.py): their own line about the written scale and metadata, the file
+  # written (no WEIGHTS_NAME inside a directory), and the line about the tensors copied unchanged.
+  config_line: str | None = None
+  weights_name: str | None = WEIGHTS_NAME
+  passthrough_line: str | None = None
 
   def table(self) -> str:
     width = max(len(m.name) for m in self.modules)
@@ -803,12 +848,16 @@ class SqueezeReport:
         f"{len(self.modules)} LoRA modules, ranks " +
         ", ".join(f"{a}->{b} ({c})" for (a, b), c in sorted(changes.items())),
         f"retention V_r: min {ret.min():.5f}, mean {ret.mean():.5f} (fraction of each ΔW's energy kept)",
+        self.config_line or
         f"config: r={self.config['r']}, lora_alpha={self.config['lora_alpha']} (scale 1, folded into the "
         f"factors), {len(self.config['rank_pattern'])} rank_pattern entries",
-        f"{verb} {self.out_dir}: {WEIGHTS_NAME} {_fmt_bytes(self.out_bytes)} (input {_fmt_bytes(self.in_bytes)})"
+        f"{verb} {self.out_dir}{': ' + self.weights_name if self.weights_name else ''} "
+        f"{_fmt_bytes(self.out_bytes)} (input {_fmt_bytes(self.in_bytes)})"
         + (f", {len(self.passthrough)} other tensors copied" if self.passthrough else "")
         + (f", {len(self.copied_files)} other files copied" if self.copied_files else ""),
     ]
+    if self.passthrough_line:
+      lines.append(self.passthrough_line)
     if grown:
       lines.append(f"note: {grown} modules grew in rank: ΔW is kept exactly, the new directions are "
                    "random A rows with zero B columns")
@@ -834,7 +883,8 @@ def _cast(x: np.ndarray, code: str, where: str) -> np.ndarray:
 def squeeze_adapter(in_dir: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int | None = None,
                     energy: float | None = None, per_module: bool = False, method: str = "efficient",
                     dtype: str = "keep", dry_run: bool = False, force: bool = False, seed: int = 0,
-                    progress: bool = True) -> SqueezeReport:
+                    progress: bool = True, dynamic: tuple[str, float] | None = None,
+                    max_rank: int | None = None) -> SqueezeReport:
   """Writes a copy of the PEFT adapter ``in_dir`` at new ranks to ``out_dir`` (see the module docstring).
 
   Args:
@@ -843,7 +893,9 @@ def squeeze_adapter(in_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
     rank: one target rank for every module (capped at each module's full rank min(out, in): see
       ``plan_ranks``; the report's ``note`` says when); or
     energy: a retention target (0, 1]: one rank for all modules (the largest per-module choice), or with
-      ``per_module`` each module's own rank (written as rank_pattern/alpha_pattern).
+      ``per_module`` each module's own rank (written as rank_pattern/alpha_pattern); or
+    dynamic: a kohya rule (``DYNAMIC_RULES`` name, value), each module's rank from its own spectrum;
+    max_rank: with energy or dynamic, no module's rank above this.
     method: "efficient" (Alg. 2, never forms ΔW), "rsvd" (Alg. 1) or "svd" (full SVD of ΔW).
     dtype: "keep" (each factor's input dtype) or float32/bfloat16/float16 for the new factors.
     dry_run: compute the plan (ranks, retention, sizes) and write nothing.
@@ -861,8 +913,14 @@ def squeeze_adapter(in_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
     raise AdapterError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
   if dtype not in DTYPES:
     raise AdapterError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-  check_target(rank, energy, per_module)
+  check_target(rank, energy, per_module, dynamic=dynamic, max_rank=max_rank)
   in_dir, out_dir = Path(in_dir), Path(out_dir)
+  if not in_dir.is_dir():
+    # A single file: kohya / diffusers LoRAs (lora_files.py, which imports this module: hence here).
+    from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top
+    return lora_files.squeeze_file(in_dir, out_dir, rank=rank, energy=energy, per_module=per_module,
+                                   method=method, dtype=dtype, dry_run=dry_run, force=force, seed=seed,
+                                   progress=progress, dynamic=dynamic, max_rank=max_rank)
   # Before opening anything: an OUT_DIR that is, holds or lies in IN_DIR is refused even for a dry run.
   _check_out_dir(out_dir, force, inputs=(in_dir,), dry_run=dry_run)
   with PeftAdapter(in_dir) as adapter:
@@ -871,11 +929,12 @@ def squeeze_adapter(in_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
     # largest r for --energy.
     compute_rank = (max(min(rank, m.full_rank) for m in adapter.modules) if rank is not None
                     else max(m.r for m in adapter.modules))
-    need_spectra = energy is not None or dry_run or method == "rsvd"
+    need_spectra = rank is None or dry_run or method == "rsvd"
     spectra = (adapter_spectra(adapter, compute_rank=compute_rank, progress=progress)
                if need_spectra else None)
-    wanted = _wanted_ranks(adapter.modules, spectra, rank=rank, energy=energy, per_module=per_module)
-    ranks = plan_ranks(adapter.modules, spectra, rank=rank, energy=energy, per_module=per_module)
+    targets = dict(rank=rank, energy=energy, per_module=per_module, dynamic=dynamic, max_rank=max_rank)
+    wanted = _wanted_ranks(adapter.modules, spectra, **targets)
+    ranks = plan_ranks(adapter.modules, spectra, **targets)
     config = output_config(adapter.config, ranks)
 
     def code(original: str) -> str:
@@ -1156,7 +1215,13 @@ def check_plot_path(path: str | os.PathLike) -> None:
 
 
 def inspect_adapter(directory: str | os.PathLike, *, progress: bool = True) -> InspectReport:
-  """Spectra of every module's ΔW_eff (efficient route: never forms ΔW)."""
+  """Spectra of every module's ΔW_eff (efficient route: never forms ΔW); a PEFT directory or a single
+  kohya / diffusers file."""
+  if not Path(directory).is_dir():
+    from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top
+    with lora_files.open_lora_file(directory) as adapter:
+      return InspectReport(directory=Path(directory), modules=list(adapter.modules),
+                           spectra=adapter_spectra(adapter, progress=progress))
   with PeftAdapter(directory) as adapter:
     return InspectReport(directory=Path(directory), modules=list(adapter.modules),
                          spectra=adapter_spectra(adapter, progress=progress))
@@ -1515,34 +1580,46 @@ def import_peft(in_dir: str | os.PathLike, *, model_config, joint_kv: bool = Fal
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="lora-squeeze", description="Change the rank of Hugging Face PEFT LoRA adapters with SVD "
-      "(LoRA-Squeeze, arXiv 2602.10993). No torch needed.")
+      prog="lora-squeeze", description="Change the rank of LoRA adapters with SVD (LoRA-Squeeze, arXiv "
+      "2602.10993): Hugging Face PEFT adapter directories, and single .safetensors files in kohya sd-scripts / "
+      "LyCORIS (lora_down/lora_up/alpha) or diffusers / ComfyUI (lora_A/lora_B[/alpha]) form, detected from "
+      "the keys and written back in the same form. No torch needed.")
   sub = p.add_subparsers(dest="command", required=True)
   s = sub.add_parser("squeeze", help="write a copy of an adapter at a new rank",
-                     description="Write IN_DIR's adapter at a new rank to OUT_DIR. Each module's effective "
-                     "ΔW = scale·B@A is replaced by its best rank-r approximation; the output has scale 1 "
-                     "(lora_alpha = r), the old scale folded evenly into A and B.")
-  s.add_argument("in_dir", metavar="IN_DIR")
-  s.add_argument("out_dir", metavar="OUT_DIR")
+                     description="Write IN's adapter at a new rank to OUT (a PEFT directory to a directory, a "
+                     ".safetensors file to a file). Each module's effective ΔW = scale·B@A is replaced by its "
+                     "best rank-r approximation; the output has scale 1 (alpha = r), the old scale folded "
+                     "evenly into both factors. Tensors that are not a low-rank product (LoHa, LoKr, full "
+                     "diffs, DoRA magnitudes) are copied unchanged.")
+  s.add_argument("in_dir", metavar="IN", help="a PEFT adapter directory, or a LoRA .safetensors file")
+  s.add_argument("out_dir", metavar="OUT", help="the output directory (PEFT) or .safetensors file")
   target = s.add_mutually_exclusive_group(required=True)
   target.add_argument("--rank", type=int, help="the new rank of every module, capped at each module's full "
                       "rank min(out, in) (where ΔW is exact; a note on stderr says so). A rank above the "
                       "input's r is allowed: ΔW stays exact, the new directions are random A rows with zero "
                       "B columns")
   target.add_argument("--energy", type=float, help="keep this fraction of each module's energy (retention "
-                      "V_r >= E): one rank for all, the largest needed (or per module with --per-module)")
+                      "V_r = Σ_{i≤r} s_i² / Σ s_i² >= E): one rank for all, the largest needed (or per "
+                      "module with --per-module)")
+  target.add_argument("--sv-ratio", type=float, metavar="R", help="kohya's sv_ratio, per module: keep the "
+                      "singular values s_i > s_max / R (R >= 1; at least 1)")
+  target.add_argument("--sv-fro", type=float, metavar="F", help="kohya's sv_fro, per module: the smallest r "
+                      "with sqrt(Σ_{i≤r} s_i² / Σ s_i²) >= F (0 < F <= 1; same as --energy F² --per-module)")
+  target.add_argument("--sv-cumulative", type=float, metavar="C", help="kohya's sv_cumulative, per module: "
+                      "the smallest r with Σ_{i≤r} s_i / Σ s_i >= C (0 < C <= 1)")
+  s.add_argument("--max-rank", type=int, metavar="N", help="with --energy or --sv-*: no module above rank N")
   s.add_argument("--per-module", action="store_true",
                  help="with --energy: each module its own rank (written as rank_pattern/alpha_pattern)")
   s.add_argument("--method", choices=METHODS, default="efficient",
                  help="efficient: never forms ΔW (default); rsvd: randomized SVD of ΔW; svd: full SVD of ΔW")
   s.add_argument("--dtype", choices=DTYPES, default="keep", help="dtype of the new factors (default: as input)")
   s.add_argument("--dry-run", action="store_true", help="print the plan (ranks, retention, size); write nothing")
-  s.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists (never one that is, "
-                 "contains or lies inside IN_DIR: refused)")
+  s.add_argument("--force", action="store_true", help="replace OUT if it exists (never IN itself, nor a "
+                 "directory that is, contains or lies inside IN: refused)")
   s.add_argument("--seed", type=int, default=0, help="PRNG seed (rsvd sketches, init of energy-free directions)")
   s.add_argument("--no-progress", action="store_true", help="no progress bar")
   i = sub.add_parser("inspect", help="print each module's spectrum and retention at r/2, r/4, r/8")
-  i.add_argument("in_dir", metavar="IN_DIR")
+  i.add_argument("in_dir", metavar="IN", help="a PEFT adapter directory, or a LoRA .safetensors file")
   i.add_argument("--plot", metavar="PATH.png", help="also write retention curves to this file; its extension "
                  "picks the format (.png, .pdf, .svg, ... : matplotlib's formats), checked before any work")
   i.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1563,10 +1640,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       check_plot_path(args.plot)  # before the cache directory and the spectra: a typo costs nothing
     runtime.enable_compile_cache()
     if args.command == "squeeze":
+      dynamic = next(((name, getattr(args, name)) for name in DYNAMIC_RULES
+                      if getattr(args, name) is not None), None)
       report = squeeze_adapter(args.in_dir, args.out_dir, rank=args.rank, energy=args.energy,
                                per_module=args.per_module, method=args.method, dtype=args.dtype,
                                dry_run=args.dry_run, force=args.force, seed=args.seed,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, dynamic=dynamic, max_rank=args.max_rank)
       if report.note:
         print(f"lora-squeeze: note: {report.note}", file=sys.stderr)
       if args.dry_run:

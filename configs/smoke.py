@@ -1,4 +1,4 @@
-"""Smoke run (DESIGN.md contract 6): the tiny random Gemma 3, a 3-stage In-Squeeze 8 -> 4 -> 2 on the
+"""Smoke run: the tiny random Gemma 3, a 3-stage In-Squeeze 8 -> 4 -> 2 on the
 synthetic lookup task; well under a minute on 2 CPU cores.
 
   python -m lora_squeeze.main --config=configs/smoke.py --workdir=/tmp/smoke

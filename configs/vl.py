@@ -1,4 +1,4 @@
-"""Vision-language runs (PAPER.md App. H: Fig. 8, Fig. 9, Table 8): Gemma 3 4B IT with its SigLIP tower,
+"""Vision-language runs (the paper's App. H: Fig. 8, Fig. 9, Table 8): Gemma 3 4B IT with its SigLIP tower,
 LoRA on the text side only (vision tower and projector frozen), on the ten VQA tasks of
 ``lora_squeeze/data/vqa.py`` (prepare their TFDS builders first: ``tfds build okvqa
 --imports=lora_squeeze.data.builders --file_format=array_record --manual_dir=RAW``).

@@ -24,7 +24,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# (d_model, heads, kv_heads, head_dim, ffn, layers) — FACTS.md.
+# (d_model, heads, kv_heads, head_dim, ffn, layers) — gemma 3.3.0's configs.
 MODELS = {"gemma3_4b": (2560, 8, 4, 256, 10240, 34), "gemma3_12b": (3840, 16, 8, 256, 15360, 48)}
 R_SRC, R_TGT = 128, 8
 

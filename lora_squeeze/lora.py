@@ -55,7 +55,7 @@ sequence the model runs; the embedding of the images and their merge use gemma's
 
 Why the wrapper bypasses ``nn.jit``: gemma's ``Transformer.__call__`` is an ``nn.jit`` whose trace cache is
 keyed on the transformer's fields and the input shapes only, not on the interceptor around it. Through it,
-a second ``init`` with another rank returned the first rank's shapes (FACTS.md), and an ``apply`` with a new
+a second ``init`` with another rank returned the first rank's shapes (seen with gemma 3.3.0), and an ``apply`` with a new
 ``alpha`` but same-shaped params would silently reuse the old scale. ``LoRA`` therefore calls the
 transformer's un-jitted method; jit the whole step yourself (one ``jax.jit`` around apply / the train step),
 as you would anyway. ``init_lora`` (pure: shapes + initializers) is the preferred way to create LoRA params.
@@ -671,7 +671,7 @@ def split_params(params: Mapping) -> tuple[dict, dict]:
   """(base, lora): the same nesting, LoRA pairs (``*_lora`` children) moved to ``lora``.
 
   Neither tree keeps empty dicts (gemma's ``peft.split_params`` leaves some, which broke checkpoint loading,
-  FACTS.md). Works with or without a top-level ``{"params": ...}``.
+  seen with gemma 3.3.0). Works with or without a top-level ``{"params": ...}``.
   """
   def split(node):
     base, lora = {}, {}

@@ -1,4 +1,4 @@
-"""Entry point (DESIGN.md contract 6), thin as in big_vision / the flax examples:
+"""Entry point, thin as in big_vision / the flax examples:
 
   python -m lora_squeeze.main --config=configs/NAME.py[:k=v,...] --workdir=DIR [--config.key=value]
 

@@ -1,7 +1,7 @@
 """Gemma 3 models by name: architecture, base weights and tokenizer.
 
 `load(name, **options)` is the one entry point the rest of lora_squeeze uses
-(DESIGN.md, contract 5). It returns a `LoadedModel` whose `.transformer` is a
+(the contract below). It returns a `LoadedModel` whose `.transformer` is a
 gemma-library Flax module, `.params` the frozen base params (the tree inside
 `{"params": ...}`), and `.tokenizer` an `encode`/`decode` object, so that
 

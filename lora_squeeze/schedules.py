@@ -1,4 +1,4 @@
-"""In-Squeeze rank ladders and step budgets (DESIGN.md contract 4), and the learning-rate warmup.
+"""In-Squeeze rank ladders and step budgets, and the learning-rate warmup.
 
 The paper (Sec. 4.1, "In-Squeeze Fine-Tuning Setup") anneals the rank 128 → 64 → … → 1 over a fixed total
 budget of N + M steps, split among the stages by one of two schemes:

@@ -1,6 +1,6 @@
 """The train loop: LoRA on a frozen Gemma 3 with Adafactor, whose rank changes after or during training.
 
-Run modes (``config.mode``; configs in ``configs/``, see PAPER.md Sec. 3-4):
+Run modes (``config.mode``; configs in ``configs/``, see the paper's Sec. 3-4):
 
 * ``direct``: one stage at ``config.lora.rank`` for ``config.steps`` steps (paper: N = 10k / 15k).
 * ``post_squeeze``: no training. The finished adapter of ``config.source_workdir`` (a ``direct`` run at

@@ -125,7 +125,7 @@ class Example:
 METRICS = ('choice_accuracy', 'multilabel_choice_accuracy', 'generative')
 
 # TFDS modules to import before the builder name is known to `tfds`: the older
-# text builders register only from `tensorflow_datasets.text` (FACTS.md), ours
+# text builders register only from `tensorflow_datasets.text` (tfds 4.9.10), ours
 # from `lora_squeeze.data.builders`.
 _TFDS_TEXT = 'tensorflow_datasets.text'
 _OUR_BUILDERS = 'lora_squeeze.data.builders'

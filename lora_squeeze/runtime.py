@@ -32,6 +32,14 @@ def is_harmless(line: str) -> bool:
   return any(p.search(line) for p in HARMLESS_NATIVE_LINES)
 
 
+def _kept(line: bytes) -> bytes:
+  """``line`` without its harmless parts. A progress bar redraws with carriage returns and no newline, so a
+  native line can follow one after a '\\r': each '\\r'-separated part is judged on its own."""
+  parts = line.split(b"\r")
+  kept = [p for p in parts if not is_harmless(p.decode("utf-8", "replace"))]
+  return b"\r".join(kept)
+
+
 class _StderrFilter:
   """Routes file descriptor 2 through a pipe; a thread copies each line to the real stderr unless it is
   ``is_harmless``. Native code writes to fd 2 directly, so filtering ``sys.stderr`` alone would not do."""
@@ -54,11 +62,12 @@ class _StderrFilter:
         break
       buf += chunk
       *lines, buf = buf.split(b"\n")
-      out = b"".join(l + b"\n" for l in lines if not is_harmless(l.decode("utf-8", "replace")))
+      kept = [(l, _kept(l)) for l in lines]
+      out = b"".join(k + b"\n" for l, k in kept if k or not l)  # blank lines stay; all-harmless lines go
       if out:
         os.write(self.real, out)
-    if buf and not is_harmless(buf.decode("utf-8", "replace")):
-      os.write(self.real, buf)
+    if buf and _kept(buf):
+      os.write(self.real, _kept(buf))
     os.close(self.read)
 
   def stop(self) -> None:

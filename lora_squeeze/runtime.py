@@ -25,6 +25,11 @@ HARMLESS_NATIVE_LINES = (
     # grain noting that its worker profiler needs a newer jaxlib than the pinned one (we use no profiler).
     re.compile(r"^W\d{4} .*Grain multiprocess worker profiling requires jaxlib"),
 )
+# Whole tracebacks that are harmless: orbax/tensorstore callbacks firing after the asyncio loop of a
+# checkpoint restore that failed (train.Checkpoints.restore_latest then falls back to an older checkpoint).
+HARMLESS_TRACEBACKS = (
+    re.compile(r"call_soon_threadsafe.*RuntimeError: Event loop is closed$", re.S),
+)
 VERBOSE_ENV = "LORA_SQUEEZE_VERBOSE"
 
 
@@ -55,19 +60,35 @@ class _StderrFilter:
     atexit.register(self.stop)
 
   def _pump(self) -> None:
-    buf = b""
+    buf, block = b"", []  # block: the lines of a Python traceback being read, held until its last line
     while True:
       chunk = os.read(self.read, 65536)
       if not chunk:
         break
       buf += chunk
       *lines, buf = buf.split(b"\n")
-      kept = [(l, _kept(l)) for l in lines]
-      out = b"".join(k + b"\n" for l, k in kept if k or not l)  # blank lines stay; all-harmless lines go
+      out = []
+      for line in lines:
+        if not block and line.startswith(b"Traceback (most recent call last):"):
+          block = [line]
+          continue
+        if block:
+          block.append(line)
+          if line[:1] in (b" ", b"\t") or not line:
+            continue  # still inside the traceback's frames
+          text = b"\n".join(block).decode("utf-8", "replace")
+          if not any(p.search(text) for p in HARMLESS_TRACEBACKS):
+            out += block
+          block = []
+          continue
+        kept = _kept(line)
+        if kept or not line:  # blank lines stay; all-harmless lines go
+          out.append(kept)
       if out:
-        os.write(self.real, out)
-    if buf and _kept(buf):
-      os.write(self.real, _kept(buf))
+        os.write(self.real, b"".join(l + b"\n" for l in out))
+    rest = block + ([_kept(buf)] if buf and _kept(buf) else [])
+    if rest:
+      os.write(self.real, b"\n".join(rest))
     os.close(self.read)
 
   def stop(self) -> None:

@@ -203,9 +203,11 @@ def test_lock_is_exclusive_and_released(tmp_path):
 def _corrupt_newest(work: pathlib.Path, how: str) -> int:
   ckpts = work / "checkpoints"
   newest = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
-  if how == "truncate":  # the largest array data file of the state, cut in half
-    data = max((p for p in (ckpts / str(newest) / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+  if how == "truncate":  # every array data file of the state (ocdbt's d/ directories) cut in half
+    data = [p for p in (ckpts / str(newest) / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert data
+    for p in data:
+      p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
   else:  # the metadata of every item removed
     for p in (ckpts / str(newest)).rglob("*metadata*"):
       if p.is_file():
@@ -375,12 +377,17 @@ def test_the_filter_drops_only_the_known_harmless_lines():
       "os.write(2, b'train:  50%|#####     | 3/6\\rE1202 02:18:13.7 1 cpu_aot_loader.cc:195] Loading XLA:CPU AOT "
       "result. Target machine feature +prefer-no-scatter is not  supported\\n')\n"
       "os.write(2, b'E1202 02:18:13.722 7775 some_kernel.cc:1] a real native error\\n')\n"
+      "os.write(2, b'Traceback (most recent call last):\\n  File \"/x/asyncio/base_events.py\", line 806, in "
+      "call_soon_threadsafe\\n    self._check_closed()\\nRuntimeError: Event loop is closed\\n')\n"
+      "os.write(2, b'Traceback (most recent call last):\\n  File \"/x/y.py\", line 1, in f\\nKeyError: 7\\n')\n"
       "warnings.warn('a real warning')\n"
       "raise SystemExit('the end')\n")
   proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=120)
   assert "cuInit" not in proc.stderr and "prefer-no-" not in proc.stderr
   assert "train:  50%|#####     | 3/6" in proc.stderr  # the progress bar before the dropped part stays
   assert "a real native error" in proc.stderr and "a real warning" in proc.stderr and "the end" in proc.stderr
+  assert "Event loop is closed" not in proc.stderr and proc.stderr.count("Traceback") == 1
+  assert 'File "/x/y.py", line 1, in f\nKeyError: 7' in proc.stderr  # a real traceback, whole
   loud = subprocess.run([sys.executable, "-c", script], env=_env(**{runtime.VERBOSE_ENV: "1"}),
                         capture_output=True, text=True, timeout=120)
   assert "cuInit" in loud.stderr and "prefer-no-gather" in loud.stderr

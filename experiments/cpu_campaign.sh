@@ -5,8 +5,9 @@
 #   pilot  five tasks, ranks 1 and 32 at their own rates, 120 steps, evaluated on the WHOLE offline held-out
 #          half: does rank matter here? (experiments/rank_pilot.py report)
 # Resumable and safe to rerun: finished cells are skipped, a killed cell resumes from its checkpoints, a
-# changed cell reruns (sweep.py). After each stage the records and training curves are copied into
-# experiments/results/cpu_campaign/store/ so that they can be committed as they land.
+# changed cell reruns (sweep.py). Each stage has its own sweep directory ($RUN/rates, $RUN/pilot: the two
+# stages share cell names) and its own committed store (experiments/results/cpu_campaign/{rates,pilot}/:
+# records and training curves, copied after each stage so that they can be committed as they land).
 # Usage: bash experiments/cpu_campaign.sh [STAGE ...]   (default: rates pilot)   RUN=runs/cpu_campaign
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,12 +20,13 @@ COMMON=(--config.data.batch_size=8 --config.data.max_len=128 --config.data.pack=
         --config.data.max_target_tokens=64 --config.checkpoint_every=20 --config.progress=False)
 PILOT_TASKS="${PILOT_TASKS:-siqa+arc_e+obqa+winogrande+boolq}"
 
-collect() {  # records + the loss curve of every cell, small files only
-  mkdir -p "$OUT/store/results" "$OUT/store/curves"
-  cp "$RUN"/results/*.json "$OUT/store/results/" 2>/dev/null || true
-  for d in "$RUN"/cells/*/; do
+collect() {  # $1 = stage: its records + the loss curve of every finished cell, small files only
+  local run="$RUN/$1" store="$OUT/$1"
+  mkdir -p "$store/results" "$store/curves"
+  cp "$run"/results/*.json "$store/results/" 2>/dev/null || true
+  for d in "$run"/cells/*/; do
     n="$(basename "$d")"
-    [ -f "$d/metrics.jsonl" ] && cp "$d/metrics.jsonl" "$OUT/store/curves/$n.jsonl"
+    [ -f "$d/result.json" ] && cp "$d/metrics.jsonl" "$store/curves/$n.jsonl"
   done
   return 0
 }
@@ -34,18 +36,18 @@ stages=("$@")
 for stage in "${stages[@]}"; do
   case "$stage" in
     rates)
-      "$PY" -m lora_squeeze.sweep --workdir="$RUN" \
+      "$PY" -m lora_squeeze.sweep --workdir="$RUN/rates" \
         --config="configs/paper.py:artefact=lr_grid,runlocal,tasks=siqa,ranks=1+32,lr_grid=0.003+0.01+0.03+0.1,steps=40" \
         "${COMMON[@]}" --config.eval.limit=300 || true
-      collect ;;
+      collect rates ;;
     pilot)
-      LRS="$("$PY" experiments/rank_pilot.py rates --results "$OUT/store" --task siqa --lrs-only)"
+      LRS="$("$PY" experiments/rank_pilot.py rates --results "$OUT/rates" --task siqa --lrs-only)"
       echo "[cpu_campaign] pilot rates: $LRS"
-      "$PY" -m lora_squeeze.sweep --workdir="$RUN" \
+      "$PY" -m lora_squeeze.sweep --workdir="$RUN/pilot" \
         --config="configs/paper.py:artefact=direct,runlocal,tasks=$PILOT_TASKS,ranks=1+32,lrs=$LRS,steps=120" \
         "${COMMON[@]}" --config.eval.limit=0 || true
-      collect
-      "$PY" experiments/rank_pilot.py report --results "$OUT/store" --out "$OUT" || true ;;
+      collect pilot
+      "$PY" experiments/rank_pilot.py report --results "$OUT/pilot" --out "$OUT" || true ;;
     *) echo "unknown stage $stage (rates | pilot)"; exit 2 ;;
   esac
 done

@@ -1,7 +1,7 @@
 """Does rank matter at CPU scale? The rate choice and the pilot report of experiments/cpu_campaign.sh.
 
-  python experiments/rank_pilot.py rates  --results experiments/results/cpu_campaign/store --task siqa [--lrs-only]
-  python experiments/rank_pilot.py report --results experiments/results/cpu_campaign/store --out experiments/results/cpu_campaign
+  python experiments/rank_pilot.py rates  --results experiments/results/cpu_campaign/rates --task siqa [--lrs-only]
+  python experiments/rank_pilot.py report --results experiments/results/cpu_campaign/pilot --out experiments/results/cpu_campaign
 
 ``rates``: per rank, each learning rate's held-out NLL per token and accuracy on one task (the short rate-search
 runs); the rank's rate is the one with the LOWEST held-out NLL (accuracy ties on a few hundred examples; the
@@ -11,7 +11,7 @@ NLL separates rates at a smaller n). ``--lrs-only`` prints ``1:RATE+32:RATE`` fo
 the same held-out examples (``results.paired``): the mean per-example difference of the gold choice's NLL
 per token and of correctness, each with its SEM over the examples. |Δ| > 2 SEM is a detectable difference;
 otherwise the smallest effect this n could have shown is about 2 SEM. The training curves (loss per step,
-from the cells' metrics.jsonl copied to ``store/curves/``) go to rank_pilot_curves.png, to check that the
+from the cells' metrics.jsonl copied to ``STORE/curves/``) go to rank_pilot_curves.png, to check that the
 runs trained until the loss flattened. Writes rank_pilot.md and the PNGs.
 """
 

@@ -157,7 +157,8 @@ def run_cell(config, cell: Mapping[str, Any], sweep_dir: Path, *,
       if old.get("status") == "ok":
         print(f"[lora_squeeze] sweep cell {cell['name']}: record without settings (older version), kept as is")
         return old
-    elif old_fp == fp:
+    elif old_fp == fp or (not workdir_lib.differences(old.get("settings", {}), settings)
+                          and old.get("sources", {}) == sources):  # same settings, hashed before a key moved
       if old.get("status") == "ok":
         return old
     else:

@@ -33,8 +33,9 @@ LOCK_NAME = ".lock"
 SUPERSEDED_DIR = "superseded"
 # How a run reports and checkpoints, not what it computes: these may differ between a run and its resume.
 # (A resume is bit-identical whatever the checkpoint interval; the mesh may change between resumes.)
+# ``report`` is a sweep's summary table (reports.py), written after the cells.
 PRESENTATION_KEYS = frozenset({"progress", "tensorboard", "log_every", "checkpoint_every", "keep_checkpoints",
-                               "mesh"})
+                               "mesh", "report"})
 
 
 class UserError(ValueError):
@@ -97,7 +98,9 @@ def result_settings(config) -> dict[str, Any]:
 
 def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   """``key: old -> new`` for every dotted key whose value differs (a missing key shows as <absent>)."""
-  a, b = flatten(old), flatten(new)
+  # Presentation keys never count, also where an older record kept them.
+  a = flatten({k: v for k, v in old.items() if k not in PRESENTATION_KEYS})
+  b = flatten({k: v for k, v in new.items() if k not in PRESENTATION_KEYS})
   out = []
   for key in sorted(set(a) | set(b)):
     va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")

@@ -25,11 +25,6 @@ HARMLESS_NATIVE_LINES = (
     # grain noting that its worker profiler needs a newer jaxlib than the pinned one (we use no profiler).
     re.compile(r"^W\d{4} .*Grain multiprocess worker profiling requires jaxlib"),
 )
-# Whole tracebacks that are harmless: orbax/tensorstore callbacks firing after the asyncio loop of a
-# checkpoint restore that failed (train.Checkpoints.restore_latest then falls back to an older checkpoint).
-HARMLESS_TRACEBACKS = (
-    re.compile(r"call_soon_threadsafe.*RuntimeError: Event loop is closed$", re.S),
-)
 VERBOSE_ENV = "LORA_SQUEEZE_VERBOSE"
 
 
@@ -60,7 +55,7 @@ class _StderrFilter:
     atexit.register(self.stop)
 
   def _pump(self) -> None:
-    buf, block = b"", []  # block: the lines of a Python traceback being read, held until its last line
+    buf = b""
     while True:
       chunk = os.read(self.read, 65536)
       if not chunk:
@@ -69,26 +64,13 @@ class _StderrFilter:
       *lines, buf = buf.split(b"\n")
       out = []
       for line in lines:
-        if not block and line.startswith(b"Traceback (most recent call last):"):
-          block = [line]
-          continue
-        if block:
-          block.append(line)
-          if line[:1] in (b" ", b"\t") or not line:
-            continue  # still inside the traceback's frames
-          text = b"\n".join(block).decode("utf-8", "replace")
-          if not any(p.search(text) for p in HARMLESS_TRACEBACKS):
-            out += block
-          block = []
-          continue
         kept = _kept(line)
         if kept or not line:  # blank lines stay; all-harmless lines go
           out.append(kept)
       if out:
         os.write(self.real, b"".join(l + b"\n" for l in out))
-    rest = block + ([_kept(buf)] if buf and _kept(buf) else [])
-    if rest:
-      os.write(self.real, b"\n".join(rest))
+    if buf and _kept(buf):
+      os.write(self.real, _kept(buf))
     os.close(self.read)
 
   def stop(self) -> None:
@@ -105,14 +87,35 @@ class _StderrFilter:
 _filter: _StderrFilter | None = None
 
 
+def _is_closed_loop_callback(unraisable) -> bool:
+  """Whether an unraisable exception is a callback of orbax/tensorstore reaching the asyncio loop of a
+  checkpoint restore that already failed and closed (``train.Checkpoints.restore_latest`` then falls back
+  to an older checkpoint): one to ~160 of them per failed restore, from several threads at once, harmless."""
+  exc = unraisable.exc_value
+  if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+    return False
+  tb, names = unraisable.exc_traceback, set()
+  while tb is not None:
+    names.add(tb.tb_frame.f_code.co_name)
+    tb = tb.tb_next
+  return "call_soon_threadsafe" in names
+
+
+def _quiet_unraisablehook(unraisable) -> None:
+  if not _is_closed_loop_callback(unraisable):
+    sys.__unraisablehook__(unraisable)
+
+
 def quiet_native_logs() -> None:
-  """Drops the ``HARMLESS_NATIVE_LINES`` from this process's stderr (``LORA_SQUEEZE_VERBOSE=1``: keep
-  everything). Call before TensorFlow or JAX's backend load; idempotent. Real warnings and errors, and
+  """Drops the ``HARMLESS_NATIVE_LINES`` from this process's stderr, and the unraisable 'Event loop is
+  closed' errors of a failed checkpoint restore (``LORA_SQUEEZE_VERBOSE=1``: keep everything). Call before TensorFlow or JAX's backend load; idempotent. Real warnings and errors, and
   Python's own output, pass through."""
   global _filter
   if _filter is not None or os.environ.get(VERBOSE_ENV) == "1":
     return
   _filter = _StderrFilter()
+  if sys.unraisablehook is sys.__unraisablehook__:
+    sys.unraisablehook = _quiet_unraisablehook
 
 
 def enable_compile_cache() -> Path | None:

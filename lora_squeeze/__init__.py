@@ -1,7 +1,8 @@
 """lora_squeeze: train LoRA adapters on Gemma 3 in JAX/Flax and change their rank with (randomized) SVD.
 
 Paper: "LoRA-Squeeze: Simple and Effective Post-Tuning and In-Tuning Compression of LoRA Modules"
-(arXiv 2602.10993). Start with ``lora_squeeze.squeeze`` (the math), then ``models``, ``lora``, ``adapters``.
+(arXiv 2602.10993). The map of the package (layers, data flow, where a change goes, public contracts) is
+``docs/architecture.md``; start with ``lora_squeeze.squeeze`` (the math), then ``models``, ``lora``, ``adapters``.
 """
 
 __version__ = "0.1.0"

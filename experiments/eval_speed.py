@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_squeeze import data  # noqa: E402
 from lora_squeeze import evaluate  # noqa: E402
 from lora_squeeze import models  # noqa: E402
-from lora_squeeze import train  # noqa: E402
+from lora_squeeze import fileio  # noqa: E402
 from lora_squeeze.data import pipeline  # noqa: E402
 
 
@@ -60,7 +60,7 @@ class Baseline:
     sums = [np.zeros(len(ex.choices)) for ex in examples]
     for start in range(0, len(rows), self.batch_rows):
       chunk = rows[start:start + self.batch_rows]
-      t = evaluate._pow2(max(len(r[2]["tokens"]) for r in chunk))  # pylint: disable=protected-access
+      t = evaluate.pow2(max(len(r[2]["tokens"]) for r in chunk))
       tokens = np.zeros((self.batch_rows, t), np.int32)
       mask = np.zeros((self.batch_rows, t), np.float32)
       for j, (_, _, enc) in enumerate(chunk):
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
   print(text)
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  train.atomic_write_text(out, text)
+  fileio.atomic_write_text(out, text)
   return 0
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lora_squeeze import train  # noqa: E402  (atomic_write_text)
+from lora_squeeze import fileio  # noqa: E402
 
 
 def _run(mode_args: str, workdir: Path, *, steps: int, batch: int, max_len: int, cache: str) -> dict:
@@ -138,13 +138,13 @@ def main(argv=None) -> int:
            "runs": [{"cache": k[0], "mode": k[1], "timing": v["timing"],
                      "process_wall_seconds": v["process_wall_seconds"]} for k, v in results.items()]}
     out.parent.mkdir(parents=True, exist_ok=True)
-    train.atomic_write_text(raw_path, json.dumps(raw, indent=2))
+    fileio.atomic_write_text(raw_path, json.dumps(raw, indent=2))
   results = {(r["cache"], r["mode"]): r for r in raw["runs"]}
   text = report(results, steps=raw["steps"], batch=raw["batch"], max_len=raw["max_len"],
                 paper_steps=args.paper_steps, node=raw["node"])
   print(text)
   out.parent.mkdir(parents=True, exist_ok=True)
-  train.atomic_write_text(out, text)
+  fileio.atomic_write_text(out, text)
   return 0
 
 

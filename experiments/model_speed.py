@@ -47,6 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_squeeze import lora  # noqa: E402
+from lora_squeeze import fileio  # noqa: E402
 from lora_squeeze import models  # noqa: E402
 from lora_squeeze import train  # noqa: E402
 
@@ -235,7 +236,7 @@ def main(argv=None) -> int:
   print(text)
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  train.atomic_write_text(out, text)
+  fileio.atomic_write_text(out, text)
   return 0
 
 

@@ -1407,7 +1407,7 @@ def export_peft(lora_params: Mapping, out_dir: str | os.PathLike, *, lora_config
     raise AdapterError(f"unknown layout {layout!r}; choose one of {', '.join(HF_LAYOUTS)}")
   if dtype not in _OUT_CODES:
     raise AdapterError(f"unknown dtype {dtype!r}; choose one of {', '.join(_OUT_CODES)}")
-  cfg = lora._text_config(model_config)  # pylint: disable=protected-access
+  cfg = lora.text_config(model_config)
   out_dir = Path(out_dir)
   _check_out_dir(out_dir, force)
   pairs = _checked_pairs(lora_params, lora_config, cfg)
@@ -1476,7 +1476,7 @@ def import_peft(in_dir: str | os.PathLike, *, model_config, joint_kv: bool = Fal
       missing halves, NaN/Inf, tensors we cannot represent (modules_to_save, DoRA, LoRA biases).
   """
   from lora_squeeze import lora  # pylint: disable=g-import-not-at-top
-  cfg = lora._text_config(model_config)  # pylint: disable=protected-access
+  cfg = lora.text_config(model_config)
   dims = _hf_dims(cfg)
   with PeftAdapter(in_dir) as adapter:
     where = adapter.reader.path

@@ -39,7 +39,7 @@ import dataclasses
 import math
 import re
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -142,7 +142,7 @@ def _scored_bucket(n: int) -> int:
   return _bucket(n, max(8, 1 << max(0, n.bit_length() - 4)))
 
 
-def _pow2(n: int) -> int:
+def pow2(n: int) -> int:
   return 1 << max(4, (n - 1).bit_length())
 
 
@@ -209,7 +209,7 @@ class ChoiceScorer:
     rows.sort(key=lambda r: -len(r.tokens))
     for start in range(0, len(rows), self.batch_rows):
       chunk = rows[start:start + self.batch_rows]
-      t = _pow2(max(len(r.tokens) for r in chunk))
+      t = pow2(max(len(r.tokens) for r in chunk))
       bsz = self.batch_rows
       tokens = np.zeros((bsz, t), np.int32)
       positions = np.zeros((bsz, t), np.int32)
@@ -480,12 +480,6 @@ def evaluate_examples(model, task, examples: Sequence[Any], *, lora_params=None,
           # Per example, in ``examples`` order: paired comparisons of two adapters on the same examples
           # (experiments/claims.py) have far more power than their accuracies' intervals.
           "per_example": {"correct": correct, "gold_nll": [round(v, 5) for v in gold_nll]}}
-
-
-def evaluate_tasks(model, task_examples: Mapping[str, Sequence[Any]], **kwargs) -> dict[str, Any]:
-  """Per task metrics and their unweighted average accuracy (the paper averages over tasks)."""
-  per_task = {name: evaluate_examples(model, name, exs, **kwargs) for name, exs in task_examples.items()}
-  return {"tasks": per_task, "average_accuracy": float(np.mean([m["accuracy"] for m in per_task.values()]))}
 
 
 def evaluate_config(config, model, lora_params, lora_config) -> dict[str, Any]:

@@ -71,6 +71,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flax import linen as nn
+from flax import traverse_util
 from gemma.gm.nn import _layers
 from gemma.gm.nn import _modules
 from gemma.gm.utils import _attention_mask
@@ -206,7 +207,7 @@ def module_path(layer: int, kind: str) -> str:
   return f"layer_{layer}/{_OWNER[kind]}/{kind}_lora"
 
 
-def _text_config(model_config):
+def text_config(model_config):
   """A gemma TransformerConfig from a config or from a transformer module holding one."""
   cfg = getattr(model_config, "config", model_config)
   for field in ("embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim", "attention_types"):
@@ -250,7 +251,7 @@ def lora_shapes(model_config, config: LoRAConfig) -> dict[str, tuple[tuple[int, 
 
   ``model_config``: a gemma ``TransformerConfig`` or a transformer module (its ``.config``). Pure python.
   """
-  cfg = _text_config(model_config)
+  cfg = text_config(model_config)
   paths = [module_path(i, kind) for i in range(cfg.num_layers) for kind in config.kinds()]
   ranks = resolve_module_ranks(paths, config.rank)
   out = {}
@@ -281,17 +282,6 @@ def _b_init(key, shape, dtype=None):
   return jnp.zeros(shape, jnp.float32)
 
 
-def _nest(flat: Mapping[str, Any]) -> dict:
-  out: dict = {}
-  for path, value in flat.items():
-    node = out
-    *parents, leaf = path.split("/")
-    for k in parents:
-      node = node.setdefault(k, {})
-    node[leaf] = value
-  return out
-
-
 def init_lora(key: Array, model_config, config: LoRAConfig) -> dict:
   """Fresh LoRA params (nested dicts, float32): a kaiming-uniform (as gemma), b zeros, so ΔW = 0.
 
@@ -316,7 +306,7 @@ def _init_from_shapes(key: Array, shapes: tuple) -> dict:
     flat[f"{path}/a"] = bound * u[offset:offset + size].reshape(a_shape)
     flat[f"{path}/b"] = jnp.zeros(b_shape, jnp.float32)
     offset += size
-  return _nest(flat)
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -350,7 +340,7 @@ class LoRA(nn.Module):
 
   @nn.compact
   def __call__(self, *args, **kwargs):
-    cfg = _text_config(self.model)
+    cfg = text_config(self.model)
     if cfg.num_kv_heads == cfg.num_heads:
       # gemma then uses one qkv_einsum; no Gemma 3 size does, so that layout is not implemented.
       raise NotImplementedError("LoRA: models with num_kv_heads == num_heads (gemma's qkv_einsum) are not "
@@ -373,7 +363,7 @@ class LoRA(nn.Module):
     ``images`` (B, N, H, W, 3) uint8, or their ``encode_images`` output, fill the ``IMAGE_PLACEHOLDER``
     tokens (see ``base_hidden_states``); the vision tower and projector run without LoRA.
     """
-    cfg = _text_config(self.model)
+    cfg = text_config(self.model)
     shapes = lora_shapes(cfg, self.config)
     if not self.is_initializing():
       self._check_lora_params(shapes)
@@ -764,7 +754,7 @@ def _delta_w_updates(kind: str, a: Array, b: Array, attn_or_mlp: Mapping, transp
 def _apply_lora_to_base(base: Mapping, lora: Mapping, config: LoRAConfig, sign: float, model_config):
   transpose_gating = None
   if model_config is not None:
-    transpose_gating = bool(_text_config(model_config).transpose_gating_einsum)
+    transpose_gating = bool(text_config(model_config).transpose_gating_einsum)
   pairs = squeeze.lora_pairs(lora)
   if not pairs:
     raise ValueError("fuse: no LoRA pairs found in the lora tree")

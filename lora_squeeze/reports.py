@@ -5,10 +5,11 @@ The experiments/ scripts make the paper's figures; this module covers what a swe
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from lora_squeeze import fileio
 
 
 def _accuracy(result: Mapping[str, Any]) -> tuple[float | None, list | None]:
@@ -107,21 +108,21 @@ def method_rank_heatmap(rows, path: Path, title: str) -> None:
     fig.colorbar(im, ax=ax)
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  tmp = Path(path).with_suffix(".tmp.png")
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
+  try:
+    with fileio.atomic_path(path) as tmp:
+      fig.savefig(tmp, dpi=120)
+  finally:
+    plt.close(fig)
 
 
 def write_report(report: Mapping[str, Any], sweep_dir: str | Path, records) -> None:
   """Print the table and write ``NAME.md`` and ``NAME.png`` into the sweep directory."""
-  from lora_squeeze import train  # pylint: disable=g-import-not-at-top
   sweep_dir = Path(sweep_dir)
   name = report.get("name", "report")
   rows = rows_of(records)
   table = markdown_table(rows)
   title = report.get("title", name)
-  train.atomic_write_text(sweep_dir / f"{name}.md", f"# {title}\n\n{table}")
+  fileio.atomic_write_text(sweep_dir / f"{name}.md", f"# {title}\n\n{table}")
   png = sweep_dir / f"{name}.png"
   method_rank_heatmap(rows, png, title)
   print(table)

@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lora_squeeze import fileio
+
 METHODS = ("zero_shot", "direct", "post_squeeze", "cont_squeeze", "in_squeeze_standard", "in_squeeze_min_steps")
 
 
@@ -314,10 +316,9 @@ def bold_best(values: Sequence[float | None], fmt: Callable[[float | None], str]
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-  from lora_squeeze import train  # pylint: disable=g-import-not-at-top
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  train.atomic_write_text(path, text)
+  fileio.atomic_write_text(path, text)
   return path
 
 
@@ -335,11 +336,11 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 130) -> Path:
   """Save a matplotlib figure atomically (temp file, then rename) and close it."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-  fig.savefig(tmp, dpi=dpi)
-  plt.close(fig)
-  os.replace(tmp, path)
+  try:
+    with fileio.atomic_path(path) as tmp:
+      fig.savefig(tmp, dpi=dpi)
+  finally:
+    plt.close(fig)
   return path
 
 

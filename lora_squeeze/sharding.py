@@ -36,7 +36,7 @@ slice, so nothing is first gathered on one device.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -242,8 +242,3 @@ def to_host(tree):
       return np.asarray(x.addressable_data(0))
     return np.asarray(x)
   return jax.tree.map(one, tree)
-
-
-def constrain(tree, rule: Callable[[Any], Any]):
-  """``with_sharding_constraint(tree, rule(tree))`` inside a traced function (shapes are static there)."""
-  return jax.lax.with_sharding_constraint(tree, rule(tree))

@@ -366,7 +366,7 @@ def squeeze_factors(a: Array, b: Array, rank: int, *, method: str = "efficient",
       or (for concrete, non-traced inputs) non-finite values. Under jit, value checks are impossible; NaN
       inputs then give NaN outputs.
   """
-  _check_method(method)
+  check_method(method)
   _check_factors(a, b, rank, where=where)
   key = jax.random.key(0) if key is None else key
   (new_a,), (new_b,), (values,), finite = _squeeze_group(
@@ -375,7 +375,7 @@ def squeeze_factors(a: Array, b: Array, rank: int, *, method: str = "efficient",
   return SqueezedFactors(a=new_a, b=new_b, singular_values=values)
 
 
-def _check_method(method: str) -> None:
+def check_method(method: str) -> None:
   if method not in METHODS:
     raise ValueError(f"squeeze: unknown method {method!r}; expected one of {METHODS}")
 
@@ -536,7 +536,7 @@ def squeeze_lora(lora_params: Any, rank: int | Mapping[str, int], *, method: str
     The same structure with new a/b (plain dicts). Jit-compilable with ``rank`` static. Each distinct
     (shape, rank) compiles once (7 programs for Gemma 3); calls are per module (see the note in the body).
   """
-  _check_method(method)
+  check_method(method)
   key = jax.random.key(0) if key is None else key
   pairs = lora_pairs(lora_params)
   paths = sorted(pairs)

@@ -44,6 +44,7 @@ if __name__ == "__main__":  # the command: quiet before TensorFlow loads (throug
   from lora_squeeze import runtime  # pylint: disable=g-import-not-at-top
   runtime.quiet_native_logs()
 
+from lora_squeeze import fileio
 from lora_squeeze import train  # pylint: disable=g-import-not-at-top
 from lora_squeeze import workdir as workdir_lib
 
@@ -108,7 +109,7 @@ def cell_config(config, cell: Mapping[str, Any], sweep_dir: Path) -> ml_collecti
 
 def _write_json(path: Path, obj: Any) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
-  train.atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+  fileio.atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def record_path(sweep_dir: Path, name: str) -> Path:

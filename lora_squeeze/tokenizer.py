@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import pathlib
-import tempfile
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -60,25 +58,6 @@ def _as_int_list(ids: Any) -> list[int]:
         f'decode() takes a 0-d or 1-d sequence of ids, got shape {arr.shape}.'
     )
   return [int(i) for i in arr.reshape(-1)]
-
-
-def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-  """Writes `data` to `path` through a temp file + rename.
-
-  Why: several processes (pytest workers, sweeps) may build the same cached
-  file at once; a reader must never see a half-written file.
-  """
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=path.name + '.tmp-', dir=path.parent)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches may be shared.
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 # ------------------------------------------------------------------ byte-level

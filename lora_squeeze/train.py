@@ -64,11 +64,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lora_squeeze import fileio
 from lora_squeeze import lora as lora_lib
 from lora_squeeze import schedules
 from lora_squeeze import sharding as sharding_lib
@@ -293,7 +295,7 @@ class Trainer:
     if optimizer_state not in OPTIMIZER_STATE_MODES:
       raise ValueError(f"config.squeeze.optimizer_state={optimizer_state!r}: expected one of "
                        f"{OPTIMIZER_STATE_MODES}")
-    squeeze_lib._check_method(squeeze_method)  # pylint: disable=protected-access
+    squeeze_lib.check_method(squeeze_method)
     self.model = model
     self.lora_config = lora_config
     self.module = lora_lib.LoRA(model=model.transformer, config=lora_config)
@@ -364,8 +366,9 @@ class Trainer:
   def abstract_state(self, ranks: int | Mapping[str, int]) -> Any:
     cfg = dataclasses.replace(self.lora_config, rank=ranks)
     shapes = lora_lib.lora_shapes(self.model.config, cfg)
-    params = lora_lib._nest({f"{p}/{n}": jax.ShapeDtypeStruct(s, jnp.float32)  # pylint: disable=protected-access
-                             for p, (a, b) in shapes.items() for n, s in (("a", a), ("b", b))})
+    params = traverse_util.unflatten_dict({f"{p}/{n}": jax.ShapeDtypeStruct(s, jnp.float32)
+                                           for p, (a, b) in shapes.items() for n, s in (("a", a), ("b", b))},
+                                          sep="/")
     abstract = jax.eval_shape(self._state_from_params_impl, params)
     if self.mesh is None:
       return abstract
@@ -458,17 +461,6 @@ class Trainer:
 # --------------------------------------------------------------------------------------------------------
 # Checkpoints, metadata, results.
 # --------------------------------------------------------------------------------------------------------
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-  """Write ``text`` to ``path`` via a temporary sibling and a rename (never half-written)."""
-  path = Path(path)
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def _encode_data_state(state: Any) -> Any:
@@ -674,7 +666,7 @@ class _Metrics:
     if primary and path.exists():
       keep = [line for line in path.read_text().splitlines()
               if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-      atomic_write_text(path, "".join(line + "\n" for line in keep))
+      fileio.atomic_write_text(path, "".join(line + "\n" for line in keep))
 
   def write(self, record: Mapping[str, Any]) -> None:
     if not self.primary:
@@ -901,7 +893,7 @@ def _run_locked(config, workdir: Path, *, evaluate_fn: Callable | None) -> dict:
       "timing": _timing_summary(timing, train_seconds),
   }
   if primary:
-    atomic_write_text(result_path, json.dumps(result, indent=2))
+    fileio.atomic_write_text(result_path, json.dumps(result, indent=2))
   return result
 
 
@@ -959,7 +951,7 @@ def _run_post_squeeze(config, workdir: Path, *, evaluate_fn) -> dict:
             "source_rank": lora_lib.describe_ranks(lora_lib.lora_ranks(source_params)), "targets": per_rank,
             "method": config.squeeze.method, "steps": 0, "wall_seconds": time.time() - t_start}
   if jax.process_index() == 0:
-    atomic_write_text(workdir / RESULT_NAME, json.dumps(result, indent=2))
+    fileio.atomic_write_text(workdir / RESULT_NAME, json.dumps(result, indent=2))
   return result
 
 
@@ -980,7 +972,7 @@ def _run_zero_shot(config, workdir: Path, *, evaluate_fn) -> dict:
             "seed": int(config.seed), "final_rank": 0, "steps": 0, "metrics": metrics,
             "wall_seconds": time.time() - t_start}
   if jax.process_index() == 0:
-    atomic_write_text(workdir / RESULT_NAME, json.dumps(result, indent=2))
+    fileio.atomic_write_text(workdir / RESULT_NAME, json.dumps(result, indent=2))
   return result
 
 

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from lora_squeeze import fileio
+
 CONFIG_NAME = "config.json"
 LOCK_NAME = ".lock"
 SUPERSEDED_DIR = "superseded"
@@ -201,12 +203,11 @@ def record_settings(workdir: str | os.PathLike, config, *, fresh: bool = False) 
   """Process 0's part of starting a run in ``workdir`` (under its ``Lock``): with ``fresh``, moves an old
   run aside (returns where to); then writes ``config.json`` if absent. A workdir written before settings
   were recorded (no ``config.json``) is adopted with the current settings."""
-  from lora_squeeze import train  # pylint: disable=g-import-not-at-top  (atomic_write_text; train imports us)
   workdir = Path(workdir)
   moved = move_aside(workdir) if fresh else None
   path = workdir / CONFIG_NAME
   if not path.exists():
-    train.atomic_write_text(path, json.dumps(result_settings(config), indent=2, sort_keys=True) + "\n")
+    fileio.atomic_write_text(path, json.dumps(result_settings(config), indent=2, sort_keys=True) + "\n")
   return moved
 
 

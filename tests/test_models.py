@@ -12,6 +12,7 @@ from flax import traverse_util
 from gemma import gm
 import jax
 import jax.numpy as jnp
+from lora_squeeze import fileio
 from lora_squeeze import models
 from lora_squeeze import tokenizer as tokenizer_lib
 import numpy as np
@@ -348,7 +349,7 @@ def test_cache_writes_are_atomic(tmp_path, tiny):
       back['layer_3']['mlp']['linear'], tiny.params['layer_3']['mlp']['linear']
   )
   path = tmp_path / 'tok' / 'x.model'
-  tokenizer_lib.atomic_write_bytes(path, b'abc')
+  fileio.atomic_write_bytes(path, b'abc')
   assert path.read_bytes() == b'abc'
   assert [p.name for p in path.parent.iterdir()] == ['x.model']
 

@@ -183,7 +183,7 @@ class Task:
 # ---------------------------------------------------------------- raw values
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
   """TFDS text (bytes on real data, str under mock_data) -> str."""
   if isinstance(value, np.ndarray):
     value = value.item()
@@ -202,7 +202,7 @@ def _int(value: Any) -> int:
 
 
 def _texts(values: Any) -> list[str]:
-  return [_text(v) for v in list(values)]
+  return [as_text(v) for v in list(values)]
 
 
 def _choice_example(
@@ -231,8 +231,8 @@ _ANLI_CHOICES = ('yes', 'maybe', 'no')  # TFDS labels e, n, c.
 
 def _anli(r: Mapping[str, Any]) -> Example:
   prompt = (
-      f'Premise: {_text(r["context"]).strip()}\n'
-      f'Hypothesis: {_text(r["hypothesis"]).strip()}\n'
+      f'Premise: {as_text(r["context"]).strip()}\n'
+      f'Hypothesis: {as_text(r["hypothesis"]).strip()}\n'
       'Does the premise entail the hypothesis? Yes, no, or maybe?\nAnswer:'
   )
   return _choice_example(prompt, _ANLI_CHOICES, _int(r['label']), 'ANLI')
@@ -247,7 +247,7 @@ def _arc_tfds(r: Mapping[str, Any]) -> Example:
     raise InvalidExampleError(f'ARC: answerKey {key} not among {labels}.')
   texts = _texts(r['choices']['text'])
   return _choice_example(
-      _qa_prompt(_text(r['question'])), texts, labels.index(key), 'ARC'
+      _qa_prompt(as_text(r['question'])), texts, labels.index(key), 'ARC'
   )
 
 
@@ -262,8 +262,8 @@ def _arc_hf(r: Mapping[str, Any]) -> Example:
 
 
 def _boolq(r: Mapping[str, Any]) -> Example:
-  question = _text(r['question']).strip().rstrip('?')
-  prompt = f'{_text(r["passage"]).strip()}\nQuestion: {question}?\nAnswer:'
+  question = as_text(r['question']).strip().rstrip('?')
+  prompt = f'{as_text(r["passage"]).strip()}\nQuestion: {question}?\nAnswer:'
   answer = r['answer']
   if isinstance(answer, np.ndarray):
     answer = answer.item()
@@ -272,10 +272,10 @@ def _boolq(r: Mapping[str, Any]) -> Example:
 
 def _drop(r: Mapping[str, Any]) -> Example:
   prompt = (
-      f'Passage: {_text(r["passage"]).strip()}\n'
-      f'Question: {_text(r["question"]).strip()}\nAnswer:'
+      f'Passage: {as_text(r["passage"]).strip()}\n'
+      f'Question: {as_text(r["question"]).strip()}\nAnswer:'
   )
-  answer = _text(r['answer']).strip()
+  answer = as_text(r['answer']).strip()
   refs = [answer] + [a.strip() for a in _texts(r.get('validated_answers', []))]
   refs = tuple(dict.fromkeys(a for a in refs if a))  # Unique, in order.
   if not refs:
@@ -293,7 +293,7 @@ GOEMOTIONS_LABELS = (
 
 
 def _goemotions(r: Mapping[str, Any]) -> Example:
-  prompt = f'Comment: {_text(r["comment_text"]).strip()}\nEmotion:'
+  prompt = f'Comment: {as_text(r["comment_text"]).strip()}\nEmotion:'
   choices = tuple(' ' + label for label in GOEMOTIONS_LABELS)
   answers = tuple(
       i for i, label in enumerate(GOEMOTIONS_LABELS) if bool(np.asarray(r[label]))
@@ -320,7 +320,7 @@ def _hellaswag(
 
 def _hellaswag_tfds(r: Mapping[str, Any]) -> Example:
   return _hellaswag(
-      _text(r['activity_label']), _text(r['context']), _texts(r['endings']),
+      as_text(r['activity_label']), as_text(r['context']), _texts(r['endings']),
       _int(r['label']),
   )
 
@@ -332,7 +332,7 @@ def _hellaswag_hf(r: Mapping[str, Any]) -> Example:
 
 def _mmlu_tfds(r: Mapping[str, Any]) -> Example:
   return _choice_example(
-      _qa_prompt(_text(r['question'])), _texts(r['choices']),
+      _qa_prompt(as_text(r['question'])), _texts(r['choices']),
       _int(r['answer']), 'MMLU',
   )
 
@@ -345,9 +345,9 @@ def _mmlu_hf(r: Mapping[str, Any]) -> Example:
 
 def _obqa_tfds(r: Mapping[str, Any]) -> Example:
   q = r['question']
-  options = [_text(q[f'choice_{c}']) for c in 'ABCD']
+  options = [as_text(q[f'choice_{c}']) for c in 'ABCD']
   return _choice_example(
-      _qa_prompt(_text(q['stem'])), options, _int(r['answerKey']), 'OBQA'
+      _qa_prompt(as_text(q['stem'])), options, _int(r['answerKey']), 'OBQA'
   )
 
 
@@ -363,8 +363,8 @@ def _obqa_hf(r: Mapping[str, Any]) -> Example:
 
 def _paws(r: Mapping[str, Any]) -> Example:
   prompt = (
-      f'Sentence 1: {_text(r["sentence1"]).strip()}\n'
-      f'Sentence 2: {_text(r["sentence2"]).strip()}\n'
+      f'Sentence 1: {as_text(r["sentence1"]).strip()}\n'
+      f'Sentence 2: {as_text(r["sentence2"]).strip()}\n'
       'Do both sentences mean the same thing?\nAnswer:'
   )
   return _choice_example(prompt, ('no', 'yes'), _int(r['label']), 'PAWS')
@@ -372,17 +372,17 @@ def _paws(r: Mapping[str, Any]) -> Example:
 
 def _piqa(r: Mapping[str, Any]) -> Example:
   return _choice_example(
-      _qa_prompt(_text(r['goal'])), [_text(r['sol1']), _text(r['sol2'])],
+      _qa_prompt(as_text(r['goal'])), [as_text(r['sol1']), as_text(r['sol2'])],
       _int(r['label']), 'PIQA',
   )
 
 
 def _siqa(r: Mapping[str, Any], label: int) -> Example:
   prompt = (
-      f'Context: {_text(r["context"]).strip()}\n'
-      f'Question: {_text(r["question"]).strip()}\nAnswer:'
+      f'Context: {as_text(r["context"]).strip()}\n'
+      f'Question: {as_text(r["question"]).strip()}\nAnswer:'
   )
-  options = [_text(r[f'answer{c}']) for c in 'ABC']
+  options = [as_text(r[f'answer{c}']) for c in 'ABC']
   return _choice_example(prompt, options, label, 'SIQA')
 
 
@@ -415,7 +415,7 @@ def _winogrande(sentence: str, options: Sequence[str], label: int) -> Example:
 
 def _winogrande_tfds(r: Mapping[str, Any]) -> Example:
   return _winogrande(  # ClassLabel names '1', '2' -> 0, 1.
-      _text(r['sentence']), [_text(r['option1']), _text(r['option2'])],
+      as_text(r['sentence']), [as_text(r['option1']), as_text(r['option2'])],
       _int(r['label']),
   )
 

@@ -237,7 +237,7 @@ def score(metric: str, prediction: str, references: Sequence[str]) -> float:
 # --------------------------------------------------------------------------------------------------------
 
 
-_text = tasks_lib._text  # pylint: disable=protected-access  (TFDS text -> str, one rule for all tasks)
+_text = tasks_lib.as_text  # TFDS text -> str, one rule for all tasks
 
 
 def _texts(values: Any) -> list[str]:

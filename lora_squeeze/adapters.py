@@ -10,8 +10,8 @@ IN is a PEFT adapter directory (this module), a single-file kohya / LyCORIS / di
 (``lora_files.py``, which reuses this module's reader, writer, planning and squeeze) or a GGUF LoRA of
 llama.cpp / ollama (``gguf_lora.py``, also the ``convert`` command). The ``--sv-*`` rules are
 kohya sd-scripts' dynamic resize rules (``DYNAMIC_RULES``, ``squeeze.rank_sv_*``), each module's rank from
-its own spectrum. The command imports jax, numpy and ml_dtypes only (and gguf for GGUF files): the training stack (flax, gemma,
-tensorflow) is the ``[train]`` extra, imported by ``export_peft`` / ``import_peft`` alone.
+its own spectrum. The command imports jax, numpy and ml_dtypes only (and gguf for GGUF files): the training
+stack (flax, gemma, tensorflow) is the ``[train]`` extra, imported by ``export_peft`` / ``import_peft`` alone.
 
 A PEFT LoRA adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with, per adapted
 module, ``<prefix>.lora_A.weight`` (r, in) and ``<prefix>.lora_B.weight`` (out, r) (``lora_embedding_A``

@@ -64,7 +64,10 @@ import numpy as np
 from lora_squeeze import adapters
 from lora_squeeze import squeeze
 from lora_squeeze.adapters import AdapterError
-from lora_squeeze.adapters import _HOST_ID, _cap_note, _cast, _fault_point, _progress, _wanted_ranks  # pylint: disable=g-importing-member
+# The PEFT path's internals, shared so every format plans, casts and writes identically.
+from lora_squeeze.adapters import _HOST_ID, _cap_note, _cast  # pylint: disable=g-importing-member
+from lora_squeeze.adapters import _fault_point, _fmt_bytes  # pylint: disable=g-importing-member
+from lora_squeeze.adapters import _progress, _wanted_ranks  # pylint: disable=g-importing-member
 
 MAGIC = b"GGUF"
 SUFFIX = ".gguf"
@@ -177,6 +180,7 @@ class GgufLora:
     if not is_gguf(self.path):
       raise AdapterError(f"{self.path}: not a GGUF file (no GGUF magic)")
     self.file_size = self.path.stat().st_size
+    self.data_offset = 0
     try:
       self._gguf = gguf.GGUFReader(self.path)
     except Exception as e:  # the reader raises ValueError, IndexError, ... on a cut or corrupt file
@@ -195,6 +199,7 @@ class GgufLora:
         raise AdapterError(f"truncated: tensor '{t.name}' ends at byte {t.data_offset + t.n_bytes}, the file "
                            f"has {self.file_size}")
     self.fields = _fields(self._gguf)
+    self.data_offset = self._gguf.data_offset
 
     def text(key: str) -> str | None:
       field = self.fields.get(key)
@@ -261,7 +266,8 @@ class GgufLora:
         raise AdapterError(f"module '{stem}': lora_a {list(shape_a)} and lora_b {list(shape_b)} do not pair "
                            "(want lora_a (r, in) and lora_b (out, r) with the same r, in numpy order)")
       for t in (a, b):
-        if t.tensor_type not in _KEPT and t.tensor_type not in gguf.quants._type_traits:  # pylint: disable=protected-access
+        readable = gguf.quants._type_traits  # pylint: disable=protected-access
+        if t.tensor_type not in _KEPT and t.tensor_type not in readable:
           raise AdapterError(f"tensor '{t.name}' has GGML type {t.tensor_type.name}, which gguf cannot dequantise")
       r = shape_a[0]
       self.modules.append(GgufModule(
@@ -458,7 +464,7 @@ def squeeze_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike, *, ran
     report = adapters.SqueezeReport(
         in_dir=in_path, out_dir=out_path, method=method, dry_run=dry_run, modules=[],
         passthrough=list(lf.passthrough), copied_files=[], config={}, in_bytes=lf.file_size,
-        out_bytes=lf._gguf.data_offset + _data_size(entries), note=_cap_note(modules, wanted, ranks, rank, energy),  # pylint: disable=protected-access
+        out_bytes=lf.data_offset + _data_size(entries), note=_cap_note(modules, wanted, ranks, rank, energy),
         config_line=(f"format: gguf LoRA (llama.cpp, {ARCH_KEY} = {lf.arch}), {ALPHA_KEY} = {alpha:g}"
                      + (", the largest rank (llama.cpp scales a module of rank r_m by alpha / r_m: its factors "
                         "carry r_m / alpha)" if mixed else ": scale alpha / r = 1 in every module")
@@ -572,7 +578,7 @@ class ConvertReport:
     lines = [f"{self.direction}: {self.modules} LoRA modules, ranks "
              + ", ".join(f"{r} ({c})" for r, c in sorted(ranks.items())), self.alpha_line]
     lines += self.notes
-    lines.append(f"wrote {self.dst} {adapters._fmt_bytes(self.out_bytes)} in {self.seconds:.1f} s")  # pylint: disable=protected-access
+    lines.append(f"wrote {self.dst} {_fmt_bytes(self.out_bytes)} in {self.seconds:.1f} s")
     return "\n".join(lines)
 
 
@@ -646,7 +652,10 @@ def _peft_to_gguf(in_dir: Path, out_path: Path, *, arch: str | None, dtype: str,
     cfg = adapter.config
     as_is = all(math.isclose(m.scale, cfg.lora_alpha / m.r, rel_tol=1e-12) for m in adapter.modules)
     alpha = float(cfg.lora_alpha) if as_is else file_alpha(ranks.values())
-    code = lambda m, original: original if dtype == "keep" else adapters._OUT_CODES[dtype]  # pylint: disable=protected-access,unnecessary-lambda-assignment
+
+    def code(m, original: str) -> str:  # pylint: disable=unused-argument
+      return original if dtype == "keep" else adapters._OUT_CODES[dtype]  # pylint: disable=protected-access
+
     entries = []
     for m in adapter.modules:
       entries += [(names[m.name] + ".lora_a", code(m, m.dtype_a), m.shape_a),
@@ -717,7 +726,8 @@ def _gguf_to_peft(in_path: Path, out_dir: Path, *, layout: str, dtype: str, forc
     kinds = [k for k, (_, proj) in adapters.HF_PROJECTIONS.items() if proj in projs]
     base = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "revision": None,
             "r": default, "lora_alpha": default, "lora_dropout": 0.0,
-            "target_modules": adapters._target_modules(kinds, layout), "bias": "none",  # pylint: disable=protected-access
+            "target_modules": adapters._target_modules(kinds, layout),  # pylint: disable=protected-access
+            "bias": "none",
             "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
             "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None, "use_rslora": False,
             "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}}

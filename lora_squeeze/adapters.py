@@ -4,12 +4,14 @@
     lora-squeeze squeeze IN OUT --energy E [--per-module] [--max-rank N] [--dry-run] [--force]
     lora-squeeze squeeze IN OUT --sv-ratio R | --sv-fro F | --sv-cumulative C [--max-rank N]
     lora-squeeze inspect IN [--plot retention.png|.pdf|.svg|...]
+    lora-squeeze convert PEFT_DIR OUT.gguf [--arch gemma3]  |  lora-squeeze convert IN.gguf PEFT_DIR
 
-IN is a PEFT adapter directory (this module) or a single-file kohya / LyCORIS / diffusers LoRA
-(``lora_files.py``, which reuses this module's reader, writer, planning and squeeze). The ``--sv-*`` rules are
+IN is a PEFT adapter directory (this module), a single-file kohya / LyCORIS / diffusers LoRA
+(``lora_files.py``, which reuses this module's reader, writer, planning and squeeze) or a GGUF LoRA of
+llama.cpp / ollama (``gguf_lora.py``, also the ``convert`` command). The ``--sv-*`` rules are
 kohya sd-scripts' dynamic resize rules (``DYNAMIC_RULES``, ``squeeze.rank_sv_*``), each module's rank from
-its own spectrum. The command imports jax, numpy and ml_dtypes only: the training stack (flax, gemma,
-tensorflow) is the ``[train]`` extra, imported by ``export_peft`` / ``import_peft`` alone.
+its own spectrum. The command imports jax, numpy and ml_dtypes only (and gguf for GGUF files): the training
+stack (flax, gemma, tensorflow) is the ``[train]`` extra, imported by ``export_peft`` / ``import_peft`` alone.
 
 A PEFT LoRA adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with, per adapted
 module, ``<prefix>.lora_A.weight`` (r, in) and ``<prefix>.lora_B.weight`` (out, r) (``lora_embedding_A``
@@ -1581,9 +1583,10 @@ def import_peft(in_dir: str | os.PathLike, *, model_config, joint_kv: bool = Fal
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="lora-squeeze", description="Change the rank of LoRA adapters with SVD (LoRA-Squeeze, arXiv "
-      "2602.10993): Hugging Face PEFT adapter directories, and single .safetensors files in kohya sd-scripts / "
+      "2602.10993): Hugging Face PEFT adapter directories, single .safetensors files in kohya sd-scripts / "
       "LyCORIS (lora_down/lora_up/alpha) or diffusers / ComfyUI (lora_A/lora_B[/alpha]) form, detected from "
-      "the keys and written back in the same form. No torch needed.")
+      "the keys, and GGUF LoRAs of llama.cpp / ollama (detected by the GGUF magic), each written back in the "
+      "same form. No torch needed.")
   sub = p.add_subparsers(dest="command", required=True)
   s = sub.add_parser("squeeze", help="write a copy of an adapter at a new rank",
                      description="Write IN's adapter at a new rank to OUT (a PEFT directory to a directory, a "
@@ -1591,8 +1594,8 @@ def _parser() -> argparse.ArgumentParser:
                      "best rank-r approximation; the output has scale 1 (alpha = r), the old scale folded "
                      "evenly into both factors. Tensors that are not a low-rank product (LoHa, LoKr, full "
                      "diffs, DoRA magnitudes) are copied unchanged.")
-  s.add_argument("in_dir", metavar="IN", help="a PEFT adapter directory, or a LoRA .safetensors file")
-  s.add_argument("out_dir", metavar="OUT", help="the output directory (PEFT) or .safetensors file")
+  s.add_argument("in_dir", metavar="IN", help="a PEFT adapter directory, a LoRA .safetensors file or a GGUF LoRA")
+  s.add_argument("out_dir", metavar="OUT", help="the output directory (PEFT), .safetensors or .gguf file")
   target = s.add_mutually_exclusive_group(required=True)
   target.add_argument("--rank", type=int, help="the new rank of every module, capped at each module's full "
                       "rank min(out, in) (where ΔW is exact; a note on stderr says so). A rank above the "
@@ -1618,8 +1621,23 @@ def _parser() -> argparse.ArgumentParser:
                  "directory that is, contains or lies inside IN: refused)")
   s.add_argument("--seed", type=int, default=0, help="PRNG seed (rsvd sketches, init of energy-free directions)")
   s.add_argument("--no-progress", action="store_true", help="no progress bar")
+  # GGUF LoRAs (llama.cpp / ollama): gguf_lora.py.
+  c = sub.add_parser("convert", help="PEFT adapter directory <-> GGUF LoRA file (llama.cpp --lora, ollama "
+                     "ADAPTER)", description="Convert a PEFT adapter directory to a GGUF LoRA file (OUT ends in "
+                     ".gguf; as llama.cpp's convert_lora_to_gguf.py writes it, without torch or the base model) "
+                     "or a GGUF LoRA file to a PEFT adapter directory (any other OUT).")
+  c.add_argument("in_dir", metavar="IN", help="a PEFT adapter directory or a GGUF LoRA file")
+  c.add_argument("out_dir", metavar="OUT", help="OUT.gguf, or the PEFT adapter directory to write")
+  c.add_argument("--arch", help="PEFT -> GGUF: llama.cpp's architecture name (gemma3, llama, ...; default: "
+                 "from base_model_name_or_path in adapter_config.json)")
+  c.add_argument("--layout", default="causal_lm", choices=tuple(HF_LAYOUTS), help="GGUF -> PEFT: module "
+                 "names of Gemma3ForCausalLM / Llama-style models (causal_lm: model.layers) or of "
+                 "Gemma3ForConditionalGeneration (model.language_model.layers)")
+  c.add_argument("--dtype", choices=DTYPES, help="dtype of the written factors (default: float32 for GGUF, as "
+                 "llama.cpp's converter; keep for PEFT)")
+  c.add_argument("--force", action="store_true", help="replace OUT if it exists (never IN)")
   i = sub.add_parser("inspect", help="print each module's spectrum and retention at r/2, r/4, r/8")
-  i.add_argument("in_dir", metavar="IN", help="a PEFT adapter directory, or a LoRA .safetensors file")
+  i.add_argument("in_dir", metavar="IN", help="a PEFT adapter directory, a LoRA .safetensors file or a GGUF LoRA")
   i.add_argument("--plot", metavar="PATH.png", help="also write retention curves to this file; its extension "
                  "picks the format (.png, .pdf, .svg, ... : matplotlib's formats), checked before any work")
   i.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1652,6 +1670,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(report.table())
         print()
       print(report.summary())
+    elif args.command == "convert":
+      from lora_squeeze import gguf_lora  # pylint: disable=g-import-not-at-top
+      print(gguf_lora.convert(args.in_dir, args.out_dir, arch=args.arch, layout=args.layout, dtype=args.dtype,
+                              force=args.force).summary())
     else:
       report = inspect_adapter(args.in_dir, progress=not args.no_progress)
       print(report.table())

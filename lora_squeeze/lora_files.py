@@ -297,7 +297,11 @@ class LoraFile:
     self.close()
 
 
-def open_lora_file(path: str | os.PathLike) -> LoraFile:
+def open_lora_file(path: str | os.PathLike):
+  """A LoraFile, or a gguf_lora.GgufLora for a file that starts with the GGUF magic."""
+  from lora_squeeze import gguf_lora  # pylint: disable=g-import-not-at-top
+  if gguf_lora.is_gguf(path):
+    return gguf_lora.GgufLora(path)
   return LoraFile(path)
 
 
@@ -370,12 +374,15 @@ def _remove_stale_partials(out_path: Path) -> None:
       Path(entry.path).unlink(missing_ok=True)
 
 
-def _check_out_file(in_path: Path, out_path: Path, force: bool, dry_run: bool) -> None:
+def _check_out_file(in_path: Path, out_path: Path, force: bool, dry_run: bool,
+                    suffix: str = ".safetensors") -> None:
   if os.path.abspath(out_path) == os.path.abspath(in_path) or (
       out_path.exists() and in_path.exists() and os.path.samefile(out_path, in_path)):
     raise AdapterError(f"{out_path}: output file is the input file; choose another OUT")
-  if out_path.suffix.lower() != ".safetensors":
-    raise AdapterError(f"{out_path}: the output of a single-file LoRA is a .safetensors file")
+  if out_path.suffix.lower() != suffix:
+    what = "a GGUF LoRA" if suffix == ".gguf" else "a single-file LoRA"
+    raise AdapterError(f"{out_path}: the output of {what} is a {suffix} file"
+                       + (" (lora-squeeze convert turns GGUF into PEFT)" if suffix == ".gguf" else ""))
   if dry_run or not out_path.exists():
     return
   if not force:
@@ -398,6 +405,11 @@ def squeeze_file(in_path: str | os.PathLike, out_path: str | os.PathLike, *, ran
   in_path, out_path = Path(in_path), Path(out_path)
   if not in_path.exists():
     raise AdapterError(f"{in_path}: no such file or directory")
+  from lora_squeeze import gguf_lora  # pylint: disable=g-import-not-at-top
+  if gguf_lora.is_gguf(in_path):  # told by content, as the two safetensors layouts are
+    return gguf_lora.squeeze_gguf(in_path, out_path, rank=rank, energy=energy, per_module=per_module,
+                                  method=method, dtype=dtype, dry_run=dry_run, force=force, seed=seed,
+                                  progress=progress, dynamic=dynamic, max_rank=max_rank)
   _check_out_file(in_path, out_path, force, dry_run)
   with LoraFile(in_path) as lf:
     modules = lf.modules

@@ -1,0 +1,782 @@
+"""GGUF LoRA adapters (llama.cpp ``--lora``, ollama ``ADAPTER``) for the ``lora-squeeze`` command.
+
+    lora-squeeze squeeze IN.gguf OUT.gguf --rank R | --energy E [--per-module] | --sv-* ... [--dry-run]
+    lora-squeeze convert PEFT_DIR OUT.gguf [--arch gemma3]      PEFT -> GGUF (what llama.cpp's converter writes)
+    lora-squeeze convert IN.gguf PEFT_DIR [--layout ...]         GGUF -> PEFT
+
+The format, as llama.cpp's ``convert_lora_to_gguf.py`` writes it and llama.cpp's adapter loader reads it
+(``tests/fixtures/gguf/`` holds files made by that converter, ``tests/fixtures/make_gguf_fixtures.py`` the
+script that made them):
+
+* Metadata: ``general.architecture`` (a llama.cpp architecture name such as ``gemma3``; the loader refuses
+  an adapter whose architecture is not the base model's), ``general.type = adapter``, ``adapter.type =
+  lora``, ``adapter.lora.alpha`` (float32; the converter writes the PEFT config's ``lora_alpha``), plus
+  whatever else the producer wrote (general.name, ...), all kept by a squeeze.
+* Tensors: per adapted weight ``W`` of the base model (llama.cpp name, e.g. ``blk.3.attn_q.weight``),
+  ``<W>.lora_a`` and ``<W>.lora_b``. In numpy order (the reverse of GGUF's ``ne``) lora_a is PEFT's A
+  (r, in) and lora_b is PEFT's B (out, r), unchanged: the converter transposes nothing for Gemma 3 or
+  Llama-style models (only the token-embedding LoRA, which this tool refuses). Tensors ending in
+  ``_norm.weight`` (mergekit adds them; llama.cpp ignores them) are copied unchanged.
+* Scale: llama.cpp applies ΔW = (alpha / r_m) · B @ A with r_m the module's own rank (lora_b's), and
+  ΔW = B @ A when alpha is 0 or absent. Per-module ranks are therefore valid (the loader checks only that
+  each pair's shapes fit the base weight), with one alpha for the whole file.
+
+Names come from gguf's own name map (``gguf.get_tensor_name_map``, the table llama.cpp's converters use):
+PEFT -> GGUF maps each module exactly as the converter does (``base_model.model.`` and ``language_model.``
+dropped, then the map). GGUF -> PEFT inverts that map on the Hugging Face names of Gemma 3's projections
+(``adapters.hf_module_name``: ``model.layers.N.self_attn.q_proj`` ..., or ``model.language_model.layers``
+with ``layout="conditional_generation"``), which are also those of Llama-style decoders (llama, mistral,
+qwen2, ...); any other tensor is an error naming it.
+
+The squeeze writes ONE alpha for the file, the largest new rank R, and folds every module's scale into its
+factors: a module of new rank r_m holds B' = √(r_m / R) · U_r Σ_r^½ and A' = √(r_m / R) · Σ_r^½ V_rᵀ, so
+llama.cpp's (R / r_m) · B' @ A' is the best rank-r_m approximation of the input's (alpha / r) · B @ A.
+With one rank for all modules (``--rank``) that is alpha = r and scale 1, the rule of the PEFT path.
+
+Convert PEFT -> GGUF writes float32 by default, as the converter does (``--dtype`` for 16-bit), the
+factors as they are and alpha = lora_alpha whenever every module's PEFT scale is lora_alpha / r_m (as
+with ``rank_pattern``); an adapter with ``alpha_pattern`` or rsLoRA, whose scales one alpha cannot give
+(the converter ignores both), gets the squeeze's rule: alpha = the largest rank, the scales folded in.
+GGUF -> PEFT keeps the factors bit for bit: lora_alpha = alpha with ``rank_pattern`` for mixed ranks
+(PEFT's alpha / r_m is llama.cpp's), or scale 1 everywhere (lora_alpha = r) for alpha 0.
+
+Quantised factors (the converter's ``--outtype q8_0``) are read dequantised and written as float32.
+Everything is written beside OUT and renamed into place: OUT appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+import gguf
+import jax
+import ml_dtypes
+import numpy as np
+
+from lora_squeeze import adapters
+from lora_squeeze import squeeze
+from lora_squeeze.adapters import AdapterError
+# The PEFT path's internals, shared so every format plans, casts and writes identically.
+from lora_squeeze.adapters import _HOST_ID, _cap_note, _cast  # pylint: disable=g-importing-member
+from lora_squeeze.adapters import _fault_point, _fmt_bytes  # pylint: disable=g-importing-member
+from lora_squeeze.adapters import _progress, _wanted_ranks  # pylint: disable=g-importing-member
+
+MAGIC = b"GGUF"
+SUFFIX = ".gguf"
+ALPHA_KEY = gguf.Keys.Adapter.LORA_ALPHA  # "adapter.lora.alpha"
+TYPE_KEY = gguf.Keys.General.TYPE  # "general.type"
+ADAPTER_TYPE_KEY = gguf.Keys.Adapter.TYPE  # "adapter.type"
+ARCH_KEY = gguf.Keys.General.ARCHITECTURE  # "general.architecture"
+ARCH_NAMES = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}  # "gemma3" -> MODEL_ARCH.GEMMA3
+LAYOUTS = tuple(adapters.HF_LAYOUTS)
+
+_T = gguf.GGMLQuantizationType
+# GGML types kept as they are on a squeeze (--dtype keep); every other type is read dequantised, written F32.
+_KEPT = {_T.F32: "F32", _T.F16: "F16", _T.BF16: "BF16"}
+_GGML_OF = {"F32": _T.F32, "F16": _T.F16, "BF16": _T.BF16}
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is a file that starts with the GGUF magic (the format is told by content)."""
+  try:
+    with open(path, "rb") as f:
+      return f.read(4) == MAGIC
+  except OSError:
+    return False
+
+
+def _nearest(word: str, options) -> str:
+  close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+  return f" (nearest: {close[0]})" if close else ""
+
+
+def check_arch(arch: str, where: str) -> gguf.MODEL_ARCH:
+  """The gguf MODEL_ARCH of a llama.cpp architecture name; AdapterError naming the nearest known one."""
+  if arch not in ARCH_NAMES:
+    raise AdapterError(f"{where}: architecture {arch!r} is not in gguf's name map{_nearest(arch, ARCH_NAMES)}")
+  return ARCH_NAMES[arch]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading.
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GgufModule(adapters.LoraModule):
+  """One lora_a/lora_b pair: ``name`` is the base weight without ``.weight`` (``blk.3.attn_q``).
+
+  shape_a (r, in) and shape_b (out, r) are numpy order; dtype_a / dtype_b are the codes the factors are
+  written back as ("F32" for quantised ones); ``ggml_a`` / ``ggml_b`` their GGML type names in the file.
+  """
+
+  ggml_a: str = "F32"
+  ggml_b: str = "F32"
+
+  @property
+  def weight(self) -> str:
+    return f"{self.name}.weight"
+
+  @property
+  def layer(self) -> int | None:
+    match = _BLOCK.match(self.name)
+    return int(match[1]) if match else None
+
+
+class _Tensors:
+  """Reads one tensor at a time from a GGUFReader, in numpy order: the ``reader`` of ``factors``."""
+
+  def __init__(self, path: Path, reader: gguf.GGUFReader):
+    self.path = path
+    self.by_name = {t.name: t for t in reader.tensors}
+
+  def read(self, name: str) -> np.ndarray:
+    t = self.by_name[name]
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    if t.tensor_type in (_T.F32, _T.F16):
+      return np.array(t.data).reshape(shape)
+    if t.tensor_type == _T.BF16:
+      return np.array(t.data).view(ml_dtypes.bfloat16).reshape(shape)
+    return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+
+
+def _fields(reader: gguf.GGUFReader) -> dict[str, gguf.ReaderField]:
+  """The file's metadata fields, without the reader's own GGUF.version / tensor_count / kv_count."""
+  return {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def _value(field: gguf.ReaderField):
+  return field.contents()
+
+
+class GgufLora:
+  """A GGUF LoRA adapter opened for reading: metadata, modules and tensor index now, factors on demand.
+
+  Attributes:
+    path: the file.
+    arch: ``general.architecture``.
+    alpha: ``adapter.lora.alpha`` (0.0 when absent: llama.cpp then applies scale 1).
+    modules: the GgufModules, in file order (of their lora_a).
+    passthrough: names of the ``*_norm.weight`` tensors (copied unchanged).
+    fields: the metadata fields (gguf.ReaderField), in file order.
+    reader: the tensor reader of ``factors``.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = Path(path)
+    if not self.path.exists():
+      raise AdapterError(f"{self.path}: no such file or directory")
+    if not self.path.is_file():
+      raise AdapterError(f"{self.path}: not a regular file")
+    if not is_gguf(self.path):
+      raise AdapterError(f"{self.path}: not a GGUF file (no GGUF magic)")
+    self.file_size = self.path.stat().st_size
+    self.data_offset = 0
+    try:
+      self._gguf = gguf.GGUFReader(self.path)
+    except Exception as e:  # the reader raises ValueError, IndexError, ... on a cut or corrupt file
+      raise AdapterError(f"{self.path}: not a valid GGUF file, truncated or corrupt ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+    try:
+      self._index()
+    except AdapterError as e:
+      msg = str(e)
+      raise AdapterError(msg if msg.startswith(str(self.path)) else f"{self.path}: {msg}") from None
+    self.reader = _Tensors(self.path, self._gguf)
+
+  def _index(self) -> None:
+    for t in self._gguf.tensors:
+      if t.data_offset + t.n_bytes > self.file_size:
+        raise AdapterError(f"truncated: tensor '{t.name}' ends at byte {t.data_offset + t.n_bytes}, the file "
+                           f"has {self.file_size}")
+    self.fields = _fields(self._gguf)
+    self.data_offset = self._gguf.data_offset
+
+    def text(key: str) -> str | None:
+      field = self.fields.get(key)
+      if field is None:
+        return None
+      if field.types != [gguf.GGUFValueType.STRING]:
+        raise AdapterError(f"metadata '{key}' is not a string")
+      return _value(field)
+
+    kind = text(TYPE_KEY)
+    if kind != "adapter":
+      if kind == "model" or not any(t.name.endswith((".lora_a", ".lora_b")) for t in self._gguf.tensors):
+        raise AdapterError(f"a base model GGUF ({TYPE_KEY} = {kind!r}, {len(self._gguf.tensors)} tensors, none "
+                           "a .lora_a/.lora_b), not a LoRA adapter; llama.cpp takes it as the model (-m) and "
+                           "the adapter with --lora")
+      raise AdapterError(f"metadata '{TYPE_KEY}' is {kind!r}; a GGUF LoRA adapter has '{TYPE_KEY}' = 'adapter'")
+    adapter_type = text(ADAPTER_TYPE_KEY)
+    if adapter_type != "lora":
+      raise AdapterError(f"metadata '{ADAPTER_TYPE_KEY}' is {adapter_type!r}; this tool reads LoRA adapters "
+                         f"('{ADAPTER_TYPE_KEY}' = 'lora') only")
+    arch = text(ARCH_KEY)
+    if arch is None:
+      raise AdapterError(f"no '{ARCH_KEY}' metadata")
+    self.arch = arch
+    arch_enum = check_arch(arch, f"metadata '{ARCH_KEY}'")
+    alpha_field = self.fields.get(ALPHA_KEY)
+    self.alpha = 0.0
+    if alpha_field is not None:
+      value = _value(alpha_field)
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AdapterError(f"metadata '{ALPHA_KEY}' is {value!r}, not a number")
+      self.alpha = float(value)
+      if not math.isfinite(self.alpha):
+        raise AdapterError(f"metadata '{ALPHA_KEY}' is {self.alpha}")
+
+    known = _arch_weights(arch_enum)
+    sides: dict[str, dict[str, gguf.ReaderTensor]] = collections.defaultdict(dict)
+    self.passthrough: list[str] = []
+    for t in self._gguf.tensors:
+      base, dot, side = t.name.rpartition(".")
+      if dot and side in ("lora_a", "lora_b"):
+        sides[base][side] = t
+      elif t.name.endswith("_norm.weight"):
+        self.passthrough.append(t.name)
+      else:
+        raise AdapterError(f"tensor '{t.name}': not a .lora_a/.lora_b factor nor a *_norm.weight (llama.cpp "
+                           "refuses such a tensor too)")
+    self.modules: list[GgufModule] = []
+    for base, pair in sides.items():
+      if len(pair) != 2:
+        have = next(iter(pair))
+        miss = "lora_b" if have == "lora_a" else "lora_a"
+        raise AdapterError(f"tensor '{base}.{have}' has no '{base}.{miss}'")
+      if base.startswith("token_embd."):
+        raise AdapterError(f"tensor '{base}.lora_a': a token-embedding LoRA, which this tool does not handle")
+      stem = base[:-len(".weight")] if base.endswith(".weight") else None
+      if stem is None or _BLOCK.sub("blk.{bid}.", base) not in known:
+        raise AdapterError(f"tensor '{base}.lora_a': '{base}' is not a {arch} weight in gguf's name map"
+                           f"{_nearest(_BLOCK.sub('blk.{bid}.', base), known)}")
+      a, b = pair["lora_a"], pair["lora_b"]
+      shape_a = tuple(int(d) for d in reversed(a.shape.tolist()))
+      shape_b = tuple(int(d) for d in reversed(b.shape.tolist()))
+      if len(shape_a) != 2 or len(shape_b) != 2 or shape_a[0] != shape_b[1] or shape_a[0] == 0:
+        raise AdapterError(f"module '{stem}': lora_a {list(shape_a)} and lora_b {list(shape_b)} do not pair "
+                           "(want lora_a (r, in) and lora_b (out, r) with the same r, in numpy order)")
+      for t in (a, b):
+        readable = gguf.quants._type_traits  # pylint: disable=protected-access
+        if t.tensor_type not in _KEPT and t.tensor_type not in readable:
+          raise AdapterError(f"tensor '{t.name}' has GGML type {t.tensor_type.name}, which gguf cannot dequantise")
+      r = shape_a[0]
+      self.modules.append(GgufModule(
+          name=stem, key_a=a.name, key_b=b.name, shape_a=shape_a, shape_b=shape_b,
+          dtype_a=_KEPT.get(a.tensor_type, "F32"), dtype_b=_KEPT.get(b.tensor_type, "F32"),
+          scale=self.alpha / r if self.alpha else 1.0, ggml_a=a.tensor_type.name, ggml_b=b.tensor_type.name))
+    if not self.modules:
+      raise AdapterError("no .lora_a/.lora_b tensor pairs")
+
+  # a = √scale·Aᵀ (in, r), b = √scale·Bᵀ (r, out): the PEFT path's reading (lora_a is A, lora_b is B).
+  factors = adapters.PeftAdapter.factors
+
+  @property
+  def quantized(self) -> list[str]:
+    return sorted({t for m in self.modules for t in (m.ggml_a, m.ggml_b) if t not in ("F32", "F16", "BF16")})
+
+  def passthrough_line(self) -> str | None:
+    if not self.passthrough:
+      return None
+    return f"copied unchanged (not a low-rank pair): {len(self.passthrough)} tensors (norm weights)"
+
+  def close(self) -> None:
+    mm = getattr(self._gguf.data, "_mmap", None)
+    self._gguf = None
+    if mm is not None:
+      try:
+        mm.close()
+      except BufferError:  # a view of it is still alive: the garbage collector closes it
+        pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _arch_weights(arch: gguf.MODEL_ARCH) -> set[str]:
+  """The llama.cpp weight names of an architecture, blocks as ``blk.{bid}.`` (``blk.{bid}.attn_q.weight``)."""
+  return {gguf.TENSOR_NAMES[t] + ".weight" for t in gguf.MODEL_TENSORS[arch]}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _np_dtype(code: str) -> np.dtype:
+  return adapters._NP_DTYPES[code]  # pylint: disable=protected-access
+
+
+def _kv(writer: gguf.GGUFWriter, key: str, field: gguf.ReaderField) -> None:
+  """Copies one metadata field with its own GGUF value type (arrays of scalars or strings)."""
+  types = field.types
+  if types[0] == gguf.GGUFValueType.ARRAY:
+    if len(types) != 2:
+      raise AdapterError(f"metadata '{key}': nested arrays are not supported")
+    value = _value(field)
+    if not value:
+      return  # the writer cannot write an empty array; llama.cpp reads a missing key as empty
+    writer.add_key_value(key, value, types[0], sub_type=types[1])
+  else:
+    writer.add_key_value(key, _value(field), types[0])
+
+
+class _GgufOut:
+  """Streams a GGUF file: metadata and every tensor's (name, code, numpy shape) declared up front."""
+
+  def __init__(self, path: Path, arch: str, kv, entries):
+    """``kv``: [(key, ReaderField or (value, GGUFValueType))], or a function adding them to the writer
+    (called once the tensors are declared, so it may count parameters as llama.cpp's converter does)."""
+    self.writer = gguf.GGUFWriter(None, arch)
+    self._pending = []
+    for name, code, shape in entries:
+      dtype = _np_dtype(code)
+      nbytes = math.prod(shape) * dtype.itemsize
+      self.writer.add_tensor_info(name, shape, dtype, nbytes, raw_dtype=_GGML_OF[code])
+      self._pending.append((name, dtype, tuple(shape)))
+    self._pending.reverse()
+    if callable(kv):
+      kv(self.writer)
+    else:
+      for key, value in kv:
+        if isinstance(value, gguf.ReaderField):
+          _kv(self.writer, key, value)
+        else:
+          self.writer.add_key_value(key, *value)
+    self.path = path
+    self.writer.write_header_to_file(path)
+    self.writer.write_kv_data_to_file()
+    self.writer.write_ti_data_to_file()
+
+  def write(self, name: str, data: np.ndarray) -> None:
+    want, dtype, shape = self._pending.pop()
+    if name != want or data.dtype != dtype or data.shape != shape:
+      raise RuntimeError(f"_GgufOut: expected {want} {dtype}{list(shape)}, got {name} {data.dtype}{list(data.shape)}")
+    self.writer.write_tensor_data(np.ascontiguousarray(data))
+
+  def close(self) -> None:
+    if self._pending:
+      self.writer.close()
+      raise RuntimeError(f"_GgufOut: {len(self._pending)} tensors never written")
+    fout = self.writer.fout[0]
+    fout.flush()
+    os.fsync(fout.fileno())
+    self.writer.close()
+
+  def abort(self) -> None:
+    self.writer.close()
+
+
+def _tmp_path(out_path: Path) -> Path:
+  """The scratch file beside ``out_path`` (named as the single-file path's: a dead writer's is removed)."""
+  from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  lora_files._remove_stale_partials(out_path)  # pylint: disable=protected-access
+  return out_path.parent / f".{out_path.name}.{os.getpid()}@{_HOST_ID}.partial"
+
+
+def _write_gguf(out_path: Path, arch: str, kv, entries, tensors) -> None:
+  """Writes ``entries`` with data from the iterable ``tensors`` ((name, array) in order), atomically."""
+  tmp = _tmp_path(out_path)
+  out = None
+  try:
+    out = _GgufOut(tmp, arch, kv, entries)
+    for name, data in tensors:
+      out.write(name, data)
+    out.close()
+    os.replace(tmp, out_path)
+  except BaseException:
+    if out is not None:
+      out.abort()
+    tmp.unlink(missing_ok=True)
+    raise
+
+
+def _data_size(entries) -> int:
+  return sum(gguf.GGUFWriter.ggml_pad(math.prod(s) * _np_dtype(c).itemsize, gguf.GGUF_DEFAULT_ALIGNMENT)
+             for _, c, s in entries)
+
+
+def file_alpha(ranks) -> float:
+  """The one alpha this tool writes: the largest rank (scale 1 when every module has that rank)."""
+  return float(max(ranks))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Squeeze.
+# --------------------------------------------------------------------------------------------------------
+
+
+def squeeze_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike, *, rank: int | None = None,
+                 energy: float | None = None, per_module: bool = False, method: str = "efficient",
+                 dtype: str = "keep", dry_run: bool = False, force: bool = False, seed: int = 0,
+                 progress: bool = True, dynamic: tuple[str, float] | None = None,
+                 max_rank: int | None = None) -> adapters.SqueezeReport:
+  """``adapters.squeeze_adapter`` for a GGUF LoRA (same arguments; the module docstring gives the alpha rule).
+
+  Raises:
+    AdapterError: bad input or arguments; ``out_path`` is then left absent (or untouched).
+  """
+  from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  in_path, out_path = Path(in_path), Path(out_path)
+  lora_files._check_out_file(in_path, out_path, force, dry_run, suffix=SUFFIX)  # pylint: disable=protected-access
+  with GgufLora(in_path) as lf:
+    modules = lf.modules
+    compute_rank = (max(min(rank, m.full_rank) for m in modules) if rank is not None
+                    else max(m.r for m in modules))
+    need_spectra = rank is None or dry_run or method == "rsvd"
+    spectra = (adapters.adapter_spectra(lf, compute_rank=compute_rank, progress=progress)
+               if need_spectra else None)
+    targets = dict(rank=rank, energy=energy, per_module=per_module, dynamic=dynamic, max_rank=max_rank)
+    wanted = _wanted_ranks(modules, spectra, **targets)
+    ranks = adapters.plan_ranks(modules, spectra, **targets)
+    alpha = file_alpha(ranks.values())
+
+    def code(original: str) -> str:
+      return original if dtype == "keep" else adapters._OUT_CODES[dtype]  # pylint: disable=protected-access
+
+    entries = []
+    for m in modules:
+      shape_a, shape_b = m.new_shapes(ranks[m.name])
+      entries += [(m.key_a, code(m.dtype_a), shape_a), (m.key_b, code(m.dtype_b), shape_b)]
+    entries += [(k, code("F32") if dtype != "keep" else _KEPT.get(lf.reader.by_name[k].tensor_type, "F32"),
+                 tuple(int(d) for d in reversed(lf.reader.by_name[k].shape.tolist()))) for k in lf.passthrough]
+    kv = [(k, f) for k, f in lf.fields.items() if k != ARCH_KEY]
+    if ALPHA_KEY in lf.fields:
+      kv = [(k, (alpha, gguf.GGUFValueType.FLOAT32) if k == ALPHA_KEY else f) for k, f in kv]
+    else:
+      kv.append((ALPHA_KEY, (alpha, gguf.GGUFValueType.FLOAT32)))
+    mixed = len(set(ranks.values())) > 1
+    quant = lf.quantized
+    report = adapters.SqueezeReport(
+        in_dir=in_path, out_dir=out_path, method=method, dry_run=dry_run, modules=[],
+        passthrough=list(lf.passthrough), copied_files=[], config={}, in_bytes=lf.file_size,
+        out_bytes=lf.data_offset + _data_size(entries), note=_cap_note(modules, wanted, ranks, rank, energy),
+        config_line=(f"format: gguf LoRA (llama.cpp, {ARCH_KEY} = {lf.arch}), {ALPHA_KEY} = {alpha:g}"
+                     + (", the largest rank (llama.cpp scales a module of rank r_m by alpha / r_m: its factors "
+                        "carry r_m / alpha)" if mixed else ": scale alpha / r = 1 in every module")
+                     + ", the old scale folded into the factors"
+                     + (f"; {'/'.join(quant)} factors written as F32" if quant and dtype == "keep" else "")),
+        weights_name=None, passthrough_line=lf.passthrough_line())
+
+    def module_report(m, s) -> adapters.ModuleReport:
+      return adapters.ModuleReport(name=m.name, shape=(m.out_features, m.in_features), r_src=m.r,
+                                   r_tgt=ranks[m.name], scale=m.scale,
+                                   retention=float(squeeze.retention(np.asarray(s), ranks[m.name])))
+
+    if dry_run:
+      report.modules = [module_report(m, spectra[m.name]) for m in modules]
+      report.seconds = time.perf_counter() - start
+      return report
+
+    def tensors():
+      key_data = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), len(modules))))
+      with adapters.small_lapack_threads(method == "efficient"):
+        for i, m in enumerate(_progress(modules, len(modules), "squeeze", progress)):
+          a, b = lf.factors(m)
+          new_a, new_b, s = adapters.squeeze_matrices(a, b, ranks[m.name], method=method, where=m.name,
+                                                      key=jax.random.wrap_key_data(key_data[i]),
+                                                      compute_rank=compute_rank)
+          fold = np.float32(math.sqrt(ranks[m.name] / alpha))  # llama.cpp multiplies by alpha / r_m
+          shape_a, shape_b = m.new_shapes(ranks[m.name])
+          if fold != 1:
+            new_a, new_b = new_a * fold, new_b * fold
+          yield m.key_a, _cast(new_a.T.reshape(shape_a), code(m.dtype_a), m.name)
+          yield m.key_b, _cast(new_b.T.reshape(shape_b), code(m.dtype_b), m.name)
+          report.modules.append(module_report(m, spectra[m.name] if spectra is not None else s))
+          _fault_point(f"squeeze_after_module:{i}")
+      for k in lf.passthrough:
+        yield k, _cast(lf.reader.read(k).astype(np.float32), code("F32") if dtype != "keep" else
+                       _KEPT.get(lf.reader.by_name[k].tensor_type, "F32"), k)
+
+    _write_gguf(out_path, lf.arch, kv, entries, tensors())
+  report.out_bytes = out_path.stat().st_size
+  report.seconds = time.perf_counter() - start
+  return report
+
+
+# --------------------------------------------------------------------------------------------------------
+# Convert: PEFT directory <-> GGUF file.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _n_blocks(names) -> int:
+  """One more than the largest layer index in the names (what gguf's name map must cover)."""
+  found = [int(x) for n in names for x in re.findall(r"(?:^|\.)(\d+)(?:\.|$)", n)]
+  return max(found, default=0) + 1
+
+
+def gguf_name(hf_module: str, arch: gguf.MODEL_ARCH, name_map=None) -> str | None:
+  """The llama.cpp weight name of a Hugging Face module, as llama.cpp's LoRA converter maps it.
+
+  ``model.layers.3.self_attn.q_proj`` -> ``blk.3.attn_q.weight`` (None if the map has no entry): drop
+  ``language_model.`` (the multimodal classes' text stack), then gguf's name map."""
+  name_map = name_map or gguf.get_tensor_name_map(arch, _n_blocks([hf_module]))
+  return name_map.get_name(hf_module.replace("language_model.", "") + ".weight", try_suffixes=(".weight", ".bias"))
+
+
+def arch_from_config(raw: dict, where: str) -> str:
+  """The llama.cpp architecture of a PEFT adapter, from its ``base_model_name_or_path``.
+
+  A local base-model directory: its config.json's ``model_type`` (or ``text_config.model_type``), with a
+  ``_text`` suffix dropped (``gemma3_text`` is llama.cpp's ``gemma3``), if gguf knows that name. A Gemma 3
+  hub id (``adapters.HF_BASE_MODELS`` and their -it versions): ``gemma3``. Anything else: --arch.
+  """
+  base = raw.get("base_model_name_or_path")
+  hint = ", ".join(n for n in ("gemma3", "llama", "qwen2", "mistral3", "phi3") if n in ARCH_NAMES)
+  if isinstance(base, str) and base:
+    cfg_path = Path(base) / "config.json"
+    if cfg_path.is_file():
+      try:
+        cfg = json.loads(cfg_path.read_text())
+      except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{cfg_path}: cannot read JSON ({e})") from None
+      types = [cfg.get("model_type"), (cfg.get("text_config") or {}).get("model_type")]
+      for t in [t for t in types if isinstance(t, str)]:
+        for name in (t, t.removesuffix("_text")):
+          if name in ARCH_NAMES:
+            return name
+      raise AdapterError(f"{cfg_path}: model_type {types[0]!r} is not a llama.cpp architecture name that gguf "
+                         f"knows; pass --arch (e.g. {hint})")
+    stems = {hub.removesuffix("-pt") for hub, _ in adapters.HF_BASE_MODELS.values()}
+    if any(base == s or base.startswith(s + "-") for s in stems):
+      return "gemma3"
+  raise AdapterError(f"{where}: cannot tell the llama.cpp architecture from base_model_name_or_path "
+                     f"{base!r} (neither a local model directory nor a known Gemma 3 id); pass --arch "
+                     f"(e.g. {hint})")
+
+
+@dataclasses.dataclass
+class ConvertReport:
+  """What ``convert`` wrote."""
+
+  src: Path
+  dst: Path
+  direction: str
+  modules: int
+  ranks: dict
+  alpha_line: str
+  out_bytes: int
+  seconds: float
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+  def summary(self) -> str:
+    ranks = collections.Counter(self.ranks.values())
+    lines = [f"{self.direction}: {self.modules} LoRA modules, ranks "
+             + ", ".join(f"{r} ({c})" for r, c in sorted(ranks.items())), self.alpha_line]
+    lines += self.notes
+    lines.append(f"wrote {self.dst} {_fmt_bytes(self.out_bytes)} in {self.seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, *, arch: str | None = None,
+            layout: str = "causal_lm", dtype: str | None = None, force: bool = False) -> ConvertReport:
+  """PEFT adapter directory -> GGUF LoRA file (``out_path`` ends in .gguf), or GGUF LoRA -> PEFT directory.
+
+  Args:
+    in_path: a PEFT adapter directory, or a GGUF LoRA file (told by its content).
+    out_path: a ``.gguf`` file (PEFT -> GGUF) or a directory (GGUF -> PEFT).
+    arch: PEFT -> GGUF: the llama.cpp architecture (default: from the adapter's config; see
+      ``arch_from_config``).
+    layout: GGUF -> PEFT: the Hugging Face module names, ``adapters.HF_LAYOUTS`` ("causal_lm":
+      ``model.layers``, "conditional_generation": ``model.language_model.layers``).
+    dtype: of the written factors: "keep", "float32", "bfloat16", "float16" (default: float32 for GGUF,
+      as llama.cpp's converter; keep for PEFT).
+    force: replace an existing output.
+
+  Raises:
+    AdapterError: bad input or arguments; the output is then left absent (or untouched).
+  """
+  start = time.perf_counter()
+  in_path, out_path = Path(in_path), Path(out_path)
+  if dtype is not None and dtype not in adapters.DTYPES:
+    raise AdapterError(f"unknown --dtype {dtype!r}; choose one of {', '.join(adapters.DTYPES)}")
+  if not in_path.exists():
+    raise AdapterError(f"{in_path}: no such file or directory")
+  if out_path.suffix.lower() == SUFFIX:
+    if not in_path.is_dir():
+      what = "a GGUF file already" if is_gguf(in_path) else "not a PEFT adapter directory"
+      raise AdapterError(f"{in_path}: {what}; convert to {out_path.name} takes a PEFT adapter directory")
+    if layout != "causal_lm":
+      raise AdapterError("--layout is for GGUF -> PEFT; the GGUF names do not depend on it")
+    report = _peft_to_gguf(in_path, out_path, arch=arch, dtype=dtype or "float32", force=force)
+  else:
+    if in_path.is_dir():
+      raise AdapterError(f"{out_path}: converting a PEFT directory needs an OUT ending in {SUFFIX}")
+    if not is_gguf(in_path):
+      raise AdapterError(f"{in_path}: not a GGUF file (no GGUF magic); convert turns a PEFT directory into a "
+                         f"{SUFFIX} file and a {SUFFIX} file into a PEFT directory")
+    if arch is not None:
+      raise AdapterError("--arch is for PEFT -> GGUF; a GGUF file states its own architecture")
+    if layout not in adapters.HF_LAYOUTS:
+      raise AdapterError(f"unknown --layout {layout!r}; choose one of {', '.join(adapters.HF_LAYOUTS)}")
+    report = _gguf_to_peft(in_path, out_path, layout=layout, dtype=dtype or "keep", force=force)
+  report.seconds = time.perf_counter() - start
+  return report
+
+
+def _peft_to_gguf(in_dir: Path, out_path: Path, *, arch: str | None, dtype: str, force: bool) -> ConvertReport:
+  from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top
+  lora_files._check_out_file(in_dir, out_path, force, False, suffix=SUFFIX)  # pylint: disable=protected-access
+  with adapters.PeftAdapter(in_dir) as adapter:
+    where = str(in_dir / adapters.CONFIG_NAME)
+    arch = arch if arch is not None else arch_from_config(adapter.config.raw, where)
+    arch_enum = check_arch(arch, "--arch")
+    if adapter.passthrough:
+      raise AdapterError(f"{adapter.reader.path}: tensor '{adapter.passthrough[0]}' is not a lora_A/lora_B "
+                         f"factor ({len(adapter.passthrough)} such); a GGUF LoRA holds LoRA pairs only")
+    name_map = gguf.get_tensor_name_map(arch_enum, _n_blocks(m.name for m in adapter.modules))
+    names = {}
+    for m in adapter.modules:
+      if "lora_embedding" in m.key_a or len(m.shape_a) != 2:
+        raise AdapterError(f"{adapter.reader.path}: module '{m.name}' is an embedding or conv LoRA; a GGUF "
+                           "LoRA here holds linear layers only")
+      names[m.name] = gguf_name(m.name, arch_enum, name_map)
+      if names[m.name] is None:
+        raise AdapterError(f"{adapter.reader.path}: module '{m.name}' has no llama.cpp name for architecture "
+                           f"{arch!r} in gguf's name map")
+    ranks = {m.name: m.r for m in adapter.modules}
+    cfg = adapter.config
+    as_is = all(math.isclose(m.scale, cfg.lora_alpha / m.r, rel_tol=1e-12) for m in adapter.modules)
+    alpha = float(cfg.lora_alpha) if as_is else file_alpha(ranks.values())
+
+    def code(m, original: str) -> str:  # pylint: disable=unused-argument
+      return original if dtype == "keep" else adapters._OUT_CODES[dtype]  # pylint: disable=protected-access
+
+    entries = []
+    for m in adapter.modules:
+      entries += [(names[m.name] + ".lora_a", code(m, m.dtype_a), m.shape_a),
+                  (names[m.name] + ".lora_b", code(m, m.dtype_b), m.shape_b)]
+    for c in {c for _, c, _ in entries} - set(_GGML_OF):
+      raise AdapterError(f"{adapter.reader.path}: {c} factors cannot be written to GGUF; use --dtype float32")
+
+    def tensors():
+      for m in adapter.modules:
+        if as_is:
+          a, b = (adapter.reader.read(k) for k in (m.key_a, m.key_b))
+          for k, x in ((m.key_a, a), (m.key_b, b)):
+            if not np.isfinite(x.astype(np.float32)).all():
+              raise AdapterError(f"{adapter.reader.path}: module '{m.name}': '{k}' contains NaN/Inf values")
+        else:
+          a_t, b_t = adapter.factors(m)  # √scale folded on each side; llama.cpp multiplies by alpha / r_m
+          fold = np.float32(math.sqrt(m.r / alpha))
+          a, b = (a_t * fold).T, (b_t * fold).T
+        yield names[m.name] + ".lora_a", _cast(np.asarray(a, np.float32) if dtype != "keep" else a,
+                                               code(m, m.dtype_a), m.name)
+        yield names[m.name] + ".lora_b", _cast(np.asarray(b, np.float32) if dtype != "keep" else b,
+                                               code(m, m.dtype_b), m.name)
+
+    def kv(writer: gguf.GGUFWriter) -> None:
+      # The converter's keys, in its order: type, adapter type, the model card's metadata by gguf's own
+      # heuristics (general.name from the directory name when the card has none), alpha, quantization version.
+      writer.add_type(gguf.GGUFType.ADAPTER)
+      writer.add_string(ADAPTER_TYPE_KEY, "lora")
+      meta = gguf.Metadata.load(None, in_dir, None, writer.get_total_parameter_count()[0])
+      if meta.name is None:
+        meta.name = in_dir.name
+      meta.set_gguf_meta_model(writer)
+      writer.add_float32(ALPHA_KEY, alpha)
+      writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    _write_gguf(out_path, arch, kv, entries, tensors())
+  notes = [] if as_is else [
+      "note: alpha_pattern / rsLoRA give scales one GGUF alpha cannot: each folded into its module's factors "
+      "(llama.cpp's converter would write lora_alpha and lose them)"]
+  return ConvertReport(src=in_dir, dst=out_path, direction=f"PEFT -> GGUF ({ARCH_KEY} = {arch})",
+                       modules=len(ranks), ranks=ranks, notes=notes, out_bytes=out_path.stat().st_size,
+                       seconds=0.0,
+                       alpha_line=f"{ALPHA_KEY} = {alpha:g}" + (" (lora_alpha; factors as they are)" if as_is else
+                                                                " (the largest rank; scales folded in)"))
+
+
+def _gguf_to_peft(in_path: Path, out_dir: Path, *, layout: str, dtype: str, force: bool) -> ConvertReport:
+  adapters._check_out_dir(out_dir, force, inputs=(in_path,))  # pylint: disable=protected-access
+  with GgufLora(in_path) as lf:
+    arch_enum = ARCH_NAMES[lf.arch]
+    n_blocks = max((m.layer for m in lf.modules if m.layer is not None), default=0) + 1
+    name_map = gguf.get_tensor_name_map(arch_enum, n_blocks)
+    hf_of = {}
+    for layer in range(n_blocks):
+      for kind in adapters.HF_PROJECTIONS:
+        hf = adapters.hf_module_name(layer, kind, layout)
+        g = gguf_name(hf, arch_enum, name_map)
+        if g is not None:
+          hf_of[g] = hf
+    for m in lf.modules:
+      if m.weight not in hf_of:
+        raise AdapterError(f"{in_path}: tensor '{m.key_a}': no Hugging Face name for '{m.weight}' (this tool "
+                           "names the q/k/v/o/gate/up/down projections of Gemma 3 and Llama-style decoders)")
+    ranks = {hf_of[m.weight]: m.r for m in lf.modules}
+    counts = collections.Counter(ranks.values())
+    default = max(counts, key=lambda r: (counts[r], r))
+    projs = sorted({hf.rsplit(".", 1)[-1] for hf in ranks})
+    kinds = [k for k, (_, proj) in adapters.HF_PROJECTIONS.items() if proj in projs]
+    base = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "revision": None,
+            "r": default, "lora_alpha": default, "lora_dropout": 0.0,
+            "target_modules": adapters._target_modules(kinds, layout),  # pylint: disable=protected-access
+            "bias": "none",
+            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+            "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None, "use_rslora": False,
+            "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}}
+    if lf.alpha:
+      keys = adapters.pattern_keys(list(ranks))
+      config = {**base, "lora_alpha": adapters._lora_alpha_json(lf.alpha),  # pylint: disable=protected-access
+                "rank_pattern": {keys[n]: r for n, r in ranks.items() if r != default}}
+      alpha_line = f"lora_alpha = {lf.alpha:g} (the file's alpha; factors bit for bit)"
+    else:
+      config = adapters.output_config(adapters.LoraConfig.from_dict(base), ranks)
+      alpha_line = f"{ALPHA_KEY} absent or 0 (llama.cpp: scale 1): lora_alpha = r in every module"
+    check = adapters.LoraConfig.from_dict(config)
+    for m in lf.modules:
+      hf = hf_of[m.weight]
+      if check.rank(hf) != m.r or not math.isclose(check.scale(hf), m.scale, rel_tol=1e-12):
+        raise RuntimeError(f"convert: module '{hf}' would get r={check.rank(hf)}, scale {check.scale(hf)}; "
+                           f"want r={m.r}, scale {m.scale}")
+
+    def code(original: str) -> str:
+      return original if dtype == "keep" else adapters._OUT_CODES[dtype]  # pylint: disable=protected-access
+
+    entries, order = [], []
+    for m in lf.modules:
+      prefix = adapters.PEFT_PREFIX + hf_of[m.weight]
+      entries += [(f"{prefix}.lora_A.weight", code(m.dtype_a), m.shape_a),
+                  (f"{prefix}.lora_B.weight", code(m.dtype_b), m.shape_b)]
+      order += [(m, m.key_a, m.dtype_a), (m, m.key_b, m.dtype_b)]
+    with adapters._atomic_dir(out_dir) as tmp:  # pylint: disable=protected-access
+      writer = adapters.SafetensorsWriter(tmp / adapters.WEIGHTS_NAME, entries, {"format": "pt"})
+      try:
+        for (name, c, _), (m, key, _) in zip(entries, order):
+          x = lf.reader.read(key)
+          finite = np.isfinite(x.astype(np.float32))
+          if not finite.all():
+            raise AdapterError(f"{in_path}: module '{m.name}': '{key}' {list(x.shape)} contains "
+                               f"{finite.size - int(finite.sum())} NaN/Inf values")
+          writer.write(name, _cast(x if x.dtype == _np_dtype(c) else x.astype(np.float32), c, m.name))
+      except BaseException:
+        writer.abort()
+        raise
+      writer.close()
+      (tmp / adapters.CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    notes = []
+    if lf.passthrough:
+      notes.append(f"note: {len(lf.passthrough)} *_norm.weight tensors not written (PEFT LoRA has no place for "
+                   "them; llama.cpp ignores them too)")
+    if lf.quantized:
+      notes.append(f"note: {'/'.join(lf.quantized)} factors dequantised")
+    size = sum(p.stat().st_size for p in out_dir.iterdir())
+  return ConvertReport(src=in_path, dst=out_dir, direction=f"GGUF ({ARCH_KEY} = {lf.arch}) -> PEFT ({layout})",
+                       modules=len(ranks), ranks=ranks, alpha_line=alpha_line, out_bytes=size, seconds=0.0,
+                       notes=notes)

@@ -1701,4 +1701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # `python -m lora_squeeze.adapters`: run the main of the imported module, not of this __main__ copy, so
+  # that AdapterError raised by lora_files / gguf_lora (which import lora_squeeze.adapters) is caught.
+  from lora_squeeze import adapters as _adapters  # pylint: disable=g-import-not-at-top
+  sys.exit(_adapters.main())

@@ -91,6 +91,7 @@ def worker(model_key: str, devices: int, lower_list, compile_list, out_path: pat
       lowered = programs.lower(kind, rank=rank, target_rank=64)
       rec["lower_seconds"] = time.time() - t
       rec["lowered_cost"] = aot.cost(lowered)
+      rec["argument_bytes"] = aot.argument_bytes(lowered)
       if mesh is not None and sizes["fsdp"] > 1:
         rec["unsharded_base_inputs"] = aot.unsharded_base_inputs(lowered, base)
       if prog in compile_list:
@@ -168,22 +169,11 @@ def flops_at(table: dict[int, float], rank: int) -> float:
 
 
 def cell_steps(cell, config) -> list[tuple[int, int]]:
-  """[(rank, steps)] a sweep cell trains (its own steps only: a @source cell is counted once, as its own
-  cell)."""
+  """[(rank, steps)] a sweep cell trains: its own stages only (a ``@source`` cell is counted once, as its
+  own cell; Post-Squeeze and zero-shot cells train nothing)."""
+  from lora_squeeze import sweep  # pylint: disable=g-import-not-at-top
   from lora_squeeze import train  # pylint: disable=g-import-not-at-top
-  c = config.copy_and_resolve_references()
-  c.unlock()
-  for k, v in cell["overrides"].items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  if c.mode in ("post_squeeze", "zero_shot"):
-    return []
-  if c.mode == "cont_squeeze" and not c.get("source_workdir"):
-    pass
-  return [(s.rank, s.steps) for s in train.plan_stages(c)]
+  return [(s.rank, s.steps) for s in train.plan_stages(sweep.cell_config(config, cell, pathlib.Path("/none")))]
 
 
 def artefact_cost(config_path, arg, table) -> dict:

@@ -68,6 +68,28 @@ class Setting:
                                joint_gate_up=self.joint_gate_up)
 
 
+def setting_from_config(config) -> Setting:
+  """The ``Setting`` of a run config (``config.data``, ``config.lora``, ``config.squeeze``, ``config.mesh``)."""
+  from lora_squeeze import train  # pylint: disable=g-import-not-at-top
+  lora_config = train.lora_config_from(config)
+  return Setting(batch=int(config.data.batch_size), max_len=int(config.data.max_len),
+                 max_target_tokens=int(config.data.max_target_tokens),
+                 eval_scored=int(config.data.batch_size) * int(config.data.max_target_tokens),
+                 targets=lora_config.targets, joint_kv=lora_config.joint_kv,
+                 joint_gate_up=lora_config.joint_gate_up, alpha=lora_config.alpha,
+                 shard_lora=sharding_lib.shard_lora_enabled(config), squeeze_method=str(config.squeeze.method),
+                 optimizer_state=str(config.squeeze.optimizer_state))
+
+
+def programs_for_config(config, *, dtype: Any = "bfloat16") -> "Programs":
+  """The ``Programs`` a run of ``config`` compiles: its model (abstract, ``config.model_options.text_only``),
+  its shapes and, with several devices, the mesh of ``config.mesh``."""
+  options = dict(config.get("model_options", {}) or {})
+  model = abstract_model(config.model, text_only=bool(options.get("text_only", True)), dtype=dtype)
+  mesh = sharding_lib.mesh_from_config(config) if jax.device_count() > 1 else None
+  return Programs(model, setting_from_config(config), mesh=mesh)
+
+
 def abstract_model(name: str, *, text_only: bool = True, dtype: Any = "bfloat16", **options):
   """``models.load(name, abstract=True)``: the transformer and its params as ShapeDtypeStructs.
 
@@ -138,7 +160,7 @@ class Programs:
       program: "train_step" (at ``rank``), "change_rank" (``rank`` -> ``target_rank``), "eval_step" (the
         scoring step of choice tasks; for a VL model the greedy decoding step with precomputed image
         embeddings) or "eval_images" (VL only: the vision tower's embedding of a batch's images).
-      rank, target_rank: LoRA ranks.
+      rank, target_rank: LoRA ranks; ``rank=0``: the eval programs without LoRA (zero-shot).
     """
     if program == "train_step":
       lr = jax.ShapeDtypeStruct((), jnp.float32)
@@ -156,8 +178,8 @@ class Programs:
     from lora_squeeze import evaluate  # pylint: disable=g-import-not-at-top
     b, t = self.setting.batch, self.setting.max_len
     tok = jax.ShapeDtypeStruct((b, t), jnp.int32)
-    lora_config = self.setting.lora_config(rank)
-    lora = self.lora(rank)
+    lora_config = self.setting.lora_config(rank) if rank else None
+    lora = self.lora(rank) if rank else None
     if self.vision:
       embed_images, next_token = evaluate.vl_decode_programs(self.model, lora_params=lora, lora_config=lora_config)
       images = self.batch()["images"]
@@ -235,6 +257,25 @@ def input_shardings(lowered) -> list[Any]:
   for i, s in zip(sorted(args["kept_var_idx"]), args["in_shardings"]):
     out[i] = s if isinstance(s, jax.sharding.Sharding) else None
   return out
+
+
+def argument_bytes(lowered) -> int:
+  """Bytes of a lowered program's inputs on one device, exact from their shardings (an unspecified sharding
+  counts whole: host inputs are replicated; pruned inputs count nothing). Known before any compile."""
+  total = 0
+  for aval, sh in zip(jax.tree.leaves(lowered.in_avals), input_shardings(lowered)):
+    if sh is PRUNED:
+      continue
+    shape = tuple(aval.shape) if sh is None else tuple(sh.shard_shape(tuple(aval.shape)))
+    total += math.prod(shape) * _itemsize(aval.dtype)
+  return int(total)
+
+
+def _itemsize(dtype) -> int:
+  try:
+    return np.dtype(dtype).itemsize
+  except TypeError:  # a typed PRNG key: its raw data (2 x uint32 for threefry)
+    return 8
 
 
 def unsharded_base_inputs(lowered, base: Any, *, min_elements: int = 1 << 20) -> list[str]:

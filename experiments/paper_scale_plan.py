@@ -58,7 +58,7 @@ PLAN = (
     ("4b_vl", 32, ALL_VL, ()),
     ("12b", 32, ALL, ()),
 )
-CAPACITIES_GB = (("TPU v5e", 16), ("A100/H100 40GB", 40), ("A100/H100 80GB", 80), ("H200", 141))
+CAPACITIES_GB = (("v5e", 16), ("A100", 40), ("A100/H100", 80), ("H200", 141))
 # bf16 dense peak per chip (TFLOP/s) and the utilisation the plan assumes.
 CHIPS = (("H100", 990.0), ("TPU v5e", 197.0), ("TPU v5p", 459.0))
 MFU = 0.40
@@ -197,14 +197,42 @@ ARTEFACTS = (
     ("fig3", "configs/paper.py", "artefact=fig3"),
     ("heatmap", "configs/paper.py", "artefact=heatmap"),
     ("table1", "configs/paper.py", "artefact=table1"),
+    ("heatmap+table1", "configs/paper.py", "artefact=heatmap+table1"),
 )
+
+
+def caveats(probe: dict) -> list[str]:
+  ratio = probe["temporaries_ratio_bf16_over_f32"]
+  dots = probe["bfloat16"]["dots"]
+  return [
+      "", "## Where XLA:CPU's memory figures may differ from a TPU's or GPU's", "",
+      f"* **bfloat16 runs as float32 on XLA:CPU.** Measured here (`cpu_dtype_probe`: a 2-layer Gemma-3-shaped "
+      f"model, d 256, F 1024, batch 8 x 1024): the compiled bfloat16 train step has {dots['f32']} float32 dots "
+      f"and {dots['bf16']} bfloat16 ones (XLA:CPU converts the operands), and its temporaries are "
+      f"{ratio:.0%} of the float32 program's. TPUs and GPUs keep the dots and most activations in bfloat16 "
+      "(softmax, the loss and the LoRA products stay float32 everywhere: lora.py computes the delta in "
+      f"float32). If everything not float32 by design halved, an accelerator's temporaries would be up to "
+      f"{1 - 0.5 / ratio:.0%} below the table's (0.5 / {ratio:.2f}); arguments and outputs are exact (same "
+      "dtypes on every backend).",
+      "* **Rematerialisation.** The train step saves every layer's activations for the backward pass (no "
+      "`jax.checkpoint`), which is what the temporaries are. XLA:TPU rematerialises when a program exceeds "
+      "HBM (slower, may then fit); XLA:GPU does not by default (out of memory).",
+      "* **Runtime reserve.** JAX on GPU preallocates 75% of the memory by default "
+      "(`XLA_PYTHON_CLIENT_MEM_FRACTION`); the CUDA context and cuBLAS/cuDNN workspaces take a few hundred MB "
+      "to ~2 GB more; a TPU runtime keeps some HBM too. A 'fits' within ~10% of a capacity is marginal.",
+      "* **Collectives.** On an fsdp mesh XLA gathers each weight where it is used; on TPU/GPU the "
+      "latency-hiding scheduler may prefetch the next layer's gathered weights, adding about one layer's "
+      "weights to the peak. XLA:CPU's schedule is not the accelerators'.",
+      "* **Buffer assignment, not a measurement.** `peak` is XLA's own accounting of the live buffers; "
+      "allocator fragmentation comes on top.",
+  ]
 
 
 def gb(x) -> str:
   return f"{x / GB:.2f}"
 
 
-def report(records, out_md: pathlib.Path, out_json: pathlib.Path, machine: str) -> str:
+def report(records, out_md: pathlib.Path, out_json: pathlib.Path, machine: str, probe: dict) -> str:
   lines = ["# Paper scale on paper: compiled programs, memory per device and a time plan", "",
            f"Machine: {machine}. Made by `experiments/paper_scale_plan.py` from abstract shapes (no weights): "
            "the project's own train step, rank change and eval step (`lora_squeeze.aot`), bfloat16 base, "
@@ -212,9 +240,11 @@ def report(records, out_md: pathlib.Path, out_json: pathlib.Path, machine: str) 
            "## Programs and memory per device (XLA:CPU's memory analysis)", "",
            "`peak` = arguments + outputs - aliased (donated) + temporaries, per device. Fits: peak <= capacity "
            "(no allowance for the runtime's own reserve; see the caveats). `lowered` = traced and lowered to "
-           "StableHLO only (shapes and shardings checked, no memory figure); `compiled` = XLA compiled it too.",
+           "StableHLO only (shapes and shardings checked; the arguments per device are exact from the "
+           "shardings, the rest needs a compile); `compiled` = XLA compiled it too. GFLOP `(lowered)`: XLA's "
+           "count on the unoptimised program (within 0.5% of the compiled one where both exist).",
            "", "| model | devices (mesh) | program | status | args GB | outputs GB | temps GB | peak GB | "
-           + " | ".join(f"{n} {c} GB" for n, c in CAPACITIES_GB) + " | GFLOP/step/device | lower s | compile s |",
+           + " | ".join(f"{c} GB ({n})" for n, c in CAPACITIES_GB) + " | GFLOP/step/device | lower s | compile s |",
            "|" + "---|" * (11 + len(CAPACITIES_GB))]
   for r in records:
     mesh = "1" if not r["mesh"] else f"{r['devices']} ({r['mesh']['data']}x{r['mesh']['fsdp']})"
@@ -224,6 +254,10 @@ def report(records, out_md: pathlib.Path, out_json: pathlib.Path, machine: str) 
     if mem:
       cells += [gb(mem["arguments"]), gb(mem["outputs"]), gb(mem["temporaries"]), gb(mem["peak_estimate"])]
       cells += ["fits" if mem["peak_estimate"] <= c * GB else "no" for _, c in CAPACITIES_GB]
+    elif r.get("argument_bytes"):  # lowered only: the arguments are known exactly from the shardings
+      args = r["argument_bytes"]
+      cells += [gb(args), "-", "-", "-"]
+      cells += ["no (args alone)" if args > c * GB else "?" for _, c in CAPACITIES_GB]
     else:
       cells += ["-"] * (4 + len(CAPACITIES_GB))
     cells += [f"{cost.get('flops', 0) / 1e9:,.0f}" + ("" if r.get("cost") else " (lowered)") if cost else "-",
@@ -246,14 +280,17 @@ def report(records, out_md: pathlib.Path, out_json: pathlib.Path, machine: str) 
     for r in coll:
       parts = [f"{k} {v['count']}x, largest {v['largest'] / 1e6:,.1f} MB" for k, v in sorted(r["collectives"].items())]
       lines.append(f"* {r['model']}:{r['devices']} {r['program']}: " + "; ".join(parts))
+  lines += caveats(probe)
   # Time plan.
   lines += ["", "## Time plan", "",
             f"Assumption: every chip runs at {MFU:.0%} of its bf16 dense peak ("
             + ", ".join(f"{n} {p:g} TFLOP/s" for n, p in CHIPS) + "). Step FLOPs are XLA's count of the "
             "one-device train step at batch 8 x 1024 (ranks in between 1 and 128 interpolated linearly: the LoRA "
             "part grows with r). Device-hours are training steps only: the evaluations, the rank changes and "
-            "data loading are not counted. More chips divide the hours only while they add rows (batch 8: at "
-            "most 8-way data parallelism).", ""]
+            "data loading are not counted (one eval batch of 8 rows x 1024 is about half a train step's FLOPs: see "
+            "eval_step above). More chips divide the wall-clock time, not the device-hours, and only while they "
+            "add rows (batch 8: at most 8-way data parallelism). Artefacts share cells: `heatmap+table1` (what "
+            "the README runs) counts the shared direct cells once.", ""]
   plan = {"assumption": {"mfu": MFU, "chips_tflops": dict(CHIPS)}, "step": {}, "artefacts": {}}
   lines += ["| model | rank | TFLOP/step | " + " | ".join(f"{n} s/step" for n, _ in CHIPS) + " |",
             "|" + "---|" * (3 + len(CHIPS))]
@@ -280,8 +317,27 @@ def report(records, out_md: pathlib.Path, out_json: pathlib.Path, machine: str) 
                    f"{c['flops'] / 1e15:,.0f} | " + " | ".join(f"{h:,.0f}" for h in hours) + " |")
   text = "\n".join(lines) + "\n"
   out_md.write_text(text)
-  out_json.write_text(json.dumps({"machine": machine, "records": records, "plan": plan}, indent=1))
+  out_json.write_text(json.dumps({"machine": machine, "records": records, "plan": plan, "cpu_dtype_probe": probe},
+                                 indent=1))
   return text
+
+
+def cpu_dtype_probe() -> dict:
+  """How much of XLA:CPU's bfloat16 program stays bfloat16: a 2-layer Gemma-3-architecture model (d 256, F
+  1024) at batch 8 x 1024, train step compiled with a float32 and with a bfloat16 base. XLA:CPU runs every dot
+  in float32 (it converts bfloat16 operands), where TPUs and GPUs keep them in bfloat16."""
+  from lora_squeeze import aot  # pylint: disable=g-import-not-at-top
+  out = {}
+  for dt in ("float32", "bfloat16"):
+    model = aot.abstract_model("tiny", dtype=dt, num_layers=2, embed_dim=256, hidden_dim=1024, num_heads=4,
+                               num_kv_heads=2, head_dim=64)
+    compiled = aot.Programs(model, aot.Setting()).lower("train_step", rank=16).compile()
+    lines = compiled.as_text().splitlines()
+    out[dt] = {"memory": aot.memory(compiled),
+               "dots": {t: sum(1 for l in lines if " dot(" in l and f"= {t}[" in l) for t in ("bf16", "f32")}}
+  out["temporaries_ratio_bf16_over_f32"] = (out["bfloat16"]["memory"]["temporaries"]
+                                            / out["float32"]["memory"]["temporaries"])
+  return out
 
 
 def machine_line() -> str:
@@ -293,7 +349,10 @@ def machine_line() -> str:
         break
   except OSError:
     pass
-  return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, jax " + _jax_version()
+  load = os.getloadavg()[0]
+  return (f"{cpu}, {os.cpu_count()} cores, {platform.system()}, jax {_jax_version()}; shared with other jobs "
+          f"(load average {load:.0f} when the report was written): the lower/compile seconds are wall time "
+          "on that busy machine")
 
 
 def _jax_version() -> str:
@@ -311,6 +370,7 @@ def main():
   p.add_argument("--compile", default="")
   p.add_argument("--scratch", default="/tmp/paper_scale_plan.jsonl", help="raw records, one JSON per line")
   p.add_argument("--only", default="", help="model:devices items of PLAN, comma-separated")
+  p.add_argument("--programs", default="", help="only these programs of each item, comma-separated")
   p.add_argument("--lower-only", action="store_true", help="compile nothing")
   p.add_argument("--timeout", type=int, default=7200, help="seconds per item")
   p.add_argument("--report", action="store_true", help="only write the tables from the records so far")
@@ -325,9 +385,12 @@ def main():
     for key, devices, lower_list, compile_list in PLAN:
       if only and f"{key}:{devices}" not in only:
         continue
+      keep = {x for x in args.programs.split(",") if x}
+      lower_list = [x for x in lower_list if not keep or x in keep]
       run_item(key, devices, lower_list, () if args.lower_only else compile_list, scratch, args.timeout)
   records = load_records([RAW, scratch])
-  print(report(records, RESULTS / "paper_scale_plan.md", RAW, machine_line()))
+  probe = json.loads(RAW.read_text()).get("cpu_dtype_probe") if RAW.exists() else None
+  print(report(records, RESULTS / "paper_scale_plan.md", RAW, machine_line(), probe or cpu_dtype_probe()))
 
 
 if __name__ == "__main__":

@@ -242,7 +242,8 @@ def report(records, out_md: pathlib.Path, out_json: pathlib.Path, machine: str, 
            "(no allowance for the runtime's own reserve; see the caveats). `lowered` = traced and lowered to "
            "StableHLO only (shapes and shardings checked; the arguments per device are exact from the "
            "shardings, the rest needs a compile); `compiled` = XLA compiled it too. GFLOP `(lowered)`: XLA's "
-           "count on the unoptimised program (within 0.5% of the compiled one where both exist).",
+           "count on the unoptimised, unpartitioned program (within 0.5% of the compiled one where both exist), "
+           "divided by the devices on a mesh.",
            "", "| model | devices (mesh) | program | status | args GB | outputs GB | temps GB | peak GB | "
            + " | ".join(f"{c} GB ({n})" for n, c in CAPACITIES_GB) + " | GFLOP/step/device | lower s | compile s |",
            "|" + "---|" * (11 + len(CAPACITIES_GB))]
@@ -260,9 +261,19 @@ def report(records, out_md: pathlib.Path, out_json: pathlib.Path, machine: str, 
       cells += ["no (args alone)" if args > c * GB else "?" for _, c in CAPACITIES_GB]
     else:
       cells += ["-"] * (4 + len(CAPACITIES_GB))
-    cells += [f"{cost.get('flops', 0) / 1e9:,.0f}" + ("" if r.get("cost") else " (lowered)") if cost else "-",
+    if r.get("cost"):
+      flops = f"{cost['flops'] / 1e9:,.0f}"
+    elif cost:  # a lowered program's count is the whole (unpartitioned) step's: shown per device, evenly split
+      flops = f"{cost['flops'] / r['devices'] / 1e9:,.0f} (lowered" + (f", /{r['devices']})" if r["devices"] > 1 else ")")
+    else:
+      flops = "-"
+    cells += [flops,
               f"{r.get('lower_seconds', 0):.0f}", f"{r['compile_seconds']:.0f}" if "compile_seconds" in r else "-"]
     lines.append("| " + " | ".join(cells) + " |")
+  noted = [r for r in records if r.get("note")]
+  if noted:
+    lines += ["", "Notes:", ""] + [f"* {r['model']} on {r['devices']} device(s), {r['program']}: {r['note']}"
+                                   for r in noted]
   failed = [r for r in records if r["status"] == "failed"]
   if failed:
     lines += ["", "Failures:", ""] + [f"* {r['model']} on {r['devices']} device(s), {r['program']}: "

@@ -32,6 +32,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "experiments" / "results"
 RAW = RESULTS / "paper_scale_plan.json"
 

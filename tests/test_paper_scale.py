@@ -52,22 +52,21 @@ def _run_here(name, devices, timeout):
 def test_tiny_programs_compile_with_memory_and_flops():
   from lora_squeeze import aot
   setting = aot.Setting(batch=2, max_len=32, max_target_tokens=4, eval_scored=8)
-  programs = aot.Programs(aot.abstract_model("tiny", dtype="float32"), setting)
-  flops = {}
-  for rank in (1, 16):
-    lowered = programs.lower("train_step", rank=rank)
-    info = aot.describe(lowered.compile())
-    m = info["memory"]
-    assert aot.argument_bytes(lowered) == m["arguments"]  # known from the shardings before compiling
-    assert m["arguments"] > 0 and m["temporaries"] > 0
-    assert m["peak_estimate"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]
-    assert m["aliased"] > 0  # the donated state is reused for the new one
-    flops[rank] = info["cost"]["flops"]
-  assert flops[16] > flops[1] > 0  # the LoRA products grow with the rank
+  programs = aot.Programs(aot.abstract_model("tiny", dtype="float32", num_layers=2), setting)
+  lowered = programs.lower("train_step", rank=16)
+  info = aot.describe(lowered.compile())
+  m = info["memory"]
+  assert m["arguments"] > 0 and m["temporaries"] > 0
+  assert m["peak_estimate"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]
+  assert m["aliased"] > 0  # the donated state is reused for the new one
+  assert aot.argument_bytes(lowered) == m["arguments"]  # known from the shardings before compiling
+  # The LoRA products grow with the rank; the lowered count is the compiled one's, near enough.
+  assert info["cost"]["flops"] > aot.cost(programs.lower("train_step", rank=1))["flops"] > 0
+  assert abs(aot.cost(lowered)["flops"] / info["cost"]["flops"] - 1) < 0.05
   change = programs.lower("change_rank", rank=16, target_rank=4).compile()
   assert aot.memory(change)["outputs"] > 0
   for rank in (0, 4):  # zero-shot and with LoRA
-    assert aot.cost(programs.lower("eval_step", rank=rank).compile())["flops"] > 0
+    assert aot.cost(programs.lower("eval_step", rank=rank))["flops"] > 0
   with pytest.raises(ValueError, match="vision-language"):
     programs.lower("eval_images")
 

@@ -359,28 +359,7 @@ def generate_vl(model, examples: Sequence[Any], *, lora_params=None, lora_config
   if max_len <= max_new_tokens + 1:
     raise ValueError(f"generate_vl: max_len={max_len} leaves no room for a prompt and {max_new_tokens} new tokens")
   tok = model.tokenizer
-  softcap = getattr(model.config, "final_logit_softcap", None)
-  module = None
-  if lora_params is not None:
-    if lora_config is None:
-      raise ValueError("generate_vl: lora_config is required with lora_params")
-    module = lora_lib.LoRA(model=model.transformer, config=lora_config)
-
-  @jax.jit
-  def embed_images(base, images):
-    return model.transformer.apply({"params": base}, images, method=lora_lib.encode_images)
-
-  @jax.jit
-  def next_token(lp, base, tokens, positions, segs, last, image_embeddings):
-    mask = lora_lib.attention_mask_from_segments(segs, tokens=tokens)
-    kwargs = dict(positions=positions, attention_mask=mask, image_embeddings=image_embeddings)
-    if module is None:
-      hidden = model.transformer.apply({"params": base}, tokens, method=lora_lib.base_hidden_states, **kwargs)
-    else:
-      hidden = module.apply({"params": lora_lib.merge_params(base, lp)}, tokens, method=module.hidden_states,
-                            **kwargs)
-    h = hidden[jnp.arange(hidden.shape[0]), last]
-    return jnp.argmax(lora_lib.logits_at(h, base["embedder"]["input_embedding"], softcap=softcap), -1)
+  embed_images, next_token = vl_decode_programs(model, lora_params=lora_params, lora_config=lora_config)
 
   outs: list[str] = []
   for start in range(0, len(examples), batch_rows):
@@ -423,6 +402,37 @@ def generate_vl(model, examples: Sequence[Any], *, lora_params=None, lora_config
       text = tok.decode(gen)
       outs.append(text.split(stop)[0] if stop else text)
   return outs
+
+
+def vl_decode_programs(model, *, lora_params=None, lora_config=None):
+  """The two jitted programs of ``generate_vl``: ``embed_images(base, images)`` (the frozen vision tower,
+  once per batch) and ``next_token(lora, base, tokens, positions, segment_ids, last, image_embeddings)`` (one
+  greedy step: the forward over the whole rows, logits only at each row's last token). Separate so that
+  ``lora_squeeze.aot`` lowers exactly these programs from abstract shapes."""
+  softcap = getattr(model.config, "final_logit_softcap", None)
+  module = None
+  if lora_params is not None:
+    if lora_config is None:
+      raise ValueError("generate_vl: lora_config is required with lora_params")
+    module = lora_lib.LoRA(model=model.transformer, config=lora_config)
+
+  @jax.jit
+  def embed_images(base, images):
+    return model.transformer.apply({"params": base}, images, method=lora_lib.encode_images)
+
+  @jax.jit
+  def next_token(lp, base, tokens, positions, segs, last, image_embeddings):
+    mask = lora_lib.attention_mask_from_segments(segs, tokens=tokens)
+    kwargs = dict(positions=positions, attention_mask=mask, image_embeddings=image_embeddings)
+    if module is None:
+      hidden = model.transformer.apply({"params": base}, tokens, method=lora_lib.base_hidden_states, **kwargs)
+    else:
+      hidden = module.apply({"params": lora_lib.merge_params(base, lp)}, tokens, method=module.hidden_states,
+                            **kwargs)
+    h = hidden[jnp.arange(hidden.shape[0]), last]
+    return jnp.argmax(lora_lib.logits_at(h, base["embedder"]["input_embedding"], softcap=softcap), -1)
+
+  return embed_images, next_token
 
 
 def evaluate_vl(model, task, examples: Sequence[Any], *, lora_params=None, lora_config=None, max_len: int = 1024,

@@ -117,7 +117,7 @@ TINY_VISION_DEFAULTS = {
 _CONVERSION_VERSION = 1
 _DEFAULT_GGUF_NAME = 'gemma-3-270m-q4_k_m.gguf'
 
-_COMMON_OPTIONS = ('dtype', 'abstract', 'tokenizer_path', 'cache_dir')
+_COMMON_OPTIONS = ('dtype', 'abstract', 'tokenizer_path', 'cache_dir', 'sharding')
 _OPTIONS = {
     'tiny': ('seed', 'dtype', 'abstract', 'init', 'text_only')
     + tuple(TINY_DEFAULTS) + tuple(TINY_VISION_DEFAULTS),
@@ -704,6 +704,11 @@ def load(name: str, **options: Any) -> LoadedModel:
         `jax.eval_shape` (no weights, no checkpoint needed).
       checkpoint: orbax params dir or gs:// path (required for 1b/4b/12b;
         optional for 270m, which otherwise uses the GGUF package).
+      sharding (with checkpoint): the params' shardings, or a function of
+        the abstract params tree giving them (`train.run` passes the fsdp
+        rule of `sharding.base_shardings` on a mesh): each device restores
+        only its own slices. Without it a checkpoint restores REPLICATED
+        (gemma's default), a whole copy of the base on every device.
       variant: "pt" or "it" (recorded only; must match the checkpoint).
       text_only: drop the vision tower of 4b/12b (default True); for tiny,
         False adds the tiny SigLIP tower (and TINY_VISION_DEFAULTS keys
@@ -854,6 +859,7 @@ def _load_real(
     tokenizer_path: Any = None,
     cache_dir: Any = None,
     gguf_path: Any = None,
+    sharding: Any = None,
 ) -> LoadedModel:
   """Real sizes: GGUF (270m) or orbax checkpoint, plus Gemma 3's tokenizer."""
   if variant is not None and variant not in ('pt', 'it'):
@@ -886,7 +892,8 @@ def _load_real(
     return loaded(abstract_params(transformer), 'abstract')
   if checkpoint is not None:
     return loaded(
-        _load_checkpoint(name, checkpoint, transformer, text_only=text_only),
+        _load_checkpoint(name, checkpoint, transformer, text_only=text_only,
+                         sharding=sharding),
         f'checkpoint:{checkpoint}',
     )
   if name != 'gemma3_270m':
@@ -935,9 +942,17 @@ def _default_placement(params: Any) -> Any:
 
 
 def _load_checkpoint(
-    name: str, checkpoint: Any, transformer: Any, *, text_only: bool
+    name: str,
+    checkpoint: Any,
+    transformer: Any,
+    *,
+    text_only: bool,
+    sharding: Any = None,
 ) -> Any:
-  """gm.ckpts.load_params + shape check against the model + dtype cast."""
+  """gm.ckpts.load_params + shape check against the model + dtype cast.
+
+  `sharding`: see `load`; restored straight onto those shardings.
+  """
   path = str(checkpoint)
   if '://' not in path:
     local = pathlib.Path(path).expanduser()
@@ -949,8 +964,23 @@ def _load_checkpoint(
       )
     path = str(local.absolute())
   t0 = time.perf_counter()
-  params = gm.ckpts.load_params(path, text_only=text_only)
   expected = abstract_params(transformer)
+  if callable(sharding):
+    sharding = sharding(expected)
+  if sharding is None:
+    params = gm.ckpts.load_params(path, text_only=text_only)
+  else:
+    # gemma's own `sharding=` argument fails on a tree of shardings (gemma 3.3.0 maps it over its
+    # checkpoint wrapper, not the params dict); a target tree of ShapeDtypeStructs carrying the shardings
+    # (`params=`) restores each device's slices directly.
+    target = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        expected,
+        sharding,
+    )
+    params = gm.ckpts.load_params(
+        path, params=target, donate=False, text_only=text_only
+    )
   check_params(params, expected, what=f'{name} checkpoint {path}')
   params = _cast_like(params, expected)
   _log.info('%s: loaded %s in %.1fs', name, path, time.perf_counter() - t0)

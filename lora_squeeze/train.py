@@ -624,9 +624,14 @@ def lora_config_from(config) -> lora_lib.LoRAConfig:
                              joint_kv=bool(c.joint_kv), joint_gate_up=bool(c.joint_gate_up))
 
 
-def load_model(config):
+def load_model(config, *, mesh=None):
+  """``models.load`` of ``config.model``. With a ``mesh``, a checkpoint is restored straight onto the fsdp
+  rule's shardings: gemma's default restores it REPLICATED, a whole copy of the base on every device (12B in
+  bfloat16: 24 GB per device) before the train loop splits it."""
   from lora_squeeze import models  # pylint: disable=g-import-not-at-top
   options = dict(config.get("model_options", {}) or {})
+  if mesh is not None and options.get("checkpoint"):
+    options["sharding"] = lambda abstract: sharding_lib.base_shardings(abstract, mesh)
   return models.load(config.model, **options)
 
 
@@ -724,7 +729,6 @@ def _run_locked(config, workdir: Path, *, evaluate_fn: Callable | None) -> dict:
 
   t_start = time.time()
   stages = plan_stages(config)
-  model = load_model(config)
   lora_config = lora_config_from(config)
   max_targets = int(config.data.batch_size) * int(config.data.max_target_tokens)
   # Several devices (or processes): the (data, fsdp) mesh of config.mesh (sharding.py). One device: no
@@ -733,6 +737,7 @@ def _run_locked(config, workdir: Path, *, evaluate_fn: Callable | None) -> dict:
   if jax.device_count() > 1:
     mesh = sharding_lib.mesh_from_config(config)
     shard = sharding_lib.process_batch_shard(mesh, int(config.data.batch_size))
+  model = load_model(config, mesh=mesh)
   trainer = Trainer(model, lora_config, max_targets=max_targets, squeeze_method=config.squeeze.method,
                     optimizer_state=config.squeeze.optimizer_state, mesh=mesh,
                     shard_lora=sharding_lib.shard_lora_enabled(config))

@@ -368,8 +368,24 @@ def _squeeze_group(a_list: tuple, b_list: tuple, keys: tuple, *, rank: int, meth
 # call with no compile, and ``host_map`` runs modules side by side in threads (numpy and LAPACK release the
 # GIL), BLAS on one thread each: the parallelism is across modules, which needs no synchronisation inside
 # a factorisation and so degrades gently on a busy machine, where OpenBLAS's own threads collapsed.
-# The decisions (second Cholesky-QR pass, its shift, the zero-direction threshold, the fresh a-columns from
-# the same hash draws) are _squeeze_batch's, member by member.
+#
+# Precision: the Grams are accumulated in float64 (a float32 factor is converted a block of rows at a time)
+# and every r_src×r_src step runs in float64; only the two products that make the new factors, a @ x and
+# yᵀ @ b, run in the input's precision. All-float32 arithmetic (the XLA route's) is exact to ~1e-6 when
+# ΔW's singular values s_r and s_{r+1} are well apart, but the best rank-r approximation is ill-determined
+# when they nearly coincide, and there float32 rounding of the Grams and the core SVD moved it by 1e-5 to
+# 5e-5 (measured, s_8/s_9 = 1.003-1.008 on Gemma-3-4B-shaped modules); with float64 accumulation the result
+# is the float64 best approximation of the given factors to the output's rounding (~4e-7), for any gap.
+# Costs: the Grams' flops at float64 speed (about 2x) plus one conversion pass.
+# The decisions are _squeeze_batch's (second Cholesky-QR pass, its shift, the zero-direction threshold in
+# units of the input precision, the fresh a-columns from the same hash draws), with the second pass's
+# trigger set for float64 Grams (``_HOST_SECOND_PASS_COND2``).
+
+# CholeskyQR's loss of orthogonality is ~eps·cond²; with float64 Grams it stays below float32 rounding up to
+# cond² = 1e8, so the host route's second pass runs only beyond that.
+_HOST_SECOND_PASS_COND2 = 1e8
+# Rows converted to float64 at a time for a Gram: ~1 MiB blocks, which stay in cache for their syrk.
+_GRAM_BLOCK_BYTES = 1 << 20
 
 
 def is_host_array(x) -> bool:
@@ -418,18 +434,27 @@ def _key_data(key) -> np.ndarray:
   return np.asarray(jax.random.key_data(key))
 
 
-def _lapack(name: str, x: np.ndarray):
-  return scipy.linalg.lapack.get_lapack_funcs((name,), (x,))[0]
+def _gram64(x: np.ndarray) -> np.ndarray:
+  """xᵀx in float64 for an (m, r) x of any float dtype (BLAS syrk on blocks of rows converted to float64)."""
+  if x.dtype == np.float64:
+    return x.T @ x
+  m, r = x.shape
+  rows = max(1, _GRAM_BLOCK_BYTES // (8 * r))
+  gram = np.zeros((r, r))
+  for i in range(0, m, rows):
+    block = x[i:i + rows].astype(np.float64)
+    gram += block.T @ block
+  return gram
 
 
 def _host_cholesky_qr_r(x: np.ndarray, gram: np.ndarray) -> np.ndarray:
-  """``cholesky_qr_r`` for one (m, r) ``x`` whose Gram xᵀx is ``gram``: the same passes and shifts."""
+  """``cholesky_qr_r`` for one (m, r) ``x`` whose float64 Gram xᵀx is ``gram``: R in float64, the same
+  passes and shifts (the second pass at ``_HOST_SECOND_PASS_COND2``)."""
   m, r = x.shape
-  eps, tiny = float(np.finfo(x.dtype).eps), float(np.finfo(x.dtype).tiny)
-  potrf = _lapack("potrf", gram)
+  eps, tiny = float(np.finfo(np.float64).eps), float(np.finfo(np.float64).tiny)
 
   def chol(g, shift=0.0):  # upper R with g + shift·I = RᵀR, or None where Cholesky fails
-    c, info = potrf(g + shift * np.eye(r, dtype=g.dtype) if shift else g, lower=False, clean=True)
+    c, info = scipy.linalg.lapack.dpotrf(g + shift * np.eye(r) if shift else g, lower=False, clean=True)
     return c if info == 0 and np.isfinite(c).all() else None
 
   def shifted(g):
@@ -438,13 +463,13 @@ def _host_cholesky_qr_r(x: np.ndarray, gram: np.ndarray) -> np.ndarray:
   r1 = chol(gram)
   if r1 is not None:
     d = np.abs(np.diagonal(r1))
-    if d.max() ** 2 <= _SECOND_PASS_COND2 * d.min() ** 2:
+    if d.max() ** 2 <= _HOST_SECOND_PASS_COND2 * d.min() ** 2:
       return r1
   r1 = chol(gram, shifted(gram))
   if r1 is None:  # the shift makes the Gram positive definite; only non-finite input gets here
     raise FloatingPointError("Cholesky-QR failed on a non-finite Gram matrix")
-  inv, _ = _lapack("trtri", r1)(r1, lower=False)
-  q1 = x @ inv
+  inv, _ = scipy.linalg.lapack.dtrtri(r1, lower=False)
+  q1 = x.astype(np.float64) @ inv
   g2 = q1.T @ q1
   r2 = chol(g2)
   if r2 is None:
@@ -453,28 +478,28 @@ def _host_cholesky_qr_r(x: np.ndarray, gram: np.ndarray) -> np.ndarray:
 
 
 def _host_grams(a: np.ndarray, b: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
-  """aᵀa and b bᵀ (BLAS syrk); ValueError naming the module when they are not finite.
+  """aᵀa and b bᵀ in float64; ValueError naming the module when they are not finite.
 
   A NaN or Inf in a factor makes its Gram non-finite (its diagonal holds the columns' squared norms), so
   this checks the inputs without another pass over them; a finite factor whose Gram overflows is named
   as such."""
   with np.errstate(over="ignore", invalid="ignore"):  # judged below
-    gram_a, gram_b = a.T @ a, b @ b.T
+    gram_a, gram_b = _gram64(a), _gram64(b.T)
   for name, x, g in (("a", a, gram_a), ("b", b, gram_b)):
     if not np.isfinite(g).all():
       loc = f" in LoRA module '{where}'" if where else ""
       if np.isfinite(x).all():
-        raise ValueError(f"squeeze{loc}: factor {name}{tuple(x.shape)} is too large for {x.dtype} "
-                         f"(its Gram matrix overflows)")
+        raise ValueError(f"squeeze{loc}: factor {name}{tuple(x.shape)} is too large "
+                         f"(its Gram matrix overflows float64)")
       raise ValueError(f"squeeze{loc}: factors a{tuple(a.shape)} / b{tuple(b.shape)} contain non-finite "
                        "values (NaN or Inf)")
   return gram_a, gram_b
 
 
 def _host_core(a: np.ndarray, b: np.ndarray, where: str):
-  """Alg. 2 steps 1-2 on the host: R_A, R_B, the core M = R_A R_Bᵀ, and the level at or below which a
-  singular value is numerically zero: ``_squeeze_batch``'s max(m, n)·eps·‖a‖_F‖b‖_F, each norm at least
-  √tiny (the R that the shifted Cholesky gives a zero factor)."""
+  """Alg. 2 steps 1-2 on the host: R_A, R_B, the core M = R_A R_Bᵀ (all float64), and the level at or
+  below which a singular value is numerically zero: ``_squeeze_batch``'s max(m, n)·eps·‖a‖_F‖b‖_F with the
+  input precision's eps, each norm at least √tiny (the R that the shifted Cholesky gives a zero factor)."""
   gram_a, gram_b = _host_grams(a, b, where)
   r_a = _host_cholesky_qr_r(a, gram_a)
   r_b = _host_cholesky_qr_r(b.T, gram_b)
@@ -487,7 +512,7 @@ def _host_core(a: np.ndarray, b: np.ndarray, where: str):
 
 def _core_values(s: np.ndarray, zero: float) -> np.ndarray:
   """The core's singular values as reported: float32, numerically zero ones exactly 0. (A zero factor
-  leaves denormal values, which XLA:CPU flushes to 0 and LAPACK on the host keeps.)"""
+  leaves tiny values, which XLA:CPU flushes to 0 as denormals and float64 LAPACK keeps.)"""
   return np.where(s <= zero, 0.0, s).astype(np.float32)
 
 
@@ -503,21 +528,20 @@ def _squeeze_host(a, b, rank: int, key, where: str = "") -> tuple[np.ndarray, np
   a, b, dtype = _host_compute(a, b)
   (m, r_src), n = a.shape, b.shape[1]
   r_a, r_b, core, zero = _host_core(a, b, where)
-  u_m, s, vt_m, info = _lapack("gesdd", core)(core, compute_uv=1, full_matrices=0)
+  u_m, s, vt_m, info = scipy.linalg.lapack.dgesdd(core, compute_uv=1, full_matrices=0)
   if info != 0:  # gesdd did not converge: the slower, more robust gesvd
-    u_m, s, vt_m, info = _lapack("gesvd", core)(core, compute_uv=1, full_matrices=0)
+    u_m, s, vt_m, info = scipy.linalg.lapack.dgesvd(core, compute_uv=1, full_matrices=0)
   k = min(rank, r_src)
   half = np.sqrt(s[:k])
   # a' = Q_A U_r Σ^½ = a R_A⁻¹ (U_r Σ^½);  b' = Σ^½ V_rᵀ Q_Bᵀ = (R_B⁻¹ V_r Σ^½)ᵀ b.
-  trtrs = _lapack("trtrs", r_a)
-  x, _ = trtrs(r_a, u_m[:, :k] * half, lower=False)
-  y, _ = trtrs(r_b, vt_m[:k].T * half, lower=False)
+  x, _ = scipy.linalg.lapack.dtrtrs(r_a, u_m[:, :k] * half, lower=False)
+  y, _ = scipy.linalg.lapack.dtrtrs(r_b, vt_m[:k].T * half, lower=False)
   new_a = np.zeros((m, rank), a.dtype)
   new_b = np.zeros((rank, n), a.dtype)
-  new_a[:, :k] = a @ x
-  new_b[:k] = y.T @ b
+  new_a[:, :k] = a @ x.astype(a.dtype)
+  new_b[:k] = y.T.astype(a.dtype) @ b
   # Energy-free directions (and those beyond r_src) get a fresh LoRA init, as in _squeeze_batch.
-  s_pad = np.zeros(rank, a.dtype)
+  s_pad = np.zeros(rank)
   s_pad[:k] = s[:k]
   dead = s_pad <= zero
   if dead.any():
@@ -530,7 +554,7 @@ def _squeeze_host(a, b, rank: int, key, where: str = "") -> tuple[np.ndarray, np
 def _singular_values_host(a, b) -> np.ndarray:
   a, b, _ = _host_compute(a, b)
   _, _, core, zero = _host_core(a, b, "")
-  s, info = _lapack("gesdd", core)(core, compute_uv=0)[1::2]
+  s, info = scipy.linalg.lapack.dgesdd(core, compute_uv=0)[1::2]
   if info != 0:
     s = np.linalg.svd(core, compute_uv=False)
   return _core_values(s, zero)
@@ -823,7 +847,8 @@ def _squeeze_pairs_host(pairs: Mapping[str, Mapping], todo: list[tuple[int, str]
 
 
 def squeeze_lora(lora_params: Any, rank: int | Mapping[str, int], *, method: str = "efficient",
-                 key: Array | None = None, oversample: int = 10, power_iters: int = 2) -> Any:
+                 key: Array | None = None, oversample: int = 10, power_iters: int = 2,
+                 route: str = "auto") -> Any:
   """Every LoRA pair in ``lora_params`` at its new rank.
 
   Args:
@@ -833,6 +858,7 @@ def squeeze_lora(lora_params: Any, rank: int | Mapping[str, int], *, method: str
     rank: an int for every module, or a mapping from module path (or fnmatch pattern) to rank.
     method, key, oversample, power_iters: as in ``squeeze_factors``; module i (in sorted path order) uses
       ``fold_in(key, i)``.
+    route: as in ``squeeze_factors``, for every module ("auto": the host route when all of them can take it).
 
   Returns:
     The same structure with new a/b (plain dicts), arrays of the input's kind. Jit-compilable with
@@ -856,7 +882,7 @@ def squeeze_lora(lora_params: Any, rank: int | Mapping[str, int], *, method: str
     _check_factors(jax.ShapeDtypeStruct((math.prod(a.shape[:-1]), a.shape[-1]), a.dtype),
                    jax.ShapeDtypeStruct((b.shape[0], math.prod(b.shape[1:])), b.dtype), ranks[p], where=p)
 
-  if all(_use_host(method, "auto", pairs[p]["a"], pairs[p]["b"]) for _, p in todo):
+  if all(_use_host(method, route, pairs[p]["a"], pairs[p]["b"]) for _, p in todo):
     new_pairs = _squeeze_pairs_host(pairs, todo, ranks, key)
   else:
     # One module per compiled call (compiled once per (shape, rank): 7 programs for Gemma 3). Batching

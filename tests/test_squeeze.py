@@ -251,8 +251,11 @@ def test_squeeze_lora_matches_per_module_and_jits():
     ref = sq.squeeze_factors(a2, b2, 2, key=jax.random.fold_in(key, i))
     got_a, got_b = sq.to_matrices(new["a"], new["b"])
     np.testing.assert_allclose(np.asarray(got_a @ got_b), np.asarray(ref.a @ ref.b), rtol=1e-4, atol=1e-5)
+    # Under jit the XLA route, eagerly the host route: the same ΔW (the factors' signs may differ) to the
+    # XLA route's float32 accuracy, which these flat random spectra (small gaps s_2/s_3) stretch to ~1e-5.
     jit_pair = sq.lora_pairs(jitted)[path]
-    np.testing.assert_allclose(np.asarray(jit_pair["a"]), np.asarray(new["a"]), rtol=1e-3, atol=1e-4)
+    jit_a, jit_b = sq.to_matrices(jit_pair["a"], jit_pair["b"])
+    assert rel(np.asarray(jit_a @ jit_b, np.float64), np.asarray(got_a @ got_b, np.float64)) < 1e-4, path
 
 
 def test_squeeze_lora_rank_mapping_and_identity():
@@ -315,11 +318,12 @@ def test_host_route_squeezes_mixed_modules_exactly_and_as_xla_does():
     if rank > r_src:  # the fresh a-columns are the same draws in both routes
       np.testing.assert_array_equal(got[0][:, r_src:], via_xla[0][:, r_src:])
       np.testing.assert_array_equal(got[1][r_src:], 0.0)
-    k = min(r_src, *a2.shape, b2.shape[1])
+    k = min(r_src, *a2.shape, b2.shape[1])  # ΔW's rank; the other r_src - k values are numerically zero
     values = sq.singular_values(a2, b2)
     assert isinstance(values, np.ndarray)
     np.testing.assert_allclose(values[:k], s[:k], rtol=1e-5, atol=1e-6 * s[0])
-    np.testing.assert_allclose(values, np.asarray(sq.singular_values(a2, b2, route="xla")), rtol=1e-4,
+    np.testing.assert_array_equal(values[k:], 0.0)  # reported as exactly 0 (XLA's are float32 noise)
+    np.testing.assert_allclose(values[:k], np.asarray(sq.singular_values(a2, b2, route="xla"))[:k], rtol=1e-4,
                                atol=1e-6 * s[0])
 
 
@@ -366,8 +370,8 @@ def test_errors_name_the_problem():
   for route in ("host", "xla"):
     with pytest.raises(ValueError, match="non-finite"):
       sq.squeeze_factors(a, jnp.asarray(bad), 2, route=route)
-  with pytest.raises(ValueError, match=r"in LoRA module 'big'.*factor a\(8, 4\) is too large for float32"):
-    sq.squeeze_factors(np.full((8, 4), 1e20, np.float32), np.ones((4, 5), np.float32), 2, where="big")
+  with pytest.raises(ValueError, match=r"in LoRA module 'big'.*factor a\(8, 4\) is too large"):
+    sq.squeeze_factors(np.full((8, 4), 1e160), np.ones((4, 5)), 2, where="big")  # finite, Gram overflows
   with pytest.raises(ValueError, match="host route runs method 'efficient' only"):
     sq.squeeze_factors(a, jnp.ones((4, 5)), 2, method="svd", route="host")
   with pytest.raises(ValueError, match="host route needs concrete"):

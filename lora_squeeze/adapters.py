@@ -46,12 +46,12 @@ exact at full rank. The scratch directory (``.OUT_DIR.<pid>@<host>.<random>.part
 PID, so a later write of the same OUT_DIR removes those of killed runs and never a live writer's; it is
 made like ``mkdir`` makes directories (0777 minus the umask), so OUT_DIR does not end up 0700.
 
-Speed (experiments/peft_squeeze_speed.py: a Llama-3-8B-shaped rank-64 adapter in seconds on 2 CPU cores,
-where the full-ΔW SVD route takes hours): the efficient route costs milliseconds per module, so the
-fixed costs dominate and are cut where they arise: XLA compiles (one per distinct module shape, 2-5 s on
-CPU: see ``squeeze_matrices`` for the exact padding/rank tricks that make a Llama adapter need two, and
-``runtime.enable_compile_cache`` for reusing them across runs), per-call dispatch (numpy in and out), and
-OpenBLAS threads in jaxlib's small LAPACK calls (``small_lapack_threads``).
+Speed (experiments/peft_squeeze_speed.py, squeeze_speed.py, flux_squeeze_speed.py: whole adapters in
+seconds on 2 CPU cores, where the full-ΔW SVD route takes hours): the efficient route costs milliseconds
+per module, so fixed costs would dominate. It runs on squeeze's host route (numpy/LAPACK: no XLA compile,
+no per-call dispatch), and ``squeeze_modules``, the one loop of the PEFT and single-file paths, reads and
+squeezes modules side by side in threads (``squeeze.host_map``) while the caller writes the results in
+order.
 
 Gemma 3 LoRAs in and out (our tree, lora.py's layout, <-> a PEFT directory that PEFT and vLLM load on the
 Hugging Face Gemma 3 checkpoint)::
@@ -109,6 +109,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -178,6 +179,7 @@ class SafetensorsReader:
 
   def __init__(self, path: str | os.PathLike):
     self.path = Path(path)
+    self._lock = threading.Lock()
     try:
       self._file = open(self.path, "rb")
     except OSError as e:
@@ -240,8 +242,10 @@ class SafetensorsReader:
     """The tensor as a numpy array of its own dtype (ml_dtypes.bfloat16 for BF16)."""
     info = self.tensors[name]
     buf = np.empty(info.end - info.begin, np.uint8)
-    self._file.seek(self.data_start + info.begin)
-    if self._file.readinto(buf) != buf.size:
+    with self._lock:  # squeeze_modules reads from several threads
+      self._file.seek(self.data_start + info.begin)
+      got = self._file.readinto(buf)
+    if got != buf.size:
       raise AdapterError(f"{self.path}: truncated while reading tensor '{name}' (file changed on disk?)")
     return buf.view(_NP_DTYPES[info.dtype]).reshape(info.shape)
 
@@ -597,78 +601,26 @@ class PeftAdapter:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _pad_square(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Zero-pads a (m, r) and b (r, n) to a (d, r), b (r, d), d = max(m, n)."""
-  d = max(a.shape[0], b.shape[1])
-  if a.shape[0] < d:
-    a = np.concatenate([a, np.zeros((d - a.shape[0], a.shape[1]), a.dtype)])
-  if b.shape[1] < d:
-    b = np.concatenate([b, np.zeros((b.shape[0], d - b.shape[1]), b.dtype)], axis=1)
-  return a, b
-
-
 def squeeze_matrices(a: np.ndarray, b: np.ndarray, rank: int, *, method: str = "efficient",
-                     key: jax.Array | None = None, where: str = "", compute_rank: int | None = None
+                     key: jax.Array | np.ndarray | None = None, where: str = "", compute_rank: int | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """``squeeze.squeeze_factors`` for one module: (a' (m, rank), b' (rank, n), singular values), numpy float32.
 
-  On CPU every distinct (shape, rank) costs an XLA compile of 2-5 s, far more than squeezing a module
-  (milliseconds for "efficient"), so two exact shortcuts cut the number of distinct calls:
-
-  * "efficient" and "svd" compute at ``compute_rank`` (>= rank; one value for a whole adapter) and keep the
-    first ``rank`` directions. Both compute the full spectrum and treat each direction on its own, so this
-    is the rank-``rank`` result (also for directions re-initialised for lack of energy). "rsvd" sketches
-    with rank + k_o columns, so it always runs at ``rank``.
-  * "efficient" zero-pads a and b to a square ΔW of side max(m, n): a Llama-style adapter has 4 distinct
-    (m, n) but 2 distinct max(m, n). Zero rows of a and zero columns of b change neither the Gram matrices
-    Alg. 2 works on nor squeeze's zero-direction threshold (it uses max(m, n)), and the padded part of a'
-    and b' comes back zero. Only the kaiming bound √(6/m) of re-initialised a-columns would see the padded
-    height, so those columns are rescaled to the true one.
+  "efficient" takes squeeze's host route (numpy/LAPACK, nothing compiled). "svd" and "rsvd" run compiled
+  XLA programs, where every distinct (shape, rank) costs a compile of seconds on CPU, so "svd" computes at
+  ``compute_rank`` (>= rank; one value for a whole adapter) and keeps the first ``rank`` directions: it
+  computes the full spectrum and treats each direction on its own, so this is the rank-``rank`` result (also
+  for directions re-initialised for lack of energy). "rsvd" sketches with rank + k_o columns, so it always
+  runs at ``rank``. ``key``: a PRNG key or its raw key data (``squeeze_factors``).
   """
-  m, n = a.shape[0], b.shape[1]
-  k = rank if method == "rsvd" or compute_rank is None else max(rank, compute_rank)
   if method == "efficient":
-    a, b = _pad_square(a, b)
-  height = a.shape[0]
+    out = squeeze.squeeze_factors(a, b, rank, method=method, key=key, where=where, route="host")
+    return out.a, out.b, out.singular_values
+  k = rank if method == "rsvd" or compute_rank is None else max(rank, compute_rank)
   # numpy in and out: on a jax.Array every a[None] or slice is a dispatch (~1 ms on CPU) or even a compile.
-  out = squeeze.squeeze_factors(a, b, k, method=method, key=key, where=where)
-  new_a = np.array(np.asarray(out.a)[:m, :rank])
-  new_b = np.array(np.asarray(out.b)[:rank, :n])
-  if height > m:
-    fresh = ~new_b.any(axis=1)  # re-initialised directions: zero b row (a direction with energy never has one)
-    new_a[:, fresh] *= np.float32(math.sqrt(height / m))
-  return new_a, new_b, np.asarray(out.singular_values)
-
-
-def module_spectrum(a: np.ndarray, b: np.ndarray, compute_rank: int) -> np.ndarray:
-  """All r singular values of ΔW = a @ b (descending, float32), never forming ΔW.
-
-  Runs the same compiled squeeze as ``squeeze_matrices(..., compute_rank=compute_rank)`` (the efficient
-  route computes every singular value anyway), so a spectra pass followed by a squeeze pass compiles once.
-  """
-  return squeeze_matrices(a, b, 1, compute_rank=compute_rank)[2]
-
-
-@contextlib.contextmanager
-def small_lapack_threads(enabled: bool = True):
-  """Limits BLAS/LAPACK to one thread inside the block (a no-op without ``threadpoolctl``).
-
-  jaxlib runs its LAPACK calls (Alg. 2's r×r SVD, Cholesky factorisations and triangular solves) through
-  scipy's OpenBLAS, whose threads cost far more than an r = 64 problem: one thread made a 4096x14336 module
-  2-5x faster on 2 cores (5x with other jobs on the machine). XLA's own GEMMs keep every core. Not for
-  "svd"/"rsvd", which run big LAPACK factorisations of ΔW that do use the threads.
-  """
-  if not enabled:
-    yield
-    return
-  try:
-    import scipy.linalg  # noqa: F401  (loads the OpenBLAS that jaxlib's LAPACK calls, so it can be limited)
-    from threadpoolctl import threadpool_limits
-  except ImportError:
-    yield
-    return
-  with threadpool_limits(limits=1, user_api="blas"):
-    yield
+  out = squeeze.squeeze_factors(a, b, k, method=method, key=key, where=where, route="xla")
+  return (np.array(np.asarray(out.a)[:, :rank]), np.array(np.asarray(out.b)[:rank]),
+          np.asarray(out.singular_values))
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -679,15 +631,41 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
   return tqdm(iterable, total=total, desc=desc, unit="module", file=sys.stderr, disable=None, leave=False)
 
 
-def adapter_spectra(adapter: PeftAdapter, *, compute_rank: int | None = None, progress: bool = True
-                    ) -> dict[str, np.ndarray]:
-  """{module name: singular values of its ΔW_eff}, reading one module at a time.
+def squeeze_modules(source, modules: Sequence[LoraModule], ranks: Mapping[str, int], *, method: str,
+                    seed: int = 0, progress: bool = True
+                    ) -> Iterable[tuple[int, LoraModule, np.ndarray, np.ndarray, np.ndarray]]:
+  """(i, module, a', b', singular values) for every module in order: the squeeze of the command, for a PEFT
+  directory and a single file alike (``source`` has ``factors(module)``, as PeftAdapter and LoraFile do).
 
-  ``compute_rank``: see ``module_spectrum`` (default: the largest r, what an --energy squeeze uses)."""
-  k = compute_rank or max(m.r for m in adapter.modules)
-  with small_lapack_threads():
-    return {m.name: module_spectrum(*adapter.factors(m), k)
-            for m in _progress(adapter.modules, len(adapter.modules), "spectra", progress)}
+  "efficient": modules are read and squeezed in ``squeeze.host_map``'s threads (one per core, at most 8),
+  each on the host route with BLAS on one thread; the caller writes each result as it comes, so about one
+  module per thread is in memory at a time. "svd"/"rsvd" run one module at a time in this thread
+  (``squeeze_matrices``, all at one compute rank, the largest target: ranks are capped at each module's
+  full rank, so it never exceeds the largest min(m, n)). Module i's key is
+  ``jax.random.split(jax.random.key(seed), len(modules))[i]`` (made in one dispatch, not one per module).
+  """
+  key_data = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), len(modules))))
+  compute_rank = max(ranks[m.name] for m in modules)
+
+  def one(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    m = modules[i]
+    a, b = source.factors(m)
+    return squeeze_matrices(a, b, ranks[m.name], method=method, where=m.name, key=key_data[i],
+                            compute_rank=compute_rank)
+
+  indices = range(len(modules))
+  results = squeeze.host_map(one, indices) if method == "efficient" else map(one, indices)
+  for i, (new_a, new_b, s) in enumerate(_progress(results, len(modules), "squeeze", progress)):
+    yield i, modules[i], new_a, new_b, s
+
+
+def adapter_spectra(adapter: PeftAdapter, *, progress: bool = True) -> dict[str, np.ndarray]:
+  """{module name: all r singular values of its ΔW_eff} (efficient route, never forming ΔW), reading one
+  module at a time in ``squeeze.host_map``'s threads."""
+  values = squeeze.host_map(lambda m: squeeze.singular_values(*adapter.factors(m), route="host"),
+                            adapter.modules)
+  return {m.name: s for m, s in zip(adapter.modules,
+                                    _progress(values, len(adapter.modules), "spectra", progress))}
 
 
 # kohya sd-scripts' dynamic rank rules (networks/resize_lora.py), each choosing every module's rank from
@@ -926,14 +904,8 @@ def squeeze_adapter(in_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
   # Before opening anything: an OUT_DIR that is, holds or lies in IN_DIR is refused even for a dry run.
   _check_out_dir(out_dir, force, inputs=(in_dir,), dry_run=dry_run)
   with PeftAdapter(in_dir) as adapter:
-    # One compute rank for every module (see squeeze_matrices): --rank R (at most the largest full rank:
-    # the plan caps every module there, and a compute rank of 10^6 would itself allocate gigabytes), or the
-    # largest r for --energy.
-    compute_rank = (max(min(rank, m.full_rank) for m in adapter.modules) if rank is not None
-                    else max(m.r for m in adapter.modules))
     need_spectra = rank is None or dry_run or method == "rsvd"
-    spectra = (adapter_spectra(adapter, compute_rank=compute_rank, progress=progress)
-               if need_spectra else None)
+    spectra = adapter_spectra(adapter, progress=progress) if need_spectra else None
     targets = dict(rank=rank, energy=energy, per_module=per_module, dynamic=dynamic, max_rank=max_rank)
     wanted = _wanted_ranks(adapter.modules, spectra, **targets)
     ranks = plan_ranks(adapter.modules, spectra, **targets)
@@ -969,19 +941,13 @@ def squeeze_adapter(in_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
     with _atomic_dir(out_dir) as tmp:
       writer = SafetensorsWriter(tmp / WEIGHTS_NAME, entries, metadata)
       try:
-        # Module i's key is split(key(seed), n)[i], made from host data (one dispatch in all, not one each).
-        key_data = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), len(adapter.modules))))
-        with small_lapack_threads(method == "efficient"):
-          for i, m in enumerate(_progress(adapter.modules, len(adapter.modules), "squeeze", progress)):
-            a, b = adapter.factors(m)
-            new_a, new_b, s = squeeze_matrices(a, b, ranks[m.name], method=method, where=m.name,
-                                               key=jax.random.wrap_key_data(key_data[i]),
-                                               compute_rank=compute_rank)
-            shape_a, shape_b = m.new_shapes(ranks[m.name])
-            writer.write(m.key_a, _cast(new_a.T.reshape(shape_a), code(m.dtype_a), m.name))
-            writer.write(m.key_b, _cast(new_b.T.reshape(shape_b), code(m.dtype_b), m.name))
-            report.modules.append(module_report(m, spectra[m.name] if spectra is not None else s))
-            _fault_point(f"squeeze_after_module:{i}")
+        for i, m, new_a, new_b, s in squeeze_modules(adapter, adapter.modules, ranks, method=method, seed=seed,
+                                                     progress=progress):
+          shape_a, shape_b = m.new_shapes(ranks[m.name])
+          writer.write(m.key_a, _cast(new_a.T.reshape(shape_a), code(m.dtype_a), m.name))
+          writer.write(m.key_b, _cast(new_b.T.reshape(shape_b), code(m.dtype_b), m.name))
+          report.modules.append(module_report(m, spectra[m.name] if spectra is not None else s))
+          _fault_point(f"squeeze_after_module:{i}")
         for k in adapter.passthrough:
           writer.write(k, adapter.reader.read(k))
       except BaseException:

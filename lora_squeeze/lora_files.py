@@ -46,7 +46,6 @@ import re
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from lora_squeeze import adapters
@@ -54,7 +53,7 @@ from lora_squeeze import squeeze
 from lora_squeeze.adapters import AdapterError
 # The PEFT path's internals, shared so both paths read, plan, cast and write identically.
 from lora_squeeze.adapters import _FLOAT_CODES, _NP_DTYPES, _OUT_CODES  # pylint: disable=g-importing-member
-from lora_squeeze.adapters import _cap_note, _cast, _progress, _wanted_ranks  # pylint: disable=g-importing-member
+from lora_squeeze.adapters import _cap_note, _cast, _wanted_ranks  # pylint: disable=g-importing-member
 from lora_squeeze.adapters import _HOST_ID, _fault_point, _pid_alive  # pylint: disable=g-importing-member
 
 # Files that are Python pickles (torch.save): never opened as data, since unpickling runs code.
@@ -413,11 +412,8 @@ def squeeze_file(in_path: str | os.PathLike, out_path: str | os.PathLike, *, ran
   _check_out_file(in_path, out_path, force, dry_run)
   with LoraFile(in_path) as lf:
     modules = lf.modules
-    compute_rank = (max(min(rank, m.full_rank) for m in modules) if rank is not None
-                    else max(m.r for m in modules))
     need_spectra = rank is None or dry_run or method == "rsvd"
-    spectra = (adapters.adapter_spectra(lf, compute_rank=compute_rank, progress=progress)
-               if need_spectra else None)
+    spectra = adapters.adapter_spectra(lf, progress=progress) if need_spectra else None
     targets = dict(rank=rank, energy=energy, per_module=per_module, dynamic=dynamic, max_rank=max_rank)
     wanted = _wanted_ranks(modules, spectra, **targets)
     ranks = adapters.plan_ranks(modules, spectra, **targets)
@@ -463,20 +459,15 @@ def squeeze_file(in_path: str | os.PathLike, out_path: str | os.PathLike, *, ran
     tmp = out_path.parent / f".{out_path.name}.{os.getpid()}@{_HOST_ID}.partial"
     writer = adapters.SafetensorsWriter(tmp, entries, metadata)
     try:
-      key_data = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), len(modules))))
-      with adapters.small_lapack_threads(method == "efficient"):
-        for i, m in enumerate(_progress(modules, len(modules), "squeeze", progress)):
-          a, b = lf.factors(m)
-          new_a, new_b, s = adapters.squeeze_matrices(a, b, ranks[m.name], method=method, where=m.name,
-                                                      key=jax.random.wrap_key_data(key_data[i]),
-                                                      compute_rank=compute_rank)
-          shape_a, shape_b = m.new_shapes(ranks[m.name])
-          writer.write(m.key_a, _cast(new_a.T.reshape(shape_a), code(m.dtype_a), m.name))
-          writer.write(m.key_b, _cast(new_b.T.reshape(shape_b), code(m.dtype_b), m.name))
-          if m.key_alpha:
-            writer.write(m.key_alpha, alphas[m.name][1])
-          report.modules.append(module_report(m, spectra[m.name] if spectra is not None else s))
-          _fault_point(f"squeeze_after_module:{i}")
+      for i, m, new_a, new_b, s in adapters.squeeze_modules(lf, modules, ranks, method=method, seed=seed,
+                                                            progress=progress):
+        shape_a, shape_b = m.new_shapes(ranks[m.name])
+        writer.write(m.key_a, _cast(new_a.T.reshape(shape_a), code(m.dtype_a), m.name))
+        writer.write(m.key_b, _cast(new_b.T.reshape(shape_b), code(m.dtype_b), m.name))
+        if m.key_alpha:
+          writer.write(m.key_alpha, alphas[m.name][1])
+        report.modules.append(module_report(m, spectra[m.name] if spectra is not None else s))
+        _fault_point(f"squeeze_after_module:{i}")
       for k in lf.passthrough:
         writer.write(k, lf.reader.read(k))
       writer.close()

@@ -451,9 +451,10 @@ class Trainer:
     """The state at a new rank (params squeezed, optimizer state fresh or carried)."""
     if self.mesh is not None:
       return self._change(state, self._host_key(key), rank=int(rank))
-    # One device: not under one jit. squeeze_lora then runs its per-(shape, rank) programs (7 for Gemma 3)
-    # module by module instead of one program holding every module's QR/SVD (126 on the 270M), whose XLA
-    # compile dominated each In-Squeeze stage: measured on the real 270M, r 8 -> 4 cold 6.6 s vs 38 s.
+    # One device: not under one jit. squeeze_lora then runs module by module (on a CPU its host route,
+    # nothing compiled; elsewhere its per-(shape, rank) programs, 7 for Gemma 3) instead of one program
+    # holding every module's QR/SVD (126 on the 270M), whose XLA compile dominated each In-Squeeze stage:
+    # measured on the real 270M, r 8 -> 4 cold 6.6 s vs 38 s (per-shape programs vs one program).
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.device_put(self._change_impl(state, key, rank=int(rank)), single)
 

@@ -8,6 +8,9 @@ import pytest
 from lora_squeeze import squeeze as sq
 
 EXACT_METHODS = ("efficient", "svd")
+# (method, route): "efficient" on both of its implementations (squeeze_factors' route), the others on XLA.
+EXACT = (("efficient", "host"), ("efficient", "xla"), ("svd", "xla"))
+ALL = EXACT + (("rsvd", "xla"),)
 
 
 def make_factors(seed, m, n, r, spectrum="decaying", mixing_cond=100.0):
@@ -48,12 +51,12 @@ def rel(x, y):
   return np.linalg.norm(x - y) / np.linalg.norm(y)
 
 
-@pytest.mark.parametrize("method", EXACT_METHODS)
+@pytest.mark.parametrize("method,route", EXACT)
 @pytest.mark.parametrize("shape", [(96, 80, 16, 4), (300, 512, 32, 8), (64, 256, 24, 23)])
-def test_eckart_young_and_optimal_product(method, shape):
+def test_eckart_young_and_optimal_product(method, route, shape):
   m, n, r, rank = shape
   a, b = make_factors(1, m, n, r)
-  out = sq.squeeze_factors(jnp.float32(a), jnp.float32(b), rank, method=method)
+  out = sq.squeeze_factors(jnp.float32(a), jnp.float32(b), rank, method=method, route=route)
   assert out.a.shape == (m, rank) and out.b.shape == (rank, n)
   best, s = optimal(a, b, rank)
   delta_w = a @ b
@@ -64,21 +67,21 @@ def test_eckart_young_and_optimal_product(method, shape):
   assert rel(product(out), best) < 1e-5
 
 
-@pytest.mark.parametrize("method", EXACT_METHODS)
-def test_flat_spectrum_energy(method):
+@pytest.mark.parametrize("method,route", EXACT)
+def test_flat_spectrum_energy(method, route):
   # A flat spectrum has no spectral gap: the subspace is ill-determined but the error is not.
   a, b = make_factors(2, 200, 150, 32, spectrum="flat")
-  out = sq.squeeze_factors(jnp.float32(a), jnp.float32(b), 8, method=method)
+  out = sq.squeeze_factors(jnp.float32(a), jnp.float32(b), 8, method=method, route=route)
   _, s = optimal(a, b, 8)
   err2 = np.linalg.norm(a @ b - product(out)) ** 2
   np.testing.assert_allclose(err2, np.sum(s[8:] ** 2), rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", EXACT_METHODS + ("rsvd",))
-def test_singular_values_match_float64_and_even_split(method):
+@pytest.mark.parametrize("method,route", ALL)
+def test_singular_values_match_float64_and_even_split(method, route):
   a, b = make_factors(3, 256, 192, 24)
   rank = 6
-  out = sq.squeeze_factors(jnp.float32(a), jnp.float32(b), rank, method=method, key=jax.random.key(7))
+  out = sq.squeeze_factors(jnp.float32(a), jnp.float32(b), rank, method=method, key=jax.random.key(7), route=route)
   _, s = optimal(a, b, rank)
   got = np.asarray(out.singular_values)
   assert got.dtype == np.float32
@@ -93,12 +96,13 @@ def test_singular_values_match_float64_and_even_split(method):
   np.testing.assert_allclose(bbt, np.diag(s[:rank]), atol=2e-5 * s[0])
 
 
-def test_efficient_keeps_qr_accuracy_on_ill_conditioned_factors():
+@pytest.mark.parametrize("route", ["host", "xla"])
+def test_efficient_keeps_qr_accuracy_on_ill_conditioned_factors(route):
   # cond(a) ~ 1e3·√(0.8^-r): the plain Gram route would lose ~eps·cond² here; the second Cholesky-QR pass
   # brings it back to what Householder QR (Algorithm 2 as written) gets in float32.
   a, b = make_factors(4, 1024, 768, 48, mixing_cond=1e3)
   best, _ = optimal(a, b, 8)
-  out = sq.squeeze_factors(jnp.float32(a), jnp.float32(b), 8, method="efficient")
+  out = sq.squeeze_factors(jnp.float32(a), jnp.float32(b), 8, method="efficient", route=route)
   a32, b32 = np.float32(a), np.float32(b)
   qa, ra = np.linalg.qr(a32)
   qb, rb = np.linalg.qr(b32.T)
@@ -135,11 +139,11 @@ def test_rsvd_algorithm1_power_iterations_help():
   assert errs[1] <= errs[0]
 
 
-@pytest.mark.parametrize("method", EXACT_METHODS + ("rsvd",))
-def test_rank_above_source_is_exact_and_trainable(method):
+@pytest.mark.parametrize("method,route", ALL)
+def test_rank_above_source_is_exact_and_trainable(method, route):
   m, n, r_src, rank = 48, 40, 6, 10
   a, b = make_factors(7, m, n, r_src)
-  out = sq.squeeze_factors(jnp.float32(a), jnp.float32(b), rank, method=method)
+  out = sq.squeeze_factors(jnp.float32(a), jnp.float32(b), rank, method=method, route=route)
   assert out.a.shape == (m, rank) and out.b.shape == (rank, n)
   assert rel(product(out), a @ b) < 1e-5
   # Extra directions: zero b rows and non-zero (freshly initialised) a columns, so they get gradients.
@@ -155,8 +159,8 @@ def test_b_zero_right_after_init():
   rng = np.random.default_rng(10)
   a = rng.uniform(-0.1, 0.1, (64, 8)).astype(np.float32)
   b = np.zeros((8, 32), np.float32)
-  for method in sq.METHODS:
-    out = sq.squeeze_factors(jnp.asarray(a), jnp.asarray(b), 4, method=method)
+  for method, route in ALL:
+    out = sq.squeeze_factors(jnp.asarray(a), jnp.asarray(b), 4, method=method, route=route)
     assert np.all(np.isfinite(np.asarray(out.a))) and np.all(np.isfinite(np.asarray(out.b)))
     np.testing.assert_array_equal(product(out), 0.0)
     np.testing.assert_array_equal(np.asarray(out.singular_values), 0.0)
@@ -164,25 +168,26 @@ def test_b_zero_right_after_init():
     assert np.linalg.norm(np.asarray(out.a)) > 0
 
 
-@pytest.mark.parametrize("method", EXACT_METHODS)
-def test_repeated_columns(method):
+@pytest.mark.parametrize("method,route", EXACT)
+def test_repeated_columns(method, route):
   rng = np.random.default_rng(11)
   a = rng.standard_normal((80, 3))
   a = np.concatenate([a, a[:, :2], 2 * a[:, :1]], axis=1)  # rank 3, r_src 6
   b = rng.standard_normal((6, 50))
-  out = sq.squeeze_factors(jnp.float32(a), jnp.float32(b), 2, method=method)
+  out = sq.squeeze_factors(jnp.float32(a), jnp.float32(b), 2, method=method, route=route)
   best, s = optimal(a, b, 2)
   assert np.all(np.isfinite(np.asarray(out.a)))
   assert rel(product(out), best) < 1e-4
   np.testing.assert_allclose(np.asarray(out.singular_values)[:3], s[:3], rtol=1e-4)
-  full = sq.squeeze_factors(jnp.float32(a), jnp.float32(b), 6, method=method)
+  full = sq.squeeze_factors(jnp.float32(a), jnp.float32(b), 6, method=method, route=route)
   assert rel(product(full), a @ b) < 1e-5
 
 
-def test_bfloat16_inputs_computed_in_float32():
+@pytest.mark.parametrize("route", ["host", "xla"])
+def test_bfloat16_inputs_computed_in_float32(route):
   a, b = make_factors(12, 128, 96, 16)
   a16, b16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
-  out = sq.squeeze_factors(a16, b16, 4)
+  out = sq.squeeze_factors(a16, b16, 4, route=route)
   assert out.a.dtype == jnp.bfloat16 and out.b.dtype == jnp.bfloat16
   assert out.singular_values.dtype == jnp.float32
   # Reference: the optimal approximation of the bf16 inputs' own product.
@@ -246,8 +251,11 @@ def test_squeeze_lora_matches_per_module_and_jits():
     ref = sq.squeeze_factors(a2, b2, 2, key=jax.random.fold_in(key, i))
     got_a, got_b = sq.to_matrices(new["a"], new["b"])
     np.testing.assert_allclose(np.asarray(got_a @ got_b), np.asarray(ref.a @ ref.b), rtol=1e-4, atol=1e-5)
+    # Under jit the XLA route, eagerly the host route: the same ΔW (the factors' signs may differ) to the
+    # XLA route's float32 accuracy, which these flat random spectra (small gaps s_2/s_3) stretch to ~1e-5.
     jit_pair = sq.lora_pairs(jitted)[path]
-    np.testing.assert_allclose(np.asarray(jit_pair["a"]), np.asarray(new["a"]), rtol=1e-3, atol=1e-4)
+    jit_a, jit_b = sq.to_matrices(jit_pair["a"], jit_pair["b"])
+    assert rel(np.asarray(jit_a @ jit_b, np.float64), np.asarray(got_a @ got_b, np.float64)) < 1e-4, path
 
 
 def test_squeeze_lora_rank_mapping_and_identity():
@@ -266,6 +274,85 @@ def test_squeeze_lora_rank_mapping_and_identity():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The host route: mixed modules through squeeze_lora's threads, against float64 and the XLA route.
+# ----------------------------------------------------------------------------------------------------------
+
+# name: (in dims, r_src, out dims, target rank): tall, wide, square, head-shaped in and out, fewer rows
+# than r_src; targets below, at and above r_src.
+MIXED = {"tall": ((300,), 24, (40,), 4), "wide": ((50,), 16, (260,), 16), "square": ((128,), 32, (128,), 40),
+         "heads": ((4, 32), 12, (96,), 3), "kv": ((96,), 8, (2, 3, 16), 2), "tiny": ((6,), 8, (5,), 5)}
+
+
+def mixed_tree(seed):
+  """Two layers of MIXED pairs, numpy float32, fresh random factors with decaying column scales."""
+  rng = np.random.default_rng(seed)
+  tree = {}
+  for layer in range(2):
+    for name, (in_dims, r, out_dims, _) in MIXED.items():
+      a = rng.standard_normal((*in_dims, r)) / np.sqrt(np.prod(in_dims))
+      b = rng.standard_normal((r, *out_dims)) * (0.8 ** np.arange(r)).reshape(r, *[1] * len(out_dims))
+      tree[f"layer_{layer}/{name}"] = {"a": a.astype(np.float32), "b": b.astype(np.float32)}
+  return tree
+
+
+def test_host_route_squeezes_mixed_modules_exactly_and_as_xla_does():
+  tree = mixed_tree(int(np.random.default_rng().integers(1 << 31)))
+  ranks = {f"*/{name}": spec[3] for name, spec in MIXED.items()}
+  key = jax.random.key(5)
+  host = sq.lora_pairs(sq.squeeze_lora(tree, ranks, key=key))  # numpy in: host route, numpy out
+  jtree = jax.device_put(tree)
+  host_jax = sq.lora_pairs(sq.squeeze_lora(jtree, ranks, key=key))  # CPU jax.Array in: host route, jax out
+  xla = sq.lora_pairs(jax.jit(lambda t: sq.squeeze_lora(t, ranks, key=key))(jtree))  # traced: XLA route
+  for path, pair in tree.items():
+    r_src, rank = pair["a"].shape[-1], MIXED[path.split("/")[1]][3]
+    a2, b2 = sq.to_matrices(pair["a"], pair["b"])
+    best, s = optimal(a2, b2, rank)
+    got = sq.to_matrices(host[path]["a"], host[path]["b"])
+    assert isinstance(got[0], np.ndarray) and host[path]["a"].shape == pair["a"].shape[:-1] + (rank,)
+    assert rel(np.float64(got[0]) @ np.float64(got[1]), best) < 1e-5, path
+    assert isinstance(host_jax[path]["a"], jax.Array)
+    for side in ("a", "b"):
+      np.testing.assert_array_equal(np.asarray(host_jax[path][side]), host[path][side])
+    via_xla = [np.float64(x) for x in sq.to_matrices(np.asarray(xla[path]["a"]), np.asarray(xla[path]["b"]))]
+    assert rel(via_xla[0] @ via_xla[1], best) < 1e-5, path
+    if rank > r_src:  # the fresh a-columns are the same draws in both routes
+      np.testing.assert_array_equal(got[0][:, r_src:], via_xla[0][:, r_src:])
+      np.testing.assert_array_equal(got[1][r_src:], 0.0)
+    k = min(r_src, *a2.shape, b2.shape[1])  # ΔW's rank; the other r_src - k values are numerically zero
+    values = sq.singular_values(a2, b2)
+    assert isinstance(values, np.ndarray)
+    np.testing.assert_allclose(values[:k], s[:k], rtol=1e-5, atol=1e-6 * s[0])
+    np.testing.assert_array_equal(values[k:], 0.0)  # reported as exactly 0 (XLA's are float32 noise)
+    np.testing.assert_allclose(values[:k], np.asarray(sq.singular_values(a2, b2, route="xla"))[:k], rtol=1e-4,
+                               atol=1e-6 * s[0])
+
+
+def test_host_map_keeps_order_bounds_what_it_holds_and_raises_in_turn():
+  for workers in (1, 3):
+    pulled = []
+
+    def items():
+      for i in range(20):
+        pulled.append(i)
+        yield i
+
+    def square_or_fail(i):
+      if i == 13:
+        raise ValueError("item 13")
+      np.full((64, 64), i, np.float32) @ np.eye(64, dtype=np.float32)  # some BLAS work in the thread
+      return i * i
+
+    got, ahead = [], []
+    with pytest.raises(ValueError, match="item 13"):
+      for x in sq.host_map(square_or_fail, items(), workers=workers):
+        got.append(x)
+        ahead.append(len(pulled) - len(got))
+    assert got == [i * i for i in range(13)]
+    assert max(ahead) == (workers if workers > 1 else 0)  # taken beyond what was handed out: `workers`
+    assert len(pulled) <= 13 + 1 + workers  # stopped pulling at the failure
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Errors.
 # ----------------------------------------------------------------------------------------------------------
 
@@ -280,8 +367,15 @@ def test_errors_name_the_problem():
     sq.squeeze_factors(a, jnp.ones((4, 5)), 2, method="qr")
   bad = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
   bad[1, 2] = np.nan
-  with pytest.raises(ValueError, match="non-finite"):
-    sq.squeeze_factors(a, jnp.asarray(bad), 2)
+  for route in ("host", "xla"):
+    with pytest.raises(ValueError, match="non-finite"):
+      sq.squeeze_factors(a, jnp.asarray(bad), 2, route=route)
+  with pytest.raises(ValueError, match=r"in LoRA module 'big'.*factor a\(8, 4\) is too large"):
+    sq.squeeze_factors(np.full((8, 4), 1e160), np.ones((4, 5)), 2, where="big")  # finite, Gram overflows
+  with pytest.raises(ValueError, match="host route runs method 'efficient' only"):
+    sq.squeeze_factors(a, jnp.ones((4, 5)), 2, method="svd", route="host")
+  with pytest.raises(ValueError, match="host route needs concrete"):
+    jax.jit(lambda x: sq.squeeze_factors(x, jnp.ones((4, 5)), 2, route="host").a)(a)
   tree = gemma_tree()
   tree["layer_1"]["linear"]["lora"]["b"] = tree["layer_1"]["linear"]["lora"]["b"].at[0, 0].set(jnp.inf)
   with pytest.raises(ValueError, match=r"layer_1/linear/lora.*non-finite"):

@@ -6,4 +6,10 @@
 set -euo pipefail
 source "$(dirname "$0")/_venv.sh"
 cd "$ROOT"
+# The formatter (pyproject.toml [tool.pyink]): a full run fails on unformatted code; a run of chosen tests warns.
+if ! "$VENV/bin/python" -m pyink --check --quiet lora_squeeze tests experiments configs; then
+  echo "[lora_squeeze] the files above are not formatted: run $VENV/bin/pyink lora_squeeze tests experiments configs" >&2
+  for a in "$@"; do case "$a" in tests/*|*.py|*.py::*) selected=1 ;; esac; done
+  [ -n "${selected:-}" ] || exit 1
+fi
 exec "$VENV/bin/python" -m pytest "$@"

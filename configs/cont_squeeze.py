@@ -9,9 +9,22 @@ from lora_squeeze import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, task="arc_e", src=128, tgt=1, steps=10_000, extra=200, lr_src=0.003,
-                             lr_tgt=0.03, source="", seed=42, model="gemma3_4b", checkpoint="", runlocal=False,
-                             method="efficient")
+  arg = config_lib.parse_arg(
+      arg,
+      task="arc_e",
+      src=128,
+      tgt=1,
+      steps=10_000,
+      extra=200,
+      lr_src=0.003,
+      lr_tgt=0.03,
+      source="",
+      seed=42,
+      model="gemma3_4b",
+      checkpoint="",
+      runlocal=False,
+      method="efficient",
+  )
   c = config_lib.base_config()
   c.mode = "cont_squeeze"
   c.source_rank, c.target_rank = arg.src, arg.tgt

@@ -10,8 +10,9 @@ from lora_squeeze import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, task="arc_e", rank=8, lr=0.01, seed=42, steps=10_000, model="gemma3_4b",
-                             checkpoint="", runlocal=False)
+  arg = config_lib.parse_arg(
+      arg, task="arc_e", rank=8, lr=0.01, seed=42, steps=10_000, model="gemma3_4b", checkpoint="", runlocal=False
+  )
   c = config_lib.base_config()
   c.mode = "direct"
   c.lora.rank = arg.rank

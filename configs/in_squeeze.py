@@ -9,9 +9,22 @@ from lora_squeeze import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, task="arc_e", src=128, tgt=1, steps=10_000, extra=200, scheme="standard",
-                             lr=0.01, seed=42, model="gemma3_4b", checkpoint="", runlocal=False,
-                             method="efficient", change_warmup=100)
+  arg = config_lib.parse_arg(
+      arg,
+      task="arc_e",
+      src=128,
+      tgt=1,
+      steps=10_000,
+      extra=200,
+      scheme="standard",
+      lr=0.01,
+      seed=42,
+      model="gemma3_4b",
+      checkpoint="",
+      runlocal=False,
+      method="efficient",
+      change_warmup=100,
+  )
   c = config_lib.base_config()
   c.mode = "in_squeeze"
   c.source_rank, c.target_rank = arg.src, arg.tgt

@@ -35,8 +35,21 @@ from lora_squeeze import config_lib
 ARTEFACTS = ("lr_grid", "direct", "fig3", "heatmap", "table1")
 
 # The paper's text tasks (Table 4) in the registry's names.
-TEXT_TASKS = ("anli_r2", "arc_c", "arc_e", "boolq", "drop", "goemotions", "hellaswag", "mmlu", "obqa", "paws",
-              "piqa", "siqa", "winogrande")
+TEXT_TASKS = (
+    "anli_r2",
+    "arc_c",
+    "arc_e",
+    "boolq",
+    "drop",
+    "goemotions",
+    "hellaswag",
+    "mmlu",
+    "obqa",
+    "paws",
+    "piqa",
+    "siqa",
+    "winogrande",
+)
 # "10,000 steps on smaller datasets and 15,000 steps on larger datasets" (Sec. 4); the paper does not list
 # which are larger: we read it as the training sets of 40k examples or more.
 LARGER_TASKS = ("anli_r2", "drop", "goemotions", "hellaswag", "mmlu", "paws")
@@ -44,14 +57,27 @@ LARGER_TASKS = ("anli_r2", "drop", "goemotions", "hellaswag", "mmlu", "paws")
 # CPU scale (``runlocal``): the real Gemma 3 270M on offline tasks whose examples fit length 64 (prompt cut
 # from the left; every choice must fit whole: PIQA's solutions run to 228 tokens, so PIQA is not one of them),
 # ranks 1…32, short runs. What experiments/results/cpu_270m/ was made with.
-CPU = dict(tasks=("arc_e", "obqa", "siqa"), ranks=(1, 2, 4, 8, 16, 32), steps=32, extra=(16,), batch=4,
-           max_len=64, max_target_tokens=16, eval_limit=100, warmup=8, change_warmup=4, min_steps=4, lr=0.1)
+CPU = dict(
+    tasks=("arc_e", "obqa", "siqa"),
+    ranks=(1, 2, 4, 8, 16, 32),
+    steps=32,
+    extra=(16,),
+    batch=4,
+    max_len=64,
+    max_target_tokens=16,
+    eval_limit=100,
+    warmup=8,
+    change_warmup=4,
+    min_steps=4,
+    lr=0.1,
+)
 
 
 def _rank_lrs(arg) -> dict[int, float]:
   out = {}
   if arg.lr_from:
     from lora_squeeze import results  # pylint: disable=g-import-not-at-top
+
     out.update(results.best_direct_lr(results.load_rows([arg.lr_from])))
   for item in arg.lrs:
     rank, _, lr = str(item).partition(":")
@@ -63,13 +89,33 @@ def _rank_lrs(arg) -> dict[int, float]:
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(
-      arg, artefact=("heatmap",), model="gemma3_4b", checkpoint="", tasks=TEXT_TASKS, ranks=config_lib.PAPER_RANKS,
-      lr_grid=config_lib.LR_GRID, seeds=(42,), lr=0.01, lrs=(), lr_from="", src=128, tgt=1, sources=(),
-      methods=("efficient", "rsvd"), schemes=("standard", "min_steps"), steps=0, extra=(200, 700), runlocal=False, tiny=False)
+      arg,
+      artefact=("heatmap",),
+      model="gemma3_4b",
+      checkpoint="",
+      tasks=TEXT_TASKS,
+      ranks=config_lib.PAPER_RANKS,
+      lr_grid=config_lib.LR_GRID,
+      seeds=(42,),
+      lr=0.01,
+      lrs=(),
+      lr_from="",
+      src=128,
+      tgt=1,
+      sources=(),
+      methods=("efficient", "rsvd"),
+      schemes=("standard", "min_steps"),
+      steps=0,
+      extra=(200, 700),
+      runlocal=False,
+      tiny=False,
+  )
   artefacts = tuple(arg.artefact)
   if not artefacts or any(a not in ARTEFACTS for a in artefacts):
-    raise ValueError(f"configs/paper.py: artefact={'+'.join(artefacts)!r}: each must be one of {ARTEFACTS} "
-                     f"(several with '+': artefact=heatmap+table1 runs their union, shared cells once)")
+    raise ValueError(
+        f"configs/paper.py: artefact={'+'.join(artefacts)!r}: each must be one of {ARTEFACTS} "
+        f"(several with '+': artefact=heatmap+table1 runs their union, shared cells once)"
+    )
   c = config_lib.base_config()
   c.model = arg.model
   if arg.checkpoint:
@@ -77,8 +123,7 @@ def get_config(arg=None):
   tasks, ranks, extra, steps_of = tuple(arg.tasks), tuple(arg.ranks), tuple(arg.extra), None
   lr_default = arg.lr
   src, tgt, seeds = arg.src, arg.tgt, tuple(arg.seeds)
-  default = config_lib.parse_arg(None, tasks=TEXT_TASKS, ranks=config_lib.PAPER_RANKS, extra=(200, 700),
-                                 src=128)
+  default = config_lib.parse_arg(None, tasks=TEXT_TASKS, ranks=config_lib.PAPER_RANKS, extra=(200, 700), src=128)
   if arg.runlocal:  # CPU scale; explicit arguments still win over these defaults
     config_lib.runlocal(c, steps=arg.steps or CPU["steps"])
     tasks = CPU["tasks"] if tasks == default.tasks else tasks
@@ -148,32 +193,62 @@ def get_config(arg=None):
       if "fig3" in artefacts:
         for r in ranks:
           direct(tag, r, lr_default, base)
-        add(f"{tag}_post_from{src}_lr{lr_default:g}", mode="post_squeeze",
-            source_workdir="@" + direct(tag, src, lr_default, base), target_ranks=tuple(r for r in ranks if r < src),
-            **at)
+        add(
+            f"{tag}_post_from{src}_lr{lr_default:g}",
+            mode="post_squeeze",
+            source_workdir="@" + direct(tag, src, lr_default, base),
+            target_ranks=tuple(r for r in ranks if r < src),
+            **at,
+        )
       if "heatmap" in artefacts:
         for r in ranks:
           direct(tag, r, lr_of(r), base)
         for s in sources:
           for method in arg.methods:
-            add(f"{tag}_post_from{s}_{method}", mode="post_squeeze", source_workdir="@" + direct(tag, s, lr_of(s), base),
-                target_ranks=tuple(r for r in ranks if r <= s), **{"squeeze.method": method}, **at)
+            add(
+                f"{tag}_post_from{s}_{method}",
+                mode="post_squeeze",
+                source_workdir="@" + direct(tag, s, lr_of(s), base),
+                target_ranks=tuple(r for r in ranks if r <= s),
+                **{"squeeze.method": method},
+                **at,
+            )
       if "table1" in artefacts:
         n = n_steps(task)
         add(f"{tag}_zero_shot", mode="zero_shot", **at)
         source = direct(tag, src, lr_of(src), base)
         direct(tag, tgt, lr_of(tgt), base)
-        add(f"{tag}_post_{src}to{tgt}", mode="post_squeeze", source_workdir=f"@{source}", target_ranks=(tgt,),
-            **at)
+        add(f"{tag}_post_{src}to{tgt}", mode="post_squeeze", source_workdir=f"@{source}", target_ranks=(tgt,), **at)
         lrs = {f"r{r}": lr_of(r) for r in ranks}
         for m in extra:
-          add(f"{tag}_direct_r{tgt}_lr{lr_of(tgt):g}_n{n + m}", mode="direct",
-              **{"lora.rank": tgt, "learning_rate": lr_of(tgt)}, **dict(base, steps=n + m))
-          add(f"{tag}_cont_{src}to{tgt}_m{m}", mode="cont_squeeze", source_workdir=f"@{source}",
-              source_rank=src, target_rank=tgt, extra_steps=m, lr_by_rank=lrs, **base)
+          add(
+              f"{tag}_direct_r{tgt}_lr{lr_of(tgt):g}_n{n + m}",
+              mode="direct",
+              **{"lora.rank": tgt, "learning_rate": lr_of(tgt)},
+              **dict(base, steps=n + m),
+          )
+          add(
+              f"{tag}_cont_{src}to{tgt}_m{m}",
+              mode="cont_squeeze",
+              source_workdir=f"@{source}",
+              source_rank=src,
+              target_rank=tgt,
+              extra_steps=m,
+              lr_by_rank=lrs,
+              **base,
+          )
           for scheme in arg.schemes:
-            add(f"{tag}_in_{scheme}_{src}to{tgt}_m{m}", mode="in_squeeze", source_rank=src, target_rank=tgt,
-                scheme=scheme, extra_steps=m, lr_by_rank=lrs, **{"lora.rank": src}, **base)
+            add(
+                f"{tag}_in_{scheme}_{src}to{tgt}_m{m}",
+                mode="in_squeeze",
+                source_rank=src,
+                target_rank=tgt,
+                scheme=scheme,
+                extra_steps=m,
+                lr_by_rank=lrs,
+                **{"lora.rank": src},
+                **base,
+            )
   c.sweep = list(cells.values())
   name = "+".join(artefacts)
   c.report = {"name": f"paper_{name.replace('+', '_')}", "title": f"{name} on {c.model}: {len(cells)} cells"}

@@ -8,8 +8,17 @@ from lora_squeeze import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, task="arc_e", source="", targets=(64, 32, 16, 8, 4, 2, 1), seed=42,
-                             model="gemma3_4b", checkpoint="", runlocal=False, method="efficient")
+  arg = config_lib.parse_arg(
+      arg,
+      task="arc_e",
+      source="",
+      targets=(64, 32, 16, 8, 4, 2, 1),
+      seed=42,
+      model="gemma3_4b",
+      checkpoint="",
+      runlocal=False,
+      method="efficient",
+  )
   c = config_lib.base_config()
   c.mode = "post_squeeze"
   c.source_workdir = arg.source

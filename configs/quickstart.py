@@ -31,10 +31,14 @@ def get_config(arg=None):
   c.sweep = [
       {"name": "direct_r8", "overrides": {"mode": "direct", "lora.rank": 8}},
       {"name": "direct_r2", "overrides": {"mode": "direct", "lora.rank": 2}},
-      {"name": "post_squeeze_8", "overrides": {"mode": "post_squeeze", "source_workdir": "@direct_r8",
-                                               "target_ranks": (4, 2)}},
+      {
+          "name": "post_squeeze_8",
+          "overrides": {"mode": "post_squeeze", "source_workdir": "@direct_r8", "target_ranks": (4, 2)},
+      },
       {"name": "in_squeeze_8_4_2", "overrides": {"mode": "in_squeeze", "ranks": (8, 4, 2)}},
   ]
-  c.report = {"name": "quickstart", "title": f"Gemma 3 270M on {arg.task} (offline held-out, "
-                                             f"{arg.eval_limit} examples), {arg.steps} steps"}
+  c.report = {
+      "name": "quickstart",
+      "title": f"Gemma 3 270M on {arg.task} (offline held-out, " f"{arg.eval_limit} examples), {arg.steps} steps",
+  }
   return c

@@ -9,8 +9,7 @@ from lora_squeeze import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, steps=24, scheme="standard", optimizer_state="fresh", method="efficient",
-                             seed=42)
+  arg = config_lib.parse_arg(arg, steps=24, scheme="standard", optimizer_state="fresh", method="efficient", seed=42)
   c = config_lib.base_config()
   c.mode = "in_squeeze"
   c.model = "tiny"

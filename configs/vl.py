@@ -33,8 +33,7 @@ import ml_collections
 from lora_squeeze import config_lib
 
 # The ten VL tasks (registry names, lora_squeeze/data/vqa.py), in Table 8's order of our choice.
-VL_TASKS = ("vqav2", "okvqa", "aokvqa", "textvqa", "vizwiz_vqa", "tallyqa", "gqa", "chartqa", "scienceqa",
-            "ocrvqa")
+VL_TASKS = ("vqav2", "okvqa", "aokvqa", "textvqa", "vizwiz_vqa", "tallyqa", "gqa", "chartqa", "scienceqa", "ocrvqa")
 FIG8_TASKS = ("okvqa", "tallyqa")
 FIG8_RANKS = (1, 2, 4, 8, 16, 32)
 MODES = ("direct", "post_squeeze", "cont_squeeze", "in_squeeze", "zero_shot")
@@ -44,9 +43,29 @@ ARTEFACTS = {"fig8": "fig3", "fig9": "heatmap", "table8": "table1"}
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(
-      arg, artefact="", mode="direct", task="okvqa", tasks=VL_TASKS, rank=32, lr=0.01, lrs=(), lr_from="",
-      seed=42, steps=10_000, model="gemma3_4b", checkpoint="", data_dir="", source="", targets=(16, 8, 4, 2, 1),
-      src=128, tgt=1, extra=200, scheme="standard", method="efficient", runlocal=False)
+      arg,
+      artefact="",
+      mode="direct",
+      task="okvqa",
+      tasks=VL_TASKS,
+      rank=32,
+      lr=0.01,
+      lrs=(),
+      lr_from="",
+      seed=42,
+      steps=10_000,
+      model="gemma3_4b",
+      checkpoint="",
+      data_dir="",
+      source="",
+      targets=(16, 8, 4, 2, 1),
+      src=128,
+      tgt=1,
+      extra=200,
+      scheme="standard",
+      method="efficient",
+      runlocal=False,
+  )
   if arg.artefact:
     return _sweep(arg)
   if arg.mode not in MODES:
@@ -117,8 +136,13 @@ def _sweep(arg) -> ml_collections.ConfigDict:
   tasks = tuple(arg.tasks)
   if arg.artefact == "fig8" and tasks == VL_TASKS:
     tasks = FIG8_TASKS
-  parts = [f"artefact={ARTEFACTS[arg.artefact]}", "tasks=" + "+".join(tasks), f"model={arg.model}",
-           f"lr={arg.lr}", f"seeds={arg.seed}"]
+  parts = [
+      f"artefact={ARTEFACTS[arg.artefact]}",
+      "tasks=" + "+".join(tasks),
+      f"model={arg.model}",
+      f"lr={arg.lr}",
+      f"seeds={arg.seed}",
+  ]
   if arg.checkpoint:
     parts.append(f"checkpoint={arg.checkpoint}")
   if arg.lrs:

@@ -67,9 +67,14 @@ BASELINE_REF = "6afcd1c"  # the last commit before squeeze's host route (one com
 G_LAYERS, G_D, G_Q, G_KV, G_FFN = 34, 2560, 8 * 256, 4 * 256, 10240
 G_R, G_ALPHA, G_RANK = 128, 256, 8
 G_MODULES = {  # kind: (group, in, out)
-    "q_proj": ("self_attn", G_D, G_Q), "k_proj": ("self_attn", G_D, G_KV), "v_proj": ("self_attn", G_D, G_KV),
-    "o_proj": ("self_attn", G_Q, G_D), "gate_proj": ("mlp", G_D, G_FFN), "up_proj": ("mlp", G_D, G_FFN),
-    "down_proj": ("mlp", G_FFN, G_D)}
+    "q_proj": ("self_attn", G_D, G_Q),
+    "k_proj": ("self_attn", G_D, G_KV),
+    "v_proj": ("self_attn", G_D, G_KV),
+    "o_proj": ("self_attn", G_Q, G_D),
+    "gate_proj": ("mlp", G_D, G_FFN),
+    "up_proj": ("mlp", G_D, G_FFN),
+    "down_proj": ("mlp", G_FFN, G_D),
+}
 
 # Flux.1-dev's DiT, from Black Forest Labs' reference code (flux/util.py's "flux-dev" params: hidden_size
 # 3072, mlp_ratio 4.0 -> MLP hidden 12288, 24 heads, depth 19 DoubleStreamBlocks, depth_single_blocks 38
@@ -79,11 +84,11 @@ G_MODULES = {  # kind: (group, in, out)
 F_HIDDEN, F_MLP, F_DOUBLE, F_SINGLE = 3072, 12288, 19, 38
 F_R, F_ALPHA, F_RANK = 64, 32, 16
 F_DOUBLE_LINEARS = {  # name inside double_blocks_<i>: (in, out)
-    "img_mod_lin": (F_HIDDEN, 6 * F_HIDDEN),     # Modulation(double=True).lin
-    "img_attn_qkv": (F_HIDDEN, 3 * F_HIDDEN),    # SelfAttention.qkv
-    "img_attn_proj": (F_HIDDEN, F_HIDDEN),       # SelfAttention.proj
-    "img_mlp_0": (F_HIDDEN, F_MLP),              # img_mlp[0]
-    "img_mlp_2": (F_MLP, F_HIDDEN),              # img_mlp[2]
+    "img_mod_lin": (F_HIDDEN, 6 * F_HIDDEN),  # Modulation(double=True).lin
+    "img_attn_qkv": (F_HIDDEN, 3 * F_HIDDEN),  # SelfAttention.qkv
+    "img_attn_proj": (F_HIDDEN, F_HIDDEN),  # SelfAttention.proj
+    "img_mlp_0": (F_HIDDEN, F_MLP),  # img_mlp[0]
+    "img_mlp_2": (F_MLP, F_HIDDEN),  # img_mlp[2]
     "txt_mod_lin": (F_HIDDEN, 6 * F_HIDDEN),
     "txt_attn_qkv": (F_HIDDEN, 3 * F_HIDDEN),
     "txt_attn_proj": (F_HIDDEN, F_HIDDEN),
@@ -92,29 +97,40 @@ F_DOUBLE_LINEARS = {  # name inside double_blocks_<i>: (in, out)
 }
 F_SINGLE_LINEARS = {  # name inside single_blocks_<i>: (in, out)
     "linear1": (F_HIDDEN, 3 * F_HIDDEN + F_MLP),  # qkv and MLP in
-    "linear2": (F_HIDDEN + F_MLP, F_HIDDEN),      # attention proj and MLP out
-    "modulation_lin": (F_HIDDEN, 3 * F_HIDDEN),   # Modulation(double=False).lin
+    "linear2": (F_HIDDEN + F_MLP, F_HIDDEN),  # attention proj and MLP out
+    "modulation_lin": (F_HIDDEN, 3 * F_HIDDEN),  # Modulation(double=False).lin
 }
 
 
 def gemma_modules(layers: int = G_LAYERS) -> list[tuple[str, int, int]]:
   """(PEFT module prefix, in, out) in file order."""
-  return [(f"base_model.model.model.language_model.layers.{i}.{group}.{kind}", n_in, n_out)
-          for i in range(layers) for kind, (group, n_in, n_out) in G_MODULES.items()]
+  return [
+      (f"base_model.model.model.language_model.layers.{i}.{group}.{kind}", n_in, n_out)
+      for i in range(layers)
+      for kind, (group, n_in, n_out) in G_MODULES.items()
+  ]
 
 
 def flux_modules(double: int = F_DOUBLE, single: int = F_SINGLE) -> list[tuple[str, int, int]]:
   """(kohya prefix, in, out) in file order."""
-  out = [(f"lora_unet_double_blocks_{i}_{name}", n_in, n_out)
-         for i in range(double) for name, (n_in, n_out) in F_DOUBLE_LINEARS.items()]
-  return out + [(f"lora_unet_single_blocks_{i}_{name}", n_in, n_out)
-                for i in range(single) for name, (n_in, n_out) in F_SINGLE_LINEARS.items()]
+  out = [
+      (f"lora_unet_double_blocks_{i}_{name}", n_in, n_out)
+      for i in range(double)
+      for name, (n_in, n_out) in F_DOUBLE_LINEARS.items()
+  ]
+  return out + [
+      (f"lora_unet_single_blocks_{i}_{name}", n_in, n_out)
+      for i in range(single)
+      for name, (n_in, n_out) in F_SINGLE_LINEARS.items()
+  ]
 
 
 def random_factors(rng: np.random.Generator, n_in: int, n_out: int, r: int) -> tuple[np.ndarray, np.ndarray]:
   """down/A (r, in) and up/B (out, r), float32; B's columns decay (0.95^j) so the spectrum looks trained."""
   down = rng.standard_normal((r, n_in), dtype=np.float32) / np.float32(math.sqrt(n_in))
-  up = rng.standard_normal((n_out, r), dtype=np.float32) * (np.float32(0.02) * (0.95 ** np.arange(r)).astype(np.float32))
+  up = rng.standard_normal((n_out, r), dtype=np.float32) * (
+      np.float32(0.02) * (0.95 ** np.arange(r)).astype(np.float32)
+  )
   return down, up
 
 
@@ -149,13 +165,19 @@ def low_rank_rel_error(x1, y1, x2, y2) -> float:
 def machine() -> str:
   cpu = "unknown CPU"
   try:
-    cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-               if line.startswith("model name"))
+    cpu = next(
+        line.split(":", 1)[1].strip()
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("model name")
+    )
   except (OSError, StopIteration):
     pass
   import jax  # pylint: disable=g-import-not-at-top
-  return (f"{cpu}, {os.cpu_count()} CPU cores ({len(os.sched_getaffinity(0))} usable), Python "
-          f"{platform.python_version()}, jax {jax.__version__}, numpy {np.__version__}")
+
+  return (
+      f"{cpu}, {os.cpu_count()} CPU cores ({len(os.sched_getaffinity(0))} usable), Python "
+      f"{platform.python_version()}, jax {jax.__version__}, numpy {np.__version__}"
+  )
 
 
 def load() -> str:
@@ -180,8 +202,9 @@ def run_measured(argv: list[str], pythonpath: Path, **env) -> tuple[float, int, 
 def baseline_checkout(ref: str, where: Path) -> Path | None:
   """The package as of git ``ref`` (git archive) under ``where``, or None without git."""
   try:
-    blob = subprocess.run(["git", "-C", str(REPO), "archive", ref, "lora_squeeze"], check=True,
-                          capture_output=True).stdout
+    blob = subprocess.run(
+        ["git", "-C", str(REPO), "archive", ref, "lora_squeeze"], check=True, capture_output=True
+    ).stdout
   except (OSError, subprocess.CalledProcessError):
     return None
   where.mkdir(parents=True)
@@ -193,27 +216,53 @@ def baseline_checkout(ref: str, where: Path) -> Path | None:
   return where
 
 
-def command_runs(label: str, src: Path, out_dir: Path, rank: int, code: Path, cache: Path, runs: int,
-                 extra: tuple[str, ...] = ()) -> list[dict]:
+def command_runs(
+    label: str, src: Path, out_dir: Path, rank: int, code: Path, cache: Path, runs: int, extra: tuple[str, ...] = ()
+) -> list[dict]:
   """``runs`` runs of the command from the checkout ``code``; run 1 with an empty compile cache."""
   rows = []
   for i in range(runs):
     out = out_dir / f"{label}_{i}{'.safetensors' if src.is_file() else ''}"
     before = load()
-    wall, rss, stdout = run_measured([sys.executable, "-m", "lora_squeeze.adapters", "squeeze", str(src), str(out),
-                                      "--rank", str(rank), "--no-progress", *extra], code,
-                                     LORA_SQUEEZE_JAX_CACHE=str(cache))
+    wall, rss, stdout = run_measured(
+        [
+            sys.executable,
+            "-m",
+            "lora_squeeze.adapters",
+            "squeeze",
+            str(src),
+            str(out),
+            "--rank",
+            str(rank),
+            "--no-progress",
+            *extra,
+        ],
+        code,
+        LORA_SQUEEZE_JAX_CACHE=str(cache),
+    )
     inner = float(re.search(r"method efficient, ([0-9.]+) s", stdout)[1])
-    rows.append({"label": label, "run": i + 1, "cache": "cold" if i == 0 else "warm", "wall": wall,
-                 "inner": inner, "rss": rss, "load": before, "out": out})
-    print(f"  {label} run {i + 1}: {wall:.2f} s wall ({inner:.2f} s in squeeze_adapter), peak RSS "
-          f"{rss / 2**20:.0f} MiB, load {before}", flush=True)
+    rows.append(
+        {
+            "label": label,
+            "run": i + 1,
+            "cache": "cold" if i == 0 else "warm",
+            "wall": wall,
+            "inner": inner,
+            "rss": rss,
+            "load": before,
+            "out": out,
+        }
+    )
+    print(
+        f"  {label} run {i + 1}: {wall:.2f} s wall ({inner:.2f} s in squeeze_adapter), peak RSS "
+        f"{rss / 2**20:.0f} MiB, load {before}",
+        flush=True,
+    )
   return rows
 
 
 def idle_jax(code: Path) -> tuple[float, int]:
-  wall, rss, _ = run_measured([sys.executable, "-c", "import jax.numpy as jnp; jnp.zeros(1).block_until_ready()"],
-                              code)
+  wall, rss, _ = run_measured([sys.executable, "-c", "import jax.numpy as jnp; jnp.zeros(1).block_until_ready()"], code)
   return wall, rss
 
 
@@ -237,6 +286,7 @@ def gemma_worker(layers: int, repeats: int, seed: int) -> None:
   """In-memory squeeze_lora, host vs XLA route, interleaved; prints one JSON line."""
   import jax  # pylint: disable=g-import-not-at-top
   from lora_squeeze import squeeze  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(seed)
   tree, lora_bytes, largest = {}, 0, 0
   for prefix, n_in, n_out in gemma_modules(layers):
@@ -250,8 +300,10 @@ def gemma_worker(layers: int, repeats: int, seed: int) -> None:
   jtree = jax.device_put(tree)
   jax.block_until_ready(jtree)
   key = jax.random.key(0)
-  routes = {"host": lambda: squeeze.squeeze_lora(tree, G_RANK, key=key, route="host"),
-            "xla": lambda: jax.block_until_ready(squeeze.squeeze_lora(jtree, G_RANK, key=key, route="xla"))}
+  routes = {
+      "host": lambda: squeeze.squeeze_lora(tree, G_RANK, key=key, route="host"),
+      "xla": lambda: jax.block_until_ready(squeeze.squeeze_lora(jtree, G_RANK, key=key, route="xla")),
+  }
   first, times, peaks, outs = {}, {r: [] for r in routes}, {r: [] for r in routes}, {}
   for name, fn in routes.items():  # first call: the XLA route compiles its 5 programs here
     t = time.perf_counter()
@@ -272,13 +324,25 @@ def gemma_worker(layers: int, repeats: int, seed: int) -> None:
     for name, out in outs.items():
       new = out[prefix]
       errors[name] = max(errors[name], low_rank_rel_error(np.asarray(new["a"]), np.asarray(new["b"]), *ref))
-  print(json.dumps({"first": first, "times": times, "peaks": peaks, "errors": errors, "lora_bytes": lora_bytes,
-                    "largest_module_bytes": largest, "modules": len(tree),
-                    "workers": squeeze.host_workers()}))
+  print(
+      json.dumps(
+          {
+              "first": first,
+              "times": times,
+              "peaks": peaks,
+              "errors": errors,
+              "lora_bytes": lora_bytes,
+              "largest_module_bytes": largest,
+              "modules": len(tree),
+              "workers": squeeze.host_workers(),
+          }
+      )
+  )
 
 
 def write_peft(directory: Path, layers: int, seed: int) -> int:
   from lora_squeeze import adapters  # pylint: disable=g-import-not-at-top
+
   directory.mkdir(parents=True)
   modules = gemma_modules(layers)
   entries = []
@@ -291,10 +355,21 @@ def write_peft(directory: Path, layers: int, seed: int) -> int:
     writer.write(f"{prefix}.lora_A.weight", down)
     writer.write(f"{prefix}.lora_B.weight", up)
   writer.close()
-  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "google/gemma-3-4b-it",
-            "r": G_R, "lora_alpha": G_ALPHA, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
-            "target_modules": sorted(G_MODULES), "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False,
-            "inference_mode": True}
+  config = {
+      "peft_type": "LORA",
+      "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": "google/gemma-3-4b-it",
+      "r": G_R,
+      "lora_alpha": G_ALPHA,
+      "lora_dropout": 0.0,
+      "bias": "none",
+      "use_rslora": False,
+      "target_modules": sorted(G_MODULES),
+      "rank_pattern": {},
+      "alpha_pattern": {},
+      "fan_in_fan_out": False,
+      "inference_mode": True,
+  }
   (directory / adapters.CONFIG_NAME).write_text(json.dumps(config, indent=2))
   return (directory / adapters.WEIGHTS_NAME).stat().st_size
 
@@ -304,13 +379,17 @@ def part_gemma(args, tmp: Path, baseline: Path | None) -> str:
   seed = int(np.random.default_rng().integers(1 << 31))
   print(f"gemma: in-memory squeeze_lora, {layers} layers, seed {seed}, load {load()}", flush=True)
   load_before = load()
-  _, _, stdout = run_measured([sys.executable, __file__, "--gemma-worker", str(layers), str(args.repeats), str(seed)],
-                              REPO)
+  _, _, stdout = run_measured(
+      [sys.executable, __file__, "--gemma-worker", str(layers), str(args.repeats), str(seed)], REPO
+  )
   w = json.loads(stdout.strip().splitlines()[-1])
   load_after = load()
   for name in ("host", "xla"):
-    print(f"  {name}: {', '.join(f'{t:.2f}' for t in w['times'][name])} s; first {w['first'][name]:.2f} s; "
-          f"max rel error {w['errors'][name]:.1e}", flush=True)
+    print(
+        f"  {name}: {', '.join(f'{t:.2f}' for t in w['times'][name])} s; first {w['first'][name]:.2f} s; "
+        f"max rel error {w['errors'][name]:.1e}",
+        flush=True,
+    )
 
   src = tmp / "gemma_in"
   size = write_peft(src, layers, seed)
@@ -337,7 +416,7 @@ def part_gemma(args, tmp: Path, baseline: Path | None) -> str:
       f"r = {G_R}, lora_alpha = {G_ALPHA}, random float32 factors (seed {seed}; B's columns decay 0.95^j): "
       f"{mib(w['lora_bytes'])} in memory; the largest module {mib(w['largest_module_bytes'])}.",
       f"- Host route: numpy/LAPACK, {w['workers']} threads across modules, BLAS on one thread each. XLA route: "
-      "`squeeze_lora(..., route=\"xla\")`, one compiled call per module (the eager path before the host route).",
+      '`squeeze_lora(..., route="xla")`, one compiled call per module (the eager path before the host route).',
       "",
       "## Compute (in memory, no file I/O), both routes interleaved in one process",
       "",
@@ -347,8 +426,10 @@ def part_gemma(args, tmp: Path, baseline: Path | None) -> str:
   ]
   for name, label in (("host", "host (numpy/LAPACK, threads)"), ("xla", "XLA, one compiled call per module")):
     t = np.array(w["times"][name])
-    lines.append(f"| {label} | {', '.join(f'{x:.2f}' for x in t)} | **{np.median(t):.2f}** | "
-                 f"{w['first'][name]:.2f} | {mib(max(w['peaks'][name]))} | {w['errors'][name]:.1e} |")
+    lines.append(
+        f"| {label} | {', '.join(f'{x:.2f}' for x in t)} | **{np.median(t):.2f}** | "
+        f"{w['first'][name]:.2f} | {mib(max(w['peaks'][name]))} | {w['errors'][name]:.1e} |"
+    )
   goal = "met" if np.median(host) <= 1.0 else "not met"
   lines += [
       "",
@@ -371,8 +452,10 @@ def part_gemma(args, tmp: Path, baseline: Path | None) -> str:
   ]
   for r in rows:
     code = "this checkout (host route)" if r["label"] == "new" else f"before the host route ({BASELINE_REF})"
-    lines.append(f"| {code} | {r['run']} | {r['cache']} | **{r['wall']:.2f} s** | {r['inner']:.2f} s | "
-                 f"{mib(r['rss'])} | {r['load']} |")
+    lines.append(
+        f"| {code} | {r['run']} | {r['cache']} | **{r['wall']:.2f} s** | {r['inner']:.2f} s | "
+        f"{mib(r['rss'])} | {r['load']} |"
+    )
   c = cut_rows[0]
   lines += [
       f"| this checkout, a 4-layer cut ({mib(cut_size)}) | 1 | warm | {c['wall']:.2f} s | {c['inner']:.2f} s | "
@@ -389,6 +472,7 @@ def part_gemma(args, tmp: Path, baseline: Path | None) -> str:
 def peft_error(src: Path, out: Path, k: int) -> float:
   """Max over modules of the output's relative error vs the float64 best rank-k of scale·B@A (PEFT dir)."""
   from lora_squeeze import adapters  # pylint: disable=g-import-not-at-top
+
   worst = 0.0
   with adapters.PeftAdapter(src) as a_in, adapters.PeftAdapter(out) as a_out:
     new = {m.name: m for m in a_out.modules}
@@ -407,13 +491,22 @@ def peft_error(src: Path, out: Path, k: int) -> float:
 def write_kohya(path: Path, double: int, single: int, seed: int) -> int:
   import ml_dtypes  # pylint: disable=g-import-not-at-top
   from lora_squeeze import adapters  # pylint: disable=g-import-not-at-top
+
   modules = flux_modules(double, single)
   entries = []
   for prefix, n_in, n_out in modules:
-    entries += [(f"{prefix}.alpha", "BF16", ()), (f"{prefix}.lora_down.weight", "BF16", (F_R, n_in)),
-                (f"{prefix}.lora_up.weight", "BF16", (n_out, F_R))]
-  metadata = {"ss_network_module": "networks.lora_flux", "ss_network_dim": str(F_R),
-              "ss_network_alpha": str(F_ALPHA), "ss_base_model_version": "flux1", "ss_training_comment": "synthetic"}
+    entries += [
+        (f"{prefix}.alpha", "BF16", ()),
+        (f"{prefix}.lora_down.weight", "BF16", (F_R, n_in)),
+        (f"{prefix}.lora_up.weight", "BF16", (n_out, F_R)),
+    ]
+  metadata = {
+      "ss_network_module": "networks.lora_flux",
+      "ss_network_dim": str(F_R),
+      "ss_network_alpha": str(F_ALPHA),
+      "ss_base_model_version": "flux1",
+      "ss_training_comment": "synthetic",
+  }
   writer = adapters.SafetensorsWriter(path, entries, metadata)
   rng = np.random.default_rng(seed)
   for prefix, n_in, n_out in modules:
@@ -427,6 +520,7 @@ def write_kohya(path: Path, double: int, single: int, seed: int) -> int:
 
 def kohya_error(src: Path, out: Path, k: int) -> float:
   from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top
+
   worst = 0.0
   with lora_files.LoraFile(src) as f_in, lora_files.LoraFile(out) as f_out:
     new = {m.name: m for m in f_out.modules}
@@ -438,6 +532,7 @@ def kohya_error(src: Path, out: Path, k: int) -> float:
 def svd_routes(src: Path, shapes: dict[tuple[int, int], list[str]], k: int) -> list[dict]:
   """Per distinct (out, in): one module's full-SVD route and svd_lowrank route, timed (numpy float32)."""
   from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top
+
   rows = []
   with lora_files.LoraFile(src) as lf:
     by_name = {m.name: m for m in lf.modules}
@@ -468,10 +563,22 @@ def svd_routes(src: Path, shapes: dict[tuple[int, int], list[str]], k: int) -> l
       ref = best_rank_k(*lf.factors(m), k)  # (ΔWᵀ's) factors: compare transposed
       err_full = low_rank_rel_error(new_down.T, new_up.T, *ref)
       err_low = low_rank_rel_error(low_down.T, low_up.T, *ref)
-      rows.append({"shape": (n_out, n_in), "names": names, "full": full, "lowrank": lowrank, "load": before,
-                   "err_full": err_full, "err_low": err_low})
-      print(f"  {n_out} x {n_in} ({len(names)} modules): full SVD {full:.1f} s, svd_lowrank {lowrank:.2f} s, "
-            f"errors {err_full:.1e} / {err_low:.1e}, load {before}", flush=True)
+      rows.append(
+          {
+              "shape": (n_out, n_in),
+              "names": names,
+              "full": full,
+              "lowrank": lowrank,
+              "load": before,
+              "err_full": err_full,
+              "err_low": err_low,
+          }
+      )
+      print(
+          f"  {n_out} x {n_in} ({len(names)} modules): full SVD {full:.1f} s, svd_lowrank {lowrank:.2f} s, "
+          f"errors {err_full:.1e} / {err_low:.1e}, load {before}",
+          flush=True,
+      )
       del delta_w
   return rows
 
@@ -531,8 +638,10 @@ def part_flux(args, tmp: Path, baseline: Path | None) -> str:
   ]
   for r in rows:
     code = "this checkout (host route)" if r["label"] == "new" else f"before the host route ({BASELINE_REF})"
-    lines.append(f"| {code} | {r['run']} | {r['cache']} | **{r['wall']:.2f} s** | {r['inner']:.2f} s | "
-                 f"{mib(r['rss'])} | {r['load']} |")
+    lines.append(
+        f"| {code} | {r['run']} | {r['cache']} | **{r['wall']:.2f} s** | {r['inner']:.2f} s | "
+        f"{mib(r['rss'])} | {r['load']} |"
+    )
   c = cut_rows[0]
   lines += [
       f"| this checkout, `--dtype float32` output | 1 | warm | {f32['wall']:.2f} s | {f32['inner']:.2f} s | "
@@ -559,9 +668,11 @@ def part_flux(args, tmp: Path, baseline: Path | None) -> str:
   ]
   for r in svd:
     kinds = sorted({re.sub(r"^lora_unet_(double|single)_blocks_\d+_", "", n) for n in r["names"]})
-    lines.append(f"| {r['shape'][0]} x {r['shape'][1]} | {', '.join(kinds)} | {len(r['names'])} | {r['full']:.1f} s | "
-                 f"{r['full'] * len(r['names']):,.0f} s | {r['lowrank']:.2f} s | {r['lowrank'] * len(r['names']):,.0f} s "
-                 f"| {r['err_full']:.1e} / {r['err_low']:.1e} | {r['load']} |")
+    lines.append(
+        f"| {r['shape'][0]} x {r['shape'][1]} | {', '.join(kinds)} | {len(r['names'])} | {r['full']:.1f} s | "
+        f"{r['full'] * len(r['names']):,.0f} s | {r['lowrank']:.2f} s | {r['lowrank'] * len(r['names']):,.0f} s "
+        f"| {r['err_full']:.1e} / {r['err_low']:.1e} | {r['load']} |"
+    )
   lines += [
       f"| **all** | | {counted} | | **{full_total:,.0f} s** ({full_total / 3600:.2f} h) | | **{low_total:,.0f} s** | | |",
       "",
@@ -595,8 +706,10 @@ def main() -> None:
   with tempfile.TemporaryDirectory(prefix="adapter_squeeze_speed.", dir=args.tmp) as tmp:
     tmp = Path(tmp)
     baseline = baseline_checkout(args.baseline_ref, tmp / "baseline") if args.baseline_ref else None
-    for part, fn, name in (("gemma", part_gemma, "gemma4b_squeeze_speed.md"),
-                           ("flux", part_flux, "flux_squeeze_speed.md")):
+    for part, fn, name in (
+        ("gemma", part_gemma, "gemma4b_squeeze_speed.md"),
+        ("flux", part_flux, "flux_squeeze_speed.md"),
+    ):
       if args.only in (None, part):
         text = fn(args, tmp, baseline)
         if not args.quick:  # a smoke run only prints

@@ -53,29 +53,45 @@ def main(argv=None):
   p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "paper"))
   args = p.parse_args(argv)
   ex = squeeze.paper_flops(2048, 2048, 64, 8, 10)
-  md = ["# Appendix E: FLOPs of the three decompositions\n\n",
-        "## The paper's worked example (m = n = 2048, r_src = 64, r_tgt = 8, k_o = 10)\n\n",
-        R.markdown_table(["method", "FLOPs (formula)", "paper says", "+ forming ΔW"],
-                         [["full SVD of ΔW", human(ex["svd"]), "~8.6B", human(ex["form_delta_w"])],
-                          ["RSVD of ΔW", human(ex["rsvd"]), "~75.5M", human(ex["form_delta_w"])],
-                          ["memory-efficient (Alg. 2)", human(ex["efficient"]), "~16.8M", "not needed"]]),
-        f"\n## Whole LoRAs, all 7 projections per layer, r_src = {args.src} → r_tgt = {args.tgt}, "
-        f"k_o = {args.oversample} (ΔW forming included for the first two)\n\n"]
+  md = [
+      "# Appendix E: FLOPs of the three decompositions\n\n",
+      "## The paper's worked example (m = n = 2048, r_src = 64, r_tgt = 8, k_o = 10)\n\n",
+      R.markdown_table(
+          ["method", "FLOPs (formula)", "paper says", "+ forming ΔW"],
+          [
+              ["full SVD of ΔW", human(ex["svd"]), "~8.6B", human(ex["form_delta_w"])],
+              ["RSVD of ΔW", human(ex["rsvd"]), "~75.5M", human(ex["form_delta_w"])],
+              ["memory-efficient (Alg. 2)", human(ex["efficient"]), "~16.8M", "not needed"],
+          ],
+      ),
+      f"\n## Whole LoRAs, all 7 projections per layer, r_src = {args.src} → r_tgt = {args.tgt}, "
+      f"k_o = {args.oversample} (ΔW forming included for the first two)\n\n",
+  ]
   table, per_model = [], {}
   for name in SIZES:
     f = model_flops(name, args.src, args.tgt, args.oversample)
     per_model[name] = f
-    table.append([name, str(f["modules"])] + [human(f[k]) for k in METHODS]
-                 + [f"{f['svd'] / f['efficient']:,.0f}×", f"{f['rsvd'] / f['efficient']:,.0f}×"])
-  md.append(R.markdown_table(["model", "modules", "full SVD", "RSVD", "efficient", "SVD / efficient",
-                              "RSVD / efficient"], table))
+    table.append(
+        [name, str(f["modules"])]
+        + [human(f[k]) for k in METHODS]
+        + [f"{f['svd'] / f['efficient']:,.0f}×", f"{f['rsvd'] / f['efficient']:,.0f}×"]
+    )
+  md.append(
+      R.markdown_table(
+          ["model", "modules", "full SVD", "RSVD", "efficient", "SVD / efficient", "RSVD / efficient"], table
+      )
+  )
   md.append("\nMeasured seconds of the same paths: `experiments/results/squeeze_speed.md`.\n")
   plt = R.pyplot()
   fig, ax = plt.subplots(figsize=(7, 3.6))
   width = 0.26
   for i, k in enumerate(METHODS):
-    ax.bar([j + (i - 1) * width for j in range(len(SIZES))], [per_model[s][k] for s in SIZES], width,
-           label={"svd": "full SVD of ΔW", "rsvd": "RSVD of ΔW", "efficient": "memory-efficient"}[k])
+    ax.bar(
+        [j + (i - 1) * width for j in range(len(SIZES))],
+        [per_model[s][k] for s in SIZES],
+        width,
+        label={"svd": "full SVD of ΔW", "rsvd": "RSVD of ΔW", "efficient": "memory-efficient"}[k],
+    )
   ax.set_yscale("log")
   ax.set_xticks(range(len(SIZES)), SIZES)
   ax.set_ylabel("FLOPs (Appendix E estimates)")

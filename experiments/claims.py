@@ -46,8 +46,14 @@ def _direct(rows, rank, steps):
 
 
 def _post(rows, src, tgt, method="efficient"):
-  return [r for r in rows if r.method == "post_squeeze" and r.source_rank == src and r.rank == tgt
-          and (r.squeeze_method or "efficient") == method]
+  return [
+      r
+      for r in rows
+      if r.method == "post_squeeze"
+      and r.source_rank == src
+      and r.rank == tgt
+      and (r.squeeze_method or "efficient") == method
+  ]
 
 
 def _verdict(d, d_sem, better_is_negative: bool, equality: bool = False) -> str:
@@ -66,8 +72,14 @@ def _verdict(d, d_sem, better_is_negative: bool, equality: bool = False) -> str:
 def comparisons(rows):
   """[(claim, A label, B label, Paired, equality?)] for every claim the store has cells for."""
   out = []
-  post_pairs = sorted({(r.source_rank, r.rank) for r in rows if r.method == "post_squeeze"
-                       and r.source_rank and r.rank < r.source_rank}, key=lambda p: (-p[0], -p[1]))
+  post_pairs = sorted(
+      {
+          (r.source_rank, r.rank)
+          for r in rows
+          if r.method == "post_squeeze" and r.source_rank and r.rank < r.source_rank
+      },
+      key=lambda p: (-p[0], -p[1]),
+  )
   pooled_a, pooled_b = [], []
   for src, tgt in post_pairs:
     a = _post(rows, src, tgt)
@@ -75,42 +87,62 @@ def comparisons(rows):
     b = [r for s in n_steps for r in _direct(rows, tgt, s)]
     p = R.paired(a, b)
     if p:
-      out.append(("Post-Squeeze beats direct at r_tgt (Fig. 4)", f"Post-Squeeze {src}→{tgt}", f"direct r={tgt}",
-                  p, False))
+      out.append(
+          ("Post-Squeeze beats direct at r_tgt (Fig. 4)", f"Post-Squeeze {src}→{tgt}", f"direct r={tgt}", p, False)
+      )
       # Pooled: every (post, direct) pair once; relabel tasks so pairs do not merge per task.
       pooled_a += [_relabel(r, f"{src}->{tgt}") for r in a]
       pooled_b += [_relabel(r, f"{src}->{tgt}") for r in b]
   p = R.paired(pooled_a, pooled_b)
   if p and len(post_pairs) > 1:
-    out.append(("Post-Squeeze beats direct at r_tgt (Fig. 4)", "Post-Squeeze, all r_src → r_tgt",
-                "direct r_tgt", p, False))
+    out.append(
+        ("Post-Squeeze beats direct at r_tgt (Fig. 4)", "Post-Squeeze, all r_src → r_tgt", "direct r_tgt", p, False)
+    )
   ea, eb = [], []
-  for src, tgt in post_pairs + sorted({(r.source_rank, r.rank) for r in rows if r.method == "post_squeeze"
-                                        and r.rank == r.source_rank}):
+  for src, tgt in post_pairs + sorted(
+      {(r.source_rank, r.rank) for r in rows if r.method == "post_squeeze" and r.rank == r.source_rank}
+  ):
     a, b = _post(rows, src, tgt, "efficient"), _post(rows, src, tgt, "rsvd")
     if a and b:
       ea += [_relabel(r, f"{src}->{tgt}") for r in a]
       eb += [_relabel(r, f"{src}->{tgt}") for r in b]
   p = R.paired(ea, eb)
   if p:
-    out.append(("efficient = standard Post-Squeeze (Fig. 5)", "efficient (Alg. 2)", "standard (RSVD, Alg. 1)",
-                p, True))
-  for method, label in (("cont_squeeze", "Cont-Squeeze"), ("in_squeeze_standard", "In-Squeeze standard"),
-                        ("in_squeeze_min_steps", "In-Squeeze min-steps")):
-    for (src, tgt, steps), a in sorted(R.group([r for r in rows if r.method == method],
-                                               lambda r: (r.source_rank, r.rank, r.steps)).items()):
+    out.append(("efficient = standard Post-Squeeze (Fig. 5)", "efficient (Alg. 2)", "standard (RSVD, Alg. 1)", p, True))
+  for method, label in (
+      ("cont_squeeze", "Cont-Squeeze"),
+      ("in_squeeze_standard", "In-Squeeze standard"),
+      ("in_squeeze_min_steps", "In-Squeeze min-steps"),
+  ):
+    for (src, tgt, steps), a in sorted(
+        R.group([r for r in rows if r.method == method], lambda r: (r.source_rank, r.rank, r.steps)).items()
+    ):
       if method == "cont_squeeze":
         post = _post(rows, src, tgt)
         p = R.paired(a, post)
         if p:
           m = steps - min((r.steps for r in post), default=steps)
-          out.append(("Cont-Squeeze recovers from a large squeeze", f"{label} {src}→{tgt} +{m}",
-                      f"Post-Squeeze {src}→{tgt}", p, False))
+          out.append(
+              (
+                  "Cont-Squeeze recovers from a large squeeze",
+                  f"{label} {src}→{tgt} +{m}",
+                  f"Post-Squeeze {src}→{tgt}",
+                  p,
+                  False,
+              )
+          )
       b = _direct(rows, tgt, steps)
       p = R.paired(a, b)
       if p:
-        out.append((f"{label} vs direct training, same steps (Table 1)", f"{label} {src}→{tgt}",
-                    f"direct r={tgt}, {steps} steps", p, False))
+        out.append(
+            (
+                f"{label} vs direct training, same steps (Table 1)",
+                f"{label} {src}→{tgt}",
+                f"direct r={tgt}, {steps} steps",
+                p,
+                False,
+            )
+        )
   return out
 
 
@@ -120,9 +152,17 @@ def _relabel(row, tag):
 
 def retention_rows(rows):
   """[(r_src, r_tgt, mean V_r over tasks)] of the Post-Squeeze rows (efficient), r_tgt < r_src."""
-  by = R.group([r for r in rows if r.method == "post_squeeze" and r.retention is not None
-                and (r.squeeze_method or "efficient") == "efficient" and r.rank < (r.source_rank or 0)],
-               lambda r: (r.source_rank, r.rank))
+  by = R.group(
+      [
+          r
+          for r in rows
+          if r.method == "post_squeeze"
+          and r.retention is not None
+          and (r.squeeze_method or "efficient") == "efficient"
+          and r.rank < (r.source_rank or 0)
+      ],
+      lambda r: (r.source_rank, r.rank),
+  )
   return sorted(((s, t, R.mean([r.retention for r in v])) for (s, t), v in by.items()), key=lambda x: (-x[0], -x[1]))
 
 
@@ -130,26 +170,55 @@ def main(argv=None):
   args, rows = R.script_args(__doc__, argv)
   comps = comparisons(rows)
   if not comps:
-    raise SystemExit("claims: no pair of cells with per-example results to compare (records made before "
-                     "evaluate stored per-example results cannot be paired)")
+    raise SystemExit(
+        "claims: no pair of cells with per-example results to compare (records made before "
+        "evaluate stored per-example results cannot be paired)"
+    )
   table = []
   for claim, a, b, p, equality in comps:
-    table.append([claim, a, b, ", ".join(sorted({t.split("|")[0] for t in p.tasks})), str(p.n),
-                  f"{100 * p.accuracy:+.1f} ± {100 * p.accuracy_sem:.1f}",
-                  _verdict(p.accuracy, p.accuracy_sem, better_is_negative=False, equality=equality),
-                  f"{p.nll:+.4f} ± {p.nll_sem:.4f}",
-                  _verdict(p.nll, p.nll_sem, better_is_negative=True, equality=equality)])
+    table.append(
+        [
+            claim,
+            a,
+            b,
+            ", ".join(sorted({t.split("|")[0] for t in p.tasks})),
+            str(p.n),
+            f"{100 * p.accuracy:+.1f} ± {100 * p.accuracy_sem:.1f}",
+            _verdict(p.accuracy, p.accuracy_sem, better_is_negative=False, equality=equality),
+            f"{p.nll:+.4f} ± {p.nll_sem:.4f}",
+            _verdict(p.nll, p.nll_sem, better_is_negative=True, equality=equality),
+        ]
+    )
   title = f"{args.title} the paper's claims, paired on the same held-out examples".strip()
-  md = [f"# Claims: {title}\n\n",
-        "A − B per held-out example, mean ± SEM over the pooled examples; accuracy in points (positive = A "
-        "better), gold-choice NLL in nats per token (negative = A better). Verdicts need |mean| > 2 SEM.\n\n",
-        R.markdown_table(["claim", "A", "B", "tasks", "examples", "Δ accuracy (points)", "verdict (accuracy)",
-                          "Δ NLL (nats/token)", "verdict (NLL)"], table, align="lllllrlrl")]
+  md = [
+      f"# Claims: {title}\n\n",
+      "A − B per held-out example, mean ± SEM over the pooled examples; accuracy in points (positive = A "
+      "better), gold-choice NLL in nats per token (negative = A better). Verdicts need |mean| > 2 SEM.\n\n",
+      R.markdown_table(
+          [
+              "claim",
+              "A",
+              "B",
+              "tasks",
+              "examples",
+              "Δ accuracy (points)",
+              "verdict (accuracy)",
+              "Δ NLL (nats/token)",
+              "verdict (NLL)",
+          ],
+          table,
+          align="lllllrlrl",
+      ),
+  ]
   ret = retention_rows(rows)
   if ret:
-    md += ["\n## Retention V_r of Post-Squeeze (App. F; mean over tasks and modules)\n\n",
-           R.markdown_table(["r_src → r_tgt", "halving?", "V_r"],
-                            [[f"{s}→{t}", "yes" if 2 * t == s else "", f"{100 * v:.1f}%"] for s, t, v in ret])]
+    md += [
+        "\n## Retention V_r of Post-Squeeze (App. F; mean over tasks and modules)\n\n",
+        R.markdown_table(
+            ["r_src → r_tgt", "halving?", "V_r"],
+            [[f"{s}→{t}", "yes" if 2 * t == s else "", f"{100 * v:.1f}%"] for s, t, v in ret],
+        ),
+    ]
   md.append("\n" + R.provenance(args.results, rows))
 
   plt = R.pyplot()
@@ -157,10 +226,19 @@ def main(argv=None):
   fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 + 0.32 * len(comps)), sharey=True)
   y = list(range(len(comps)))[::-1]
   for ax, vals, sems, name in (
-      (axes[0], [-p.nll for *_, p, _ in comps], [2 * p.nll_sem for *_, p, _ in comps],
-       "NLL improvement of A over B (nats/token), ± 2 SEM"),
-      (axes[1], [100 * p.accuracy for *_, p, _ in comps], [200 * p.accuracy_sem for *_, p, _ in comps],
-       "accuracy gain of A over B (points), ± 2 SEM")):
+      (
+          axes[0],
+          [-p.nll for *_, p, _ in comps],
+          [2 * p.nll_sem for *_, p, _ in comps],
+          "NLL improvement of A over B (nats/token), ± 2 SEM",
+      ),
+      (
+          axes[1],
+          [100 * p.accuracy for *_, p, _ in comps],
+          [200 * p.accuracy_sem for *_, p, _ in comps],
+          "accuracy gain of A over B (points), ± 2 SEM",
+      ),
+  ):
     colors = ["#c0392b" if v - e > 0 else "#2471a3" if v + e < 0 else "#999999" for v, e in zip(vals, sems)]
     ax.barh(y, vals, xerr=[0 if math.isnan(e) else e for e in sems], color=colors, capsize=2)
     ax.axvline(0, color="black", lw=0.8)

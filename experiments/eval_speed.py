@@ -59,7 +59,7 @@ class Baseline:
     rows.sort(key=lambda r: -len(r[2]["tokens"]))
     sums = [np.zeros(len(ex.choices)) for ex in examples]
     for start in range(0, len(rows), self.batch_rows):
-      chunk = rows[start:start + self.batch_rows]
+      chunk = rows[start : start + self.batch_rows]
       t = evaluate.pow2(max(len(r[2]["tokens"]) for r in chunk))
       tokens = np.zeros((self.batch_rows, t), np.int32)
       mask = np.zeros((self.batch_rows, t), np.float32)
@@ -112,9 +112,11 @@ def main(argv=None) -> int:
     diff = max(float(np.abs(o[0] - r).max()) for o, r in zip(ours, ref))
     same = sum(int(np.argmax(o[0]) == np.argmax(r)) for o, r in zip(ours, ref))
     n_choices = sum(len(ex.choices) for ex in examples)
-    lines.append(f"| {task} | {len(examples)} | {n_choices} | {base.logit_rows:,} | {ours_rows:,} | "
-                 f"{base.logit_rows / ours_rows:.1f}x | {t_base:.1f} | {t_ours:.1f} | {t_base / t_ours:.2f}x | "
-                 f"{diff:.1e} | {same}/{len(examples)} |")
+    lines.append(
+        f"| {task} | {len(examples)} | {n_choices} | {base.logit_rows:,} | {ours_rows:,} | "
+        f"{base.logit_rows / ours_rows:.1f}x | {t_base:.1f} | {t_ours:.1f} | {t_base / t_ours:.2f}x | "
+        f"{diff:.1e} | {same}/{len(examples)} |"
+    )
     print(lines[-1], flush=True)
   text = "\n".join(lines) + "\n"
   print(text)

@@ -29,8 +29,9 @@ def compute(rows, *, src=None, lr=None):
     if len(lrs) != 1:
       raise SystemExit(f"fig3: Post-Squeeze sources from r={src} used rates {lrs}; pass --lr")
     lr = lrs[0]
-  post = [r for r in post if r.learning_rate == lr and r.squeeze_method in (None, "efficient")] or \
-      [r for r in post if r.learning_rate == lr]
+  post = [r for r in post if r.learning_rate == lr and r.squeeze_method in (None, "efficient")] or [
+      r for r in post if r.learning_rate == lr
+  ]
   direct = [r for r in rows if r.method == "direct" and r.steps in {p.steps for p in post}]  # not N + M runs
   same_lr = R.per_task([r for r in direct if r.learning_rate == lr], lambda r: r.rank)
   best = R.best_direct_lr(direct)
@@ -40,8 +41,10 @@ def compute(rows, *, src=None, lr=None):
   tasks = sorted({r.task for r in post})
   out = {}
   for t in tasks:
-    series = {f"direct, lr={lr:g} (tuned at r={src})": {k: v[t] for k, v in same_lr.items() if t in v},
-              f"Post-Squeeze from r={src}": {k: v[t] for k, v in squeezed.items() if t in v}}
+    series = {
+        f"direct, lr={lr:g} (tuned at r={src})": {k: v[t] for k, v in same_lr.items() if t in v},
+        f"Post-Squeeze from r={src}": {k: v[t] for k, v in squeezed.items() if t in v},
+    }
     if len({r.learning_rate for r in direct}) > 1:
       series["direct, each rank's best lr"] = {k: v[t] for k, v in tuned.items() if t in v}
     out[t] = series
@@ -52,6 +55,7 @@ def main(argv=None):
   def extra(p):
     p.add_argument("--src", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
+
   args, rows = R.script_args(__doc__, argv, extra=extra)
   data, src, lr = compute(rows, src=args.src, lr=args.lr)
   plt = R.pyplot()
@@ -70,8 +74,12 @@ def main(argv=None):
     ax.set_title(f"{args.title} {task}".strip(), fontsize=9)
     ax.grid(alpha=0.3)
     md.append(f"\n## {task}\n")
-    md.append(R.markdown_table(["series"] + [f"r={k}" for k in ranks],
-                               [[label] + [R.fmt_pct(p.get(k)) for k in ranks] for label, p in series.items()]))
+    md.append(
+        R.markdown_table(
+            ["series"] + [f"r={k}" for k in ranks],
+            [[label] + [R.fmt_pct(p.get(k)) for k in ranks] for label, p in series.items()],
+        )
+    )
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
   out = Path(args.out)

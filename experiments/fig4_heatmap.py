@@ -22,8 +22,9 @@ from lora_squeeze import results as R  # noqa: E402
 
 def gains(rows, *, method="efficient"):
   """({(src, tgt): {task: post − direct}}, direct per task per rank, post per task)."""
-  post_rows = R.squeezed_from_best(rows, [r for r in R.require(rows, "fig4", method="post_squeeze")
-                                          if r.squeeze_method == method])
+  post_rows = R.squeezed_from_best(
+      rows, [r for r in R.require(rows, "fig4", method="post_squeeze") if r.squeeze_method == method]
+  )
   # Baselines trained as long as the squeezed sources were (a store may also hold N + M runs, Table 1).
   steps = {r.steps for r in post_rows}
   direct_rows = [r for r in rows if r.method == "direct" and r.steps in steps]
@@ -40,13 +41,15 @@ def gains(rows, *, method="efficient"):
 
 def grid(per_cell, srcs, tgts):
   """Task-averaged points (×100) per (src, tgt); nan where no task has both numbers or tgt > src."""
-  return [[100 * R.mean(list(per_cell[(s, t)].values())) if per_cell.get((s, t)) else math.nan for t in tgts]
-          for s in srcs]
+  return [
+      [100 * R.mean(list(per_cell[(s, t)].values())) if per_cell.get((s, t)) else math.nan for t in tgts] for s in srcs
+  ]
 
 
 def main(argv=None):
   def extra(p):
     p.add_argument("--method", default="efficient", help="squeeze method of the Post-Squeeze cells")
+
   args, rows = R.script_args(__doc__, argv, extra=extra)
   per_cell, direct, _ = gains(rows, method=args.method)
   srcs = sorted({s for s, _ in per_cell}, reverse=True)
@@ -54,23 +57,45 @@ def main(argv=None):
   g = grid(per_cell, srcs, tgts)
   tasks = sorted({t for v in per_cell.values() for t in v})
   title = f"{args.title} Post-Squeeze ({args.method}) − direct at r_tgt, mean of {len(tasks)} task(s)".strip()
-  png = R.heatmap(g, row_labels=[str(s) for s in srcs], col_labels=[str(t) for t in tgts], title=title,
-                  cbar_label="accuracy gain (points)", xlabel="target rank r_tgt", ylabel="source rank r_src",
-                  path=Path(args.out) / "fig4_heatmap.png")
-  md = [f"# Fig. 4: {title}\n\nPoints of accuracy, Post-Squeeze r_src → r_tgt minus direct training at r_tgt "
-        f"(positive = Post-Squeeze better).\n\n"]
-  md.append(R.markdown_table(["r_src \\ r_tgt"] + [str(t) for t in tgts],
-                             [[str(s)] + ["—" if math.isnan(v) else f"{v:+.1f}" for v in row]
-                              for s, row in zip(srcs, g)]))
+  png = R.heatmap(
+      g,
+      row_labels=[str(s) for s in srcs],
+      col_labels=[str(t) for t in tgts],
+      title=title,
+      cbar_label="accuracy gain (points)",
+      xlabel="target rank r_tgt",
+      ylabel="source rank r_src",
+      path=Path(args.out) / "fig4_heatmap.png",
+  )
+  md = [
+      f"# Fig. 4: {title}\n\nPoints of accuracy, Post-Squeeze r_src → r_tgt minus direct training at r_tgt "
+      f"(positive = Post-Squeeze better).\n\n"
+  ]
+  md.append(
+      R.markdown_table(
+          ["r_src \\ r_tgt"] + [str(t) for t in tgts],
+          [[str(s)] + ["—" if math.isnan(v) else f"{v:+.1f}" for v in row] for s, row in zip(srcs, g)],
+      )
+  )
   md.append("\n## Per task (points)\n\n")
   cells = sorted(per_cell, key=lambda k: (-k[0], -k[1]))
-  md.append(R.markdown_table(["task"] + [f"{s}→{t}" for s, t in cells],
-                             [[task] + [f"{100 * per_cell[c][task]:+.1f}" if task in per_cell[c] else "—"
-                                        for c in cells] for task in tasks]))
+  md.append(
+      R.markdown_table(
+          ["task"] + [f"{s}→{t}" for s, t in cells],
+          [
+              [task] + [f"{100 * per_cell[c][task]:+.1f}" if task in per_cell[c] else "—" for c in cells]
+              for task in tasks
+          ],
+      )
+  )
   md.append("\n## Direct training per rank (accuracy %)\n\n")
   ranks = sorted(direct)
-  md.append(R.markdown_table(["task"] + [f"r={r}" for r in ranks],
-                             [[task] + [R.fmt_pct(direct[r].get(task)) for r in ranks] for task in tasks]))
+  md.append(
+      R.markdown_table(
+          ["task"] + [f"r={r}" for r in ranks],
+          [[task] + [R.fmt_pct(direct[r].get(task)) for r in ranks] for task in tasks],
+      )
+  )
   md.append("\n" + R.provenance(args.results, rows))
   return R.finish(args.out, "fig4_heatmap", md, png)
 

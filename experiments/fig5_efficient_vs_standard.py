@@ -41,16 +41,27 @@ def main(argv=None):
   tasks = sorted({t for v in diff.values() for t in v})
   flat = [100 * v for c in diff.values() for v in c.values()]
   title = f"{args.title} efficient − standard (rsvd) Post-Squeeze, mean of {len(tasks)} task(s)".strip()
-  png = R.heatmap(g, row_labels=[str(s) for s in srcs], col_labels=[str(t) for t in tgts], title=title,
-                  cbar_label="accuracy difference (points)", xlabel="target rank r_tgt",
-                  ylabel="source rank r_src", path=Path(args.out) / "fig5_efficient_vs_standard.png")
-  md = [f"# Fig. 5: {title}\n\n",
-        R.markdown_table(["r_src \\ r_tgt"] + [str(t) for t in tgts],
-                         [[str(s)] + ["—" if math.isnan(v) else f"{v:+.1f}" for v in row] for s, row in zip(srcs, g)]),
-        f"\nOver all {len(flat)} (task, r_src, r_tgt) pairs: mean {R.mean(flat):+.2f} points, largest |difference| "
-        f"{max(abs(v) for v in flat):.1f} points, identical accuracy in "
-        f"{sum(1 for v in flat if abs(v) < 1e-9)} of {len(flat)}.\n",
-        "\n" + R.provenance(args.results, rows)]
+  png = R.heatmap(
+      g,
+      row_labels=[str(s) for s in srcs],
+      col_labels=[str(t) for t in tgts],
+      title=title,
+      cbar_label="accuracy difference (points)",
+      xlabel="target rank r_tgt",
+      ylabel="source rank r_src",
+      path=Path(args.out) / "fig5_efficient_vs_standard.png",
+  )
+  md = [
+      f"# Fig. 5: {title}\n\n",
+      R.markdown_table(
+          ["r_src \\ r_tgt"] + [str(t) for t in tgts],
+          [[str(s)] + ["—" if math.isnan(v) else f"{v:+.1f}" for v in row] for s, row in zip(srcs, g)],
+      ),
+      f"\nOver all {len(flat)} (task, r_src, r_tgt) pairs: mean {R.mean(flat):+.2f} points, largest |difference| "
+      f"{max(abs(v) for v in flat):.1f} points, identical accuracy in "
+      f"{sum(1 for v in flat if abs(v) < 1e-9)} of {len(flat)}.\n",
+      "\n" + R.provenance(args.results, rows),
+  ]
   return R.finish(args.out, "fig5_efficient_vs_standard", md, png)
 
 

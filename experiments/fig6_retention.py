@@ -32,6 +32,7 @@ def retention(rows, sources=None):
 def main(argv=None):
   def extra(p):
     p.add_argument("--sources", type=int, nargs="*", default=None)
+
   args, rows = R.script_args(__doc__, argv, extra=extra)
   ret = retention(rows, args.sources)
   tasks = sorted({t for v in ret.values() for t in v})
@@ -57,20 +58,28 @@ def main(argv=None):
     ax.set_ylabel("V_r (%)")
     ax.set_title(f"{args.title} {label}".strip(), fontsize=9)
     ax.grid(alpha=0.3)
-  for ax in list(axes.flat)[len(panels):]:
+  for ax in list(axes.flat)[len(panels) :]:
     ax.axis("off")
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
   png = R.save_figure(fig, Path(args.out) / "fig6_retention.png")
   md = ["# Fig. 6/7: variance retention V_r of Post-Squeeze\n\n## V_r when halving the rank (%)\n\n"]
   halves = [(s, s // 2) for s in ret if s >= 2]
-  md.append(R.markdown_table(["task"] + [f"{s}→{h}" for s, h in halves],
-                             [[t] + [R.fmt_pct(ret[s].get(t, {}).get(h)) for s, h in halves] for t in tasks]))
+  md.append(
+      R.markdown_table(
+          ["task"] + [f"{s}→{h}" for s, h in halves],
+          [[t] + [R.fmt_pct(ret[s].get(t, {}).get(h)) for s, h in halves] for t in tasks],
+      )
+  )
   for src, by_task in ret.items():
     tgts = sorted({k for v in by_task.values() for k in v}, reverse=True)
     md.append(f"\n## r_src = {src}: V_r (%) per target rank\n\n")
-    md.append(R.markdown_table(["task"] + [f"r_tgt={k}" for k in tgts],
-                               [[t] + [R.fmt_pct(by_task[t].get(k)) for k in tgts] for t in sorted(by_task)]))
+    md.append(
+        R.markdown_table(
+            ["task"] + [f"r_tgt={k}" for k in tgts],
+            [[t] + [R.fmt_pct(by_task[t].get(k)) for k in tgts] for t in sorted(by_task)],
+        )
+    )
   md.append("\n" + R.provenance(args.results, rows))
   return R.finish(args.out, "fig6_retention", md, png)
 

@@ -48,8 +48,10 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results" / "gguf_llamacpp.md"
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 RANK, ALPHA = 8, 16.0
-TEXT = ("The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein published four papers that "
-        "changed physics; the third introduced special relativity, and the fourth showed that")
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein published four papers that "
+    "changed physics; the third introduced special relativity, and the fourth showed that"
+)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -65,6 +67,7 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def worker(spec_path: str) -> None:
   import llama_cpp  # pylint: disable=g-import-not-at-top
+
   spec = json.loads(Path(spec_path).read_text())
   out_dir = Path(spec["out"])
   tokens = spec["tokens"]
@@ -72,30 +75,52 @@ def worker(spec_path: str) -> None:
   for name, (lora, scale) in spec["runs"].items():
     t = time.perf_counter()
     try:
-      llm = llama_cpp.Llama(model_path=spec["model"], lora_path=lora, lora_scale=scale, n_ctx=max(64, len(tokens) + 8),
-                            n_batch=len(tokens), logits_all=True, n_threads=spec["threads"], verbose=False,
-                            seed=0)
+      llm = llama_cpp.Llama(
+          model_path=spec["model"],
+          lora_path=lora,
+          lora_scale=scale,
+          n_ctx=max(64, len(tokens) + 8),
+          n_batch=len(tokens),
+          logits_all=True,
+          n_threads=spec["threads"],
+          verbose=False,
+          seed=0,
+      )
     except Exception as e:  # pylint: disable=broad-except
       info["runs"][name] = {"error": f"{type(e).__name__}: {e}"}
       continue
     llm.reset()
     llm.eval(tokens)
-    logits = np.array(llm.scores[:len(tokens)], np.float32)
+    logits = np.array(llm.scores[: len(tokens)], np.float32)
     np.save(out_dir / f"{name}.npy", logits)
     info["runs"][name] = {"seconds": time.perf_counter() - t}
     del llm
   # llama.cpp's own converter on each PEFT directory, against our convert.
   sys.path.insert(0, str(Path(spec["repo"]) / "tests" / "fixtures"))
   from make_gguf_fixtures import CONFIG_270M  # pylint: disable=g-import-not-at-top
+
   info["converter"] = {}
   with tempfile.TemporaryDirectory() as base:
     Path(base, "config.json").write_text(json.dumps(CONFIG_270M))
     for name, (peft_dir, ours) in spec["convert"].items():
       theirs = Path(ours).with_suffix(".converter.gguf")
-      proc = subprocess.run([sys.executable, str(Path(spec["llama_cpp"]) / "convert_lora_to_gguf.py"), "--base",
-                             base, "--outfile", str(theirs), peft_dir], capture_output=True, text=True)
-      info["converter"][name] = (proc.returncode == 0 and Path(ours).read_bytes() == theirs.read_bytes(),
-                                 proc.stderr[-300:] if proc.returncode else "")
+      proc = subprocess.run(
+          [
+              sys.executable,
+              str(Path(spec["llama_cpp"]) / "convert_lora_to_gguf.py"),
+              "--base",
+              base,
+              "--outfile",
+              str(theirs),
+              peft_dir,
+          ],
+          capture_output=True,
+          text=True,
+      )
+      info["converter"][name] = (
+          proc.returncode == 0 and Path(ours).read_bytes() == theirs.read_bytes(),
+          proc.stderr[-300:] if proc.returncode else "",
+      )
   (out_dir / "info.json").write_text(json.dumps(info, indent=2))
 
 
@@ -107,16 +132,23 @@ def worker(spec_path: str) -> None:
 def base_weight(params, layer: int, kind: str) -> np.ndarray:
   """The base weight of one projection in gemma's param tree (any layout: only its norm is used)."""
   attn, mlp = params[f"layer_{layer}"]["attn"], params[f"layer_{layer}"]["mlp"]
-  return np.asarray({
-      "q": lambda: attn["q_einsum"]["w"], "k": lambda: attn["kv_einsum"]["w"][0],
-      "v": lambda: attn["kv_einsum"]["w"][1], "o": lambda: attn["attn_vec_einsum"]["w"],
-      "gate": lambda: mlp["gating_einsum"][0], "up": lambda: mlp["gating_einsum"][1],
-      "down": lambda: mlp["linear"]}[kind]())
+  return np.asarray(
+      {
+          "q": lambda: attn["q_einsum"]["w"],
+          "k": lambda: attn["kv_einsum"]["w"][0],
+          "v": lambda: attn["kv_einsum"]["w"][1],
+          "o": lambda: attn["attn_vec_einsum"]["w"],
+          "gate": lambda: mlp["gating_einsum"][0],
+          "up": lambda: mlp["gating_einsum"][1],
+          "down": lambda: mlp["linear"],
+      }[kind]()
+  )
 
 
 def make_lora(model, kinds, seed: int, rho: float):
   """Random factors, ‖ΔW‖ = rho·‖W‖ per module, B's rows decaying at a random per-module rate."""
   from lora_squeeze import lora  # pylint: disable=g-import-not-at-top
+
   config = lora.LoRAConfig(rank=RANK, alpha=ALPHA, targets=kinds)
   rng = np.random.default_rng(seed)
   flat = {}
@@ -136,6 +168,7 @@ def cli(*argv) -> str:
   from lora_squeeze import adapters  # pylint: disable=g-import-not-at-top
   import contextlib  # pylint: disable=g-import-not-at-top
   import io  # pylint: disable=g-import-not-at-top
+
   buf = io.StringIO()
   with contextlib.redirect_stdout(buf):
     code = adapters.main([str(a) for a in argv])
@@ -168,6 +201,7 @@ def main() -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from lora_squeeze import adapters, lora, models  # pylint: disable=g-import-not-at-top
   from lora_squeeze import gguf_lora  # pylint: disable=g-import-not-at-top
+
   start = time.perf_counter()
   model = models.load("gemma3_270m")
   gguf_path = models.default_gguf_path()
@@ -191,8 +225,13 @@ def main() -> None:
         name = f"{kinds[0] if len(kinds) == 1 else 'all'}@{rho:g}"
         params, config = make_lora(model, kinds, seed=i, rho=rho)
         peft_dir = tmp / f"peft_{name}"
-        adapters.export_peft(params, peft_dir, lora_config=config, model_config=model.config,
-                             base_model_name_or_path="google/gemma-3-270m")
+        adapters.export_peft(
+            params,
+            peft_dir,
+            lora_config=config,
+            model_config=model.config,
+            base_model_name_or_path="google/gemma-3-270m",
+        )
         gguf_file = tmp / f"{name}.gguf"
         cli("convert", peft_dir, gguf_file)
         runs[name], convert[name], ranks[name] = (str(gguf_file), 1.0), (str(peft_dir), str(gguf_file)), f"{RANK}"
@@ -217,13 +256,22 @@ def main() -> None:
         ours[name] = forward(params, config)
         print(f"ours: {name} ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    spec = {"model": str(gguf_path), "tokens": tokens, "runs": runs, "out": str(tmp), "threads": args.threads,
-            "convert": convert, "repo": str(REPO), "llama_cpp": args.llama_cpp}
+    spec = {
+        "model": str(gguf_path),
+        "tokens": tokens,
+        "runs": runs,
+        "out": str(tmp),
+        "threads": args.threads,
+        "convert": convert,
+        "repo": str(REPO),
+        "llama_cpp": args.llama_cpp,
+    }
     (tmp / "spec.json").write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     t = time.perf_counter()
-    proc = subprocess.run([args.llama_python, __file__, "--worker", str(tmp / "spec.json")], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [args.llama_python, __file__, "--worker", str(tmp / "spec.json")], env=env, capture_output=True, text=True
+    )
     if proc.returncode:
       raise SystemExit(f"llama.cpp worker failed:\n{proc.stderr[-3000:]}")
     llama_s = time.perf_counter() - t
@@ -246,8 +294,17 @@ def main() -> None:
     err = np.linalg.norm(d_theirs - d_ours) / effect
     top1 = float(np.mean(theirs[name].argmax(-1) == ours[name].argmax(-1)))
     same = info["converter"].get(name, (None, ""))[0]
-    rows.append((name, ranks[name], f"{rms:.3f}", f"{err:.4f}", f"{noise_abs / effect:.4f}", f"{top1:.0%}",
-                 "" if same is None else ("identical" if same else "DIFFERENT")))
+    rows.append(
+        (
+            name,
+            ranks[name],
+            f"{rms:.3f}",
+            f"{err:.4f}",
+            f"{noise_abs / effect:.4f}",
+            f"{top1:.0%}",
+            "" if same is None else ("identical" if same else "DIFFERENT"),
+        )
+    )
   lines = [
       "# GGUF LoRAs in llama.cpp itself vs our forward pass (real Gemma 3 270M, Q4_K_M)",
       "",

@@ -41,9 +41,15 @@ from lora_squeeze import adapters  # pylint: disable=wrong-import-position
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results" / "gguf_squeeze_speed.md"
-GEMMA_270M = {"q_proj": ("self_attn", 640, 1024), "k_proj": ("self_attn", 640, 256),
-              "v_proj": ("self_attn", 640, 256), "o_proj": ("self_attn", 1024, 640),
-              "gate_proj": ("mlp", 640, 2048), "up_proj": ("mlp", 640, 2048), "down_proj": ("mlp", 2048, 640)}
+GEMMA_270M = {
+    "q_proj": ("self_attn", 640, 1024),
+    "k_proj": ("self_attn", 640, 256),
+    "v_proj": ("self_attn", 640, 256),
+    "o_proj": ("self_attn", 1024, 640),
+    "gate_proj": ("mlp", 640, 2048),
+    "up_proj": ("mlp", 640, 2048),
+    "down_proj": ("mlp", 2048, 640),
+}
 
 
 def build_270m(directory: Path, rank: int = 64, alpha: int = 128, seed: int = 0) -> None:
@@ -58,19 +64,31 @@ def build_270m(directory: Path, rank: int = 64, alpha: int = 128, seed: int = 0)
       tensors[f"{p}.lora_A.weight"] = rng.standard_normal((rank, n_in), dtype=np.float32) / np.float32(math.sqrt(n_in))
       tensors[f"{p}.lora_B.weight"] = rng.standard_normal((n_out, rank), dtype=np.float32) * (np.float32(0.02) * decay)
   adapters.save_safetensors(directory / adapters.WEIGHTS_NAME, tensors, {"format": "pt"})
-  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "google/gemma-3-270m",
-            "r": rank, "lora_alpha": alpha, "target_modules": list(GEMMA_270M), "rank_pattern": {},
-            "alpha_pattern": {}}
+  config = {
+      "peft_type": "LORA",
+      "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": "google/gemma-3-270m",
+      "r": rank,
+      "lora_alpha": alpha,
+      "target_modules": list(GEMMA_270M),
+      "rank_pattern": {},
+      "alpha_pattern": {},
+  }
   (directory / adapters.CONFIG_NAME).write_text(json.dumps(config, indent=2))
 
 
 def command(*argv: str) -> list[str]:
-  return [sys.executable, "-c", "import sys; from lora_squeeze.adapters import main; sys.exit(main(sys.argv[1:]))",
-          *argv]
+  return [
+      sys.executable,
+      "-c",
+      "import sys; from lora_squeeze.adapters import main; sys.exit(main(sys.argv[1:]))",
+      *argv,
+  ]
 
 
 def check(src: Path, out: Path, names: list[str], rank: int) -> float:
   """Largest relative Frobenius error of the sampled modules' ΔW against the float64 truncation."""
+
   def read(path):
     r = gguf.GGUFReader(path)
     alpha = float(r.fields["adapter.lora.alpha"].contents())
@@ -110,7 +128,8 @@ def main() -> None:
     tmp = Path(tmp)
     for label, arch, build, sample in (
         ("Gemma 3 270M-shaped", "gemma3", build_270m, ["blk.0.attn_q.weight", "blk.17.ffn_down.weight"]),
-        ("Llama-3-8B-shaped", "llama", pss.build_adapter, ["blk.0.attn_q.weight", "blk.31.ffn_down.weight"])):
+        ("Llama-3-8B-shaped", "llama", pss.build_adapter, ["blk.0.attn_q.weight", "blk.31.ffn_down.weight"]),
+    ):
       peft = tmp / f"{arch}_peft"
       build(peft)
       src = tmp / f"{arch}.gguf"
@@ -122,12 +141,17 @@ def main() -> None:
         out = tmp / f"{arch}_r{args.rank}.gguf"
         wall, rss, stdout = pss.run_measured(
             command("squeeze", str(src), str(out), "--rank", str(args.rank), "--no-progress", "--force"),
-            LORA_SQUEEZE_JAX_CACHE=str(cache))
+            LORA_SQUEEZE_JAX_CACHE=str(cache),
+        )
         err = check(src, out, sample, args.rank)
-        rows.append((label, src.stat().st_size, out.stat().st_size, "cold" if i == 0 else "warm", wall, rss, err,
-                     convert_s))
-        print(f"{label}: {wall:.1f} s ({'cold' if i == 0 else 'warm'}), peak RSS {rss / 2**20:.0f} MiB, "
-              f"max rel. error {err:.1e}; {stdout.strip().splitlines()[-1]}", flush=True)
+        rows.append(
+            (label, src.stat().st_size, out.stat().st_size, "cold" if i == 0 else "warm", wall, rss, err, convert_s)
+        )
+        print(
+            f"{label}: {wall:.1f} s ({'cold' if i == 0 else 'warm'}), peak RSS {rss / 2**20:.0f} MiB, "
+            f"max rel. error {err:.1e}; {stdout.strip().splitlines()[-1]}",
+            flush=True,
+        )
   load_after = os.getloadavg()
   lines = [
       "# `lora-squeeze squeeze IN.gguf OUT.gguf` on real-sized GGUF LoRAs",
@@ -148,8 +172,10 @@ def main() -> None:
       "|---|---:|---:|---|---:|---:|---:|---:|",
   ]
   for label, in_b, out_b, run, wall, rss, err, conv in rows:
-    lines.append(f"| {label} | {in_b / 2**20:.1f} MiB | {out_b / 2**20:.1f} MiB | {run} | {wall:.1f} s | "
-                 f"{rss / 2**20:.0f} MiB | {err:.1e} | {conv:.1f} s |")
+    lines.append(
+        f"| {label} | {in_b / 2**20:.1f} MiB | {out_b / 2**20:.1f} MiB | {run} | {wall:.1f} s | "
+        f"{rss / 2**20:.0f} MiB | {err:.1e} | {conv:.1f} s |"
+    )
   text = "\n".join(lines) + "\n"
   print(text)
   RESULTS.parent.mkdir(parents=True, exist_ok=True)

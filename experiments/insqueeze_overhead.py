@@ -33,13 +33,22 @@ from lora_squeeze import fileio  # noqa: E402
 
 def _run(mode_args: str, workdir: Path, *, steps: int, batch: int, max_len: int, cache: str) -> dict:
   config = ROOT / "configs" / ("in_squeeze.py" if mode_args.startswith("in") else "direct.py")
-  arg = {"in": f"src=128,tgt=1,steps={steps},extra=0,runlocal", "direct": f"rank=128,steps={steps},runlocal"}[
-      mode_args]
+  arg = {"in": f"src=128,tgt=1,steps={steps},extra=0,runlocal", "direct": f"rank=128,steps={steps},runlocal"}[mode_args]
   env = dict(os.environ, PYTHONPATH=str(ROOT), LORA_SQUEEZE_JAX_CACHE=cache)
-  cmd = [sys.executable, "-m", "lora_squeeze.main", f"--config={config}:{arg}", f"--workdir={workdir}",
-         "--config.eval.enabled=False", "--config.progress=False", f"--config.data.batch_size={batch}",
-         f"--config.data.max_len={max_len}", "--config.data.max_target_tokens=16",
-         "--config.checkpoint_every=100000", "--config.log_every=8"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "lora_squeeze.main",
+      f"--config={config}:{arg}",
+      f"--workdir={workdir}",
+      "--config.eval.enabled=False",
+      "--config.progress=False",
+      f"--config.data.batch_size={batch}",
+      f"--config.data.max_len={max_len}",
+      "--config.data.max_target_tokens=16",
+      "--config.checkpoint_every=100000",
+      "--config.log_every=8",
+  ]
   t = time.perf_counter()
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
   wall = time.perf_counter() - t
@@ -53,6 +62,7 @@ def _run(mode_args: str, workdir: Path, *, steps: int, batch: int, max_len: int,
 def report(results: dict, *, steps: int, batch: int, max_len: int, paper_steps: int, node: str) -> str:
   """The markdown table from the four runs' ``result.json`` timings (``results[(cache, mode)]``)."""
   from lora_squeeze import schedules  # pylint: disable=g-import-not-at-top
+
   lines = [
       "# In-Squeeze overhead: 8-stage ladder 128 → 1 vs direct rank 128, same total steps (real Gemma 3 270M)",
       "",
@@ -68,21 +78,32 @@ def report(results: dict, *, steps: int, batch: int, max_len: int, paper_steps: 
   for (label, mode), r in results.items():
     tm = r["timing"]
     stages = tm["stages"]
-    lines.append(f"| {label} | {'in_squeeze' if mode == 'in' else 'direct'} | {len(stages)} | "
-                 f"{tm['train_seconds']:.1f} | {sum(s['first_step_seconds'] for s in stages):.1f} | "
-                 f"{sum(s['change_seconds'] for s in stages):.2f} | {tm['steady_step_seconds']:.3f} | "
-                 f"{r['process_wall_seconds']:.1f} |")
+    lines.append(
+        f"| {label} | {'in_squeeze' if mode == 'in' else 'direct'} | {len(stages)} | "
+        f"{tm['train_seconds']:.1f} | {sum(s['first_step_seconds'] for s in stages):.1f} | "
+        f"{sum(s['change_seconds'] for s in stages):.2f} | {tm['steady_step_seconds']:.3f} | "
+        f"{r['process_wall_seconds']:.1f} |"
+    )
   warm_in = results[("warm", "in")]["timing"]["stages"]
-  lines += ["", "Per stage of the warm In-Squeeze run (rank: first step incl. compile s, rank change s, "
-            "steady steps, steady s/step): " + "; ".join(
-                f"r{s['rank']}: {s['first_step_seconds']:.1f}, {s['change_seconds']:.1f}, {s['steady_steps']}, "
-                + (f"{s['steady_seconds'] / s['steady_steps']:.2f}" if s["steady_steps"] else "—")
-                for s in warm_in)]
+  lines += [
+      "",
+      "Per stage of the warm In-Squeeze run (rank: first step incl. compile s, rank change s, "
+      "steady steps, steady s/step): "
+      + "; ".join(
+          f"r{s['rank']}: {s['first_step_seconds']:.1f}, {s['change_seconds']:.1f}, {s['steady_steps']}, "
+          + (f"{s['steady_seconds'] / s['steady_steps']:.2f}" if s["steady_steps"] else "—")
+          for s in warm_in
+      ),
+  ]
   ladder = [s["rank"] for s in warm_in]
   paper_budget = schedules.in_squeeze_steps(ladder, paper_steps, scheme="standard")
-  lines += ["", "| compile cache | ratio In-Squeeze / direct, measured (train loop) | projected to "
-            f"{paper_steps:,} steps, every step at the direct run's speed | projected, each stage at its "
-            "rank's measured speed |", "|---|---:|---:|---:|"]
+  lines += [
+      "",
+      "| compile cache | ratio In-Squeeze / direct, measured (train loop) | projected to "
+      f"{paper_steps:,} steps, every step at the direct run's speed | projected, each stage at its "
+      "rank's measured speed |",
+      "|---|---:|---:|---:|",
+  ]
   for label in ("cold", "warm"):
     d, i = results[(label, "direct")]["timing"], results[(label, "in")]["timing"]
     measured = i["train_seconds"] / d["train_seconds"]
@@ -98,15 +119,19 @@ def report(results: dict, *, steps: int, batch: int, max_len: int, paper_steps: 
       speeds.append(known)
     per_rank = (sum(n * v for n, v in zip(paper_budget, speeds)) + fixed_i) / (paper_steps * step + fixed_d)
     lines.append(f"| {label} | {measured:.2f} | {conservative:.3f} | {per_rank:.3f} |")
-  lines += ["", f"Projection: the paper's {paper_steps:,} steps split over the ladder by the standard scheme "
-            f"({', '.join(f'r{r}: {n}' for r, n in zip(ladder, paper_budget))}), plus the measured fixed costs "
-            "(compile + first step beyond one steady step, and rank changes). Stages with fewer than two steady "
-            "steps here take the speed of the last measured higher rank (an upper bound: lower ranks are "
-            "cheaper).", "",
-            "Goal (issue 4): ratio ≤ 1.05. The per-stage fixed cost is the train step's compile for the new "
-            "rank (once per distinct rank; with a warm persistent cache what remains is tracing and loading) "
-            "plus the jitted rank change. At this CPU scale (32 steps) the fixed costs dominate the measured "
-            "ratio; at the paper's step counts they are amortised."]
+  lines += [
+      "",
+      f"Projection: the paper's {paper_steps:,} steps split over the ladder by the standard scheme "
+      f"({', '.join(f'r{r}: {n}' for r, n in zip(ladder, paper_budget))}), plus the measured fixed costs "
+      "(compile + first step beyond one steady step, and rank changes). Stages with fewer than two steady "
+      "steps here take the speed of the last measured higher rank (an upper bound: lower ranks are "
+      "cheaper).",
+      "",
+      "Goal (issue 4): ratio ≤ 1.05. The per-stage fixed cost is the train step's compile for the new "
+      "rank (once per distinct rank; with a warm persistent cache what remains is tracing and loading) "
+      "plus the jitted rank change. At this CPU scale (32 steps) the fixed costs dominate the measured "
+      "ratio; at the paper's step counts they are amortised.",
+  ]
   return "\n".join(lines) + "\n"
 
 
@@ -131,17 +156,31 @@ def main(argv=None) -> int:
       # warm: fresh runs of the same commands on the filled cache.
       for label, cache in (("cold", str(cache_dir)), ("warm", str(cache_dir))):
         for mode in ("direct", "in"):
-          results[(label, mode)] = _run(mode, Path(tmp) / f"{label}_{mode}", steps=args.steps, batch=args.batch,
-                                        max_len=args.max_len, cache=cache)
+          results[(label, mode)] = _run(
+              mode, Path(tmp) / f"{label}_{mode}", steps=args.steps, batch=args.batch, max_len=args.max_len, cache=cache
+          )
           print(label, mode, json.dumps(results[(label, mode)]["timing"]), flush=True)
-    raw = {"node": platform.node(), "steps": args.steps, "batch": args.batch, "max_len": args.max_len,
-           "runs": [{"cache": k[0], "mode": k[1], "timing": v["timing"],
-                     "process_wall_seconds": v["process_wall_seconds"]} for k, v in results.items()]}
+    raw = {
+        "node": platform.node(),
+        "steps": args.steps,
+        "batch": args.batch,
+        "max_len": args.max_len,
+        "runs": [
+            {"cache": k[0], "mode": k[1], "timing": v["timing"], "process_wall_seconds": v["process_wall_seconds"]}
+            for k, v in results.items()
+        ],
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     fileio.atomic_write_text(raw_path, json.dumps(raw, indent=2))
   results = {(r["cache"], r["mode"]): r for r in raw["runs"]}
-  text = report(results, steps=raw["steps"], batch=raw["batch"], max_len=raw["max_len"],
-                paper_steps=args.paper_steps, node=raw["node"])
+  text = report(
+      results,
+      steps=raw["steps"],
+      batch=raw["batch"],
+      max_len=raw["max_len"],
+      paper_steps=args.paper_steps,
+      node=raw["node"],
+  )
   print(text)
   out.parent.mkdir(parents=True, exist_ok=True)
   fileio.atomic_write_text(out, text)

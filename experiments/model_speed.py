@@ -103,8 +103,12 @@ def profile_step(compiled_text: str, run_once) -> dict:
       else:
         secs["other"] += dur
         kinds[re.sub(r"[._]\d+$", "", e["name"])] += dur
-  return {"dot_seconds": secs["dot"], "other_seconds": secs["other"], "dot_flops": sum(dot_flops.values()),
-          "top_other": kinds.most_common(6)}
+  return {
+      "dot_seconds": secs["dot"],
+      "other_seconds": secs["other"],
+      "dot_flops": sum(dot_flops.values()),
+      "top_other": kinds.most_common(6),
+  }
 
 
 def _step_runner(trainer, rank, params, batch, lr, *, nonzero_b: bool):
@@ -138,7 +142,7 @@ def matmul_rate(n: int, repeats: int) -> tuple[float, float]:
   b = jnp.asarray(np.random.default_rng(1).normal(size=(n, n)), jnp.float32)
   f = jax.jit(jnp.dot)
   sec = _time(lambda: f(a, b), repeats)
-  return 2 * n ** 3 / sec / 1e9, sec
+  return 2 * n**3 / sec / 1e9, sec
 
 
 def main(argv=None) -> int:
@@ -156,15 +160,19 @@ def main(argv=None) -> int:
   rng = np.random.default_rng(0)
   tokens = rng.integers(10, 200_000, size=(b, t)).astype(np.int32)
   loss_mask = np.zeros((b, t), np.int32)
-  loss_mask[:, t - args.answer:] = 1
-  batch = {"tokens": tokens, "loss_mask": loss_mask, "segment_ids": np.ones((b, t), np.int32),
-           "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+  loss_mask[:, t - args.answer :] = 1
+  batch = {
+      "tokens": tokens,
+      "loss_mask": loss_mask,
+      "segment_ids": np.ones((b, t), np.int32),
+      "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+  }
   cfg = lora.LoRAConfig(rank=args.rank)
   n_targets = int(loss_mask[:, 1:].sum())
 
   rows = []
   gemm_rate, gemm_sec = matmul_rate(2048, args.repeats)
-  rows.append(("XLA f32 GEMM 2048³ (reference rate)", gemm_sec, 2 * 2048 ** 3))
+  rows.append(("XLA f32 GEMM 2048³ (reference rate)", gemm_sec, 2 * 2048**3))
 
   params = model.params
   fwd_full = jax.jit(lambda p, tok: model.transformer.apply({"params": p}, tok).logits)
@@ -177,25 +185,33 @@ def main(argv=None) -> int:
   lora_params = holder["state"]["params"]  # timed before the first (donating) step
   hidden_fwd = jax.jit(lambda lp, base, batch: trainer._loss(lp, base, batch))  # pylint: disable=protected-access
   sec = _time(lambda: hidden_fwd(lora_params, params, batch), args.repeats)
-  rows.append((f"forward with LoRA r={args.rank}, logits at {n_targets} answer tokens", sec,
-               _flops(hidden_fwd, lora_params, params, batch)))
+  rows.append(
+      (
+          f"forward with LoRA r={args.rank}, logits at {n_targets} answer tokens",
+          sec,
+          _flops(hidden_fwd, lora_params, params, batch),
+      )
+  )
 
   sec = _time(one_step, args.repeats)
   rows.append((f"LoRA r={args.rank} train step, answer-only loss ({n_targets} logits)", sec, flops_step))
-  prof = profile_step(trainer._train_step.lower(holder["state"], params, batch, lr).compile().as_text(),  # pylint: disable=protected-access
-                      lambda: jax.block_until_ready(one_step()))
+  prof = profile_step(
+      trainer._train_step.lower(holder["state"], params, batch, lr).compile().as_text(),  # pylint: disable=protected-access
+      lambda: jax.block_until_ready(one_step()),
+  )
 
   lora.HAND_BACKWARD = False  # the same step with autodiff's backward for the LoRA product (before)
-  _, flops_auto, one_auto_step = _step_runner(train.Trainer(model, cfg, max_targets=n_targets), args.rank,
-                                              params, batch, lr, nonzero_b=True)
+  _, flops_auto, one_auto_step = _step_runner(
+      train.Trainer(model, cfg, max_targets=n_targets), args.rank, params, batch, lr, nonzero_b=True
+  )
   sec = _time(one_auto_step, args.repeats)
   lora.HAND_BACKWARD = True
-  rows.append((f"LoRA r={args.rank} train step, answer-only loss, autodiff LoRA backward (before)", sec,
-               flops_auto))
+  rows.append((f"LoRA r={args.rank} train step, answer-only loss, autodiff LoRA backward (before)", sec, flops_auto))
 
   full_mask = dict(batch, loss_mask=np.ones((b, t), np.int32))
-  _, flops_full, one_full_step = _step_runner(train.Trainer(model, cfg, max_targets=b * t), args.rank, params,
-                                              full_mask, lr, nonzero_b=False)
+  _, flops_full, one_full_step = _step_runner(
+      train.Trainer(model, cfg, max_targets=b * t), args.rank, params, full_mask, lr, nonzero_b=False
+  )
   sec = _time(one_full_step, args.repeats)
   rows.append((f"LoRA r={args.rank} train step, full-vocab loss ({b * (t - 1)} logits)", sec, flops_full))
 

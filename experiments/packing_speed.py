@@ -65,11 +65,11 @@ def _examples(batch) -> int:
 class Config:
   """One configuration on one task: its first 1 + ``steps`` batches, its trainer and its LoRA state."""
 
-  def __init__(self, model, task: str, *, label: str, pack: bool, batch_size: int, max_len: int, rank: int,
-               steps: int):
+  def __init__(self, model, task: str, *, label: str, pack: bool, batch_size: int, max_len: int, rank: int, steps: int):
     self.model, self.label, self.batch_size, self.max_len = model, label, batch_size, max_len
-    it = data.train_iterator(task, model.tokenizer, batch_size=batch_size, max_len=max_len, seed=0,
-                             split="offline_train", pack=pack)
+    it = data.train_iterator(
+        task, model.tokenizer, batch_size=batch_size, max_len=max_len, seed=0, split="offline_train", pack=pack
+    )
     self.batches = [next(it) for _ in range(1 + steps)]
     most = max(int(b["loss_mask"][:, 1:].sum()) for b in self.batches)
     self.max_targets = -(-most // 8) * 8
@@ -92,16 +92,24 @@ class Config:
     sec = statistics.median(self.seconds[1:])
     real = float(np.mean([(b["segment_ids"] > 0).sum() for b in timed]))
     examples = float(np.mean([_examples(b) for b in timed]))
-    return {"seconds": sec, "compile_seconds": self.seconds[0], "real_tokens": real, "examples": examples,
-            "examples_per_s": examples / sec, "tokens_per_s": real / sec,
-            "fill": real / (self.batch_size * self.max_len)}
+    return {
+        "seconds": sec,
+        "compile_seconds": self.seconds[0],
+        "real_tokens": real,
+        "examples": examples,
+        "examples_per_s": examples / sec,
+        "tokens_per_s": real / sec,
+        "fill": real / (self.batch_size * self.max_len),
+    }
 
 
 def measure(model, task: str, *, rank: int, steps: int) -> dict[str, dict]:
   """All CONFIGS on one task. Timed steps run round-robin (one step of each configuration in turn), so load
   from other work on a shared machine falls on every configuration alike."""
-  configs = [Config(model, task, label=label, pack=pack, batch_size=b, max_len=t, rank=rank, steps=steps)
-             for label, pack, b, t in CONFIGS]
+  configs = [
+      Config(model, task, label=label, pack=pack, batch_size=b, max_len=t, rank=rank, steps=steps)
+      for label, pack, b, t in CONFIGS
+  ]
   for _ in range(1 + steps):
     for c in configs:
       c.step()
@@ -126,38 +134,70 @@ def main(argv=None) -> int:
     got = measure(model, task, rank=args.rank, steps=args.steps)
     for label, pack, b, t in CONFIGS:
       r = got[label]
-      print(f"[packing_speed] {task} {label} {b}x{t}: {r['seconds']:.3f} s/step, "
-            f"{r['examples']:.1f} examples/step (compile + first step {r['compile_seconds']:.1f} s; timed steps "
-            f"{', '.join(f'{x:.2f}' for x in r['step_seconds'])} s)", flush=True)
+      print(
+          f"[packing_speed] {task} {label} {b}x{t}: {r['seconds']:.3f} s/step, "
+          f"{r['examples']:.1f} examples/step (compile + first step {r['compile_seconds']:.1f} s; timed steps "
+          f"{', '.join(f'{x:.2f}' for x in r['step_seconds'])} s)",
+          flush=True,
+      )
     base = got[CONFIGS[0][0]]["examples_per_s"]
     for label, pack, b, t in CONFIGS:
       r = got[label]
-      rows.append([task, label, f"{b} x {t}", f"{r['seconds']:.3f}", f"{min(r['step_seconds']):.3f}",
-                   f"{r['real_tokens']:,.0f}", f"{100 * r['fill']:.0f}%", f"{r['examples']:.1f}",
-                   f"{r['examples_per_s']:.2f}",
-                   f"{r['tokens_per_s']:,.0f}", f"{r['max_targets']} ({r['max_targets'] // b}/row)",
-                   f"{r['examples_per_s'] / base:.2f}x"])
+      rows.append(
+          [
+              task,
+              label,
+              f"{b} x {t}",
+              f"{r['seconds']:.3f}",
+              f"{min(r['step_seconds']):.3f}",
+              f"{r['real_tokens']:,.0f}",
+              f"{100 * r['fill']:.0f}%",
+              f"{r['examples']:.1f}",
+              f"{r['examples_per_s']:.2f}",
+              f"{r['tokens_per_s']:,.0f}",
+              f"{r['max_targets']} ({r['max_targets'] // b}/row)",
+              f"{r['examples_per_s'] / base:.2f}x",
+          ]
+      )
     packed, control = got["packed"]["examples_per_s"], got["unpacked (control)"]["examples_per_s"]
-    ratios.append(f"{task}: packed 8 x 128 trains {packed / base:.2f}x the examples/s of unpacked 8 x 64 and "
-                  f"{packed / control:.2f}x those of unpacked 8 x 128.")
+    ratios.append(
+        f"{task}: packed 8 x 128 trains {packed / base:.2f}x the examples/s of unpacked 8 x 64 and "
+        f"{packed / control:.2f}x those of unpacked 8 x 128."
+    )
 
-  header = ["task", "layout", "batch x len", "s/step", "fastest step", "real tokens/step", "non-pad",
-            "examples/step", "examples/s", "real tokens/s", "max_targets", "examples/s vs unpacked 8 x 64"]
-  text = "".join([
-      "# Example packing: real Gemma 3 270M LoRA train step (float32, jit)\n\n",
-      f"Machine: {platform.node()}, {os.cpu_count()} CPU cores, {_cpu_name()}, jax {jax.__version__} on "
-      f"{jax.devices()[0].platform}. LoRA rank {args.rank} on all 7 projections of 18 layers, Adafactor; "
-      f"offline_train data (olmo), shuffle seed 0. Per configuration: one warm-up step (compile), then the "
-      f"median of {args.steps} timed steps on new batches, the configurations taking turns step by step; tokens "
-      "and examples are means over those batches. "
-      "max_targets: the answer positions the step gathers, the most any of this run's batches needs, rounded "
-      "up to 8 (packed rows hold several answers: data.max_target_tokens is per row).\n\n",
-      results.markdown_table(header, rows, align="lllrrrrrrrrr"),
-      "\n", "\n".join(ratios), "\n",
-      f"\nWhole run {time.time() - t_start:.0f} s (`python experiments/packing_speed.py --steps {args.steps}`); "
-      f"1-minute load average {load_start:.2f} at its start, {os.getloadavg()[0]:.2f} at its end (the step "
-      "itself keeps both cores busy: a load well above 2 means other work shared the machine).\n",
-  ])
+  header = [
+      "task",
+      "layout",
+      "batch x len",
+      "s/step",
+      "fastest step",
+      "real tokens/step",
+      "non-pad",
+      "examples/step",
+      "examples/s",
+      "real tokens/s",
+      "max_targets",
+      "examples/s vs unpacked 8 x 64",
+  ]
+  text = "".join(
+      [
+          "# Example packing: real Gemma 3 270M LoRA train step (float32, jit)\n\n",
+          f"Machine: {platform.node()}, {os.cpu_count()} CPU cores, {_cpu_name()}, jax {jax.__version__} on "
+          f"{jax.devices()[0].platform}. LoRA rank {args.rank} on all 7 projections of 18 layers, Adafactor; "
+          f"offline_train data (olmo), shuffle seed 0. Per configuration: one warm-up step (compile), then the "
+          f"median of {args.steps} timed steps on new batches, the configurations taking turns step by step; tokens "
+          "and examples are means over those batches. "
+          "max_targets: the answer positions the step gathers, the most any of this run's batches needs, rounded "
+          "up to 8 (packed rows hold several answers: data.max_target_tokens is per row).\n\n",
+          results.markdown_table(header, rows, align="lllrrrrrrrrr"),
+          "\n",
+          "\n".join(ratios),
+          "\n",
+          f"\nWhole run {time.time() - t_start:.0f} s (`python experiments/packing_speed.py --steps {args.steps}`); "
+          f"1-minute load average {load_start:.2f} at its start, {os.getloadavg()[0]:.2f} at its end (the step "
+          "itself keeps both cores busy: a load well above 2 means other work shared the machine).\n",
+      ]
+  )
   print(text)
   path = results.write_text(args.out, text)
   print(f"wrote {path}")

@@ -37,8 +37,12 @@ RESULTS = ROOT / "experiments" / "results"
 RAW = RESULTS / "paper_scale_plan.json"
 
 # model key -> (models name, text_only)
-MODELS = {"1b": ("gemma3_1b", True), "4b": ("gemma3_4b", True), "4b_vl": ("gemma3_4b", False),
-          "12b": ("gemma3_12b", True)}
+MODELS = {
+    "1b": ("gemma3_1b", True),
+    "4b": ("gemma3_4b", True),
+    "4b_vl": ("gemma3_4b", False),
+    "12b": ("gemma3_12b", True),
+}
 # devices -> (mesh sizes, global batch)
 MESHES = {1: (None, 8), 8: ({"data": 1, "fsdp": 8}, 8), 32: ({"data": 4, "fsdp": 8}, 32)}
 # What each item lowers; "compile" lists those also compiled. Order = priority (the slow machine runs the
@@ -75,6 +79,7 @@ def worker(model_key: str, devices: int, lower_list, compile_list, out_path: pat
   import jax  # pylint: disable=g-import-not-at-top
   from lora_squeeze import aot  # pylint: disable=g-import-not-at-top
   from lora_squeeze import sharding  # pylint: disable=g-import-not-at-top
+
   assert jax.device_count() == devices, (jax.device_count(), devices)
   name, text_only = MODELS[model_key]
   sizes, batch = MESHES[devices]
@@ -83,8 +88,15 @@ def worker(model_key: str, devices: int, lower_list, compile_list, out_path: pat
   programs = aot.Programs(model, aot.Setting(batch=batch), mesh=mesh)
   base = programs.base()
   for prog in lower_list:
-    rec = {"model": model_key, "devices": devices, "mesh": sizes, "batch": batch, "program": prog,
-           "base_bytes": aot.base_bytes(model), "lora_bytes_r128": aot.lora_bytes(model, 128)}
+    rec = {
+        "model": model_key,
+        "devices": devices,
+        "mesh": sizes,
+        "batch": batch,
+        "program": prog,
+        "base_bytes": aot.base_bytes(model),
+        "lora_bytes_r128": aot.lora_bytes(model, 128),
+    }
     kind, rank = ("train_step", int(prog.split("_r")[1])) if prog.startswith("train_r") else (prog, 128)
     rec["rank"] = rank
     try:
@@ -107,8 +119,15 @@ def worker(model_key: str, devices: int, lower_list, compile_list, out_path: pat
       rec["error"] = f"{type(e).__name__}: {e}"[:2000]
     with open(out_path, "a") as f:
       f.write(json.dumps(rec) + "\n")
-    print(json.dumps({k: rec.get(k) for k in ("model", "devices", "program", "status", "lower_seconds",
-                                              "compile_seconds", "error")}), flush=True)
+    print(
+        json.dumps(
+            {
+                k: rec.get(k)
+                for k in ("model", "devices", "program", "status", "lower_seconds", "compile_seconds", "error")
+            }
+        ),
+        flush=True,
+    )
 
 
 def run_item(model_key, devices, lower_list, compile_list, scratch, timeout):
@@ -116,8 +135,19 @@ def run_item(model_key, devices, lower_list, compile_list, scratch, timeout):
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-  cmd = [sys.executable, __file__, "--worker", model_key, str(devices), "--lower", ",".join(lower_list),
-         "--compile", ",".join(compile_list), "--scratch", str(scratch)]
+  cmd = [
+      sys.executable,
+      __file__,
+      "--worker",
+      model_key,
+      str(devices),
+      "--lower",
+      ",".join(lower_list),
+      "--compile",
+      ",".join(compile_list),
+      "--scratch",
+      str(scratch),
+  ]
   t = time.time()
   try:
     proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
@@ -174,11 +204,13 @@ def cell_steps(cell, config) -> list[tuple[int, int]]:
   own cell; Post-Squeeze and zero-shot cells train nothing)."""
   from lora_squeeze import sweep  # pylint: disable=g-import-not-at-top
   from lora_squeeze import train  # pylint: disable=g-import-not-at-top
+
   return [(s.rank, s.steps) for s in train.plan_stages(sweep.cell_config(config, cell, pathlib.Path("/none")))]
 
 
 def artefact_cost(config_path, arg, table) -> dict:
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   spec = importlib.util.spec_from_file_location("plan_cfg", ROOT / config_path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -206,7 +238,9 @@ def caveats(probe: dict) -> list[str]:
   ratio = probe["temporaries_ratio_bf16_over_f32"]
   dots = probe["bfloat16"]["dots"]
   return [
-      "", "## Where XLA:CPU's memory figures may differ from a TPU's or GPU's", "",
+      "",
+      "## Where XLA:CPU's memory figures may differ from a TPU's or GPU's",
+      "",
       f"* **bfloat16 runs as float32 on XLA:CPU.** Measured here (`cpu_dtype_probe`: a 2-layer Gemma-3-shaped "
       f"model, d 256, F 1024, batch 8 x 1024): the compiled bfloat16 train step has {dots['f32']} float32 dots "
       f"and {dots['bf16']} bfloat16 ones (XLA:CPU converts the operands), and its temporaries are "
@@ -234,20 +268,27 @@ def gb(x) -> str:
 
 
 def report(records, out_md: pathlib.Path, out_json: pathlib.Path, machine: str, probe: dict) -> str:
-  lines = ["# Paper scale on paper: compiled programs, memory per device and a time plan", "",
-           f"Machine: {machine}. Made by `experiments/paper_scale_plan.py` from abstract shapes (no weights): "
-           "the project's own train step, rank change and eval step (`lora_squeeze.aot`), bfloat16 base, "
-           "LoRA on all seven projections, batch 8 x 1024 (32 devices: batch 32, see below).", "",
-           "## Programs and memory per device (XLA:CPU's memory analysis)", "",
-           "`peak` = arguments + outputs - aliased (donated) + temporaries, per device. Fits: peak <= capacity "
-           "(no allowance for the runtime's own reserve; see the caveats). `lowered` = traced and lowered to "
-           "StableHLO only (shapes and shardings checked; the arguments per device are exact from the "
-           "shardings, the rest needs a compile); `compiled` = XLA compiled it too. GFLOP `(lowered)`: XLA's "
-           "count on the unoptimised, unpartitioned program (within 0.5% of the compiled one where both exist), "
-           "divided by the devices on a mesh.",
-           "", "| model | devices (mesh) | program | status | args GB | outputs GB | temps GB | peak GB | "
-           + " | ".join(f"{c} GB ({n})" for n, c in CAPACITIES_GB) + " | GFLOP/step/device | lower s | compile s |",
-           "|" + "---|" * (11 + len(CAPACITIES_GB))]
+  lines = [
+      "# Paper scale on paper: compiled programs, memory per device and a time plan",
+      "",
+      f"Machine: {machine}. Made by `experiments/paper_scale_plan.py` from abstract shapes (no weights): "
+      "the project's own train step, rank change and eval step (`lora_squeeze.aot`), bfloat16 base, "
+      "LoRA on all seven projections, batch 8 x 1024 (32 devices: batch 32, see below).",
+      "",
+      "## Programs and memory per device (XLA:CPU's memory analysis)",
+      "",
+      "`peak` = arguments + outputs - aliased (donated) + temporaries, per device. Fits: peak <= capacity "
+      "(no allowance for the runtime's own reserve; see the caveats). `lowered` = traced and lowered to "
+      "StableHLO only (shapes and shardings checked; the arguments per device are exact from the "
+      "shardings, the rest needs a compile); `compiled` = XLA compiled it too. GFLOP `(lowered)`: XLA's "
+      "count on the unoptimised, unpartitioned program (within 0.5% of the compiled one where both exist), "
+      "divided by the devices on a mesh.",
+      "",
+      "| model | devices (mesh) | program | status | args GB | outputs GB | temps GB | peak GB | "
+      + " | ".join(f"{c} GB ({n})" for n, c in CAPACITIES_GB)
+      + " | GFLOP/step/device | lower s | compile s |",
+      "|" + "---|" * (11 + len(CAPACITIES_GB)),
+  ]
   for r in records:
     mesh = "1" if not r["mesh"] else f"{r['devices']} ({r['mesh']['data']}x{r['mesh']['fsdp']})"
     mem = r.get("memory")
@@ -265,27 +306,36 @@ def report(records, out_md: pathlib.Path, out_json: pathlib.Path, machine: str, 
     if r.get("cost"):
       flops = f"{cost['flops'] / 1e9:,.0f}"
     elif cost:  # a lowered program's count is the whole (unpartitioned) step's: shown per device, evenly split
-      flops = f"{cost['flops'] / r['devices'] / 1e9:,.0f} (lowered" + (f", /{r['devices']})" if r["devices"] > 1 else ")")
+      flops = f"{cost['flops'] / r['devices'] / 1e9:,.0f} (lowered" + (
+          f", /{r['devices']})" if r["devices"] > 1 else ")"
+      )
     else:
       flops = "-"
-    cells += [flops,
-              f"{r.get('lower_seconds', 0):.0f}", f"{r['compile_seconds']:.0f}" if "compile_seconds" in r else "-"]
+    cells += [
+        flops,
+        f"{r.get('lower_seconds', 0):.0f}",
+        f"{r['compile_seconds']:.0f}" if "compile_seconds" in r else "-",
+    ]
     lines.append("| " + " | ".join(cells) + " |")
   noted = [r for r in records if r.get("note")]
   if noted:
-    lines += ["", "Notes:", ""] + [f"* {r['model']} on {r['devices']} device(s), {r['program']}: {r['note']}"
-                                   for r in noted]
+    lines += ["", "Notes:", ""] + [
+        f"* {r['model']} on {r['devices']} device(s), {r['program']}: {r['note']}" for r in noted
+    ]
   failed = [r for r in records if r["status"] == "failed"]
   if failed:
-    lines += ["", "Failures:", ""] + [f"* {r['model']} on {r['devices']} device(s), {r['program']}: "
-                                      f"`{r['error'][:400]}`" for r in failed]
+    lines += ["", "Failures:", ""] + [
+        f"* {r['model']} on {r['devices']} device(s), {r['program']}: " f"`{r['error'][:400]}`" for r in failed
+    ]
   sharded = [r for r in records if "unsharded_base_inputs" in r]
   if sharded:
     bad = [r for r in sharded if r["unsharded_base_inputs"]]
-    lines += ["", f"fsdp check: {len(sharded)} lowered programs on fsdp meshes; base weights of >= 1M values "
-              f"taken whole on one device: {sum(len(r['unsharded_base_inputs']) for r in bad)}"
-              + "".join(f"\n* {r['model']}:{r['devices']} {r['program']}: {r['unsharded_base_inputs'][:4]}"
-                        for r in bad)]
+    lines += [
+        "",
+        f"fsdp check: {len(sharded)} lowered programs on fsdp meshes; base weights of >= 1M values "
+        f"taken whole on one device: {sum(len(r['unsharded_base_inputs']) for r in bad)}"
+        + "".join(f"\n* {r['model']}:{r['devices']} {r['program']}: {r['unsharded_base_inputs'][:4]}" for r in bad),
+    ]
   coll = [r for r in records if r.get("collectives")]
   if coll:
     lines += ["", "Collectives in the compiled programs (per device: count, largest result):", ""]
@@ -294,18 +344,26 @@ def report(records, out_md: pathlib.Path, out_json: pathlib.Path, machine: str, 
       lines.append(f"* {r['model']}:{r['devices']} {r['program']}: " + "; ".join(parts))
   lines += caveats(probe)
   # Time plan.
-  lines += ["", "## Time plan", "",
-            f"Assumption: every chip runs at {MFU:.0%} of its bf16 dense peak ("
-            + ", ".join(f"{n} {p:g} TFLOP/s" for n, p in CHIPS) + "). Step FLOPs are XLA's count of the "
-            "one-device train step at batch 8 x 1024 (ranks in between 1 and 128 interpolated linearly: the LoRA "
-            "part grows with r). Device-hours are training steps only: the evaluations, the rank changes and "
-            "data loading are not counted (one eval batch of 8 rows x 1024 is about half a train step's FLOPs: see "
-            "eval_step above). More chips divide the wall-clock time, not the device-hours, and only while they "
-            "add rows (batch 8: at most 8-way data parallelism). Artefacts share cells: `heatmap+table1` (what "
-            "the README runs) counts the shared direct cells once.", ""]
+  lines += [
+      "",
+      "## Time plan",
+      "",
+      f"Assumption: every chip runs at {MFU:.0%} of its bf16 dense peak ("
+      + ", ".join(f"{n} {p:g} TFLOP/s" for n, p in CHIPS)
+      + "). Step FLOPs are XLA's count of the "
+      "one-device train step at batch 8 x 1024 (ranks in between 1 and 128 interpolated linearly: the LoRA "
+      "part grows with r). Device-hours are training steps only: the evaluations, the rank changes and "
+      "data loading are not counted (one eval batch of 8 rows x 1024 is about half a train step's FLOPs: see "
+      "eval_step above). More chips divide the wall-clock time, not the device-hours, and only while they "
+      "add rows (batch 8: at most 8-way data parallelism). Artefacts share cells: `heatmap+table1` (what "
+      "the README runs) counts the shared direct cells once.",
+      "",
+  ]
   plan = {"assumption": {"mfu": MFU, "chips_tflops": dict(CHIPS)}, "step": {}, "artefacts": {}}
-  lines += ["| model | rank | TFLOP/step | " + " | ".join(f"{n} s/step" for n, _ in CHIPS) + " |",
-            "|" + "---|" * (3 + len(CHIPS))]
+  lines += [
+      "| model | rank | TFLOP/step | " + " | ".join(f"{n} s/step" for n, _ in CHIPS) + " |",
+      "|" + "---|" * (3 + len(CHIPS)),
+  ]
   for key in MODELS:
     table = train_flops(records, key)
     if not table:
@@ -315,8 +373,13 @@ def report(records, out_md: pathlib.Path, out_json: pathlib.Path, machine: str, 
       secs = [f / (p * 1e12 * MFU) for _, p in CHIPS]
       plan["step"][f"{key}_r{rank}"] = {"flops": f, **{n: s for (n, _), s in zip(CHIPS, secs)}}
       lines.append(f"| {key} | {rank} | {f / 1e12:.1f} | " + " | ".join(f"{s:.3f}" for s in secs) + " |")
-  lines += ["", "| model | artefact | cells (trained) | train steps | PFLOP | "
-            + " | ".join(f"{n} device-hours" for n, _ in CHIPS) + " |", "|" + "---|" * (5 + len(CHIPS))]
+  lines += [
+      "",
+      "| model | artefact | cells (trained) | train steps | PFLOP | "
+      + " | ".join(f"{n} device-hours" for n, _ in CHIPS)
+      + " |",
+      "|" + "---|" * (5 + len(CHIPS)),
+  ]
   for key, model in (("1b", "gemma3_1b"), ("4b", "gemma3_4b")):
     table = train_flops(records, key)
     if not table:
@@ -325,12 +388,15 @@ def report(records, out_md: pathlib.Path, out_json: pathlib.Path, machine: str, 
       c = artefact_cost(path, f"{arg},model={model}", table)
       hours = [c["flops"] / (p * 1e12 * MFU) / 3600 for _, p in CHIPS]
       plan["artefacts"][f"{key}:{art}"] = {**c, **{n: h for (n, _), h in zip(CHIPS, hours)}}
-      lines.append(f"| {key} | {art} | {c['cells']} ({c['trained_cells']}) | {c['steps']:,} | "
-                   f"{c['flops'] / 1e15:,.0f} | " + " | ".join(f"{h:,.0f}" for h in hours) + " |")
+      lines.append(
+          f"| {key} | {art} | {c['cells']} ({c['trained_cells']}) | {c['steps']:,} | "
+          f"{c['flops'] / 1e15:,.0f} | " + " | ".join(f"{h:,.0f}" for h in hours) + " |"
+      )
   text = "\n".join(lines) + "\n"
   out_md.write_text(text)
-  out_json.write_text(json.dumps({"machine": machine, "records": records, "plan": plan, "cpu_dtype_probe": probe},
-                                 indent=1))
+  out_json.write_text(
+      json.dumps({"machine": machine, "records": records, "plan": plan, "cpu_dtype_probe": probe}, indent=1)
+  )
   return text
 
 
@@ -339,16 +405,21 @@ def cpu_dtype_probe() -> dict:
   1024) at batch 8 x 1024, train step compiled with a float32 and with a bfloat16 base. XLA:CPU runs every dot
   in float32 (it converts bfloat16 operands), where TPUs and GPUs keep them in bfloat16."""
   from lora_squeeze import aot  # pylint: disable=g-import-not-at-top
+
   out = {}
   for dt in ("float32", "bfloat16"):
-    model = aot.abstract_model("tiny", dtype=dt, num_layers=2, embed_dim=256, hidden_dim=1024, num_heads=4,
-                               num_kv_heads=2, head_dim=64)
+    model = aot.abstract_model(
+        "tiny", dtype=dt, num_layers=2, embed_dim=256, hidden_dim=1024, num_heads=4, num_kv_heads=2, head_dim=64
+    )
     compiled = aot.Programs(model, aot.Setting()).lower("train_step", rank=16).compile()
     lines = compiled.as_text().splitlines()
-    out[dt] = {"memory": aot.memory(compiled),
-               "dots": {t: sum(1 for l in lines if " dot(" in l and f"= {t}[" in l) for t in ("bf16", "f32")}}
-  out["temporaries_ratio_bf16_over_f32"] = (out["bfloat16"]["memory"]["temporaries"]
-                                            / out["float32"]["memory"]["temporaries"])
+    out[dt] = {
+        "memory": aot.memory(compiled),
+        "dots": {t: sum(1 for l in lines if " dot(" in l and f"= {t}[" in l) for t in ("bf16", "f32")},
+    }
+  out["temporaries_ratio_bf16_over_f32"] = (
+      out["bfloat16"]["memory"]["temporaries"] / out["float32"]["memory"]["temporaries"]
+  )
   return out
 
 
@@ -362,14 +433,17 @@ def machine_line() -> str:
   except OSError:
     pass
   load = os.getloadavg()[0]
-  return (f"{cpu}, {os.cpu_count()} cores, {platform.system()}, jax {_jax_version()}; shared with other jobs "
-          f"(load average {load:.0f} when the report was written): the lower/compile seconds are wall time "
-          "on that busy machine")
+  return (
+      f"{cpu}, {os.cpu_count()} cores, {platform.system()}, jax {_jax_version()}; shared with other jobs "
+      f"(load average {load:.0f} when the report was written): the lower/compile seconds are wall time "
+      "on that busy machine"
+  )
 
 
 def _jax_version() -> str:
   try:
     import jax  # pylint: disable=g-import-not-at-top
+
     return jax.__version__
   except ImportError:
     return "?"
@@ -389,8 +463,13 @@ def main():
   args = p.parse_args()
   scratch = pathlib.Path(args.scratch)
   if args.worker:
-    worker(args.worker[0], int(args.worker[1]), [x for x in args.lower.split(",") if x],
-           [x for x in args.compile.split(",") if x], scratch)
+    worker(
+        args.worker[0],
+        int(args.worker[1]),
+        [x for x in args.lower.split(",") if x],
+        [x for x in args.compile.split(",") if x],
+        scratch,
+    )
     return
   if not args.report:
     only = {x for x in args.only.split(",") if x}

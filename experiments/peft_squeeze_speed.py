@@ -44,9 +44,15 @@ RESULTS = REPO / "experiments" / "results" / "peft_squeeze_speed.md"
 LAYERS, R_SRC, ALPHA = 32, 64, 128
 HIDDEN, KV, FFN = 4096, 1024, 14336
 # module type -> (group, in, out), Llama-3-8B.
-MODULES = {"q_proj": ("self_attn", HIDDEN, HIDDEN), "k_proj": ("self_attn", HIDDEN, KV),
-           "v_proj": ("self_attn", HIDDEN, KV), "o_proj": ("self_attn", HIDDEN, HIDDEN),
-           "gate_proj": ("mlp", HIDDEN, FFN), "up_proj": ("mlp", HIDDEN, FFN), "down_proj": ("mlp", FFN, HIDDEN)}
+MODULES = {
+    "q_proj": ("self_attn", HIDDEN, HIDDEN),
+    "k_proj": ("self_attn", HIDDEN, KV),
+    "v_proj": ("self_attn", HIDDEN, KV),
+    "o_proj": ("self_attn", HIDDEN, HIDDEN),
+    "gate_proj": ("mlp", HIDDEN, FFN),
+    "up_proj": ("mlp", HIDDEN, FFN),
+    "down_proj": ("mlp", FFN, HIDDEN),
+}
 GOAL_SPEEDUP, GOAL_SECONDS = 1000.0, 10.0
 
 
@@ -60,8 +66,10 @@ def build_adapter(directory: Path, layers: int = LAYERS, seed: int = 0) -> int:
   entries = []
   for layer in range(layers):
     for kind, (_, n_in, n_out) in MODULES.items():
-      entries += [(f"{prefix(layer, kind)}.lora_A.weight", "BF16", (R_SRC, n_in)),
-                  (f"{prefix(layer, kind)}.lora_B.weight", "BF16", (n_out, R_SRC))]
+      entries += [
+          (f"{prefix(layer, kind)}.lora_A.weight", "BF16", (R_SRC, n_in)),
+          (f"{prefix(layer, kind)}.lora_B.weight", "BF16", (n_out, R_SRC)),
+      ]
   writer = adapters.SafetensorsWriter(directory / adapters.WEIGHTS_NAME, entries, {"format": "pt"})
   rng = np.random.default_rng(seed)
   decay = (0.93 ** np.arange(R_SRC)).astype(np.float32)  # singular values spread over ~2 decades
@@ -72,10 +80,21 @@ def build_adapter(directory: Path, layers: int = LAYERS, seed: int = 0) -> int:
       writer.write(f"{prefix(layer, kind)}.lora_A.weight", a.astype(ml_dtypes.bfloat16))
       writer.write(f"{prefix(layer, kind)}.lora_B.weight", b.astype(ml_dtypes.bfloat16))
   writer.close()
-  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "meta-llama/Meta-Llama-3-8B",
-            "r": R_SRC, "lora_alpha": ALPHA, "lora_dropout": 0.05, "bias": "none", "use_rslora": False,
-            "target_modules": list(MODULES), "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False,
-            "inference_mode": True}
+  config = {
+      "peft_type": "LORA",
+      "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": "meta-llama/Meta-Llama-3-8B",
+      "r": R_SRC,
+      "lora_alpha": ALPHA,
+      "lora_dropout": 0.05,
+      "bias": "none",
+      "use_rslora": False,
+      "target_modules": list(MODULES),
+      "rank_pattern": {},
+      "alpha_pattern": {},
+      "fan_in_fan_out": False,
+      "inference_mode": True,
+  }
   (directory / adapters.CONFIG_NAME).write_text(json.dumps(config, indent=2))
   return (directory / adapters.WEIGHTS_NAME).stat().st_size
 
@@ -96,8 +115,7 @@ def run_measured(argv: list[str], **env_overrides: str) -> tuple[float, int, str
     return wall, usage.ru_maxrss * 1024, out.read().decode()
 
 
-def full_svd_route(reader: adapters.SafetensorsReader, layer: int, kind: str, rank: int
-                   ) -> tuple[float, np.ndarray]:
+def full_svd_route(reader: adapters.SafetensorsReader, layer: int, kind: str, rank: int) -> tuple[float, np.ndarray]:
   """PEFT/kohya: ΔW = scale·B@A (float32), full SVD, keep the top `rank`. Returns (seconds, truncated ΔW)."""
   a = reader.read(f"{prefix(layer, kind)}.lora_A.weight").astype(np.float32)
   b = reader.read(f"{prefix(layer, kind)}.lora_B.weight").astype(np.float32)
@@ -136,27 +154,53 @@ def main() -> None:
 
     # The command, end to end, and an idle JAX process for the memory floor.
     idle_wall, idle_rss, _ = run_measured(
-        [sys.executable, "-c", "import jax.numpy as jnp; jnp.zeros(1).block_until_ready()"])
+        [sys.executable, "-c", "import jax.numpy as jnp; jnp.zeros(1).block_until_ready()"]
+    )
     # Run 1 starts with an empty compile cache (cold: every XLA compile paid); later runs reuse it (warm),
     # as a second use of the command on adapters of the same base model would.
     runs = []
     for i in range(args.repeats):
       out_dir = tmp / f"out{i}"
       load = os.getloadavg()[0]
-      wall, rss, stdout = run_measured([sys.executable, "-m", "lora_squeeze.adapters", "squeeze",
-                                        str(tmp / "in"), str(out_dir), "--rank", str(args.rank), "--no-progress"],
-                                       LORA_SQUEEZE_JAX_CACHE=str(tmp / "jax_cache"))
+      wall, rss, stdout = run_measured(
+          [
+              sys.executable,
+              "-m",
+              "lora_squeeze.adapters",
+              "squeeze",
+              str(tmp / "in"),
+              str(out_dir),
+              "--rank",
+              str(args.rank),
+              "--no-progress",
+          ],
+          LORA_SQUEEZE_JAX_CACHE=str(tmp / "jax_cache"),
+      )
       inner = float(re.search(r"method efficient, ([0-9.]+) s", stdout)[1])
       runs.append((wall, rss, inner, load))
-      print(f"lora-squeeze run {i + 1}: {wall:.2f} s wall, {inner:.2f} s inside, peak RSS {rss / 2**20:.0f} MiB, "
-            f"load {load:.1f}", flush=True)
+      print(
+          f"lora-squeeze run {i + 1}: {wall:.2f} s wall, {inner:.2f} s inside, peak RSS {rss / 2**20:.0f} MiB, "
+          f"load {load:.1f}",
+          flush=True,
+      )
     out_bytes = (tmp / "out0" / adapters.WEIGHTS_NAME).stat().st_size
 
     # Memory must not grow with the adapter: the same command on a 4-layer cut (warm cache, same shapes).
     small_bytes = build_adapter(tmp / "small", layers=4)
-    small_wall, small_rss, _ = run_measured([sys.executable, "-m", "lora_squeeze.adapters", "squeeze",
-                                             str(tmp / "small"), str(tmp / "small_out"), "--rank", str(args.rank),
-                                             "--no-progress"], LORA_SQUEEZE_JAX_CACHE=str(tmp / "jax_cache"))
+    small_wall, small_rss, _ = run_measured(
+        [
+            sys.executable,
+            "-m",
+            "lora_squeeze.adapters",
+            "squeeze",
+            str(tmp / "small"),
+            str(tmp / "small_out"),
+            "--rank",
+            str(args.rank),
+            "--no-progress",
+        ],
+        LORA_SQUEEZE_JAX_CACHE=str(tmp / "jax_cache"),
+    )
     print(f"4-layer adapter: {small_wall:.2f} s, peak RSS {small_rss / 2**20:.0f} MiB", flush=True)
 
     # The full-ΔW SVD route on sampled modules, checked against the command's output.
@@ -165,16 +209,21 @@ def main() -> None:
     for kind, (_, n_in, n_out) in MODULES.items():
       shapes.setdefault((n_out, n_in), []).append(kind)
     rows, worst_err = [], 0.0
-    with adapters.SafetensorsReader(tmp / "in" / adapters.WEIGHTS_NAME) as reader, \
-        adapters.SafetensorsReader(tmp / "out0" / adapters.WEIGHTS_NAME) as squeezed:
+    with (
+        adapters.SafetensorsReader(tmp / "in" / adapters.WEIGHTS_NAME) as reader,
+        adapters.SafetensorsReader(tmp / "out0" / adapters.WEIGHTS_NAME) as squeezed,
+    ):
       for (n_out, n_in), kinds in shapes.items():
         times = []
         for _ in range(args.samples):
           layer, kind = int(rng.integers(LAYERS)), kinds[int(rng.integers(len(kinds)))]
           seconds, want = full_svd_route(reader, layer, kind, args.rank)
           times.append(seconds)
-          got = (squeezed.read(f"{prefix(layer, kind)}.lora_B.weight").astype(np.float32)
-                 @ squeezed.read(f"{prefix(layer, kind)}.lora_A.weight").astype(np.float32))  # scale 1
+          got = squeezed.read(f"{prefix(layer, kind)}.lora_B.weight").astype(np.float32) @ squeezed.read(
+              f"{prefix(layer, kind)}.lora_A.weight"
+          ).astype(
+              np.float32
+          )  # scale 1
           worst_err = max(worst_err, float(np.linalg.norm(got - want) / np.linalg.norm(want)))
           print(f"  full SVD of {kind} {n_out}x{n_in} (layer {layer}): {seconds:.1f} s", flush=True)
         count = LAYERS * len(kinds)
@@ -208,17 +257,25 @@ def main() -> None:
   ]
   for i, (wall, rss, inner, load) in enumerate(runs):
     cache = "cold compile cache" if i == 0 else "warm compile cache"
-    lines.append(f"| `lora-squeeze squeeze IN OUT --rank {args.rank}` (efficient), run {i + 1}, {cache} | whole "
-                 f"command in a subprocess: interpreter start, imports, XLA compiles, reading {in_bytes / 2**20:.0f} "
-                 f"MiB, writing; of which inside `squeeze_adapter`: {inner:.2f} s | **{wall:.2f} s** | "
-                 f"{rss / 2**20:.0f} MiB | {load:.1f} |")
-  lines.append(f"| same command on a 4-layer cut of the adapter ({small_bytes / 2**20:.0f} MiB), warm | memory "
-               f"scaling | {small_wall:.2f} s | {small_rss / 2**20:.0f} MiB | |")
-  lines.append(f"| idle JAX process (`import jax.numpy; jnp.zeros(1)`) | the floor | {idle_wall:.2f} s | "
-               f"{idle_rss / 2**20:.0f} MiB | |")
-  lines.append(f"| full-ΔW SVD (PEFT SVD merge / kohya resize_lora), numpy float32 | **extrapolated** from "
-               f"{args.samples} sampled modules per shape (below); compute only, no I/O | "
-               f"**{svd_total:,.0f} s** ({svd_total / 3600:.1f} h) | | |")
+    lines.append(
+        f"| `lora-squeeze squeeze IN OUT --rank {args.rank}` (efficient), run {i + 1}, {cache} | whole "
+        f"command in a subprocess: interpreter start, imports, XLA compiles, reading {in_bytes / 2**20:.0f} "
+        f"MiB, writing; of which inside `squeeze_adapter`: {inner:.2f} s | **{wall:.2f} s** | "
+        f"{rss / 2**20:.0f} MiB | {load:.1f} |"
+    )
+  lines.append(
+      f"| same command on a 4-layer cut of the adapter ({small_bytes / 2**20:.0f} MiB), warm | memory "
+      f"scaling | {small_wall:.2f} s | {small_rss / 2**20:.0f} MiB | |"
+  )
+  lines.append(
+      f"| idle JAX process (`import jax.numpy; jnp.zeros(1)`) | the floor | {idle_wall:.2f} s | "
+      f"{idle_rss / 2**20:.0f} MiB | |"
+  )
+  lines.append(
+      f"| full-ΔW SVD (PEFT SVD merge / kohya resize_lora), numpy float32 | **extrapolated** from "
+      f"{args.samples} sampled modules per shape (below); compute only, no I/O | "
+      f"**{svd_total:,.0f} s** ({svd_total / 3600:.1f} h) | | |"
+  )
   lines += [
       "",
       "## Full-ΔW SVD route, per shape (measured samples, extrapolated totals)",
@@ -227,8 +284,10 @@ def main() -> None:
       "|---|---|---|---|---|",
   ]
   for (n_out, n_in), kinds, count, times, total in rows:
-    lines.append(f"| {n_out} x {n_in} | {', '.join(kinds)} | {count} | "
-                 f"{np.mean(times):.1f} ({', '.join(f'{t:.1f}' for t in times)}) | {total:,.0f} s |")
+    lines.append(
+        f"| {n_out} x {n_in} | {', '.join(kinds)} | {count} | "
+        f"{np.mean(times):.1f} ({', '.join(f'{t:.1f}' for t in times)}) | {total:,.0f} s |"
+    )
   lines += [
       f"| **all** | | {sum(r[2] for r in rows)} | | **{svd_total:,.0f} s** |",
       "",

@@ -55,8 +55,11 @@ def _rates(args, rows) -> int:
     print("+".join(f"{rank}:{lr:g}" for rank, lr in best.items()))
     return 0
   lines = [f"# Rate search: {args.task}, direct training, held-out NLL per token (lower is better)\n\n"]
-  body = [[str(rank), f"{lr:g}", f"{nll:.4f}", R.fmt_pct(acc), str(n), str(steps), "**best**" if lr == best[rank] else ""]
-          for rank, entries in table.items() for lr, nll, acc, n, steps in entries]
+  body = [
+      [str(rank), f"{lr:g}", f"{nll:.4f}", R.fmt_pct(acc), str(n), str(steps), "**best**" if lr == best[rank] else ""]
+      for rank, entries in table.items()
+      for lr, nll, acc, n, steps in entries
+  ]
   lines.append(R.markdown_table(["rank", "rate", "held-out NLL", "accuracy %", "n", "steps", ""], body))
   lines.append(f"\nChosen (lowest NLL): {', '.join(f'r={k}: {v:g}' for k, v in best.items())}.\n")
   text = "".join(lines)
@@ -69,6 +72,7 @@ def _rates(args, rows) -> int:
 def _curves(store: Path, cells: dict[str, list[str]], path: Path) -> Path | None:
   """One panel per task: training loss per step (raw and a 10-step moving mean) of each rank's run."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   plt = R.pyplot()
   tasks = sorted(cells)
   if not tasks:
@@ -85,8 +89,8 @@ def _curves(store: Path, cells: dict[str, list[str]], path: Path) -> Path | None
       k = min(10, len(loss))
       smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
       label = f"r={recs[0]['rank']}"
-      line, = ax.plot(steps, loss, alpha=0.25, lw=0.8)
-      ax.plot(steps[k - 1:], smooth, color=line.get_color(), lw=1.6, label=label)
+      (line,) = ax.plot(steps, loss, alpha=0.25, lw=0.8)
+      ax.plot(steps[k - 1 :], smooth, color=line.get_color(), lw=1.6, label=label)
     ax.set_title(task, fontsize=9)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
@@ -116,29 +120,49 @@ def _report(args, rows) -> int:
       continue
     z_nll = p.nll / p.nll_sem if p.nll_sem else math.inf
     z_acc = p.accuracy / p.accuracy_sem if p.accuracy_sem else math.inf
-    body.append([task, str(p.n), f"{b[0].learning_rate:g} / {a[0].learning_rate:g}",
-                 f"{b[0].gold_nll:.4f} / {a[0].gold_nll:.4f}", f"{p.nll:+.4f} ± {p.nll_sem:.4f}", f"{z_nll:+.1f}",
-                 f"{R.fmt_pct(b[0].accuracy)} / {R.fmt_pct(a[0].accuracy)}",
-                 f"{100 * p.accuracy:+.1f} ± {100 * p.accuracy_sem:.1f}", f"{z_acc:+.1f}"])
+    body.append(
+        [
+            task,
+            str(p.n),
+            f"{b[0].learning_rate:g} / {a[0].learning_rate:g}",
+            f"{b[0].gold_nll:.4f} / {a[0].gold_nll:.4f}",
+            f"{p.nll:+.4f} ± {p.nll_sem:.4f}",
+            f"{z_nll:+.1f}",
+            f"{R.fmt_pct(b[0].accuracy)} / {R.fmt_pct(a[0].accuracy)}",
+            f"{100 * p.accuracy:+.1f} ± {100 * p.accuracy_sem:.1f}",
+            f"{z_acc:+.1f}",
+        ]
+    )
     if abs(z_nll) > 2:
       what = "lower" if p.nll < 0 else "higher"
-      sentences.append(f"- **{task}**: rank matters: r={hi} reaches a {what} held-out NLL than r={lo} by "
-                       f"{abs(p.nll):.4f} nats/token ({abs(z_nll):.1f} SEM, n={p.n}); accuracy "
-                       f"{100 * p.accuracy:+.1f} ± {100 * p.accuracy_sem:.1f} points.")
+      sentences.append(
+          f"- **{task}**: rank matters: r={hi} reaches a {what} held-out NLL than r={lo} by "
+          f"{abs(p.nll):.4f} nats/token ({abs(z_nll):.1f} SEM, n={p.n}); accuracy "
+          f"{100 * p.accuracy:+.1f} ± {100 * p.accuracy_sem:.1f} points."
+      )
     else:
-      sentences.append(f"- **{task}**: no detectable rank effect: Δ NLL {p.nll:+.4f} ± {p.nll_sem:.4f} "
-                       f"(n={p.n}); an effect of about {2 * p.nll_sem:.4f} nats/token or "
-                       f"{200 * p.accuracy_sem:.1f} accuracy points would have shown.")
+      sentences.append(
+          f"- **{task}**: no detectable rank effect: Δ NLL {p.nll:+.4f} ± {p.nll_sem:.4f} "
+          f"(n={p.n}); an effect of about {2 * p.nll_sem:.4f} nats/token or "
+          f"{200 * p.accuracy_sem:.1f} accuracy points would have shown."
+      )
   if not body:
     raise SystemExit(f"rank_pilot: no task with two ranks of direct runs at {args.steps} steps in {args.results}")
   png = _curves(store, cells, out / "rank_pilot_curves.png")
-  md = [f"# Does rank matter? Direct training at the highest vs the lowest rank, each at its own rate ({args.steps} "
-        "steps, whole offline held-out half)\n\n",
-        "Paired on the same held-out examples: Δ = high rank − low rank, mean per example ± SEM; z = Δ / SEM. "
-        "Negative Δ NLL / positive Δ accuracy favour the high rank.\n\n",
-        R.markdown_table(["task", "n", "rate lo / hi", "NLL lo / hi", "Δ NLL", "z", "acc % lo / hi", "Δ acc (points)",
-                          "z"], body), "\n", "\n".join(sentences), "\n\n",
-        f"Training curves: `{png.name if png else '—'}`.\n\n", R.provenance([str(store)], direct)]
+  md = [
+      f"# Does rank matter? Direct training at the highest vs the lowest rank, each at its own rate ({args.steps} "
+      "steps, whole offline held-out half)\n\n",
+      "Paired on the same held-out examples: Δ = high rank − low rank, mean per example ± SEM; z = Δ / SEM. "
+      "Negative Δ NLL / positive Δ accuracy favour the high rank.\n\n",
+      R.markdown_table(
+          ["task", "n", "rate lo / hi", "NLL lo / hi", "Δ NLL", "z", "acc % lo / hi", "Δ acc (points)", "z"], body
+      ),
+      "\n",
+      "\n".join(sentences),
+      "\n\n",
+      f"Training curves: `{png.name if png else '—'}`.\n\n",
+      R.provenance([str(store)], direct),
+  ]
   return R.finish(out, "rank_pilot", md, png or out / "rank_pilot_curves.png")
 
 

@@ -32,12 +32,20 @@ R_SRC, R_TGT = 128, 8
 def module_shapes(model):
   """{kind: (in_dims, out_dims)} for one layer, separate K/V and gate/up (our default layout)."""
   d, h, kv, hd, f, _ = MODELS[model]
-  return {"q": ((d,), (h, hd)), "k": ((d,), (kv, hd)), "v": ((d,), (kv, hd)), "o": ((h, hd), (d,)),
-          "gate": ((d,), (f,)), "up": ((d,), (f,)), "down": ((f,), (d,))}
+  return {
+      "q": ((d,), (h, hd)),
+      "k": ((d,), (kv, hd)),
+      "v": ((d,), (kv, hd)),
+      "o": ((h, hd), (d,)),
+      "gate": ((d,), (f,)),
+      "up": ((d,), (f,)),
+      "down": ((f,), (d,)),
+  }
 
 
 def make_lora(model, layers, seed=0):
   import jax.numpy as jnp
+
   rng = np.random.default_rng(seed)
   tree = {}
   for layer in range(layers):
@@ -60,6 +68,7 @@ def worker(model, layers):
   """Whole-LoRA efficient squeeze in this process: prints JSON (seconds, peak extra bytes, LoRA bytes)."""
   import jax
   from lora_squeeze import squeeze as sq
+
   lora = make_lora(model, layers)
   lora_bytes = sum(x.nbytes for x in jax.tree.leaves(lora))
   t = time.perf_counter()
@@ -75,8 +84,16 @@ def worker(model, layers):
     times.append(time.perf_counter() - t)
     peak = rss_kib("VmHWM") - base
     del out
-  print(json.dumps({"first_s": first, "seconds": float(np.median(times)), "peak_extra_bytes": peak * 1024,
-                    "lora_bytes": lora_bytes}))
+  print(
+      json.dumps(
+          {
+              "first_s": first,
+              "seconds": float(np.median(times)),
+              "peak_extra_bytes": peak * 1024,
+              "lora_bytes": lora_bytes,
+          }
+      )
+  )
 
 
 def sampled(model, method, repeats=1):
@@ -84,6 +101,7 @@ def sampled(model, method, repeats=1):
   import jax
   import jax.numpy as jnp
   from lora_squeeze import squeeze as sq
+
   rng = np.random.default_rng(1)
   per_kind = {}
   for kind, (i, o) in module_shapes(model).items():
@@ -108,6 +126,7 @@ def appendix_e_rows():
   import jax
   import jax.numpy as jnp
   from lora_squeeze import squeeze as sq
+
   m = n = 2048
   flops = sq.paper_flops(m, n, 64, 8, oversample=10)
   rng = np.random.default_rng(2)
@@ -132,7 +151,7 @@ def matmul_rate():
   t = time.perf_counter()
   for _ in range(3):
     x @ x
-  return 3 * 2 * 4096 ** 3 / (time.perf_counter() - t) / 1e9
+  return 3 * 2 * 4096**3 / (time.perf_counter() - t) / 1e9
 
 
 def machine():
@@ -143,8 +162,11 @@ def machine():
   except (OSError, StopIteration):
     pass
   import jax
-  return (f"{cpu}, {os.cpu_count()} cores, {platform.python_version()}, jax {jax.__version__} "
-          f"({jax.default_backend()}), {datetime.date.today().isoformat()}")
+
+  return (
+      f"{cpu}, {os.cpu_count()} cores, {platform.python_version()}, jax {jax.__version__} "
+      f"({jax.default_backend()}), {datetime.date.today().isoformat()}"
+  )
 
 
 def main():
@@ -156,21 +178,41 @@ def main():
   if args.worker:
     return worker(args.worker[0], int(args.worker[1]))
 
-  lines = ["# Squeeze speed and memory", "", f"Machine: {machine()}.",
-           f"Measured numpy float32 matmul rate (4096³): {matmul_rate():.0f} GFLOP/s.", ""]
-  lines += ["## Appendix E: FLOPs (computed by `squeeze.paper_flops`) beside measured time",
-            "m = n = 2048, r_src = 64, r_tgt = 8, k_o = 10, one module, median of repeated runs.", "",
-            "| method | paper FLOPs | + forming ΔW | measured seconds |", "|---|---|---|---|"]
+  lines = [
+      "# Squeeze speed and memory",
+      "",
+      f"Machine: {machine()}.",
+      f"Measured numpy float32 matmul rate (4096³): {matmul_rate():.0f} GFLOP/s.",
+      "",
+  ]
+  lines += [
+      "## Appendix E: FLOPs (computed by `squeeze.paper_flops`) beside measured time",
+      "m = n = 2048, r_src = 64, r_tgt = 8, k_o = 10, one module, median of repeated runs.",
+      "",
+      "| method | paper FLOPs | + forming ΔW | measured seconds |",
+      "|---|---|---|---|",
+  ]
   for method, f, extra, sec in appendix_e_rows():
     lines.append(f"| {method} | {f / 1e6:,.1f}M | {extra / 1e6:,.1f}M | {sec * 1e3:.2f} ms |")
-  lines += ["", f"## Whole LoRAs, rank {R_SRC} → {R_TGT}, all 7 projections per layer (q, k, v, o, gate, up, "
-            "down; random factors)", ""]
-  lines += ["| model | layers × modules | LoRA size | method | seconds | vs full SVD | peak extra memory | how |",
-            "|---|---|---|---|---|---|---|---|"]
+  lines += [
+      "",
+      f"## Whole LoRAs, rank {R_SRC} → {R_TGT}, all 7 projections per layer (q, k, v, o, gate, up, "
+      "down; random factors)",
+      "",
+  ]
+  lines += [
+      "| model | layers × modules | LoRA size | method | seconds | vs full SVD | peak extra memory | how |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
   for model, spec in MODELS.items():
     layers = 4 if args.quick else spec[-1]
-    proc = subprocess.run([sys.executable, __file__, "--worker", model, str(layers)], capture_output=True,
-                          text=True, check=True, env={**os.environ, "PYTHONPATH": ROOT})
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", model, str(layers)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     eff = json.loads(proc.stdout.strip().splitlines()[-1])
     counts = {k: layers for k in module_shapes(model)}
     est = {}
@@ -179,17 +221,25 @@ def main():
       est[method] = sum(per[k] * counts[k] for k in per)
     size = f"{eff['lora_bytes'] / 2**20:,.0f} MiB"
     mods = f"{layers} × 7"
-    lines.append(f"| {model} | {mods} | {size} | efficient | {eff['seconds']:.2f} "
-                 f"(first call {eff['first_s']:.1f} incl. compile) | {est['svd'] / eff['seconds']:,.0f}× | "
-                 f"{eff['peak_extra_bytes'] / 2**20:,.0f} MiB ({eff['peak_extra_bytes'] / eff['lora_bytes']:.2f}× "
-                 "LoRA) | measured, whole LoRA, median of 3 |")
+    lines.append(
+        f"| {model} | {mods} | {size} | efficient | {eff['seconds']:.2f} "
+        f"(first call {eff['first_s']:.1f} incl. compile) | {est['svd'] / eff['seconds']:,.0f}× | "
+        f"{eff['peak_extra_bytes'] / 2**20:,.0f} MiB ({eff['peak_extra_bytes'] / eff['lora_bytes']:.2f}× "
+        "LoRA) | measured, whole LoRA, median of 3 |"
+    )
     for method in ("rsvd", "svd"):
-      lines.append(f"| {model} | {mods} | {size} | {method} | {est[method]:,.1f} | "
-                   f"{est['svd'] / est[method]:,.1f}× | one m×n ΔW at a time | one module per distinct "
-                   "shape timed, extrapolated by module counts |")
+      lines.append(
+          f"| {model} | {mods} | {size} | {method} | {est[method]:,.1f} | "
+          f"{est['svd'] / est[method]:,.1f}× | one m×n ΔW at a time | one module per distinct "
+          "shape timed, extrapolated by module counts |"
+      )
     print("\n".join(lines[-3:]), flush=True)
-  lines += ["", "Targets (issue): efficient squeezes the whole 4B LoRA in ≤ 1 s, ≥ 1000× faster than the full-SVD "
-            "path, peak extra memory ≤ 2× the LoRA. See the closing notes for what was reached and why.", ""]
+  lines += [
+      "",
+      "Targets (issue): efficient squeezes the whole 4B LoRA in ≤ 1 s, ≥ 1000× faster than the full-SVD "
+      "path, peak extra memory ≤ 2× the LoRA. See the closing notes for what was reached and why.",
+      "",
+  ]
   text = "\n".join(lines)
   print(text)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)

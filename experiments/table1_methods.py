@@ -22,8 +22,14 @@ def columns(rows, *, tgt=None, src=None):
   if tgt is None:
     tgt = min(r.rank for r in (squeezed or R.require(rows, "table1", method="post_squeeze")))
   if src is None:
-    src = max((r.source_rank for r in squeezed + [r for r in rows if r.method == "post_squeeze" and r.rank == tgt]
-               if r.source_rank), default=None)
+    src = max(
+        (
+            r.source_rank
+            for r in squeezed + [r for r in rows if r.method == "post_squeeze" and r.rank == tgt]
+            if r.source_rank
+        ),
+        default=None,
+    )
   direct = [r for r in rows if r.method == "direct" and r.rank == tgt]
   if not direct:
     raise SystemExit(f"table1: no direct training at r_tgt={tgt}")
@@ -31,8 +37,11 @@ def columns(rows, *, tgt=None, src=None):
   # Direct training at its tuned rate (the best task average at N steps; seeds averaged); the N + M runs at
   # the same rate where the store has them.
   lr_t = R.best_direct_lr([r for r in direct if r.steps == n]).get(tgt)
-  direct = [r for r in direct if r.learning_rate == lr_t or not any(
-      o.learning_rate == lr_t for o in direct if o.steps == r.steps)]
+  direct = [
+      r
+      for r in direct
+      if r.learning_rate == lr_t or not any(o.learning_rate == lr_t for o in direct if o.steps == r.steps)
+  ]
   cols = []
   zs = R.per_task([r for r in rows if r.method == "zero_shot"], lambda r: 0)
   if zs:
@@ -42,14 +51,27 @@ def columns(rows, *, tgt=None, src=None):
   extras = sorted(s - n for s in by_steps if s != n)
   for m in extras:
     cols.append((f"direct r={tgt}, N+{m}", by_steps[n + m]))
-  post = R.per_task([r for r in rows if r.method == "post_squeeze" and r.rank == tgt and r.source_rank == src
-                     and r.squeeze_method in (None, "efficient")], lambda r: 0)
+  post = R.per_task(
+      [
+          r
+          for r in rows
+          if r.method == "post_squeeze"
+          and r.rank == tgt
+          and r.source_rank == src
+          and r.squeeze_method in (None, "efficient")
+      ],
+      lambda r: 0,
+  )
   if post:
     cols.append((f"Post-Squeeze {src}→{tgt}", post[0]))
-  for method, label in (("cont_squeeze", "Cont-Squeeze"), ("in_squeeze_standard", "In-Squeeze std"),
-                        ("in_squeeze_min_steps", "In-Squeeze min-steps")):
-    by = R.per_task([r for r in rows if r.method == method and r.rank == tgt and r.source_rank == src],
-                    lambda r: r.steps)
+  for method, label in (
+      ("cont_squeeze", "Cont-Squeeze"),
+      ("in_squeeze_standard", "In-Squeeze std"),
+      ("in_squeeze_min_steps", "In-Squeeze min-steps"),
+  ):
+    by = R.per_task(
+        [r for r in rows if r.method == method and r.rank == tgt and r.source_rank == src], lambda r: r.steps
+    )
     for steps in sorted(by):
       cols.append((f"{label} +{steps - n}", by[steps]))
   return cols, tgt, src
@@ -59,6 +81,7 @@ def main(argv=None):
   def extra(p):
     p.add_argument("--tgt", type=int, default=None)
     p.add_argument("--src", type=int, default=None)
+
   args, rows = R.script_args(__doc__, argv, extra=extra)
   cols, tgt, src = columns(rows, tgt=args.tgt, src=args.src)
   tasks = sorted({t for _, v in cols for t in v})
@@ -67,8 +90,11 @@ def main(argv=None):
   avgs = [R.mean_over_tasks(v, complete) if complete else None for _, v in cols]
   table.append([f"mean ({len(complete)} tasks)"] + R.bold_best(avgs))
   title = f"{args.title} accuracy (%) per method, r_src={src}, r_tgt={tgt}".strip()
-  md = [f"# Table 1: {title}\n\n", R.markdown_table(["task"] + [c for c, _ in cols], table),
-        "\n" + R.provenance(args.results, rows)]
+  md = [
+      f"# Table 1: {title}\n\n",
+      R.markdown_table(["task"] + [c for c, _ in cols], table),
+      "\n" + R.provenance(args.results, rows),
+  ]
   plt = R.pyplot()
   fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(cols), 3.6))
   ax.bar(range(len(cols)), [100 * (a or 0) for a in avgs], color="#4477aa")

@@ -33,22 +33,30 @@ def main(argv=None):
   args, rows = R.script_args(__doc__, argv)
   g, ranks, lrs, tasks, direct = grid(rows)
   best = R.best_direct_lr(direct)
-  table = [[str(r)] + R.bold_best([None if math.isnan(g[(r, lr)]) else g[(r, lr)] for lr in lrs])
-           + [f"{best[r]:g}" if r in best else "—"] for r in ranks]
+  table = [
+      [str(r)]
+      + R.bold_best([None if math.isnan(g[(r, lr)]) else g[(r, lr)] for lr in lrs])
+      + [f"{best[r]:g}" if r in best else "—"]
+      for r in ranks
+  ]
   title = f"{args.title} direct training, mean accuracy (%) over {len(tasks)} task(s)".strip()
-  md = [f"# Table 2: {title}\n\nA rank's average counts only if every task has a result at that rate.\n\n",
-        R.markdown_table(["rank"] + [f"lr={lr:g}" for lr in lrs] + ["best lr"], table),
-        "\n" + R.provenance(args.results, rows)]
+  md = [
+      f"# Table 2: {title}\n\nA rank's average counts only if every task has a result at that rate.\n\n",
+      R.markdown_table(["rank"] + [f"lr={lr:g}" for lr in lrs] + ["best lr"], table),
+      "\n" + R.provenance(args.results, rows),
+  ]
   plt = R.pyplot()
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   a = np.array([[100 * g[(r, lr)] for lr in lrs] for r in ranks])
   fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(lrs), 1.2 + 0.45 * len(ranks)))
   im = ax.imshow(np.ma.masked_invalid(a), cmap="viridis", aspect="auto")
   for i, r in enumerate(ranks):
     for j, lr in enumerate(lrs):
       if np.isfinite(a[i, j]):
-        ax.text(j, i, f"{a[i, j]:.1f}" + ("*" if best.get(r) == lr else ""), ha="center", va="center",
-                fontsize=8, color="w")
+        ax.text(
+            j, i, f"{a[i, j]:.1f}" + ("*" if best.get(r) == lr else ""), ha="center", va="center", fontsize=8, color="w"
+        )
   ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
   ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
   ax.set_xlabel("learning rate (* = best for the rank)")

@@ -20,8 +20,10 @@ def per_seed(rows, value=lambda r: r.accuracy):
   more seeds ran, averaged for every seed that ran all of them (a seed sweep on one task next to a main sweep
   on three compares that one task)."""
   out = {}
-  for key, rs in R.group([r for r in rows if value(r) is not None and r.method != "post_squeeze"],
-                         lambda r: (r.method, r.rank, r.learning_rate, r.steps)).items():
+  for key, rs in R.group(
+      [r for r in rows if value(r) is not None and r.method != "post_squeeze"],
+      lambda r: (r.method, r.rank, r.learning_rate, r.steps),
+  ).items():
     seeds_of = R.group(rs, lambda r: r.task)
     tasks = tuple(sorted(t for t, trs in seeds_of.items() if len({r.seed for r in trs}) >= 2))
     if not tasks:
@@ -44,15 +46,28 @@ def main(argv=None):
   for k in keys:
     vals = list(data[k].values())
     nv = [nll[k][s] for s in sorted(data[k]) if s in nll.get(k, {})]
-    table.append([k[0], str(k[1]), "—" if k[2] is None else f"{k[2]:g}", str(k[3]), ", ".join(k[4]),
-                  " ".join(str(s) for s in sorted(data[k])),
-                  f"{100 * R.mean(vals):.2f} ± {100 * R.sem(vals):.2f}",
-                  f"{R.mean(nv):.4f} ± {R.sem(nv):.4f}" if len(nv) == len(vals) else "—"])
+    table.append(
+        [
+            k[0],
+            str(k[1]),
+            "—" if k[2] is None else f"{k[2]:g}",
+            str(k[3]),
+            ", ".join(k[4]),
+            " ".join(str(s) for s in sorted(data[k])),
+            f"{100 * R.mean(vals):.2f} ± {100 * R.sem(vals):.2f}",
+            f"{R.mean(nv):.4f} ± {R.sem(nv):.4f}" if len(nv) == len(vals) else "—",
+        ]
+    )
   title = f"{args.title} mean ± SEM over seeds (task-averaged)".strip()
-  md = [f"# Table 3: {title}\n\n",
-        R.markdown_table(["method", "rank", "lr", "steps", "tasks", "seeds", "accuracy (%)",
-                          "held-out NLL (nats/token)"], table, align="llrrllll"),
-        "\n" + R.provenance(args.results, rows)]
+  md = [
+      f"# Table 3: {title}\n\n",
+      R.markdown_table(
+          ["method", "rank", "lr", "steps", "tasks", "seeds", "accuracy (%)", "held-out NLL (nats/token)"],
+          table,
+          align="llrrllll",
+      ),
+      "\n" + R.provenance(args.results, rows),
+  ]
   plt = R.pyplot()
   fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(keys) + 1.5), 3.4))
   means = [100 * R.mean(list(data[k].values())) for k in keys]

@@ -145,11 +145,20 @@ class AdapterError(Exception):
 # --------------------------------------------------------------------------------------------------------
 
 _NP_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
     "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
 _CODES = {v: k for k, v in _NP_DTYPES.items()}
@@ -215,15 +224,22 @@ class SafetensorsReader:
     for name, entry in header.items():
       try:
         code, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        ok = (code in _NP_DTYPES and all(isinstance(d, int) and d >= 0 for d in shape)
-              and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end)
+        ok = (
+            code in _NP_DTYPES
+            and all(isinstance(d, int) and d >= 0 for d in shape)
+            and isinstance(begin, int)
+            and isinstance(end, int)
+            and 0 <= begin <= end
+        )
       except (KeyError, TypeError, ValueError):
         ok = False
       if not ok:
         raise self._corrupt(f"bad header entry for tensor '{name}': {entry!r}")
       if math.prod(shape) * _NP_DTYPES[code].itemsize != end - begin:
-        raise self._corrupt(f"tensor '{name}' {code}{list(shape)} needs "
-                            f"{math.prod(shape) * _NP_DTYPES[code].itemsize} bytes, header gives {end - begin}")
+        raise self._corrupt(
+            f"tensor '{name}' {code}{list(shape)} needs "
+            f"{math.prod(shape) * _NP_DTYPES[code].itemsize} bytes, header gives {end - begin}"
+        )
       self.tensors[name] = TensorInfo(code, shape, begin, end)
     # The format requires the byte spans to tile the data section exactly.
     pos = 0
@@ -232,8 +248,9 @@ class SafetensorsReader:
         raise self._corrupt(f"tensor data spans overlap or leave a gap at byte {pos}")
       pos = info.end
     if self.data_start + pos > size:
-      raise AdapterError(f"{self.path}: truncated: the header describes {self.data_start + pos} bytes, "
-                         f"the file has {size}")
+      raise AdapterError(
+          f"{self.path}: truncated: the header describes {self.data_start + pos} bytes, " f"the file has {size}"
+      )
     if self.data_start + pos < size:
       raise self._corrupt(f"{size - self.data_start - pos} trailing bytes after the last tensor")
     self.file_size = size
@@ -259,8 +276,9 @@ class SafetensorsReader:
     self.close()
 
 
-def _header_bytes(entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None
-                  ) -> tuple[bytes, list[int]]:
+def _header_bytes(
+    entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None
+) -> tuple[bytes, list[int]]:
   """The serialised header (length prefix excluded, space-padded to 8 bytes) and each entry's byte size."""
   header: dict[str, Any] = {}
   if metadata:
@@ -275,8 +293,9 @@ def _header_bytes(entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata:
   return raw + b" " * (-len(raw) % 8), sizes
 
 
-def safetensors_size(entries: Sequence[tuple[str, str, tuple[int, ...]]],
-                     metadata: Mapping[str, str] | None = None) -> int:
+def safetensors_size(
+    entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None = None
+) -> int:
   """Exact size in bytes of the .safetensors file ``SafetensorsWriter`` writes for these entries."""
   raw, sizes = _header_bytes(entries, metadata)
   return 8 + len(raw) + sum(sizes)
@@ -289,8 +308,12 @@ class SafetensorsWriter:
   tensor's bytes follow as soon as they exist: a whole adapter never has to sit in memory.
   """
 
-  def __init__(self, path: str | os.PathLike, entries: Sequence[tuple[str, str, tuple[int, ...]]],
-               metadata: Mapping[str, str] | None = None):
+  def __init__(
+      self,
+      path: str | os.PathLike,
+      entries: Sequence[tuple[str, str, tuple[int, ...]]],
+      metadata: Mapping[str, str] | None = None,
+  ):
     raw, sizes = _header_bytes(entries, metadata)
     self._pending = [(name, code, tuple(shape), n) for (name, code, shape), n in zip(entries, sizes)]
     self._pending.reverse()
@@ -306,8 +329,9 @@ class SafetensorsWriter:
       raise RuntimeError(f"SafetensorsWriter: expected tensor '{want}' next, got '{name}'")
     if isinstance(data, np.ndarray):
       if data.shape != shape or _CODES.get(data.dtype) != code:
-        raise RuntimeError(f"SafetensorsWriter: '{name}' declared {code}{list(shape)}, got "
-                           f"{data.dtype}{list(data.shape)}")
+        raise RuntimeError(
+            f"SafetensorsWriter: '{name}' declared {code}{list(shape)}, got " f"{data.dtype}{list(data.shape)}"
+        )
       data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
     if len(data) != nbytes:
       raise RuntimeError(f"SafetensorsWriter: '{name}' should be {nbytes} bytes, got {len(data)}")
@@ -317,8 +341,9 @@ class SafetensorsWriter:
     """Flushes to disk; raises if a declared tensor was never written."""
     if self._pending:
       self._file.close()
-      raise RuntimeError(f"SafetensorsWriter: {len(self._pending)} tensors never written, e.g. "
-                         f"'{self._pending[-1][0]}'")
+      raise RuntimeError(
+          f"SafetensorsWriter: {len(self._pending)} tensors never written, e.g. " f"'{self._pending[-1][0]}'"
+      )
     self._file.flush()
     os.fsync(self._file.fileno())
     self._file.close()
@@ -327,8 +352,9 @@ class SafetensorsWriter:
     self._file.close()
 
 
-def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
-                     metadata: Mapping[str, str] | None = None) -> None:
+def save_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> None:
   """Writes a dict of numpy arrays (bfloat16 included) as one .safetensors file."""
   entries = [(name, _CODES[np.asarray(x).dtype], tuple(np.shape(x))) for name, x in tensors.items()]
   writer = SafetensorsWriter(path, entries, metadata)
@@ -359,8 +385,9 @@ def get_pattern_key(pattern_keys: Iterable[str], module_name: str) -> str | None
       if re.match(rf"(.*\.)?({key})$", module_name):
         return key
     except re.error as e:
-      raise AdapterError(f"{CONFIG_NAME}: rank_pattern/alpha_pattern key {key!r} is not a valid regex "
-                         f"({e})") from None
+      raise AdapterError(
+          f"{CONFIG_NAME}: rank_pattern/alpha_pattern key {key!r} is not a valid regex " f"({e})"
+      ) from None
   return None
 
 
@@ -379,7 +406,7 @@ class LoraConfig:
   def from_dict(cls, raw: dict, where: str = CONFIG_NAME) -> "LoraConfig":
     peft_type = raw.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
-      raise AdapterError(f"{where}: peft_type is {peft_type!r}; only LoRA adapters (\"LORA\") are supported")
+      raise AdapterError(f'{where}: peft_type is {peft_type!r}; only LoRA adapters ("LORA") are supported')
     fields = {k: d if raw.get(k) is None else raw[k] for k, d in PEFT_DEFAULTS.items()}
     rank_pattern, alpha_pattern = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
     if not (isinstance(fields["r"], int) and fields["r"] >= 1):
@@ -391,8 +418,14 @@ class LoraConfig:
     for key, value in rank_pattern.items():
       if not (isinstance(value, int) and value >= 1):
         raise AdapterError(f"{where}: rank_pattern[{key!r}] must be a positive integer, got {value!r}")
-    return cls(raw=raw, r=fields["r"], lora_alpha=fields["lora_alpha"], use_rslora=bool(fields["use_rslora"]),
-               rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    return cls(
+        raw=raw,
+        r=fields["r"],
+        lora_alpha=fields["lora_alpha"],
+        use_rslora=bool(fields["use_rslora"]),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+    )
 
   def rank(self, module_name: str) -> int:
     key = get_pattern_key(self.rank_pattern, module_name)
@@ -437,8 +470,10 @@ def pattern_keys(names: Sequence[str]) -> dict[str, str]:
 
 # lora_A/lora_B are Linear/Conv layers (".weight"); embeddings hold raw parameters. Files saved by
 # PeftModel.save_pretrained drop the adapter name; raw state dicts keep it (".lora_A.default.weight").
-_LORA_KEY = re.compile(r"^(?P<prefix>.+)\.(?P<kind>lora_A|lora_B)(?P<adapter>\.[^.]+)?\.weight$"
-                       r"|^(?P<eprefix>.+)\.(?P<ekind>lora_embedding_A|lora_embedding_B)(?P<eadapter>\.[^.]+)?$")
+_LORA_KEY = re.compile(
+    r"^(?P<prefix>.+)\.(?P<kind>lora_A|lora_B)(?P<adapter>\.[^.]+)?\.weight$"
+    r"|^(?P<eprefix>.+)\.(?P<ekind>lora_embedding_A|lora_embedding_B)(?P<eadapter>\.[^.]+)?$"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,27 +539,45 @@ def _find_modules(reader: SafetensorsReader, config: LoraConfig) -> tuple[list[L
   where = reader.path.name
   modules = []
   for (prefix, _, family), sides in halves.items():
-    name = prefix[len(PEFT_PREFIX):] if prefix.startswith(PEFT_PREFIX) else prefix
+    name = prefix[len(PEFT_PREFIX) :] if prefix.startswith(PEFT_PREFIX) else prefix
     if "A" not in sides or "B" not in sides:
       have, miss = ("A", "B") if "A" in sides else ("B", "A")
-      raise AdapterError(f"{where}: module '{name}' has {family}_{have} ('{sides[have]}') but no "
-                         f"{family}_{miss}")
+      raise AdapterError(f"{where}: module '{name}' has {family}_{have} ('{sides[have]}') but no " f"{family}_{miss}")
     info_a, info_b = reader.tensors[sides["A"]], reader.tensors[sides["B"]]
     shape_a, shape_b = info_a.shape, info_b.shape
     if info_a.dtype not in _FLOAT_CODES or info_b.dtype not in _FLOAT_CODES:
-      raise AdapterError(f"{where}: module '{name}': LoRA factors must be F64/F32/F16/BF16, got "
-                         f"A {info_a.dtype}, B {info_b.dtype}")
-    if (len(shape_a) < 2 or len(shape_b) < 2 or shape_a[0] != shape_b[1] or shape_a[0] == 0
-        or any(d != 1 for d in shape_b[2:])):
-      raise AdapterError(f"{where}: module '{name}': shape mismatch, A {list(shape_a)} and B "
-                         f"{list(shape_b)} (expected A (r, in, ...) and B (out, r, 1, ...) with the same r)")
+      raise AdapterError(
+          f"{where}: module '{name}': LoRA factors must be F64/F32/F16/BF16, got " f"A {info_a.dtype}, B {info_b.dtype}"
+      )
+    if (
+        len(shape_a) < 2
+        or len(shape_b) < 2
+        or shape_a[0] != shape_b[1]
+        or shape_a[0] == 0
+        or any(d != 1 for d in shape_b[2:])
+    ):
+      raise AdapterError(
+          f"{where}: module '{name}': shape mismatch, A {list(shape_a)} and B "
+          f"{list(shape_b)} (expected A (r, in, ...) and B (out, r, 1, ...) with the same r)"
+      )
     r_config = config.rank(name)
     if r_config != shape_a[0]:
-      raise AdapterError(f"{where}: module '{name}': {CONFIG_NAME} gives r={r_config} but A is "
-                         f"{list(shape_a)} and B is {list(shape_b)} (r={shape_a[0]})")
-    modules.append(LoraModule(name=name, key_a=sides["A"], key_b=sides["B"], shape_a=shape_a,
-                              shape_b=shape_b, dtype_a=info_a.dtype, dtype_b=info_b.dtype,
-                              scale=config.scale(name)))
+      raise AdapterError(
+          f"{where}: module '{name}': {CONFIG_NAME} gives r={r_config} but A is "
+          f"{list(shape_a)} and B is {list(shape_b)} (r={shape_a[0]})"
+      )
+    modules.append(
+        LoraModule(
+            name=name,
+            key_a=sides["A"],
+            key_b=sides["B"],
+            shape_a=shape_a,
+            shape_b=shape_b,
+            dtype_a=info_a.dtype,
+            dtype_b=info_b.dtype,
+            scale=config.scale(name),
+        )
+    )
   return modules, passthrough
 
 
@@ -556,8 +609,10 @@ class PeftAdapter:
     weights = self.directory / WEIGHTS_NAME
     if not weights.is_file():
       if (self.directory / TORCH_WEIGHTS_NAME).is_file():
-        raise AdapterError(f"{self.directory}: only {TORCH_WEIGHTS_NAME} (a torch pickle) is present; this "
-                           f"tool reads {WEIGHTS_NAME} (save with safe_serialization=True)")
+        raise AdapterError(
+            f"{self.directory}: only {TORCH_WEIGHTS_NAME} (a torch pickle) is present; this "
+            f"tool reads {WEIGHTS_NAME} (save with safe_serialization=True)"
+        )
       raise AdapterError(f"{self.directory}: missing {WEIGHTS_NAME}")
     self.reader = SafetensorsReader(weights)
     try:
@@ -579,8 +634,10 @@ class PeftAdapter:
       x32 = x.astype(np.float32)
       finite = np.isfinite(x if x.dtype == np.float64 else x32)  # (on float32: 10x faster than on bfloat16)
       if not finite.all():
-        raise AdapterError(f"{self.reader.path.name}: module '{module.name}': '{key}' {list(x.shape)} contains "
-                           f"{finite.size - int(finite.sum())} NaN/Inf values")
+        raise AdapterError(
+            f"{self.reader.path.name}: module '{module.name}': '{key}' {list(x.shape)} contains "
+            f"{finite.size - int(finite.sum())} NaN/Inf values"
+        )
       out.append(x32)
     a_mat = out[0].reshape(module.r, -1).T * np.float32(half)
     b_mat = out[1].reshape(module.out_features, module.r).T * np.float32(math.copysign(half, module.scale))
@@ -601,9 +658,16 @@ class PeftAdapter:
 # --------------------------------------------------------------------------------------------------------
 
 
-def squeeze_matrices(a: np.ndarray, b: np.ndarray, rank: int, *, method: str = "efficient",
-                     key: jax.Array | np.ndarray | None = None, where: str = "", compute_rank: int | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def squeeze_matrices(
+    a: np.ndarray,
+    b: np.ndarray,
+    rank: int,
+    *,
+    method: str = "efficient",
+    key: jax.Array | np.ndarray | None = None,
+    where: str = "",
+    compute_rank: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """``squeeze.squeeze_factors`` for one module: (a' (m, rank), b' (rank, n), singular values), numpy float32.
 
   "efficient" takes squeeze's host route (numpy/LAPACK, nothing compiled). "svd" and "rsvd" run compiled
@@ -619,8 +683,7 @@ def squeeze_matrices(a: np.ndarray, b: np.ndarray, rank: int, *, method: str = "
   k = rank if method == "rsvd" or compute_rank is None else max(rank, compute_rank)
   # numpy in and out: on a jax.Array every a[None] or slice is a dispatch (~1 ms on CPU) or even a compile.
   out = squeeze.squeeze_factors(a, b, k, method=method, key=key, where=where, route="xla")
-  return (np.array(np.asarray(out.a)[:, :rank]), np.array(np.asarray(out.b)[:rank]),
-          np.asarray(out.singular_values))
+  return (np.array(np.asarray(out.a)[:, :rank]), np.array(np.asarray(out.b)[:rank]), np.asarray(out.singular_values))
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -628,12 +691,19 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
   if not enabled:
     return iterable
   from tqdm import tqdm
+
   return tqdm(iterable, total=total, desc=desc, unit="module", file=sys.stderr, disable=None, leave=False)
 
 
-def squeeze_modules(source, modules: Sequence[LoraModule], ranks: Mapping[str, int], *, method: str,
-                    seed: int = 0, progress: bool = True
-                    ) -> Iterable[tuple[int, LoraModule, np.ndarray, np.ndarray, np.ndarray]]:
+def squeeze_modules(
+    source,
+    modules: Sequence[LoraModule],
+    ranks: Mapping[str, int],
+    *,
+    method: str,
+    seed: int = 0,
+    progress: bool = True,
+) -> Iterable[tuple[int, LoraModule, np.ndarray, np.ndarray, np.ndarray]]:
   """(i, module, a', b', singular values) for every module in order: the squeeze of the command, for a PEFT
   directory and a single file alike (``source`` has ``factors(module)``, as PeftAdapter and LoraFile do).
 
@@ -650,8 +720,9 @@ def squeeze_modules(source, modules: Sequence[LoraModule], ranks: Mapping[str, i
   def one(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     m = modules[i]
     a, b = source.factors(m)
-    return squeeze_matrices(a, b, ranks[m.name], method=method, where=m.name, key=key_data[i],
-                            compute_rank=compute_rank)
+    return squeeze_matrices(
+        a, b, ranks[m.name], method=method, where=m.name, key=key_data[i], compute_rank=compute_rank
+    )
 
   indices = range(len(modules))
   results = squeeze.host_map(one, indices) if method == "efficient" else map(one, indices)
@@ -662,20 +733,27 @@ def squeeze_modules(source, modules: Sequence[LoraModule], ranks: Mapping[str, i
 def adapter_spectra(adapter: PeftAdapter, *, progress: bool = True) -> dict[str, np.ndarray]:
   """{module name: all r singular values of its ΔW_eff} (efficient route, never forming ΔW), reading one
   module at a time in ``squeeze.host_map``'s threads."""
-  values = squeeze.host_map(lambda m: squeeze.singular_values(*adapter.factors(m), route="host"),
-                            adapter.modules)
-  return {m.name: s for m, s in zip(adapter.modules,
-                                    _progress(values, len(adapter.modules), "spectra", progress))}
+  values = squeeze.host_map(lambda m: squeeze.singular_values(*adapter.factors(m), route="host"), adapter.modules)
+  return {m.name: s for m, s in zip(adapter.modules, _progress(values, len(adapter.modules), "spectra", progress))}
 
 
 # kohya sd-scripts' dynamic rank rules (networks/resize_lora.py), each choosing every module's rank from
 # its own spectrum: the squeeze.rank_* function, and the command's flag.
-DYNAMIC_RULES = {"sv_ratio": squeeze.rank_sv_ratio, "sv_fro": squeeze.rank_sv_fro,
-                 "sv_cumulative": squeeze.rank_sv_cumulative}
+DYNAMIC_RULES = {
+    "sv_ratio": squeeze.rank_sv_ratio,
+    "sv_fro": squeeze.rank_sv_fro,
+    "sv_cumulative": squeeze.rank_sv_cumulative,
+}
 
 
-def check_target(rank: int | None, energy: float | None, per_module: bool, *,
-                 dynamic: tuple[str, float] | None = None, max_rank: int | None = None) -> None:
+def check_target(
+    rank: int | None,
+    energy: float | None,
+    per_module: bool,
+    *,
+    dynamic: tuple[str, float] | None = None,
+    max_rank: int | None = None,
+) -> None:
   """Raises AdapterError unless exactly one rule is given: rank (>= 1), energy (in (0, 1]) or a ``dynamic``
   kohya rule (name in DYNAMIC_RULES, value); per_module only with energy; max_rank (>= 1) only with energy
   or a dynamic rule. Run before any work, so a typo fails in a second, not after a pass over the adapter."""
@@ -683,8 +761,10 @@ def check_target(rank: int | None, energy: float | None, per_module: bool, *,
   if len(given) != 1:
     raise AdapterError("give exactly one of --rank, --energy, --sv-ratio, --sv-fro and --sv-cumulative")
   if per_module and energy is None:
-    raise AdapterError("--per-module needs --energy (with --rank every module gets the same rank; the --sv-* "
-                       "rules are always per module)")
+    raise AdapterError(
+        "--per-module needs --energy (with --rank every module gets the same rank; the --sv-* "
+        "rules are always per module)"
+    )
   if max_rank is not None:
     if rank is not None:
       raise AdapterError("--max-rank goes with --energy or an --sv-* rule, not --rank")
@@ -706,9 +786,16 @@ def check_target(rank: int | None, energy: float | None, per_module: bool, *,
       raise AdapterError(f"{flag} must be {'>= 1' if name == 'sv_ratio' else 'in (0, 1]'}, got {value}")
 
 
-def _wanted_ranks(modules: Sequence[LoraModule], spectra: Mapping[str, np.ndarray] | None, *,
-                  rank: int | None, energy: float | None, per_module: bool,
-                  dynamic: tuple[str, float] | None = None, max_rank: int | None = None) -> dict[str, int]:
+def _wanted_ranks(
+    modules: Sequence[LoraModule],
+    spectra: Mapping[str, np.ndarray] | None,
+    *,
+    rank: int | None,
+    energy: float | None,
+    per_module: bool,
+    dynamic: tuple[str, float] | None = None,
+    max_rank: int | None = None,
+) -> dict[str, int]:
   """``plan_ranks`` before the full-rank cap (``max_rank`` already applied)."""
   check_target(rank, energy, per_module, dynamic=dynamic, max_rank=max_rank)
   if rank is not None:
@@ -724,9 +811,16 @@ def _wanted_ranks(modules: Sequence[LoraModule], spectra: Mapping[str, np.ndarra
   return {n: min(r, max_rank) if max_rank else r for n, r in wanted.items()}
 
 
-def plan_ranks(modules: Sequence[LoraModule], spectra: Mapping[str, np.ndarray] | None, *,
-               rank: int | None = None, energy: float | None = None, per_module: bool = False,
-               dynamic: tuple[str, float] | None = None, max_rank: int | None = None) -> dict[str, int]:
+def plan_ranks(
+    modules: Sequence[LoraModule],
+    spectra: Mapping[str, np.ndarray] | None,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    per_module: bool = False,
+    dynamic: tuple[str, float] | None = None,
+    max_rank: int | None = None,
+) -> dict[str, int]:
   """Each module's target rank: ``rank`` everywhere, from the retention target ``energy``, or from a kohya
   ``dynamic`` rule (``DYNAMIC_RULES``: each module from its own spectrum), at most ``max_rank``.
 
@@ -737,21 +831,34 @@ def plan_ranks(modules: Sequence[LoraModule], spectra: Mapping[str, np.ndarray] 
   1000000`` wrote a 1.9 GiB adapter). A rank above r_src but within the full rank is kept (it grows the
   adapter, ΔW exact).
   """
-  wanted = _wanted_ranks(modules, spectra, rank=rank, energy=energy, per_module=per_module, dynamic=dynamic,
-                         max_rank=max_rank)
+  wanted = _wanted_ranks(
+      modules, spectra, rank=rank, energy=energy, per_module=per_module, dynamic=dynamic, max_rank=max_rank
+  )
   return {m.name: min(wanted[m.name], m.full_rank) for m in modules}
 
 
-def _cap_note(modules: Sequence[LoraModule], wanted: Mapping[str, int], ranks: Mapping[str, int],
-              rank: int | None, energy: float | None) -> str | None:
+def _cap_note(
+    modules: Sequence[LoraModule],
+    wanted: Mapping[str, int],
+    ranks: Mapping[str, int],
+    rank: int | None,
+    energy: float | None,
+) -> str | None:
   """The one-line note that ``plan_ranks`` capped some modules' ranks (None when it capped none)."""
   capped = [m for m in modules if ranks[m.name] < wanted[m.name]]
   if not capped:
     return None
-  what = (f"--rank {rank}" if rank is not None else f"the rank chosen for --energy {energy:g}"
-          if energy is not None else "the rank chosen by the --sv-* rule")
-  return (f"{what} exceeds the full rank of {len(capped)} modules; capped at min(m, n) per module (largest "
-          f"{max(ranks[m.name] for m in capped)})")
+  what = (
+      f"--rank {rank}"
+      if rank is not None
+      else f"the rank chosen for --energy {energy:g}"
+      if energy is not None
+      else "the rank chosen by the --sv-* rule"
+  )
+  return (
+      f"{what} exceeds the full rank of {len(capped)} modules; capped at min(m, n) per module (largest "
+      f"{max(ranks[m.name] for m in capped)})"
+  )
 
 
 def output_config(config: LoraConfig, ranks: Mapping[str, int]) -> dict:
@@ -767,13 +874,16 @@ def output_config(config: LoraConfig, ranks: Mapping[str, int]) -> dict:
   keys = pattern_keys(list(ranks))
   rank_pattern = {keys[n]: ranks[n] for n in others}
   new = dict(config.raw)
-  new.update(r=default, lora_alpha=default, use_rslora=False, rank_pattern=rank_pattern,
-             alpha_pattern=dict(rank_pattern))
+  new.update(
+      r=default, lora_alpha=default, use_rslora=False, rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern)
+  )
   check = LoraConfig.from_dict(new)
   for n, r in ranks.items():
     if check.rank(n) != r or check.scale(n) != 1.0:
-      raise RuntimeError(f"output_config: module '{n}' would resolve to r={check.rank(n)}, "
-                         f"scale={check.scale(n)} (want r={r}, scale 1)")
+      raise RuntimeError(
+          f"output_config: module '{n}' would resolve to r={check.rank(n)}, "
+          f"scale={check.scale(n)} (want r={r}, scale 1)"
+      )
   return new
 
 
@@ -815,8 +925,9 @@ class SqueezeReport:
     width = max(len(m.name) for m in self.modules)
     lines = [f"{'module':<{width}}  {'out x in':>13}  {'r':>4} -> {'r_new':<5}  {'retention':>9}"]
     for m in self.modules:
-      lines.append(f"{m.name:<{width}}  {m.shape[0]:>6}x{m.shape[1]:<6}  {m.r_src:>4} -> {m.r_tgt:<5}  "
-                   f"{m.retention:>9.5f}")
+      lines.append(
+          f"{m.name:<{width}}  {m.shape[0]:>6}x{m.shape[1]:<6}  {m.r_src:>4} -> {m.r_tgt:<5}  " f"{m.retention:>9.5f}"
+      )
     return "\n".join(lines)
 
   def summary(self) -> str:
@@ -825,11 +936,11 @@ class SqueezeReport:
     grown = sum(1 for m in self.modules if m.r_tgt > m.r_src)
     verb = "would write" if self.dry_run else "wrote"
     lines = [
-        f"{len(self.modules)} LoRA modules, ranks " +
-        ", ".join(f"{a}->{b} ({c})" for (a, b), c in sorted(changes.items())),
+        f"{len(self.modules)} LoRA modules, ranks "
+        + ", ".join(f"{a}->{b} ({c})" for (a, b), c in sorted(changes.items())),
         f"retention V_r: min {ret.min():.5f}, mean {ret.mean():.5f} (fraction of each ΔW's energy kept)",
-        self.config_line or
-        f"config: r={self.config['r']}, lora_alpha={self.config['lora_alpha']} (scale 1, folded into the "
+        self.config_line
+        or f"config: r={self.config['r']}, lora_alpha={self.config['lora_alpha']} (scale 1, folded into the "
         f"factors), {len(self.config['rank_pattern'])} rank_pattern entries",
         f"{verb} {self.out_dir}{': ' + self.weights_name if self.weights_name else ''} "
         f"{_fmt_bytes(self.out_bytes)} (input {_fmt_bytes(self.in_bytes)})"
@@ -839,8 +950,10 @@ class SqueezeReport:
     if self.passthrough_line:
       lines.append(self.passthrough_line)
     if grown:
-      lines.append(f"note: {grown} modules grew in rank: ΔW is kept exactly, the new directions are "
-                   "random A rows with zero B columns")
+      lines.append(
+          f"note: {grown} modules grew in rank: ΔW is kept exactly, the new directions are "
+          "random A rows with zero B columns"
+      )
     if not self.dry_run:
       lines.append(f"method {self.method}, {self.seconds:.1f} s")
     return "\n".join(lines)
@@ -860,11 +973,22 @@ def _cast(x: np.ndarray, code: str, where: str) -> np.ndarray:
   return y
 
 
-def squeeze_adapter(in_dir: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int | None = None,
-                    energy: float | None = None, per_module: bool = False, method: str = "efficient",
-                    dtype: str = "keep", dry_run: bool = False, force: bool = False, seed: int = 0,
-                    progress: bool = True, dynamic: tuple[str, float] | None = None,
-                    max_rank: int | None = None) -> SqueezeReport:
+def squeeze_adapter(
+    in_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    per_module: bool = False,
+    method: str = "efficient",
+    dtype: str = "keep",
+    dry_run: bool = False,
+    force: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    dynamic: tuple[str, float] | None = None,
+    max_rank: int | None = None,
+) -> SqueezeReport:
   """Writes a copy of the PEFT adapter ``in_dir`` at new ranks to ``out_dir`` (see the module docstring).
 
   Args:
@@ -898,9 +1022,22 @@ def squeeze_adapter(in_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
   if not in_dir.is_dir():
     # A single file: kohya / diffusers LoRAs (lora_files.py, which imports this module: hence here).
     from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top
-    return lora_files.squeeze_file(in_dir, out_dir, rank=rank, energy=energy, per_module=per_module,
-                                   method=method, dtype=dtype, dry_run=dry_run, force=force, seed=seed,
-                                   progress=progress, dynamic=dynamic, max_rank=max_rank)
+
+    return lora_files.squeeze_file(
+        in_dir,
+        out_dir,
+        rank=rank,
+        energy=energy,
+        per_module=per_module,
+        method=method,
+        dtype=dtype,
+        dry_run=dry_run,
+        force=force,
+        seed=seed,
+        progress=progress,
+        dynamic=dynamic,
+        max_rank=max_rank,
+    )
   # Before opening anything: an OUT_DIR that is, holds or lies in IN_DIR is refused even for a dry run.
   _check_out_dir(out_dir, force, inputs=(in_dir,), dry_run=dry_run)
   with PeftAdapter(in_dir) as adapter:
@@ -918,20 +1055,36 @@ def squeeze_adapter(in_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
     for m in adapter.modules:
       shape_a, shape_b = m.new_shapes(ranks[m.name])
       entries += [(m.key_a, code(m.dtype_a), shape_a), (m.key_b, code(m.dtype_b), shape_b)]
-    entries += [(k, adapter.reader.tensors[k].dtype, adapter.reader.tensors[k].shape)
-                for k in adapter.passthrough]
+    entries += [(k, adapter.reader.tensors[k].dtype, adapter.reader.tensors[k].shape) for k in adapter.passthrough]
     metadata = adapter.reader.metadata if adapter.reader.metadata is not None else {"format": "pt"}
-    extra_files = sorted(p.name for p in in_dir.iterdir() if p.is_file() and p.name not in (
-        CONFIG_NAME, WEIGHTS_NAME, TORCH_WEIGHTS_NAME))
-    report = SqueezeReport(in_dir=in_dir, out_dir=out_dir, method=method, dry_run=dry_run, modules=[],
-                           passthrough=list(adapter.passthrough), copied_files=extra_files, config=config,
-                           in_bytes=adapter.reader.file_size, out_bytes=safetensors_size(entries, metadata),
-                           note=_cap_note(adapter.modules, wanted, ranks, rank, energy))
+    extra_files = sorted(
+        p.name
+        for p in in_dir.iterdir()
+        if p.is_file() and p.name not in (CONFIG_NAME, WEIGHTS_NAME, TORCH_WEIGHTS_NAME)
+    )
+    report = SqueezeReport(
+        in_dir=in_dir,
+        out_dir=out_dir,
+        method=method,
+        dry_run=dry_run,
+        modules=[],
+        passthrough=list(adapter.passthrough),
+        copied_files=extra_files,
+        config=config,
+        in_bytes=adapter.reader.file_size,
+        out_bytes=safetensors_size(entries, metadata),
+        note=_cap_note(adapter.modules, wanted, ranks, rank, energy),
+    )
 
     def module_report(m: LoraModule, s: np.ndarray) -> ModuleReport:
-      return ModuleReport(name=m.name, shape=(m.out_features, m.in_features), r_src=m.r,
-                          r_tgt=ranks[m.name], scale=m.scale,
-                          retention=float(squeeze.retention(np.asarray(s), ranks[m.name])))
+      return ModuleReport(
+          name=m.name,
+          shape=(m.out_features, m.in_features),
+          r_src=m.r,
+          r_tgt=ranks[m.name],
+          scale=m.scale,
+          retention=float(squeeze.retention(np.asarray(s), ranks[m.name])),
+      )
 
     if dry_run:
       report.modules = [module_report(m, spectra[m.name]) for m in adapter.modules]
@@ -941,8 +1094,9 @@ def squeeze_adapter(in_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ra
     with _atomic_dir(out_dir) as tmp:
       writer = SafetensorsWriter(tmp / WEIGHTS_NAME, entries, metadata)
       try:
-        for i, m, new_a, new_b, s in squeeze_modules(adapter, adapter.modules, ranks, method=method, seed=seed,
-                                                     progress=progress):
+        for i, m, new_a, new_b, s in squeeze_modules(
+            adapter, adapter.modules, ranks, method=method, seed=seed, progress=progress
+        ):
           shape_a, shape_b = m.new_shapes(ranks[m.name])
           writer.write(m.key_a, _cast(new_a.T.reshape(shape_a), code(m.dtype_a), m.name))
           writer.write(m.key_b, _cast(new_b.T.reshape(shape_b), code(m.dtype_b), m.name))
@@ -1076,11 +1230,14 @@ def _check_not_input(out_dir: Path, in_dir: Path) -> None:
   if same:
     raise AdapterError(f"{out_dir}: output directory is the input directory; choose another OUT_DIR")
   if contains:
-    raise AdapterError(f"{out_dir}: output directory contains the input directory {in_dir} (replacing it would "
-                       "delete the input); choose another OUT_DIR")
+    raise AdapterError(
+        f"{out_dir}: output directory contains the input directory {in_dir} (replacing it would "
+        "delete the input); choose another OUT_DIR"
+    )
   if inside:
-    raise AdapterError(f"{out_dir}: output directory lies inside the input directory {in_dir}; choose one "
-                       "outside it")
+    raise AdapterError(
+        f"{out_dir}: output directory lies inside the input directory {in_dir}; choose one " "outside it"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1098,15 +1255,19 @@ class InspectReport:
 
   def table(self, top: int = 4) -> str:
     width = max(len(m.name) for m in self.modules)
-    head = (f"{'module':<{width}}  {'out x in':>13}  {'r':>4}  {'scale':>7}  {'top singular values':<{9 * top}}"
-            f"  {'V(r/2)':>8}  {'V(r/4)':>8}  {'V(r/8)':>8}")
+    head = (
+        f"{'module':<{width}}  {'out x in':>13}  {'r':>4}  {'scale':>7}  {'top singular values':<{9 * top}}"
+        f"  {'V(r/2)':>8}  {'V(r/4)':>8}  {'V(r/8)':>8}"
+    )
     lines = [head]
     for m in self.modules:
       s = self.spectra[m.name]
       sv = " ".join(f"{x:8.3g}" for x in s[:top])
       rets = "  ".join(f"{float(squeeze.retention(s, max(1, m.r // d))):8.5f}" for d in (2, 4, 8))
-      lines.append(f"{m.name:<{width}}  {m.out_features:>6}x{m.in_features:<6}  {m.r:>4}  {m.scale:>7.4g}  "
-                   f"{sv:<{9 * top}}  {rets}")
+      lines.append(
+          f"{m.name:<{width}}  {m.out_features:>6}x{m.in_features:<6}  {m.r:>4}  {m.scale:>7.4g}  "
+          f"{sv:<{9 * top}}  {rets}"
+      )
     return "\n".join(lines)
 
   def summary(self) -> str:
@@ -1115,12 +1276,15 @@ class InspectReport:
       by_kind[m.kind].append(m)
     params = sum(m.r * (m.in_features + m.out_features) for m in self.modules)
     ranks = collections.Counter(m.r for m in self.modules)
-    lines = [f"{len(self.modules)} LoRA modules, {params:,} LoRA parameters, ranks "
-             + ", ".join(f"{r} ({c})" for r, c in sorted(ranks.items())),
-             "mean retention by module type (V at r/2, r/4, r/8):"]
+    lines = [
+        f"{len(self.modules)} LoRA modules, {params:,} LoRA parameters, ranks "
+        + ", ".join(f"{r} ({c})" for r, c in sorted(ranks.items())),
+        "mean retention by module type (V at r/2, r/4, r/8):",
+    ]
     for kind, ms in sorted(by_kind.items()):
-      means = [np.mean([float(squeeze.retention(self.spectra[m.name], max(1, m.r // d))) for m in ms])
-               for d in (2, 4, 8)]
+      means = [
+          np.mean([float(squeeze.retention(self.spectra[m.name], max(1, m.r // d))) for m in ms]) for d in (2, 4, 8)
+      ]
       lines.append(f"  {kind:<16} ({len(ms):>3})  " + "  ".join(f"{v:.5f}" for v in means))
     homo = ", ".join(f"{e:g} -> r={squeeze.choose_homogeneous_rank(self.spectra, e)}" for e in (0.9, 0.95, 0.99))
     lines.append(f"one rank for all modules keeping energy E (lora-squeeze squeeze --energy E): {homo}")
@@ -1130,6 +1294,7 @@ class InspectReport:
     """Retention curves V_k (k = 1..r): the mean over all modules and the mean per module type."""
     check_plot_path(path)
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -1151,9 +1316,13 @@ class InspectReport:
     ax.plot(ks, np.mean(list(curves.values()), axis=0), color="black", lw=2.5, label="mean (all)")
     for e in (0.9, 0.99):
       ax.axhline(e, color="gray", lw=0.6, ls="--")
-    ax.set(xlabel="rank $k$", ylabel=r"retention $V_k = \sum_{i \leq k} \sigma_i^2 / \sum_i \sigma_i^2$",
-           ylim=(0, 1.02), xlim=(1, r_max),
-           title=f"LoRA energy retention: {self.directory.name}")
+    ax.set(
+        xlabel="rank $k$",
+        ylabel=r"retention $V_k = \sum_{i \leq k} \sigma_i^2 / \sum_i \sigma_i^2$",
+        ylim=(0, 1.02),
+        xlim=(1, r_max),
+        title=f"LoRA energy retention: {self.directory.name}",
+    )
     ax.legend(fontsize=8, ncol=2, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -1187,12 +1356,15 @@ def inspect_adapter(directory: str | os.PathLike, *, progress: bool = True) -> I
   kohya / diffusers file."""
   if not Path(directory).is_dir():
     from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top
+
     with lora_files.open_lora_file(directory) as adapter:
-      return InspectReport(directory=Path(directory), modules=list(adapter.modules),
-                           spectra=adapter_spectra(adapter, progress=progress))
+      return InspectReport(
+          directory=Path(directory), modules=list(adapter.modules), spectra=adapter_spectra(adapter, progress=progress)
+      )
   with PeftAdapter(directory) as adapter:
-    return InspectReport(directory=Path(directory), modules=list(adapter.modules),
-                         spectra=adapter_spectra(adapter, progress=progress))
+    return InspectReport(
+        directory=Path(directory), modules=list(adapter.modules), spectra=adapter_spectra(adapter, progress=progress)
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1200,21 +1372,31 @@ def inspect_adapter(directory: str | os.PathLike, *, progress: bool = True) -> I
 # --------------------------------------------------------------------------------------------------------
 
 # Our module kind -> (sub-module, projection) inside a Hugging Face Gemma3DecoderLayer.
-HF_PROJECTIONS = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v": ("self_attn", "v_proj"),
-                  "o": ("self_attn", "o_proj"), "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"),
-                  "down": ("mlp", "down_proj")}
+HF_PROJECTIONS = {
+    "q": ("self_attn", "q_proj"),
+    "k": ("self_attn", "k_proj"),
+    "v": ("self_attn", "v_proj"),
+    "o": ("self_attn", "o_proj"),
+    "gate": ("mlp", "gate_proj"),
+    "up": ("mlp", "up_proj"),
+    "down": ("mlp", "down_proj"),
+}
 # Where the text decoder layers sit in each Hugging Face class (module names inside PEFT's base model):
 # Gemma3ForCausalLM (270M, 1B) and Gemma3ForConditionalGeneration (4B, 12B, 27B; transformers >= 4.52).
 HF_LAYOUTS = {"causal_lm": "model.layers", "conditional_generation": "model.language_model.layers"}
 # Hub ids of the pretrained checkpoints (the "-it" ones have the same module names) and their class.
-HF_BASE_MODELS = {"gemma3_270m": ("google/gemma-3-270m", "causal_lm"),
-                  "gemma3_1b": ("google/gemma-3-1b-pt", "causal_lm"),
-                  "gemma3_4b": ("google/gemma-3-4b-pt", "conditional_generation"),
-                  "gemma3_12b": ("google/gemma-3-12b-pt", "conditional_generation")}
+HF_BASE_MODELS = {
+    "gemma3_270m": ("google/gemma-3-270m", "causal_lm"),
+    "gemma3_1b": ("google/gemma-3-1b-pt", "causal_lm"),
+    "gemma3_4b": ("google/gemma-3-4b-pt", "conditional_generation"),
+    "gemma3_12b": ("google/gemma-3-12b-pt", "conditional_generation"),
+}
 # Read as well: Gemma3ForConditionalGeneration before transformers 4.52 (``language_model.model.layers``)
 # and a bare Gemma3TextModel (``layers``).
-_HF_MODULE = re.compile(r"^(?P<stem>model\.layers|model\.language_model\.layers|language_model\.model\.layers"
-                        r"|layers)\.(?P<layer>\d+)\.(?P<group>self_attn|mlp)\.(?P<proj>[a-z]+_proj)$")
+_HF_MODULE = re.compile(
+    r"^(?P<stem>model\.layers|model\.language_model\.layers|language_model\.model\.layers"
+    r"|layers)\.(?P<layer>\d+)\.(?P<group>self_attn|mlp)\.(?P<proj>[a-z]+_proj)$"
+)
 _KIND_OF_PROJ = {proj: (group, kind) for kind, (group, proj) in HF_PROJECTIONS.items()}
 _JOINT = {"kv": ("k", "v"), "gate_up": ("gate", "up")}
 
@@ -1290,6 +1472,7 @@ def _checked_pairs(lora_params: Mapping, lora_config, cfg) -> dict[str, tuple[np
   """{canonical module path: (a, b) as numpy} in lora_shapes order, after checking the tree against the
   config's modules and the model's projection shapes (ranks are free, as in ``lora.LoRA``)."""
   from lora_squeeze import lora  # pylint: disable=g-import-not-at-top
+
   try:
     expected = lora.lora_shapes(cfg, dataclasses.replace(lora_config, rank=1))  # ranks come from the params
   except ValueError as e:
@@ -1309,22 +1492,33 @@ def _checked_pairs(lora_params: Mapping, lora_config, cfg) -> dict[str, tuple[np
     found[canon] = (path, pair)
   missing, extra = [p for p in expected if p not in found], sorted(set(found) - set(expected))
   if missing or extra:
-    raise AdapterError(f"LoRA params do not match {lora_config} on a {cfg.num_layers}-layer model: missing "
-                       f"{missing[:3]}{' ...' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
-                       f"{' ...' if len(extra) > 3 else ''} (joint_kv / joint_gate_up / targets / model config?)")
+    raise AdapterError(
+        f"LoRA params do not match {lora_config} on a {cfg.num_layers}-layer model: missing "
+        f"{missing[:3]}{' ...' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
+        f"{' ...' if len(extra) > 3 else ''} (joint_kv / joint_gate_up / targets / model config?)"
+    )
   out = {}
   for canon, (a_shape, b_shape) in expected.items():
     path, pair = found[canon]
     a, b = np.asarray(pair["a"]), np.asarray(pair["b"])
-    if (a.ndim != len(a_shape) or b.ndim != len(b_shape) or a.shape[:-1] != a_shape[:-1]
-        or b.shape[1:] != b_shape[1:] or a.shape[-1] != b.shape[0] or a.shape[-1] < 1):
-      raise AdapterError(f"LoRA params at {path}: a{list(a.shape)}, b{list(b.shape)} do not fit this model "
-                         f"config (expected a{list(a_shape[:-1]) + ['r']}, b{['r'] + list(b_shape[1:])})")
+    if (
+        a.ndim != len(a_shape)
+        or b.ndim != len(b_shape)
+        or a.shape[:-1] != a_shape[:-1]
+        or b.shape[1:] != b_shape[1:]
+        or a.shape[-1] != b.shape[0]
+        or a.shape[-1] < 1
+    ):
+      raise AdapterError(
+          f"LoRA params at {path}: a{list(a.shape)}, b{list(b.shape)} do not fit this model "
+          f"config (expected a{list(a_shape[:-1]) + ['r']}, b{['r'] + list(b_shape[1:])})"
+      )
     for name, x in (("a", a), ("b", b)):
       finite = np.isfinite(x.astype(np.float32))
       if not finite.all():
-        raise AdapterError(f"LoRA params at {path}/{name} {list(x.shape)}: {finite.size - int(finite.sum())} "
-                           "NaN/Inf values")
+        raise AdapterError(
+            f"LoRA params at {path}/{name} {list(x.shape)}: {finite.size - int(finite.sum())} " "NaN/Inf values"
+        )
     out[canon] = (a, b)
   return out
 
@@ -1346,9 +1540,17 @@ def _to_hf(kind: str, a: np.ndarray, b: np.ndarray) -> list[tuple[str, np.ndarra
   return [(kind, a_t, b.reshape(r, -1).T)]
 
 
-def export_peft(lora_params: Mapping, out_dir: str | os.PathLike, *, lora_config, model_config,
-                base_model_name_or_path: str | None = None, layout: str = "causal_lm",
-                dtype: str = "float32", force: bool = False) -> dict:
+def export_peft(
+    lora_params: Mapping,
+    out_dir: str | os.PathLike,
+    *,
+    lora_config,
+    model_config,
+    base_model_name_or_path: str | None = None,
+    layout: str = "causal_lm",
+    dtype: str = "float32",
+    force: bool = False,
+) -> dict:
   """Writes a Gemma 3 LoRA (our tree) as a PEFT adapter directory that PEFT and vLLM load on the HF model.
 
   Args:
@@ -1371,6 +1573,7 @@ def export_peft(lora_params: Mapping, out_dir: str | os.PathLike, *, lora_config
       arguments; ``out_dir`` is then left absent (or untouched).
   """
   from lora_squeeze import lora  # pylint: disable=g-import-not-at-top
+
   if layout not in HF_LAYOUTS:
     raise AdapterError(f"unknown layout {layout!r}; choose one of {', '.join(HF_LAYOUTS)}")
   if dtype not in _OUT_CODES:
@@ -1388,12 +1591,27 @@ def export_peft(lora_params: Mapping, out_dir: str | os.PathLike, *, lora_config
       modules.append((hf_module_name(layer, half, layout), a_hf, b_hf, scale))
   ranks = {name: int(a_hf.shape[0]) for name, a_hf, _, _ in modules}
 
-  base = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-          "revision": None, "r": 8, "lora_alpha": 8, "lora_dropout": 0.0,
-          "target_modules": _target_modules(lora_config.targets, layout), "bias": "none", "fan_in_fan_out": False,
-          "inference_mode": True, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
-          "modules_to_save": None, "use_rslora": False, "use_dora": False, "rank_pattern": {},
-          "alpha_pattern": {}}
+  base = {
+      "peft_type": "LORA",
+      "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": base_model_name_or_path,
+      "revision": None,
+      "r": 8,
+      "lora_alpha": 8,
+      "lora_dropout": 0.0,
+      "target_modules": _target_modules(lora_config.targets, layout),
+      "bias": "none",
+      "fan_in_fan_out": False,
+      "inference_mode": True,
+      "init_lora_weights": True,
+      "layers_to_transform": None,
+      "layers_pattern": None,
+      "modules_to_save": None,
+      "use_rslora": False,
+      "use_dora": False,
+      "rank_pattern": {},
+      "alpha_pattern": {},
+  }
   if lora_config.alpha is not None and len(set(ranks.values())) == 1:
     # One scale alpha/r for every module: PEFT's own formula, factors written as they are.
     r = next(iter(ranks.values()))
@@ -1422,8 +1640,14 @@ def export_peft(lora_params: Mapping, out_dir: str | os.PathLike, *, lora_config
   return config
 
 
-def import_peft(in_dir: str | os.PathLike, *, model_config, joint_kv: bool = False, joint_gate_up: bool = False,
-                keep_alpha: bool = True) -> tuple[dict, Any]:
+def import_peft(
+    in_dir: str | os.PathLike,
+    *,
+    model_config,
+    joint_kv: bool = False,
+    joint_gate_up: bool = False,
+    keep_alpha: bool = True,
+) -> tuple[dict, Any]:
   """Reads a PEFT Gemma 3 LoRA adapter directory into our tree and its ``lora.LoRAConfig``.
 
   Args:
@@ -1444,6 +1668,7 @@ def import_peft(in_dir: str | os.PathLike, *, model_config, joint_kv: bool = Fal
       missing halves, NaN/Inf, tensors we cannot represent (modules_to_save, DoRA, LoRA biases).
   """
   from lora_squeeze import lora  # pylint: disable=g-import-not-at-top
+
   cfg = lora.text_config(model_config)
   dims = _hf_dims(cfg)
   with PeftAdapter(in_dir) as adapter:
@@ -1451,52 +1676,68 @@ def import_peft(in_dir: str | os.PathLike, *, model_config, joint_kv: bool = Fal
     if adapter.config.raw.get("use_dora"):
       raise AdapterError(f"{adapter.directory / CONFIG_NAME}: use_dora is set; DoRA adapters cannot be imported")
     if adapter.passthrough:
-      raise AdapterError(f"{where}: tensor '{adapter.passthrough[0]}' is not a lora_A/lora_B factor (modules_to_"
-                         f"save, LoRA biases and DoRA magnitudes cannot be imported; {len(adapter.passthrough)} "
-                         "such tensors)")
+      raise AdapterError(
+          f"{where}: tensor '{adapter.passthrough[0]}' is not a lora_A/lora_B factor (modules_to_"
+          f"save, LoRA biases and DoRA magnitudes cannot be imported; {len(adapter.passthrough)} "
+          "such tensors)"
+      )
     found: dict[tuple[int, str], LoraModule] = {}
     for m in adapter.modules:
       match = _HF_MODULE.match(m.name)
       group_kind = _KIND_OF_PROJ.get(match["proj"]) if match else None
       if group_kind is None or group_kind[0] != match["group"] or ".lora_embedding_" in m.key_a:
-        raise AdapterError(f"{where.name}: module '{m.name}' is not a Gemma 3 text projection (expected "
-                           f"'{HF_LAYOUTS['causal_lm']}.N.self_attn.{{q,k,v,o}}_proj' or '...mlp.{{gate,up,"
-                           f"down}}_proj', also under {HF_LAYOUTS['conditional_generation']} or "
-                           "language_model.model.layers)")
+        raise AdapterError(
+            f"{where.name}: module '{m.name}' is not a Gemma 3 text projection (expected "
+            f"'{HF_LAYOUTS['causal_lm']}.N.self_attn.{{q,k,v,o}}_proj' or '...mlp.{{gate,up,"
+            f"down}}_proj', also under {HF_LAYOUTS['conditional_generation']} or "
+            "language_model.model.layers)"
+        )
       layer, kind = int(match["layer"]), group_kind[1]
       if layer >= cfg.num_layers:
-        raise AdapterError(f"{where.name}: module '{m.name}': layer {layer} is out of range for a "
-                           f"{cfg.num_layers}-layer model")
+        raise AdapterError(
+            f"{where.name}: module '{m.name}': layer {layer} is out of range for a " f"{cfg.num_layers}-layer model"
+        )
       if (layer, kind) in found:
-        raise AdapterError(f"{where.name}: module '{m.name}' has two adapters ('{found[layer, kind].key_a}' "
-                           f"and '{m.key_a}')")
+        raise AdapterError(
+            f"{where.name}: module '{m.name}' has two adapters ('{found[layer, kind].key_a}' " f"and '{m.key_a}')"
+        )
       n_in, n_out = dims[kind]
       if m.shape_a != (m.r, n_in) or m.shape_b != (n_out, m.r):
-        raise AdapterError(f"{where.name}: module '{m.name}': A {list(m.shape_a)}, B {list(m.shape_b)} do not fit "
-                           f"this model config (expected A [r, {n_in}], B [{n_out}, r])")
+        raise AdapterError(
+            f"{where.name}: module '{m.name}': A {list(m.shape_a)}, B {list(m.shape_b)} do not fit "
+            f"this model config (expected A [r, {n_in}], B [{n_out}, r])"
+        )
       found[layer, kind] = m
 
     targets = tuple(k for k in lora.TARGETS if any(key[1] == k for key in found))
     for layer in range(cfg.num_layers):
       have = tuple(k for k in targets if (layer, k) in found)
       if have != targets:
-        raise AdapterError(f"{where.name}: layer {layer} adapts {list(have)} but other layers {list(targets)}; "
-                           "our LoRA adapts the same projections in every layer")
+        raise AdapterError(
+            f"{where.name}: layer {layer} adapts {list(have)} but other layers {list(targets)}; "
+            "our LoRA adapts the same projections in every layer"
+        )
     for flag, (x, y) in (("joint_kv", _JOINT["kv"]), ("joint_gate_up", _JOINT["gate_up"])):
       if {"joint_kv": joint_kv, "joint_gate_up": joint_gate_up}[flag] and (x in targets) != (y in targets):
-        raise AdapterError(f"{where.name}: {flag} needs both {x}_proj and {y}_proj adapted; the adapter has "
-                           f"{[HF_PROJECTIONS[k][1] for k in targets]}")
+        raise AdapterError(
+            f"{where.name}: {flag} needs both {x}_proj and {y}_proj adapted; the adapter has "
+            f"{[HF_PROJECTIONS[k][1] for k in targets]}"
+        )
 
     alphas = {adapter.config.alpha(m.name) for m in found.values()}
     if all(m.scale == 1.0 for m in found.values()):
       alpha = None
-    elif (keep_alpha and not adapter.config.use_rslora and len(alphas) == 1
-          and isinstance(next(iter(alphas)), (int, float)) and next(iter(alphas)) > 0):
+    elif (
+        keep_alpha
+        and not adapter.config.use_rslora
+        and len(alphas) == 1
+        and isinstance(next(iter(alphas)), (int, float))
+        and next(iter(alphas)) > 0
+    ):
       alpha = float(next(iter(alphas)))
     else:
       alpha = None
-    our_config = lora.LoRAConfig(rank=1, alpha=alpha, targets=targets, joint_kv=joint_kv,
-                                 joint_gate_up=joint_gate_up)
+    our_config = lora.LoRAConfig(rank=1, alpha=alpha, targets=targets, joint_kv=joint_kv, joint_gate_up=joint_gate_up)
 
     def factors(m: LoraModule, our_rank: int) -> tuple[np.ndarray, np.ndarray]:
       # a (in, r), b (r, out) with PEFT's scale over ours folded, split evenly (1: the factors as stored).
@@ -1509,8 +1750,12 @@ def import_peft(in_dir: str | os.PathLike, *, model_config, joint_kv: bool = Fal
       in_dims, out_dims = a_shape[:-1], b_shape[1:]
       if kind in _JOINT:
         m1, m2 = (found[layer, k] for k in _JOINT[kind])
-        shared = (m1.r == m2.r and m1.scale == m2.scale and m1.dtype_a == m2.dtype_a
-                  and np.array_equal(adapter.reader.read(m1.key_a), adapter.reader.read(m2.key_a)))
+        shared = (
+            m1.r == m2.r
+            and m1.scale == m2.scale
+            and m1.dtype_a == m2.dtype_a
+            and np.array_equal(adapter.reader.read(m1.key_a), adapter.reader.read(m2.key_a))
+        )
         if shared:  # one input subspace: rank r, exactly the pair it was exported from
           r = m1.r
           a, b1 = factors(m1, r)
@@ -1522,8 +1767,8 @@ def import_peft(in_dir: str | os.PathLike, *, model_config, joint_kv: bool = Fal
           a2, b2 = factors(m2, r)
           a = np.concatenate([a1, a2], axis=1)
           b = np.zeros((r, *out_dims), np.float32)
-          b[:m1.r, 0] = b1.reshape(m1.r, *out_dims[1:])
-          b[m1.r:, 1] = b2.reshape(m2.r, *out_dims[1:])
+          b[: m1.r, 0] = b1.reshape(m1.r, *out_dims[1:])
+          b[m1.r :, 1] = b2.reshape(m2.r, *out_dims[1:])
       else:
         m = found[layer, kind]
         r = m.r
@@ -1548,64 +1793,119 @@ def import_peft(in_dir: str | os.PathLike, *, model_config, joint_kv: bool = Fal
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="lora-squeeze", description="Change the rank of LoRA adapters with SVD (LoRA-Squeeze, arXiv "
+      prog="lora-squeeze",
+      description="Change the rank of LoRA adapters with SVD (LoRA-Squeeze, arXiv "
       "2602.10993): Hugging Face PEFT adapter directories, single .safetensors files in kohya sd-scripts / "
       "LyCORIS (lora_down/lora_up/alpha) or diffusers / ComfyUI (lora_A/lora_B[/alpha]) form, detected from "
       "the keys, and GGUF LoRAs of llama.cpp / ollama (detected by the GGUF magic), each written back in the "
-      "same form. No torch needed.")
+      "same form. No torch needed.",
+  )
   sub = p.add_subparsers(dest="command", required=True)
-  s = sub.add_parser("squeeze", help="write a copy of an adapter at a new rank",
-                     description="Write IN's adapter at a new rank to OUT (a PEFT directory to a directory, a "
-                     ".safetensors file to a file). Each module's effective ΔW = scale·B@A is replaced by its "
-                     "best rank-r approximation; the output has scale 1 (alpha = r), the old scale folded "
-                     "evenly into both factors. Tensors that are not a low-rank product (LoHa, LoKr, full "
-                     "diffs, DoRA magnitudes) are copied unchanged.")
+  s = sub.add_parser(
+      "squeeze",
+      help="write a copy of an adapter at a new rank",
+      description="Write IN's adapter at a new rank to OUT (a PEFT directory to a directory, a "
+      ".safetensors file to a file). Each module's effective ΔW = scale·B@A is replaced by its "
+      "best rank-r approximation; the output has scale 1 (alpha = r), the old scale folded "
+      "evenly into both factors. Tensors that are not a low-rank product (LoHa, LoKr, full "
+      "diffs, DoRA magnitudes) are copied unchanged.",
+  )
   s.add_argument("in_dir", metavar="IN", help="a PEFT adapter directory, a LoRA .safetensors file or a GGUF LoRA")
   s.add_argument("out_dir", metavar="OUT", help="the output directory (PEFT), .safetensors or .gguf file")
   target = s.add_mutually_exclusive_group(required=True)
-  target.add_argument("--rank", type=int, help="the new rank of every module, capped at each module's full "
-                      "rank min(out, in) (where ΔW is exact; a note on stderr says so). A rank above the "
-                      "input's r is allowed: ΔW stays exact, the new directions are random A rows with zero "
-                      "B columns")
-  target.add_argument("--energy", type=float, help="keep this fraction of each module's energy (retention "
-                      "V_r = Σ_{i≤r} s_i² / Σ s_i² >= E): one rank for all, the largest needed (or per "
-                      "module with --per-module)")
-  target.add_argument("--sv-ratio", type=float, metavar="R", help="kohya's sv_ratio, per module: keep the "
-                      "singular values s_i > s_max / R (R >= 1; at least 1)")
-  target.add_argument("--sv-fro", type=float, metavar="F", help="kohya's sv_fro, per module: the smallest r "
-                      "with sqrt(Σ_{i≤r} s_i² / Σ s_i²) >= F (0 < F <= 1; same as --energy F² --per-module)")
-  target.add_argument("--sv-cumulative", type=float, metavar="C", help="kohya's sv_cumulative, per module: "
-                      "the smallest r with Σ_{i≤r} s_i / Σ s_i >= C (0 < C <= 1)")
+  target.add_argument(
+      "--rank",
+      type=int,
+      help="the new rank of every module, capped at each module's full "
+      "rank min(out, in) (where ΔW is exact; a note on stderr says so). A rank above the "
+      "input's r is allowed: ΔW stays exact, the new directions are random A rows with zero "
+      "B columns",
+  )
+  target.add_argument(
+      "--energy",
+      type=float,
+      help="keep this fraction of each module's energy (retention "
+      "V_r = Σ_{i≤r} s_i² / Σ s_i² >= E): one rank for all, the largest needed (or per "
+      "module with --per-module)",
+  )
+  target.add_argument(
+      "--sv-ratio",
+      type=float,
+      metavar="R",
+      help="kohya's sv_ratio, per module: keep the " "singular values s_i > s_max / R (R >= 1; at least 1)",
+  )
+  target.add_argument(
+      "--sv-fro",
+      type=float,
+      metavar="F",
+      help="kohya's sv_fro, per module: the smallest r "
+      "with sqrt(Σ_{i≤r} s_i² / Σ s_i²) >= F (0 < F <= 1; same as --energy F² --per-module)",
+  )
+  target.add_argument(
+      "--sv-cumulative",
+      type=float,
+      metavar="C",
+      help="kohya's sv_cumulative, per module: " "the smallest r with Σ_{i≤r} s_i / Σ s_i >= C (0 < C <= 1)",
+  )
   s.add_argument("--max-rank", type=int, metavar="N", help="with --energy or --sv-*: no module above rank N")
-  s.add_argument("--per-module", action="store_true",
-                 help="with --energy: each module its own rank (written as rank_pattern/alpha_pattern)")
-  s.add_argument("--method", choices=METHODS, default="efficient",
-                 help="efficient: never forms ΔW (default); rsvd: randomized SVD of ΔW; svd: full SVD of ΔW")
+  s.add_argument(
+      "--per-module",
+      action="store_true",
+      help="with --energy: each module its own rank (written as rank_pattern/alpha_pattern)",
+  )
+  s.add_argument(
+      "--method",
+      choices=METHODS,
+      default="efficient",
+      help="efficient: never forms ΔW (default); rsvd: randomized SVD of ΔW; svd: full SVD of ΔW",
+  )
   s.add_argument("--dtype", choices=DTYPES, default="keep", help="dtype of the new factors (default: as input)")
   s.add_argument("--dry-run", action="store_true", help="print the plan (ranks, retention, size); write nothing")
-  s.add_argument("--force", action="store_true", help="replace OUT if it exists (never IN itself, nor a "
-                 "directory that is, contains or lies inside IN: refused)")
+  s.add_argument(
+      "--force",
+      action="store_true",
+      help="replace OUT if it exists (never IN itself, nor a "
+      "directory that is, contains or lies inside IN: refused)",
+  )
   s.add_argument("--seed", type=int, default=0, help="PRNG seed (rsvd sketches, init of energy-free directions)")
   s.add_argument("--no-progress", action="store_true", help="no progress bar")
   # GGUF LoRAs (llama.cpp / ollama): gguf_lora.py.
-  c = sub.add_parser("convert", help="PEFT adapter directory <-> GGUF LoRA file (llama.cpp --lora, ollama "
-                     "ADAPTER)", description="Convert a PEFT adapter directory to a GGUF LoRA file (OUT ends in "
-                     ".gguf; as llama.cpp's convert_lora_to_gguf.py writes it, without torch or the base model) "
-                     "or a GGUF LoRA file to a PEFT adapter directory (any other OUT).")
+  c = sub.add_parser(
+      "convert",
+      help="PEFT adapter directory <-> GGUF LoRA file (llama.cpp --lora, ollama " "ADAPTER)",
+      description="Convert a PEFT adapter directory to a GGUF LoRA file (OUT ends in "
+      ".gguf; as llama.cpp's convert_lora_to_gguf.py writes it, without torch or the base model) "
+      "or a GGUF LoRA file to a PEFT adapter directory (any other OUT).",
+  )
   c.add_argument("in_dir", metavar="IN", help="a PEFT adapter directory or a GGUF LoRA file")
   c.add_argument("out_dir", metavar="OUT", help="OUT.gguf, or the PEFT adapter directory to write")
-  c.add_argument("--arch", help="PEFT -> GGUF: llama.cpp's architecture name (gemma3, llama, ...; default: "
-                 "from base_model_name_or_path in adapter_config.json)")
-  c.add_argument("--layout", default="causal_lm", choices=tuple(HF_LAYOUTS), help="GGUF -> PEFT: module "
-                 "names of Gemma3ForCausalLM / Llama-style models (causal_lm: model.layers) or of "
-                 "Gemma3ForConditionalGeneration (model.language_model.layers)")
-  c.add_argument("--dtype", choices=DTYPES, help="dtype of the written factors (default: float32 for GGUF, as "
-                 "llama.cpp's converter; keep for PEFT)")
+  c.add_argument(
+      "--arch",
+      help="PEFT -> GGUF: llama.cpp's architecture name (gemma3, llama, ...; default: "
+      "from base_model_name_or_path in adapter_config.json)",
+  )
+  c.add_argument(
+      "--layout",
+      default="causal_lm",
+      choices=tuple(HF_LAYOUTS),
+      help="GGUF -> PEFT: module "
+      "names of Gemma3ForCausalLM / Llama-style models (causal_lm: model.layers) or of "
+      "Gemma3ForConditionalGeneration (model.language_model.layers)",
+  )
+  c.add_argument(
+      "--dtype",
+      choices=DTYPES,
+      help="dtype of the written factors (default: float32 for GGUF, as " "llama.cpp's converter; keep for PEFT)",
+  )
   c.add_argument("--force", action="store_true", help="replace OUT if it exists (never IN)")
   i = sub.add_parser("inspect", help="print each module's spectrum and retention at r/2, r/4, r/8")
   i.add_argument("in_dir", metavar="IN", help="a PEFT adapter directory, a LoRA .safetensors file or a GGUF LoRA")
-  i.add_argument("--plot", metavar="PATH.png", help="also write retention curves to this file; its extension "
-                 "picks the format (.png, .pdf, .svg, ... : matplotlib's formats), checked before any work")
+  i.add_argument(
+      "--plot",
+      metavar="PATH.png",
+      help="also write retention curves to this file; its extension "
+      "picks the format (.png, .pdf, .svg, ... : matplotlib's formats), checked before any work",
+  )
   i.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p
 
@@ -1624,12 +1924,22 @@ def main(argv: Sequence[str] | None = None) -> int:
       check_plot_path(args.plot)  # before the cache directory and the spectra: a typo costs nothing
     runtime.enable_compile_cache()
     if args.command == "squeeze":
-      dynamic = next(((name, getattr(args, name)) for name in DYNAMIC_RULES
-                      if getattr(args, name) is not None), None)
-      report = squeeze_adapter(args.in_dir, args.out_dir, rank=args.rank, energy=args.energy,
-                               per_module=args.per_module, method=args.method, dtype=args.dtype,
-                               dry_run=args.dry_run, force=args.force, seed=args.seed,
-                               progress=not args.no_progress, dynamic=dynamic, max_rank=args.max_rank)
+      dynamic = next(((name, getattr(args, name)) for name in DYNAMIC_RULES if getattr(args, name) is not None), None)
+      report = squeeze_adapter(
+          args.in_dir,
+          args.out_dir,
+          rank=args.rank,
+          energy=args.energy,
+          per_module=args.per_module,
+          method=args.method,
+          dtype=args.dtype,
+          dry_run=args.dry_run,
+          force=args.force,
+          seed=args.seed,
+          progress=not args.no_progress,
+          dynamic=dynamic,
+          max_rank=args.max_rank,
+      )
       if report.note:
         print(f"lora-squeeze: note: {report.note}", file=sys.stderr)
       if args.dry_run:
@@ -1638,8 +1948,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(report.summary())
     elif args.command == "convert":
       from lora_squeeze import gguf_lora  # pylint: disable=g-import-not-at-top
-      print(gguf_lora.convert(args.in_dir, args.out_dir, arch=args.arch, layout=args.layout, dtype=args.dtype,
-                              force=args.force).summary())
+
+      print(
+          gguf_lora.convert(
+              args.in_dir, args.out_dir, arch=args.arch, layout=args.layout, dtype=args.dtype, force=args.force
+          ).summary()
+      )
     else:
       report = inspect_adapter(args.in_dir, progress=not args.no_progress)
       print(report.table())
@@ -1670,4 +1984,5 @@ if __name__ == "__main__":
   # `python -m lora_squeeze.adapters`: run the main of the imported module, not of this __main__ copy, so
   # that AdapterError raised by lora_files / gguf_lora (which import lora_squeeze.adapters) is caught.
   from lora_squeeze import adapters as _adapters  # pylint: disable=g-import-not-at-top
+
   sys.exit(_adapters.main())

@@ -64,21 +64,29 @@ class Setting:
   optimizer_state: str = "fresh"
 
   def lora_config(self, rank: int) -> lora_lib.LoRAConfig:
-    return lora_lib.LoRAConfig(rank=rank, alpha=self.alpha, targets=self.targets, joint_kv=self.joint_kv,
-                               joint_gate_up=self.joint_gate_up)
+    return lora_lib.LoRAConfig(
+        rank=rank, alpha=self.alpha, targets=self.targets, joint_kv=self.joint_kv, joint_gate_up=self.joint_gate_up
+    )
 
 
 def setting_from_config(config) -> Setting:
   """The ``Setting`` of a run config (``config.data``, ``config.lora``, ``config.squeeze``, ``config.mesh``)."""
   from lora_squeeze import train  # pylint: disable=g-import-not-at-top
+
   lora_config = train.lora_config_from(config)
-  return Setting(batch=int(config.data.batch_size), max_len=int(config.data.max_len),
-                 max_target_tokens=int(config.data.max_target_tokens),
-                 eval_scored=int(config.data.batch_size) * int(config.data.max_target_tokens),
-                 targets=lora_config.targets, joint_kv=lora_config.joint_kv,
-                 joint_gate_up=lora_config.joint_gate_up, alpha=lora_config.alpha,
-                 shard_lora=sharding_lib.shard_lora_enabled(config), squeeze_method=str(config.squeeze.method),
-                 optimizer_state=str(config.squeeze.optimizer_state))
+  return Setting(
+      batch=int(config.data.batch_size),
+      max_len=int(config.data.max_len),
+      max_target_tokens=int(config.data.max_target_tokens),
+      eval_scored=int(config.data.batch_size) * int(config.data.max_target_tokens),
+      targets=lora_config.targets,
+      joint_kv=lora_config.joint_kv,
+      joint_gate_up=lora_config.joint_gate_up,
+      alpha=lora_config.alpha,
+      shard_lora=sharding_lib.shard_lora_enabled(config),
+      squeeze_method=str(config.squeeze.method),
+      optimizer_state=str(config.squeeze.optimizer_state),
+  )
 
 
 def programs_for_config(config, *, dtype: Any = "bfloat16") -> "Programs":
@@ -95,6 +103,7 @@ def abstract_model(name: str, *, text_only: bool = True, dtype: Any = "bfloat16"
 
   ``dtype`` defaults to bfloat16, what a run on an accelerator uses (on CPU runs default to float32)."""
   from lora_squeeze import models  # pylint: disable=g-import-not-at-top
+
   return models.load(name, abstract=True, dtype=dtype, text_only=text_only, **options)
 
 
@@ -113,14 +122,21 @@ class Programs:
 
   def __init__(self, model, setting: Setting = Setting(), *, mesh=None):
     from lora_squeeze import train  # pylint: disable=g-import-not-at-top
+
     self.model = model
     self.setting = setting
     self.mesh = mesh
     if mesh is not None:
       sharding_lib.check_batch_size(setting.batch, mesh)
-    self.trainer = train.Trainer(model, setting.lora_config(1), max_targets=setting.batch * setting.max_target_tokens,
-                                 squeeze_method=setting.squeeze_method, optimizer_state=setting.optimizer_state,
-                                 mesh=mesh, shard_lora=setting.shard_lora)
+    self.trainer = train.Trainer(
+        model,
+        setting.lora_config(1),
+        max_targets=setting.batch * setting.max_target_tokens,
+        squeeze_method=setting.squeeze_method,
+        optimizer_state=setting.optimizer_state,
+        mesh=mesh,
+        shard_lora=setting.shard_lora,
+    )
     self.vision = getattr(model.config, "vision_encoder", None) is not None
 
   # --- abstract inputs ---
@@ -143,10 +159,13 @@ class Programs:
     """A training batch (``data`` batch contract), split over (data, fsdp) on a mesh; VL models also get
     ``images`` (B, 1, H, W, 3) uint8."""
     from lora_squeeze import models  # pylint: disable=g-import-not-at-top
+
     b, t = self.setting.batch, self.setting.max_len
     sh = None if self.mesh is None else sharding_lib.batch_sharding(self.mesh)
-    out = {k: jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=sh)
-           for k in ("tokens", "loss_mask", "segment_ids", "positions")}
+    out = {
+        k: jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=sh)
+        for k in ("tokens", "loss_mask", "segment_ids", "positions")
+    }
     if self.vision:
       spec = models.image_spec(self.model)
       out["images"] = jax.ShapeDtypeStruct((b, 1, spec.height, spec.width, 3), jnp.uint8, sharding=sh)
@@ -176,6 +195,7 @@ class Programs:
 
   def _lower_eval(self, program: str, rank: int):
     from lora_squeeze import evaluate  # pylint: disable=g-import-not-at-top
+
     b, t = self.setting.batch, self.setting.max_len
     tok = jax.ShapeDtypeStruct((b, t), jnp.int32)
     lora_config = self.setting.lora_config(rank) if rank else None
@@ -206,9 +226,13 @@ def memory(compiled) -> dict[str, int]:
   reuse donated arguments), generated code, and ``peak_estimate`` = arguments + outputs - aliased +
   temporaries (what the program needs resident at once, by XLA's buffer assignment)."""
   m = compiled.memory_analysis()
-  out = {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
-         "temporaries": int(m.temp_size_in_bytes), "aliased": int(m.alias_size_in_bytes),
-         "generated_code": int(m.generated_code_size_in_bytes)}
+  out = {
+      "arguments": int(m.argument_size_in_bytes),
+      "outputs": int(m.output_size_in_bytes),
+      "temporaries": int(m.temp_size_in_bytes),
+      "aliased": int(m.alias_size_in_bytes),
+      "generated_code": int(m.generated_code_size_in_bytes),
+  }
   out["peak_estimate"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
   return out
 
@@ -223,10 +247,26 @@ def cost(compiled_or_lowered) -> dict[str, float]:
 
 _COLLECTIVE_RE = re.compile(
     r"=\s*(\(?[a-z0-9]+\[[0-9,]*\][^=]*?)\s+(all-gather|all-gather-start|all-reduce|all-reduce-start|"
-    r"reduce-scatter|all-to-all|collective-permute|collective-permute-start)\(")
+    r"reduce-scatter|all-to-all|collective-permute|collective-permute-start)\("
+)
 _SHAPE_RE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
 
 
 def collectives(compiled) -> dict[str, dict[str, int]]:
@@ -235,8 +275,10 @@ def collectives(compiled) -> dict[str, dict[str, int]]:
   out: dict[str, dict[str, int]] = {}
   for m in _COLLECTIVE_RE.finditer(compiled.as_text()):
     shapes, kind = m.group(1), m.group(2).replace("-start", "")
-    sizes = [math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dt, 4)
-             for dt, dims in _SHAPE_RE.findall(shapes)]
+    sizes = [
+        math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dt, 4)
+        for dt, dims in _SHAPE_RE.findall(shapes)
+    ]
     size = max(sizes) if sizes else 0
     entry = out.setdefault(kind, {"count": 0, "bytes": 0, "largest": 0})
     entry["count"] += 1
@@ -288,12 +330,14 @@ def unsharded_base_inputs(lowered, base: Any, *, min_elements: int = 1 << 20) ->
   arg_shapes = [tuple(a.shape) for a in jax.tree.leaves(lowered.in_avals)]
   paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(base)[0])
   shapes = [tuple(x.shape) for x in leaves]
-  starts = [i for i in range(len(arg_shapes) - len(shapes) + 1) if arg_shapes[i:i + len(shapes)] == shapes]
+  starts = [i for i in range(len(arg_shapes) - len(shapes) + 1) if arg_shapes[i : i + len(shapes)] == shapes]
   if len(starts) != 1:
-    raise ValueError(f"unsharded_base_inputs: the base tree is {'not' if not starts else 'ambiguously'} "
-                     "among the program's inputs")
+    raise ValueError(
+        f"unsharded_base_inputs: the base tree is {'not' if not starts else 'ambiguously'} "
+        "among the program's inputs"
+    )
   whole = []
-  for path, shape, sh in zip(paths, shapes, flat_in[starts[0]:starts[0] + len(shapes)]):
+  for path, shape, sh in zip(paths, shapes, flat_in[starts[0] : starts[0] + len(shapes)]):
     if math.prod(shape) < min_elements or sh is PRUNED:
       continue
     if sh is None or tuple(sh.shard_shape(shape)) == shape:
@@ -312,5 +356,4 @@ def lora_bytes(model, rank: int, setting: Setting = Setting()) -> int:
 
 
 def base_bytes(model) -> int:
-  return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree.leaves(model.params)))
+  return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(model.params)))

@@ -60,9 +60,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = "gemma3_4b"
   c.model_options = ml_collections.ConfigDict({})
   c.seed = 42
-  c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=ml_collections.FieldReference(None, field_type=float),
-                                          targets=("q", "k", "v", "o", "gate", "up", "down"),
-                                          joint_kv=False, joint_gate_up=False))
+  c.lora = ml_collections.ConfigDict(
+      dict(
+          rank=8,
+          alpha=ml_collections.FieldReference(None, field_type=float),
+          targets=("q", "k", "v", "o", "gate", "up", "down"),
+          joint_kv=False,
+          joint_gate_up=False,
+      )
+  )
   c.source_rank = 128
   c.target_rank = 1
   c.target_ranks = PAPER_RANKS
@@ -77,11 +83,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.warmup_steps = 1000
   c.rank_change_warmup = 100
   c.squeeze = ml_collections.ConfigDict(dict(method="efficient", optimizer_state="fresh"))
-  c.data = ml_collections.ConfigDict(dict(task="arc_e", source="tfds", batch_size=8, max_len=1024,
-                                          max_target_tokens=64, train_split="", eval_split="",
-                                          shuffle_buffer=0, num_workers=0,
-                                          # pack: several examples per row; max_target_tokens is then per ROW
-                                          pack=False))
+  c.data = ml_collections.ConfigDict(
+      dict(
+          task="arc_e",
+          source="tfds",
+          batch_size=8,
+          max_len=1024,
+          max_target_tokens=64,
+          train_split="",
+          eval_split="",
+          shuffle_buffer=0,
+          num_workers=0,
+          # pack: several examples per row; max_target_tokens is then per ROW
+          pack=False,
+      )
+  )
   c.eval = ml_collections.ConfigDict(dict(enabled=True, limit=0, batch_size=8))
   # Device mesh (lora_squeeze/sharding.py), used when there is more than one device: axis sizes, -1 = the
   # devices the other axis leaves. data: batch split only; fsdp: batch AND the frozen base weights split.
@@ -151,20 +167,29 @@ def check_run_config(config) -> None:
       raise UserError(message)
 
   def positive_int(key: str, value, minimum: int = 1) -> None:
-    need(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-         f"config.{key}={value!r}: must be an integer >= {minimum}")
+    need(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        f"config.{key}={value!r}: must be an integer >= {minimum}",
+    )
 
   def rate(key: str, value) -> None:
-    need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
-         f"config.{key}={value!r}: a learning rate must be a finite number > 0")
+    need(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
+        f"config.{key}={value!r}: a learning rate must be a finite number > 0",
+    )
 
   mode = config.mode
-  need(mode in train.MODES, f"config.mode={mode!r} is not a mode{did_you_mean(str(mode), train.MODES)}; "
-       f"modes: {', '.join(train.MODES)}")
+  need(
+      mode in train.MODES,
+      f"config.mode={mode!r} is not a mode{did_you_mean(str(mode), train.MODES)}; " f"modes: {', '.join(train.MODES)}",
+  )
   from lora_squeeze import models
-  need(str(config.model).strip().lower().replace("-", "_") in models.KNOWN_MODELS,
-       f"config.model={config.model!r} is not a known model{did_you_mean(str(config.model), models.KNOWN_MODELS)}; "
-       f"known: {', '.join(models.KNOWN_MODELS)}")
+
+  need(
+      str(config.model).strip().lower().replace("-", "_") in models.KNOWN_MODELS,
+      f"config.model={config.model!r} is not a known model{did_you_mean(str(config.model), models.KNOWN_MODELS)}; "
+      f"known: {', '.join(models.KNOWN_MODELS)}",
+  )
   positive_int("lora.rank", config.lora.rank)
   if mode in ("cont_squeeze", "in_squeeze"):
     positive_int("source_rank", config.source_rank)
@@ -174,8 +199,10 @@ def check_run_config(config) -> None:
     for r in config.target_ranks:
       positive_int("target_ranks[]", r)
   if mode in ("post_squeeze",) or (mode == "cont_squeeze" and config.get("source_workdir")):
-    need(bool(config.get("source_workdir")), f"config.source_workdir is empty: mode {mode} squeezes the "
-         "adapter of a finished run; give its workdir")
+    need(
+        bool(config.get("source_workdir")),
+        f"config.source_workdir is empty: mode {mode} squeezes the " "adapter of a finished run; give its workdir",
+    )
   for r in tuple(config.get("ranks", ()) or ()):
     positive_int("ranks[]", r)
   trains_source = mode in ("direct", "in_squeeze") or (mode == "cont_squeeze" and not config.get("source_workdir"))
@@ -190,26 +217,38 @@ def check_run_config(config) -> None:
   for k, v in dict(config.get("lr_by_rank", {}) or {}).items():
     need(k.startswith("r") and k[1:].isdigit(), f"config.lr_by_rank.{k}: keys are r<rank>, e.g. r8")
     rate(f"lr_by_rank.{k}", v)
-  need(config.squeeze.method in squeeze.METHODS, f"config.squeeze.method={config.squeeze.method!r}: one of "
-       f"{', '.join(squeeze.METHODS)}")
-  need(config.squeeze.optimizer_state in train.OPTIMIZER_STATE_MODES, f"config.squeeze.optimizer_state="
-       f"{config.squeeze.optimizer_state!r}: one of {', '.join(train.OPTIMIZER_STATE_MODES)}")
+  need(
+      config.squeeze.method in squeeze.METHODS,
+      f"config.squeeze.method={config.squeeze.method!r}: one of " f"{', '.join(squeeze.METHODS)}",
+  )
+  need(
+      config.squeeze.optimizer_state in train.OPTIMIZER_STATE_MODES,
+      f"config.squeeze.optimizer_state="
+      f"{config.squeeze.optimizer_state!r}: one of {', '.join(train.OPTIMIZER_STATE_MODES)}",
+  )
   d = config.data
   need(d.source in DATA_SOURCES, f"config.data.source={d.source!r}: one of {', '.join(DATA_SOURCES)}")
   if d.source == "synthetic" or d.task == "synthetic":
-    need(d.source == "synthetic" and d.task == "synthetic", f"config.data.task={d.task!r} with "
-         f"config.data.source={d.source!r}: the synthetic task and source go together (task=synthetic, "
-         "source=synthetic)")
+    need(
+        d.source == "synthetic" and d.task == "synthetic",
+        f"config.data.task={d.task!r} with "
+        f"config.data.source={d.source!r}: the synthetic task and source go together (task=synthetic, "
+        "source=synthetic)",
+    )
   else:
     try:
       tasks_lib.get_task(d.task)
     except ValueError:
       from lora_squeeze.data import vqa
+
       names = list(tasks_lib.TASK_NAMES) + list(vqa.VL_TASK_NAMES)
-      raise UserError(f"config.data.task={d.task!r} is not a task{did_you_mean(str(d.task), names)}; "
-                      f"tasks: {', '.join(names)}") from None
-  need(not (d.get("pack", False) and d.source == "synthetic"), "config.data.pack=True: the synthetic source "
-       "has no packing (its rows are made whole); use pack=False with it")
+      raise UserError(
+          f"config.data.task={d.task!r} is not a task{did_you_mean(str(d.task), names)}; " f"tasks: {', '.join(names)}"
+      ) from None
+  need(
+      not (d.get("pack", False) and d.source == "synthetic"),
+      "config.data.pack=True: the synthetic source " "has no packing (its rows are made whole); use pack=False with it",
+  )
   positive_int("data.batch_size", d.batch_size)
   positive_int("data.max_len", d.max_len, minimum=2)
   positive_int("data.max_target_tokens", d.max_target_tokens)
@@ -225,12 +264,13 @@ def flag_error_message(error: BaseException, argv, config) -> str:
   says which; never a traceback. ``config``: the parsed config if the parse got that far, else None."""
   from lora_squeeze.workdir import did_you_mean  # pylint: disable=g-import-not-at-top
   from lora_squeeze.workdir import flatten  # pylint: disable=g-import-not-at-top
+
   if config is not None:
     valid = flatten(config.to_dict())
     prefixes = {k.rsplit(".", i)[0] for k in valid for i in range(k.count(".") + 1)}
     for arg in argv[1:]:
       if arg.startswith("--config."):
-        key = arg[len("--config."):].split("=", 1)[0]
+        key = arg[len("--config.") :].split("=", 1)[0]
         if key not in valid and key not in prefixes:
           return f"--config.{key}: unknown config key{did_you_mean(key, valid)}"
   text = str(error)
@@ -249,6 +289,7 @@ def parse_flags_or_exit(argv, config_flag, prog: str = "lora_squeeze"):
   """absl ``flags_parser`` for ``app.run``: on a bad flag, one line on stderr and exit status 2."""
   import sys  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   try:
     rest = flags.FLAGS(argv)
     config_flag.value.get("mode")  # a config file that failed to load raises only when first read
@@ -268,6 +309,7 @@ def parse_flags_or_exit(argv, config_flag, prog: str = "lora_squeeze"):
 def _load_config_arg(argv):
   """The config of ``--config=FILE[:arg]`` in ``argv``, loaded on its own (None if that fails too)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if not spec:
     return None

@@ -68,6 +68,7 @@ class _Row:
 def _encode_choices(example, tokenizer, max_len: int) -> tuple[list[int], list[list[int]], list[int]]:
   """(prompt tokens with BOS, tokens of each choice, number of leading unscored tokens of each choice)."""
   from lora_squeeze.data import pipeline  # pylint: disable=g-import-not-at-top
+
   prompt = None
   choices, unscored = [], []
   context = tuple(getattr(example, "choice_context", ()) or ())
@@ -83,7 +84,7 @@ def _encode_choices(example, tokenizer, max_len: int) -> tuple[list[int], list[l
     if prompt is None:
       prompt = tokens[:n_prompt]
     if head:  # context and scored rest tokenised separately: the scored tokens are exactly the rest's
-      rest = [int(t) for t in tokenizer.encode(choice[len(head):])]
+      rest = [int(t) for t in tokenizer.encode(choice[len(head) :])]
       if not rest:
         raise ValueError(f"evaluate: choice {choice!r} has nothing to score after its context {head!r}")
       choices.append(tokens[n_prompt:] + rest)
@@ -93,11 +94,13 @@ def _encode_choices(example, tokenizer, max_len: int) -> tuple[list[int], list[l
       unscored.append(0)
   longest = max(len(c) for c in choices)
   if longest + 2 > max_len:
-    raise ValueError(f"evaluate: a choice of {longest} tokens does not fit max_len={max_len} with BOS and "
-                     "one prompt token; raise config.data.max_len (or config.eval.max_len)")
+    raise ValueError(
+        f"evaluate: a choice of {longest} tokens does not fit max_len={max_len} with BOS and "
+        "one prompt token; raise config.data.max_len (or config.eval.max_len)"
+    )
   # Keep BOS and the prompt's tail: the longest choice must fit after it.
   keep = min(len(prompt) - 1, max_len - longest - 1)
-  prompt = prompt[:1] + prompt[len(prompt) - keep:] if keep < len(prompt) - 1 else prompt
+  prompt = prompt[:1] + prompt[len(prompt) - keep :] if keep < len(prompt) - 1 else prompt
   return prompt, choices, unscored
 
 
@@ -180,11 +183,13 @@ class ChoiceScorer:
 
   def _hidden(self, lora_params, base_params, tokens, positions, mask):
     if self._module is None:
-      return self.model.transformer.apply({"params": base_params}, tokens, positions=positions,
-                                          attention_mask=mask, method=lora_lib.base_hidden_states)
+      return self.model.transformer.apply(
+          {"params": base_params}, tokens, positions=positions, attention_mask=mask, method=lora_lib.base_hidden_states
+      )
     params = lora_lib.merge_params(base_params, lora_params)
-    return self._module.apply({"params": params}, tokens, positions=positions, attention_mask=mask,
-                              method=self._module.hidden_states)
+    return self._module.apply(
+        {"params": params}, tokens, positions=positions, attention_mask=mask, method=self._module.hidden_states
+    )
 
   def _score_impl(self, lora_params, base_params, tokens, positions, branch, pred_idx, targets):
     self.traces += 1
@@ -208,7 +213,7 @@ class ChoiceScorer:
     # Longest rows first so buckets stay tight.
     rows.sort(key=lambda r: -len(r.tokens))
     for start in range(0, len(rows), self.batch_rows):
-      chunk = rows[start:start + self.batch_rows]
+      chunk = rows[start : start + self.batch_rows]
       t = pow2(max(len(r.tokens) for r in chunk))
       bsz = self.batch_rows
       tokens = np.zeros((bsz, t), np.int32)
@@ -226,10 +231,11 @@ class ChoiceScorer:
       self.logit_rows += s
       pred_idx = np.zeros(s, np.int32)
       targets = np.zeros(s, np.int32)
-      pred_idx[:len(pred)], targets[:len(tgt)] = pred, tgt
-      logp = np.asarray(self._score(self.lora_params, self.model.params, tokens, positions, branch, pred_idx,
-                                    targets), np.float64)
-      for v, (ex_i, k) in zip(logp[:len(owner)], owner):
+      pred_idx[: len(pred)], targets[: len(tgt)] = pred, tgt
+      logp = np.asarray(
+          self._score(self.lora_params, self.model.params, tokens, positions, branch, pred_idx, targets), np.float64
+      )
+      for v, (ex_i, k) in zip(logp[: len(owner)], owner):
         sums[ex_i][k] += v
         counts[ex_i][k] += 1
     return list(zip(sums, counts))
@@ -304,8 +310,16 @@ def exact_match_f1(prediction: str, references: Sequence[str]) -> tuple[float, f
   return best_em, best_f1
 
 
-def greedy_generate(model, prompts: Sequence[str], *, lora_params=None, lora_config=None,
-                    max_new_tokens: int = 16, max_len: int = 1024, stop: str = "\n") -> list[str]:
+def greedy_generate(
+    model,
+    prompts: Sequence[str],
+    *,
+    lora_params=None,
+    lora_config=None,
+    max_new_tokens: int = 16,
+    max_len: int = 1024,
+    stop: str = "\n",
+) -> list[str]:
   """Greedy continuation of each prompt (no KV cache; one forward per new token; stops at EOS / ``stop``)."""
   tok = model.tokenizer
   scorer = ChoiceScorer(model, lora_params, lora_config, max_len=max_len, batch_rows=1)
@@ -320,17 +334,17 @@ def greedy_generate(model, prompts: Sequence[str], *, lora_params=None, lora_con
   outs = []
   for prompt in prompts:
     ids = [tok.bos_id] + [int(t) for t in tok.encode(prompt)]
-    ids = ids[:1] + ids[1:][-(max_len - max_new_tokens - 1):]
+    ids = ids[:1] + ids[1:][-(max_len - max_new_tokens - 1) :]
     new: list[int] = []
     t = _bucket(len(ids) + max_new_tokens, 64)
     for _ in range(max_new_tokens):
       seq = ids + new
       tokens = np.zeros((1, t), np.int32)
-      tokens[0, :len(seq)] = seq
+      tokens[0, : len(seq)] = seq
       positions = np.zeros((1, t), np.int32)
-      positions[0, :len(seq)] = np.arange(len(seq))
+      positions[0, : len(seq)] = np.arange(len(seq))
       segs = (tokens > 0).astype(np.int32)
-      segs[0, :len(seq)] = 1
+      segs[0, : len(seq)] = 1
       nxt = int(next_token(lora_params, model.params, tokens, positions, segs, np.array([len(seq) - 1]))[0])
       if nxt == tok.eos_id:
         break
@@ -342,8 +356,17 @@ def greedy_generate(model, prompts: Sequence[str], *, lora_params=None, lora_con
   return outs
 
 
-def generate_vl(model, examples: Sequence[Any], *, lora_params=None, lora_config=None, max_new_tokens: int = 16,
-                max_len: int = 1024, batch_rows: int = 8, stop: str = "\n") -> list[str]:
+def generate_vl(
+    model,
+    examples: Sequence[Any],
+    *,
+    lora_params=None,
+    lora_config=None,
+    max_new_tokens: int = 16,
+    max_len: int = 1024,
+    batch_rows: int = 8,
+    stop: str = "\n",
+) -> list[str]:
   """Greedy answers of a multimodal model to examples with images (``Example.image``), batch by batch.
 
   Each batch's images go through the frozen vision tower once (``lora.encode_images``); then one forward
@@ -353,6 +376,7 @@ def generate_vl(model, examples: Sequence[Any], *, lora_params=None, lora_config
   """
   from lora_squeeze import models  # pylint: disable=g-import-not-at-top
   from lora_squeeze.data import pipeline  # pylint: disable=g-import-not-at-top
+
   spec = models.image_spec(model)
   if spec is None:
     raise ValueError("generate_vl: the model has no vision encoder; load it with text_only=False")
@@ -363,9 +387,11 @@ def generate_vl(model, examples: Sequence[Any], *, lora_params=None, lora_config
 
   outs: list[str] = []
   for start in range(0, len(examples), batch_rows):
-    chunk = examples[start:start + batch_rows]
-    encoded = [pipeline.encode_example(ex, tok, max_len - max_new_tokens, continuation="", add_eos=False,
-                                       image_spec=spec) for ex in chunk]
+    chunk = examples[start : start + batch_rows]
+    encoded = [
+        pipeline.encode_example(ex, tok, max_len - max_new_tokens, continuation="", add_eos=False, image_spec=spec)
+        for ex in chunk
+    ]
     if any("images" not in e for e in encoded):
       raise ValueError("generate_vl: every example needs an image (Example.image)")
     t = _bucket(max(len(e["tokens"]) for e in encoded) + max_new_tokens, 64)
@@ -383,8 +409,8 @@ def generate_vl(model, examples: Sequence[Any], *, lora_params=None, lora_config
       last = np.zeros(batch_rows, np.int32)
       for i, (seq, gen) in enumerate(zip(seqs, new)):
         row = seq + gen
-        tokens[i, :len(row)], segs[i, :len(row)] = row, 1
-        positions[i, :len(row)] = np.arange(len(row))
+        tokens[i, : len(row)], segs[i, : len(row)] = row, 1
+        positions[i, : len(row)] = np.arange(len(row))
         last[i] = len(row) - 1
       nxt = np.asarray(next_token(lora_params, model.params, tokens, positions, segs, last, image_embeddings))
       for i in range(len(chunk)):
@@ -427,52 +453,107 @@ def vl_decode_programs(model, *, lora_params=None, lora_config=None):
     if module is None:
       hidden = model.transformer.apply({"params": base}, tokens, method=lora_lib.base_hidden_states, **kwargs)
     else:
-      hidden = module.apply({"params": lora_lib.merge_params(base, lp)}, tokens, method=module.hidden_states,
-                            **kwargs)
+      hidden = module.apply({"params": lora_lib.merge_params(base, lp)}, tokens, method=module.hidden_states, **kwargs)
     h = hidden[jnp.arange(hidden.shape[0]), last]
     return jnp.argmax(lora_lib.logits_at(h, base["embedder"]["input_embedding"], softcap=softcap), -1)
 
   return embed_images, next_token
 
 
-def evaluate_vl(model, task, examples: Sequence[Any], *, lora_params=None, lora_config=None, max_len: int = 1024,
-                batch_rows: int = 8, max_new_tokens: int = 16) -> dict[str, Any]:
+def evaluate_vl(
+    model,
+    task,
+    examples: Sequence[Any],
+    *,
+    lora_params=None,
+    lora_config=None,
+    max_len: int = 1024,
+    batch_rows: int = 8,
+    max_new_tokens: int = 16,
+) -> dict[str, Any]:
   """A vision-language task's metric (``data.vqa``: VQA accuracy, exact match or relaxed accuracy) on greedy
   answers (``generate_vl``). ``accuracy`` is the mean per-example score in [0, 1] with a normal-approximation
   95% interval (VQA accuracy takes fractional values); ``exact_match`` (processed answers) is reported too."""
   from lora_squeeze.data import vqa  # pylint: disable=g-import-not-at-top
-  preds = generate_vl(model, examples, lora_params=lora_params, lora_config=lora_config,
-                      max_new_tokens=max_new_tokens, max_len=max_len, batch_rows=batch_rows)
+
+  preds = generate_vl(
+      model,
+      examples,
+      lora_params=lora_params,
+      lora_config=lora_config,
+      max_new_tokens=max_new_tokens,
+      max_len=max_len,
+      batch_rows=batch_rows,
+  )
   scores = np.asarray([vqa.score(task.metric, p, ex.references or (ex.target,)) for p, ex in zip(preds, examples)])
   exact = np.asarray([vqa.exact_match(p, ex.references or (ex.target,)) for p, ex in zip(preds, examples)])
   n = len(examples)
   mean = float(scores.mean())
   half = 1.959963984540054 * float(scores.std(ddof=1) if n > 1 else 0.0) / math.sqrt(n)
-  return {"task": task.name, "metric": task.metric, "n": n, "accuracy": mean,
-          "ci95": [max(0.0, mean - half), min(1.0, mean + half)], "exact_match": float(exact.mean()),
-          "correct": int((scores == 1.0).sum()), "predictions": preds[:8]}
+  return {
+      "task": task.name,
+      "metric": task.metric,
+      "n": n,
+      "accuracy": mean,
+      "ci95": [max(0.0, mean - half), min(1.0, mean + half)],
+      "exact_match": float(exact.mean()),
+      "correct": int((scores == 1.0).sum()),
+      "predictions": preds[:8],
+  }
 
 
-def evaluate_examples(model, task, examples: Sequence[Any], *, lora_params=None, lora_config=None,
-                      max_len: int = 1024, batch_rows: int = 8, max_new_tokens: int = 16) -> dict[str, Any]:
+def evaluate_examples(
+    model,
+    task,
+    examples: Sequence[Any],
+    *,
+    lora_params=None,
+    lora_config=None,
+    max_len: int = 1024,
+    batch_rows: int = 8,
+    max_new_tokens: int = 16,
+) -> dict[str, Any]:
   """Metrics of one task on the given examples (see the module doc for each metric)."""
   from lora_squeeze.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+
   task = tasks_lib.get_task(task) if isinstance(task, str) else task
   n = len(examples)
   if n == 0:
     raise ValueError(f"evaluate: no examples for task {task.name}")
   from lora_squeeze.data import vqa  # pylint: disable=g-import-not-at-top
+
   if task.metric in vqa.VL_METRICS:
-    return evaluate_vl(model, task, examples, lora_params=lora_params, lora_config=lora_config, max_len=max_len,
-                       batch_rows=batch_rows, max_new_tokens=max_new_tokens)
+    return evaluate_vl(
+        model,
+        task,
+        examples,
+        lora_params=lora_params,
+        lora_config=lora_config,
+        max_len=max_len,
+        batch_rows=batch_rows,
+        max_new_tokens=max_new_tokens,
+    )
   if task.metric == "generative":
-    preds = greedy_generate(model, [ex.prompt for ex in examples], lora_params=lora_params,
-                            lora_config=lora_config, max_new_tokens=max_new_tokens, max_len=max_len)
+    preds = greedy_generate(
+        model,
+        [ex.prompt for ex in examples],
+        lora_params=lora_params,
+        lora_config=lora_config,
+        max_new_tokens=max_new_tokens,
+        max_len=max_len,
+    )
     em_f1 = [exact_match_f1(p, ex.references or (ex.target,)) for p, ex in zip(preds, examples)]
     em = float(np.mean([e for e, _ in em_f1]))
     f1 = float(np.mean([f for _, f in em_f1]))
-    return {"task": task.name, "metric": "generative", "n": n, "exact_match": em, "f1": f1,
-            "accuracy": em, "ci95": list(wilson_interval(int(round(em * n)), n))}
+    return {
+        "task": task.name,
+        "metric": "generative",
+        "n": n,
+        "exact_match": em,
+        "f1": f1,
+        "accuracy": em,
+        "ci95": list(wilson_interval(int(round(em * n)), n)),
+    }
   scores = ChoiceScorer(model, lora_params, lora_config, max_len=max_len, batch_rows=batch_rows).score(examples)
   correct, correct_norm, gold_nll = [], [], []
   chance = 0.0
@@ -483,13 +564,20 @@ def evaluate_examples(model, task, examples: Sequence[Any], *, lora_params=None,
     gold_nll.append(float(min(-sums[g] / max(counts[g], 1) for g in gold)))
     chance += len(gold) / len(ex.choices)
   nll = np.asarray(gold_nll)
-  return {"task": task.name, "metric": task.metric, "n": n, "accuracy": sum(correct) / n,
-          "ci95": list(wilson_interval(sum(correct), n)), "accuracy_norm": sum(correct_norm) / n,
-          "chance": chance / n, "gold_nll": float(nll.mean()),
-          "gold_nll_sem": float(nll.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
-          # Per example, in ``examples`` order: paired comparisons of two adapters on the same examples
-          # (experiments/claims.py) have far more power than their accuracies' intervals.
-          "per_example": {"correct": correct, "gold_nll": [round(v, 5) for v in gold_nll]}}
+  return {
+      "task": task.name,
+      "metric": task.metric,
+      "n": n,
+      "accuracy": sum(correct) / n,
+      "ci95": list(wilson_interval(sum(correct), n)),
+      "accuracy_norm": sum(correct_norm) / n,
+      "chance": chance / n,
+      "gold_nll": float(nll.mean()),
+      "gold_nll_sem": float(nll.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+      # Per example, in ``examples`` order: paired comparisons of two adapters on the same examples
+      # (experiments/claims.py) have far more power than their accuracies' intervals.
+      "per_example": {"correct": correct, "gold_nll": [round(v, 5) for v in gold_nll]},
+  }
 
 
 def evaluate_config(config, model, lora_params, lora_config) -> dict[str, Any]:
@@ -497,10 +585,12 @@ def evaluate_config(config, model, lora_params, lora_config) -> dict[str, Any]:
   else the offline held-out part for ``data.source="olmo"``, else the task's TFDS eval split), at most
   ``config.eval.limit`` examples (0 = all)."""
   from lora_squeeze import data  # pylint: disable=g-import-not-at-top
+
   d = config.data
   limit = int(config.eval.get("limit", 0) or 0) or None
   if d.get("source") == "synthetic":  # the tiny model's lookup table as a choice task (data/synthetic.py)
     from lora_squeeze.data import synthetic  # pylint: disable=g-import-not-at-top
+
     split, task = "synthetic_table", synthetic.task()
     examples = synthetic.choice_examples()[:limit]
   else:
@@ -508,8 +598,14 @@ def evaluate_config(config, model, lora_params, lora_config) -> dict[str, Any]:
     task = str(d.task)
     source_options = {"data_dir": str(d.data_dir)} if d.get("data_dir", None) else {}
     examples = data.eval_examples(task, split, limit=limit, **source_options)
-  metrics = evaluate_examples(model, task, examples, lora_params=lora_params, lora_config=lora_config,
-                              max_len=int(config.eval.get("max_len", 0) or d.max_len),
-                              batch_rows=int(config.eval.get("batch_size", 8)))
+  metrics = evaluate_examples(
+      model,
+      task,
+      examples,
+      lora_params=lora_params,
+      lora_config=lora_config,
+      max_len=int(config.eval.get("max_len", 0) or d.max_len),
+      batch_rows=int(config.eval.get("batch_size", 8)),
+  )
   metrics["split"] = split or "default"
   return metrics

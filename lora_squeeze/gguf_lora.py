@@ -64,6 +64,7 @@ import numpy as np
 from lora_squeeze import adapters
 from lora_squeeze import squeeze
 from lora_squeeze.adapters import AdapterError
+
 # The PEFT path's internals, shared so every format plans, casts and writes identically.
 from lora_squeeze.adapters import _HOST_ID, _cap_note, _cast  # pylint: disable=g-importing-member
 from lora_squeeze.adapters import _fault_point, _fmt_bytes  # pylint: disable=g-importing-member
@@ -184,8 +185,10 @@ class GgufLora:
     try:
       self._gguf = gguf.GGUFReader(self.path)
     except Exception as e:  # the reader raises ValueError, IndexError, ... on a cut or corrupt file
-      raise AdapterError(f"{self.path}: not a valid GGUF file, truncated or corrupt ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+      raise AdapterError(
+          f"{self.path}: not a valid GGUF file, truncated or corrupt ({type(e).__name__}: "
+          f"{str(e).splitlines()[0] if str(e) else 'no detail'})"
+      ) from None
     try:
       self._index()
     except AdapterError as e:
@@ -196,8 +199,9 @@ class GgufLora:
   def _index(self) -> None:
     for t in self._gguf.tensors:
       if t.data_offset + t.n_bytes > self.file_size:
-        raise AdapterError(f"truncated: tensor '{t.name}' ends at byte {t.data_offset + t.n_bytes}, the file "
-                           f"has {self.file_size}")
+        raise AdapterError(
+            f"truncated: tensor '{t.name}' ends at byte {t.data_offset + t.n_bytes}, the file " f"has {self.file_size}"
+        )
     self.fields = _fields(self._gguf)
     self.data_offset = self._gguf.data_offset
 
@@ -212,14 +216,18 @@ class GgufLora:
     kind = text(TYPE_KEY)
     if kind != "adapter":
       if kind == "model" or not any(t.name.endswith((".lora_a", ".lora_b")) for t in self._gguf.tensors):
-        raise AdapterError(f"a base model GGUF ({TYPE_KEY} = {kind!r}, {len(self._gguf.tensors)} tensors, none "
-                           "a .lora_a/.lora_b), not a LoRA adapter; llama.cpp takes it as the model (-m) and "
-                           "the adapter with --lora")
+        raise AdapterError(
+            f"a base model GGUF ({TYPE_KEY} = {kind!r}, {len(self._gguf.tensors)} tensors, none "
+            "a .lora_a/.lora_b), not a LoRA adapter; llama.cpp takes it as the model (-m) and "
+            "the adapter with --lora"
+        )
       raise AdapterError(f"metadata '{TYPE_KEY}' is {kind!r}; a GGUF LoRA adapter has '{TYPE_KEY}' = 'adapter'")
     adapter_type = text(ADAPTER_TYPE_KEY)
     if adapter_type != "lora":
-      raise AdapterError(f"metadata '{ADAPTER_TYPE_KEY}' is {adapter_type!r}; this tool reads LoRA adapters "
-                         f"('{ADAPTER_TYPE_KEY}' = 'lora') only")
+      raise AdapterError(
+          f"metadata '{ADAPTER_TYPE_KEY}' is {adapter_type!r}; this tool reads LoRA adapters "
+          f"('{ADAPTER_TYPE_KEY}' = 'lora') only"
+      )
     arch = text(ARCH_KEY)
     if arch is None:
       raise AdapterError(f"no '{ARCH_KEY}' metadata")
@@ -245,8 +253,10 @@ class GgufLora:
       elif t.name.endswith("_norm.weight"):
         self.passthrough.append(t.name)
       else:
-        raise AdapterError(f"tensor '{t.name}': not a .lora_a/.lora_b factor nor a *_norm.weight (llama.cpp "
-                           "refuses such a tensor too)")
+        raise AdapterError(
+            f"tensor '{t.name}': not a .lora_a/.lora_b factor nor a *_norm.weight (llama.cpp "
+            "refuses such a tensor too)"
+        )
     self.modules: list[GgufModule] = []
     for base, pair in sides.items():
       if len(pair) != 2:
@@ -255,25 +265,39 @@ class GgufLora:
         raise AdapterError(f"tensor '{base}.{have}' has no '{base}.{miss}'")
       if base.startswith("token_embd."):
         raise AdapterError(f"tensor '{base}.lora_a': a token-embedding LoRA, which this tool does not handle")
-      stem = base[:-len(".weight")] if base.endswith(".weight") else None
+      stem = base[: -len(".weight")] if base.endswith(".weight") else None
       if stem is None or _BLOCK.sub("blk.{bid}.", base) not in known:
-        raise AdapterError(f"tensor '{base}.lora_a': '{base}' is not a {arch} weight in gguf's name map"
-                           f"{_nearest(_BLOCK.sub('blk.{bid}.', base), known)}")
+        raise AdapterError(
+            f"tensor '{base}.lora_a': '{base}' is not a {arch} weight in gguf's name map"
+            f"{_nearest(_BLOCK.sub('blk.{bid}.', base), known)}"
+        )
       a, b = pair["lora_a"], pair["lora_b"]
       shape_a = tuple(int(d) for d in reversed(a.shape.tolist()))
       shape_b = tuple(int(d) for d in reversed(b.shape.tolist()))
       if len(shape_a) != 2 or len(shape_b) != 2 or shape_a[0] != shape_b[1] or shape_a[0] == 0:
-        raise AdapterError(f"module '{stem}': lora_a {list(shape_a)} and lora_b {list(shape_b)} do not pair "
-                           "(want lora_a (r, in) and lora_b (out, r) with the same r, in numpy order)")
+        raise AdapterError(
+            f"module '{stem}': lora_a {list(shape_a)} and lora_b {list(shape_b)} do not pair "
+            "(want lora_a (r, in) and lora_b (out, r) with the same r, in numpy order)"
+        )
       for t in (a, b):
         readable = gguf.quants._type_traits  # pylint: disable=protected-access
         if t.tensor_type not in _KEPT and t.tensor_type not in readable:
           raise AdapterError(f"tensor '{t.name}' has GGML type {t.tensor_type.name}, which gguf cannot dequantise")
       r = shape_a[0]
-      self.modules.append(GgufModule(
-          name=stem, key_a=a.name, key_b=b.name, shape_a=shape_a, shape_b=shape_b,
-          dtype_a=_KEPT.get(a.tensor_type, "F32"), dtype_b=_KEPT.get(b.tensor_type, "F32"),
-          scale=self.alpha / r if self.alpha else 1.0, ggml_a=a.tensor_type.name, ggml_b=b.tensor_type.name))
+      self.modules.append(
+          GgufModule(
+              name=stem,
+              key_a=a.name,
+              key_b=b.name,
+              shape_a=shape_a,
+              shape_b=shape_b,
+              dtype_a=_KEPT.get(a.tensor_type, "F32"),
+              dtype_b=_KEPT.get(b.tensor_type, "F32"),
+              scale=self.alpha / r if self.alpha else 1.0,
+              ggml_a=a.tensor_type.name,
+              ggml_b=b.tensor_type.name,
+          )
+      )
     if not self.modules:
       raise AdapterError("no .lora_a/.lora_b tensor pairs")
 
@@ -382,6 +406,7 @@ class _GgufOut:
 def _tmp_path(out_path: Path) -> Path:
   """The scratch file beside ``out_path`` (named as the single-file path's: a dead writer's is removed)."""
   from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top
+
   out_path.parent.mkdir(parents=True, exist_ok=True)
   lora_files._remove_stale_partials(out_path)  # pylint: disable=protected-access
   return out_path.parent / f".{out_path.name}.{os.getpid()}@{_HOST_ID}.partial"
@@ -405,8 +430,9 @@ def _write_gguf(out_path: Path, arch: str, kv, entries, tensors) -> None:
 
 
 def _data_size(entries) -> int:
-  return sum(gguf.GGUFWriter.ggml_pad(math.prod(s) * _np_dtype(c).itemsize, gguf.GGUF_DEFAULT_ALIGNMENT)
-             for _, c, s in entries)
+  return sum(
+      gguf.GGUFWriter.ggml_pad(math.prod(s) * _np_dtype(c).itemsize, gguf.GGUF_DEFAULT_ALIGNMENT) for _, c, s in entries
+  )
 
 
 def file_alpha(ranks) -> float:
@@ -419,27 +445,37 @@ def file_alpha(ranks) -> float:
 # --------------------------------------------------------------------------------------------------------
 
 
-def squeeze_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike, *, rank: int | None = None,
-                 energy: float | None = None, per_module: bool = False, method: str = "efficient",
-                 dtype: str = "keep", dry_run: bool = False, force: bool = False, seed: int = 0,
-                 progress: bool = True, dynamic: tuple[str, float] | None = None,
-                 max_rank: int | None = None) -> adapters.SqueezeReport:
+def squeeze_gguf(
+    in_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    per_module: bool = False,
+    method: str = "efficient",
+    dtype: str = "keep",
+    dry_run: bool = False,
+    force: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    dynamic: tuple[str, float] | None = None,
+    max_rank: int | None = None,
+) -> adapters.SqueezeReport:
   """``adapters.squeeze_adapter`` for a GGUF LoRA (same arguments; the module docstring gives the alpha rule).
 
   Raises:
     AdapterError: bad input or arguments; ``out_path`` is then left absent (or untouched).
   """
   from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top
+
   start = time.perf_counter()
   in_path, out_path = Path(in_path), Path(out_path)
   lora_files._check_out_file(in_path, out_path, force, dry_run, suffix=SUFFIX)  # pylint: disable=protected-access
   with GgufLora(in_path) as lf:
     modules = lf.modules
-    compute_rank = (max(min(rank, m.full_rank) for m in modules) if rank is not None
-                    else max(m.r for m in modules))
+    compute_rank = max(min(rank, m.full_rank) for m in modules) if rank is not None else max(m.r for m in modules)
     need_spectra = rank is None or dry_run or method == "rsvd"
-    spectra = (adapters.adapter_spectra(lf, compute_rank=compute_rank, progress=progress)
-               if need_spectra else None)
+    spectra = adapters.adapter_spectra(lf, compute_rank=compute_rank, progress=progress) if need_spectra else None
     targets = dict(rank=rank, energy=energy, per_module=per_module, dynamic=dynamic, max_rank=max_rank)
     wanted = _wanted_ranks(modules, spectra, **targets)
     ranks = adapters.plan_ranks(modules, spectra, **targets)
@@ -452,8 +488,14 @@ def squeeze_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike, *, ran
     for m in modules:
       shape_a, shape_b = m.new_shapes(ranks[m.name])
       entries += [(m.key_a, code(m.dtype_a), shape_a), (m.key_b, code(m.dtype_b), shape_b)]
-    entries += [(k, code("F32") if dtype != "keep" else _KEPT.get(lf.reader.by_name[k].tensor_type, "F32"),
-                 tuple(int(d) for d in reversed(lf.reader.by_name[k].shape.tolist()))) for k in lf.passthrough]
+    entries += [
+        (
+            k,
+            code("F32") if dtype != "keep" else _KEPT.get(lf.reader.by_name[k].tensor_type, "F32"),
+            tuple(int(d) for d in reversed(lf.reader.by_name[k].shape.tolist())),
+        )
+        for k in lf.passthrough
+    ]
     kv = [(k, f) for k, f in lf.fields.items() if k != ARCH_KEY]
     if ALPHA_KEY in lf.fields:
       kv = [(k, (alpha, gguf.GGUFValueType.FLOAT32) if k == ALPHA_KEY else f) for k, f in kv]
@@ -462,20 +504,41 @@ def squeeze_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike, *, ran
     mixed = len(set(ranks.values())) > 1
     quant = lf.quantized
     report = adapters.SqueezeReport(
-        in_dir=in_path, out_dir=out_path, method=method, dry_run=dry_run, modules=[],
-        passthrough=list(lf.passthrough), copied_files=[], config={}, in_bytes=lf.file_size,
-        out_bytes=lf.data_offset + _data_size(entries), note=_cap_note(modules, wanted, ranks, rank, energy),
-        config_line=(f"format: gguf LoRA (llama.cpp, {ARCH_KEY} = {lf.arch}), {ALPHA_KEY} = {alpha:g}"
-                     + (", the largest rank (llama.cpp scales a module of rank r_m by alpha / r_m: its factors "
-                        "carry r_m / alpha)" if mixed else ": scale alpha / r = 1 in every module")
-                     + ", the old scale folded into the factors"
-                     + (f"; {'/'.join(quant)} factors written as F32" if quant and dtype == "keep" else "")),
-        weights_name=None, passthrough_line=lf.passthrough_line())
+        in_dir=in_path,
+        out_dir=out_path,
+        method=method,
+        dry_run=dry_run,
+        modules=[],
+        passthrough=list(lf.passthrough),
+        copied_files=[],
+        config={},
+        in_bytes=lf.file_size,
+        out_bytes=lf.data_offset + _data_size(entries),
+        note=_cap_note(modules, wanted, ranks, rank, energy),
+        config_line=(
+            f"format: gguf LoRA (llama.cpp, {ARCH_KEY} = {lf.arch}), {ALPHA_KEY} = {alpha:g}"
+            + (
+                ", the largest rank (llama.cpp scales a module of rank r_m by alpha / r_m: its factors "
+                "carry r_m / alpha)"
+                if mixed
+                else ": scale alpha / r = 1 in every module"
+            )
+            + ", the old scale folded into the factors"
+            + (f"; {'/'.join(quant)} factors written as F32" if quant and dtype == "keep" else "")
+        ),
+        weights_name=None,
+        passthrough_line=lf.passthrough_line(),
+    )
 
     def module_report(m, s) -> adapters.ModuleReport:
-      return adapters.ModuleReport(name=m.name, shape=(m.out_features, m.in_features), r_src=m.r,
-                                   r_tgt=ranks[m.name], scale=m.scale,
-                                   retention=float(squeeze.retention(np.asarray(s), ranks[m.name])))
+      return adapters.ModuleReport(
+          name=m.name,
+          shape=(m.out_features, m.in_features),
+          r_src=m.r,
+          r_tgt=ranks[m.name],
+          scale=m.scale,
+          retention=float(squeeze.retention(np.asarray(s), ranks[m.name])),
+      )
 
     if dry_run:
       report.modules = [module_report(m, spectra[m.name]) for m in modules]
@@ -487,9 +550,15 @@ def squeeze_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike, *, ran
       with adapters.small_lapack_threads(method == "efficient"):
         for i, m in enumerate(_progress(modules, len(modules), "squeeze", progress)):
           a, b = lf.factors(m)
-          new_a, new_b, s = adapters.squeeze_matrices(a, b, ranks[m.name], method=method, where=m.name,
-                                                      key=jax.random.wrap_key_data(key_data[i]),
-                                                      compute_rank=compute_rank)
+          new_a, new_b, s = adapters.squeeze_matrices(
+              a,
+              b,
+              ranks[m.name],
+              method=method,
+              where=m.name,
+              key=jax.random.wrap_key_data(key_data[i]),
+              compute_rank=compute_rank,
+          )
           fold = np.float32(math.sqrt(ranks[m.name] / alpha))  # llama.cpp multiplies by alpha / r_m
           shape_a, shape_b = m.new_shapes(ranks[m.name])
           if fold != 1:
@@ -499,8 +568,11 @@ def squeeze_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike, *, ran
           report.modules.append(module_report(m, spectra[m.name] if spectra is not None else s))
           _fault_point(f"squeeze_after_module:{i}")
       for k in lf.passthrough:
-        yield k, _cast(lf.reader.read(k).astype(np.float32), code("F32") if dtype != "keep" else
-                       _KEPT.get(lf.reader.by_name[k].tensor_type, "F32"), k)
+        yield k, _cast(
+            lf.reader.read(k).astype(np.float32),
+            code("F32") if dtype != "keep" else _KEPT.get(lf.reader.by_name[k].tensor_type, "F32"),
+            k,
+        )
 
     _write_gguf(out_path, lf.arch, kv, entries, tensors())
   report.out_bytes = out_path.stat().st_size
@@ -549,14 +621,18 @@ def arch_from_config(raw: dict, where: str) -> str:
         for name in (t, t.removesuffix("_text")):
           if name in ARCH_NAMES:
             return name
-      raise AdapterError(f"{cfg_path}: model_type {types[0]!r} is not a llama.cpp architecture name that gguf "
-                         f"knows; pass --arch (e.g. {hint})")
+      raise AdapterError(
+          f"{cfg_path}: model_type {types[0]!r} is not a llama.cpp architecture name that gguf "
+          f"knows; pass --arch (e.g. {hint})"
+      )
     stems = {hub.removesuffix("-pt") for hub, _ in adapters.HF_BASE_MODELS.values()}
     if any(base == s or base.startswith(s + "-") for s in stems):
       return "gemma3"
-  raise AdapterError(f"{where}: cannot tell the llama.cpp architecture from base_model_name_or_path "
-                     f"{base!r} (neither a local model directory nor a known Gemma 3 id); pass --arch "
-                     f"(e.g. {hint})")
+  raise AdapterError(
+      f"{where}: cannot tell the llama.cpp architecture from base_model_name_or_path "
+      f"{base!r} (neither a local model directory nor a known Gemma 3 id); pass --arch "
+      f"(e.g. {hint})"
+  )
 
 
 @dataclasses.dataclass
@@ -575,15 +651,25 @@ class ConvertReport:
 
   def summary(self) -> str:
     ranks = collections.Counter(self.ranks.values())
-    lines = [f"{self.direction}: {self.modules} LoRA modules, ranks "
-             + ", ".join(f"{r} ({c})" for r, c in sorted(ranks.items())), self.alpha_line]
+    lines = [
+        f"{self.direction}: {self.modules} LoRA modules, ranks "
+        + ", ".join(f"{r} ({c})" for r, c in sorted(ranks.items())),
+        self.alpha_line,
+    ]
     lines += self.notes
     lines.append(f"wrote {self.dst} {_fmt_bytes(self.out_bytes)} in {self.seconds:.1f} s")
     return "\n".join(lines)
 
 
-def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, *, arch: str | None = None,
-            layout: str = "causal_lm", dtype: str | None = None, force: bool = False) -> ConvertReport:
+def convert(
+    in_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    layout: str = "causal_lm",
+    dtype: str | None = None,
+    force: bool = False,
+) -> ConvertReport:
   """PEFT adapter directory -> GGUF LoRA file (``out_path`` ends in .gguf), or GGUF LoRA -> PEFT directory.
 
   Args:
@@ -617,8 +703,10 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, *, arch: st
     if in_path.is_dir():
       raise AdapterError(f"{out_path}: converting a PEFT directory needs an OUT ending in {SUFFIX}")
     if not is_gguf(in_path):
-      raise AdapterError(f"{in_path}: not a GGUF file (no GGUF magic); convert turns a PEFT directory into a "
-                         f"{SUFFIX} file and a {SUFFIX} file into a PEFT directory")
+      raise AdapterError(
+          f"{in_path}: not a GGUF file (no GGUF magic); convert turns a PEFT directory into a "
+          f"{SUFFIX} file and a {SUFFIX} file into a PEFT directory"
+      )
     if arch is not None:
       raise AdapterError("--arch is for PEFT -> GGUF; a GGUF file states its own architecture")
     if layout not in adapters.HF_LAYOUTS:
@@ -630,24 +718,31 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, *, arch: st
 
 def _peft_to_gguf(in_dir: Path, out_path: Path, *, arch: str | None, dtype: str, force: bool) -> ConvertReport:
   from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top
+
   lora_files._check_out_file(in_dir, out_path, force, False, suffix=SUFFIX)  # pylint: disable=protected-access
   with adapters.PeftAdapter(in_dir) as adapter:
     where = str(in_dir / adapters.CONFIG_NAME)
     arch = arch if arch is not None else arch_from_config(adapter.config.raw, where)
     arch_enum = check_arch(arch, "--arch")
     if adapter.passthrough:
-      raise AdapterError(f"{adapter.reader.path}: tensor '{adapter.passthrough[0]}' is not a lora_A/lora_B "
-                         f"factor ({len(adapter.passthrough)} such); a GGUF LoRA holds LoRA pairs only")
+      raise AdapterError(
+          f"{adapter.reader.path}: tensor '{adapter.passthrough[0]}' is not a lora_A/lora_B "
+          f"factor ({len(adapter.passthrough)} such); a GGUF LoRA holds LoRA pairs only"
+      )
     name_map = gguf.get_tensor_name_map(arch_enum, _n_blocks(m.name for m in adapter.modules))
     names = {}
     for m in adapter.modules:
       if "lora_embedding" in m.key_a or len(m.shape_a) != 2:
-        raise AdapterError(f"{adapter.reader.path}: module '{m.name}' is an embedding or conv LoRA; a GGUF "
-                           "LoRA here holds linear layers only")
+        raise AdapterError(
+            f"{adapter.reader.path}: module '{m.name}' is an embedding or conv LoRA; a GGUF "
+            "LoRA here holds linear layers only"
+        )
       names[m.name] = gguf_name(m.name, arch_enum, name_map)
       if names[m.name] is None:
-        raise AdapterError(f"{adapter.reader.path}: module '{m.name}' has no llama.cpp name for architecture "
-                           f"{arch!r} in gguf's name map")
+        raise AdapterError(
+            f"{adapter.reader.path}: module '{m.name}' has no llama.cpp name for architecture "
+            f"{arch!r} in gguf's name map"
+        )
     ranks = {m.name: m.r for m in adapter.modules}
     cfg = adapter.config
     as_is = all(math.isclose(m.scale, cfg.lora_alpha / m.r, rel_tol=1e-12) for m in adapter.modules)
@@ -658,8 +753,10 @@ def _peft_to_gguf(in_dir: Path, out_path: Path, *, arch: str | None, dtype: str,
 
     entries = []
     for m in adapter.modules:
-      entries += [(names[m.name] + ".lora_a", code(m, m.dtype_a), m.shape_a),
-                  (names[m.name] + ".lora_b", code(m, m.dtype_b), m.shape_b)]
+      entries += [
+          (names[m.name] + ".lora_a", code(m, m.dtype_a), m.shape_a),
+          (names[m.name] + ".lora_b", code(m, m.dtype_b), m.shape_b),
+      ]
     for c in {c for _, c, _ in entries} - set(_GGML_OF):
       raise AdapterError(f"{adapter.reader.path}: {c} factors cannot be written to GGUF; use --dtype float32")
 
@@ -674,10 +771,12 @@ def _peft_to_gguf(in_dir: Path, out_path: Path, *, arch: str | None, dtype: str,
           a_t, b_t = adapter.factors(m)  # √scale folded on each side; llama.cpp multiplies by alpha / r_m
           fold = np.float32(math.sqrt(m.r / alpha))
           a, b = (a_t * fold).T, (b_t * fold).T
-        yield names[m.name] + ".lora_a", _cast(np.asarray(a, np.float32) if dtype != "keep" else a,
-                                               code(m, m.dtype_a), m.name)
-        yield names[m.name] + ".lora_b", _cast(np.asarray(b, np.float32) if dtype != "keep" else b,
-                                               code(m, m.dtype_b), m.name)
+        yield names[m.name] + ".lora_a", _cast(
+            np.asarray(a, np.float32) if dtype != "keep" else a, code(m, m.dtype_a), m.name
+        )
+        yield names[m.name] + ".lora_b", _cast(
+            np.asarray(b, np.float32) if dtype != "keep" else b, code(m, m.dtype_b), m.name
+        )
 
     def kv(writer: gguf.GGUFWriter) -> None:
       # The converter's keys, in its order: type, adapter type, the model card's metadata by gguf's own
@@ -692,14 +791,26 @@ def _peft_to_gguf(in_dir: Path, out_path: Path, *, arch: str | None, dtype: str,
       writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     _write_gguf(out_path, arch, kv, entries, tensors())
-  notes = [] if as_is else [
-      "note: alpha_pattern / rsLoRA give scales one GGUF alpha cannot: each folded into its module's factors "
-      "(llama.cpp's converter would write lora_alpha and lose them)"]
-  return ConvertReport(src=in_dir, dst=out_path, direction=f"PEFT -> GGUF ({ARCH_KEY} = {arch})",
-                       modules=len(ranks), ranks=ranks, notes=notes, out_bytes=out_path.stat().st_size,
-                       seconds=0.0,
-                       alpha_line=f"{ALPHA_KEY} = {alpha:g}" + (" (lora_alpha; factors as they are)" if as_is else
-                                                                " (the largest rank; scales folded in)"))
+  notes = (
+      []
+      if as_is
+      else [
+          "note: alpha_pattern / rsLoRA give scales one GGUF alpha cannot: each folded into its module's factors "
+          "(llama.cpp's converter would write lora_alpha and lose them)"
+      ]
+  )
+  return ConvertReport(
+      src=in_dir,
+      dst=out_path,
+      direction=f"PEFT -> GGUF ({ARCH_KEY} = {arch})",
+      modules=len(ranks),
+      ranks=ranks,
+      notes=notes,
+      out_bytes=out_path.stat().st_size,
+      seconds=0.0,
+      alpha_line=f"{ALPHA_KEY} = {alpha:g}"
+      + (" (lora_alpha; factors as they are)" if as_is else " (the largest rank; scales folded in)"),
+  )
 
 
 def _gguf_to_peft(in_path: Path, out_dir: Path, *, layout: str, dtype: str, force: bool) -> ConvertReport:
@@ -717,24 +828,43 @@ def _gguf_to_peft(in_path: Path, out_dir: Path, *, layout: str, dtype: str, forc
           hf_of[g] = hf
     for m in lf.modules:
       if m.weight not in hf_of:
-        raise AdapterError(f"{in_path}: tensor '{m.key_a}': no Hugging Face name for '{m.weight}' (this tool "
-                           "names the q/k/v/o/gate/up/down projections of Gemma 3 and Llama-style decoders)")
+        raise AdapterError(
+            f"{in_path}: tensor '{m.key_a}': no Hugging Face name for '{m.weight}' (this tool "
+            "names the q/k/v/o/gate/up/down projections of Gemma 3 and Llama-style decoders)"
+        )
     ranks = {hf_of[m.weight]: m.r for m in lf.modules}
     counts = collections.Counter(ranks.values())
     default = max(counts, key=lambda r: (counts[r], r))
     projs = sorted({hf.rsplit(".", 1)[-1] for hf in ranks})
     kinds = [k for k, (_, proj) in adapters.HF_PROJECTIONS.items() if proj in projs]
-    base = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "revision": None,
-            "r": default, "lora_alpha": default, "lora_dropout": 0.0,
-            "target_modules": adapters._target_modules(kinds, layout),  # pylint: disable=protected-access
-            "bias": "none",
-            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-            "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None, "use_rslora": False,
-            "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}}
+    base = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "revision": None,
+        "r": default,
+        "lora_alpha": default,
+        "lora_dropout": 0.0,
+        "target_modules": adapters._target_modules(kinds, layout),  # pylint: disable=protected-access
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
     if lf.alpha:
       keys = adapters.pattern_keys(list(ranks))
-      config = {**base, "lora_alpha": adapters._lora_alpha_json(lf.alpha),  # pylint: disable=protected-access
-                "rank_pattern": {keys[n]: r for n, r in ranks.items() if r != default}}
+      config = {
+          **base,
+          "lora_alpha": adapters._lora_alpha_json(lf.alpha),  # pylint: disable=protected-access
+          "rank_pattern": {keys[n]: r for n, r in ranks.items() if r != default},
+      }
       alpha_line = f"lora_alpha = {lf.alpha:g} (the file's alpha; factors bit for bit)"
     else:
       config = adapters.output_config(adapters.LoraConfig.from_dict(base), ranks)
@@ -743,8 +873,10 @@ def _gguf_to_peft(in_path: Path, out_dir: Path, *, layout: str, dtype: str, forc
     for m in lf.modules:
       hf = hf_of[m.weight]
       if check.rank(hf) != m.r or not math.isclose(check.scale(hf), m.scale, rel_tol=1e-12):
-        raise RuntimeError(f"convert: module '{hf}' would get r={check.rank(hf)}, scale {check.scale(hf)}; "
-                           f"want r={m.r}, scale {m.scale}")
+        raise RuntimeError(
+            f"convert: module '{hf}' would get r={check.rank(hf)}, scale {check.scale(hf)}; "
+            f"want r={m.r}, scale {m.scale}"
+        )
 
     def code(original: str) -> str:
       return original if dtype == "keep" else adapters._OUT_CODES[dtype]  # pylint: disable=protected-access
@@ -752,8 +884,10 @@ def _gguf_to_peft(in_path: Path, out_dir: Path, *, layout: str, dtype: str, forc
     entries, order = [], []
     for m in lf.modules:
       prefix = adapters.PEFT_PREFIX + hf_of[m.weight]
-      entries += [(f"{prefix}.lora_A.weight", code(m.dtype_a), m.shape_a),
-                  (f"{prefix}.lora_B.weight", code(m.dtype_b), m.shape_b)]
+      entries += [
+          (f"{prefix}.lora_A.weight", code(m.dtype_a), m.shape_a),
+          (f"{prefix}.lora_B.weight", code(m.dtype_b), m.shape_b),
+      ]
       order += [(m, m.key_a, m.dtype_a), (m, m.key_b, m.dtype_b)]
     with adapters._atomic_dir(out_dir) as tmp:  # pylint: disable=protected-access
       writer = adapters.SafetensorsWriter(tmp / adapters.WEIGHTS_NAME, entries, {"format": "pt"})
@@ -762,8 +896,10 @@ def _gguf_to_peft(in_path: Path, out_dir: Path, *, layout: str, dtype: str, forc
           x = lf.reader.read(key)
           finite = np.isfinite(x.astype(np.float32))
           if not finite.all():
-            raise AdapterError(f"{in_path}: module '{m.name}': '{key}' {list(x.shape)} contains "
-                               f"{finite.size - int(finite.sum())} NaN/Inf values")
+            raise AdapterError(
+                f"{in_path}: module '{m.name}': '{key}' {list(x.shape)} contains "
+                f"{finite.size - int(finite.sum())} NaN/Inf values"
+            )
           writer.write(name, _cast(x if x.dtype == _np_dtype(c) else x.astype(np.float32), c, m.name))
       except BaseException:
         writer.abort()
@@ -772,11 +908,21 @@ def _gguf_to_peft(in_path: Path, out_dir: Path, *, layout: str, dtype: str, forc
       (tmp / adapters.CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     notes = []
     if lf.passthrough:
-      notes.append(f"note: {len(lf.passthrough)} *_norm.weight tensors not written (PEFT LoRA has no place for "
-                   "them; llama.cpp ignores them too)")
+      notes.append(
+          f"note: {len(lf.passthrough)} *_norm.weight tensors not written (PEFT LoRA has no place for "
+          "them; llama.cpp ignores them too)"
+      )
     if lf.quantized:
       notes.append(f"note: {'/'.join(lf.quantized)} factors dequantised")
     size = sum(p.stat().st_size for p in out_dir.iterdir())
-  return ConvertReport(src=in_path, dst=out_dir, direction=f"GGUF ({ARCH_KEY} = {lf.arch}) -> PEFT ({layout})",
-                       modules=len(ranks), ranks=ranks, alpha_line=alpha_line, out_bytes=size, seconds=0.0,
-                       notes=notes)
+  return ConvertReport(
+      src=in_path,
+      dst=out_dir,
+      direction=f"GGUF ({ARCH_KEY} = {lf.arch}) -> PEFT ({layout})",
+      modules=len(ranks),
+      ranks=ranks,
+      alpha_line=alpha_line,
+      out_bytes=size,
+      seconds=0.0,
+      notes=notes,
+  )

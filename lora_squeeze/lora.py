@@ -94,8 +94,17 @@ IMAGE_PLACEHOLDER = gemma_vision.TOKEN_PLACEHOLDER
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # Every module kind a LoRA path can have (joint_kv -> "kv", joint_gate_up -> "gate_up").
 KINDS = ("q", "k", "v", "kv", "o", "gate", "up", "gate_up", "down")
-_OWNER = {"q": "attn", "k": "attn", "v": "attn", "kv": "attn", "o": "attn",
-          "gate": "mlp", "up": "mlp", "gate_up": "mlp", "down": "mlp"}
+_OWNER = {
+    "q": "attn",
+    "k": "attn",
+    "v": "attn",
+    "kv": "attn",
+    "o": "attn",
+    "gate": "mlp",
+    "up": "mlp",
+    "gate_up": "mlp",
+    "down": "mlp",
+}
 _PATH_RE = re.compile(r"(?:^|/)layer_(\d+)/(attn|mlp)/(q|k|v|kv|o|gate|up|gate_up|down)_lora(?:/[ab])?$")
 _LORA_KEY_RE = re.compile(r"^(q|k|v|kv|o|gate|up|gate_up|down)_lora$")
 
@@ -136,8 +145,10 @@ class LoRAConfig:
     object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in targets))
     for flag, pair in (("joint_kv", ("k", "v")), ("joint_gate_up", ("gate", "up"))):
       if getattr(self, flag) and (pair[0] in targets) != (pair[1] in targets):
-        raise ValueError(f"LoRAConfig: {flag}=True puts one adapter on both {pair[0]!r} and {pair[1]!r}; "
-                         f"targets must contain both or neither, got {self.targets}")
+        raise ValueError(
+            f"LoRAConfig: {flag}=True puts one adapter on both {pair[0]!r} and {pair[1]!r}; "
+            f"targets must contain both or neither, got {self.targets}"
+        )
     if isinstance(self.rank, Mapping):
       if not self.rank:
         raise ValueError("LoRAConfig.rank: empty mapping")
@@ -197,8 +208,10 @@ def module_kind(path: str) -> tuple[int, str]:
   """
   m = _PATH_RE.search(path)
   if m is None or _OWNER[m.group(3)] != m.group(2):
-    raise ValueError(f"not a LoRA module path: {path!r} (expected e.g. 'layer_0/attn/q_lora', "
-                     f"'layer_0/mlp/down_lora'; kinds {KINDS})")
+    raise ValueError(
+        f"not a LoRA module path: {path!r} (expected e.g. 'layer_0/attn/q_lora', "
+        f"'layer_0/mlp/down_lora'; kinds {KINDS})"
+    )
   return int(m.group(1)), m.group(3)
 
 
@@ -241,8 +254,10 @@ def resolve_module_ranks(paths: Sequence[str], rank: int | Mapping[str, int]) ->
     raise ValueError(f"LoRAConfig.rank: {e}") from None
   missing = [p for p, r in ranks.items() if r is None]
   if missing:
-    raise ValueError(f"LoRAConfig.rank: no rank for LoRA module {missing[0]!r} ({len(missing)} modules "
-                     f"unmatched); add a key for it or a '*' default, keys are {list(rank)}")
+    raise ValueError(
+        f"LoRAConfig.rank: no rank for LoRA module {missing[0]!r} ({len(missing)} modules "
+        f"unmatched); add a key for it or a '*' default, keys are {list(rank)}"
+    )
   return ranks
 
 
@@ -270,6 +285,7 @@ def lora_param_count(model_config, config: LoRAConfig) -> int:
 # --------------------------------------------------------------------------------------------------------
 # Initialisation.
 # --------------------------------------------------------------------------------------------------------
+
 
 # float32 whatever dtype the caller (e.g. gemma's bfloat16 param-dtype context) asks for.
 def _a_init(key, shape, dtype=None):
@@ -303,7 +319,7 @@ def _init_from_shapes(key: Array, shapes: tuple) -> dict:
   flat, offset = {}, 0
   for (path, a_shape, b_shape), size in zip(shapes, sizes):
     bound = math.sqrt(6.0 / math.prod(a_shape[:-1]))
-    flat[f"{path}/a"] = bound * u[offset:offset + size].reshape(a_shape)
+    flat[f"{path}/a"] = bound * u[offset : offset + size].reshape(a_shape)
     flat[f"{path}/b"] = jnp.zeros(b_shape, jnp.float32)
     offset += size
   return traverse_util.unflatten_dict(flat, sep="/")
@@ -343,8 +359,10 @@ class LoRA(nn.Module):
     cfg = text_config(self.model)
     if cfg.num_kv_heads == cfg.num_heads:
       # gemma then uses one qkv_einsum; no Gemma 3 size does, so that layout is not implemented.
-      raise NotImplementedError("LoRA: models with num_kv_heads == num_heads (gemma's qkv_einsum) are not "
-                                "supported; every Gemma 3 size uses grouped/multi-query attention")
+      raise NotImplementedError(
+          "LoRA: models with num_kv_heads == num_heads (gemma's qkv_einsum) are not "
+          "supported; every Gemma 3 size uses grouped/multi-query attention"
+      )
     shapes = lora_shapes(cfg, self.config)
     if not self.is_initializing():
       self._check_lora_params(shapes)
@@ -352,8 +370,15 @@ class LoRA(nn.Module):
       return _call_without_nn_jit(self.model, *args, **kwargs)
 
   @nn.compact
-  def hidden_states(self, tokens: Array, *, positions: Array, attention_mask: Array, images: Array | None = None,
-                    image_embeddings: Array | None = None) -> Array:
+  def hidden_states(
+      self,
+      tokens: Array,
+      *,
+      positions: Array,
+      attention_mask: Array,
+      images: Array | None = None,
+      image_embeddings: Array | None = None,
+  ) -> Array:
     """The final-norm hidden states (B, T, D) with LoRA, without the vocabulary projection.
 
     Training and scoring need logits at a few positions only (answer / choice tokens); the 262k-vocab
@@ -368,8 +393,14 @@ class LoRA(nn.Module):
     if not self.is_initializing():
       self._check_lora_params(shapes)
     with nn.intercept_methods(_Interceptor(config=self.config, shapes=shapes)):
-      return base_hidden_states(self.model, tokens, positions=positions, attention_mask=attention_mask,
-                                images=images, image_embeddings=image_embeddings)
+      return base_hidden_states(
+          self.model,
+          tokens,
+          positions=positions,
+          attention_mask=attention_mask,
+          images=images,
+          image_embeddings=image_embeddings,
+      )
 
   def _check_lora_params(self, shapes: Mapping[str, Any]) -> None:
     """The LoRA pairs in the params must be exactly the config's modules (ranks may differ): catches a
@@ -377,13 +408,16 @@ class LoRA(nn.Module):
     present = set(squeeze.lora_pairs(split_params(self.scope.variables().get("params", {}))[1]))
     missing, extra = sorted(set(shapes) - present), sorted(present - set(shapes))
     if missing or extra:
-      raise ValueError(f"LoRA params do not match {self.config}: missing {missing[:4]}"
-                       f"{' ...' if len(missing) > 4 else ''}, unexpected {extra[:4]}"
-                       f"{' ...' if len(extra) > 4 else ''} (apply with merge_params(base, lora), lora from "
-                       "init_lora / change_rank for this config)")
+      raise ValueError(
+          f"LoRA params do not match {self.config}: missing {missing[:4]}"
+          f"{' ...' if len(missing) > 4 else ''}, unexpected {extra[:4]}"
+          f"{' ...' if len(extra) > 4 else ''} (apply with merge_params(base, lora), lora from "
+          "init_lora / change_rank for this config)"
+      )
 
   def __kontext_keys__(self) -> dict[str, str]:
     from kauldron import kontext  # pylint: disable=g-import-not-at-top
+
     return kontext.get_keypaths(self.model)
 
   def __getattr__(self, name: str) -> Any:
@@ -405,8 +439,15 @@ def _call_without_nn_jit(model: nn.Module, *args, **kwargs):
   return model(*args, **kwargs)
 
 
-def base_hidden_states(model: nn.Module, tokens: Array, *, positions: Array, attention_mask: Array,
-                       images: Array | None = None, image_embeddings: Array | None = None) -> Array:
+def base_hidden_states(
+    model: nn.Module,
+    tokens: Array,
+    *,
+    positions: Array,
+    attention_mask: Array,
+    images: Array | None = None,
+    image_embeddings: Array | None = None,
+) -> Array:
   """gemma ``Transformer.__call__`` up to the final norm (no cache, no logits), with optional images.
 
   Use as ``transformer.apply({"params": base}, tokens, positions=..., attention_mask=...,
@@ -423,16 +464,21 @@ def base_hidden_states(model: nn.Module, tokens: Array, *, positions: Array, att
   ``__call__(tokens, images=...)``.
   """
   inputs = model._encode_and_get_inputs(  # pylint: disable=protected-access
-      tokens=tokens, positions=positions, attention_mask=attention_mask)
+      tokens=tokens, positions=positions, attention_mask=attention_mask
+  )
   if images is not None or image_embeddings is not None:
     if model.config.vision_encoder is None:
-      raise ValueError("images given to a model without a vision encoder; load the multimodal model "
-                       "(models.load(name, text_only=False))")
+      raise ValueError(
+          "images given to a model without a vision encoder; load the multimodal model "
+          "(models.load(name, text_only=False))"
+      )
     if image_embeddings is None:
       image_embeddings = model._encode_vision(images)  # pylint: disable=protected-access
     merged = _token_utils.merge_embeddings(
-        text_embeddings=inputs.embeddings, vision_embeddings=image_embeddings.astype(inputs.embeddings.dtype),
-        mask=tokens == IMAGE_PLACEHOLDER)
+        text_embeddings=inputs.embeddings,
+        vision_embeddings=image_embeddings.astype(inputs.embeddings.dtype),
+        mask=tokens == IMAGE_PLACEHOLDER,
+    )
     inputs = inputs.replace(embeddings=merged)
   x, _ = model._apply_attention(inputs, None)  # pylint: disable=protected-access
   return x
@@ -465,7 +511,8 @@ def attention_mask_from_segments(segment_ids: Array, *, tokens: Array | None = N
   mask = same & causal
   if tokens is not None:
     mask = _attention_mask._add_bidirectional_mask(  # pylint: disable=protected-access
-        mask, jnp.asarray(tokens) == IMAGE_PLACEHOLDER)
+        mask, jnp.asarray(tokens) == IMAGE_PLACEHOLDER
+    )
   return mask
 
 
@@ -519,7 +566,7 @@ def _lora_delta(x: Array, a: Array, b: Array, scale: float) -> Array:
   if not HAND_BACKWARD:
     xa = jnp.tensordot(x.astype(jnp.float32), a.astype(jnp.float32), axes=n_in)
     return jnp.tensordot(xa * scale, b.astype(jnp.float32), axes=1)
-  lead, in_dims, out_dims = x.shape[:x.ndim - n_in], a.shape[:-1], b.shape[1:]
+  lead, in_dims, out_dims = x.shape[: x.ndim - n_in], a.shape[:-1], b.shape[1:]
   x2 = x.astype(jnp.float32).reshape(-1, math.prod(in_dims))
   a2 = a.astype(jnp.float32).reshape(-1, a.shape[-1])
   b2 = b.astype(jnp.float32).reshape(b.shape[0], -1)
@@ -584,8 +631,10 @@ class _Interceptor:
     eqn, x = _einsum_args(args, kwargs)
     expected = (_ATTN_EQNS if owner == "attn" else _MLP_EQNS)[einsum]
     if eqn not in expected:
-      raise NotImplementedError(f"LoRA: {block_name}/{owner} {einsum} is called with {eqn!r}; this module "
-                                f"knows {expected} (gemma 3.3.0). Update lora.py for this gemma version.")
+      raise NotImplementedError(
+          f"LoRA: {block_name}/{owner} {einsum} is called with {eqn!r}; this module "
+          f"knows {expected} (gemma 3.3.0). Update lora.py for this gemma version."
+      )
     y = next_fun(*args, **kwargs)
     halves = {}  # separate k/v or gate/up deltas: stacked into one add (no scatter, no strided update)
     for kind in kinds:
@@ -612,12 +661,16 @@ class _Interceptor:
       a, b = scope.get_variable("params", "a"), scope.get_variable("params", "b")
       # The rank is whatever the params have; the other dims must be the projection's.
       if (tuple(a.shape[:-1]), tuple(b.shape[1:])) != (a_shape[:-1], b_shape[1:]) or a.shape[-1] != b.shape[0]:
-        raise ValueError(f"LoRA params at {path}: a{tuple(a.shape)}, b{tuple(b.shape)} do not fit this "
-                         f"projection (expected a{a_shape[:-1] + ('r',)}, b{('r',) + b_shape[1:]})")
+        raise ValueError(
+            f"LoRA params at {path}: a{tuple(a.shape)}, b{tuple(b.shape)} do not fit this "
+            f"projection (expected a{a_shape[:-1] + ('r',)}, b{('r',) + b_shape[1:]})"
+        )
       return a, b
     if not scope.is_mutable_collection("params"):
-      raise ValueError(f"LoRA params missing at {path} (config {self.config}); apply with "
-                       "{'params': merge_params(base, lora)} where lora = init_lora(...) for the same config")
+      raise ValueError(
+          f"LoRA params missing at {path} (config {self.config}); apply with "
+          "{'params': merge_params(base, lora)} where lora = init_lora(...) for the same config"
+      )
     return scope.param("a", _a_init, a_shape), scope.param("b", _b_init, b_shape)
 
 
@@ -663,6 +716,7 @@ def split_params(params: Mapping) -> tuple[dict, dict]:
   Neither tree keeps empty dicts (gemma's ``peft.split_params`` leaves some, which broke checkpoint loading,
   seen with gemma 3.3.0). Works with or without a top-level ``{"params": ...}``.
   """
+
   def split(node):
     base, lora = {}, {}
     for k, v in node.items():
@@ -677,12 +731,14 @@ def split_params(params: Mapping) -> tuple[dict, dict]:
       else:
         base[k] = v
     return base, lora
+
   return split(params)
 
 
 def merge_params(base: Mapping, lora: Mapping) -> dict:
   """Deep union of two param trees, as plain dicts (a FrozenDict would change the pytree type); a path
   defined in both raises ValueError."""
+
   def merge(x, y, path):
     out = {k: merge(v, {}, f"{path}{k}/") if isinstance(v, Mapping) else v for k, v in x.items()}
     for k, v in y.items():
@@ -693,6 +749,7 @@ def merge_params(base: Mapping, lora: Mapping) -> dict:
       else:
         raise ValueError(f"merge_params: {path}{k} is defined in both trees")
     return out
+
   return merge(base, lora, "")
 
 
@@ -733,8 +790,9 @@ def _delta_w_updates(kind: str, a: Array, b: Array, attn_or_mlp: Mapping, transp
     if transpose_gating is None:
       d, f = a.shape[0], b.shape[-1]
       if d == f:
-        raise ValueError(f"fuse: cannot tell gemma's gating_einsum layout when embed_dim == hidden_dim "
-                         f"({d}); pass model_config=")
+        raise ValueError(
+            f"fuse: cannot tell gemma's gating_einsum layout when embed_dim == hidden_dim " f"({d}); pass model_config="
+        )
       transpose_gating = tuple(w.shape[1:]) == (f, d)
     if kind == "gate_up":
       return [(("gating_einsum",), None, ein("dr,rcf->cfd" if transpose_gating else "dr,rcf->cdf"))]
@@ -796,8 +854,10 @@ def _fused_weights(owners, pairs, scales, *, transpose_gating):
     for index, dw in items:
       target_shape = w32.shape if index is None else w32[index].shape
       if tuple(dw.shape) != tuple(target_shape):
-        raise ValueError(f"fuse: ΔW {tuple(dw.shape)} does not fit base weight {owner_key}/"
-                         f"{'/'.join(wpath)} {tuple(w.shape)} (slot {index})")
+        raise ValueError(
+            f"fuse: ΔW {tuple(dw.shape)} does not fit base weight {owner_key}/"
+            f"{'/'.join(wpath)} {tuple(w.shape)} (slot {index})"
+        )
       w32 = w32 + dw if index is None else w32.at[index].add(dw)
     out["/".join((owner_key, *wpath))] = w32.astype(w.dtype)
   return out
@@ -823,8 +883,14 @@ def unfuse(fused: Mapping, lora: Mapping, config: LoRAConfig, *, model_config=No
 # --------------------------------------------------------------------------------------------------------
 
 
-def change_rank(lora_params: Mapping, rank: int | Mapping[str, int], config: LoRAConfig, *,
-                method: str = "efficient", key: Array | None = None) -> tuple[dict, LoRAConfig]:
+def change_rank(
+    lora_params: Mapping,
+    rank: int | Mapping[str, int],
+    config: LoRAConfig,
+    *,
+    method: str = "efficient",
+    key: Array | None = None,
+) -> tuple[dict, LoRAConfig]:
   """Squeeze (or grow) every LoRA pair to ``rank`` and keep the effective update consistent.
 
   ``squeeze.squeeze_lora`` gives a'b' = the best rank-r_tgt approximation of a b (exact when
@@ -864,8 +930,7 @@ def change_rank(lora_params: Mapping, rank: int | Mapping[str, int], config: LoR
     if config.alpha is not None and r_tgt is not None and r_tgt != r_src:
       f = math.sqrt(r_tgt / r_src)
       pair = new_pairs[p]
-      folded[p] = {**pair, "a": (pair["a"] * f).astype(pair["a"].dtype),
-                   "b": (pair["b"] * f).astype(pair["b"].dtype)}
+      folded[p] = {**pair, "a": (pair["a"] * f).astype(pair["a"].dtype), "b": (pair["b"] * f).astype(pair["b"].dtype)}
   if folded:
     new_params = _replace_pairs(new_params, folded)
   return new_params, dataclasses.replace(config, rank=describe_ranks(new_ranks))

@@ -51,6 +51,7 @@ import numpy as np
 from lora_squeeze import adapters
 from lora_squeeze import squeeze
 from lora_squeeze.adapters import AdapterError
+
 # The PEFT path's internals, shared so both paths read, plan, cast and write identically.
 from lora_squeeze.adapters import _FLOAT_CODES, _NP_DTYPES, _OUT_CODES  # pylint: disable=g-importing-member
 from lora_squeeze.adapters import _cap_note, _cast, _wanted_ranks  # pylint: disable=g-importing-member
@@ -112,7 +113,7 @@ class Format:
     for side, suffix in (("down", self.down), ("up", self.up)):
       tail = f".{suffix}.weight"
       if key.endswith(tail) and len(key) > len(tail):
-        return key[:-len(tail)], side
+        return key[: -len(tail)], side
     return None
 
 
@@ -124,16 +125,20 @@ FORMATS = (KOHYA, DIFFUSERS)
 def _check_not_pickle(path: Path) -> None:
   """Refuses a torch pickle by name or by its first bytes, before anything parses it."""
   if path.suffix.lower() in PICKLE_SUFFIXES:
-    raise AdapterError(f"{path}: a '{path.suffix}' file is a Python pickle, which this tool never loads "
-                       "(unpickling runs code); convert it to .safetensors first")
+    raise AdapterError(
+        f"{path}: a '{path.suffix}' file is a Python pickle, which this tool never loads "
+        "(unpickling runs code); convert it to .safetensors first"
+    )
   try:
     with open(path, "rb") as f:
       head = f.read(4)
   except OSError as e:
     raise AdapterError(f"{path}: cannot open ({e.strerror})") from None
   if any(head.startswith(m) for m in _PICKLE_MAGIC):
-    raise AdapterError(f"{path}: looks like a Python pickle / torch.save file, which this tool never loads "
-                       "(unpickling runs code); convert it to .safetensors first")
+    raise AdapterError(
+        f"{path}: looks like a Python pickle / torch.save file, which this tool never loads "
+        "(unpickling runs code); convert it to .safetensors first"
+    )
 
 
 def detect(keys) -> Format:
@@ -142,12 +147,15 @@ def detect(keys) -> Format:
   if len(found) == 1:
     return found[0]
   if len(found) == 2:
-    raise AdapterError("mixes kohya (lora_down/lora_up) and diffusers (lora_A/lora_B) keys; this tool "
-                       "squeezes one layout per file")
+    raise AdapterError(
+        "mixes kohya (lora_down/lora_up) and diffusers (lora_A/lora_B) keys; this tool " "squeezes one layout per file"
+    )
   kinds = collections.Counter(_passthrough_kind(k) for k in keys)
   what = ", ".join(f"{n} {k}" for k, n in kinds.most_common()) if keys else "no tensors"
-  raise AdapterError(f"not a LoRA this tool knows: no lora_down/lora_up (kohya) or lora_A/lora_B "
-                     f"(diffusers) pairs ({what}); nothing to squeeze")
+  raise AdapterError(
+      f"not a LoRA this tool knows: no lora_down/lora_up (kohya) or lora_A/lora_B "
+      f"(diffusers) pairs ({what}); nothing to squeeze"
+  )
 
 
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
@@ -226,12 +234,20 @@ class LoraFile:
         raise AdapterError(f"module '{prefix}' has {pair[have]!r} but no {self.format.key(prefix, miss)!r}")
       down, up = tensors[pair["down"]], tensors[pair["up"]]
       if down.dtype not in _FLOAT_CODES or up.dtype not in _FLOAT_CODES:
-        raise AdapterError(f"module '{prefix}': LoRA factors must be F64/F32/F16/BF16, got down {down.dtype}, "
-                           f"up {up.dtype}")
-      if (len(down.shape) < 2 or len(up.shape) < 2 or down.shape[0] != up.shape[1] or down.shape[0] == 0
-          or any(d != 1 for d in up.shape[2:])):
-        raise AdapterError(f"module '{prefix}': shape mismatch, down {list(down.shape)} and up "
-                           f"{list(up.shape)} (expected down (r, in, ...) and up (out, r, 1, ...) with the same r)")
+        raise AdapterError(
+            f"module '{prefix}': LoRA factors must be F64/F32/F16/BF16, got down {down.dtype}, " f"up {up.dtype}"
+        )
+      if (
+          len(down.shape) < 2
+          or len(up.shape) < 2
+          or down.shape[0] != up.shape[1]
+          or down.shape[0] == 0
+          or any(d != 1 for d in up.shape[2:])
+      ):
+        raise AdapterError(
+            f"module '{prefix}': shape mismatch, down {list(down.shape)} and up "
+            f"{list(up.shape)} (expected down (r, in, ...) and up (out, r, 1, ...) with the same r)"
+        )
       r = down.shape[0]
       alpha_key = f"{prefix}.alpha" if f"{prefix}.alpha" in tensors else None
       alpha = float(r)  # no alpha tensor: scale 1 in both layouts (kohya's networks/lora.py: alpha = r)
@@ -239,12 +255,16 @@ class LoraFile:
       if component in configs and alpha_key is None:
         config = configs[component]
         if config.rank(inner) != r:
-          raise AdapterError(f"module '{prefix}': metadata '{DIFFUSERS_METADATA_KEY}' gives r={config.rank(inner)} "
-                             f"but lora_A is {list(down.shape)} (r={r})")
+          raise AdapterError(
+              f"module '{prefix}': metadata '{DIFFUSERS_METADATA_KEY}' gives r={config.rank(inner)} "
+              f"but lora_A is {list(down.shape)} (r={r})"
+          )
         alpha = config.scale(inner) * r
       elif configs:
-        raise AdapterError(f"module '{prefix}': not covered by metadata '{DIFFUSERS_METADATA_KEY}' (components "
-                           f"{', '.join(sorted(configs))}) or has its own alpha tensor as well")
+        raise AdapterError(
+            f"module '{prefix}': not covered by metadata '{DIFFUSERS_METADATA_KEY}' (components "
+            f"{', '.join(sorted(configs))}) or has its own alpha tensor as well"
+        )
       if alpha_key is not None:
         info = tensors[alpha_key]
         if info.dtype not in _FLOAT_CODES + ("I64", "I32", "I16", "I8"):
@@ -254,10 +274,20 @@ class LoraFile:
         alpha = float(self.reader.read(alpha_key).reshape(()))
         if not math.isfinite(alpha):
           raise AdapterError(f"module '{prefix}': alpha '{alpha_key}' is {alpha}")
-      self.modules.append(FileModule(
-          name=prefix, key_a=pair["down"], key_b=pair["up"], shape_a=down.shape, shape_b=up.shape,
-          dtype_a=down.dtype, dtype_b=up.dtype, scale=alpha / r, key_alpha=alpha_key,
-          dtype_alpha=tensors[alpha_key].dtype if alpha_key else None))
+      self.modules.append(
+          FileModule(
+              name=prefix,
+              key_a=pair["down"],
+              key_b=pair["up"],
+              shape_a=down.shape,
+              shape_b=up.shape,
+              dtype_a=down.dtype,
+              dtype_b=up.dtype,
+              scale=alpha / r,
+              key_alpha=alpha_key,
+              dtype_alpha=tensors[alpha_key].dtype if alpha_key else None,
+          )
+      )
       used.update(pair.values())
       if alpha_key:
         used.add(alpha_key)
@@ -283,8 +313,11 @@ class LoraFile:
       return min(others) if own == "alpha" and others else own
 
     kinds = collections.Counter(kind(k) for k in self.passthrough)
-    return (f"copied unchanged (not a low-rank pair): {len(self.passthrough)} tensors (" +
-            ", ".join(f"{n} {k}" for k, n in kinds.most_common()) + ")")
+    return (
+        f"copied unchanged (not a low-rank pair): {len(self.passthrough)} tensors ("
+        + ", ".join(f"{n} {k}" for k, n in kinds.most_common())
+        + ")"
+    )
 
   def close(self) -> None:
     self.reader.close()
@@ -299,6 +332,7 @@ class LoraFile:
 def open_lora_file(path: str | os.PathLike):
   """A LoraFile, or a gguf_lora.GgufLora for a file that starts with the GGUF magic."""
   from lora_squeeze import gguf_lora  # pylint: disable=g-import-not-at-top
+
   if gguf_lora.is_gguf(path):
     return gguf_lora.GgufLora(path)
   return LoraFile(path)
@@ -348,8 +382,10 @@ def new_metadata(metadata: dict[str, str] | None, fmt: Format, modules, ranks) -
           args[key] = str(max(conv))
       new["ss_network_args"] = json.dumps(args)
   if "ss_training_comment" in new or "ss_network_dim" in new:
-    note = (f"lora-squeeze: rank {old_top} -> {'per module, max ' if per_module else ''}{top}, "
-            "alpha = rank (scale folded into the factors)")
+    note = (
+        f"lora-squeeze: rank {old_top} -> {'per module, max ' if per_module else ''}{top}, "
+        "alpha = rank (scale folded into the factors)"
+    )
     comment = new.get("ss_training_comment", "")
     new["ss_training_comment"] = f"{note}; {comment}" if comment else note
   for key in [k for k in new if k.startswith("sshs_")]:
@@ -373,15 +409,17 @@ def _remove_stale_partials(out_path: Path) -> None:
       Path(entry.path).unlink(missing_ok=True)
 
 
-def _check_out_file(in_path: Path, out_path: Path, force: bool, dry_run: bool,
-                    suffix: str = ".safetensors") -> None:
+def _check_out_file(in_path: Path, out_path: Path, force: bool, dry_run: bool, suffix: str = ".safetensors") -> None:
   if os.path.abspath(out_path) == os.path.abspath(in_path) or (
-      out_path.exists() and in_path.exists() and os.path.samefile(out_path, in_path)):
+      out_path.exists() and in_path.exists() and os.path.samefile(out_path, in_path)
+  ):
     raise AdapterError(f"{out_path}: output file is the input file; choose another OUT")
   if out_path.suffix.lower() != suffix:
     what = "a GGUF LoRA" if suffix == ".gguf" else "a single-file LoRA"
-    raise AdapterError(f"{out_path}: the output of {what} is a {suffix} file"
-                       + (" (lora-squeeze convert turns GGUF into PEFT)" if suffix == ".gguf" else ""))
+    raise AdapterError(
+        f"{out_path}: the output of {what} is a {suffix} file"
+        + (" (lora-squeeze convert turns GGUF into PEFT)" if suffix == ".gguf" else "")
+    )
   if dry_run or not out_path.exists():
     return
   if not force:
@@ -390,11 +428,22 @@ def _check_out_file(in_path: Path, out_path: Path, force: bool, dry_run: bool,
     raise AdapterError(f"{out_path}: exists and is not a file")
 
 
-def squeeze_file(in_path: str | os.PathLike, out_path: str | os.PathLike, *, rank: int | None = None,
-                 energy: float | None = None, per_module: bool = False, method: str = "efficient",
-                 dtype: str = "keep", dry_run: bool = False, force: bool = False, seed: int = 0,
-                 progress: bool = True, dynamic: tuple[str, float] | None = None,
-                 max_rank: int | None = None) -> adapters.SqueezeReport:
+def squeeze_file(
+    in_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    per_module: bool = False,
+    method: str = "efficient",
+    dtype: str = "keep",
+    dry_run: bool = False,
+    force: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    dynamic: tuple[str, float] | None = None,
+    max_rank: int | None = None,
+) -> adapters.SqueezeReport:
   """``adapters.squeeze_adapter`` for a single-file LoRA (same arguments; see the module docstring).
 
   Raises:
@@ -405,10 +454,23 @@ def squeeze_file(in_path: str | os.PathLike, out_path: str | os.PathLike, *, ran
   if not in_path.exists():
     raise AdapterError(f"{in_path}: no such file or directory")
   from lora_squeeze import gguf_lora  # pylint: disable=g-import-not-at-top
+
   if gguf_lora.is_gguf(in_path):  # told by content, as the two safetensors layouts are
-    return gguf_lora.squeeze_gguf(in_path, out_path, rank=rank, energy=energy, per_module=per_module,
-                                  method=method, dtype=dtype, dry_run=dry_run, force=force, seed=seed,
-                                  progress=progress, dynamic=dynamic, max_rank=max_rank)
+    return gguf_lora.squeeze_gguf(
+        in_path,
+        out_path,
+        rank=rank,
+        energy=energy,
+        per_module=per_module,
+        method=method,
+        dtype=dtype,
+        dry_run=dry_run,
+        force=force,
+        seed=seed,
+        progress=progress,
+        dynamic=dynamic,
+        max_rank=max_rank,
+    )
   _check_out_file(in_path, out_path, force, dry_run)
   with LoraFile(in_path) as lf:
     modules = lf.modules
@@ -430,24 +492,49 @@ def squeeze_file(in_path: str | os.PathLike, out_path: str | os.PathLike, *, ran
         entries.append((m.key_alpha, alphas[m.name][0], ()))
     entries += [(k, lf.reader.tensors[k].dtype, lf.reader.tensors[k].shape) for k in lf.passthrough]
     metadata = new_metadata(lf.reader.metadata, lf.format, modules, ranks)
-    alpha_note = ("alpha = new rank" if alphas else f"{DIFFUSERS_METADATA_KEY}: lora_alpha = r" if lf.configs
-                  else "no alpha tensors")
+    alpha_note = (
+        "alpha = new rank"
+        if alphas
+        else f"{DIFFUSERS_METADATA_KEY}: lora_alpha = r"
+        if lf.configs
+        else "no alpha tensors"
+    )
     top = max(ranks.values())
     report = adapters.SqueezeReport(
-        in_dir=in_path, out_dir=out_path, method=method, dry_run=dry_run, modules=[],
-        passthrough=list(lf.passthrough), copied_files=[], config=dict(metadata or {}),
-        in_bytes=lf.reader.file_size, out_bytes=adapters.safetensors_size(entries, metadata),
+        in_dir=in_path,
+        out_dir=out_path,
+        method=method,
+        dry_run=dry_run,
+        modules=[],
+        passthrough=list(lf.passthrough),
+        copied_files=[],
+        config=dict(metadata or {}),
+        in_bytes=lf.reader.file_size,
+        out_bytes=adapters.safetensors_size(entries, metadata),
         note=_cap_note(modules, wanted, ranks, rank, energy),
-        config_line=(f"format: {lf.format.name}, scale 1 in every module ({alpha_note}, the old scale folded "
-                     "into the factors)" + (f"; ss_network_dim/alpha = {top}" + (
-                         " (the largest module: ranks differ per module)" if len(set(ranks.values())) > 1
-                         else "") if metadata and "ss_network_dim" in metadata else "")),
-        weights_name=None, passthrough_line=lf.passthrough_line())
+        config_line=(
+            f"format: {lf.format.name}, scale 1 in every module ({alpha_note}, the old scale folded "
+            "into the factors)"
+            + (
+                f"; ss_network_dim/alpha = {top}"
+                + (" (the largest module: ranks differ per module)" if len(set(ranks.values())) > 1 else "")
+                if metadata and "ss_network_dim" in metadata
+                else ""
+            )
+        ),
+        weights_name=None,
+        passthrough_line=lf.passthrough_line(),
+    )
 
     def module_report(m, s) -> adapters.ModuleReport:
-      return adapters.ModuleReport(name=m.name, shape=(m.out_features, m.in_features), r_src=m.r,
-                                   r_tgt=ranks[m.name], scale=m.scale,
-                                   retention=float(squeeze.retention(np.asarray(s), ranks[m.name])))
+      return adapters.ModuleReport(
+          name=m.name,
+          shape=(m.out_features, m.in_features),
+          r_src=m.r,
+          r_tgt=ranks[m.name],
+          scale=m.scale,
+          retention=float(squeeze.retention(np.asarray(s), ranks[m.name])),
+      )
 
     if dry_run:
       report.modules = [module_report(m, spectra[m.name]) for m in modules]
@@ -459,8 +546,9 @@ def squeeze_file(in_path: str | os.PathLike, out_path: str | os.PathLike, *, ran
     tmp = out_path.parent / f".{out_path.name}.{os.getpid()}@{_HOST_ID}.partial"
     writer = adapters.SafetensorsWriter(tmp, entries, metadata)
     try:
-      for i, m, new_a, new_b, s in adapters.squeeze_modules(lf, modules, ranks, method=method, seed=seed,
-                                                            progress=progress):
+      for i, m, new_a, new_b, s in adapters.squeeze_modules(
+          lf, modules, ranks, method=method, seed=seed, progress=progress
+      ):
         shape_a, shape_b = m.new_shapes(ranks[m.name])
         writer.write(m.key_a, _cast(new_a.T.reshape(shape_a), code(m.dtype_a), m.name))
         writer.write(m.key_b, _cast(new_b.T.reshape(shape_b), code(m.dtype_b), m.name))

@@ -21,14 +21,20 @@ from ml_collections import config_flags
 from lora_squeeze import config_lib
 from lora_squeeze import runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics.jsonl, result.json).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", os.environ.get("LORA_SQUEEZE_DISTRIBUTED") == "1",
-                                 "Call jax.distributed.initialize() before anything else.")
-_FRESH = flags.DEFINE_bool("fresh", False, "Start afresh even if --workdir holds a run: the old run's files move "
-                           "to WORKDIR/superseded/<time>/ (never mixed in). Without it, a workdir holding a run "
-                           "with other settings is refused.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    os.environ.get("LORA_SQUEEZE_DISTRIBUTED") == "1",
+    "Call jax.distributed.initialize() before anything else.",
+)
+_FRESH = flags.DEFINE_bool(
+    "fresh",
+    False,
+    "Start afresh even if --workdir holds a run: the old run's files move "
+    "to WORKDIR/superseded/<time>/ (never mixed in). Without it, a workdir holding a run "
+    "with other settings is refused.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -38,14 +44,17 @@ def main(argv):
   runtime.quiet_native_logs()
   import jax  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
+
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   runtime.enable_compile_cache()
   if _DISTRIBUTED.value:
     from lora_squeeze import sharding  # pylint: disable=g-import-not-at-top
+
     sharding.initialize_distributed()
   from lora_squeeze import train  # pylint: disable=g-import-not-at-top
   from lora_squeeze import workdir  # pylint: disable=g-import-not-at-top
+
   try:
     result = train.run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
   except workdir.UserError as e:  # the user's to fix: one line, no traceback

@@ -119,10 +119,8 @@ _DEFAULT_GGUF_NAME = 'gemma-3-270m-q4_k_m.gguf'
 
 _COMMON_OPTIONS = ('dtype', 'abstract', 'tokenizer_path', 'cache_dir', 'sharding')
 _OPTIONS = {
-    'tiny': ('seed', 'dtype', 'abstract', 'init', 'text_only')
-    + tuple(TINY_DEFAULTS) + tuple(TINY_VISION_DEFAULTS),
-    'gemma3_270m': _COMMON_OPTIONS
-    + ('checkpoint', 'gguf_path', 'variant', 'text_only'),
+    'tiny': ('seed', 'dtype', 'abstract', 'init', 'text_only') + tuple(TINY_DEFAULTS) + tuple(TINY_VISION_DEFAULTS),
+    'gemma3_270m': _COMMON_OPTIONS + ('checkpoint', 'gguf_path', 'variant', 'text_only'),
     'gemma3_1b': _COMMON_OPTIONS + ('checkpoint', 'variant', 'text_only'),
     'gemma3_4b': _COMMON_OPTIONS + ('checkpoint', 'variant', 'text_only'),
     'gemma3_12b': _COMMON_OPTIONS + ('checkpoint', 'variant', 'text_only'),
@@ -171,18 +169,14 @@ def canonical_name(name: str) -> str:
   """'Gemma3-270M' -> 'gemma3_270m'; raises ValueError for unknown names."""
   key = str(name).strip().lower().replace('-', '_')
   if key not in KNOWN_MODELS:
-    raise ValueError(
-        f'Unknown model name {name!r}. Known names: {", ".join(KNOWN_MODELS)}.'
-    )
+    raise ValueError(f'Unknown model name {name!r}. Known names: {", ".join(KNOWN_MODELS)}.')
   return key
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
   """Cache root: `cache_dir`, else $LORA_SQUEEZE_CACHE, else ~/.cache/..."""
   if cache_dir is None:
-    cache_dir = os.environ.get('LORA_SQUEEZE_CACHE') or (
-        pathlib.Path.home() / '.cache' / 'lora_squeeze'
-    )
+    cache_dir = os.environ.get('LORA_SQUEEZE_CACHE') or (pathlib.Path.home() / '.cache' / 'lora_squeeze')
   return pathlib.Path(cache_dir).expanduser().absolute()
 
 
@@ -234,9 +228,7 @@ def check_params(params: Any, expected: Any, *, what: str) -> None:
     raise ValueError(_mismatch_message(what, missing, extra, wrong))
 
 
-def _mismatch_message(
-    what: str, missing: list[str], extra: list[str], wrong: list[str]
-) -> str:
+def _mismatch_message(what: str, missing: list[str], extra: list[str], wrong: list[str]) -> str:
   def show(items):
     head = ', '.join(items[:8])
     return head + (f', ... ({len(items)} in all)' if len(items) > 8 else '')
@@ -258,18 +250,12 @@ def tiny_vision_encoder(**overrides: int) -> Any:
   """gemma's `SigLiPFromPatches` at the tiny sizes of TINY_VISION_DEFAULTS."""
   unknown = sorted(set(overrides) - set(TINY_VISION_DEFAULTS))
   if unknown:
-    raise ValueError(
-        f'Unknown tiny vision options {unknown}; known:'
-        f' {sorted(TINY_VISION_DEFAULTS)}.'
-    )
+    raise ValueError(f'Unknown tiny vision options {unknown}; known:' f' {sorted(TINY_VISION_DEFAULTS)}.')
   o = {**TINY_VISION_DEFAULTS, **overrides}
   side, patch = o['image_size'], o['patch_size']
   tokens = o['image_tokens']
   if side % patch:
-    raise ValueError(
-        f'tiny vision: image_size={side} must be a multiple of'
-        f' patch_size={patch}.'
-    )
+    raise ValueError(f'tiny vision: image_size={side} must be a multiple of' f' patch_size={patch}.')
   grid, pooled = side // patch, int(round(tokens**0.5))
   if pooled * pooled != tokens or grid % pooled:
     raise ValueError(
@@ -278,8 +264,7 @@ def tiny_vision_encoder(**overrides: int) -> Any:
     )
   if o['vision_width'] % o['vision_heads']:
     raise ValueError(
-        f'tiny vision: vision_width={o["vision_width"]} must be a multiple of'
-        f' vision_heads={o["vision_heads"]}.'
+        f'tiny vision: vision_width={o["vision_width"]} must be a multiple of' f' vision_heads={o["vision_heads"]}.'
     )
   return gemma_vision.SigLiPFromPatches(
       siglip_encoder=vision_utils.ViTModel(
@@ -314,14 +299,11 @@ def tiny_config(*, text_only: bool = True, **overrides: int) -> Any:
         f' (and, with text_only=False, {sorted(TINY_VISION_DEFAULTS)}).'
     )
   if vision and text_only:
-    raise ValueError(
-        f'tiny model: vision options {sorted(vision)} need text_only=False.'
-    )
+    raise ValueError(f'tiny model: vision options {sorted(vision)} need text_only=False.')
   o = {**TINY_DEFAULTS, **overrides}
   if o['num_heads'] % o['num_kv_heads']:
     raise ValueError(
-        f'tiny model: num_heads={o["num_heads"]} must be a multiple of'
-        f' num_kv_heads={o["num_kv_heads"]}.'
+        f'tiny model: num_heads={o["num_heads"]} must be a multiple of' f' num_kv_heads={o["num_kv_heads"]}.'
     )
   return gm.nn.config.TransformerConfig(
       final_logit_softcap=None,
@@ -338,9 +320,7 @@ def tiny_config(*, text_only: bool = True, **overrides: int) -> Any:
           tuple(gm.nn.AttentionType[k] for k in TINY_ATTENTION_PATTERN),
           num_layers=o['num_layers'],
       ),
-      query_pre_attn_norm=(
-          gm.nn.config.QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_HEAD_DIM
-      ),
+      query_pre_attn_norm=(gm.nn.config.QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_HEAD_DIM),
       attn_logits_soft_cap=None,
       sliding_window_size=o['sliding_window_size'],
       transpose_gating_einsum=True,
@@ -379,9 +359,7 @@ def make_transformer(
     config = tiny_config(text_only=text_only, **tiny_options)
     return gm.nn.Transformer(config=config, dtype=dtype)
   if tiny_options:
-    raise ValueError(
-        f'{name}: options {sorted(tiny_options)} only apply to "tiny".'
-    )
+    raise ValueError(f'{name}: options {sorted(tiny_options)} only apply to "tiny".')
   cls_name, multimodal, _ = _REAL_MODELS[name]
   cls = getattr(gm.nn, cls_name)
   dtype = _resolve_dtype(dtype)
@@ -419,21 +397,23 @@ def gguf_tensor_shapes(config: Any) -> dict[str, tuple[int, ...]]:
   }
   for i in range(config.num_layers):
     b = f'blk.{i}.'
-    shapes.update({
-        b + 'attn_norm.weight': (d,),
-        b + 'attn_q.weight': (h * hd, d),
-        b + 'attn_k.weight': (kv * hd, d),
-        b + 'attn_v.weight': (kv * hd, d),
-        b + 'attn_q_norm.weight': (hd,),
-        b + 'attn_k_norm.weight': (hd,),
-        b + 'attn_output.weight': (d, h * hd),
-        b + 'post_attention_norm.weight': (d,),
-        b + 'ffn_norm.weight': (d,),
-        b + 'ffn_gate.weight': (f, d),
-        b + 'ffn_up.weight': (f, d),
-        b + 'ffn_down.weight': (d, f),
-        b + 'post_ffw_norm.weight': (d,),
-    })
+    shapes.update(
+        {
+            b + 'attn_norm.weight': (d,),
+            b + 'attn_q.weight': (h * hd, d),
+            b + 'attn_k.weight': (kv * hd, d),
+            b + 'attn_v.weight': (kv * hd, d),
+            b + 'attn_q_norm.weight': (hd,),
+            b + 'attn_k_norm.weight': (hd,),
+            b + 'attn_output.weight': (d, h * hd),
+            b + 'post_attention_norm.weight': (d,),
+            b + 'ffn_norm.weight': (d,),
+            b + 'ffn_gate.weight': (f, d),
+            b + 'ffn_up.weight': (f, d),
+            b + 'ffn_down.weight': (d, f),
+            b + 'post_ffw_norm.weight': (d,),
+        }
+    )
   return shapes
 
 
@@ -474,8 +454,7 @@ def gguf_to_params(
   """
   if config.vision_encoder is not None:
     raise ValueError(f'{what}: GGUF mapping is text-only; pass text_only=True.')
-  if not (config.use_qk_norm and config.use_post_attn_norm
-          and config.use_post_ffw_norm):
+  if not (config.use_qk_norm and config.use_post_attn_norm and config.use_post_ffw_norm):
     raise ValueError(f'{what}: GGUF mapping expects a Gemma 3 config.')
   want = gguf_tensor_shapes(config)
   missing = sorted(set(want) - set(tensors))
@@ -487,13 +466,12 @@ def gguf_to_params(
   ]
   if missing or extra or wrong:
     raise ValueError(
-        _mismatch_message(f'{what} tensors', missing, extra, wrong)
-        .replace('params do not match', 'tensors do not match')
+        _mismatch_message(f'{what} tensors', missing, extra, wrong).replace(
+            'params do not match', 'tensors do not match'
+        )
     )
 
-  d, h, kv, hd = (
-      config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
-  )
+  d, h, kv, hd = (config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim)
 
   def t(key):
     return np.asarray(tensors[key], dtype=np.float32)
@@ -517,19 +495,19 @@ def gguf_to_params(
         'pre_attention_norm': {'scale': norm(b + 'attn_norm.weight')},
         'attn': {
             'q_einsum': {'w': heads_in(t(b + 'attn_q.weight'), h)},
-            'kv_einsum': {'w': np.stack([
-                heads_in(t(b + 'attn_k.weight'), kv),
-                heads_in(t(b + 'attn_v.weight'), kv),
-            ])},
-            'attn_vec_einsum': {
-                'w': t(b + 'attn_output.weight').T.reshape(h, hd, d)
+            'kv_einsum': {
+                'w': np.stack(
+                    [
+                        heads_in(t(b + 'attn_k.weight'), kv),
+                        heads_in(t(b + 'attn_v.weight'), kv),
+                    ]
+                )
             },
+            'attn_vec_einsum': {'w': t(b + 'attn_output.weight').T.reshape(h, hd, d)},
             '_query_norm': {'scale': norm(b + 'attn_q_norm.weight')},
             '_key_norm': {'scale': norm(b + 'attn_k_norm.weight')},
         },
-        'post_attention_norm': {
-            'scale': norm(b + 'post_attention_norm.weight')
-        },
+        'post_attention_norm': {'scale': norm(b + 'post_attention_norm.weight')},
         'pre_ffw_norm': {'scale': norm(b + 'ffn_norm.weight')},
         'mlp': {
             'gating_einsum': gating,
@@ -558,9 +536,7 @@ def read_gguf(
   reader = gguf.GGUFReader(path)
   arch = reader.fields.get('general.architecture')
   if arch is not None and arch.contents() != 'gemma3':
-    raise ValueError(
-        f'{path}: GGUF architecture is {arch.contents()!r}, expected "gemma3".'
-    )
+    raise ValueError(f'{path}: GGUF architecture is {arch.contents()!r}, expected "gemma3".')
   tensors = {}
   for tensor in reader.tensors:
     shape = tuple(int(n) for n in reversed(tensor.shape))
@@ -630,8 +606,7 @@ def _build_tokenizer_file(
 
     t0 = time.perf_counter()
     reader = gguf.GGUFReader(gguf_path or default_gguf_path(cache_dir))
-    _log.info('Opened GGUF for the tokenizer in %.1fs',
-              time.perf_counter() - t0)
+    _log.info('Opened GGUF for the tokenizer in %.1fs', time.perf_counter() - t0)
   data = tokenizer_lib.sentencepiece_model_from_gguf_reader(reader)
   fileio.atomic_write_bytes(path, data)
 
@@ -664,9 +639,7 @@ def gemma3_tokenizer(
     return SentencePieceTokenizer(path=path)
   return SentencePieceTokenizer(
       path=_tokenizer_cache_path(cache_dir),
-      builder=functools.partial(
-          _build_tokenizer_file, cache_dir=cache_dir, gguf_path=gguf_path
-      ),
+      builder=functools.partial(_build_tokenizer_file, cache_dir=cache_dir, gguf_path=gguf_path),
   )
 
 
@@ -724,10 +697,7 @@ def load(name: str, **options: Any) -> LoadedModel:
   name = canonical_name(name)
   unknown = sorted(set(options) - set(_OPTIONS[name]))
   if unknown:
-    raise ValueError(
-        f'load({name!r}): unknown options {unknown}; accepted:'
-        f' {sorted(_OPTIONS[name])}.'
-    )
+    raise ValueError(f'load({name!r}): unknown options {unknown}; accepted:' f' {sorted(_OPTIONS[name])}.')
   if name == 'tiny':
     return _load_tiny(**options)
   return _load_real(name, **options)
@@ -753,8 +723,7 @@ def _load_tiny(
   slowly), which would dominate every unit test. `init="gemma"` calls
   `transformer.init` itself.
   """
-  transformer = make_transformer('tiny', dtype=dtype, text_only=text_only,
-                                 **arch)
+  transformer = make_transformer('tiny', dtype=dtype, text_only=text_only, **arch)
   tokenizer = ByteTokenizer(vocab_size=transformer.config.num_embed)
   if not text_only and transformer.config.num_embed <= tokenizer.end_of_image_id:
     raise ValueError(
@@ -818,10 +787,9 @@ def _vision_init(key: str, shape: tuple[int, ...], rng: Any) -> np.ndarray:
     return rng.normal(0.0, shape[-1] ** -0.5, shape).astype(np.float32)
   # Attention query/key/value kernels are (width, heads, head_dim): fan-in is
   # the width; every other kernel contracts all but its last dim.
-  attention_in = len(shape) == 3 and key.split('/')[-2] in (
-      'query', 'key', 'value')
+  attention_in = len(shape) == 3 and key.split('/')[-2] in ('query', 'key', 'value')
   fan_in = shape[0] if attention_in else int(np.prod(shape[:-1]))
-  return rng.normal(0.0, fan_in ** -0.5, shape).astype(np.float32)
+  return rng.normal(0.0, fan_in**-0.5, shape).astype(np.float32)
 
 
 def image_spec(model: Any) -> Any:
@@ -867,14 +835,10 @@ def _load_real(
   if gguf_path is not None:
     gguf_path = pathlib.Path(gguf_path).expanduser()
     if not gguf_path.exists():
-      raise FileNotFoundError(
-          f'{name}: gguf_path {str(gguf_path)!r} does not exist.'
-      )
+      raise FileNotFoundError(f'{name}: gguf_path {str(gguf_path)!r} does not exist.')
   transformer = make_transformer(name, dtype=dtype, text_only=text_only)
   dtype = transformer.dtype
-  tokenizer = gemma3_tokenizer(
-      tokenizer_path=tokenizer_path, cache_dir=cache_dir, gguf_path=gguf_path
-  )
+  tokenizer = gemma3_tokenizer(tokenizer_path=tokenizer_path, cache_dir=cache_dir, gguf_path=gguf_path)
 
   def loaded(params, source):
     return LoadedModel(
@@ -892,8 +856,7 @@ def _load_real(
     return loaded(abstract_params(transformer), 'abstract')
   if checkpoint is not None:
     return loaded(
-        _load_checkpoint(name, checkpoint, transformer, text_only=text_only,
-                         sharding=sharding),
+        _load_checkpoint(name, checkpoint, transformer, text_only=text_only, sharding=sharding),
         f'checkpoint:{checkpoint}',
     )
   if name != 'gemma3_270m':
@@ -910,9 +873,7 @@ def _load_real(
         'gemma3_270m: the GGUF package holds the pretrained ("pt") model; for'
         ' variant="it" pass checkpoint= an orbax gemma3-270m-it params dir.'
     )
-  params, source = _gemma3_270m_from_gguf(
-      transformer, cache_dir=cache_dir, gguf_path=gguf_path
-  )
+  params, source = _gemma3_270m_from_gguf(transformer, cache_dir=cache_dir, gguf_path=gguf_path)
   return loaded(_cast_all(params, dtype), source)
 
 
@@ -934,9 +895,7 @@ def _default_placement(params: Any) -> Any:
   # the array's type (no reshard needed on the same device), this replaces it.
   single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree.map(
-      lambda x: jax.device_put(x, single)
-      if isinstance(x, (jax.Array, np.ndarray))
-      else x,
+      lambda x: jax.device_put(x, single) if isinstance(x, (jax.Array, np.ndarray)) else x,
       params,
   )
 
@@ -978,42 +937,32 @@ def _load_checkpoint(
         expected,
         sharding,
     )
-    params = gm.ckpts.load_params(
-        path, params=target, donate=False, text_only=text_only
-    )
+    params = gm.ckpts.load_params(path, params=target, donate=False, text_only=text_only)
   check_params(params, expected, what=f'{name} checkpoint {path}')
   params = _cast_like(params, expected)
   _log.info('%s: loaded %s in %.1fs', name, path, time.perf_counter() - t0)
   return params
 
 
-def _gemma3_270m_from_gguf(
-    transformer: Any, *, cache_dir: Any, gguf_path: pathlib.Path | None
-) -> tuple[Any, str]:
+def _gemma3_270m_from_gguf(transformer: Any, *, cache_dir: Any, gguf_path: pathlib.Path | None) -> tuple[Any, str]:
   """Cached orbax params if present, else GGUF -> params -> cache (atomic)."""
   if gguf_path is None:
     stem = pathlib.Path(_DEFAULT_GGUF_NAME).stem
   else:  # A user's file: key the cache on its name and size.
     stem = f'{gguf_path.stem}-{gguf_path.stat().st_size}'
-  ckpt_dir = (
-      cache_root(cache_dir) / 'gemma3_270m'
-      / f'{stem}.v{_CONVERSION_VERSION}'
-  )
+  ckpt_dir = cache_root(cache_dir) / 'gemma3_270m' / f'{stem}.v{_CONVERSION_VERSION}'
 
   t0 = time.perf_counter()
   if ckpt_dir.exists():
     params = gm.ckpts.load_params(str(ckpt_dir))
-    _log.info('gemma3_270m: cache %s read in %.1fs', ckpt_dir,
-              time.perf_counter() - t0)
+    _log.info('gemma3_270m: cache %s read in %.1fs', ckpt_dir, time.perf_counter() - t0)
     return params, f'cache:{ckpt_dir}'
 
   source_file = gguf_path or default_gguf_path(cache_dir)
   reader, tensors = read_gguf(source_file)
   t1 = time.perf_counter()
   abstract = abstract_params(transformer)
-  abstract = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), abstract
-  )
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), abstract)
   params = gguf_to_params(
       tensors,
       transformer.config,
@@ -1027,6 +976,7 @@ def _gemma3_270m_from_gguf(
   if not tok_path.exists():
     _build_tokenizer_file(tok_path, reader=reader)
   del reader
-  _log.info('gemma3_270m: converted %s in %.1fs (read %.1fs) -> %s',
-            source_file, time.perf_counter() - t0, t1 - t0, ckpt_dir)
+  _log.info(
+      'gemma3_270m: converted %s in %.1fs (read %.1fs) -> %s', source_file, time.perf_counter() - t0, t1 - t0, ckpt_dir
+  )
   return jax.tree.map(jnp.asarray, params), f'gguf:{source_file}'

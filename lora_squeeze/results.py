@@ -78,8 +78,7 @@ def _metrics(m: Mapping[str, Any] | None) -> tuple[float | None, tuple | None, i
 def _nll(m: Mapping[str, Any] | None) -> dict[str, Any]:
   """The Row fields of a metrics dict's held-out NLL (absent in records made before it existed)."""
   m = m or {}
-  return {"gold_nll": None if m.get("gold_nll") is None else float(m["gold_nll"]),
-          "per_example": m.get("per_example")}
+  return {"gold_nll": None if m.get("gold_nll") is None else float(m["gold_nll"]), "per_example": m.get("per_example")}
 
 
 def _records(store: Path) -> list[tuple[str, dict]]:
@@ -94,8 +93,9 @@ def _records(store: Path) -> list[tuple[str, dict]]:
     return out
   if (store / "result.json").exists():
     return [(store.name, json.loads((store / "result.json").read_text()))]
-  raise FileNotFoundError(f"results: {store} is neither a sweep directory (no results/*.json) nor a run "
-                          f"workdir (no result.json)")
+  raise FileNotFoundError(
+      f"results: {store} is neither a sweep directory (no results/*.json) nor a run " f"workdir (no result.json)"
+  )
 
 
 def failed_cells(store: str | os.PathLike) -> dict[str, str]:
@@ -125,22 +125,48 @@ def _source_result(res: Mapping[str, Any], store: str) -> dict:
 def rows_from_result(store: str, cell: str, res: Mapping[str, Any]) -> list[Row]:
   """The rows of one run's ``result.json`` dict."""
   mode = res["mode"]
-  common = dict(store=store, cell=cell, task=str(res.get("task")), model=str(res.get("model")),
-                seed=int(res.get("seed", 0)))
+  common = dict(
+      store=store, cell=cell, task=str(res.get("task")), model=str(res.get("model")), seed=int(res.get("seed", 0))
+  )
   if mode == "post_squeeze":
     source = _source_result(res, store)
     out = []
     for r, t in res["targets"].items():
       acc, ci, n = _metrics(t.get("metrics"))
-      out.append(Row(**common, method="post_squeeze", rank=int(r), source_rank=_int_rank(res["source_rank"]),
-                     learning_rate=source.get("learning_rate"), steps=int(source.get("steps", 0) or 0),
-                     squeeze_method=res.get("method"), accuracy=acc, ci95=ci, n=n,
-                     retention=t.get("retention_mean"), **_nll(t.get("metrics"))))
+      out.append(
+          Row(
+              **common,
+              method="post_squeeze",
+              rank=int(r),
+              source_rank=_int_rank(res["source_rank"]),
+              learning_rate=source.get("learning_rate"),
+              steps=int(source.get("steps", 0) or 0),
+              squeeze_method=res.get("method"),
+              accuracy=acc,
+              ci95=ci,
+              n=n,
+              retention=t.get("retention_mean"),
+              **_nll(t.get("metrics")),
+          )
+      )
     return out
   acc, ci, n = _metrics(res.get("metrics"))
   if mode == "zero_shot":
-    return [Row(**common, method="zero_shot", rank=0, source_rank=None, learning_rate=None, steps=0,
-                squeeze_method=None, accuracy=acc, ci95=ci, n=n, **_nll(res.get("metrics")))]
+    return [
+        Row(
+            **common,
+            method="zero_shot",
+            rank=0,
+            source_rank=None,
+            learning_rate=None,
+            steps=0,
+            squeeze_method=None,
+            accuracy=acc,
+            ci95=ci,
+            n=n,
+            **_nll(res.get("metrics")),
+        )
+    ]
   stages = res.get("stages") or []
   lr = res.get("learning_rate", stages[0]["learning_rate"] if stages else None)
   steps = int(res.get("steps", 0) or 0)
@@ -156,9 +182,21 @@ def rows_from_result(store: str, cell: str, res: Mapping[str, Any]) -> list[Row]
     method, source_rank = f"in_squeeze_{res.get('scheme') or 'standard'}", _int_rank(res["ranks_per_stage"][0])
   else:
     raise ValueError(f"results: cell {cell!r} of {store} has an unknown mode {mode!r}")
-  return [Row(**common, method=method, rank=_int_rank(res["final_rank"]), source_rank=source_rank,
-              learning_rate=None if lr is None else float(lr), steps=steps,
-              squeeze_method=res.get("squeeze_method"), accuracy=acc, ci95=ci, n=n, **_nll(res.get("metrics")))]
+  return [
+      Row(
+          **common,
+          method=method,
+          rank=_int_rank(res["final_rank"]),
+          source_rank=source_rank,
+          learning_rate=None if lr is None else float(lr),
+          steps=steps,
+          squeeze_method=res.get("squeeze_method"),
+          accuracy=acc,
+          ci95=ci,
+          n=n,
+          **_nll(res.get("metrics")),
+      )
+  ]
 
 
 def load_rows(stores: Iterable[str | os.PathLike]) -> list[Row]:
@@ -211,6 +249,7 @@ class Paired:
 def paired(a_rows: Iterable[Row], b_rows: Iterable[Row]) -> Paired | None:
   """The paired difference A − B, pooled over the tasks where both have per-example results (seeds: the
   rows of one task are averaged per example first). None when no task has both."""
+
   def by_task(rows):
     out = defaultdict(list)
     for r in rows:
@@ -228,15 +267,23 @@ def paired(a_rows: Iterable[Row], b_rows: Iterable[Row]) -> Paired | None:
     aa, bb = avg(a[task], "correct"), avg(b[task], "correct")
     an, bn = avg(a[task], "gold_nll"), avg(b[task], "gold_nll")
     if len(aa) != len(bb):
-      raise ValueError(f"results.paired: task {task!r} was evaluated on {len(aa)} vs {len(bb)} examples; "
-                       "a paired comparison needs the same held-out examples (config.eval.limit)")
+      raise ValueError(
+          f"results.paired: task {task!r} was evaluated on {len(aa)} vs {len(bb)} examples; "
+          "a paired comparison needs the same held-out examples (config.eval.limit)"
+      )
     d_acc += [x - y for x, y in zip(aa, bb)]
     d_nll += [x - y for x, y in zip(an, bn)]
     tasks.append(task)
   if not tasks:
     return None
-  return Paired(n=len(d_acc), accuracy=mean(d_acc), accuracy_sem=sem(d_acc), nll=mean(d_nll),
-                nll_sem=sem(d_nll), tasks=tuple(tasks))
+  return Paired(
+      n=len(d_acc),
+      accuracy=mean(d_acc),
+      accuracy_sem=sem(d_acc),
+      nll=mean(d_nll),
+      nll_sem=sem(d_nll),
+      tasks=tuple(tasks),
+  )
 
 
 def group(rows: Iterable[Row], key: Callable[[Row], Any]) -> dict[Any, list[Row]]:
@@ -295,8 +342,7 @@ def squeezed_from_best(rows: Sequence[Row], post: Sequence[Row]) -> list[Row]:
 
 
 def fmt_pct(value: float | None, digits: int = 1) -> str:
-  return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else \
-      f"{100 * value:.{digits}f}"
+  return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.{digits}f}"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, align: str | None = None) -> str:
@@ -311,8 +357,7 @@ def bold_best(values: Sequence[float | None], fmt: Callable[[float | None], str]
   """Formatted cells with the largest value(s) in bold (the paper's tables)."""
   finite = [v for v in values if v is not None and not math.isnan(v)]
   top = max(finite) if finite else None
-  return [f"**{fmt(v)}**" if top is not None and v is not None and fmt(v) == fmt(top) else fmt(v)
-          for v in values]
+  return [f"**{fmt(v)}**" if top is not None and v is not None and fmt(v) == fmt(top) else fmt(v) for v in values]
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -335,6 +380,7 @@ def finish(out: str | os.PathLike, name: str, md: Sequence[str], png: Path) -> i
 def save_figure(fig, path: str | os.PathLike, dpi: int = 130) -> Path:
   """Save a matplotlib figure atomically (temp file, then rename) and close it."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   path = Path(path)
   try:
     with fileio.atomic_path(path) as tmp:
@@ -346,17 +392,30 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 130) -> Path:
 
 def pyplot():
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   return plt
 
 
-def heatmap(values, *, row_labels: Sequence[str], col_labels: Sequence[str], title: str, cbar_label: str,
-            path: str | os.PathLike, xlabel: str = "", ylabel: str = "", min_span: float = 1.0,
-            cell_fmt: str = "{:+.1f}") -> Path:
+def heatmap(
+    values,
+    *,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str,
+    cbar_label: str,
+    path: str | os.PathLike,
+    xlabel: str = "",
+    ylabel: str = "",
+    min_span: float = 1.0,
+    cell_fmt: str = "{:+.1f}",
+) -> Path:
   """A diverging heatmap centred on 0 (``RdBu_r``: red = positive, blue = negative, as the paper's Fig. 4),
   each cell labelled; nan cells are grey and unlabelled."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   plt = pyplot()
   grid = np.asarray(values, dtype=float)
   finite = np.isfinite(grid)
@@ -383,8 +442,10 @@ def provenance(stores: Sequence[str | os.PathLike], rows: Sequence[Row]) -> str:
   """A markdown footer: which stores, models and tasks the artefact was computed from, and failed cells."""
   models = sorted({r.model for r in rows})
   tasks = sorted({r.task for r in rows})
-  lines = [f"Computed from {len(rows)} evaluated adapters in: " + ", ".join(f"`{s}`" for s in stores) + ".",
-           f"Models: {', '.join(models) or '—'}. Tasks: {', '.join(tasks) or '—'}."]
+  lines = [
+      f"Computed from {len(rows)} evaluated adapters in: " + ", ".join(f"`{s}`" for s in stores) + ".",
+      f"Models: {', '.join(models) or '—'}. Tasks: {', '.join(tasks) or '—'}.",
+  ]
   for s in stores:
     if (Path(s) / "results").is_dir():
       for cell, err in failed_cells(s).items():
@@ -401,6 +462,7 @@ def script_args(doc: str, argv=None, *, extra: Callable | None = None):
   """``--results DIR [DIR ...]`` (sweep directories or run workdirs), ``--out DIR`` (default
   experiments/results/paper), plus the script's own options (``extra(parser)``)."""
   import argparse  # pylint: disable=g-import-not-at-top
+
   p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--results", nargs="+", required=True, help="sweep directories or run workdirs")
   p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "experiments" / "results" / "paper"))

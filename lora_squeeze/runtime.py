@@ -129,6 +129,7 @@ def enable_compile_cache() -> Path | None:
   before any compile.
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.config.jax_compilation_cache_dir:
     return Path(jax.config.jax_compilation_cache_dir)
   path = os.environ.get("LORA_SQUEEZE_JAX_CACHE")

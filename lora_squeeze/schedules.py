@@ -45,8 +45,9 @@ def _largest_remainder(weights: Sequence[float], total: int) -> list[int]:
   return floors
 
 
-def in_squeeze_steps(ranks: Sequence[int], total_steps: int, *, scheme: str = "standard",
-                     min_steps: int = 200) -> list[int]:
+def in_squeeze_steps(
+    ranks: Sequence[int], total_steps: int, *, scheme: str = "standard", min_steps: int = 200
+) -> list[int]:
   """Steps per stage of an In-Squeeze ladder; integers summing exactly to ``total_steps``.
 
   Args:
@@ -61,16 +62,19 @@ def in_squeeze_steps(ranks: Sequence[int], total_steps: int, *, scheme: str = "s
   if any(r < 1 for r in ranks):
     raise ValueError(f"in_squeeze_steps: ranks must be >= 1, got {ranks}")
   if total_steps < len(ranks):
-    raise ValueError(f"in_squeeze_steps: total_steps={total_steps} < number of stages {len(ranks)}; every "
-                     "stage needs at least one step")
+    raise ValueError(
+        f"in_squeeze_steps: total_steps={total_steps} < number of stages {len(ranks)}; every "
+        "stage needs at least one step"
+    )
   if scheme == "standard":
     steps = _largest_remainder(ranks, total_steps)
   elif scheme == "min_steps":
     if min_steps < 0:
       raise ValueError(f"in_squeeze_steps: min_steps must be >= 0, got {min_steps}")
     if min_steps * len(ranks) > total_steps:
-      raise ValueError(f"in_squeeze_steps: min_steps={min_steps} x {len(ranks)} stages exceeds "
-                       f"total_steps={total_steps}")
+      raise ValueError(
+          f"in_squeeze_steps: min_steps={min_steps} x {len(ranks)} stages exceeds " f"total_steps={total_steps}"
+      )
     rest = _largest_remainder(ranks, total_steps - min_steps * len(ranks))
     steps = [min_steps + s for s in rest]
   else:

@@ -81,6 +81,7 @@ def sync(name: str) -> None:
   deletions) must be complete before the others go on."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -99,8 +100,10 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int]:
   elif fsdp == -1:
     fsdp = num_devices // data if data > 0 and num_devices % data == 0 else 0
   if data < 1 or fsdp < 1 or data * fsdp != num_devices:
-    raise ValueError(f"config.mesh: data={sizes.get(DATA, -1)} x fsdp={sizes.get(FSDP, 1)} does not use "
-                     f"exactly the {num_devices} devices")
+    raise ValueError(
+        f"config.mesh: data={sizes.get(DATA, -1)} x fsdp={sizes.get(FSDP, 1)} does not use "
+        f"exactly the {num_devices} devices"
+    )
   return data, fsdp
 
 
@@ -112,6 +115,7 @@ def make_mesh(sizes: Mapping[str, int] | None = None, devices=None) -> Mesh:
   The axes are Auto (GSPMD propagation), not Explicit: gemma's modules carry no sharding annotations.
   """
   from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(dict(sizes or {}), len(devices))
   try:
@@ -178,8 +182,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:
   n = mesh.shape[DATA] * mesh.shape[FSDP]
   if global_batch % n:
-    raise ValueError(f"config.data.batch_size={global_batch} (the global batch) is not divisible by the "
-                     f"{n} devices of the mesh {dict(mesh.shape)}")
+    raise ValueError(
+        f"config.data.batch_size={global_batch} (the global batch) is not divisible by the "
+        f"{n} devices of the mesh {dict(mesh.shape)}"
+    )
 
 
 def process_batch_shard(mesh: Mesh, global_batch: int) -> tuple[int, int]:
@@ -194,8 +200,10 @@ def process_batch_shard(mesh: Mesh, global_batch: int) -> tuple[int, int]:
   rows = sorted({r for s in idx.values() for r in range(*s[0].indices(global_batch))})
   start, stop = rows[0], rows[-1] + 1
   if rows != list(range(start, stop)) or global_batch % (stop - start):
-    raise ValueError(f"process {jax.process_index()} holds batch rows {rows[:8]}...: not one contiguous "
-                     "block; use a mesh whose devices are process-major along (data, fsdp)")
+    raise ValueError(
+        f"process {jax.process_index()} holds batch rows {rows[:8]}...: not one contiguous "
+        "block; use a mesh whose devices are process-major along (data, fsdp)"
+    )
   per = stop - start
   return start // per, global_batch // per
 
@@ -212,11 +220,13 @@ def put(tree, shardings):
   device first, and this works with several processes (where ``jax.device_put`` of a local value onto
   other processes' devices would not).
   """
+
   def one(x, sharding):
     if isinstance(x, jax.Array) and x.sharding == sharding:
       return x
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
   return jax.tree.map(one, tree, shardings)
 
 
@@ -234,11 +244,14 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 def to_host(tree):
   """Fully replicated (or fully addressable) global arrays → numpy on every process (for evaluation and
   the adapter files, which are per-process, host-side work)."""
+
   def one(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       if not x.is_fully_replicated:
         from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
       return np.asarray(x.addressable_data(0))
     return np.asarray(x)
+
   return jax.tree.map(one, tree)

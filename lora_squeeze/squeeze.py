@@ -149,15 +149,18 @@ def _check_factors(a, b, rank: int, *, where: str = "") -> None:
   if getattr(a, "ndim", None) != 2 or getattr(b, "ndim", None) != 2:
     raise ValueError(
         f"squeeze{loc}: expected 2-D factors a (m, r_src) and b (r_src, n), got a{tuple(np.shape(a))} "
-        f"and b{tuple(np.shape(b))}")
+        f"and b{tuple(np.shape(b))}"
+    )
   if a.shape[1] != b.shape[0]:
     raise ValueError(
         f"squeeze{loc}: inner dimensions differ: a{tuple(a.shape)} @ b{tuple(b.shape)} "
-        f"(a has r_src={a.shape[1]}, b has r_src={b.shape[0]})")
+        f"(a has r_src={a.shape[1]}, b has r_src={b.shape[0]})"
+    )
   if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
     raise ValueError(f"squeeze{loc}: target rank must be an int >= 1, got {rank!r}")
   if not (jnp.issubdtype(a.dtype, jnp.floating) and jnp.issubdtype(b.dtype, jnp.floating)):
     raise ValueError(f"squeeze{loc}: factors must be floating point, got a {a.dtype}, b {b.dtype}")
+
 
 def _raise_if_not_finite(finite, paths: list[str], a_shapes, b_shapes) -> None:
   """``finite``: per-module flags from ``_squeeze_batch``; raises naming the first bad module (if concrete)."""
@@ -167,8 +170,9 @@ def _raise_if_not_finite(finite, paths: list[str], a_shapes, b_shapes) -> None:
   if not finite.all():
     i = int(np.argmin(finite))
     loc = f" in LoRA module '{paths[i]}'" if paths[i] else ""
-    raise ValueError(f"squeeze{loc}: factors a{tuple(a_shapes[i])} / b{tuple(b_shapes[i])} contain "
-                     "non-finite values (NaN or Inf)")
+    raise ValueError(
+        f"squeeze{loc}: factors a{tuple(a_shapes[i])} / b{tuple(b_shapes[i])} contain " "non-finite values (NaN or Inf)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -181,8 +185,7 @@ def svd(w: Array) -> tuple[Array, Array, Array]:
   return jnp.linalg.svd(w, full_matrices=False)
 
 
-def rsvd(w: Array, rank: int, *, key: Array, oversample: int = 10, power_iters: int = 2
-         ) -> tuple[Array, Array, Array]:
+def rsvd(w: Array, rank: int, *, key: Array, oversample: int = 10, power_iters: int = 2) -> tuple[Array, Array, Array]:
   """Randomized SVD, Algorithm 1 of the paper (Halko et al. 2011).
 
   Args:
@@ -288,8 +291,9 @@ def singular_values(a: Array, b: Array, *, route: str = "auto") -> Array:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _squeeze_batch(a: Array, b: Array, keys: Array, *, rank: int, method: str, oversample: int,
-                   power_iters: int) -> tuple[SqueezedFactors, Array]:
+def _squeeze_batch(
+    a: Array, b: Array, keys: Array, *, rank: int, method: str, oversample: int, power_iters: int
+) -> tuple[SqueezedFactors, Array]:
   """squeeze_factors on a batch of same-shape pairs: a (g, m, r_src), b (g, r_src, n), keys (g,).
 
   Also returns a (g,) flag: are all of member i's inputs finite (checked by the callers when concrete).
@@ -312,6 +316,7 @@ def _squeeze_batch(a: Array, b: Array, keys: Array, *, rank: int, method: str, o
     y = jax.scipy.linalg.solve_triangular(r_b, _t(vt_m[:, :k]) * half[:, None, :], lower=False)
     new_a, new_b = _mm(a, x), _mm(_t(y), b)
   else:
+
     def one(args):
       a1, b1, key1 = args
       delta_w = _mm(a1, b1)
@@ -322,6 +327,7 @@ def _squeeze_batch(a: Array, b: Array, keys: Array, *, rank: int, method: str, o
       k = min(rank, s.shape[0])
       half = jnp.sqrt(s[:k])
       return u[:, :k] * half, half[:, None] * vt[:k], s
+
     new_a, new_b, s = lax.map(one, (a, b, keys))
     k = new_a.shape[-1]
 
@@ -341,16 +347,18 @@ def _squeeze_batch(a: Array, b: Array, keys: Array, *, rank: int, method: str, o
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "method", "oversample", "power_iters"))
-def _squeeze_group(a_list: tuple, b_list: tuple, keys: tuple, *, rank: int, method: str, oversample: int,
-                   power_iters: int) -> tuple[tuple, tuple, tuple, Array]:
+def _squeeze_group(
+    a_list: tuple, b_list: tuple, keys: tuple, *, rank: int, method: str, oversample: int, power_iters: int
+) -> tuple[tuple, tuple, tuple, Array]:
   """Same-shape einsum-shaped pairs in, new pairs out, as ONE compiled program: stacking, the matrix view,
   the batched squeeze and unstacking all happen inside jit (eager per-member slicing would compile a new
   slice per index)."""
   a_shape, b_shape = a_list[0].shape, b_list[0].shape
   a = jnp.stack([x.reshape(-1, a_shape[-1]) for x in a_list])
   b = jnp.stack([x.reshape(b_shape[0], -1) for x in b_list])
-  out, finite = _squeeze_batch(a, b, jnp.stack(keys), rank=rank, method=method, oversample=oversample,
-                               power_iters=power_iters)
+  out, finite = _squeeze_batch(
+      a, b, jnp.stack(keys), rank=rank, method=method, oversample=oversample, power_iters=power_iters
+  )
   new_a = tuple(out.a[i].reshape(*a_shape[:-1], rank) for i in range(len(a_list)))
   new_b = tuple(out.b[i].reshape(rank, *b_shape[1:]) for i in range(len(b_list)))
   values = tuple(out.singular_values[i] for i in range(len(a_list)))
@@ -442,7 +450,7 @@ def _gram64(x: np.ndarray) -> np.ndarray:
   rows = max(1, _GRAM_BLOCK_BYTES // (8 * r))
   gram = np.zeros((r, r))
   for i in range(0, m, rows):
-    block = x[i:i + rows].astype(np.float64)
+    block = x[i : i + rows].astype(np.float64)
     gram += block.T @ block
   return gram
 
@@ -489,10 +497,12 @@ def _host_grams(a: np.ndarray, b: np.ndarray, where: str) -> tuple[np.ndarray, n
     if not np.isfinite(g).all():
       loc = f" in LoRA module '{where}'" if where else ""
       if np.isfinite(x).all():
-        raise ValueError(f"squeeze{loc}: factor {name}{tuple(x.shape)} is too large "
-                         f"(its Gram matrix overflows float64)")
-      raise ValueError(f"squeeze{loc}: factors a{tuple(a.shape)} / b{tuple(b.shape)} contain non-finite "
-                       "values (NaN or Inf)")
+        raise ValueError(
+            f"squeeze{loc}: factor {name}{tuple(x.shape)} is too large " f"(its Gram matrix overflows float64)"
+        )
+      raise ValueError(
+          f"squeeze{loc}: factors a{tuple(a.shape)} / b{tuple(b.shape)} contain non-finite " "values (NaN or Inf)"
+      )
   return gram_a, gram_b
 
 
@@ -505,8 +515,12 @@ def _host_core(a: np.ndarray, b: np.ndarray, where: str):
   r_b = _host_cholesky_qr_r(b.T, gram_b)
   finfo = np.finfo(a.dtype)
   floor = math.sqrt(float(finfo.tiny))
-  zero = (max(a.shape[0], b.shape[1]) * float(finfo.eps) * (math.sqrt(float(np.trace(gram_a))) + floor)
-          * (math.sqrt(float(np.trace(gram_b))) + floor))
+  zero = (
+      max(a.shape[0], b.shape[1])
+      * float(finfo.eps)
+      * (math.sqrt(float(np.trace(gram_a))) + floor)
+      * (math.sqrt(float(np.trace(gram_b))) + floor)
+  )
   return r_a, r_b, r_a @ r_b.T, zero
 
 
@@ -612,7 +626,6 @@ def host_map(fn: Callable[[Any], Any], items: Iterable[Any], *, workers: int | N
         f.cancel()
 
 
-
 ROUTES = ("auto", "host", "xla")
 
 
@@ -626,14 +639,24 @@ def _use_host(method: str, route: str, a, b) -> bool:
     return False
   on_host = is_host_array(a) and is_host_array(b)
   if route == "host" and not on_host:
-    raise ValueError("squeeze: the host route needs concrete numpy or single-device CPU arrays (not traced "
-                     "or accelerator arrays)")
+    raise ValueError(
+        "squeeze: the host route needs concrete numpy or single-device CPU arrays (not traced " "or accelerator arrays)"
+    )
   return on_host
 
 
-def squeeze_factors(a: Array, b: Array, rank: int, *, method: str = "efficient", key: Array | None = None,
-                    oversample: int = 10, power_iters: int = 2, where: str = "",
-                    route: str = "auto") -> SqueezedFactors:
+def squeeze_factors(
+    a: Array,
+    b: Array,
+    rank: int,
+    *,
+    method: str = "efficient",
+    key: Array | None = None,
+    oversample: int = 10,
+    power_iters: int = 2,
+    where: str = "",
+    route: str = "auto",
+) -> SqueezedFactors:
   """Returns a rank-``rank`` LoRA (a', b') approximating ΔW = a @ b optimally.
 
   Args:
@@ -672,7 +695,8 @@ def squeeze_factors(a: Array, b: Array, rank: int, *, method: str = "efficient",
   if isinstance(key, np.ndarray) and key.dtype == np.uint32:
     key = jax.random.wrap_key_data(key)
   (new_a,), (new_b,), (values,), finite = _squeeze_group(
-      (a,), (b,), (key,), rank=int(rank), method=method, oversample=oversample, power_iters=power_iters)
+      (a,), (b,), (key,), rank=int(rank), method=method, oversample=oversample, power_iters=power_iters
+  )
   _raise_if_not_finite(finite, [where], [a.shape], [b.shape])
   return SqueezedFactors(a=new_a, b=new_b, singular_values=values)
 
@@ -749,7 +773,7 @@ def rank_sv_fro(singular_values, fraction: float) -> int:
   total = s2.sum()
   if total == 0.0:
     return 1
-  return int(min(np.searchsorted(np.cumsum(s2) / total, fraction ** 2) + 1, len(s2)))
+  return int(min(np.searchsorted(np.cumsum(s2) / total, fraction**2) + 1, len(s2)))
 
 
 def rank_sv_cumulative(singular_values, fraction: float) -> int:
@@ -780,11 +804,15 @@ def is_lora_pair(node: Any) -> bool:
 def _check_matrix_view(a, b, where: str) -> None:
   """Raises ValueError unless einsum-shaped a (*in, r) and b (r, *out) have a matrix view."""
   if a.ndim < 2 or b.ndim < 2:
-    raise ValueError(f"LoRA module '{where}': a{tuple(a.shape)} and b{tuple(b.shape)} need >= 2 dims "
-                     "(a: input dims then r, b: r then output dims)")
+    raise ValueError(
+        f"LoRA module '{where}': a{tuple(a.shape)} and b{tuple(b.shape)} need >= 2 dims "
+        "(a: input dims then r, b: r then output dims)"
+    )
   if a.shape[-1] != b.shape[0]:
-    raise ValueError(f"LoRA module '{where}': rank mismatch, a{tuple(a.shape)} ends in r={a.shape[-1]} but "
-                     f"b{tuple(b.shape)} starts with r={b.shape[0]}")
+    raise ValueError(
+        f"LoRA module '{where}': rank mismatch, a{tuple(a.shape)} ends in r={a.shape[-1]} but "
+        f"b{tuple(b.shape)} starts with r={b.shape[0]}"
+    )
 
 
 def to_matrices(a: Array, b: Array, *, where: str = "") -> tuple[Array, Array]:
@@ -793,8 +821,7 @@ def to_matrices(a: Array, b: Array, *, where: str = "") -> tuple[Array, Array]:
   return a.reshape(-1, a.shape[-1]), b.reshape(b.shape[0], -1)
 
 
-def from_matrices(a2: Array, b2: Array, in_dims: tuple[int, ...], out_dims: tuple[int, ...]
-                  ) -> tuple[Array, Array]:
+def from_matrices(a2: Array, b2: Array, in_dims: tuple[int, ...], out_dims: tuple[int, ...]) -> tuple[Array, Array]:
   """Inverse of ``to_matrices`` for a (possibly new) rank."""
   rank = a2.shape[-1]
   return a2.reshape(*in_dims, rank), b2.reshape(rank, *out_dims)
@@ -822,13 +849,15 @@ def resolve_ranks(paths, rank: int | Mapping[str, int]) -> dict[str, int | None]
     out[p] = next((r for pat, r in rank.items() if p == pat or fnmatch.fnmatchcase(p, pat)), None)
   for pat in rank:
     if not any(p == pat or fnmatch.fnmatchcase(p, pat) for p in paths):
-      raise ValueError(f"squeeze_lora: rank mapping key {pat!r} matches no LoRA module; modules are e.g. "
-                       f"{paths[:4]}")
+      raise ValueError(
+          f"squeeze_lora: rank mapping key {pat!r} matches no LoRA module; modules are e.g. " f"{paths[:4]}"
+      )
   return out
 
 
-def _squeeze_pairs_host(pairs: Mapping[str, Mapping], todo: list[tuple[int, str]], ranks: Mapping[str, int],
-                        key: Array) -> dict[str, tuple]:
+def _squeeze_pairs_host(
+    pairs: Mapping[str, Mapping], todo: list[tuple[int, str]], ranks: Mapping[str, int], key: Array
+) -> dict[str, tuple]:
   """squeeze_lora's host route: every module through ``host_map`` (threads across modules), results back
   as arrays of the input's kind (jax Arrays in one device_put, numpy stays numpy)."""
 
@@ -836,8 +865,13 @@ def _squeeze_pairs_host(pairs: Mapping[str, Mapping], todo: list[tuple[int, str]
     i, p = job
     a, b = np.asarray(pairs[p]["a"]), np.asarray(pairs[p]["b"])
     # fold_in costs a dispatch (~0.1-0.6 ms): made only for a module that re-initialises directions.
-    new_a, new_b, _ = _squeeze_host(a.reshape(-1, a.shape[-1]), b.reshape(b.shape[0], -1), int(ranks[p]),
-                                    functools.partial(jax.random.fold_in, key, i), p)
+    new_a, new_b, _ = _squeeze_host(
+        a.reshape(-1, a.shape[-1]),
+        b.reshape(b.shape[0], -1),
+        int(ranks[p]),
+        functools.partial(jax.random.fold_in, key, i),
+        p,
+    )
     return new_a.reshape(*a.shape[:-1], -1), new_b.reshape(-1, *b.shape[1:])
 
   out = dict(zip((p for _, p in todo), host_map(one, todo)))
@@ -846,9 +880,16 @@ def _squeeze_pairs_host(pairs: Mapping[str, Mapping], todo: list[tuple[int, str]
   return out
 
 
-def squeeze_lora(lora_params: Any, rank: int | Mapping[str, int], *, method: str = "efficient",
-                 key: Array | None = None, oversample: int = 10, power_iters: int = 2,
-                 route: str = "auto") -> Any:
+def squeeze_lora(
+    lora_params: Any,
+    rank: int | Mapping[str, int],
+    *,
+    method: str = "efficient",
+    key: Array | None = None,
+    oversample: int = 10,
+    power_iters: int = 2,
+    route: str = "auto",
+) -> Any:
   """Every LoRA pair in ``lora_params`` at its new rank.
 
   Args:
@@ -879,8 +920,12 @@ def squeeze_lora(lora_params: Any, rank: int | Mapping[str, int], *, method: str
   for _, p in todo:  # all shape checks before any work (on shapes only: no tracing, no dispatch)
     a, b = pairs[p]["a"], pairs[p]["b"]
     _check_matrix_view(a, b, p)
-    _check_factors(jax.ShapeDtypeStruct((math.prod(a.shape[:-1]), a.shape[-1]), a.dtype),
-                   jax.ShapeDtypeStruct((b.shape[0], math.prod(b.shape[1:])), b.dtype), ranks[p], where=p)
+    _check_factors(
+        jax.ShapeDtypeStruct((math.prod(a.shape[:-1]), a.shape[-1]), a.dtype),
+        jax.ShapeDtypeStruct((b.shape[0], math.prod(b.shape[1:])), b.dtype),
+        ranks[p],
+        where=p,
+    )
 
   if all(_use_host(method, route, pairs[p]["a"], pairs[p]["b"]) for _, p in todo):
     new_pairs = _squeeze_pairs_host(pairs, todo, ranks, key)
@@ -892,8 +937,14 @@ def squeeze_lora(lora_params: Any, rank: int | Mapping[str, int], *, method: str
     for i, p in todo:
       a, b = pairs[p]["a"], pairs[p]["b"]
       (new_a,), (new_b,), _, finite = _squeeze_group(
-          (a,), (b,), (jax.random.fold_in(key, i),),
-          rank=int(ranks[p]), method=method, oversample=oversample, power_iters=power_iters)
+          (a,),
+          (b,),
+          (jax.random.fold_in(key, i),),
+          rank=int(ranks[p]),
+          method=method,
+          oversample=oversample,
+          power_iters=power_iters,
+      )
       _raise_if_not_finite(finite, [p], [a.shape], [b.shape])
       new_pairs[p] = (new_a, new_b)
 
@@ -912,8 +963,10 @@ def squeeze_lora(lora_params: Any, rank: int | Mapping[str, int], *, method: str
 
 def lora_spectra(lora_params: Any) -> dict[str, np.ndarray]:
   """{module path: all singular values of its ΔW} for every LoRA pair (efficient route, host numpy)."""
-  return {p: np.asarray(singular_values(*to_matrices(pair["a"], pair["b"], where=p)))
-          for p, pair in sorted(lora_pairs(lora_params).items())}
+  return {
+      p: np.asarray(singular_values(*to_matrices(pair["a"], pair["b"], where=p)))
+      for p, pair in sorted(lora_pairs(lora_params).items())
+  }
 
 
 # --------------------------------------------------------------------------------------------------------

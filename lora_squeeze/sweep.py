@@ -42,6 +42,7 @@ import ml_collections
 
 if __name__ == "__main__":  # the command: quiet before TensorFlow loads (through train's imports)
   from lora_squeeze import runtime  # pylint: disable=g-import-not-at-top
+
   runtime.quiet_native_logs()
 
 from lora_squeeze import fileio
@@ -57,8 +58,9 @@ def cells_of(config) -> list[dict[str, Any]]:
   """The config's cells, checked: unique names, known sources, sources before their users."""
   cells = [dict(c) for c in config.get("sweep", ())]
   if not cells:
-    raise workdir_lib.UserError("sweep: the config has no 'sweep' cells (is it a run config? use "
-                                "python -m lora_squeeze.main for one run)")
+    raise workdir_lib.UserError(
+        "sweep: the config has no 'sweep' cells (is it a run config? use " "python -m lora_squeeze.main for one run)"
+    )
   names = [c["name"] for c in cells]
   if len(set(names)) != len(names):
     raise ValueError(f"sweep: duplicate cell names in {names}")
@@ -101,8 +103,9 @@ def cell_config(config, cell: Mapping[str, Any], sweep_dir: Path) -> ml_collecti
       node = node[p]
     if node is None or leaf not in node:
       valid = workdir_lib.flatten(c.to_dict())
-      raise workdir_lib.UserError(f"sweep cell {cell['name']!r}: unknown config key {key!r}"
-                                  f"{workdir_lib.did_you_mean(key, valid)}")
+      raise workdir_lib.UserError(
+          f"sweep cell {cell['name']!r}: unknown config key {key!r}" f"{workdir_lib.did_you_mean(key, valid)}"
+      )
     node[leaf] = tuple(value) if isinstance(value, list) else value
   return c
 
@@ -137,8 +140,7 @@ def _set_aside(path: Path) -> Path:
   return dest
 
 
-def run_cell(config, cell: Mapping[str, Any], sweep_dir: Path, *,
-             run_fn: Callable[..., dict] = train.run) -> dict:
+def run_cell(config, cell: Mapping[str, Any], sweep_dir: Path, *, run_fn: Callable[..., dict] = train.run) -> dict:
   """Run one cell unless its record says ok for the same settings; always returns its record."""
   sweep_dir = Path(sweep_dir)
   path = record_path(sweep_dir, cell["name"])
@@ -158,20 +160,28 @@ def run_cell(config, cell: Mapping[str, Any], sweep_dir: Path, *,
       if old.get("status") == "ok":
         print(f"[lora_squeeze] sweep cell {cell['name']}: record without settings (older version), kept as is")
         return old
-    elif old_fp == fp or (not workdir_lib.differences(old.get("settings", {}), settings)
-                          and old.get("sources", {}) == sources):  # same settings, hashed before a key moved
+    elif old_fp == fp or (
+        not workdir_lib.differences(old.get("settings", {}), settings) and old.get("sources", {}) == sources
+    ):  # same settings, hashed before a key moved
       if old.get("status") == "ok":
         return old
     else:
       changed = workdir_lib.differences(old.get("settings", {}), settings)
       changed += [f"source cell {d} was rerun" for d in sources if old.get("sources", {}).get(d) != sources[d]]
       moved = _set_aside(path)
-      print(f"[lora_squeeze] sweep cell {cell['name']} changed ({'; '.join(changed[:4]) or 'settings'}): "
-            f"rerunning it afresh; the old record is kept as {moved}")
+      print(
+          f"[lora_squeeze] sweep cell {cell['name']} changed ({'; '.join(changed[:4]) or 'settings'}): "
+          f"rerunning it afresh; the old record is kept as {moved}"
+      )
       fresh = True
   t = time.time()
-  record = {"name": cell["name"], "overrides": dict(cell.get("overrides", {})), "settings": settings,
-            "sources": sources, "fingerprint": fp}
+  record = {
+      "name": cell["name"],
+      "overrides": dict(cell.get("overrides", {})),
+      "settings": settings,
+      "sources": sources,
+      "fingerprint": fp,
+  }
   try:
     for dep, dep_fp in sources.items():
       if not dep_fp:
@@ -187,6 +197,7 @@ def run_cell(config, cell: Mapping[str, Any], sweep_dir: Path, *,
     print(f"[lora_squeeze] sweep cell {cell['name']} FAILED: {type(e).__name__}: {e}")
   record["seconds"] = time.time() - t
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.process_index() == 0:  # multi-host cells: every process runs the cell, one writes its record
     _write_json(path, record)
   return record
@@ -196,6 +207,7 @@ def check_cells(config, cells: Sequence[Mapping[str, Any]], sweep_dir: Path) -> 
   """Every cell's overrides name real keys and give a runnable config; raises ``workdir.UserError``
   naming the first bad cell, before any cell runs."""
   from lora_squeeze import config_lib  # pylint: disable=g-import-not-at-top
+
   for cell in cells:
     cfg = cell_config(config, cell, sweep_dir)
     try:
@@ -204,8 +216,9 @@ def check_cells(config, cells: Sequence[Mapping[str, Any]], sweep_dir: Path) -> 
       raise workdir_lib.UserError(f"sweep cell {cell['name']!r}: {e}") from None
 
 
-def run_sweep(config, sweep_dir: str | Path, *, only: Sequence[str] | None = None,
-              run_fn: Callable[..., dict] = train.run) -> dict[str, dict]:
+def run_sweep(
+    config, sweep_dir: str | Path, *, only: Sequence[str] | None = None, run_fn: Callable[..., dict] = train.run
+) -> dict[str, dict]:
   """Run every cell (or ``only`` those), in dependency order; returns {name: record}."""
   sweep_dir = Path(sweep_dir)
   cells = cells_of(config)
@@ -213,8 +226,10 @@ def run_sweep(config, sweep_dir: str | Path, *, only: Sequence[str] | None = Non
     names = [c["name"] for c in cells]
     unknown = sorted(set(only) - set(names))
     if unknown:
-      raise workdir_lib.UserError(f"sweep: unknown cell {unknown[0]!r}{workdir_lib.did_you_mean(unknown[0], names)}"
-                                  f"; {len(names)} cells: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+      raise workdir_lib.UserError(
+          f"sweep: unknown cell {unknown[0]!r}{workdir_lib.did_you_mean(unknown[0], names)}"
+          f"; {len(names)} cells: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+      )
     cells = [c for c in cells if c["name"] in set(only)]
   check_cells(config, cells, sweep_dir)
   records = {}
@@ -229,8 +244,9 @@ def main(argv=None) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-  config_flag = config_flags.DEFINE_config_file("config", None, "Sweep config (configs/*.py[:args]).",
-                                                lock_config=False)
+  config_flag = config_flags.DEFINE_config_file(
+      "config", None, "Sweep config (configs/*.py[:args]).", lock_config=False
+  )
   workdir = flags.DEFINE_string("workdir", None, "Sweep directory (cells/, results/).")
   cell = flags.DEFINE_multi_string("cell", None, "Run only these cells (repeatable).")
   list_cells = flags.DEFINE_bool("list", False, "Print the cell names, one per line, and exit.")
@@ -240,6 +256,7 @@ def main(argv=None) -> None:
     if len(args) > 1:
       raise app.UsageError(f"unexpected arguments: {args[1:]}")
     from lora_squeeze import runtime  # pylint: disable=g-import-not-at-top
+
     runtime.quiet_native_logs()
     try:
       _run(config_flag.value)
@@ -255,24 +272,30 @@ def main(argv=None) -> None:
     workdir_lib.check_writable_dir(workdir.value)
     if os.environ.get("LORA_SQUEEZE_DISTRIBUTED") == "1":
       from lora_squeeze import sharding  # pylint: disable=g-import-not-at-top
+
       sharding.initialize_distributed()
     from absl import logging  # pylint: disable=g-import-not-at-top
+
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
     from lora_squeeze import runtime  # pylint: disable=g-import-not-at-top
+
     runtime.enable_compile_cache()
     records = run_sweep(config, workdir.value, only=cell.value)
     report = config.get("report", None)
     if report and not cell.value:
       from lora_squeeze import reports  # pylint: disable=g-import-not-at-top
+
       reports.write_report(report, workdir.value, records)
     failed = [n for n, r in records.items() if r["status"] != "ok"]
     if failed:
       raise SystemExit(f"[lora_squeeze] sweep finished with failed cells: {failed} (see results/NAME.json)")
 
   from lora_squeeze import config_lib  # pylint: disable=g-import-not-at-top
-  app.run(_main, argv=argv, flags_parser=lambda a: config_lib.parse_flags_or_exit(a, config_flag,
-                                                                                 prog="lora_squeeze.sweep"))
+
+  app.run(
+      _main, argv=argv, flags_parser=lambda a: config_lib.parse_flags_or_exit(a, config_flag, prog="lora_squeeze.sweep")
+  )
 
 
 if __name__ == "__main__":

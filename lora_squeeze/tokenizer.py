@@ -54,9 +54,7 @@ def _as_int_list(ids: Any) -> list[int]:
     return [int(ids)]
   arr = np.asarray(ids)
   if arr.ndim > 1:
-    raise ValueError(
-        f'decode() takes a 0-d or 1-d sequence of ids, got shape {arr.shape}.'
-    )
+    raise ValueError(f'decode() takes a 0-d or 1-d sequence of ids, got shape {arr.shape}.')
   return [int(i) for i in arr.reshape(-1)]
 
 
@@ -87,14 +85,9 @@ class ByteTokenizer:
 
   def __post_init__(self):
     if self.vocab_size < 256 + self.OFFSET:
-      raise ValueError(
-          'ByteTokenizer needs vocab_size >= 260 (4 special ids + 256 bytes),'
-          f' got {self.vocab_size}.'
-      )
+      raise ValueError('ByteTokenizer needs vocab_size >= 260 (4 special ids + 256 bytes),' f' got {self.vocab_size}.')
 
-  def encode(
-      self, text: str, *, add_bos: bool = False, add_eos: bool = False
-  ) -> list[int]:
+  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
     ids = [b + self.OFFSET for b in text.encode('utf-8')]
     if add_bos:
       ids.insert(0, self.bos_id)
@@ -103,11 +96,7 @@ class ByteTokenizer:
     return ids
 
   def decode(self, ids: Any) -> str:
-    data = bytes(
-        i - self.OFFSET
-        for i in _as_int_list(ids)
-        if self.OFFSET <= i < self.OFFSET + 256
-    )
+    data = bytes(i - self.OFFSET for i in _as_int_list(ids) if self.OFFSET <= i < self.OFFSET + 256)
     return data.decode('utf-8', errors='replace')
 
 
@@ -148,8 +137,7 @@ def build_sentencepiece_model(
 
   if not len(tokens) == len(scores) == len(types):
     raise ValueError(
-        'GGUF vocabulary is inconsistent: '
-        f'{len(tokens)} tokens, {len(scores)} scores, {len(types)} types.'
+        'GGUF vocabulary is inconsistent: ' f'{len(tokens)} tokens, {len(scores)} scores, {len(types)} types.'
     )
   if len(tokens) <= UNK_ID:
     raise ValueError(f'GGUF vocabulary too small: {len(tokens)} pieces.')
@@ -175,7 +163,10 @@ def build_sentencepiece_model(
   spec.allow_whitespace_only_pieces = True
   spec.split_digits = True
   spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = (
-      UNK_ID, BOS_ID, EOS_ID, PAD_ID,
+      UNK_ID,
+      BOS_ID,
+      EOS_ID,
+      PAD_ID,
   )
   spec.unk_piece = tokens[UNK_ID]
   spec.bos_piece = tokens[BOS_ID]
@@ -194,7 +185,8 @@ def sentencepiece_model_from_gguf_reader(reader: Any) -> bytes:
   """Reads the vocabulary fields of an open `gguf.GGUFReader`; see above."""
   fields = reader.fields
   required = (
-      'tokenizer.ggml.tokens', 'tokenizer.ggml.scores',
+      'tokenizer.ggml.tokens',
+      'tokenizer.ggml.scores',
       'tokenizer.ggml.token_type',
   )
   missing = [k for k in required if k not in fields]
@@ -221,9 +213,7 @@ class SentencePieceTokenizer:
   """
 
   path: pathlib.Path
-  builder: Callable[[pathlib.Path], None] | None = dataclasses.field(
-      default=None, compare=False, repr=False
-  )
+  builder: Callable[[pathlib.Path], None] | None = dataclasses.field(default=None, compare=False, repr=False)
   pad_id: int = PAD_ID
   eos_id: int = EOS_ID
   bos_id: int = BOS_ID
@@ -252,9 +242,7 @@ class SentencePieceTokenizer:
   def vocab_size(self) -> int:
     return int(self._sp.GetPieceSize())
 
-  def encode(
-      self, text: str, *, add_bos: bool = False, add_eos: bool = False
-  ) -> list[int]:
+  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
     """Text -> ids (python ints). No BOS unless `add_bos=True` (as gemma)."""
     if not isinstance(text, str):
       raise TypeError(f'encode() takes a str, got {type(text).__name__}.')

@@ -132,21 +132,28 @@ def plan_stages(config) -> list[Stage]:
     _positive(config.extra_steps, "config.extra_steps")
     if tgt > src:
       raise ValueError(f"config.target_rank={tgt} > config.source_rank={src} in cont_squeeze")
-    cont = dict(rank=tgt, steps=int(config.extra_steps), learning_rate=learning_rate_for(config, tgt),
-                warmup_steps=change_warmup)
+    cont = dict(
+        rank=tgt,
+        steps=int(config.extra_steps),
+        learning_rate=learning_rate_for(config, tgt),
+        warmup_steps=change_warmup,
+    )
     if _cfg(config, "source_workdir"):
       return [Stage(0, squeeze_first=True, **cont)]
     _positive(config.steps, "config.steps")
     return [Stage(0, src, int(config.steps), learning_rate_for(config, src), warmup), Stage(1, **cont)]
   # in_squeeze
-  ranks = list(_cfg(config, "ranks", None) or schedules.halving_ladder(int(config.source_rank),
-                                                                        int(config.target_rank)))
+  ranks = list(
+      _cfg(config, "ranks", None) or schedules.halving_ladder(int(config.source_rank), int(config.target_rank))
+  )
   if any(b > a for a, b in zip(ranks, ranks[1:])):
     raise ValueError(f"config.ranks={ranks}: an In-Squeeze ladder must not increase")
   total = int(config.steps) + int(_cfg(config, "extra_steps", 0) or 0)
   steps = schedules.in_squeeze_steps(ranks, total, scheme=config.scheme, min_steps=int(config.min_steps))
-  return [Stage(i, r, s, learning_rate_for(config, r), warmup if i == 0 else change_warmup)
-          for i, (r, s) in enumerate(zip(ranks, steps))]
+  return [
+      Stage(i, r, s, learning_rate_for(config, r), warmup if i == 0 else change_warmup)
+      for i, (r, s) in enumerate(zip(ranks, steps))
+  ]
 
 
 def _positive(value, what: str) -> None:
@@ -159,8 +166,15 @@ def _positive(value, what: str) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def answer_loss(hidden: jax.Array, tokens: jax.Array, loss_mask: jax.Array, embedding: jax.Array, *,
-                max_targets: int, softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
+def answer_loss(
+    hidden: jax.Array,
+    tokens: jax.Array,
+    loss_mask: jax.Array,
+    embedding: jax.Array,
+    *,
+    max_targets: int,
+    softcap: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Mean cross-entropy of the answer tokens, projecting only the hidden states that predict them.
 
   Token t is predicted from the hidden state at t-1; ``loss_mask[b, t] = 1`` marks the targets (position 0
@@ -200,7 +214,8 @@ def check_target_budget(batch: Mapping[str, np.ndarray], max_targets: int) -> No
     raise ValueError(
         f"train batch has {n} answer tokens (up to {per_row} in one row) but the train step "
         f"gathers at most {max_targets} = config.data.batch_size x config.data.max_target_tokens; raise "
-        "config.data.max_target_tokens")
+        "config.data.max_target_tokens"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -239,14 +254,14 @@ def _encode_second_moment(full: jax.Array, fresh_row, fresh_col, fresh_v):
   if dims is None:
     return fresh_row, fresh_col, full.astype(fresh_v.dtype)
   d1, d0 = dims
-  return (jnp.mean(full, axis=d0).astype(fresh_row.dtype), jnp.mean(full, axis=d1).astype(fresh_col.dtype),
-          fresh_v)
+  return (jnp.mean(full, axis=d0).astype(fresh_row.dtype), jnp.mean(full, axis=d1).astype(fresh_col.dtype), fresh_v)
 
 
 def carry_adafactor_state(old_state, old_params, new_params, fresh_state):
   """The ``"carry"`` optimizer state for ``new_params`` (see the module doc): the count, and each LoRA
   factor's second moments averaged over its rank axis (a: last axis, b: first) and broadcast to the new rank,
   re-encoded in the new rank's (factored or full) layout. Other state leaves come from ``fresh_state``."""
+
   def is_factored_state(x):
     return isinstance(x, optax.FactoredState)
 
@@ -264,15 +279,14 @@ def carry_adafactor_state(old_state, old_params, new_params, fresh_state):
     return _encode_second_moment(new_full, f_row, f_col, f_v)
 
   carried = jax.tree_util.tree_map_with_path(
-      carry_leaf, old_params, new_params, old_fs.v_row, old_fs.v_col, old_fs.v, new_fs.v_row, new_fs.v_col,
-      new_fs.v)
+      carry_leaf, old_params, new_params, old_fs.v_row, old_fs.v_col, old_fs.v, new_fs.v_row, new_fs.v_col, new_fs.v
+  )
   is_triple = lambda x: isinstance(x, tuple) and len(x) == 3 and not isinstance(x, optax.FactoredState)
   v_row = jax.tree.map(lambda t: t[0], carried, is_leaf=is_triple)
   v_col = jax.tree.map(lambda t: t[1], carried, is_leaf=is_triple)
   v = jax.tree.map(lambda t: t[2], carried, is_leaf=is_triple)
   replacement = optax.FactoredState(count=old_fs.count, v_row=v_row, v_col=v_col, v=v)
-  return jax.tree.map(lambda s: replacement if is_factored_state(s) else s, fresh_state,
-                      is_leaf=is_factored_state)
+  return jax.tree.map(lambda s: replacement if is_factored_state(s) else s, fresh_state, is_leaf=is_factored_state)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -289,12 +303,21 @@ class Trainer:
       the rank change runs outside jit (its squeezes are jitted per module shape), so it counts calls.
   """
 
-  def __init__(self, model, lora_config: lora_lib.LoRAConfig, *, max_targets: int,
-               squeeze_method: str = "efficient", optimizer_state: str = "fresh", mesh=None,
-               shard_lora: bool = False):
+  def __init__(
+      self,
+      model,
+      lora_config: lora_lib.LoRAConfig,
+      *,
+      max_targets: int,
+      squeeze_method: str = "efficient",
+      optimizer_state: str = "fresh",
+      mesh=None,
+      shard_lora: bool = False,
+  ):
     if optimizer_state not in OPTIMIZER_STATE_MODES:
-      raise ValueError(f"config.squeeze.optimizer_state={optimizer_state!r}: expected one of "
-                       f"{OPTIMIZER_STATE_MODES}")
+      raise ValueError(
+          f"config.squeeze.optimizer_state={optimizer_state!r}: expected one of " f"{OPTIMIZER_STATE_MODES}"
+      )
     squeeze_lib.check_method(squeeze_method)
     self.model = model
     self.lora_config = lora_config
@@ -321,8 +344,9 @@ class Trainer:
     cfg = dataclasses.replace(self.lora_config, rank=int(rank))
     if self.mesh is not None:
       # Created in place with its shardings (``jax.jit(init, out_shardings=...)``), never on one device first.
-      init = lambda key_data: self._state_from_params_impl(lora_lib.init_lora(
-          jax.random.wrap_key_data(key_data), self.model.config, cfg))
+      init = lambda key_data: self._state_from_params_impl(
+          lora_lib.init_lora(jax.random.wrap_key_data(key_data), self.model.config, cfg)
+      )
       key_data = self._host_key(key)
       out = self.state_shardings(jax.eval_shape(init, key_data))
       return jax.jit(init, out_shardings=out)(key_data)
@@ -366,15 +390,21 @@ class Trainer:
   def abstract_state(self, ranks: int | Mapping[str, int]) -> Any:
     cfg = dataclasses.replace(self.lora_config, rank=ranks)
     shapes = lora_lib.lora_shapes(self.model.config, cfg)
-    params = traverse_util.unflatten_dict({f"{p}/{n}": jax.ShapeDtypeStruct(s, jnp.float32)
-                                           for p, (a, b) in shapes.items() for n, s in (("a", a), ("b", b))},
-                                          sep="/")
+    params = traverse_util.unflatten_dict(
+        {
+            f"{p}/{n}": jax.ShapeDtypeStruct(s, jnp.float32)
+            for p, (a, b) in shapes.items()
+            for n, s in (("a", a), ("b", b))
+        },
+        sep="/",
+    )
     abstract = jax.eval_shape(self._state_from_params_impl, params)
     if self.mesh is None:
       return abstract
     # With shardings, so orbax restores every array straight onto its devices.
-    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract,
-                        self.state_shardings(abstract))
+    return jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, self.state_shardings(abstract)
+    )
 
   # --- loss ---
   def _hidden(self, lora_params, base_params, batch):
@@ -382,16 +412,24 @@ class Trainer:
     # Vision-language batches carry "images" (data.pipeline): the frozen vision tower fills the image's soft
     # tokens, which attend to each other both ways (as in gemma). Text batches run exactly as before.
     images = batch.get("images")
-    mask = lora_lib.attention_mask_from_segments(batch["segment_ids"],
-                                                 tokens=None if images is None else batch["tokens"])
-    return self.module.apply({"params": params}, batch["tokens"], positions=batch["positions"],
-                             attention_mask=mask, images=images, method=self.module.hidden_states)
+    mask = lora_lib.attention_mask_from_segments(
+        batch["segment_ids"], tokens=None if images is None else batch["tokens"]
+    )
+    return self.module.apply(
+        {"params": params},
+        batch["tokens"],
+        positions=batch["positions"],
+        attention_mask=mask,
+        images=images,
+        method=self.module.hidden_states,
+    )
 
   def _loss(self, lora_params, base_params, batch):
     hidden = self._hidden(lora_params, base_params, batch)
     embedding = base_params["embedder"]["input_embedding"]
-    return answer_loss(hidden, batch["tokens"], batch["loss_mask"], embedding,
-                       max_targets=self.max_targets, softcap=self.softcap)
+    return answer_loss(
+        hidden, batch["tokens"], batch["loss_mask"], embedding, max_targets=self.max_targets, softcap=self.softcap
+    )
 
   def _train_step_impl(self, state, base_params, batch, learning_rate):
     self.traces["train_step"] += 1
@@ -401,13 +439,18 @@ class Trainer:
     params = optax.apply_updates(state["params"], updates)
     # The loss is that of the params before the update; the new params are checked too, so a divergent
     # update is never checkpointed (the run loop stops before saving such a state).
-    metrics = {"loss": loss, "targets": count, "grad_norm": optax.global_norm(grads),
-               "params_finite": jnp.isfinite(optax.global_norm(params))}
+    metrics = {
+        "loss": loss,
+        "targets": count,
+        "grad_norm": optax.global_norm(grads),
+        "params_finite": jnp.isfinite(optax.global_norm(params)),
+    }
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
     if self.mesh is not None:  # the state keeps its layout; metrics replicated (every process reads them)
       new_state = self._constrain(new_state)
-      metrics = jax.lax.with_sharding_constraint(metrics, jax.sharding.NamedSharding(
-          self.mesh, jax.sharding.PartitionSpec()))
+      metrics = jax.lax.with_sharding_constraint(
+          metrics, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+      )
     return new_state, metrics
 
   def train_step(self, state, base_params, batch, learning_rate: float):
@@ -436,8 +479,7 @@ class Trainer:
     self.traces["change_rank"] += 1
     if self.mesh is not None:
       key = jax.random.wrap_key_data(key)
-    params, _ = lora_lib.change_rank(state["params"], rank, self.lora_config, method=self.squeeze_method,
-                                     key=key)
+    params, _ = lora_lib.change_rank(state["params"], rank, self.lora_config, method=self.squeeze_method, key=key)
     fresh = self.optimizer.init(params)
     if self.optimizer_state == "carry":
       opt_state = carry_adafactor_state(state["opt_state"], state["params"], params, fresh)
@@ -483,10 +525,10 @@ class Checkpoints:
 
   def __init__(self, directory: Path, *, keep: int):
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
     self._ocp = ocp
     self.directory = Path(directory).absolute()
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
-                                           create=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
   @staticmethod
@@ -497,8 +539,12 @@ class Checkpoints:
     ckpt_id = 2 * int(meta["global_step"]) + (1 if meta["phase"] == "changed" else 0)
     if ckpt_id in self.manager.all_steps():
       return
-    self.manager.save(ckpt_id, args=self._ocp.args.Composite(
-        state=self._ocp.args.StandardSave(state), meta=self._ocp.args.JsonSave(dict(meta))))
+    self.manager.save(
+        ckpt_id,
+        args=self._ocp.args.Composite(
+            state=self._ocp.args.StandardSave(state), meta=self._ocp.args.JsonSave(dict(meta))
+        ),
+    )
     self.manager.wait_until_finished()
 
   def latest(self) -> int | None:
@@ -526,12 +572,15 @@ class Checkpoints:
     for ckpt_id in steps:
       try:
         meta = dict(self.manager.restore(ckpt_id, args=args.Composite(meta=args.JsonRestore()))["meta"])
-        state = self.manager.restore(ckpt_id, args=args.Composite(
-            state=args.StandardRestore(abstract_state(meta["ranks"]))))["state"]
+        state = self.manager.restore(
+            ckpt_id, args=args.Composite(state=args.StandardRestore(abstract_state(meta["ranks"])))
+        )["state"]
       except Exception as e:  # pylint: disable=broad-except  (any failure to restore: try an older one)
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-        print(f"[lora_squeeze] checkpoint {self.describe(ckpt_id)} in {self.directory} does not restore, "
-              f"skipped: {reason}")
+        print(
+            f"[lora_squeeze] checkpoint {self.describe(ckpt_id)} in {self.directory} does not restore, "
+            f"skipped: {reason}"
+        )
         bad.append(ckpt_id)
         continue
       self._set_aside(bad)
@@ -539,7 +588,8 @@ class Checkpoints:
     if steps:
       raise workdir_lib.UserError(
           f"none of the {len(steps)} checkpoints in {self.directory} restores (newest: "
-          f"{self.describe(steps[0])}); add --fresh to start the run afresh (the old files are kept aside)")
+          f"{self.describe(steps[0])}); add --fresh to start the run afresh (the old files are kept aside)"
+      )
     return None
 
   def discard_from(self, global_step: int, *, why: str) -> None:
@@ -569,6 +619,7 @@ class Checkpoints:
 def save_adapter(directory: Path, lora_params, lora_config: lora_lib.LoRAConfig, *, extra=None) -> None:
   """The final LoRA params as an orbax checkpoint plus ``lora_config.json``, written atomically."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   directory = Path(directory).absolute()
   # Several processes: all of them call orbax's save (it synchronises them) on ONE temporary path, and only
   # process 0 touches the filesystem around it, between barriers.
@@ -578,6 +629,7 @@ def save_adapter(directory: Path, lora_params, lora_config: lora_lib.LoRAConfig,
   if primary:
     if tmp.exists():
       import shutil  # pylint: disable=g-import-not-at-top
+
       shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
   sharding_lib.sync(f"save_adapter:{directory}:tmp")
@@ -585,12 +637,19 @@ def save_adapter(directory: Path, lora_params, lora_config: lora_lib.LoRAConfig,
     ckptr.save(tmp / "params", lora_params)
     ckptr.wait_until_finished()
   ranks = lora_lib.lora_ranks(lora_params)
-  meta = {"rank": lora_lib.describe_ranks(ranks), "alpha": lora_config.alpha, "targets": list(lora_config.targets),
-          "joint_kv": lora_config.joint_kv, "joint_gate_up": lora_config.joint_gate_up, **(extra or {})}
+  meta = {
+      "rank": lora_lib.describe_ranks(ranks),
+      "alpha": lora_config.alpha,
+      "targets": list(lora_config.targets),
+      "joint_kv": lora_config.joint_kv,
+      "joint_gate_up": lora_config.joint_gate_up,
+      **(extra or {}),
+  }
   if primary:
     (tmp / "lora_config.json").write_text(json.dumps(meta, indent=2))
     if directory.exists():
       import shutil  # pylint: disable=g-import-not-at-top
+
       shutil.rmtree(directory)
     os.replace(tmp, directory)
   sharding_lib.sync(f"save_adapter:{directory}:done")
@@ -599,17 +658,22 @@ def save_adapter(directory: Path, lora_params, lora_config: lora_lib.LoRAConfig,
 def load_adapter(directory: Path) -> tuple[dict, lora_lib.LoRAConfig, dict]:
   """(LoRA params, LoRAConfig, the json metadata) of an adapter written by ``save_adapter``."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   directory = Path(directory).absolute()
   meta_path = directory / "lora_config.json"
   if not meta_path.exists():
-    raise FileNotFoundError(f"no adapter at {directory} (missing lora_config.json); is the source run "
-                            "finished?")
+    raise FileNotFoundError(f"no adapter at {directory} (missing lora_config.json); is the source run " "finished?")
   meta = json.loads(meta_path.read_text())
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(directory / "params")
   params = jax.tree.map(jnp.asarray, params)
-  config = lora_lib.LoRAConfig(rank=meta["rank"], alpha=meta["alpha"], targets=tuple(meta["targets"]),
-                               joint_kv=meta["joint_kv"], joint_gate_up=meta["joint_gate_up"])
+  config = lora_lib.LoRAConfig(
+      rank=meta["rank"],
+      alpha=meta["alpha"],
+      targets=tuple(meta["targets"]),
+      joint_kv=meta["joint_kv"],
+      joint_gate_up=meta["joint_gate_up"],
+  )
   return params, config, meta
 
 
@@ -621,8 +685,13 @@ def load_adapter(directory: Path) -> tuple[dict, lora_lib.LoRAConfig, dict]:
 def lora_config_from(config) -> lora_lib.LoRAConfig:
   c = config.lora
   rank = int(c.rank) if config.mode == "direct" else int(_cfg(config, "source_rank", c.rank))
-  return lora_lib.LoRAConfig(rank=rank, alpha=c.get("alpha", None), targets=tuple(c.targets),
-                             joint_kv=bool(c.joint_kv), joint_gate_up=bool(c.joint_gate_up))
+  return lora_lib.LoRAConfig(
+      rank=rank,
+      alpha=c.get("alpha", None),
+      targets=tuple(c.targets),
+      joint_kv=bool(c.joint_kv),
+      joint_gate_up=bool(c.joint_gate_up),
+  )
 
 
 def load_model(config, *, mesh=None):
@@ -630,6 +699,7 @@ def load_model(config, *, mesh=None):
   rule's shardings: gemma's default restores it REPLICATED, a whole copy of the base on every device (12B in
   bfloat16: 24 GB per device) before the train loop splits it."""
   from lora_squeeze import models  # pylint: disable=g-import-not-at-top
+
   options = dict(config.get("model_options", {}) or {})
   if mesh is not None and options.get("checkpoint"):
     options["sharding"] = lambda abstract: sharding_lib.base_shardings(abstract, mesh)
@@ -639,6 +709,7 @@ def load_model(config, *, mesh=None):
 def _image_spec(model):
   """The model's ``data.pipeline.ImageSpec`` (None for a text-only model)."""
   from lora_squeeze import models  # pylint: disable=g-import-not-at-top
+
   return models.image_spec(model)
 
 
@@ -653,9 +724,12 @@ def make_train_iterator(config, tokenizer, *, shard: tuple[int, int] = (0, 1), i
   seed = int(config.seed)
   if d.source == "synthetic":
     from lora_squeeze.data import synthetic  # pylint: disable=g-import-not-at-top
-    return synthetic.SyntheticIterator(tokenizer, batch_size=int(d.batch_size), max_len=int(d.max_len),
-                                       seed=seed, shard=shard)
+
+    return synthetic.SyntheticIterator(
+        tokenizer, batch_size=int(d.batch_size), max_len=int(d.max_len), seed=seed, shard=shard
+    )
   from lora_squeeze import data  # pylint: disable=g-import-not-at-top
+
   return data.train_iterator_from_config(config, tokenizer, shard=shard, image_spec=image_spec)
 
 
@@ -670,8 +744,11 @@ class _Metrics:
     self.path = path
     self.primary = primary
     if primary and path.exists():
-      keep = [line for line in path.read_text().splitlines()
-              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      keep = [
+          line
+          for line in path.read_text().splitlines()
+          if line.strip() and json.loads(line).get("step", 0) <= resume_step
+      ]
       fileio.atomic_write_text(path, "".join(line + "\n" for line in keep))
 
   def write(self, record: Mapping[str, Any]) -> None:
@@ -699,6 +776,7 @@ def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = No
   unless ``fresh``, which moves the old run to ``workdir/superseded/`` and starts afresh.
   """
   from lora_squeeze import config_lib  # pylint: disable=g-import-not-at-top
+
   config_lib.check_run_config(config)
   workdir = workdir_lib.check_writable_dir(workdir)
   primary = jax.process_index() == 0
@@ -739,9 +817,15 @@ def _run_locked(config, workdir: Path, *, evaluate_fn: Callable | None) -> dict:
     mesh = sharding_lib.mesh_from_config(config)
     shard = sharding_lib.process_batch_shard(mesh, int(config.data.batch_size))
   model = load_model(config, mesh=mesh)
-  trainer = Trainer(model, lora_config, max_targets=max_targets, squeeze_method=config.squeeze.method,
-                    optimizer_state=config.squeeze.optimizer_state, mesh=mesh,
-                    shard_lora=sharding_lib.shard_lora_enabled(config))
+  trainer = Trainer(
+      model,
+      lora_config,
+      max_targets=max_targets,
+      squeeze_method=config.squeeze.method,
+      optimizer_state=config.squeeze.optimizer_state,
+      mesh=mesh,
+      shard_lora=sharding_lib.shard_lora_enabled(config),
+  )
   ckpts = Checkpoints(workdir / "checkpoints", keep=int(config.keep_checkpoints))
   iterator = make_train_iterator(config, model.tokenizer, shard=shard, image_spec=_image_spec(model))
   seed = int(config.seed)
@@ -754,8 +838,10 @@ def _run_locked(config, workdir: Path, *, evaluate_fn: Callable | None) -> dict:
     iterator.set_state(_decode_data_state(meta["data_state"]))
     stage_idx, stage_step, phase = int(meta["stage"]), int(meta["stage_step"]), meta["phase"]
     wall_before = float(meta["wall_seconds"])
-    print(f"[lora_squeeze] resuming {workdir} at step {meta['global_step']} (stage {stage_idx}, "
-          f"{stage_step}/{stages[stage_idx].steps}, phase {phase})")
+    print(
+        f"[lora_squeeze] resuming {workdir} at step {meta['global_step']} (stage {stage_idx}, "
+        f"{stage_step}/{stages[stage_idx].steps}, phase {phase})"
+    )
   else:
     if stages[0].squeeze_first:
       source_params, source_cfg, _ = load_adapter(Path(config.source_workdir) / ADAPTER_DIR)
@@ -771,11 +857,17 @@ def _run_locked(config, workdir: Path, *, evaluate_fn: Callable | None) -> dict:
     base_params = sharding_lib.put(base_params, sharding_lib.base_shardings(base_params, mesh))
 
   def make_meta(stage_idx, stage_step, phase):
-    return {"stage": stage_idx, "stage_step": stage_step, "phase": phase, "global_step": int(state["step"]),
-            "ranks": lora_lib.describe_ranks(lora_lib.lora_ranks(state["params"])),
-            "data_state": _encode_data_state(iterator.get_state()), "seed": seed,
-            "stage_losses": {str(k): v for k, v in stage_losses.items()},
-            "wall_seconds": wall_before + time.time() - t_start}
+    return {
+        "stage": stage_idx,
+        "stage_step": stage_step,
+        "phase": phase,
+        "global_step": int(state["step"]),
+        "ranks": lora_lib.describe_ranks(lora_lib.lora_ranks(state["params"])),
+        "data_state": _encode_data_state(iterator.get_state()),
+        "seed": seed,
+        "stage_losses": {str(k): v for k, v in stage_losses.items()},
+        "wall_seconds": wall_before + time.time() - t_start,
+    }
 
   total_steps = sum(s.steps for s in stages)
   progress = _progress_bar(total_steps, global_step, enabled=bool(config.get("progress", True)) and primary)
@@ -785,9 +877,16 @@ def _run_locked(config, workdir: Path, *, evaluate_fn: Callable | None) -> dict:
   t_loop = time.time()
   try:
     for stage in stages[stage_idx:]:
-      stage_time = timing.setdefault(stage.index, {"rank": stage.rank, "change_seconds": 0.0,
-                                                   "first_step_seconds": 0.0, "steady_seconds": 0.0,
-                                                   "steady_steps": 0})
+      stage_time = timing.setdefault(
+          stage.index,
+          {
+              "rank": stage.rank,
+              "change_seconds": 0.0,
+              "first_step_seconds": 0.0,
+              "steady_seconds": 0.0,
+              "steady_steps": 0,
+          },
+      )
       resumed_here = stage.index == stage_idx and (stage_step > 0 or phase == "changed")
       if (stage.index > 0 or stage.squeeze_first) and not resumed_here:
         t = time.time()
@@ -816,24 +915,42 @@ def _run_locked(config, workdir: Path, *, evaluate_fn: Callable | None) -> dict:
             if not math.isfinite(loss):  # the state this loss was computed on (step g - 1) is not good either
               ckpts.discard_from(g_step - 1, why=f"its loss at step {g_step} is {loss}")
             kept = ckpts.latest()
-            kept = (f"the newest checkpoint, {Checkpoints.describe(kept)}, stays in {workdir / 'checkpoints'}"
-                    if kept is not None else "no checkpoint was saved before it")
+            kept = (
+                f"the newest checkpoint, {Checkpoints.describe(kept)}, stays in {workdir / 'checkpoints'}"
+                if kept is not None
+                else "no checkpoint was saved before it"
+            )
             raise FloatingPointError(
                 f"non-finite {what} at step {g_step} (stage {stage.index}, rank {stage.rank}, learning rate "
                 f"{s_lr:g}); stopped without saving that state: {kept}. Lower config.learning_rate / "
-                "config.lr_by_rank and rerun with --fresh.")
-          record = {"step": g_step, "stage": stage.index, "rank": stage.rank, "stage_step": s_step, "lr": s_lr,
-                    "loss": loss, "targets": int(mv["targets"]), "grad_norm": float(mv["grad_norm"]),
-                    "steps_per_s": rate, "tokens_per_s": tokens_rate}
+                "config.lr_by_rank and rerun with --fresh."
+            )
+          record = {
+              "step": g_step,
+              "stage": stage.index,
+              "rank": stage.rank,
+              "stage_step": s_step,
+              "lr": s_lr,
+              "loss": loss,
+              "targets": int(mv["targets"]),
+              "grad_norm": float(mv["grad_norm"]),
+              "steps_per_s": rate,
+              "tokens_per_s": tokens_rate,
+          }
           metrics_log.write(record)
           if writer is not None:
-            writer.write_scalars(g_step, {k: record[k] for k in ("loss", "lr", "rank", "grad_norm",
-                                                                 "steps_per_s", "tokens_per_s")})
+            writer.write_scalars(
+                g_step, {k: record[k] for k in ("loss", "lr", "rank", "grad_norm", "steps_per_s", "tokens_per_s")}
+            )
         stage_losses[stage.index] = float(fetched[-1]["loss"])
         progress.update(len(pending))
-        progress.set_postfix(stage=f"{stage.index + 1}/{len(stages)}", rank=stage.rank,
-                             loss=f"{float(fetched[-1]['loss']):.4f}", steps_s=f"{rate:.2f}",
-                             tok_s=f"{tokens_rate:,.0f}")
+        progress.set_postfix(
+            stage=f"{stage.index + 1}/{len(stages)}",
+            rank=stage.rank,
+            loss=f"{float(fetched[-1]['loss']):.4f}",
+            steps_s=f"{rate:.2f}",
+            tok_s=f"{tokens_rate:,.0f}",
+        )
         clock[:] = [now, pending[-1][1]]
         pending.clear()
 
@@ -907,8 +1024,11 @@ def _timing_summary(timing: Mapping[int, Mapping[str, Any]], train_seconds: floa
   """Where the train loop's time went (this process's run; a resumed run counts only its own part)."""
   stages = [dict(v, stage=k) for k, v in sorted(timing.items())]
   steady = [s["steady_seconds"] / s["steady_steps"] for s in stages if s["steady_steps"] > 0]
-  return {"train_seconds": train_seconds, "stages": stages,
-          "steady_step_seconds": float(np.median(steady)) if steady else None}
+  return {
+      "train_seconds": train_seconds,
+      "stages": stages,
+      "steady_step_seconds": float(np.median(steady)) if steady else None,
+  }
 
 
 def _tensorboard_writer(workdir: Path, *, enabled: bool):
@@ -916,15 +1036,22 @@ def _tensorboard_writer(workdir: Path, *, enabled: bool):
   if not enabled:
     return None
   from clu.metric_writers import summary_writer  # pylint: disable=g-import-not-at-top
+
   return summary_writer.SummaryWriter(os.fspath(Path(workdir) / "tensorboard"))
 
 
 def _check_same_layout(source: lora_lib.LoRAConfig, ours: lora_lib.LoRAConfig, where) -> None:
   if (source.targets, source.joint_kv, source.joint_gate_up, source.alpha) != (
-      ours.targets, ours.joint_kv, ours.joint_gate_up, ours.alpha):
-    raise ValueError(f"config.source_workdir={where}: its adapter has targets={source.targets}, "
-                     f"joint_kv={source.joint_kv}, joint_gate_up={source.joint_gate_up}, alpha={source.alpha}; "
-                     f"this config has {ours.targets}, {ours.joint_kv}, {ours.joint_gate_up}, {ours.alpha}")
+      ours.targets,
+      ours.joint_kv,
+      ours.joint_gate_up,
+      ours.alpha,
+  ):
+    raise ValueError(
+        f"config.source_workdir={where}: its adapter has targets={source.targets}, "
+        f"joint_kv={source.joint_kv}, joint_gate_up={source.joint_gate_up}, alpha={source.alpha}; "
+        f"this config has {ours.targets}, {ours.joint_kv}, {ours.joint_gate_up}, {ours.alpha}"
+    )
 
 
 def _evaluate(config, model, lora_params, lora_config, evaluate_fn):
@@ -934,6 +1061,7 @@ def _evaluate(config, model, lora_params, lora_config, evaluate_fn):
   if not eval_cfg or not eval_cfg.get("enabled", False):
     return {}
   from lora_squeeze import evaluate  # pylint: disable=g-import-not-at-top
+
   return evaluate.evaluate_config(config, model, lora_params, lora_config)
 
 
@@ -945,17 +1073,26 @@ def _run_post_squeeze(config, workdir: Path, *, evaluate_fn) -> dict:
   spectra = squeeze_lib.lora_spectra(source_params)
   per_rank = {}
   for i, r in enumerate(sorted({int(r) for r in config.target_ranks}, reverse=True)):
-    params, new_cfg = lora_lib.change_rank(source_params, r, source_cfg, method=config.squeeze.method,
-                                           key=_stage_key(int(config.seed), i))
+    params, new_cfg = lora_lib.change_rank(
+        source_params, r, source_cfg, method=config.squeeze.method, key=_stage_key(int(config.seed), i)
+    )
     retention = float(np.mean([float(squeeze_lib.retention(s, r)) for s in spectra.values()]))
     metrics = _evaluate(config, model, params, new_cfg, evaluate_fn)
     per_rank[str(r)] = {"rank": r, "retention_mean": retention, "metrics": metrics}
     if config.get("save_adapters", False):
       save_adapter(workdir / f"{ADAPTER_DIR}_r{r}", params, new_cfg, extra={"mode": "post_squeeze"})
-  result = {"mode": "post_squeeze", "model": config.model, "task": config.data.get("task", None),
-            "seed": int(config.seed), "source_workdir": str(config.source_workdir),
-            "source_rank": lora_lib.describe_ranks(lora_lib.lora_ranks(source_params)), "targets": per_rank,
-            "method": config.squeeze.method, "steps": 0, "wall_seconds": time.time() - t_start}
+  result = {
+      "mode": "post_squeeze",
+      "model": config.model,
+      "task": config.data.get("task", None),
+      "seed": int(config.seed),
+      "source_workdir": str(config.source_workdir),
+      "source_rank": lora_lib.describe_ranks(lora_lib.lora_ranks(source_params)),
+      "targets": per_rank,
+      "method": config.squeeze.method,
+      "steps": 0,
+      "wall_seconds": time.time() - t_start,
+  }
   if jax.process_index() == 0:
     fileio.atomic_write_text(workdir / RESULT_NAME, json.dumps(result, indent=2))
   return result
@@ -974,9 +1111,16 @@ def _run_zero_shot(config, workdir: Path, *, evaluate_fn) -> dict:
   t_start = time.time()
   model = load_model(config)
   metrics = _evaluate(config, model, None, None, evaluate_fn)
-  result = {"mode": "zero_shot", "model": config.model, "task": config.data.get("task", None),
-            "seed": int(config.seed), "final_rank": 0, "steps": 0, "metrics": metrics,
-            "wall_seconds": time.time() - t_start}
+  result = {
+      "mode": "zero_shot",
+      "model": config.model,
+      "task": config.data.get("task", None),
+      "seed": int(config.seed),
+      "final_rank": 0,
+      "steps": 0,
+      "metrics": metrics,
+      "wall_seconds": time.time() - t_start,
+  }
   if jax.process_index() == 0:
     fileio.atomic_write_text(workdir / RESULT_NAME, json.dumps(result, indent=2))
   return result
@@ -984,5 +1128,7 @@ def _run_zero_shot(config, workdir: Path, *, evaluate_fn) -> dict:
 
 def _progress_bar(total: int, initial: int, *, enabled: bool):
   from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm.tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
-                   mininterval=1.0, desc="train")
+
+  return tqdm.tqdm(
+      total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, mininterval=1.0, desc="train"
+  )

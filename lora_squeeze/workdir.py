@@ -36,8 +36,9 @@ SUPERSEDED_DIR = "superseded"
 # How a run reports and checkpoints, not what it computes: these may differ between a run and its resume.
 # (A resume is bit-identical whatever the checkpoint interval; the mesh may change between resumes.)
 # ``report`` is a sweep's summary table (reports.py), written after the cells.
-PRESENTATION_KEYS = frozenset({"progress", "tensorboard", "log_every", "checkpoint_every", "keep_checkpoints",
-                               "mesh", "report"})
+PRESENTATION_KEYS = frozenset(
+    {"progress", "tensorboard", "log_every", "checkpoint_every", "keep_checkpoints", "mesh", "report"}
+)
 
 
 class UserError(ValueError):
@@ -143,10 +144,16 @@ class Lock:
         who = f"pid {h['pid']} on {h['host']} (since {h['since']})"
       except (ValueError, KeyError, TypeError):
         who = "another process"
-      raise UserError(f"workdir {self.path.parent} is in use by {who}; wait for it to finish, or use "
-                      "another --workdir") from None
-    info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                       "since": datetime.datetime.now().isoformat(timespec="seconds")})
+      raise UserError(
+          f"workdir {self.path.parent} is in use by {who}; wait for it to finish, or use " "another --workdir"
+      ) from None
+    info = json.dumps(
+        {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
+    )
     os.ftruncate(fd, 0)
     os.pwrite(fd, info.encode() + b"\n", 0)
     self._fd = fd
@@ -196,7 +203,8 @@ def check_settings(workdir: str | os.PathLike, config) -> None:
     raise SettingsMismatch(
         f"workdir {workdir} holds a run with other settings ({shown}); run it with its own settings to resume, "
         f"use another --workdir, or add --fresh to start afresh (the old run moves to "
-        f"{workdir / SUPERSEDED_DIR}/)")
+        f"{workdir / SUPERSEDED_DIR}/)"
+    )
 
 
 def record_settings(workdir: str | os.PathLike, config, *, fresh: bool = False) -> Path | None:

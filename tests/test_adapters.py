@@ -34,8 +34,15 @@ HIDDEN, KV, FFN, VOCAB = 32, 16, 64, 64
 PREFIX = "base_model.model."
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # (in, out) per module type. max(in, out) is 32 or 64 everywhere, so a whole adapter costs two compiles.
-SHAPES = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, KV), "v_proj": (HIDDEN, KV), "o_proj": (HIDDEN, HIDDEN),
-          "gate_proj": (HIDDEN, FFN), "up_proj": (HIDDEN, FFN), "down_proj": (FFN, HIDDEN)}
+SHAPES = {
+    "q_proj": (HIDDEN, HIDDEN),
+    "k_proj": (HIDDEN, KV),
+    "v_proj": (HIDDEN, KV),
+    "o_proj": (HIDDEN, HIDDEN),
+    "gate_proj": (HIDDEN, FFN),
+    "up_proj": (HIDDEN, FFN),
+    "down_proj": (FFN, HIDDEN),
+}
 TOL = 1e-5
 
 
@@ -100,9 +107,18 @@ def write_adapter(directory: Path, config: dict, tensors: dict[str, np.ndarray])
 
 
 def base_config(**overrides) -> dict:
-  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "tiny-llama",
-            "r": 16, "lora_alpha": 32, "target_modules": list(KINDS) + ["embed_tokens", "patch_conv"],
-            "modules_to_save": ["lm_head"], "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
+  config = {
+      "peft_type": "LORA",
+      "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": "tiny-llama",
+      "r": 16,
+      "lora_alpha": 32,
+      "target_modules": list(KINDS) + ["embed_tokens", "patch_conv"],
+      "modules_to_save": ["lm_head"],
+      "use_rslora": False,
+      "rank_pattern": {},
+      "alpha_pattern": {},
+  }
   config.update(overrides)
   return config
 
@@ -121,7 +137,7 @@ def effective_deltas(directory: Path) -> tuple[dict[str, np.ndarray], dict, dict
     match = re.match(r"(.+)\.lora_(embedding_)?A(\.weight)?$", key)
     if not match:
       continue
-    name = match[1][len(PREFIX):]
+    name = match[1][len(PREFIX) :]
     b = tensors[key.replace("_A", "_B")]
     r = peft_lookup(config["rank_pattern"], name, config["r"])
     alpha = peft_lookup(config["alpha_pattern"], name, config["lora_alpha"])
@@ -177,8 +193,11 @@ def test_squeeze_matches_float64_svd_truncation(tmp_path, adapter_dir, variant):
   elif variant == "rslora":
     src = make_adapter(tmp_path / "in", use_rslora=True, lora_alpha=8)
   else:  # per-module r and alpha; layer 1's down_proj (r=4) grows to 6, exactly
-    src = make_adapter(tmp_path / "in", rank_pattern={"q_proj": 8, "layers.1.mlp.down_proj": 4},
-                       alpha_pattern={"v_proj": 64, "layers.1.mlp.down_proj": 2})
+    src = make_adapter(
+        tmp_path / "in",
+        rank_pattern={"q_proj": 8, "layers.1.mlp.down_proj": 4},
+        alpha_pattern={"v_proj": 64, "layers.1.mlp.down_proj": 2},
+    )
   out = tmp_path / "out"
   assert run_cli("squeeze", src, out, "--rank", 6) == 0
   before, _, src_tensors = effective_deltas(src)
@@ -205,8 +224,13 @@ def test_cli_runs_as_a_module_in_a_subprocess(tmp_path):
   src = make_adapter(tmp_path / "in", names=module_names(1, ("q_proj", "v_proj"), extras=False))
   out = tmp_path / "out"
   env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-  proc = subprocess.run([sys.executable, "-m", "lora_squeeze.adapters", "squeeze", str(src), str(out),
-                         "--rank", "4"], capture_output=True, text=True, env=env, timeout=300)
+  proc = subprocess.run(
+      [sys.executable, "-m", "lora_squeeze.adapters", "squeeze", str(src), str(out), "--rank", "4"],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr
   assert "16->4 (2)" in proc.stdout and "wrote" in proc.stdout
   before, _, _ = effective_deltas(src)
@@ -304,7 +328,7 @@ def test_inspect_prints_table_and_plot(tmp_path, adapter_dir, capsys):
   s = np.linalg.svd(w, compute_uv=False)
   row = lines["model.layers.0.mlp.down_proj"]
   assert float(row[4]) == pytest.approx(s[0], rel=1e-2)  # top singular value (3 digits)
-  assert float(row[-3]) == pytest.approx((s[:8] ** 2).sum() / (s ** 2).sum(), abs=1e-5)  # V(r/2)
+  assert float(row[-3]) == pytest.approx((s[:8] ** 2).sum() / (s**2).sum(), abs=1e-5)  # V(r/2)
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -355,8 +379,19 @@ def _break(kind: str, directory: Path) -> str:
   raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "corrupt_header", "missing_config", "missing_lora_B",
-                                  "missing_lora_A", "shape_mismatch", "nan", "rank_inconsistent"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "truncated",
+        "corrupt_header",
+        "missing_config",
+        "missing_lora_B",
+        "missing_lora_A",
+        "shape_mismatch",
+        "nan",
+        "rank_inconsistent",
+    ],
+)
 def test_bad_input_gives_one_clear_error_and_no_output(tmp_path, kind, capsys):
   src = tmp_path / "in"
   src.mkdir()
@@ -390,8 +425,13 @@ def run_subprocess(*argv, fault: str | None = None) -> subprocess.CompletedProce
   env.pop("LORA_SQUEEZE_FAULT", None)
   if fault is not None:
     env["LORA_SQUEEZE_FAULT"] = fault
-  with subprocess.Popen([sys.executable, "-m", "lora_squeeze.adapters", *map(str, argv), "--no-progress"],
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as child:
+  with subprocess.Popen(
+      [sys.executable, "-m", "lora_squeeze.adapters", *map(str, argv), "--no-progress"],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=env,
+  ) as child:
     out, err = child.communicate(timeout=300)
   proc = subprocess.CompletedProcess(child.args, child.returncode, out, err)
   proc.pid = child.pid  # the command's own PID (no shell in between): the kill test looks for it
@@ -413,8 +453,10 @@ def small_names() -> list[str]:
 
 def tree(root: Path) -> dict[str, bytes | None]:
   """Every path under ``root`` with its bytes (None for directories and symlinks)."""
-  return {str(p.relative_to(root)): p.read_bytes() if p.is_file() and not p.is_symlink() else None
-          for p in sorted(root.rglob("*"))}
+  return {
+      str(p.relative_to(root)): p.read_bytes() if p.is_file() and not p.is_symlink() else None
+      for p in sorted(root.rglob("*"))
+  }
 
 
 def test_output_that_is_contains_or_lies_inside_the_input_is_refused(tmp_path, capsys):
@@ -428,12 +470,14 @@ def test_output_that_is_contains_or_lies_inside_the_input_is_refused(tmp_path, c
   proc = run_subprocess("squeeze", src, x / "a", "--rank", 4, "--force")
   assert_one_error_line(proc.returncode, proc.stderr, "contains the input directory")
   assert tree(tmp_path) == before
-  cases = [(x, src, "contains the input directory"),
-           (src, src, "is the input directory"),
-           (src / "sub", src, "lies inside the input directory"),
-           (tmp_path / "link", src, "contains the input directory"),  # through a symlink
-           (tmp_path / "link" / "adapter", src, "is the input directory"),
-           (x, tmp_path / "link" / "adapter", "contains the input directory")]  # IN named through a symlink
+  cases = [
+      (x, src, "contains the input directory"),
+      (src, src, "is the input directory"),
+      (src / "sub", src, "lies inside the input directory"),
+      (tmp_path / "link", src, "contains the input directory"),  # through a symlink
+      (tmp_path / "link" / "adapter", src, "is the input directory"),
+      (x, tmp_path / "link" / "adapter", "contains the input directory"),
+  ]  # IN named through a symlink
   for out, inp, fragment in cases:
     for extra in (["--force"], ["--dry-run"]):
       assert run_cli("squeeze", inp, out, "--rank", 4, *extra) == 2, (out, inp, extra)
@@ -538,9 +582,13 @@ def test_unknown_plot_format_is_refused_before_any_work(tmp_path, adapter_dir, c
 
 def test_safetensors_reader_and_writer_agree_with_the_library(tmp_path):
   rng = np.random.default_rng(1)
-  tensors = {"bf16": rng.standard_normal((3, 5)).astype(ml_dtypes.bfloat16),
-             "f16": rng.standard_normal((4,)).astype(np.float16), "f32": rng.standard_normal((2, 3, 1)).astype(np.float32),
-             "i64": np.arange(6, dtype=np.int64).reshape(2, 3), "empty": np.zeros((0, 4), np.float32)}
+  tensors = {
+      "bf16": rng.standard_normal((3, 5)).astype(ml_dtypes.bfloat16),
+      "f16": rng.standard_normal((4,)).astype(np.float16),
+      "f32": rng.standard_normal((2, 3, 1)).astype(np.float32),
+      "i64": np.arange(6, dtype=np.int64).reshape(2, 3),
+      "empty": np.zeros((0, 4), np.float32),
+  }
   adapters.save_safetensors(tmp_path / "ours.safetensors", tensors, {"format": "pt"})
   theirs = load_file(str(tmp_path / "ours.safetensors"))
   save_file(tensors, str(tmp_path / "lib.safetensors"))
@@ -593,15 +641,26 @@ def test_peft_scale_rules():
 
 G_SEP = lora.LoRAConfig(rank=4)
 G_JOINT = lora.LoRAConfig(rank={"*/attn/*": 3, "*": 2}, joint_kv=True, joint_gate_up=True)
-G_MIXED = lora.LoRAConfig(rank={"layer_1/mlp/*": 5, "*/attn/o_lora": 2, "*": 4},
-                          targets=("q", "v", "o", "gate", "up", "down"))
+G_MIXED = lora.LoRAConfig(
+    rank={"layer_1/mlp/*": 5, "*/attn/o_lora": 2, "*": 4}, targets=("q", "v", "o", "gate", "up", "down")
+)
 G_ALPHA = lora.LoRAConfig(rank=4, alpha=8.0)
 G_ALPHA_MIXED = lora.LoRAConfig(rank={"*/mlp/*": 3, "*": 2}, alpha=6.0)  # exported with the scale folded
 G_CONFIGS = {"separate": G_SEP, "joint": G_JOINT, "mixed": G_MIXED, "alpha": G_ALPHA}
-HF_STEMS = {"causal_lm": "model.layers", "conditional_generation": "model.language_model.layers",
-            "legacy": "language_model.model.layers"}
-PROJ_GROUP = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+HF_STEMS = {
+    "causal_lm": "model.layers",
+    "conditional_generation": "model.language_model.layers",
+    "legacy": "language_model.model.layers",
+}
+PROJ_GROUP = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 
 
 @pytest.fixture(scope="module")
@@ -718,8 +777,9 @@ def leaves_by_path(params: dict) -> dict[str, np.ndarray]:
 
 
 def _peft_name_set(cfg, config, stem: str) -> set[str]:
-  return {f"{stem}.{i}.{PROJ_GROUP[p]}.{p}" for i in range(cfg.num_layers)
-          for p in (f"{t}_proj" for t in config.targets)}
+  return {
+      f"{stem}.{i}.{PROJ_GROUP[p]}.{p}" for i in range(cfg.num_layers) for p in (f"{t}_proj" for t in config.targets)
+  }
 
 
 @pytest.mark.parametrize("name", list(G_CONFIGS))
@@ -727,12 +787,14 @@ def test_gemma_round_trip_is_bitwise(tmp_path, gemma_cfg, name):
   config = G_CONFIGS[name]
   params = trained_lora(gemma_cfg, config, seed=1)
   out = tmp_path / "peft"
-  written = adapters.export_peft(params, out, lora_config=config, model_config=gemma_cfg,
-                                 base_model_name_or_path="google/gemma-3-270m")
+  written = adapters.export_peft(
+      params, out, lora_config=config, model_config=gemma_cfg, base_model_name_or_path="google/gemma-3-270m"
+  )
   assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
   assert json.loads((out / "adapter_config.json").read_text()) == written
-  back, back_config = adapters.import_peft(out, model_config=gemma_cfg, joint_kv=config.joint_kv,
-                                           joint_gate_up=config.joint_gate_up)
+  back, back_config = adapters.import_peft(
+      out, model_config=gemma_cfg, joint_kv=config.joint_kv, joint_gate_up=config.joint_gate_up
+  )
   want, got = leaves_by_path(params), leaves_by_path(back)
   assert set(got) == set(want)
   for path, x in want.items():
@@ -741,7 +803,11 @@ def test_gemma_round_trip_is_bitwise(tmp_path, gemma_cfg, name):
   # The returned config describes the same modules, ranks and scale (a rank mapping comes back per module).
   assert lora.lora_shapes(gemma_cfg, back_config) == lora.lora_shapes(gemma_cfg, config)
   assert (back_config.alpha, back_config.targets, back_config.joint_kv, back_config.joint_gate_up) == (
-      config.alpha, config.targets, config.joint_kv, config.joint_gate_up)
+      config.alpha,
+      config.targets,
+      config.joint_kv,
+      config.joint_gate_up,
+  )
   if not isinstance(config.rank, dict):
     assert back_config == config
 
@@ -771,8 +837,14 @@ def test_exported_delta_w_is_the_hf_layout(tmp_path, gemma_cfg, name, layout):
   config = G_CONFIGS[name]
   params = trained_lora(gemma_cfg, config, seed=3)
   out = tmp_path / "peft"
-  adapters.export_peft(params, out, lora_config=config, model_config=gemma_cfg, layout=layout,
-                       base_model_name_or_path="google/gemma-3-4b-pt")
+  adapters.export_peft(
+      params,
+      out,
+      lora_config=config,
+      model_config=gemma_cfg,
+      layout=layout,
+      base_model_name_or_path="google/gemma-3-4b-pt",
+  )
   deltas, written, tensors = effective_deltas(out)
   stem = HF_STEMS[layout]
   assert set(deltas) == _peft_name_set(gemma_cfg, config, stem)
@@ -811,8 +883,7 @@ def tiny_model(gemma_cfg):
 def lora_logits(tiny_model, params, config) -> np.ndarray:
   transformer, base, tokens, _ = tiny_model
   model = lora.LoRA(model=transformer, config=config)
-  return np.asarray(jax.jit(lambda p, t: model.apply({"params": p}, t).logits)(
-      lora.merge_params(base, params), tokens))
+  return np.asarray(jax.jit(lambda p, t: model.apply({"params": p}, t).logits)(lora.merge_params(base, params), tokens))
 
 
 @pytest.mark.parametrize("name", ["alpha", "joint"])
@@ -832,21 +903,39 @@ def test_exported_adapter_drives_the_model_like_ours(tmp_path, gemma_cfg, tiny_m
   assert effect > 0.1  # the adapter matters
   np.testing.assert_allclose(via_peft, ours, atol=2e-3 * effect, rtol=0)
   n, h = gemma_cfg.num_heads, gemma_cfg.head_dim
-  for module, perm in (("q_proj", lambda w: w.reshape(n, h, -1).transpose(1, 0, 2).reshape(n * h, -1)),
-                       ("o_proj", lambda w: w.reshape(-1, n, h).transpose(0, 2, 1).reshape(-1, n * h))):
+  for module, perm in (
+      ("q_proj", lambda w: w.reshape(n, h, -1).transpose(1, 0, 2).reshape(n * h, -1)),
+      ("o_proj", lambda w: w.reshape(-1, n, h).transpose(0, 2, 1).reshape(-1, n * h)),
+  ):
     wrong = {k: perm(w) if k.endswith(module) else w for k, w in deltas.items()}
     bad = np.asarray(forward(base_plus_hf(base, wrong, gemma_cfg), tokens))
     assert np.abs(bad - ours).max() > 100 * np.abs(via_peft - ours).max(), module
 
 
-def write_gemma_peft(directory: Path, cfg, config: dict, *, stem: str = "model.layers", kinds=KINDS,
-                     seed: int = 0, dtype=np.float32, extra: dict | None = None) -> dict[str, np.ndarray]:
+def write_gemma_peft(
+    directory: Path,
+    cfg,
+    config: dict,
+    *,
+    stem: str = "model.layers",
+    kinds=KINDS,
+    seed: int = 0,
+    dtype=np.float32,
+    extra: dict | None = None,
+) -> dict[str, np.ndarray]:
   """A PEFT Gemma 3 adapter written directly (safetensors library + json); returns its tensors."""
   rng = np.random.default_rng(seed)
   d, f = cfg.embed_dim, cfg.hidden_dim
   nh, kh = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-  dims = {"q_proj": (d, nh), "k_proj": (d, kh), "v_proj": (d, kh), "o_proj": (nh, d), "gate_proj": (d, f),
-          "up_proj": (d, f), "down_proj": (f, d)}
+  dims = {
+      "q_proj": (d, nh),
+      "k_proj": (d, kh),
+      "v_proj": (d, kh),
+      "o_proj": (nh, d),
+      "gate_proj": (d, f),
+      "up_proj": (d, f),
+      "down_proj": (f, d),
+  }
   tensors = {}
   for layer in range(cfg.num_layers):
     for proj in kinds:
@@ -861,9 +950,17 @@ def write_gemma_peft(directory: Path, cfg, config: dict, *, stem: str = "model.l
 
 
 def gemma_peft_config(**overrides) -> dict:
-  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "google/gemma-3-270m",
-            "r": 4, "lora_alpha": 16, "target_modules": list(KINDS), "use_rslora": False,
-            "rank_pattern": {}, "alpha_pattern": {}}
+  config = {
+      "peft_type": "LORA",
+      "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": "google/gemma-3-270m",
+      "r": 4,
+      "lora_alpha": 16,
+      "target_modules": list(KINDS),
+      "use_rslora": False,
+      "rank_pattern": {},
+      "alpha_pattern": {},
+  }
   config.update(overrides)
   return config
 
@@ -872,17 +969,22 @@ def gemma_peft_config(**overrides) -> dict:
 @pytest.mark.parametrize("variant", ["patterns", "rslora"])
 def test_import_hand_written_peft_adapter_folds_its_scale(tmp_path, gemma_cfg, stem, variant):
   if variant == "patterns":  # lora_alpha != r, per-module ranks and alphas (scales 4, 8, 16/6, 3/4)
-    config = gemma_peft_config(rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
-                               alpha_pattern={"v_proj": 3})
+    config = gemma_peft_config(rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6}, alpha_pattern={"v_proj": 3})
   else:
     config = gemma_peft_config(use_rslora=True, lora_alpha=6, r=8)
-  write_gemma_peft(tmp_path / "in", gemma_cfg, config, stem=HF_STEMS[stem],
-                   dtype=ml_dtypes.bfloat16 if stem == "legacy" else np.float32)
+  write_gemma_peft(
+      tmp_path / "in",
+      gemma_cfg,
+      config,
+      stem=HF_STEMS[stem],
+      dtype=ml_dtypes.bfloat16 if stem == "legacy" else np.float32,
+  )
   want = hf_deltas(tmp_path / "in")
   params, our_config = adapters.import_peft(tmp_path / "in", model_config=gemma_cfg)
   assert our_config.alpha is None and our_config.targets == lora.TARGETS
-  assert lora.lora_shapes(gemma_cfg, our_config) == {p: (tuple(x["a"].shape), tuple(x["b"].shape))
-                                                    for p, x in squeeze.lora_pairs(params).items()}
+  assert lora.lora_shapes(gemma_cfg, our_config) == {
+      p: (tuple(x["a"].shape), tuple(x["b"].shape)) for p, x in squeeze.lora_pairs(params).items()
+  }
   if variant == "patterns":
     ranks = lora.lora_ranks(params)
     assert ranks["layer_0/attn/q_lora"] == 2 and ranks["layer_1/mlp/down_lora"] == 6
@@ -923,8 +1025,7 @@ def test_import_joint_from_independent_halves(tmp_path, gemma_cfg, alpha_pattern
   one lora_alpha kept as alpha, each half's alpha/r_half over alpha/(r_k + r_v) is folded in)."""
   config = gemma_peft_config(rank_pattern={"v_proj": 3, "up_proj": 2}, alpha_pattern=alpha_pattern)
   write_gemma_peft(tmp_path / "in", gemma_cfg, config, seed=6)
-  params, our_config = adapters.import_peft(tmp_path / "in", model_config=gemma_cfg, joint_kv=True,
-                                            joint_gate_up=True)
+  params, our_config = adapters.import_peft(tmp_path / "in", model_config=gemma_cfg, joint_kv=True, joint_gate_up=True)
   assert our_config.joint_kv and our_config.joint_gate_up
   assert our_config.alpha == (None if alpha_pattern else 16.0)
   ranks = lora.lora_ranks(params)
@@ -994,9 +1095,16 @@ def _break_gemma(kind: str, directory: Path, cfg) -> str:
     return "A [4, 63]"
   if kind == "unknown_module":  # a LoRA on the SigLIP tower
     vision = f"{PREFIX}model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj"
-    write_gemma_peft(directory, cfg, config, stem=HF_STEMS["conditional_generation"],
-                     extra={f"{vision}.lora_A.weight": np.zeros((4, 32), np.float32),
-                            f"{vision}.lora_B.weight": np.zeros((32, 4), np.float32)})
+    write_gemma_peft(
+        directory,
+        cfg,
+        config,
+        stem=HF_STEMS["conditional_generation"],
+        extra={
+            f"{vision}.lora_A.weight": np.zeros((4, 32), np.float32),
+            f"{vision}.lora_B.weight": np.zeros((32, 4), np.float32),
+        },
+    )
     return "vision_tower"
   if kind == "layer_out_of_range":  # an adapter for a deeper model
     write_gemma_peft(directory, models.model_config("tiny", num_layers=3), config)
@@ -1007,8 +1115,12 @@ def _break_gemma(kind: str, directory: Path, cfg) -> str:
     write_adapter(directory, config, tensors)
     return "NaN"
   if kind == "modules_to_save":
-    write_gemma_peft(directory, cfg, {**config, "modules_to_save": ["lm_head"]},
-                     extra={f"{PREFIX}lm_head.weight": np.zeros((8, 64), np.float32)})
+    write_gemma_peft(
+        directory,
+        cfg,
+        {**config, "modules_to_save": ["lm_head"]},
+        extra={f"{PREFIX}lm_head.weight": np.zeros((8, 64), np.float32)},
+    )
     return "lm_head"
   if kind == "missing_layer":  # layers_to_transform=[0]: our LoRA adapts every layer
     tensors = write_gemma_peft(directory, cfg, config)
@@ -1020,8 +1132,19 @@ def _break_gemma(kind: str, directory: Path, cfg) -> str:
   raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["missing_lora_B", "wrong_shape", "unknown_module", "layer_out_of_range", "nan",
-                                  "modules_to_save", "missing_layer", "joint_needs_both"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "missing_lora_B",
+        "wrong_shape",
+        "unknown_module",
+        "layer_out_of_range",
+        "nan",
+        "modules_to_save",
+        "missing_layer",
+        "joint_needs_both",
+    ],
+)
 def test_import_errors_name_the_problem(tmp_path, gemma_cfg, kind):
   src = tmp_path / "in"
   src.mkdir()

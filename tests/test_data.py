@@ -30,8 +30,19 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def test_registry_has_the_papers_13_tasks():
   titles = {t.title for t in data.TASKS.values()}
   assert titles == {
-      'ANLI-r2', 'ARC-C', 'ARC-E', 'BoolQ', 'DROP', 'GoEmotions', 'HellaSwag',
-      'MMLU', 'OBQA', 'PAWS', 'PIQA', 'SIQA', 'WinoGrande-L',
+      'ANLI-r2',
+      'ARC-C',
+      'ARC-E',
+      'BoolQ',
+      'DROP',
+      'GoEmotions',
+      'HellaSwag',
+      'MMLU',
+      'OBQA',
+      'PAWS',
+      'PIQA',
+      'SIQA',
+      'WinoGrande-L',
   }
   for t in data.TASKS.values():
     assert t.metric in data.METRICS
@@ -67,8 +78,12 @@ def test_import_does_not_load_tensorflow():
   )
   env = dict(os.environ, PYTHONPATH=str(REPO))
   out = subprocess.run(
-      [sys.executable, '-c', code], capture_output=True, text=True, env=env,
-      check=True, timeout=120,
+      [sys.executable, '-c', code],
+      capture_output=True,
+      text=True,
+      env=env,
+      check=True,
+      timeout=120,
   )
   assert out.stdout.strip().splitlines()[-1] == 'False', out.stderr[-2000:]
 
@@ -77,31 +92,45 @@ def test_import_does_not_load_tensorflow():
 
 
 def test_formats_of_hand_made_tfds_records():
-  arc = data.get_task('arc_e').format({
-      'question': b'Which is a mammal?', 'answerKey': np.array(2),
-      'choices': {'text': [b'shark', b'trout', b'whale'],
-                  'label': np.array([0, 1, 2])},
-  })
-  assert arc == data.Example(
-      'Question: Which is a mammal?\nAnswer:', (' shark', ' trout', ' whale'),
-      (2,), ' whale',
+  arc = data.get_task('arc_e').format(
+      {
+          'question': b'Which is a mammal?',
+          'answerKey': np.array(2),
+          'choices': {'text': [b'shark', b'trout', b'whale'], 'label': np.array([0, 1, 2])},
+      }
   )
-  wino = data.get_task('winogrande').format({
-      'sentence': b'The cup fell off the table because _ was slippery.',
-      'option1': b'the cup', 'option2': b'the table', 'label': 1,
-  })
+  assert arc == data.Example(
+      'Question: Which is a mammal?\nAnswer:',
+      (' shark', ' trout', ' whale'),
+      (2,),
+      ' whale',
+  )
+  wino = data.get_task('winogrande').format(
+      {
+          'sentence': b'The cup fell off the table because _ was slippery.',
+          'option1': b'the cup',
+          'option2': b'the table',
+          'label': 1,
+      }
+  )
   assert wino.prompt == 'The cup fell off the table because'
   assert wino.choices == (' the cup was slippery.', ' the table was slippery.')
   assert wino.target == ' the table was slippery.'
   assert wino.choice_context == (' the cup', ' the table')  # partial scoring
   boolq = data.get_task('boolq').format(
-      {'passage': b'Water boils at 100 C.', 'question': b'does water boil',
-       'answer': np.bool_(True), 'title': b'x'})
+      {'passage': b'Water boils at 100 C.', 'question': b'does water boil', 'answer': np.bool_(True), 'title': b'x'}
+  )
   assert boolq.prompt == 'Water boils at 100 C.\nQuestion: does water boil?\nAnswer:'
   assert boolq.target == ' yes' and boolq.answers == (1,)
-  drop = data.get_task('drop').format({
-      'passage': b'P.', 'question': b'How many?', 'answer': b'3',
-      'validated_answers': np.array([b'3', b'three']), 'query_id': b'q'})
+  drop = data.get_task('drop').format(
+      {
+          'passage': b'P.',
+          'question': b'How many?',
+          'answer': b'3',
+          'validated_answers': np.array([b'3', b'three']),
+          'query_id': b'q',
+      }
+  )
   assert drop.target == ' 3' and drop.references == ('3', 'three')
   assert drop.choices == () and drop.answers == ()
   labels = {k: False for k in tasks_lib.GOEMOTIONS_LABELS}
@@ -110,14 +139,18 @@ def test_formats_of_hand_made_tfds_records():
   assert len(go.choices) == 28
   assert [go.choices[i] for i in go.answers] == [' joy', ' love']
   assert go.target == ' joy'
-  hs = data.get_task('hellaswag').format({
-      'activity_label': b'Baking', 'context': b'[header] How to bake [title] Mix.',
-      'endings': [b'Add [step] flour.', b'Eat.'], 'label': np.int32(0)})
+  hs = data.get_task('hellaswag').format(
+      {
+          'activity_label': b'Baking',
+          'context': b'[header] How to bake [title] Mix.',
+          'endings': [b'Add [step] flour.', b'Eat.'],
+          'label': np.int32(0),
+      }
+  )
   assert hs.prompt == 'Baking: How to bake. Mix.'
   assert hs.choices == (' Add flour.', ' Eat.')
   with pytest.raises(data.InvalidExampleError, match='hidden test label'):
-    data.get_task('piqa').format(
-        {'goal': b'g', 'sol1': b'a', 'sol2': b'b', 'label': -1})
+    data.get_task('piqa').format({'goal': b'g', 'sol1': b'a', 'sol2': b'b', 'label': -1})
 
 
 # ---------------------------------------------------------- formats (mock)
@@ -138,8 +171,7 @@ def _check_example(task, ex):
 
 # Mock strings are random letters: a WinoGrande sentence needs its "_" blank.
 _MOCK_FIXES = {
-    'winogrande': lambda r: {**r, 'sentence': r['sentence'][:4] + ' _ '
-                             + r['sentence'][4:]},
+    'winogrande': lambda r: {**r, 'sentence': r['sentence'][:4] + ' _ ' + r['sentence'][4:]},
 }
 
 
@@ -181,8 +213,7 @@ def _prepare_offline(builder_cls, raw_dir, data_dir):
     return epath.Path(raw_dir)
 
   mp = pytest.MonkeyPatch()
-  mp.setattr(tfds.download.DownloadManager, 'download_and_extract',
-             fake_download_and_extract)
+  mp.setattr(tfds.download.DownloadManager, 'download_and_extract', fake_download_and_extract)
   try:
     builder = builder_cls(data_dir=str(data_dir))
     builder.download_and_prepare(file_format='array_record')
@@ -197,13 +228,17 @@ def test_siqa_builder_prepares_offline_from_raw_files(tmp_path):
   raw = tmp_path / 'raw' / 'socialiqa-train-dev'
   raw.mkdir(parents=True)
   rows = [
-      dict(context=f'Alex helped friend {i}.', question='Why?',
-           answerA='to be kind', answerB='to be rude', answerC=f'no idea {i}')
+      dict(
+          context=f'Alex helped friend {i}.',
+          question='Why?',
+          answerA='to be kind',
+          answerB='to be rude',
+          answerC=f'no idea {i}',
+      )
       for i in range(5)
   ]
   for stem, n, labels in (('train', 5, '1\n2\n3\n1\n2\n'), ('dev', 2, '3\n1\n')):
-    (raw / f'{stem}.jsonl').write_text(
-        ''.join(json.dumps(r) + '\n' for r in rows[:n]))
+    (raw / f'{stem}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows[:n]))
     (raw / f'{stem}-labels.lst').write_text(labels)
   _prepare_offline(builders.SocialIqa, tmp_path / 'raw', tmp_path / 'tfds')
 
@@ -213,8 +248,8 @@ def test_siqa_builder_prepares_offline_from_raw_files(tmp_path):
   got = sorted((train[i].prompt, train[i].target) for i in range(5))
   want = sorted(
       (f'Context: Alex helped friend {i}.\nQuestion: Why?\nAnswer:', t)
-      for i, t in enumerate([' to be kind', ' to be rude', ' no idea 2',
-                             ' to be kind', ' to be rude']))
+      for i, t in enumerate([' to be kind', ' to be rude', ' no idea 2', ' to be kind', ' to be rude'])
+  )
   assert got == want
   assert {dev[i].target for i in range(2)} == {' no idea 0', ' to be kind'}
 
@@ -226,13 +261,15 @@ def test_mmlu_builder_prepares_offline_from_raw_files(tmp_path):
   files = {
       'auxiliary_train/race.csv': [
           ['Passage. Q1?', 'a1', 'b1', 'c1', 'd1', 'B'],
-          ['Q2, with "quotes"\nand a newline?', 'a2', 'b2', 'c2', 'd2', 'D']],
+          ['Q2, with "quotes"\nand a newline?', 'a2', 'b2', 'c2', 'd2', 'D'],
+      ],
       'dev/anatomy_dev.csv': [['Dev q?', 'w', 'x', 'y', 'z', 'A']],
       'val/anatomy_val.csv': [['Val q?', 'w', 'x', 'y', 'z', 'C']],
       'test/anatomy_test.csv': [['Bone count?', '206', '12', '5', '1', 'A']],
       'test/virology_test.csv': [['Virus?', 'cell', 'not a cell', 'x', 'y', 'B']],
   }
   import csv  # pylint: disable=g-import-not-at-top
+
   for rel, rows in files.items():
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -240,14 +277,17 @@ def test_mmlu_builder_prepares_offline_from_raw_files(tmp_path):
       csv.writer(f).writerows(rows)
   builder = _prepare_offline(builders.Mmlu, tmp_path / 'raw', tmp_path / 'tfds')
   assert {k: v.num_examples for k, v in builder.info.splits.items()} == {
-      'train': 2, 'dev': 1, 'validation': 1, 'test': 2}
+      'train': 2,
+      'dev': 1,
+      'validation': 1,
+      'test': 2,
+  }
 
   test = data.source('mmlu', 'test', data_dir=tmp_path / 'tfds')
   subjects = sorted(test.records[i]['subject'].decode() for i in range(2))
   assert subjects == ['anatomy', 'virology']
   got = {test[i].prompt: test[i].target for i in range(2)}
-  assert got == {'Question: Bone count?\nAnswer:': ' 206',
-                 'Question: Virus?\nAnswer:': ' not a cell'}
+  assert got == {'Question: Bone count?\nAnswer:': ' 206', 'Question: Virus?\nAnswer:': ' not a cell'}
   train = data.eval_examples('mmlu', 'train', data_dir=tmp_path / 'tfds')
   assert sorted(e.target for e in train) == [' b1', ' d2']
   assert any('with "quotes"\nand a newline?' in e.prompt for e in train)
@@ -260,9 +300,9 @@ OFFLINE_TASKS = [n for n, t in data.TASKS.items() if t.offline is not None]
 
 
 def test_offline_tasks_are_the_nine_shipped():
-  assert sorted(OFFLINE_TASKS) == sorted([
-      'arc_c', 'arc_e', 'boolq', 'hellaswag', 'mmlu', 'obqa', 'piqa', 'siqa',
-      'winogrande'])
+  assert sorted(OFFLINE_TASKS) == sorted(
+      ['arc_c', 'arc_e', 'boolq', 'hellaswag', 'mmlu', 'obqa', 'piqa', 'siqa', 'winogrande']
+  )
 
 
 @pytest.mark.parametrize('name', OFFLINE_TASKS)
@@ -275,8 +315,7 @@ def test_offline_rows_split_and_format(name):
   assert not set(train.indices) & set(heldout.indices)
   assert sorted(train.indices + heldout.indices) == list(range(len(everything)))
   # Deterministic: the documented hash rule, recomputed here.
-  assert heldout.indices == tuple(
-      i for i in range(len(everything)) if olmo.is_heldout(name, i, 0.5))
+  assert heldout.indices == tuple(i for i in range(len(everything)) if olmo.is_heldout(name, i, 0.5))
   assert 0.4 < len(heldout) / len(everything) < 0.6
   for i in range(len(everything)):
     _check_example(task, everything[i])
@@ -285,9 +324,17 @@ def test_offline_rows_split_and_format(name):
 def test_offline_content_and_pinned_split_sizes():
   sizes = {n: len(data.source(n, 'offline_heldout')) for n in OFFLINE_TASKS}
   # Pins the hash rule: a changed rule silently changes every held-out number.
-  assert sizes == {'arc_c': 149, 'arc_e': 291, 'boolq': 1638,
-                   'hellaswag': 5113, 'mmlu': 6964, 'obqa': 253, 'piqa': 952,
-                   'siqa': 983, 'winogrande': 643}
+  assert sizes == {
+      'arc_c': 149,
+      'arc_e': 291,
+      'boolq': 1638,
+      'hellaswag': 5113,
+      'mmlu': 6964,
+      'obqa': 253,
+      'piqa': 952,
+      'siqa': 983,
+      'winogrande': 643,
+  }
   arc = data.source('arc_e', 'offline_all')[0]
   assert arc.prompt == 'Question: Which technology was developed most recently?\nAnswer:'
   assert arc.target == ' cellular telephone'
@@ -337,8 +384,7 @@ def test_loss_mask_covers_exactly_the_target_and_eos(which):
   # Scoring a choice: same prompt tokens, no EOS.
   choice = data.encode_example(ex, tok, 64, continuation=' yes', add_eos=False)
   assert tok.decode(choice['tokens'][choice['loss_mask'] == 1]) == ' yes'
-  assert choice['tokens'][:len(tokens) - n_target].tolist() == (
-      tokens[:len(tokens) - n_target].tolist())
+  assert choice['tokens'][: len(tokens) - n_target].tolist() == (tokens[: len(tokens) - n_target].tolist())
 
 
 def test_truncation_cuts_the_prompt_from_the_left():
@@ -348,8 +394,7 @@ def test_truncation_cuts_the_prompt_from_the_left():
   assert BYTE_TOK.decode(enc['tokens'][enc['loss_mask'] == 1]) == ' the answer'
   kept = BYTE_TOK.decode(enc['tokens'][1:][enc['loss_mask'][1:] == 0])
   assert ex.prompt.endswith(kept) and len(kept) == 32 - 1 - 12
-  long_target = data.encode_example(
-      data.Example('p', (), (), ' ' + 'y' * 50), BYTE_TOK, 16)
+  long_target = data.encode_example(data.Example('p', (), (), ' ' + 'y' * 50), BYTE_TOK, 16)
   assert long_target['loss_mask'].tolist() == [0] + [1] * 15
   assert BYTE_TOK.decode(long_target['tokens'][1:]) == ' ' + 'y' * 14
 
@@ -370,16 +415,16 @@ def _numbered_source(n):
 
 
 def _answers(batch):
-  return [BYTE_TOK.decode(row[m == 1]) for row, m in
-          zip(batch['tokens'], batch['loss_mask'])]
+  return [BYTE_TOK.decode(row[m == 1]) for row, m in zip(batch['tokens'], batch['loss_mask'])]
 
 
 def test_shuffle_is_seeded_and_an_epoch_is_a_permutation():
   src = _numbered_source(12)
+
   def take(seed, n, **kw):
-    it = data.train_iterator(src, BYTE_TOK, batch_size=4, max_len=32,
-                             seed=seed, **kw)
+    it = data.train_iterator(src, BYTE_TOK, batch_size=4, max_len=32, seed=seed, **kw)
     return [a for _ in range(n) for a in _answers(next(it))]
+
   first = take(0, 3)
   assert first == take(0, 3)
   assert first != take(1, 3)
@@ -391,8 +436,7 @@ def test_shuffle_is_seeded_and_an_epoch_is_a_permutation():
 
 def test_resume_from_saved_state_gives_identical_batches():
   src = _numbered_source(10)  # Batches of 4 cross epoch boundaries.
-  make = lambda: data.train_iterator(src, BYTE_TOK, batch_size=4, max_len=24,
-                                     seed=7)
+  make = lambda: data.train_iterator(src, BYTE_TOK, batch_size=4, max_len=24, seed=7)
   it = make()
   for _ in range(3):
     next(it)
@@ -412,8 +456,7 @@ def test_resume_from_saved_state_gives_identical_batches():
 
 
 def test_train_iterator_over_offline_task_data():
-  it = data.train_iterator('winogrande', BYTE_TOK, batch_size=2, max_len=96,
-                           seed=0, split='offline_train')
+  it = data.train_iterator('winogrande', BYTE_TOK, batch_size=2, max_len=96, seed=0, split='offline_train')
   batch = next(it)
   targets = {e.target for e in data.source('winogrande', 'offline_train')}
   assert all(a in targets for a in _answers(batch))
@@ -423,11 +466,11 @@ def test_train_iterator_over_offline_task_data():
 def test_train_iterator_from_run_config():
   import ml_collections  # pylint: disable=g-import-not-at-top
 
-  config = ml_collections.ConfigDict(dict(seed=3, data=dict(
-      task='piqa', source='olmo', batch_size=2, max_len=64, train_split='')))
+  config = ml_collections.ConfigDict(
+      dict(seed=3, data=dict(task='piqa', source='olmo', batch_size=2, max_len=64, train_split=''))
+  )
   batch = next(data.train_iterator_from_config(config, BYTE_TOK))
-  direct = next(data.train_iterator('piqa', BYTE_TOK, batch_size=2, max_len=64,
-                                    seed=3, split='offline_train'))
+  direct = next(data.train_iterator('piqa', BYTE_TOK, batch_size=2, max_len=64, seed=3, split='offline_train'))
   np.testing.assert_array_equal(batch['tokens'], direct['tokens'])
   config.data.source = 'hf'
   with pytest.raises(ValueError, match='Unknown data.source'):
@@ -439,8 +482,7 @@ def test_train_iterator_from_run_config():
 
 def _varied_source(n):
   """Examples of 12 to 30 byte tokens, each answer naming its index."""
-  return [data.Example(f'Q{i}:' + 'x' * (i * 7 % 13), (), (), f' a{i}' + 'y' * (i % 5))
-          for i in range(n)]
+  return [data.Example(f'Q{i}:' + 'x' * (i * 7 % 13), (), (), f' a{i}' + 'y' * (i % 5)) for i in range(n)]
 
 
 def _segments(batch):
@@ -458,8 +500,7 @@ def _segments(batch):
 
 def _stream(src, max_len, seed):
   """The shuffled example stream, one epoch, from the unpacked iterator."""
-  it = data.train_iterator(src, BYTE_TOK, batch_size=1, max_len=max_len,
-                           seed=seed, num_epochs=1)
+  it = data.train_iterator(src, BYTE_TOK, batch_size=1, max_len=max_len, seed=seed, num_epochs=1)
   return [a for batch in it for a in _answers(batch)]
 
 
@@ -467,8 +508,7 @@ def test_packed_batches_keep_the_contract_and_the_stream_order():
   src = _varied_source(40)
   by_answer = {ex.target: ex for ex in src}
   b, t = 3, 64
-  it = data.train_iterator(src, BYTE_TOK, batch_size=b, max_len=t, seed=0,
-                           num_epochs=1, pack=True)
+  it = data.train_iterator(src, BYTE_TOK, batch_size=b, max_len=t, seed=0, num_epochs=1, pack=True)
   batches = list(it)
   order = _stream(src, t, seed=0)
   seen = []
@@ -491,7 +531,7 @@ def test_packed_batches_keep_the_contract_and_the_stream_order():
       assert batch['positions'][r, s:e].tolist() == list(range(e - s))
       assert batch['tokens'][r, s] == BYTE_TOK.bos_id and batch['loss_mask'][r, s] == 0
     # A batch is the next run of the shuffled stream, each row in stream order.
-    chunk = order[len(seen):len(seen) + len(in_batch)]
+    chunk = order[len(seen) : len(seen) + len(in_batch)]
     assert sorted(a for _, _, a in in_batch) == sorted(chunk)
     for r in range(b):
       row = [a for rr, _, a in sorted(in_batch) if rr == r]
@@ -509,8 +549,7 @@ def test_packed_batches_keep_the_contract_and_the_stream_order():
 
 def test_packed_resume_gives_identical_batches_and_settings_must_match():
   src = _varied_source(10)  # About 3 batches an epoch: they cross epochs.
-  make = lambda **kw: data.train_iterator(
-      src, BYTE_TOK, batch_size=2, max_len=48, seed=7, **{'pack': True, **kw})
+  make = lambda **kw: data.train_iterator(src, BYTE_TOK, batch_size=2, max_len=48, seed=7, **{'pack': True, **kw})
   it = make()
   for _ in range(4):
     next(it)
@@ -534,8 +573,7 @@ def test_packed_resume_gives_identical_batches_and_settings_must_match():
 
 def test_packed_shards_are_row_blocks_of_the_global_batch():
   src = _varied_source(30)
-  make = lambda shard: data.train_iterator(
-      src, BYTE_TOK, batch_size=4, max_len=40, seed=1, pack=True, shard=shard)
+  make = lambda shard: data.train_iterator(src, BYTE_TOK, batch_size=4, max_len=40, seed=1, pack=True, shard=shard)
   whole, first, second = make((0, 1)), make((0, 2)), make((1, 2))
   for _ in range(5):
     want = next(whole)
@@ -549,8 +587,7 @@ def test_packing_refuses_images():
   image = np.zeros((4, 4, 3), np.uint8)
   src = [data.Example(f'{data.IMAGE_MARKER} What?', (), (), ' x', image=image)]
   with pytest.raises(ValueError, match='pack=True packs text examples only'):
-    data.train_iterator(src, BYTE_TOK, batch_size=1, max_len=32, seed=0,
-                        pack=True)
+    data.train_iterator(src, BYTE_TOK, batch_size=1, max_len=32, seed=0, pack=True)
   enc = {k: np.ones(3, np.int32) for k in data.BATCH_KEYS}
   with pytest.raises(ValueError, match='cannot be packed'):
     pipeline.pack_rows([[dict(enc, images=image[None])]], 8)
@@ -559,15 +596,16 @@ def test_packing_refuses_images():
 def test_pack_from_run_config():
   import ml_collections  # pylint: disable=g-import-not-at-top
 
-  config = ml_collections.ConfigDict(dict(seed=3, data=dict(
-      task='arc_e', source='olmo', batch_size=2, max_len=512, train_split='',
-      pack=True)))
+  config = ml_collections.ConfigDict(
+      dict(seed=3, data=dict(task='arc_e', source='olmo', batch_size=2, max_len=512, train_split='', pack=True))
+  )
   batch = next(data.train_iterator_from_config(config, BYTE_TOK))
-  direct = next(data.train_iterator('arc_e', BYTE_TOK, batch_size=2,
-                                    max_len=512, seed=3, split='offline_train',
-                                    pack=True))
+  direct = next(
+      data.train_iterator('arc_e', BYTE_TOK, batch_size=2, max_len=512, seed=3, split='offline_train', pack=True)
+  )
   for k in data.BATCH_KEYS:
     np.testing.assert_array_equal(batch[k], direct[k])
   assert batch['segment_ids'].max() >= 2  # Several ARC-E examples per row.
   from lora_squeeze import config_lib  # pylint: disable=g-import-not-at-top
+
   assert config_lib.base_config().data.pack is False

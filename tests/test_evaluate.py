@@ -18,8 +18,12 @@ def tiny():
 
 def _examples():
   return [
-      tasks.Example(prompt="Question: what is two plus two?\nAnswer:", answers=(0,), target=" four",
-                    choices=(" four", " five hundred and six", " 4")),
+      tasks.Example(
+          prompt="Question: what is two plus two?\nAnswer:",
+          answers=(0,),
+          target=" four",
+          choices=(" four", " five hundred and six", " 4"),
+      ),
       tasks.Example(prompt="The sky is", choices=(" blue", " green"), answers=(1,), target=" blue"),
       tasks.Example(prompt="x", choices=(" a", " bb", " ccc", " dddd"), answers=(2, 3), target=" ccc"),
   ]
@@ -50,11 +54,16 @@ def test_tree_packed_scores_equal_separate_full_vocab_scores(tiny, with_lora, ma
 def test_partial_scoring_scores_only_the_rest_after_the_context(tiny):
   """WinoGrande's partial scoring: each choice is option + rest; only the rest's tokens are scored, given
   the option. Checked against a hand computation with gemma's own forward."""
-  ex = tasks.get_task("winogrande").format({
-      "sentence": b"The cup fell off the table because _ was slippery.", "option1": b"the cup",
-      "option2": b"the table", "label": 1})
+  ex = tasks.get_task("winogrande").format(
+      {
+          "sentence": b"The cup fell off the table because _ was slippery.",
+          "option1": b"the cup",
+          "option2": b"the table",
+          "label": 1,
+      }
+  )
   assert ex.choice_context == (" the cup", " the table")
-  (sums, counts), = evaluate.ChoiceScorer(tiny, max_len=128).score([ex])
+  ((sums, counts),) = evaluate.ChoiceScorer(tiny, max_len=128).score([ex])
   tok = tiny.tokenizer
   rest = tok.encode(" was slippery.")
   assert counts.tolist() == [len(rest), len(rest)]
@@ -66,8 +75,7 @@ def test_partial_scoring_scores_only_the_rest_after_the_context(tiny):
     start = len(ids) - len(rest)
     want = sum(logp[i - 1, ids[i]] for i in range(start, len(ids)))
     np.testing.assert_allclose(sums[k], want, rtol=2e-6, atol=1e-5)
-  full = evaluate.ChoiceScorer(tiny, max_len=128).score([tasks.Example(ex.prompt, ex.choices, ex.answers,
-                                                                         ex.target)])
+  full = evaluate.ChoiceScorer(tiny, max_len=128).score([tasks.Example(ex.prompt, ex.choices, ex.answers, ex.target)])
   assert full[0][1].tolist() == [len(tok.encode(c)) for c in ex.choices]  # without context: every token
 
 
@@ -108,8 +116,9 @@ def test_exact_match_f1():
 
 
 def test_generative_eval_runs_greedy_decoding(tiny):
-  ex = tasks.Example(prompt="Passage: a\nQuestion: b\nAnswer:", choices=(), answers=(), target=" 7",
-                     references=(" 7", "seven"))
+  ex = tasks.Example(
+      prompt="Passage: a\nQuestion: b\nAnswer:", choices=(), answers=(), target=" 7", references=(" 7", "seven")
+  )
   m = evaluate.evaluate_examples(tiny, "drop", [ex], max_new_tokens=4, max_len=128)
   assert m["metric"] == "generative" and 0.0 <= m["f1"] <= 1.0 and m["n"] == 1
   out = evaluate.greedy_generate(tiny, ["abc"], max_new_tokens=3, stop="")
@@ -121,6 +130,7 @@ def test_real_270m_zero_shot_above_chance():
   """The real Gemma 3 270M (pretrained) on the offline held-out parts. Measured on the full held-out
   sets (experiments/results/eval_speed.md); here the first 120 examples of each to keep CI short."""
   from lora_squeeze import data
+
   model = models.load("gemma3_270m")
   results = {}
   for task in ("arc_e", "piqa", "winogrande"):
@@ -138,6 +148,7 @@ def test_real_270m_zero_shot_above_chance():
 
 def test_scored_bucket_bounds_padding_and_shapes():
   from lora_squeeze.evaluate import _scored_bucket
+
   sizes = [_scored_bucket(n) for n in range(1, 2049)]
   for n, s in zip(range(1, 2049), sizes):
     assert n <= s and s - n <= max(7, n // 8), (n, s)  # padding: at most 7 rows, or 1/8 of the rows

@@ -106,8 +106,11 @@ def test_rows_from_the_store(store):
 def test_lr_from_reads_the_best_rates(store):
   best = R.best_direct_lr(R.load_rows([store]))
   c = _paper(f"tiny,artefact=heatmap,ranks=2+1,sources=2,lr_from={store}")
-  lrs = {x["overrides"]["lora.rank"]: x["overrides"]["learning_rate"] for x in c.sweep
-         if x["overrides"]["mode"] == "direct"}
+  lrs = {
+      x["overrides"]["lora.rank"]: x["overrides"]["learning_rate"]
+      for x in c.sweep
+      if x["overrides"]["mode"] == "direct"
+  }
   assert lrs == best
 
 
@@ -128,14 +131,27 @@ def test_fig4_gain_matches_records(store, tmp_path):
 
 def test_every_script_writes_md_and_png(store, tmp_path):
   out = tmp_path / "out"
-  for name in ("fig3_lr_transfer", "fig5_efficient_vs_standard", "fig6_retention", "table1_methods",
-               "table2_lr_grid", "table3_seeds"):
+  for name in (
+      "fig3_lr_transfer",
+      "fig5_efficient_vs_standard",
+      "fig6_retention",
+      "table1_methods",
+      "table2_lr_grid",
+      "table3_seeds",
+  ):
     assert _script(name).main(["--results", str(store), "--out", str(out), "--title", "tiny"]) == 0, name
     assert (out / f"{name}.png").stat().st_size > 1000, name
     assert "Computed from" in (out / f"{name}.md").read_text(), name
   t1 = (out / "table1_methods.md").read_text()
-  for col in ("0-S", "direct r=1, N=8", "direct r=1, N+4", "Post-Squeeze 2→1", "Cont-Squeeze +4",
-              "In-Squeeze std +4", "In-Squeeze min-steps +4"):
+  for col in (
+      "0-S",
+      "direct r=1, N=8",
+      "direct r=1, N+4",
+      "Post-Squeeze 2→1",
+      "Cont-Squeeze +4",
+      "In-Squeeze std +4",
+      "In-Squeeze min-steps +4",
+  ):
     assert col in t1, col
   assert "**" in t1  # best per row in bold
   t3 = (out / "table3_seeds.md").read_text()
@@ -153,8 +169,14 @@ def test_claims_pair_the_records(store, tmp_path):
   assert _script("claims").main(["--results", str(store), "--out", str(out)]) == 0
   assert (out / "claims.png").stat().st_size > 1000
   md = (out / "claims.md").read_text()
-  for label in ("Post-Squeeze 2→1", "efficient (Alg. 2)", "Cont-Squeeze 2→1 +4", "In-Squeeze standard 2→1",
-                "In-Squeeze min-steps 2→1", "| 2→1 | yes |"):
+  for label in (
+      "Post-Squeeze 2→1",
+      "efficient (Alg. 2)",
+      "Cont-Squeeze 2→1 +4",
+      "In-Squeeze standard 2→1",
+      "In-Squeeze min-steps 2→1",
+      "| 2→1 | yes |",
+  ):
     assert label in md, label
   best = R.best_direct_lr(R.load_rows([store]))[1]
   post = _record(store, "synthetic_s42_post_from2_efficient")["targets"]["1"]["metrics"]["per_example"]
@@ -166,9 +188,25 @@ def test_claims_pair_the_records(store, tmp_path):
 
 def test_paired_differences():
   def row(task, nll, correct, **kw):
-    return R.Row(store="s", cell="c", task=task, model="m", method="direct", rank=1, source_rank=None,
-                 learning_rate=0.1, seed=42, steps=8, squeeze_method=None, accuracy=None, ci95=None, n=len(nll),
-                 per_example={"gold_nll": nll, "correct": correct}, **kw)
+    return R.Row(
+        store="s",
+        cell="c",
+        task=task,
+        model="m",
+        method="direct",
+        rank=1,
+        source_rank=None,
+        learning_rate=0.1,
+        seed=42,
+        steps=8,
+        squeeze_method=None,
+        accuracy=None,
+        ci95=None,
+        n=len(nll),
+        per_example={"gold_nll": nll, "correct": correct},
+        **kw,
+    )
+
   a = [row("t1", [1.0, 2.0, 3.0], [1, 1, 0]), row("t2", [0.5], [1])]
   b = [row("t1", [1.0, 1.0, 1.0], [0, 1, 0]), row("t3", [9.0], [0])]
   p = R.paired(a, b)  # only t1 is in both

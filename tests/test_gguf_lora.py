@@ -56,7 +56,7 @@ def deltas(meta: dict, tensors: dict) -> dict[str, np.ndarray]:
     if name.endswith(".lora_a"):
       b = tensors[name[:-1] + "b"].astype(np.float64)
       r = a.shape[0]
-      out[name[:-len(".lora_a")]] = (alpha / r if alpha else 1.0) * b @ a.astype(np.float64)
+      out[name[: -len(".lora_a")]] = (alpha / r if alpha else 1.0) * b @ a.astype(np.float64)
   return out
 
 
@@ -84,7 +84,7 @@ def peft_deltas(config: dict, tensors: dict) -> dict[str, np.ndarray]:
   out = {}
   for key, a in tensors.items():
     if key.endswith(".lora_A.weight"):
-      name = key[len("base_model.model."):-len(".lora_A.weight")]
+      name = key[len("base_model.model.") : -len(".lora_A.weight")]
       r = pattern(config.get("rank_pattern") or {}, name, config["r"])
       assert r == a.shape[0], (name, r, a.shape)
       alpha = pattern(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
@@ -201,7 +201,7 @@ def test_squeeze_gguf_per_module_ranks_share_one_alpha(tmp_path, capsys):
   ranks = {}
   for name, w in deltas(meta_in, t_in).items():
     s = np.linalg.svd(w, compute_uv=False)
-    k = max(1, int((s[:min(w.shape)] > s[0] / ratio).sum()))
+    k = max(1, int((s[: min(w.shape)] > s[0] / ratio).sum()))
     k = min(k, t_in[name + ".lora_a"].shape[0])
     ranks[name] = t_out[name + ".lora_a"].shape[0]
     assert ranks[name] == k == t_out[name + ".lora_b"].shape[1], name
@@ -235,8 +235,16 @@ def test_gguf_output_suffix_and_existing_output(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------------
 
 
-def rewrite(src: Path, dst: Path, *, arch: str | None = None, meta: dict | None = None, drop=(), tensors=None,
-            general_type: str | None = None) -> None:
+def rewrite(
+    src: Path,
+    dst: Path,
+    *,
+    arch: str | None = None,
+    meta: dict | None = None,
+    drop=(),
+    tensors=None,
+    general_type: str | None = None,
+) -> None:
   """Writes ``src`` again with gguf's own writer, changing metadata or tensors (numpy order)."""
   r = gguf.GGUFReader(src)
   fields = {k: f for k, f in r.fields.items() if not k.startswith("GGUF.") and k != "general.architecture"}
@@ -264,7 +272,7 @@ def bad(kind: str, d: Path) -> tuple[Path, str]:
   a_key = "blk.0.attn_q.weight.lora_a"
   if kind == "truncated":
     data = GGUF.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
     return path, "truncated"
   if kind == "truncated_header":
     path.write_bytes(GGUF.read_bytes()[:200])
@@ -302,14 +310,30 @@ def bad(kind: str, d: Path) -> tuple[Path, str]:
     rewrite(GGUF, path, arch="gemma9")
     return path, "architecture 'gemma9' is not in gguf's name map (nearest: gemma"
   if kind == "foreign_tensor":
-    rewrite(GGUF, path, tensors={"blk.0.attn_qkv.weight.lora_a": np.zeros((2, 640), np.float32),
-                                 "blk.0.attn_qkv.weight.lora_b": np.zeros((1536, 2), np.float32)})
+    rewrite(
+        GGUF,
+        path,
+        tensors={
+            "blk.0.attn_qkv.weight.lora_a": np.zeros((2, 640), np.float32),
+            "blk.0.attn_qkv.weight.lora_b": np.zeros((1536, 2), np.float32),
+        },
+    )
     return path, "'blk.0.attn_qkv.weight' is not a gemma3 weight"
   raise ValueError(kind)
 
 
-KINDS = ["truncated", "truncated_header", "base_model", "adapter_type", "unpaired", "rank_mismatch", "nan",
-         "inf_alpha", "unknown_arch", "foreign_tensor"]
+KINDS = [
+    "truncated",
+    "truncated_header",
+    "base_model",
+    "adapter_type",
+    "unpaired",
+    "rank_mismatch",
+    "nan",
+    "inf_alpha",
+    "unknown_arch",
+    "foreign_tensor",
+]
 
 
 @pytest.mark.parametrize("command", ["squeeze", "convert"])
@@ -331,12 +355,15 @@ def test_bad_gguf_input(tmp_path, capsys, kind, command):
   assert list(out_dir.iterdir()) == []
 
 
-@pytest.mark.parametrize("case,fragment", [
-    ("no_arch", "cannot tell the llama.cpp architecture"),
-    ("typo_arch", "architecture 'gema3' is not in gguf's name map (nearest: gemma3)"),
-    ("bad_module", "has no llama.cpp name for architecture 'gemma3'"),
-    ("extra_tensor", "is not a lora_A/lora_B factor"),
-])
+@pytest.mark.parametrize(
+    "case,fragment",
+    [
+        ("no_arch", "cannot tell the llama.cpp architecture"),
+        ("typo_arch", "architecture 'gema3' is not in gguf's name map (nearest: gemma3)"),
+        ("bad_module", "has no llama.cpp name for architecture 'gemma3'"),
+        ("extra_tensor", "is not a lora_A/lora_B factor"),
+    ],
+)
 def test_bad_peft_to_gguf(tmp_path, capsys, case, fragment):
   src = tmp_path / "peft"
   shutil.copytree(PEFT, src)
@@ -364,13 +391,20 @@ def test_bad_peft_to_gguf(tmp_path, capsys, case, fragment):
 
 def test_convert_imports_neither_torch_nor_llama_cpp(tmp_path):
   heavy = ("torch", "llama_cpp", "tensorflow", "gemma", "flax", "orbax", "transformers")
-  code = ("import sys; from lora_squeeze import adapters; "
-          "assert adapters.main(['convert', sys.argv[1], sys.argv[2]]) == 0; "
-          "assert adapters.main(['squeeze', sys.argv[2], sys.argv[3], '--rank', '1', '--no-progress']) == 0; "
-          f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {set(heavy)!r}); "
-          "assert not heavy, heavy; print('light')")
+  code = (
+      "import sys; from lora_squeeze import adapters; "
+      "assert adapters.main(['convert', sys.argv[1], sys.argv[2]]) == 0; "
+      "assert adapters.main(['squeeze', sys.argv[2], sys.argv[3], '--rank', '1', '--no-progress']) == 0; "
+      f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {set(heavy)!r}); "
+      "assert not heavy, heavy; print('light')"
+  )
   env = {**os.environ, "PYTHONPATH": str(REPO), "LORA_SQUEEZE_JAX_CACHE": ""}
-  proc = subprocess.run([sys.executable, "-c", code, str(PEFT), str(tmp_path / "a.gguf"), str(tmp_path / "b.gguf")],
-                        capture_output=True, text=True, env=env, timeout=300)
+  proc = subprocess.run(
+      [sys.executable, "-c", code, str(PEFT), str(tmp_path / "a.gguf"), str(tmp_path / "b.gguf")],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip().endswith("light")

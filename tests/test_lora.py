@@ -32,14 +32,26 @@ def _tiny_transformer(dtype=jnp.float32):
   """The project's "tiny" Gemma 3 (models.py), 2 layers; a local fallback while models.py is in flux."""
   try:
     from lora_squeeze import models  # pylint: disable=g-import-not-at-top
+
     return models.make_transformer("tiny", num_layers=2, dtype=dtype)
   except (ImportError, AttributeError):
     cfg = gm.nn.config.TransformerConfig(
-        num_embed=256, embed_dim=64, hidden_dim=128, num_heads=4, head_dim=16, num_kv_heads=2,
-        final_logit_softcap=None, use_post_attn_norm=True, use_post_ffw_norm=True, use_qk_norm=True,
+        num_embed=256,
+        embed_dim=64,
+        hidden_dim=128,
+        num_heads=4,
+        head_dim=16,
+        num_kv_heads=2,
+        final_logit_softcap=None,
+        use_post_attn_norm=True,
+        use_post_ffw_norm=True,
+        use_qk_norm=True,
         attention_types=(gm.nn.AttentionType.LOCAL_SLIDING, gm.nn.AttentionType.GLOBAL),
-        sliding_window_size=4, transpose_gating_einsum=True, local_base_frequency=10_000,
-        global_base_frequency=1_000_000)
+        sliding_window_size=4,
+        transpose_gating_einsum=True,
+        local_base_frequency=10_000,
+        global_base_frequency=1_000_000,
+    )
     return gm.nn.Transformer(config=cfg, dtype=dtype)
 
 
@@ -119,7 +131,8 @@ def test_shapes_separate_and_joint(tiny):
   d, f, n, k, h = c.embed_dim, c.hidden_dim, c.num_heads, c.num_kv_heads, c.head_dim
   sep = lora.lora_shapes(transformer, lora.LoRAConfig(rank=3))
   assert list(sep)[:7] == [f"layer_0/attn/{x}_lora" for x in ("q", "k", "v", "o")] + [
-      f"layer_0/mlp/{x}_lora" for x in ("gate", "up", "down")]
+      f"layer_0/mlp/{x}_lora" for x in ("gate", "up", "down")
+  ]
   assert sep["layer_1/attn/q_lora"] == ((d, 3), (3, n, h))
   assert sep["layer_1/attn/k_lora"] == sep["layer_1/attn/v_lora"] == ((d, 3), (3, k, h))
   assert sep["layer_1/attn/o_lora"] == ((n, h, 3), (3, d))
@@ -130,8 +143,7 @@ def test_shapes_separate_and_joint(tiny):
   assert joint["layer_0/mlp/gate_up_lora"] == ((d, 3), (3, 2, f))
   assert len(joint) == 5 * c.num_layers and len(sep) == 7 * c.num_layers
   only = lora.lora_shapes(transformer, lora.LoRAConfig(rank=2, targets=("q", "v")))
-  assert sorted(only) == ["layer_0/attn/q_lora", "layer_0/attn/v_lora", "layer_1/attn/q_lora",
-                          "layer_1/attn/v_lora"]
+  assert sorted(only) == ["layer_0/attn/q_lora", "layer_0/attn/v_lora", "layer_1/attn/q_lora", "layer_1/attn/v_lora"]
 
 
 def test_rank_mapping_and_bad_keys(tiny):
@@ -160,8 +172,9 @@ def test_init_lora_values_and_two_ranks_in_one_process(tiny):
     cfg = lora.LoRAConfig(rank=r)
     params = lora.init_lora(jax.random.key(0), transformer, cfg)
     pairs = squeeze.lora_pairs(params)
-    assert {p: (tuple(v["a"].shape), tuple(v["b"].shape)) for p, v in pairs.items()} == \
-        lora.lora_shapes(transformer, cfg)
+    assert {p: (tuple(v["a"].shape), tuple(v["b"].shape)) for p, v in pairs.items()} == lora.lora_shapes(
+        transformer, cfg
+    )
     for v in pairs.values():
       assert v["a"].dtype == v["b"].dtype == jnp.float32
       assert not np.any(v["b"]) and np.all(np.abs(v["a"]) <= math.sqrt(6 / math.prod(v["a"].shape[:-1])))
@@ -248,18 +261,21 @@ def test_separate_kv_equals_joint_with_block_structure(tiny):
   joint = {}
   for i in range(transformer.config.num_layers):
     s = sep[f"layer_{i}"]
-    joint[f"layer_{i}"] = {"attn": {"kv_lora": _block(s["attn"]["k_lora"], s["attn"]["v_lora"])},
-                           "mlp": {"gate_up_lora": _block(s["mlp"]["gate_lora"], s["mlp"]["up_lora"])}}
-  for x, y in zip(jax.tree.leaves(lora.fuse(base, sep, sep_cfg)),
-                  jax.tree.leaves(lora.fuse(base, joint, joint_cfg))):
+    joint[f"layer_{i}"] = {
+        "attn": {"kv_lora": _block(s["attn"]["k_lora"], s["attn"]["v_lora"])},
+        "mlp": {"gate_up_lora": _block(s["mlp"]["gate_lora"], s["mlp"]["up_lora"])},
+    }
+  for x, y in zip(jax.tree.leaves(lora.fuse(base, sep, sep_cfg)), jax.tree.leaves(lora.fuse(base, joint, joint_cfg))):
     np.testing.assert_allclose(x, y, atol=1e-5)
 
 
 def _block(p, q):
   """a = (a_p | a_q), b = [[b_p, 0], [0, b_q]] stacked on the joint axis: ΔW_joint = (ΔW_p, ΔW_q)."""
   zeros = jnp.zeros_like(p["b"])
-  return {"a": jnp.concatenate([p["a"], q["a"]], -1),
-          "b": jnp.concatenate([jnp.stack([p["b"], zeros], 1), jnp.stack([zeros, q["b"]], 1)], 0)}
+  return {
+      "a": jnp.concatenate([p["a"], q["a"]], -1),
+      "b": jnp.concatenate([jnp.stack([p["b"], zeros], 1), jnp.stack([zeros, q["b"]], 1)], 0),
+  }
 
 
 def test_alpha_scale_is_applied_and_not_cached(tiny):
@@ -269,7 +285,8 @@ def test_alpha_scale_is_applied_and_not_cached(tiny):
   out, out_alpha = (lora_forward(transformer, c)(lora.merge_params(base, l), tokens) for c in (SEP, SEP_ALPHA))
   assert SEP_ALPHA.scale(4) == 2.0
   doubled = jax.tree_util.tree_map_with_path(
-      lambda path, x: 2.0 * x if jax.tree_util.keystr(path).endswith("['b']") else x, l)
+      lambda path, x: 2.0 * x if jax.tree_util.keystr(path).endswith("['b']") else x, l
+  )
   _close(out_alpha, base_forward(lora.fuse(base, doubled, SEP), tokens))
   _close(out_alpha, base_forward(lora.fuse(base, l, SEP_ALPHA), tokens))
   assert np.abs(np.asarray(out_alpha - out)).max() > 1e-2
@@ -295,8 +312,9 @@ def test_bfloat16_base_float32_lora(tiny):
   base, l = lora.split_params(params)
   assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(jnp.bfloat16)}
   assert {x.dtype for x in jax.tree.leaves(l)} == {jnp.dtype(jnp.float32)}
-  assert {x.dtype for x in jax.tree.leaves(lora.init_lora(jax.random.key(0), transformer, cfg))} == \
-      {jnp.dtype(jnp.float32)}
+  assert {x.dtype for x in jax.tree.leaves(lora.init_lora(jax.random.key(0), transformer, cfg))} == {
+      jnp.dtype(jnp.float32)
+  }
   # The float32 delta is cast to the activations' dtype: the output stays bfloat16.
   out = jax.eval_shape(lambda p: model.apply({"params": p}, tokens).logits, params)
   assert out.dtype == jnp.bfloat16
@@ -352,8 +370,12 @@ def test_change_rank_partial_mapping_keeps_other_modules(tiny):
   cfg = lora.LoRAConfig(rank=4, alpha=4.0, targets=("q", "down"))
   l = _trained_like(transformer, cfg)
   new, new_cfg = lora.change_rank(l, {"*/q_lora": 2}, cfg)
-  assert new_cfg.rank == {"layer_0/attn/q_lora": 2, "layer_0/mlp/down_lora": 4, "layer_1/attn/q_lora": 2,
-                          "layer_1/mlp/down_lora": 4}
+  assert new_cfg.rank == {
+      "layer_0/attn/q_lora": 2,
+      "layer_0/mlp/down_lora": 4,
+      "layer_1/attn/q_lora": 2,
+      "layer_1/mlp/down_lora": 4,
+  }
   np.testing.assert_array_equal(new["layer_1"]["mlp"]["down_lora"]["a"], l["layer_1"]["mlp"]["down_lora"]["a"])
   assert lora.lora_ranks(new) == {p: s[0][-1] for p, s in lora.lora_shapes(transformer, new_cfg).items()}
 
@@ -402,19 +424,22 @@ def test_gemma3_4b_multimodal_no_lora_in_vision():
 # --------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("x_shape,a_shape,b_shape", [
-    ((2, 5, 6), (6, 3), (3, 4, 2)),        # q: BTD, (D, r), (r, N, H)
-    ((2, 5, 4, 2), (4, 2, 3), (3, 6)),     # o: BTNH, (N, H, r), (r, D)
-    ((2, 5, 6), (6, 1), (1, 2, 1, 2)),     # joint kv, rank 1
-    ((7, 6), (6, 5), (5, 9)),              # 2-D, rank > in
-])
+@pytest.mark.parametrize(
+    "x_shape,a_shape,b_shape",
+    [
+        ((2, 5, 6), (6, 3), (3, 4, 2)),  # q: BTD, (D, r), (r, N, H)
+        ((2, 5, 4, 2), (4, 2, 3), (3, 6)),  # o: BTNH, (N, H, r), (r, D)
+        ((2, 5, 6), (6, 1), (1, 2, 1, 2)),  # joint kv, rank 1
+        ((7, 6), (6, 5), (5, 9)),  # 2-D, rank > in
+    ],
+)
 @pytest.mark.parametrize("scale", [1.0, 2.5])
 def test_lora_delta_value_and_backward_equal_float64_formulas(x_shape, a_shape, b_shape, scale):
   """y = s (x a) b and its three gradients, against float64 numpy: gx = s g bᵀ aᵀ, ga = s xᵀ g bᵀ,
   gb = s (x a)ᵀ g (all flattened to matrices), on fresh random inputs."""
   rng = np.random.default_rng(sum(x_shape) + len(b_shape))
   x, a, b = (rng.standard_normal(s).astype(np.float32) for s in (x_shape, a_shape, b_shape))
-  out_shape = x_shape[:len(x_shape) - (len(a_shape) - 1)] + b_shape[1:]
+  out_shape = x_shape[: len(x_shape) - (len(a_shape) - 1)] + b_shape[1:]
   g = rng.standard_normal(out_shape).astype(np.float32)
   y, vjp = jax.vjp(lambda x, a, b: lora._lora_delta(x, a, b, scale), x, a, b)
   gx, ga, gb = vjp(jnp.asarray(g))
@@ -423,8 +448,7 @@ def test_lora_delta_value_and_backward_equal_float64_formulas(x_shape, a_shape, 
   X = x.astype(np.float64).reshape(-1, math.prod(a_shape[:-1]))
   A, B = a.astype(np.float64).reshape(-1, r), b.astype(np.float64).reshape(r, -1)
   G = g.astype(np.float64).reshape(X.shape[0], -1)
-  ref = {"y": scale * X @ A @ B, "gx": scale * G @ B.T @ A.T, "ga": scale * X.T @ G @ B.T,
-         "gb": scale * (X @ A).T @ G}
+  ref = {"y": scale * X @ A @ B, "gx": scale * G @ B.T @ A.T, "ga": scale * X.T @ G @ B.T, "gb": scale * (X @ A).T @ G}
   got = {"y": y, "gx": gx, "ga": ga, "gb": gb}
   shapes = {"y": out_shape, "gx": x_shape, "ga": a_shape, "gb": b_shape}
   for k in ref:
@@ -434,8 +458,11 @@ def test_lora_delta_value_and_backward_equal_float64_formulas(x_shape, a_shape, 
     assert err < 1e-6, (k, err)
 
 
-@pytest.mark.parametrize("cfg", [SEP_ALPHA, JOINT, lora.LoRAConfig(rank=2, targets=("k", "o", "up"))],
-                         ids=["separate_alpha", "joint_rank_mapping", "one_half_of_kv_and_gating"])
+@pytest.mark.parametrize(
+    "cfg",
+    [SEP_ALPHA, JOINT, lora.LoRAConfig(rank=2, targets=("k", "o", "up"))],
+    ids=["separate_alpha", "joint_rank_mapping", "one_half_of_kv_and_gating"],
+)
 def test_model_gradient_with_hand_backward_equals_autodiff(tiny, cfg, monkeypatch):
   """The whole tiny model: loss and LoRA gradients (b != 0) are those of plain autodiff, for separate
   k/v and gate/up (stacked deltas), joint ones, and only one half of each pair (the other half zero)."""

@@ -46,7 +46,7 @@ def kohya_deltas(tensors: dict) -> dict[str, np.ndarray]:
   out = {}
   for key, down in tensors.items():
     if key.endswith(".lora_down.weight"):
-      prefix = key[:-len(".lora_down.weight")]
+      prefix = key[: -len(".lora_down.weight")]
       up = tensors[f"{prefix}.lora_up.weight"].astype(np.float64)
       r = down.shape[0]
       alpha = float(tensors[f"{prefix}.alpha"]) if f"{prefix}.alpha" in tensors else r
@@ -59,7 +59,7 @@ def diffusers_deltas(tensors: dict, scale_of=None) -> dict[str, np.ndarray]:
   out = {}
   for key, a in tensors.items():
     if key.endswith(".lora_A.weight"):
-      prefix = key[:-len(".lora_A.weight")]
+      prefix = key[: -len(".lora_A.weight")]
       b = tensors[f"{prefix}.lora_B.weight"].astype(np.float64)
       r = a.shape[0]
       if f"{prefix}.alpha" in tensors:
@@ -121,7 +121,7 @@ def test_kohya_fixture_squeezes_with_conv_and_loha_copied(tmp_path, capsys):
   assert_truncated(kohya_deltas(before), kohya_deltas(after), 2)
   for k, v in after.items():
     if k.endswith(".lora_down.weight"):
-      prefix = k[:-len(".lora_down.weight")]
+      prefix = k[: -len(".lora_down.weight")]
       assert v.shape[0] == 2 and float(after[f"{prefix}.alpha"]) == 2.0  # alpha = new rank: scale 1
       assert after[f"{prefix}.alpha"].dtype == before[f"{prefix}.alpha"].dtype
       up = after[f"{prefix}.lora_up.weight"]
@@ -151,7 +151,7 @@ def test_kohya_alpha_is_folded_and_per_module_metadata_names_the_max(tmp_path, c
   assert len(set(ranks.values())) > 1, ranks
   for p, w in want.items():
     s = np.linalg.svd(w, compute_uv=False)
-    assert ranks[p] == int(np.argmax(np.cumsum(s ** 2) / np.sum(s ** 2) >= 0.9 - 1e-12)) + 1
+    assert ranks[p] == int(np.argmax(np.cumsum(s**2) / np.sum(s**2) >= 0.9 - 1e-12)) + 1
     np.testing.assert_allclose(got[p], truncate(w, ranks[p]), atol=TOL * np.abs(w).max())
     assert float(after[f"{p}.alpha"]) == ranks[p]
   assert new_meta["ss_network_dim"] == str(max(ranks.values()))
@@ -224,14 +224,18 @@ def brute(s, keep) -> int:
   return next(r for r in range(1, len(s) + 1) if keep(r))
 
 
-SPECTRA = [np.array([10.0, 5.0, 2.5, 1.0, 0.5, 0.1]), np.array([3.0, 3.0, 1.0, 1.0]),
-           np.array([1.0, 0.0, 0.0]), np.array([7.0, 1e-3, 1e-4, 1e-5, 0.0])]
+SPECTRA = [
+    np.array([10.0, 5.0, 2.5, 1.0, 0.5, 0.1]),
+    np.array([3.0, 3.0, 1.0, 1.0]),
+    np.array([1.0, 0.0, 0.0]),
+    np.array([7.0, 1e-3, 1e-4, 1e-5, 0.0]),
+]
 
 
 @pytest.mark.parametrize("s", SPECTRA, ids=range(len(SPECTRA)))
 @pytest.mark.parametrize("value", [0.1, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0])
 def test_sv_fro_and_cumulative_match_their_formulas(s, value):
-  fro = brute(s, lambda r: math.sqrt(np.sum(s[:r] ** 2) / np.sum(s ** 2)) >= value - 1e-12)
+  fro = brute(s, lambda r: math.sqrt(np.sum(s[:r] ** 2) / np.sum(s**2)) >= value - 1e-12)
   cum = brute(s, lambda r: np.sum(s[:r]) / np.sum(s) >= value - 1e-12)
   assert squeeze.rank_sv_fro(s, value) == fro
   assert squeeze.rank_sv_cumulative(s, value) == cum
@@ -267,19 +271,25 @@ def designed_file(path: Path, spectra: dict[str, np.ndarray], seed: int = 0) -> 
   save_file(tensors, str(path))
 
 
-@pytest.mark.parametrize("flag,value,want", [
-    ("--sv-ratio", 4.5, {"m.a": 3, "m.b": 1, "m.c": 5}),   # s > s_max / 4.5
-    ("--sv-fro", 0.9, {"m.a": 2, "m.b": 1, "m.c": 5}),     # sqrt(cumulative s^2 share) >= 0.9
-    ("--sv-cumulative", 0.9, {"m.a": 4, "m.b": 1, "m.c": 5}),  # cumulative s share >= 0.9
-])
+@pytest.mark.parametrize(
+    "flag,value,want",
+    [
+        ("--sv-ratio", 4.5, {"m.a": 3, "m.b": 1, "m.c": 5}),  # s > s_max / 4.5
+        ("--sv-fro", 0.9, {"m.a": 2, "m.b": 1, "m.c": 5}),  # sqrt(cumulative s^2 share) >= 0.9
+        ("--sv-cumulative", 0.9, {"m.a": 4, "m.b": 1, "m.c": 5}),  # cumulative s share >= 0.9
+    ],
+)
 def test_dynamic_rules_end_to_end_per_module(tmp_path, flag, value, want):
-  spectra = {"m.a": np.array([8.0, 4.0, 2.0, 1.0, 0.5, 0.25]), "m.b": np.array([5.0, 0.1, 0.05, 0.01, 0.0, 0.0]),
-             "m.c": np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])}
+  spectra = {
+      "m.a": np.array([8.0, 4.0, 2.0, 1.0, 0.5, 0.25]),
+      "m.b": np.array([5.0, 0.1, 0.05, 0.01, 0.0, 0.0]),
+      "m.c": np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0]),
+  }
   for name, s in spectra.items():  # the expectations, from the formulas by hand and by brute force
     if flag == "--sv-ratio":
       assert want[name] == max(1, int(np.sum(s > s[0] / value)))
     elif flag == "--sv-fro":
-      assert want[name] == brute(s, lambda r: math.sqrt(np.sum(s[:r] ** 2) / np.sum(s ** 2)) >= value)
+      assert want[name] == brute(s, lambda r: math.sqrt(np.sum(s[:r] ** 2) / np.sum(s**2)) >= value)
     else:
       assert want[name] == brute(s, lambda r: np.sum(s[:r]) / np.sum(s) >= value)
   src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
@@ -306,19 +316,25 @@ def test_dynamic_rule_on_a_peft_directory_writes_rank_pattern(tmp_path):
   (src / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 4}))
   assert run_cli("squeeze", src, tmp_path / "out", "--sv-ratio", 3.0) == 0  # 4/3: keeps 4, 2 | 4
   config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
-  ranks = {k: config["rank_pattern"].get(k.split("base_model.model.")[1][:-len(".lora_A.weight")], config["r"])
-           for k in tensors if k.endswith("lora_A.weight")}
+  ranks = {
+      k: config["rank_pattern"].get(k.split("base_model.model.")[1][: -len(".lora_A.weight")], config["r"])
+      for k in tensors
+      if k.endswith("lora_A.weight")
+  }
   assert sorted(ranks.values()) == [1, 2]
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["--sv-ratio", "0.5"], "--sv-ratio must be >= 1"),
-    (["--sv-fro", "1.5"], "--sv-fro must be in (0, 1]"),
-    (["--sv-cumulative", "0"], "--sv-cumulative must be in (0, 1]"),
-    (["--rank", "2", "--max-rank", "3"], "--max-rank goes with"),
-    (["--energy", "0.9", "--max-rank", "0"], "--max-rank must be >= 1"),
-    (["--sv-fro", "0.9", "--per-module"], "--per-module needs --energy"),
-])
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--sv-ratio", "0.5"], "--sv-ratio must be >= 1"),
+        (["--sv-fro", "1.5"], "--sv-fro must be in (0, 1]"),
+        (["--sv-cumulative", "0"], "--sv-cumulative must be in (0, 1]"),
+        (["--rank", "2", "--max-rank", "3"], "--max-rank goes with"),
+        (["--energy", "0.9", "--max-rank", "0"], "--max-rank must be >= 1"),
+        (["--sv-fro", "0.9", "--per-module"], "--per-module needs --energy"),
+    ],
+)
 def test_rule_argument_errors(tmp_path, capsys, argv, fragment):
   out = tmp_path / "o.safetensors"
   assert run_cli("squeeze", FIXTURES / "diffusers_alpha.safetensors", out, *argv) == 2
@@ -341,12 +357,13 @@ def _bad(kind: str, d: Path) -> tuple[Path, str]:
   if kind in ("truncated", "lying_header"):
     data = (FIXTURES / "kohya_unet.safetensors").read_bytes()
     if kind == "truncated":
-      path.write_bytes(data[:len(data) // 2])
+      path.write_bytes(data[: len(data) // 2])
       return path, "truncated"
     path.write_bytes((len(data) * 4).to_bytes(8, "little") + data[8:])  # header length past the end
     return path, "does not fit in the file"
   if kind in ("pickle_suffix", "pickle_content"):
     import pickle  # pylint: disable=g-import-not-at-top
+
     payload = pickle.dumps({"lora_unet_x.lora_down.weight": [1.0]}, protocol=4)
     path = d / ("bad.ckpt" if kind == "pickle_suffix" else "bad.safetensors")
     path.write_bytes(payload)
@@ -376,8 +393,21 @@ def _bad(kind: str, d: Path) -> tuple[Path, str]:
   raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "lying_header", "pickle_suffix", "pickle_content", "nan",
-                                  "rank_mismatch", "missing_up", "unknown_format", "mixed_formats", "bad_alpha"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "truncated",
+        "lying_header",
+        "pickle_suffix",
+        "pickle_content",
+        "nan",
+        "rank_mismatch",
+        "missing_up",
+        "unknown_format",
+        "mixed_formats",
+        "bad_alpha",
+    ],
+)
 def test_bad_single_file_input(tmp_path, kind, capsys):
   src_dir = tmp_path / "in"
   src_dir.mkdir()
@@ -396,10 +426,12 @@ def test_pickle_is_never_unpickled(tmp_path, capsys):
   marker = tmp_path / "unpickled"
 
   class Boom:
+
     def __reduce__(self):
       return (open, (str(marker), "w"))
 
   import pickle  # pylint: disable=g-import-not-at-top
+
   for name in ("adapter.pt", "adapter.safetensors"):
     src = tmp_path / name
     src.write_bytes(pickle.dumps(Boom()))
@@ -422,10 +454,13 @@ def test_peft_directory_with_only_a_pickle_is_refused(tmp_path, capsys):
 def test_killed_file_squeeze_leaves_a_partial_that_the_next_run_removes(tmp_path):
   """SIGKILL after the first module: OUT is absent, the .partial stays; the next run removes it."""
   src, out = FIXTURES / "kohya_unet.safetensors", tmp_path / "out.safetensors"
-  env = {**os.environ, "PYTHONPATH": str(REPO), "LORA_SQUEEZE_JAX_CACHE": "",
-         "LORA_SQUEEZE_FAULT": "squeeze_after_module:0"}
-  argv = [sys.executable, "-m", "lora_squeeze.adapters", "squeeze", str(src), str(out), "--rank", "2",
-          "--no-progress"]
+  env = {
+      **os.environ,
+      "PYTHONPATH": str(REPO),
+      "LORA_SQUEEZE_JAX_CACHE": "",
+      "LORA_SQUEEZE_FAULT": "squeeze_after_module:0",
+  }
+  argv = [sys.executable, "-m", "lora_squeeze.adapters", "squeeze", str(src), str(out), "--rank", "2", "--no-progress"]
   proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == -9, proc.stderr
   partials = [p.name for p in tmp_path.iterdir()]
@@ -442,15 +477,22 @@ HEAVY = ("tensorflow", "gemma", "flax", "orbax")
 
 
 def test_command_imports_no_training_stack():
-  code = ("import lora_squeeze.squeeze, lora_squeeze.adapters, lora_squeeze.lora_files, sys; "
-          f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {set(HEAVY)!r}); "
-          "assert not heavy, heavy; "
-          "from lora_squeeze import adapters; adapters.main(['inspect', sys.argv[1], '--no-progress']); "
-          "heavy = sorted(m for m in sys.modules if m.split('.')[0] in " + repr(set(HEAVY)) + "); "
-          "assert not heavy, heavy; print('light')")
+  code = (
+      "import lora_squeeze.squeeze, lora_squeeze.adapters, lora_squeeze.lora_files, sys; "
+      f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {set(HEAVY)!r}); "
+      "assert not heavy, heavy; "
+      "from lora_squeeze import adapters; adapters.main(['inspect', sys.argv[1], '--no-progress']); "
+      "heavy = sorted(m for m in sys.modules if m.split('.')[0] in " + repr(set(HEAVY)) + "); "
+      "assert not heavy, heavy; print('light')"
+  )
   env = {**os.environ, "PYTHONPATH": str(REPO), "LORA_SQUEEZE_JAX_CACHE": ""}
-  proc = subprocess.run([sys.executable, "-c", code, str(FIXTURES / "diffusers_alpha.safetensors")],
-                        capture_output=True, text=True, env=env, timeout=300)
+  proc = subprocess.run(
+      [sys.executable, "-c", code, str(FIXTURES / "diffusers_alpha.safetensors")],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip().endswith("light")
 
@@ -467,12 +509,25 @@ def test_fresh_core_install_squeezes_without_the_training_stack(tmp_path):
   venv = tmp_path / "venv"
   python = shutil.which("python3.11") or sys.executable
   subprocess.run([python, "-m", "venv", str(venv)], check=True, timeout=300)
-  pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c",
-                        str(REPO / "requirements" / "cpu.lock"), str(src)],
-                       capture_output=True, text=True, timeout=1800)
+  pip = subprocess.run(
+      [
+          str(venv / "bin" / "python"),
+          "-m",
+          "pip",
+          "install",
+          "-q",
+          "-c",
+          str(REPO / "requirements" / "cpu.lock"),
+          str(src),
+      ],
+      capture_output=True,
+      text=True,
+      timeout=1800,
+  )
   assert pip.returncode == 0, pip.stderr[-3000:]
-  listed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=json"],
-                          capture_output=True, text=True, check=True).stdout
+  listed = subprocess.run(
+      [str(venv / "bin" / "python"), "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True
+  ).stdout
   names = {p["name"].lower().replace("_", "-") for p in json.loads(listed)}
   assert "lora-squeeze" in names and "jax" in names
   assert not names & {"tensorflow", "tensorflow-cpu", "gemma", "flax", "orbax-checkpoint", "kauldron"}, names
@@ -480,18 +535,30 @@ def test_fresh_core_install_squeezes_without_the_training_stack(tmp_path):
   peft = tmp_path / "peft"
   peft.mkdir()
   rng = np.random.default_rng(0)
-  save_file({"base_model.model.layers.0.q_proj.lora_A.weight": rng.standard_normal((8, 32)).astype(np.float32),
-             "base_model.model.layers.0.q_proj.lora_B.weight": rng.standard_normal((16, 8)).astype(np.float32)},
-            str(peft / "adapter_model.safetensors"))
+  save_file(
+      {
+          "base_model.model.layers.0.q_proj.lora_A.weight": rng.standard_normal((8, 32)).astype(np.float32),
+          "base_model.model.layers.0.q_proj.lora_B.weight": rng.standard_normal((16, 8)).astype(np.float32),
+      },
+      str(peft / "adapter_model.safetensors"),
+  )
   (peft / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16}))
   script = venv / "bin" / "lora-squeeze"
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
   env["LORA_SQUEEZE_JAX_CACHE"] = ""
-  for argv in ([str(peft), str(tmp_path / "peft4")], [str(FIXTURES / "kohya_unet.safetensors"),
-                                                       str(tmp_path / "k2.safetensors")]):
+  for argv in (
+      [str(peft), str(tmp_path / "peft4")],
+      [str(FIXTURES / "kohya_unet.safetensors"), str(tmp_path / "k2.safetensors")],
+  ):
     start = time.perf_counter()
-    proc = subprocess.run([str(script), "squeeze", *argv, "--rank", "2", "--no-progress"], capture_output=True,
-                          text=True, env=env, cwd=tmp_path, timeout=600)
+    proc = subprocess.run(
+        [str(script), "squeeze", *argv, "--rank", "2", "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     print(f"{argv[0]}: {time.perf_counter() - start:.1f} s")
   config = json.loads((tmp_path / "peft4" / "adapter_config.json").read_text())

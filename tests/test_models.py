@@ -18,7 +18,6 @@ from lora_squeeze import tokenizer as tokenizer_lib
 import numpy as np
 import pytest
 
-
 # ------------------------------------------------------------------- tiny model
 
 
@@ -50,9 +49,7 @@ def test_tiny_is_gemma3_architecture(tiny):
   assert cfg.num_kv_heads < cfg.num_heads
   assert cfg.use_qk_norm and cfg.use_post_attn_norm and cfg.use_post_ffw_norm
   p = tiny.params
-  assert sorted(k for k in p if k.startswith('layer_')) == [
-      f'layer_{i}' for i in range(4)
-  ]
+  assert sorted(k for k in p if k.startswith('layer_')) == [f'layer_{i}' for i in range(4)]
   attn = p['layer_0']['attn']
   assert attn['q_einsum']['w'].shape == (4, 64, 16)
   assert attn['kv_einsum']['w'].shape == (2, 2, 64, 16)  # grouped KV heads
@@ -80,9 +77,7 @@ def test_tiny_seeds_and_init_statistics():
 
 def test_tiny_options_and_abstract():
   m = models.load('tiny', num_layers=2, vocab_size=300, abstract=True)
-  assert m.abstract and isinstance(
-      m.params['embedder']['input_embedding'], jax.ShapeDtypeStruct
-  )
+  assert m.abstract and isinstance(m.params['embedder']['input_embedding'], jax.ShapeDtypeStruct)
   assert m.params['embedder']['input_embedding'].shape == (300, 64)
   assert len(m.config.attention_types) == 2
   with pytest.raises(ValueError, match='tiny-model options'):
@@ -121,8 +116,10 @@ def _expected_text_params(layers, d, ffn, heads, kv, head_dim, vocab=262_144):
       heads * d * head_dim  # q_einsum
       + 2 * kv * d * head_dim  # kv_einsum
       + heads * head_dim * d  # attn_vec_einsum
-      + 2 * ffn * d + ffn * d  # gating_einsum, linear
-      + 4 * d + 2 * head_dim  # 4 RMSNorms + QK norms
+      + 2 * ffn * d
+      + ffn * d  # gating_einsum, linear
+      + 4 * d
+      + 2 * head_dim  # 4 RMSNorms + QK norms
   )
   return vocab * d + layers * per_layer + d  # + final norm
 
@@ -141,8 +138,13 @@ def test_real_param_trees_without_weights(name, dims):
   m = models.load(name, abstract=True, dtype='float32')
   cfg = m.config
   assert (
-      cfg.num_layers, cfg.embed_dim, cfg.hidden_dim, cfg.num_heads,
-      cfg.num_kv_heads, cfg.head_dim, cfg.num_embed,
+      cfg.num_layers,
+      cfg.embed_dim,
+      cfg.hidden_dim,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+      cfg.num_embed,
   ) == (*dims, 262_144)
   assert cfg.vision_encoder is None  # text_only=True is the default
   # Gemma 3: 5 local sliding-window layers, then 1 global.
@@ -232,9 +234,7 @@ def test_check_params_reports_paths():
 
 def _random_tree(shapes, seed=0):
   rng = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes
-  )
+  return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
 
 
 def _params_to_gguf(params, cfg):
@@ -248,23 +248,23 @@ def _params_to_gguf(params, cfg):
     p, b = params[f'layer_{i}'], f'blk.{i}.'
     attn, mlp = p['attn'], p['mlp']
     kvw = attn['kv_einsum']['w']
-    out.update({
-        b + 'attn_q.weight':
-            attn['q_einsum']['w'].transpose(0, 2, 1).reshape(h * hd, d),
-        b + 'attn_k.weight': kvw[0].transpose(0, 2, 1).reshape(kv * hd, d),
-        b + 'attn_v.weight': kvw[1].transpose(0, 2, 1).reshape(kv * hd, d),
-        b + 'attn_output.weight':
-            attn['attn_vec_einsum']['w'].reshape(h * hd, d).T,
-        b + 'attn_q_norm.weight': attn['_query_norm']['scale'] + 1,
-        b + 'attn_k_norm.weight': attn['_key_norm']['scale'] + 1,
-        b + 'attn_norm.weight': p['pre_attention_norm']['scale'] + 1,
-        b + 'post_attention_norm.weight': p['post_attention_norm']['scale'] + 1,
-        b + 'ffn_norm.weight': p['pre_ffw_norm']['scale'] + 1,
-        b + 'post_ffw_norm.weight': p['post_ffw_norm']['scale'] + 1,
-        b + 'ffn_gate.weight': mlp['gating_einsum'][0],
-        b + 'ffn_up.weight': mlp['gating_einsum'][1],
-        b + 'ffn_down.weight': mlp['linear'].T,
-    })
+    out.update(
+        {
+            b + 'attn_q.weight': attn['q_einsum']['w'].transpose(0, 2, 1).reshape(h * hd, d),
+            b + 'attn_k.weight': kvw[0].transpose(0, 2, 1).reshape(kv * hd, d),
+            b + 'attn_v.weight': kvw[1].transpose(0, 2, 1).reshape(kv * hd, d),
+            b + 'attn_output.weight': attn['attn_vec_einsum']['w'].reshape(h * hd, d).T,
+            b + 'attn_q_norm.weight': attn['_query_norm']['scale'] + 1,
+            b + 'attn_k_norm.weight': attn['_key_norm']['scale'] + 1,
+            b + 'attn_norm.weight': p['pre_attention_norm']['scale'] + 1,
+            b + 'post_attention_norm.weight': p['post_attention_norm']['scale'] + 1,
+            b + 'ffn_norm.weight': p['pre_ffw_norm']['scale'] + 1,
+            b + 'post_ffw_norm.weight': p['post_ffw_norm']['scale'] + 1,
+            b + 'ffn_gate.weight': mlp['gating_einsum'][0],
+            b + 'ffn_up.weight': mlp['gating_einsum'][1],
+            b + 'ffn_down.weight': mlp['linear'].T,
+        }
+    )
   return out
 
 
@@ -291,9 +291,7 @@ def test_gguf_mapping_semantics(tiny_gguf):
   g = out['layer_0']['mlp']['gating_einsum']  # (2, ffn, d): gate, then up
   np.testing.assert_array_equal(g[0], tensors['blk.0.ffn_gate.weight'])
   np.testing.assert_array_equal(g[1], tensors['blk.0.ffn_up.weight'])
-  np.testing.assert_array_equal(
-      out['layer_0']['mlp']['linear'], tensors['blk.0.ffn_down.weight'].T
-  )
+  np.testing.assert_array_equal(out['layer_0']['mlp']['linear'], tensors['blk.0.ffn_down.weight'].T)
   # Norms are stored as 1 + w.
   np.testing.assert_allclose(
       out['layer_2']['attn']['_key_norm']['scale'],
@@ -345,9 +343,7 @@ def test_cache_writes_are_atomic(tmp_path, tiny):
   models._save_params_atomically(jax.tree.map(np.zeros_like, tiny.params), final)
   assert [p.name for p in tmp_path.iterdir()] == ['params']
   back = gm.ckpts.load_params(str(final))
-  np.testing.assert_array_equal(
-      back['layer_3']['mlp']['linear'], tiny.params['layer_3']['mlp']['linear']
-  )
+  np.testing.assert_array_equal(back['layer_3']['mlp']['linear'], tiny.params['layer_3']['mlp']['linear'])
   path = tmp_path / 'tok' / 'x.model'
   fileio.atomic_write_bytes(path, b'abc')
   assert path.read_bytes() == b'abc'
@@ -360,17 +356,14 @@ def test_cache_writes_are_atomic(tmp_path, tiny):
 def test_sentencepiece_builder_applies_the_three_fixes():
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
 
-  pieces = [('<pad>', 3), ('<eos>', 3), ('<bos>', 3), ('<unk>', 3),
-            ('<start_of_turn>', 3), ('  ', 4), ('   ', 4)]
+  pieces = [('<pad>', 3), ('<eos>', 3), ('<bos>', 3), ('<unk>', 3), ('<start_of_turn>', 3), ('  ', 4), ('   ', 4)]
   pieces += [(f'<0x{b:02X}>', 6) for b in range(256)]
   pieces += [('▁', 1), ('a', 1), ('b', 1), ('▁a', 1), ('ab', 1)]
   tokens = [p for p, _ in pieces]
   types = [t for _, t in pieces]
   scores = [0.0] * 7 + [0.0] * 256 + [-1.0, -2.0, -3.0, -4.0, -5.0]
   sp = spm.SentencePieceProcessor()
-  sp.LoadFromSerializedProto(
-      tokenizer_lib.build_sentencepiece_model(tokens, scores, types)
-  )
+  sp.LoadFromSerializedProto(tokenizer_lib.build_sentencepiece_model(tokens, scores, types))
   assert sp.unk_id() == 3 and sp.bos_id() == 2 and sp.eos_id() == 1
   assert sp.pad_id() == 0
   assert sp.IsUnknown(3) and sp.IsControl(2) and not sp.IsControl(4)
@@ -405,9 +398,7 @@ class _Real:
 
   def __init__(self, loaded):
     self.loaded = loaded
-    apply = lambda params, tokens: loaded.transformer.apply(
-        {'params': params}, tokens
-    ).logits[0]
+    apply = lambda params, tokens: loaded.transformer.apply({'params': params}, tokens).logits[0]
     self._all = jax.jit(apply)
     # Logits of one position only: XLA then skips most of the 262k-vocab
     # projection (~3x faster per call than `_all`), which greedy decoding needs.
@@ -416,12 +407,12 @@ class _Real:
   def _pad(self, ids):
     assert len(ids) <= _PAD_LEN
     tokens = np.zeros((1, _PAD_LEN), np.int32)  # 0 = <pad>: masked by gemma
-    tokens[0, :len(ids)] = ids
+    tokens[0, : len(ids)] = ids
     return jnp.asarray(tokens)
 
   def all_logits(self, ids):
     """(len(ids), vocab) logits; causal, so the padding changes nothing."""
-    return np.asarray(self._all(self.loaded.params, self._pad(ids))[:len(ids)])
+    return np.asarray(self._all(self.loaded.params, self._pad(ids))[: len(ids)])
 
   def next_logits(self, ids):
     """(vocab,) logits for the token after `ids`."""
@@ -433,8 +424,7 @@ def real():
   t0 = time.perf_counter()
   loaded = models.load('gemma3_270m')
   seconds = time.perf_counter() - t0
-  print(f'\n[gemma3_270m] first load in this process: {seconds:.1f}s'
-        f' ({loaded.source})')
+  print(f'\n[gemma3_270m] first load in this process: {seconds:.1f}s' f' ({loaded.source})')
   return _Real(loaded)
 
 
@@ -443,9 +433,7 @@ def test_real_270m_is_the_gemma_tree(real):
   loaded = real.loaded
   assert loaded.name == 'gemma3_270m'
   assert models.count_params(loaded.params) == 268_098_176
-  models.check_params(
-      loaded.params, models.abstract_params(loaded.transformer), what='270m'
-  )
+  models.check_params(loaded.params, models.abstract_params(loaded.transformer), what='270m')
   assert loaded.params['layer_0']['mlp']['linear'].dtype == jnp.float32
 
 
@@ -492,8 +480,7 @@ def test_real_270m_loss_on_english(real):
   logz += logits.max(-1)
   nll = logz - logits[np.arange(len(ids) - 1), ids[1:]]
   loss = float(nll.mean())
-  print(f'mean loss on a {len(ids) - 1}-token English paragraph: {loss:.3f}'
-        ' nats/token')
+  print(f'mean loss on a {len(ids) - 1}-token English paragraph: {loss:.3f}' ' nats/token')
   assert 0.5 < loss < 3.0, loss
 
 
@@ -570,6 +557,4 @@ def test_real_tokenizer_special_ids(real):
   # gemma's own tokenizer class on the same file agrees.
   gemma_tok = tok.to_gemma()
   text = 'Grüße 🎉 <start_of_turn>model\n  x'
-  assert [int(i) for i in gemma_tok.encode(text, add_bos=True)] == tok.encode(
-      text, add_bos=True
-  )
+  assert [int(i) for i in gemma_tok.encode(text, add_bos=True)] == tok.encode(text, add_bos=True)

@@ -40,9 +40,13 @@ def _env(**extra):
 
 
 def _run_here(name, devices, timeout):
-  proc = subprocess.run([sys.executable, __file__, name],
-                        env=_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"),
-                        capture_output=True, text=True, timeout=timeout)
+  proc = subprocess.run(
+      [sys.executable, __file__, name],
+      env=_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"),
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
   assert proc.returncode == 0 and f"{name.upper()}_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -51,6 +55,7 @@ def _run_here(name, devices, timeout):
 
 def test_tiny_programs_compile_with_memory_and_flops():
   from lora_squeeze import aot
+
   setting = aot.Setting(batch=2, max_len=32, max_target_tokens=4, eval_scored=8)
   programs = aot.Programs(aot.abstract_model("tiny", dtype="float32", num_layers=2), setting)
   lowered = programs.lower("train_step", rank=16)
@@ -75,10 +80,14 @@ def test_collectives_parser_reads_sizes():
   from lora_squeeze import aot
 
   class Fake:
+
     def as_text(self):
-      return ("  %all-gather.1 = bf16[262144,640]{1,0} all-gather(bf16[32768,640]{1,0} %p), dimensions={0}\n"
-              "  %ags = (bf16[8,16]{1,0}, bf16[64,16]{1,0}) all-gather-start(bf16[8,16]{1,0} %q)\n"
-              "  %ar = f32[128]{0} all-reduce(f32[128]{0} %g), to_apply=%add\n")
+      return (
+          "  %all-gather.1 = bf16[262144,640]{1,0} all-gather(bf16[32768,640]{1,0} %p), dimensions={0}\n"
+          "  %ags = (bf16[8,16]{1,0}, bf16[64,16]{1,0}) all-gather-start(bf16[8,16]{1,0} %q)\n"
+          "  %ar = f32[128]{0} all-reduce(f32[128]{0} %g), to_apply=%add\n"
+      )
+
   got = aot.collectives(Fake())
   assert got["all-gather"] == {"count": 2, "bytes": 262144 * 640 * 2 + 64 * 16 * 2, "largest": 262144 * 640 * 2}
   assert got["all-reduce"] == {"count": 1, "bytes": 512, "largest": 512}
@@ -105,6 +114,7 @@ def _fsdp_small() -> None:
   from lora_squeeze import aot
   from lora_squeeze import models
   from lora_squeeze import sharding
+
   assert jax.device_count() == 4
   model = aot.abstract_model("tiny", dtype="float32")
   setting = aot.Setting(batch=4, max_len=16, max_target_tokens=2)
@@ -119,8 +129,9 @@ def _fsdp_small() -> None:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(f"{tmp}/params", jax.device_get(tiny.params))
     for rule in (None, lambda abstract: sharding.base_shardings(abstract, mesh)):
-      params = models._load_checkpoint("tiny", f"{tmp}/params", tiny.transformer, text_only=True,  # pylint: disable=protected-access
-                                       sharding=rule)
+      params = models._load_checkpoint(
+          "tiny", f"{tmp}/params", tiny.transformer, text_only=True, sharding=rule  # pylint: disable=protected-access
+      )
       emb = params["embedder"]["input_embedding"]
       np.testing.assert_array_equal(np.asarray(emb), np.asarray(tiny.params["embedder"]["input_embedding"]))
       shard_rows = emb.addressable_shards[0].data.shape[0]
@@ -138,24 +149,33 @@ def test_fsdp_check_and_sharded_checkpoint_restore_on_four_devices():
 def _paper_scale_cells():
   """(config file, artefact, run config of every cell) of every paper-scale artefact, model as the paper."""
   from lora_squeeze import sweep
+
   paper = _module(ROOT / "configs" / "paper.py")
   vl = _module(ROOT / "configs" / "vl.py")
   lrs = "lrs=1:0.01+2:0.01+4:0.01+8:0.01+16:0.003+32:0.003+64:0.003+128:0.001"
   out = []
   for artefact in paper.ARTEFACTS:
     config = paper.get_config(f"artefact={artefact},model=gemma3_1b,{lrs}")
-    out.append(("paper", artefact, config, [sweep.cell_config(config, c, pathlib.Path("/sweep"))
-                                           for c in sweep.cells_of(config)]))
+    out.append(
+        (
+            "paper",
+            artefact,
+            config,
+            [sweep.cell_config(config, c, pathlib.Path("/sweep")) for c in sweep.cells_of(config)],
+        )
+    )
   for artefact in vl.ARTEFACTS:
     config = vl.get_config(f"artefact={artefact},{lrs}")
-    out.append(("vl", artefact, config, [sweep.cell_config(config, c, pathlib.Path("/sweep"))
-                                        for c in sweep.cells_of(config)]))
+    out.append(
+        ("vl", artefact, config, [sweep.cell_config(config, c, pathlib.Path("/sweep")) for c in sweep.cells_of(config)])
+    )
   return out
 
 
 def _first_program(cell, config):
   """(program, rank, target rank, method) the cell's run compiles first."""
   from lora_squeeze import train
+
   if cell.mode == "zero_shot":
     return ("eval_step", 0, 0, "")
   if cell.mode == "post_squeeze":
@@ -175,6 +195,7 @@ def test_every_paper_scale_cell_builds_and_one_cell_per_artefact_lowers():
   from lora_squeeze import lora
   from lora_squeeze import train
   from lora_squeeze import models
+
   model_configs = {}
   lowered = {}
   for source, artefact, config, cells in _paper_scale_cells():
@@ -205,9 +226,14 @@ def test_every_paper_scale_cell_builds_and_one_cell_per_artefact_lowers():
     if (model, text_only, "eval_step", "") not in lowered:
       assert "func.func public @main" in programs.lower("eval_step", rank=1).as_text()
       lowered[(model, text_only, "eval_step", "")] = ()
-  assert set(lowered) == {("gemma3_1b", True, "train_step", ""), ("gemma3_1b", True, "change_rank", "efficient"),
-                          ("gemma3_1b", True, "eval_step", ""), ("gemma3_4b", False, "train_step", ""),
-                          ("gemma3_4b", False, "change_rank", "efficient"), ("gemma3_4b", False, "eval_step", "")}, lowered
+  assert set(lowered) == {
+      ("gemma3_1b", True, "train_step", ""),
+      ("gemma3_1b", True, "change_rank", "efficient"),
+      ("gemma3_1b", True, "eval_step", ""),
+      ("gemma3_4b", False, "train_step", ""),
+      ("gemma3_4b", False, "change_rank", "efficient"),
+      ("gemma3_4b", False, "eval_step", ""),
+  }, lowered
 
 
 @pytest.mark.slow
@@ -218,9 +244,11 @@ def test_rank_change_at_4b_compiles_once_per_rank_signature():
   not depend on the number of modules."""
   import jax
   from lora_squeeze import aot
+
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(
-      lambda name, secs, **kw: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+      lambda name, secs, **kw: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+  )
   model = aot.abstract_model("gemma3_4b")
   setting = aot.Setting(targets=("q",))
   programs = aot.Programs(model, setting)
@@ -242,6 +270,7 @@ def _fsdp_paper_scale() -> None:
   import jax
   from lora_squeeze import aot
   from lora_squeeze import sharding
+
   assert jax.device_count() == 8
   mesh = sharding.make_mesh({"data": 1, "fsdp": 8})
   for name, text_only, program in (("gemma3_12b", True, "train_step"), ("gemma3_4b", False, "eval_images")):

@@ -36,10 +36,18 @@ def _env(**extra):
 
 
 def _main(workdir, *args, config=f"{SMOKE}:steps=24", fault=None, timeout=600):
-  cmd = [sys.executable, "-m", "lora_squeeze.main", f"--config={config}", f"--workdir={workdir}",
-         "--config.progress=False", *args]
-  return subprocess.run(cmd, env=_env(**({"LORA_SQUEEZE_FAULT": fault} if fault else {})), capture_output=True,
-                        text=True, timeout=timeout)
+  cmd = [
+      sys.executable,
+      "-m",
+      "lora_squeeze.main",
+      f"--config={config}",
+      f"--workdir={workdir}",
+      "--config.progress=False",
+      *args,
+  ]
+  return subprocess.run(
+      cmd, env=_env(**({"LORA_SQUEEZE_FAULT": fault} if fault else {})), capture_output=True, text=True, timeout=timeout
+  )
 
 
 def _one_error_line(proc, *patterns):
@@ -53,6 +61,7 @@ def _one_error_line(proc, *patterns):
 
 def _smoke(**overrides):
   import importlib.util
+
   spec = importlib.util.spec_from_file_location("smoke", SMOKE)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -91,8 +100,9 @@ def test_resume_with_other_settings_is_refused_and_fresh_moves_the_old_run_aside
   assert killed.returncode == -signal.SIGKILL
   before = sorted(p.name for p in (work / "checkpoints").iterdir())
   # Another source rank and another step count: refused, one line naming both keys, nothing touched.
-  line = _one_error_line(_main(work, "--config.source_rank=16", "--config.steps=30"),
-                         "source_rank: 8 -> 16", "steps: 24 -> 30", "--fresh")
+  line = _one_error_line(
+      _main(work, "--config.source_rank=16", "--config.steps=30"), "source_rank: 8 -> 16", "steps: 24 -> 30", "--fresh"
+  )
   assert "lora.rank" not in line
   assert sorted(p.name for p in (work / "checkpoints").iterdir()) == before
   # A finished workdir is refused too when the settings differ (it used to print "nothing to do").
@@ -118,10 +128,17 @@ def test_resume_with_other_settings_is_refused_and_fresh_moves_the_old_run_aside
 
 def test_settings_differences_and_nearest_keys():
   old = {"lora": {"rank": 8, "targets": ["q", "v"]}, "steps": 10, "model_options": {}}
-  new = {"lora": {"rank": 4, "targets": ["q", "v"]}, "steps": 10, "model_options": {"checkpoint": "/x"},
-         "data": {"pack": False}}
-  assert workdir_lib.differences(old, new) == ['lora.rank: 8 -> 4', 'model_options: {} -> "<absent>"',
-                                               'model_options.checkpoint: "<absent>" -> "/x"']
+  new = {
+      "lora": {"rank": 4, "targets": ["q", "v"]},
+      "steps": 10,
+      "model_options": {"checkpoint": "/x"},
+      "data": {"pack": False},
+  }
+  assert workdir_lib.differences(old, new) == [
+      "lora.rank: 8 -> 4",
+      'model_options: {} -> "<absent>"',
+      'model_options.checkpoint: "<absent>" -> "/x"',
+  ]
   keys = ["learning_rate", "lora.rank", "data.task", "steps", "extra_steps"]
   assert workdir_lib.nearest_keys("lr", keys)[0] == "learning_rate"
   assert workdir_lib.nearest_keys("lora.rnak", keys)[0] == "lora.rank"
@@ -134,17 +151,20 @@ def test_settings_differences_and_nearest_keys():
 
 def test_sweep_reruns_a_changed_cell_and_keeps_the_old_record(tmp_path):
   config = _smoke(mode="direct", steps=4, checkpoint_every=2)
-  config.sweep = [{"name": "a", "overrides": {"lora.rank": 4}},
-                  {"name": "post", "overrides": {"mode": "post_squeeze", "source_workdir": "@a",
-                                                 "target_ranks": (2,)}}]
+  config.sweep = [
+      {"name": "a", "overrides": {"lora.rank": 4}},
+      {"name": "post", "overrides": {"mode": "post_squeeze", "source_workdir": "@a", "target_ranks": (2,)}},
+  ]
   evaluate = lambda model, params, cfg: {}  # pylint: disable=unnecessary-lambda-assignment
   run = lambda cfg, wd, **kw: train.run(cfg, wd, evaluate_fn=evaluate, **kw)  # pylint: disable=unnecessary-lambda-assignment
   first = sweep.run_sweep(config, tmp_path, run_fn=run)
   assert {n: r["status"] for n, r in first.items()} == {"a": "ok", "post": "ok"}
   assert first["a"]["settings"]["steps"] == 4 and first["a"]["result"]["steps"] == 4
+
   # Unchanged: nothing runs (a run_fn that fails would record an error).
   def must_not_run(cfg, wd, **kw):
     raise AssertionError(f"ran {wd}")
+
   again = sweep.run_sweep(config, tmp_path, run_fn=must_not_run)
   for name in ("a", "post"):  # the stored records, untouched
     assert (again[name]["fingerprint"], again[name]["seconds"]) == (first[name]["fingerprint"], first[name]["seconds"])
@@ -166,8 +186,14 @@ def test_sweep_reruns_a_changed_cell_and_keeps_the_old_record(tmp_path):
 @pytest.mark.slow
 def test_second_process_on_a_busy_workdir_exits_naming_the_holder(tmp_path, reference):
   work = tmp_path / "w"
-  cmd = [sys.executable, "-m", "lora_squeeze.main", f"--config={SMOKE}:steps=24", f"--workdir={work}",
-         "--config.progress=False"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "lora_squeeze.main",
+      f"--config={SMOKE}:steps=24",
+      f"--workdir={work}",
+      "--config.progress=False",
+  ]
   first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 300
@@ -214,6 +240,7 @@ def _corrupt_newest(work: pathlib.Path, how: str) -> int:
         p.unlink()
       else:
         import shutil
+
         shutil.rmtree(p)
   return newest
 
@@ -251,8 +278,9 @@ def test_no_checkpoint_restores_is_one_clear_error(tmp_path):
 def test_divergence_never_keeps_the_state_that_diverged(tmp_path):
   # At this rate the tiny run's loss turns NaN at step 3; the state after step 2 (saved: checkpoint_every=1)
   # is the one that diverged, so only step 1's may be kept.
-  config = _smoke(mode="direct", steps=12, learning_rate=1e8, checkpoint_every=1, log_every=1,
-                  warmup_steps=0, keep_checkpoints=20)
+  config = _smoke(
+      mode="direct", steps=12, learning_rate=1e8, checkpoint_every=1, log_every=1, warmup_steps=0, keep_checkpoints=20
+  )
   with pytest.raises(FloatingPointError) as e:
     train.run(config, tmp_path / "w")
   message = str(e.value)
@@ -273,10 +301,11 @@ def test_divergence_never_keeps_the_state_that_diverged(tmp_path):
 
 def test_non_finite_parameters_are_never_saved(tmp_path):
   # At 1e30 the first update already overflows: the loss of step 1 is finite, its new state is not.
-  config = _smoke(mode="direct", steps=12, learning_rate=1e30, checkpoint_every=1, log_every=1,
-                  warmup_steps=0)
-  with pytest.raises(FloatingPointError, match="non-finite parameters after the update at step 1 .* no "
-                     "checkpoint was saved before it"):
+  config = _smoke(mode="direct", steps=12, learning_rate=1e30, checkpoint_every=1, log_every=1, warmup_steps=0)
+  with pytest.raises(
+      FloatingPointError,
+      match="non-finite parameters after the update at step 1 .* no " "checkpoint was saved before it",
+  ):
     train.run(config, tmp_path / "w")
   assert not any((tmp_path / "w" / "checkpoints").iterdir())
 
@@ -332,8 +361,11 @@ def _sweep_cli(*args):
 
 def test_sweep_user_errors_are_one_line(tmp_path):
   _one_error_line(_sweep_cli(f"--config={SMOKE}", f"--workdir={tmp_path / 's1'}"), "no 'sweep' cells")
-  _one_error_line(_sweep_cli(f"--config={ROOT / 'configs' / 'quickstart.py'}", f"--workdir={tmp_path / 's2'}",
-                             "--cell=direct_r9"), "unknown cell 'direct_r9'", "did you mean 'direct_r2'")
+  _one_error_line(
+      _sweep_cli(f"--config={ROOT / 'configs' / 'quickstart.py'}", f"--workdir={tmp_path / 's2'}", "--cell=direct_r9"),
+      "unknown cell 'direct_r9'",
+      "did you mean 'direct_r2'",
+  )
   assert not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()
 
 
@@ -359,8 +391,14 @@ def test_a_plain_cpu_run_prints_no_harmless_native_lines(tmp_path, reference):
   # Twice: the second run loads its programs from the persistent compile cache (XLA:CPU's AOT loader lines).
   cache = {"LORA_SQUEEZE_JAX_CACHE": str(tmp_path / "cache")}
   for i in range(2):
-    cmd = [sys.executable, "-m", "lora_squeeze.main", f"--config={SMOKE}:steps=6", f"--workdir={tmp_path / str(i)}",
-           "--config.progress=False"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lora_squeeze.main",
+        f"--config={SMOKE}:steps=6",
+        f"--workdir={tmp_path / str(i)}",
+        "--config.progress=False",
+    ]
     proc = subprocess.run(cmd, env=_env(**cache), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.strip() == "", proc.stderr[-3000:]
@@ -389,7 +427,8 @@ def test_the_filter_drops_only_the_known_harmless_lines():
       "print('a line after them', file=sys.stderr, flush=True)\n"
       "os.write(2, b'Traceback (most recent call last):\\n  File \"/x/y.py\", line 1, in f\\nKeyError: 7\\n')\n"
       "warnings.warn('a real warning')\n"
-      "raise SystemExit('the end')\n")
+      "raise SystemExit('the end')\n"
+  )
   proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=120)
   assert "cuInit" not in proc.stderr and "prefer-no-" not in proc.stderr
   assert "train:  50%|#####     | 3/6" in proc.stderr  # the progress bar before the dropped part stays
@@ -397,6 +436,11 @@ def test_the_filter_drops_only_the_known_harmless_lines():
   assert "Event loop is closed" not in proc.stderr and proc.stderr.count("Traceback") == 2, proc.stderr
   assert "a line after them" in proc.stderr and "a real unraisable error" in proc.stderr
   assert 'File "/x/y.py", line 1, in f\nKeyError: 7' in proc.stderr  # a real traceback, whole
-  loud = subprocess.run([sys.executable, "-c", script], env=_env(**{runtime.VERBOSE_ENV: "1"}),
-                        capture_output=True, text=True, timeout=120)
+  loud = subprocess.run(
+      [sys.executable, "-c", script],
+      env=_env(**{runtime.VERBOSE_ENV: "1"}),
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert "cuInit" in loud.stderr and "prefer-no-gather" in loud.stderr and "Event loop is closed" in loud.stderr

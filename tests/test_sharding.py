@@ -33,6 +33,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_mesh_shape_and_fsdp_rule():
   from jax.sharding import PartitionSpec as P
   from lora_squeeze import sharding
+
   assert sharding.mesh_shape({}, 8) == (8, 1)
   assert sharding.mesh_shape({"fsdp": 4}, 8) == (2, 4)
   assert sharding.mesh_shape({"data": 2, "fsdp": -1}, 8) == (2, 4)
@@ -50,6 +51,7 @@ def test_mesh_from_config_one_device_and_batch_shard():
   import jax
   from lora_squeeze import config_lib
   from lora_squeeze import sharding
+
   config = config_lib.base_config()
   mesh = sharding.mesh_from_config(config)
   assert dict(mesh.shape) == {"data": jax.device_count(), "fsdp": 1}
@@ -62,12 +64,12 @@ def test_sharded_iterators_give_the_rows_of_the_global_batch():
   from lora_squeeze.data import pipeline
   from lora_squeeze.data import synthetic
   from lora_squeeze.data import tasks
+
   tok = models.load("tiny").tokenizer
   src = [tasks.Example(prompt=f"q{i}", target=f"a{i}", choices=(), answers=()) for i in range(37)]
   makers = {
       "grain": lambda shard: pipeline.train_iterator(src, tok, batch_size=4, max_len=16, seed=3, shard=shard),
-      "synthetic": lambda shard: synthetic.SyntheticIterator(tok, batch_size=4, max_len=16, seed=1,
-                                                             shard=shard),
+      "synthetic": lambda shard: synthetic.SyntheticIterator(tok, batch_size=4, max_len=16, seed=1, shard=shard),
   }
   for name, make in makers.items():
     whole, parts = make((0, 1)), [make((i, 2)) for i in range(2)]
@@ -110,8 +112,7 @@ def _four_devices() -> None:
   def train_and_squeeze(mesh):
     # fsdp-sharded LoRA (shard_lora=True): the harder case; the default (replicated) runs in the
     # two-process test.
-    trainer = train.Trainer(tiny, cfg, max_targets=64, optimizer_state="carry", mesh=mesh,
-                            shard_lora=mesh is not None)
+    trainer = train.Trainer(tiny, cfg, max_targets=64, optimizer_state="carry", mesh=mesh, shard_lora=mesh is not None)
     base = tiny.params
     if mesh is not None:
       base = sharding.put(base, sharding.base_shardings(base, mesh))
@@ -129,12 +130,13 @@ def _four_devices() -> None:
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2})
   trainer, base, state, losses = train_and_squeeze(mesh)
   np.testing.assert_allclose(losses, want_losses, rtol=2e-5)
-  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6), jax.device_get(state),
-               want)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6), jax.device_get(state), want)
   assert trainer.traces["train_step"] == 2 and trainer.traces["change_rank"] == 1, trainer.traces
+
   # The layouts are the ones sharding.py promises.
   def spec_is(x, spec):
     return x.sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim)
+
   emb = base["embedder"]["input_embedding"]  # (vocab, d): vocab split over fsdp
   assert spec_is(emb, P("fsdp", None)) and len(emb.addressable_shards) == 4, emb.sharding
   a = state["params"]["layer_0"]["mlp"]["down_lora"]["a"]  # (F=128, r=4) after the rank change
@@ -166,8 +168,9 @@ def _env(**extra):
 @pytest.mark.slow
 def test_four_devices_sharded_steps_and_rank_changes_equal_one_device():
   env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  proc = subprocess.run([sys.executable, __file__, "four_devices"], env=env, capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+      [sys.executable, __file__, "four_devices"], env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0 and "FOUR_DEVICES_OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
@@ -184,14 +187,24 @@ def _launch(workdir, port, faults=(None, None)):
   """Both processes of a 2-process smoke run (what launch/*.sh do on real clusters)."""
   procs = []
   for i in range(2):
-    env = _env(LORA_SQUEEZE_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-               LORA_SQUEEZE_NUM_PROCESSES="2", LORA_SQUEEZE_PROCESS_ID=str(i),
-               LORA_SQUEEZE_HEARTBEAT_TIMEOUT="10")
+    env = _env(
+        LORA_SQUEEZE_DISTRIBUTED="1",
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        LORA_SQUEEZE_NUM_PROCESSES="2",
+        LORA_SQUEEZE_PROCESS_ID=str(i),
+        LORA_SQUEEZE_HEARTBEAT_TIMEOUT="10",
+    )
     if faults[i]:
       env["LORA_SQUEEZE_FAULT"] = faults[i]
     log = open(pathlib.Path(workdir).parent / f"{pathlib.Path(workdir).name}.{port}.{i}.log", "w")
-    cmd = [sys.executable, "-m", "lora_squeeze.main", f"--config={ROOT / 'configs' / 'smoke.py'}",
-           f"--workdir={workdir}", "--config.progress=False"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lora_squeeze.main",
+        f"--config={ROOT / 'configs' / 'smoke.py'}",
+        f"--workdir={workdir}",
+        "--config.progress=False",
+    ]
     procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
   return procs
 
@@ -211,13 +224,16 @@ def _wait(procs, timeout):
 
 
 def _logs(workdir):
-  return "\n".join(f"--- {p.name}\n" + p.read_text()[-3000:]
-                   for p in sorted(pathlib.Path(workdir).parent.glob(f"{pathlib.Path(workdir).name}.*.log")))
+  return "\n".join(
+      f"--- {p.name}\n" + p.read_text()[-3000:]
+      for p in sorted(pathlib.Path(workdir).parent.glob(f"{pathlib.Path(workdir).name}.*.log"))
+  )
 
 
 def _adapter(workdir):
   import jax
   from lora_squeeze import train
+
   params = train.load_adapter(pathlib.Path(workdir) / train.ADAPTER_DIR)[0]
   return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
@@ -230,6 +246,7 @@ def _losses(workdir):
 def test_two_processes_killed_one_fails_cleanly_then_resume_matches_single_process(tmp_path):
   from lora_squeeze import train
   from test_train import _smoke  # pylint: disable=g-import-not-at-top
+
   reference = tmp_path / "single"
   train.run(_smoke(), reference)  # one process, one device: the unsharded programs
 

@@ -62,7 +62,7 @@ def test_eckart_young_and_optimal_product(method, route, shape):
   delta_w = a @ b
   # Eckart–Young: the squared error is exactly the discarded energy.
   err2 = np.linalg.norm(delta_w - product(out)) ** 2
-  np.testing.assert_allclose(err2, np.sum(s[rank:] ** 2), rtol=1e-3, atol=1e-6 * np.sum(s ** 2))
+  np.testing.assert_allclose(err2, np.sum(s[rank:] ** 2), rtol=1e-3, atol=1e-6 * np.sum(s**2))
   # The product is the optimal rank-r approximation.
   assert rel(product(out), best) < 1e-5
 
@@ -215,8 +215,12 @@ def gemma_tree(seed=0, layers=2):
   for layer in range(layers):
     block = {}
     for name, (sa, sb) in GEMMA_270M_SHAPES.items():
-      block[name] = {"lora": {"a": jnp.asarray(rng.standard_normal(sa), jnp.float32),
-                              "b": jnp.asarray(rng.standard_normal(sb), jnp.float32)}}
+      block[name] = {
+          "lora": {
+              "a": jnp.asarray(rng.standard_normal(sa), jnp.float32),
+              "b": jnp.asarray(rng.standard_normal(sb), jnp.float32),
+          }
+      }
     tree[f"layer_{layer}"] = block
   return tree
 
@@ -232,8 +236,9 @@ def test_matrix_view_round_trip():
     np.testing.assert_array_equal(np.asarray(rb), np.asarray(b))
     # The einsum-shaped ΔW equals the matrix one.
     dw = np.asarray(a2) @ np.asarray(b2)
-    np.testing.assert_allclose(dw.reshape(*sa[:-1], *sb[1:]),
-                               np.tensordot(np.asarray(a), np.asarray(b), axes=([-1], [0])), rtol=1e-5)
+    np.testing.assert_allclose(
+        dw.reshape(*sa[:-1], *sb[1:]), np.tensordot(np.asarray(a), np.asarray(b), axes=([-1], [0])), rtol=1e-5
+    )
 
 
 def test_squeeze_lora_matches_per_module_and_jits():
@@ -279,8 +284,14 @@ def test_squeeze_lora_rank_mapping_and_identity():
 
 # name: (in dims, r_src, out dims, target rank): tall, wide, square, head-shaped in and out, fewer rows
 # than r_src; targets below, at and above r_src.
-MIXED = {"tall": ((300,), 24, (40,), 4), "wide": ((50,), 16, (260,), 16), "square": ((128,), 32, (128,), 40),
-         "heads": ((4, 32), 12, (96,), 3), "kv": ((96,), 8, (2, 3, 16), 2), "tiny": ((6,), 8, (5,), 5)}
+MIXED = {
+    "tall": ((300,), 24, (40,), 4),
+    "wide": ((50,), 16, (260,), 16),
+    "square": ((128,), 32, (128,), 40),
+    "heads": ((4, 32), 12, (96,), 3),
+    "kv": ((96,), 8, (2, 3, 16), 2),
+    "tiny": ((6,), 8, (5,), 5),
+}
 
 
 def mixed_tree(seed):
@@ -323,8 +334,9 @@ def test_host_route_squeezes_mixed_modules_exactly_and_as_xla_does():
     assert isinstance(values, np.ndarray)
     np.testing.assert_allclose(values[:k], s[:k], rtol=1e-5, atol=1e-6 * s[0])
     np.testing.assert_array_equal(values[k:], 0.0)  # reported as exactly 0 (XLA's are float32 noise)
-    np.testing.assert_allclose(values[:k], np.asarray(sq.singular_values(a2, b2, route="xla"))[:k], rtol=1e-4,
-                               atol=1e-6 * s[0])
+    np.testing.assert_allclose(
+        values[:k], np.asarray(sq.singular_values(a2, b2, route="xla"))[:k], rtol=1e-4, atol=1e-6 * s[0]
+    )
 
 
 def test_host_map_keeps_order_bounds_what_it_holds_and_raises_in_turn():
@@ -411,8 +423,9 @@ def test_retention_and_rank_choice():
   a, b = make_factors(13, 100, 90, 16)
   sv = sq.singular_values(jnp.float32(a), jnp.float32(b))
   out = sq.squeeze_factors(jnp.float32(a), jnp.float32(b), 4)
-  np.testing.assert_allclose(float(sq.retention(sv, 4)),
-                             np.linalg.norm(product(out)) ** 2 / np.linalg.norm(a @ b) ** 2, rtol=1e-4)
+  np.testing.assert_allclose(
+      float(sq.retention(sv, 4)), np.linalg.norm(product(out)) ** 2 / np.linalg.norm(a @ b) ** 2, rtol=1e-4
+  )
 
 
 def test_paper_flops_appendix_e():

@@ -13,6 +13,7 @@ from lora_squeeze import train
 def _config(cells):
   import importlib.util
   import pathlib
+
   root = pathlib.Path(__file__).resolve().parents[1]
   spec = importlib.util.spec_from_file_location("smoke", root / "configs" / "smoke.py")
   module = importlib.util.module_from_spec(spec)
@@ -56,8 +57,12 @@ def test_order_overrides_store_rerun_and_failures(tmp_path):
 
 
 def test_failed_source_blocks_its_users(tmp_path):
-  config = _config([{"name": "src", "overrides": {"mode": "direct"}},
-                    {"name": "post", "overrides": {"mode": "post_squeeze", "source_workdir": "@src"}}])
+  config = _config(
+      [
+          {"name": "src", "overrides": {"mode": "direct"}},
+          {"name": "post", "overrides": {"mode": "post_squeeze", "source_workdir": "@src"}},
+      ]
+  )
 
   def failing(cfg, workdir):
     raise RuntimeError("boom")
@@ -68,18 +73,29 @@ def test_failed_source_blocks_its_users(tmp_path):
 
 
 def test_real_tiny_sweep_and_report(tmp_path):
-  config = _config([
-      {"name": "direct_r4", "overrides": {"mode": "direct", "lora.rank": 4}},
-      {"name": "post", "overrides": {"mode": "post_squeeze", "source_workdir": "@direct_r4",
-                                     "target_ranks": (2, 1)}},
-  ])
+  config = _config(
+      [
+          {"name": "direct_r4", "overrides": {"mode": "direct", "lora.rank": 4}},
+          {
+              "name": "post",
+              "overrides": {"mode": "post_squeeze", "source_workdir": "@direct_r4", "target_ranks": (2, 1)},
+          },
+      ]
+  )
   calls = []
 
   def run_with_fake_eval(cfg, workdir):
     calls.append(cfg.mode)
-    return train.run(cfg, workdir, evaluate_fn=lambda m, p, c: {"accuracy": 0.5 + 0.01 * len(
-        train.lora_lib.lora_ranks(p)) / 100, "ci95": [0.4, 0.6],
-        "gold_nll": 1.0 + 0.1 * max(train.lora_lib.lora_ranks(p).values()), "gold_nll_sem": 0.01})
+    return train.run(
+        cfg,
+        workdir,
+        evaluate_fn=lambda m, p, c: {
+            "accuracy": 0.5 + 0.01 * len(train.lora_lib.lora_ranks(p)) / 100,
+            "ci95": [0.4, 0.6],
+            "gold_nll": 1.0 + 0.1 * max(train.lora_lib.lora_ranks(p).values()),
+            "gold_nll_sem": 0.01,
+        },
+    )
 
   records = sweep.run_sweep(config, tmp_path, run_fn=run_with_fake_eval)
   assert all(r["status"] == "ok" for r in records.values()), records

@@ -70,6 +70,7 @@ def test_schedule_errors():
 
 def _load_config(name, arg=None):
   import importlib.util
+
   spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -81,7 +82,9 @@ def test_plan_stages_for_each_mode():
   assert [(s.rank, s.steps, s.learning_rate, s.warmup_steps) for s in direct] == [(8, 10_000, 0.003, 1000)]
   cont = train.plan_stages(_load_config("cont_squeeze", "src=128,tgt=1,extra=700"))
   assert [(s.rank, s.steps, s.learning_rate, s.warmup_steps) for s in cont] == [
-      (128, 10_000, 0.003, 1000), (1, 700, 0.03, 100)]
+      (128, 10_000, 0.003, 1000),
+      (1, 700, 0.03, 100),
+  ]
   cont_src = train.plan_stages(_load_config("cont_squeeze", "src=128,tgt=1,source=/x"))
   assert len(cont_src) == 1 and cont_src[0].squeeze_first and cont_src[0].steps == 200
   ins = train.plan_stages(_load_config("in_squeeze", "src=128,tgt=1,scheme=min_steps"))
@@ -120,20 +123,24 @@ def test_hidden_states_match_gemma_and_answer_loss_matches_full_logits(tiny):
   tokens = jnp.asarray(batch["tokens"])
   full = module.apply(params, tokens, return_hidden_states=True)  # gemma's own masks (from tokens != 0)
   mask = lora.attention_mask_from_segments(batch["segment_ids"])
-  hidden = module.apply(params, tokens, positions=jnp.asarray(batch["positions"]), attention_mask=mask,
-                        method=module.hidden_states)
+  hidden = module.apply(
+      params, tokens, positions=jnp.asarray(batch["positions"]), attention_mask=mask, method=module.hidden_states
+  )
   real = batch["segment_ids"] > 0
-  np.testing.assert_allclose(np.asarray(hidden)[real], np.asarray(full.hidden_states)[real], rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(hidden)[real], np.asarray(full.hidden_states)[real], rtol=1e-5, atol=1e-5)
   # Reference loss: full-vocabulary logits at every position, in float64 on the host.
   logits = np.asarray(full.logits, np.float64)
-  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+  logp = (
+      logits
+      - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
       - logits.max(-1, keepdims=True)
+  )
   m = batch["loss_mask"]
   b_idx, t_idx = np.nonzero(m)
   ref = -np.mean(logp[b_idx, t_idx - 1, batch["tokens"][b_idx, t_idx]])
-  loss, count = train.answer_loss(hidden, tokens, jnp.asarray(m), tiny.params["embedder"]["input_embedding"],
-                                  max_targets=64)
+  loss, count = train.answer_loss(
+      hidden, tokens, jnp.asarray(m), tiny.params["embedder"]["input_embedding"], max_targets=64
+  )
   assert int(count) == m.sum() > 0
   assert abs(float(loss) - ref) / ref < 1e-5
   with pytest.raises(ValueError, match="max_target_tokens"):
@@ -144,6 +151,7 @@ def test_packed_batch_has_the_loss_and_lora_gradients_of_the_same_examples_unpac
   """Packing is invisible to training: segments never see each other and RoPE restarts in each, so the
   mean answer loss and its LoRA gradients equal those of the same examples one per row."""
   from lora_squeeze import data  # pylint: disable=g-import-not-at-top
+
   tok = tiny.tokenizer
   src = [data.Example(f"Q{i}: " + "ab" * (i % 6), (), (), f" answer {i}" + "z" * (i % 3)) for i in range(24)]
   t = 64
@@ -229,8 +237,12 @@ def test_carry_optimizer_state_across_the_factoring_boundary():
   statistics are the rank-axis means of the old second moments, and the count survives."""
   opt = train.make_optimizer()
   rng = np.random.default_rng(0)
-  old = {"m": {"a": jnp.asarray(rng.normal(size=(128, 128)), jnp.float32),
-               "b": jnp.asarray(rng.normal(size=(128, 40)), jnp.float32)}}
+  old = {
+      "m": {
+          "a": jnp.asarray(rng.normal(size=(128, 128)), jnp.float32),
+          "b": jnp.asarray(rng.normal(size=(128, 40)), jnp.float32),
+      }
+  }
   state = opt.init(old)
   for _ in range(3):
     grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), old)
@@ -245,12 +257,15 @@ def test_carry_optimizer_state_across_the_factoring_boundary():
   # a (128, 128) was factored: full estimate = v_row/mean(v_row) ⊗ v_col; mean over the rank axis (cols).
   v_row, v_col = np.asarray(old_fs.v_row["m"]["a"]), np.asarray(old_fs.v_col["m"]["a"])
   full = (v_row / v_row.mean())[:, None] * v_col[None, :]
-  np.testing.assert_allclose(np.asarray(new_fs.v["m"]["a"]), np.broadcast_to(full.mean(1, keepdims=True),
-                                                                                 (128, 64)), rtol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(new_fs.v["m"]["a"]), np.broadcast_to(full.mean(1, keepdims=True), (128, 64)), rtol=1e-5
+  )
   # b (128, 40) was not factored (40 < 128): mean over the rank axis (rows).
-  np.testing.assert_allclose(np.asarray(new_fs.v["m"]["b"]),
-                             np.broadcast_to(np.asarray(old_fs.v["m"]["b"]).mean(0, keepdims=True), (64, 40)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(new_fs.v["m"]["b"]),
+      np.broadcast_to(np.asarray(old_fs.v["m"]["b"]).mean(0, keepdims=True), (64, 40)),
+      rtol=1e-5,
+  )
 
 
 def test_carry_mode_runs_in_the_trainer(tiny):
@@ -284,8 +299,9 @@ def _smoke(arg="", **overrides):
 
 def _adapter_leaves(workdir):
   params, _, _ = train.load_adapter(pathlib.Path(workdir) / train.ADAPTER_DIR)
-  return {"/".join(str(k.key) for k in path): np.asarray(v)
-          for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return {
+      "/".join(str(k.key) for k in path): np.asarray(v) for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
 
 
 def test_in_squeeze_run_then_finished_workdir_does_nothing(tmp_path):
@@ -309,6 +325,7 @@ def test_post_and_cont_squeeze_reuse_a_source_run(tmp_path):
   src_params = train.load_adapter(tmp_path / "src" / "adapter")[0]
 
   seen = []
+
   def evaluate_fn(model, params, cfg):
     seen.append(lora.lora_ranks(params))
     return {"num_modules": len(lora.lora_ranks(params))}
@@ -335,8 +352,15 @@ def _cli(workdir, *args, fault=None, timeout=600):
   env.pop("LORA_SQUEEZE_FAULT", None)
   if fault:
     env["LORA_SQUEEZE_FAULT"] = fault
-  cmd = [sys.executable, "-m", "lora_squeeze.main", f"--config={ROOT / 'configs' / 'smoke.py'}:steps=24",
-         f"--workdir={workdir}", "--config.progress=False", *args]
+  cmd = [
+      sys.executable,
+      "-m",
+      "lora_squeeze.main",
+      f"--config={ROOT / 'configs' / 'smoke.py'}:steps=24",
+      f"--workdir={workdir}",
+      "--config.progress=False",
+      *args,
+  ]
   return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -382,8 +406,14 @@ def test_external_sigkill_at_a_random_moment_then_resume(tmp_path, smoke_referen
   work = tmp_path / "killed"
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   env.pop("LORA_SQUEEZE_FAULT", None)
-  cmd = [sys.executable, "-m", "lora_squeeze.main", f"--config={ROOT / 'configs' / 'smoke.py'}:steps=24",
-         f"--workdir={work}", "--config.progress=False"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "lora_squeeze.main",
+      f"--config={ROOT / 'configs' / 'smoke.py'}:steps=24",
+      f"--workdir={work}",
+      "--config.progress=False",
+  ]
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   metrics = work / "metrics.jsonl"
@@ -408,8 +438,7 @@ def test_external_sigkill_at_a_random_moment_then_resume(tmp_path, smoke_referen
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   # 1e8: the loss turns NaN at step 3 (at 1e30 the first update overflows and nothing is ever saved:
   # tests/test_reliability.py).
-  config = _smoke(mode="direct", steps=12, learning_rate=1e8, checkpoint_every=1, log_every=1,
-                  warmup_steps=0)
+  config = _smoke(mode="direct", steps=12, learning_rate=1e8, checkpoint_every=1, log_every=1, warmup_steps=0)
   with pytest.raises(FloatingPointError, match="non-finite loss .* at step"):
     train.run(config, tmp_path / "w")
   assert not (tmp_path / "w" / "result.json").exists()
@@ -429,6 +458,7 @@ def test_tensorboard_events_and_timing(tmp_path):
   events = list((tmp_path / "w" / "tensorboard").glob("events.out.tfevents.*"))
   assert events, list((tmp_path / "w").iterdir())
   from tensorboard.backend.event_processing import event_accumulator
+
   acc = event_accumulator.EventAccumulator(str(events[0].parent))
   acc.Reload()
   tags = set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])

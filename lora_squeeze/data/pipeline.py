@@ -112,14 +112,15 @@ def image_token_block(tokenizer: Any, tokens_per_image: int) -> list[int]:
   """
   for attr in ('start_of_image_id', 'end_of_image_id'):
     if not hasattr(tokenizer, attr):
-      raise ValueError(
-          f'Tokenizer {type(tokenizer).__name__} has no {attr}: it cannot'
-          ' encode images.'
-      )
+      raise ValueError(f'Tokenizer {type(tokenizer).__name__} has no {attr}: it cannot' ' encode images.')
   newlines = [int(t) for t in tokenizer.encode('\n\n')]
-  return (newlines + [int(tokenizer.start_of_image_id)]
-          + [IMAGE_PLACEHOLDER] * int(tokens_per_image)
-          + [int(tokenizer.end_of_image_id)] + newlines)
+  return (
+      newlines
+      + [int(tokenizer.start_of_image_id)]
+      + [IMAGE_PLACEHOLDER] * int(tokens_per_image)
+      + [int(tokenizer.end_of_image_id)]
+      + newlines
+  )
 
 
 def resize_image(image: Any, spec: ImageSpec) -> np.ndarray:
@@ -136,16 +137,12 @@ def resize_image(image: Any, spec: ImageSpec) -> np.ndarray:
   if array.ndim == 2:
     array = np.stack([array] * 3, axis=-1)
   if array.ndim != 3 or array.shape[-1] != 3:
-    raise ValueError(
-        f'Expected an RGB image (H, W, 3), got shape {np.shape(image)}.'
-    )
+    raise ValueError(f'Expected an RGB image (H, W, 3), got shape {np.shape(image)}.')
   if array.dtype != np.uint8:
     array = np.clip(array, 0, 255).astype(np.uint8)
   if array.shape[:2] == (spec.height, spec.width):
     return array
-  resized = Image.fromarray(array).resize(
-      (spec.width, spec.height), Image.Resampling.BILINEAR
-  )
+  resized = Image.fromarray(array).resize((spec.width, spec.height), Image.Resampling.BILINEAR)
   return np.asarray(resized, dtype=np.uint8)
 
 
@@ -197,11 +194,11 @@ def encode_example(
     prompt_ids, cont_ids = [], cont_ids[:budget]
   elif len(prompt_ids) + len(cont_ids) > budget:
     keep = budget - len(cont_ids)
-    prompt_ids = prompt_ids[len(prompt_ids) - keep:] if keep else []
+    prompt_ids = prompt_ids[len(prompt_ids) - keep :] if keep else []
   tokens = list(head) + list(prompt_ids) + list(cont_ids)
   n = len(tokens)
   loss_mask = np.zeros(n, np.int32)
-  loss_mask[n - len(cont_ids):] = 1
+  loss_mask[n - len(cont_ids) :] = 1
   out = {
       'tokens': np.asarray(tokens, np.int32),
       'loss_mask': loss_mask,
@@ -235,9 +232,7 @@ def _image_prompt(
   return head, (tokenizer.encode(after) if after else [])
 
 
-def pad_batch(
-    examples: Sequence[Mapping[str, np.ndarray]], max_len: int
-) -> dict[str, np.ndarray]:
+def pad_batch(examples: Sequence[Mapping[str, np.ndarray]], max_len: int) -> dict[str, np.ndarray]:
   """Stacks encoded examples into (B, max_len) arrays, right-padded with 0.
 
   Encoded examples with images (all or none of them) also give "images"
@@ -255,16 +250,13 @@ def pad_batch(
   if with_images:
     if with_images != len(examples):
       raise ValueError(
-          f'{with_images} of {len(examples)} examples have an image: a batch'
-          ' must be all text or all image examples.'
+          f'{with_images} of {len(examples)} examples have an image: a batch' ' must be all text or all image examples.'
       )
     out['images'] = np.stack([ex['images'] for ex in examples])
   return out
 
 
-def pack_rows(
-    rows: Sequence[Sequence[Mapping[str, np.ndarray]]], max_len: int
-) -> dict[str, np.ndarray]:
+def pack_rows(rows: Sequence[Sequence[Mapping[str, np.ndarray]]], max_len: int) -> dict[str, np.ndarray]:
   """Rows of encoded examples -> packed (len(rows), max_len) batch arrays.
 
   Row i holds rows[i]'s examples one after another from column 0: the j-th
@@ -284,10 +276,7 @@ def pack_rows(
         )
       end = start + len(ex['tokens'])
       if end > max_len:
-        raise ValueError(
-            f'Row {i} holds {end} tokens after example {j};'
-            f' max_len={max_len}.'
-        )
+        raise ValueError(f'Row {i} holds {end} tokens after example {j};' f' max_len={max_len}.')
       for k in ('tokens', 'loss_mask', 'positions'):
         out[k][i, start:end] = ex[k]
       out['segment_ids'][i, start:end] = j
@@ -308,8 +297,7 @@ class _PackedBatches:
   of each (global) batch to return (multi-host: this process's block).
   """
 
-  def __init__(self, examples: Any, batch_size: int, max_len: int,
-               rows: slice = slice(None)):
+  def __init__(self, examples: Any, batch_size: int, max_len: int, rows: slice = slice(None)):
     self._examples = examples  # A grain DatasetIterator of encoded examples.
     self._batch_size = batch_size
     self._max_len = max_len
@@ -337,8 +325,7 @@ class _PackedBatches:
           # partly filled (rows may be all padding), as none of it repeats.
           break
       n = len(ex['tokens'])
-      room = [r for r in range(self._batch_size)
-              if fill[r] + n <= self._max_len]
+      room = [r for r in range(self._batch_size) if fill[r] + n <= self._max_len]
       if not room:
         self._held = (state, ex)
         break
@@ -365,9 +352,7 @@ class _Encode:
   image_spec: ImageSpec | None = None
 
   def __call__(self, example: tasks_lib.Example) -> dict[str, np.ndarray]:
-    return encode_example(
-        example, self.tokenizer, self.max_len, image_spec=self.image_spec
-    )
+    return encode_example(example, self.tokenizer, self.max_len, image_spec=self.image_spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,10 +396,7 @@ class TrainIterator:
 
     shard_index, shard_count = int(shard[0]), int(shard[1])
     if shard_count < 1 or not 0 <= shard_index < shard_count or batch_size % max(shard_count, 1):
-      raise ValueError(
-          f'shard={shard}: need 0 <= index < count and count dividing '
-          f'batch_size={batch_size}.'
-      )
+      raise ValueError(f'shard={shard}: need 0 <= index < count and count dividing ' f'batch_size={batch_size}.')
 
     if len(source) == 0:  # pylint: disable=g-explicit-length-test
       raise ValueError(f'Empty training source: {source!r}.')
@@ -422,9 +404,12 @@ class TrainIterator:
       raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
     self.source = source
     self.settings = {
-        'batch_size': int(batch_size), 'max_len': int(max_len),
-        'seed': int(seed), 'shuffle': bool(shuffle),
-        'num_epochs': num_epochs, 'source_len': len(source),
+        'batch_size': int(batch_size),
+        'max_len': int(max_len),
+        'seed': int(seed),
+        'shuffle': bool(shuffle),
+        'num_epochs': num_epochs,
+        'source_len': len(source),
     }
     if pack:
       # Only when packing: an unpacked state stays exactly what it was before
@@ -433,8 +418,7 @@ class TrainIterator:
       self.settings['pack'] = True
       if getattr(source[0], 'image', None) is not None:
         raise ValueError(
-            'pack=True packs text examples only; this source has images'
-            ' (vision-language): use pack=False.'
+            'pack=True packs text examples only; this source has images' ' (vision-language): use pack=False.'
         )
     ds = grain.MapDataset.source(source)
     if shuffle:
@@ -451,30 +435,23 @@ class TrainIterator:
       rows = slice(first, first + per_process)
       # Prefetch counts examples here: a packed batch of short examples holds
       # several per row.
-      read = grain.ReadOptions(
-          num_threads=num_threads, prefetch_buffer_size=16 * int(batch_size)
-      )
-      self._iter = _PackedBatches(
-          iter(ds.to_iter_dataset(read)), int(batch_size), int(max_len), rows
-      )
+      read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=16 * int(batch_size))
+      self._iter = _PackedBatches(iter(ds.to_iter_dataset(read)), int(batch_size), int(max_len), rows)
       return
     if shard_count == 1:
-      ds = ds.batch(
-          int(batch_size), drop_remainder=True, batch_fn=_Pad(int(max_len))
-      )
+      ds = ds.batch(int(batch_size), drop_remainder=True, batch_fn=_Pad(int(max_len)))
     else:
       # Multi-host: global batch k is blocks k·count ... k·count + count - 1
       # of (batch_size / count) rows; this process reads (and tokenises)
       # only its block of each. grain's state then counts GLOBAL batches
       # (the same in every process, and independent of the process count).
       ds = ds.batch(
-          int(batch_size) // shard_count, drop_remainder=True,
+          int(batch_size) // shard_count,
+          drop_remainder=True,
           batch_fn=_Pad(int(max_len)),
       )
       ds = ds[: len(ds) - len(ds) % shard_count][shard_index::shard_count]
-    read = grain.ReadOptions(
-        num_threads=num_threads, prefetch_buffer_size=2 * int(batch_size)
-    )
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * int(batch_size))
     self._iter = iter(ds.to_iter_dataset(read))
 
   def __iter__(self) -> TrainIterator:
@@ -491,8 +468,7 @@ class TrainIterator:
       state = json.loads(state)
     if dict(state['settings']) != self.settings:
       raise ValueError(
-          'Iterator state was saved with other settings: saved '
-          f'{dict(state["settings"])}, now {self.settings}.'
+          'Iterator state was saved with other settings: saved ' f'{dict(state["settings"])}, now {self.settings}.'
       )
     self._iter.set_state(state['grain'])
 
@@ -542,9 +518,17 @@ def train_iterator(
       raise ValueError('split/source options only apply to a task name.')
     src = task_or_source
   return TrainIterator(
-      src, tokenizer, batch_size=batch_size, max_len=max_len, seed=seed,
-      num_epochs=num_epochs, shuffle=shuffle, num_threads=num_threads,
-      shard=shard, image_spec=image_spec, pack=pack,
+      src,
+      tokenizer,
+      batch_size=batch_size,
+      max_len=max_len,
+      seed=seed,
+      num_epochs=num_epochs,
+      shuffle=shuffle,
+      num_threads=num_threads,
+      shard=shard,
+      image_spec=image_spec,
+      pack=pack,
   )
 
 
@@ -571,9 +555,7 @@ def train_iterator_from_config(
   if kind == 'olmo':
     split = split or 'offline_train'
     if not split.startswith(sources.OFFLINE_PREFIX):
-      raise ValueError(
-          f'data.source="olmo" reads offline_* splits, got {split!r}.'
-      )
+      raise ValueError(f'data.source="olmo" reads offline_* splits, got {split!r}.')
     if d.get('heldout_fraction', None):
       options['heldout_fraction'] = float(d.heldout_fraction)
   elif kind == 'tfds':
@@ -582,8 +564,14 @@ def train_iterator_from_config(
   else:
     raise ValueError(f'Unknown data.source {kind!r}; use "tfds" or "olmo".')
   return train_iterator(
-      str(d.task), tokenizer, batch_size=int(d.batch_size),
-      max_len=int(d.max_len), seed=int(config.seed), split=split or None,
-      shard=shard, image_spec=image_spec, pack=bool(d.get('pack', False)),
+      str(d.task),
+      tokenizer,
+      batch_size=int(d.batch_size),
+      max_len=int(d.max_len),
+      seed=int(config.seed),
+      split=split or None,
+      shard=shard,
+      image_spec=image_spec,
+      pack=bool(d.get('pack', False)),
       **options,
   )

@@ -72,7 +72,9 @@ class TfdsSource(Sequence[tasks_lib.Example]):
     data_dir = None if data_dir is None else os.fspath(data_dir)
     try:
       self.records = tfds.data_source(
-          self.task.tfds_name, split=self.split, data_dir=data_dir,
+          self.task.tfds_name,
+          split=self.split,
+          data_dir=data_dir,
           download=download,
       )
     except Exception as e:  # pylint: disable=broad-except
@@ -119,9 +121,7 @@ def source(
   task = tasks_lib.get_task(task)
   split = split or task.train_split
   if split.startswith(OFFLINE_PREFIX):
-    return olmo.OfflineSource(
-        task, split[len(OFFLINE_PREFIX):], heldout_fraction=heldout_fraction
-    )
+    return olmo.OfflineSource(task, split[len(OFFLINE_PREFIX) :], heldout_fraction=heldout_fraction)
   return TfdsSource(task, split, data_dir=data_dir, download=download)
 
 

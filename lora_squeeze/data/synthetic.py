@@ -37,6 +37,7 @@ def choice_examples(num_examples: int = 64, seed: int = 0, num_choices: int = 4)
   that memorised the table scores near 100%; chance is ``1 / num_choices``. It measures the same thing the
   training loss does, so it is what the tiny sweeps of the experiments tests evaluate."""
   from lora_squeeze.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+
   train = synthetic_examples(num_examples, seed)
   values = sorted({e.target for e in train})
   if len(values) < num_choices:
@@ -56,8 +57,16 @@ def task() -> Any:
   """The synthetic task as a ``data.tasks.Task`` (choice accuracy), for ``evaluate.evaluate_examples``; it
   is not in the registry because no TFDS or offline source holds it."""
   from lora_squeeze.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
-  return tasks_lib.Task(name="synthetic", title="synthetic lookup", tfds_name="", train_split="",
-                        eval_split="", metric="choice_accuracy", format_fn=lambda r: r)
+
+  return tasks_lib.Task(
+      name="synthetic",
+      title="synthetic lookup",
+      tfds_name="",
+      train_split="",
+      eval_split="",
+      metric="choice_accuracy",
+      format_fn=lambda r: r,
+  )
 
 
 def encode(example: SyntheticExample, tokenizer: Any, max_len: int) -> dict[str, np.ndarray]:
@@ -69,7 +78,7 @@ def encode(example: SyntheticExample, tokenizer: Any, max_len: int) -> dict[str,
   tokens = np.zeros(max_len, np.int32)
   tokens[:n] = ids
   loss_mask = np.zeros(max_len, np.int32)
-  loss_mask[len(prompt):n] = 1
+  loss_mask[len(prompt) : n] = 1
   segment_ids = np.zeros(max_len, np.int32)
   segment_ids[:n] = 1
   positions = np.zeros(max_len, np.int32)
@@ -84,8 +93,16 @@ class SyntheticIterator:
   batch of ``batch_size`` rows B; the state is the global stream's position, the same in every process.
   """
 
-  def __init__(self, tokenizer: Any, *, batch_size: int, max_len: int, seed: int, num_examples: int = 64,
-               shard: tuple[int, int] = (0, 1)):
+  def __init__(
+      self,
+      tokenizer: Any,
+      *,
+      batch_size: int,
+      max_len: int,
+      seed: int,
+      num_examples: int = 64,
+      shard: tuple[int, int] = (0, 1),
+  ):
     index, count = int(shard[0]), int(shard[1])
     if count < 1 or not 0 <= index < count or batch_size % count:
       raise ValueError(f"shard={shard}: need 0 <= index < count and count dividing batch_size={batch_size}")

@@ -205,16 +205,13 @@ def _texts(values: Any) -> list[str]:
   return [as_text(v) for v in list(values)]
 
 
-def _choice_example(
-    prompt: str, options: Sequence[str], answer: int, what: str
-) -> Example:
+def _choice_example(prompt: str, options: Sequence[str], answer: int, what: str) -> Example:
   """Example whose choices are " {option}" and whose answer is one index."""
   if not options:
     raise InvalidExampleError(f'{what}: no answer options.')
   if not 0 <= answer < len(options):
     raise InvalidExampleError(
-        f'{what}: label {answer} is outside the {len(options)} options (a'
-        ' hidden test label is -1).'
+        f'{what}: label {answer} is outside the {len(options)} options (a' ' hidden test label is -1).'
     )
   choices = tuple(' ' + o.strip() for o in options)
   return Example(prompt, choices, (answer,), choices[answer])
@@ -246,9 +243,7 @@ def _arc_tfds(r: Mapping[str, Any]) -> Example:
   if key not in labels:
     raise InvalidExampleError(f'ARC: answerKey {key} not among {labels}.')
   texts = _texts(r['choices']['text'])
-  return _choice_example(
-      _qa_prompt(as_text(r['question'])), texts, labels.index(key), 'ARC'
-  )
+  return _choice_example(_qa_prompt(as_text(r['question'])), texts, labels.index(key), 'ARC')
 
 
 def _arc_hf(r: Mapping[str, Any]) -> Example:
@@ -256,8 +251,10 @@ def _arc_hf(r: Mapping[str, Any]) -> Example:
   if r['answerKey'] not in labels:
     raise InvalidExampleError(f'ARC: answerKey {r["answerKey"]!r} not found.')
   return _choice_example(
-      _qa_prompt(r['question']), r['choices']['text'],
-      labels.index(r['answerKey']), 'ARC',
+      _qa_prompt(r['question']),
+      r['choices']['text'],
+      labels.index(r['answerKey']),
+      'ARC',
   )
 
 
@@ -271,10 +268,7 @@ def _boolq(r: Mapping[str, Any]) -> Example:
 
 
 def _drop(r: Mapping[str, Any]) -> Example:
-  prompt = (
-      f'Passage: {as_text(r["passage"]).strip()}\n'
-      f'Question: {as_text(r["question"]).strip()}\nAnswer:'
-  )
+  prompt = f'Passage: {as_text(r["passage"]).strip()}\n' f'Question: {as_text(r["question"]).strip()}\nAnswer:'
   answer = as_text(r['answer']).strip()
   refs = [answer] + [a.strip() for a in _texts(r.get('validated_answers', []))]
   refs = tuple(dict.fromkeys(a for a in refs if a))  # Unique, in order.
@@ -284,20 +278,41 @@ def _drop(r: Mapping[str, Any]) -> Example:
 
 
 GOEMOTIONS_LABELS = (
-    'admiration', 'amusement', 'anger', 'annoyance', 'approval', 'caring',
-    'confusion', 'curiosity', 'desire', 'disappointment', 'disapproval',
-    'disgust', 'embarrassment', 'excitement', 'fear', 'gratitude', 'grief',
-    'joy', 'love', 'nervousness', 'optimism', 'pride', 'realization', 'relief',
-    'remorse', 'sadness', 'surprise', 'neutral',
+    'admiration',
+    'amusement',
+    'anger',
+    'annoyance',
+    'approval',
+    'caring',
+    'confusion',
+    'curiosity',
+    'desire',
+    'disappointment',
+    'disapproval',
+    'disgust',
+    'embarrassment',
+    'excitement',
+    'fear',
+    'gratitude',
+    'grief',
+    'joy',
+    'love',
+    'nervousness',
+    'optimism',
+    'pride',
+    'realization',
+    'relief',
+    'remorse',
+    'sadness',
+    'surprise',
+    'neutral',
 )
 
 
 def _goemotions(r: Mapping[str, Any]) -> Example:
   prompt = f'Comment: {as_text(r["comment_text"]).strip()}\nEmotion:'
   choices = tuple(' ' + label for label in GOEMOTIONS_LABELS)
-  answers = tuple(
-      i for i, label in enumerate(GOEMOTIONS_LABELS) if bool(np.asarray(r[label]))
-  )
+  answers = tuple(i for i, label in enumerate(GOEMOTIONS_LABELS) if bool(np.asarray(r[label])))
   if not answers:
     raise InvalidExampleError('GoEmotions: no gold label.')
   return Example(prompt, choices, answers, choices[answers[0]])
@@ -310,9 +325,7 @@ def _hellaswag_clean(text: str) -> str:
   return text.replace('  ', ' ').strip()
 
 
-def _hellaswag(
-    activity: str, context: str, endings: Sequence[str], label: int
-) -> Example:
+def _hellaswag(activity: str, context: str, endings: Sequence[str], label: int) -> Example:
   prompt = _hellaswag_clean(f'{activity.strip()}: {context.strip()}')
   endings = [_hellaswag_clean(e) for e in endings]
   return _choice_example(prompt, endings, label, 'HellaSwag')
@@ -320,7 +333,9 @@ def _hellaswag(
 
 def _hellaswag_tfds(r: Mapping[str, Any]) -> Example:
   return _hellaswag(
-      as_text(r['activity_label']), as_text(r['context']), _texts(r['endings']),
+      as_text(r['activity_label']),
+      as_text(r['context']),
+      _texts(r['endings']),
       _int(r['label']),
   )
 
@@ -332,23 +347,21 @@ def _hellaswag_hf(r: Mapping[str, Any]) -> Example:
 
 def _mmlu_tfds(r: Mapping[str, Any]) -> Example:
   return _choice_example(
-      _qa_prompt(as_text(r['question'])), _texts(r['choices']),
-      _int(r['answer']), 'MMLU',
+      _qa_prompt(as_text(r['question'])),
+      _texts(r['choices']),
+      _int(r['answer']),
+      'MMLU',
   )
 
 
 def _mmlu_hf(r: Mapping[str, Any]) -> Example:
-  return _choice_example(
-      _qa_prompt(r['question']), r['choices'], _int(r['answer']), 'MMLU'
-  )
+  return _choice_example(_qa_prompt(r['question']), r['choices'], _int(r['answer']), 'MMLU')
 
 
 def _obqa_tfds(r: Mapping[str, Any]) -> Example:
   q = r['question']
   options = [as_text(q[f'choice_{c}']) for c in 'ABCD']
-  return _choice_example(
-      _qa_prompt(as_text(q['stem'])), options, _int(r['answerKey']), 'OBQA'
-  )
+  return _choice_example(_qa_prompt(as_text(q['stem'])), options, _int(r['answerKey']), 'OBQA')
 
 
 def _obqa_hf(r: Mapping[str, Any]) -> Example:
@@ -356,8 +369,10 @@ def _obqa_hf(r: Mapping[str, Any]) -> Example:
   if r['answerKey'] not in labels:
     raise InvalidExampleError(f'OBQA: answerKey {r["answerKey"]!r} not found.')
   return _choice_example(
-      _qa_prompt(r['question_stem']), r['choices']['text'],
-      labels.index(r['answerKey']), 'OBQA',
+      _qa_prompt(r['question_stem']),
+      r['choices']['text'],
+      labels.index(r['answerKey']),
+      'OBQA',
   )
 
 
@@ -372,16 +387,15 @@ def _paws(r: Mapping[str, Any]) -> Example:
 
 def _piqa(r: Mapping[str, Any]) -> Example:
   return _choice_example(
-      _qa_prompt(as_text(r['goal'])), [as_text(r['sol1']), as_text(r['sol2'])],
-      _int(r['label']), 'PIQA',
+      _qa_prompt(as_text(r['goal'])),
+      [as_text(r['sol1']), as_text(r['sol2'])],
+      _int(r['label']),
+      'PIQA',
   )
 
 
 def _siqa(r: Mapping[str, Any], label: int) -> Example:
-  prompt = (
-      f'Context: {as_text(r["context"]).strip()}\n'
-      f'Question: {as_text(r["question"]).strip()}\nAnswer:'
-  )
+  prompt = f'Context: {as_text(r["context"]).strip()}\n' f'Question: {as_text(r["question"]).strip()}\nAnswer:'
   options = [as_text(r[f'answer{c}']) for c in 'ABC']
   return _choice_example(prompt, options, label, 'SIQA')
 
@@ -396,12 +410,10 @@ def _siqa_hf(r: Mapping[str, Any]) -> Example:
 
 def _winogrande(sentence: str, options: Sequence[str], label: int) -> Example:
   if sentence.count('_') != 1:
-    raise InvalidExampleError(
-        f'WinoGrande: expected one "_" blank in {sentence!r}.'
-    )
+    raise InvalidExampleError(f'WinoGrande: expected one "_" blank in {sentence!r}.')
   before, after = sentence.split('_')
   prompt = before.rstrip()
-  gap = before[len(prompt):]  # The space before the blank goes to the choice.
+  gap = before[len(prompt) :]  # The space before the blank goes to the choice.
   filled = [gap + o.strip() + after.rstrip() for o in options]
   if not 0 <= label < len(filled):
     raise InvalidExampleError(f'WinoGrande: label {label} (hidden test: -1).')
@@ -415,7 +427,8 @@ def _winogrande(sentence: str, options: Sequence[str], label: int) -> Example:
 
 def _winogrande_tfds(r: Mapping[str, Any]) -> Example:
   return _winogrande(  # ClassLabel names '1', '2' -> 0, 1.
-      as_text(r['sentence']), [as_text(r['option1']), as_text(r['option2'])],
+      as_text(r['sentence']),
+      [as_text(r['option1']), as_text(r['option2'])],
       _int(r['label']),
   )
 
@@ -431,75 +444,164 @@ def _winogrande_hf(r: Mapping[str, Any]) -> Example:
 def _offline(paths, rows, fn) -> OfflineSpec:
   return OfflineSpec(
       paths=(paths,) if isinstance(paths, str) else tuple(paths),
-      expected_rows=rows, format_fn=fn,
+      expected_rows=rows,
+      format_fn=fn,
   )
 
 
 _VAL = 'validation/data-00000-of-00001.arrow'
 
-TASKS: dict[str, Task] = {t.name: t for t in (
-    Task(name='anli_r2', title='ANLI-r2', tfds_name='anli/r2',
-         train_split='train', eval_split='test', metric='choice_accuracy',
-         format_fn=_anli),
-    Task(name='arc_c', title='ARC-C', tfds_name='ai2_arc/ARC-Challenge',
-         train_split='train', eval_split='test', metric='choice_accuracy',
-         format_fn=_arc_tfds,
-         offline=_offline(f'ai2_arc/ARC-Challenge/{_VAL}', 299, _arc_hf)),
-    Task(name='arc_e', title='ARC-E', tfds_name='ai2_arc/ARC-Easy',
-         train_split='train', eval_split='test', metric='choice_accuracy',
-         format_fn=_arc_tfds,
-         offline=_offline(f'ai2_arc/ARC-Easy/{_VAL}', 570, _arc_hf)),
-    Task(name='boolq', title='BoolQ', tfds_name='bool_q',
-         train_split='train', eval_split='validation',
-         metric='choice_accuracy', format_fn=_boolq,
-         offline=_offline(f'boolq/none/{_VAL}', 3270, _boolq)),
-    Task(name='drop', title='DROP', tfds_name='drop', train_split='train',
-         eval_split='dev', metric='generative', format_fn=_drop,
-         tfds_module=_TFDS_TEXT),
-    Task(name='goemotions', title='GoEmotions', tfds_name='goemotions',
-         train_split='train', eval_split='test',
-         metric='multilabel_choice_accuracy', format_fn=_goemotions,
-         tfds_module=_TFDS_TEXT),
-    Task(name='hellaswag', title='HellaSwag', tfds_name='hellaswag',
-         train_split='train', eval_split='validation',
-         metric='choice_accuracy', format_fn=_hellaswag_tfds,
-         tfds_module=_TFDS_TEXT,
-         offline=_offline(f'hellaswag/none/{_VAL}', 10042, _hellaswag_hf)),
-    Task(name='mmlu', title='MMLU', tfds_name='mmlu', train_split='train',
-         eval_split='test', metric='choice_accuracy', format_fn=_mmlu_tfds,
-         tfds_module=_OUR_BUILDERS,
-         offline=_offline('hails/mmlu_no_train/*/test/data-*.arrow', 14042,
-                          _mmlu_hf)),
-    Task(name='obqa', title='OBQA', tfds_name='openbookqa',
-         train_split='train', eval_split='test', metric='choice_accuracy',
-         format_fn=_obqa_tfds,
-         offline=_offline(f'openbookqa/main/{_VAL}', 500, _obqa_hf)),
-    Task(name='paws', title='PAWS', tfds_name='paws_wiki/labeled_final_raw',
-         train_split='train', eval_split='test', metric='choice_accuracy',
-         format_fn=_paws),
-    Task(name='piqa', title='PIQA', tfds_name='piqa', train_split='train',
-         eval_split='validation', metric='choice_accuracy', format_fn=_piqa,
-         offline=_offline(f'piqa/plain_text/{_VAL}', 1838, _piqa)),
-    Task(name='siqa', title='SIQA', tfds_name='social_iqa',
-         train_split='train', eval_split='validation',
-         metric='choice_accuracy', format_fn=_siqa_tfds,
-         tfds_module=_OUR_BUILDERS,
-         offline=_offline(f'social_i_qa/none/{_VAL}', 1954, _siqa_hf)),
-    Task(name='winogrande', title='WinoGrande-L', tfds_name='winogrande',
-         train_split='train_l', eval_split='validation',
-         metric='choice_accuracy', format_fn=_winogrande_tfds,
-         tfds_module=_TFDS_TEXT,
-         offline=_offline(f'winogrande/winogrande_xl/{_VAL}', 1267,
-                          _winogrande_hf)),
-)}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task(
+            name='anli_r2',
+            title='ANLI-r2',
+            tfds_name='anli/r2',
+            train_split='train',
+            eval_split='test',
+            metric='choice_accuracy',
+            format_fn=_anli,
+        ),
+        Task(
+            name='arc_c',
+            title='ARC-C',
+            tfds_name='ai2_arc/ARC-Challenge',
+            train_split='train',
+            eval_split='test',
+            metric='choice_accuracy',
+            format_fn=_arc_tfds,
+            offline=_offline(f'ai2_arc/ARC-Challenge/{_VAL}', 299, _arc_hf),
+        ),
+        Task(
+            name='arc_e',
+            title='ARC-E',
+            tfds_name='ai2_arc/ARC-Easy',
+            train_split='train',
+            eval_split='test',
+            metric='choice_accuracy',
+            format_fn=_arc_tfds,
+            offline=_offline(f'ai2_arc/ARC-Easy/{_VAL}', 570, _arc_hf),
+        ),
+        Task(
+            name='boolq',
+            title='BoolQ',
+            tfds_name='bool_q',
+            train_split='train',
+            eval_split='validation',
+            metric='choice_accuracy',
+            format_fn=_boolq,
+            offline=_offline(f'boolq/none/{_VAL}', 3270, _boolq),
+        ),
+        Task(
+            name='drop',
+            title='DROP',
+            tfds_name='drop',
+            train_split='train',
+            eval_split='dev',
+            metric='generative',
+            format_fn=_drop,
+            tfds_module=_TFDS_TEXT,
+        ),
+        Task(
+            name='goemotions',
+            title='GoEmotions',
+            tfds_name='goemotions',
+            train_split='train',
+            eval_split='test',
+            metric='multilabel_choice_accuracy',
+            format_fn=_goemotions,
+            tfds_module=_TFDS_TEXT,
+        ),
+        Task(
+            name='hellaswag',
+            title='HellaSwag',
+            tfds_name='hellaswag',
+            train_split='train',
+            eval_split='validation',
+            metric='choice_accuracy',
+            format_fn=_hellaswag_tfds,
+            tfds_module=_TFDS_TEXT,
+            offline=_offline(f'hellaswag/none/{_VAL}', 10042, _hellaswag_hf),
+        ),
+        Task(
+            name='mmlu',
+            title='MMLU',
+            tfds_name='mmlu',
+            train_split='train',
+            eval_split='test',
+            metric='choice_accuracy',
+            format_fn=_mmlu_tfds,
+            tfds_module=_OUR_BUILDERS,
+            offline=_offline('hails/mmlu_no_train/*/test/data-*.arrow', 14042, _mmlu_hf),
+        ),
+        Task(
+            name='obqa',
+            title='OBQA',
+            tfds_name='openbookqa',
+            train_split='train',
+            eval_split='test',
+            metric='choice_accuracy',
+            format_fn=_obqa_tfds,
+            offline=_offline(f'openbookqa/main/{_VAL}', 500, _obqa_hf),
+        ),
+        Task(
+            name='paws',
+            title='PAWS',
+            tfds_name='paws_wiki/labeled_final_raw',
+            train_split='train',
+            eval_split='test',
+            metric='choice_accuracy',
+            format_fn=_paws,
+        ),
+        Task(
+            name='piqa',
+            title='PIQA',
+            tfds_name='piqa',
+            train_split='train',
+            eval_split='validation',
+            metric='choice_accuracy',
+            format_fn=_piqa,
+            offline=_offline(f'piqa/plain_text/{_VAL}', 1838, _piqa),
+        ),
+        Task(
+            name='siqa',
+            title='SIQA',
+            tfds_name='social_iqa',
+            train_split='train',
+            eval_split='validation',
+            metric='choice_accuracy',
+            format_fn=_siqa_tfds,
+            tfds_module=_OUR_BUILDERS,
+            offline=_offline(f'social_i_qa/none/{_VAL}', 1954, _siqa_hf),
+        ),
+        Task(
+            name='winogrande',
+            title='WinoGrande-L',
+            tfds_name='winogrande',
+            train_split='train_l',
+            eval_split='validation',
+            metric='choice_accuracy',
+            format_fn=_winogrande_tfds,
+            tfds_module=_TFDS_TEXT,
+            offline=_offline(f'winogrande/winogrande_xl/{_VAL}', 1267, _winogrande_hf),
+        ),
+    )
+}
 
 TASK_NAMES = tuple(TASKS)
 
 # Extra spellings accepted by get_task (after lower-casing, '-'/' ' -> '_').
 _ALIASES = {
-    'anli': 'anli_r2', 'anli_2': 'anli_r2', 'arc_challenge': 'arc_c',
-    'arc_easy': 'arc_e', 'bool_q': 'boolq', 'openbookqa': 'obqa',
-    'paws_wiki': 'paws', 'social_iqa': 'siqa', 'socialiqa': 'siqa',
+    'anli': 'anli_r2',
+    'anli_2': 'anli_r2',
+    'arc_challenge': 'arc_c',
+    'arc_easy': 'arc_e',
+    'bool_q': 'boolq',
+    'openbookqa': 'obqa',
+    'paws_wiki': 'paws',
+    'social_iqa': 'siqa',
+    'socialiqa': 'siqa',
     'winogrande_l': 'winogrande',
 }
 

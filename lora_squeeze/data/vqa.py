@@ -73,9 +73,9 @@ from lora_squeeze.data import pipeline
 from lora_squeeze.data import tasks as tasks_lib
 
 IMAGE_MARKER = pipeline.IMAGE_MARKER
-SHORT_ANSWER = 'Answer the question using a single word or phrase.'
-OPTION_ANSWER = 'Answer with the text of one option.'
-VL_METRICS = ('vqa_accuracy', 'vqa_exact_match', 'relaxed_accuracy')
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+OPTION_ANSWER = "Answer with the text of one option."
+VL_METRICS = ("vqa_accuracy", "vqa_exact_match", "relaxed_accuracy")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -83,48 +83,173 @@ VL_METRICS = ('vqa_accuracy', 'vqa_exact_match', 'relaxed_accuracy')
 # --------------------------------------------------------------------------------------------------------
 
 _CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
-    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
-    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
-    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
-    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
-    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
-    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's",
-    "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
-    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
-    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
-    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
-    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
-    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
-    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
-    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas",
-    "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
-    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
-    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
-    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
-    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
-    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
-    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
-    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldve": "could've",
+    "couldnt": "couldn't",
+    "couldn'tve": "couldn't've",
+    "couldnt've": "couldn't've",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hadnt've": "hadn't've",
+    "hadn'tve": "hadn't've",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hed": "he'd",
+    "hed've": "he'd've",
+    "he'dve": "he'd've",
+    "hes": "he's",
+    "howd": "how'd",
+    "howll": "how'll",
+    "hows": "how's",
+    "Id've": "I'd've",
+    "I'dve": "I'd've",
+    "Im": "I'm",
+    "Ive": "I've",
+    "isnt": "isn't",
+    "itd": "it'd",
+    "itd've": "it'd've",
+    "it'dve": "it'd've",
+    "itll": "it'll",
+    "let's": "let's",
+    "maam": "ma'am",
+    "mightnt": "mightn't",
+    "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "notve": "not've",
+    "oclock": "o'clock",
+    "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at",
+    "shant": "shan't",
+    "shed've": "she'd've",
+    "she'dve": "she'd've",
+    "she's": "she's",
+    "shouldve": "should've",
+    "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll",
+    "somebodys": "somebody's",
+    "someoned": "someone'd",
+    "someoned've": "someone'd've",
+    "someone'dve": "someone'd've",
+    "someonell": "someone'll",
+    "someones": "someone's",
+    "somethingd": "something'd",
+    "somethingd've": "something'd've",
+    "something'dve": "something'd've",
+    "somethingll": "something'll",
+    "thats": "that's",
+    "thered": "there'd",
+    "thered've": "there'd've",
+    "there'dve": "there'd've",
+    "therere": "there're",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyd've": "they'd've",
+    "they'dve": "they'd've",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "twas": "'twas",
+    "wasnt": "wasn't",
+    "wed've": "we'd've",
+    "we'dve": "we'd've",
+    "weve": "we've",
+    "werent": "weren't",
+    "whatll": "what'll",
+    "whatre": "what're",
+    "whats": "what's",
+    "whatve": "what've",
+    "whens": "when's",
+    "whered": "where'd",
+    "wheres": "where's",
+    "whereve": "where've",
+    "whod": "who'd",
+    "whod've": "who'd've",
+    "who'dve": "who'd've",
+    "wholl": "who'll",
+    "whos": "who's",
+    "whove": "who've",
+    "whyll": "why'll",
+    "whyre": "why're",
+    "whys": "why's",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've",
+    "yall": "y'all",
+    "yall'll": "y'all'll",
+    "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've",
+    "youd": "you'd",
+    "youd've": "you'd've",
+    "you'dve": "you'd've",
+    "youll": "you'll",
+    "youre": "you're",
     "youve": "you've",
 }
-_NUMBER_WORDS = {'none': '0', 'zero': '0', 'one': '1', 'two': '2', 'three': '3', 'four': '4', 'five': '5',
-                 'six': '6', 'seven': '7', 'eight': '8', 'nine': '9', 'ten': '10'}
-_ARTICLES = ('a', 'an', 'the')
-_PUNCTUATION = (';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`',
-                ',', '?', '!')
+_NUMBER_WORDS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
+_ARTICLES = ("a", "an", "the")
+_PUNCTUATION = (
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+)
 # The official pattern, kept verbatim: "(?!<=\d)" is a lookahead (not the intended lookbehind), so every
 # period not followed by a digit is removed ("1.5" keeps its period, "no." loses it).
-_PERIOD_STRIP = re.compile(r'(?!<=\d)(\.)(?!\d)')
-_COMMA_STRIP = re.compile(r'(\d)(,)(\d)')
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 
 
 def _clean(text: str) -> str:
-  return str(text).replace('\n', ' ').replace('\t', ' ').strip()
+  return str(text).replace("\n", " ").replace("\t", " ").strip()
 
 
 def _process_punctuation(text: str) -> str:
@@ -132,12 +257,12 @@ def _process_punctuation(text: str) -> str:
   otherwise replaced by a space; then periods that are not decimal points are deleted."""
   out = text
   for mark in _PUNCTUATION:
-    if (mark + ' ' in text or ' ' + mark in text) or _COMMA_STRIP.search(text) is not None:
-      out = out.replace(mark, '')
+    if (mark + " " in text or " " + mark in text) or _COMMA_STRIP.search(text) is not None:
+      out = out.replace(mark, "")
     else:
-      out = out.replace(mark, ' ')
+      out = out.replace(mark, " ")
   # The official call passes re.UNICODE (= 32) as the count: at most 32 periods are removed.
-  return _PERIOD_STRIP.sub('', out, count=32)
+  return _PERIOD_STRIP.sub("", out, count=32)
 
 
 def _process_digit_article(text: str) -> str:
@@ -147,7 +272,7 @@ def _process_digit_article(text: str) -> str:
     word = _NUMBER_WORDS.get(word, word)
     if word not in _ARTICLES:
       words.append(word)
-  return ' '.join(_CONTRACTIONS.get(w, w) for w in words)
+  return " ".join(_CONTRACTIONS.get(w, w) for w in words)
 
 
 def normalize_answer(text: str) -> str:
@@ -168,7 +293,7 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], *, official_script: bo
   """
   answers = [_clean(a) for a in answers]
   if not answers:
-    raise ValueError('vqa_accuracy: no human answers to compare with.')
+    raise ValueError("vqa_accuracy: no human answers to compare with.")
   pred = _clean(prediction)
   if not official_script or len(set(answers)) > 1:
     answers = [normalize_answer(a) for a in answers]
@@ -185,7 +310,7 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], *, official_script: bo
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
   """1.0 if the processed prediction equals any processed reference (``normalize_answer``), else 0.0."""
   if not answers:
-    raise ValueError('exact_match: no reference answers.')
+    raise ValueError("exact_match: no reference answers.")
   pred = normalize_answer(prediction)
   return float(any(pred == normalize_answer(a) for a in answers))
 
@@ -193,7 +318,7 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
 def _to_float(text: str) -> float | None:
   text = text.strip()
   try:
-    if text.endswith('%'):
+    if text.endswith("%"):
       return float(text[:-1]) / 100.0
     return float(text)
   except ValueError:
@@ -207,7 +332,7 @@ def relaxed_accuracy(prediction: str, answers: Sequence[str], *, max_relative_er
   "%" divides by 100, on both sides); anything else needs an exact, case-insensitive match.
   """
   if not answers:
-    raise ValueError('relaxed_accuracy: no reference answers.')
+    raise ValueError("relaxed_accuracy: no reference answers.")
   pred = _clean(prediction)
   pred_value = _to_float(pred)
   for ref in answers:
@@ -223,13 +348,13 @@ def relaxed_accuracy(prediction: str, answers: Sequence[str], *, max_relative_er
 
 def score(metric: str, prediction: str, references: Sequence[str]) -> float:
   """One example's score in [0, 1] under a VL metric (``VL_METRICS``)."""
-  if metric == 'vqa_accuracy':
+  if metric == "vqa_accuracy":
     return vqa_accuracy(prediction, references)
-  if metric == 'vqa_exact_match':
+  if metric == "vqa_exact_match":
     return exact_match(prediction, references)
-  if metric == 'relaxed_accuracy':
+  if metric == "relaxed_accuracy":
     return relaxed_accuracy(prediction, references)
-  raise ValueError(f'Unknown vision-language metric {metric!r}; known: {VL_METRICS}.')
+  raise ValueError(f"Unknown vision-language metric {metric!r}; known: {VL_METRICS}.")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -252,7 +377,8 @@ def _image(value: Any, what: str) -> np.ndarray:
     image = np.stack([image] * 3, axis=-1)
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
     raise tasks_lib.InvalidExampleError(
-        f'{what}: expected a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}.')
+        f"{what}: expected a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}."
+    )
   return image
 
 
@@ -263,39 +389,41 @@ def training_answer(answers: Sequence[str]) -> str:
   return next(a for a in answers if counts[a] == best)
 
 
-def vl_prompt(question: str, *, context: str = '', options: Sequence[str] = ()) -> str:
+def vl_prompt(question: str, *, context: str = "", options: Sequence[str] = ()) -> str:
   """The VL prompt (see the module docstring): image marker, optional context, question, instruction."""
-  parts = [f'{IMAGE_MARKER}']
+  parts = [f"{IMAGE_MARKER}"]
   if context:
-    parts.append(f'Context: {context}\n')
-  parts.append(f'Question: {question}\n')
+    parts.append(f"Context: {context}\n")
+  parts.append(f"Question: {question}\n")
   if options:
-    parts.append('Options: ' + ' | '.join(options) + '\n')
-    parts.append(f'{OPTION_ANSWER}\nAnswer:')
+    parts.append("Options: " + " | ".join(options) + "\n")
+    parts.append(f"{OPTION_ANSWER}\nAnswer:")
   else:
-    parts.append(f'{SHORT_ANSWER}\nAnswer:')
-  return ''.join(parts)
+    parts.append(f"{SHORT_ANSWER}\nAnswer:")
+  return "".join(parts)
 
 
 def _open_ended(r: Mapping[str, Any], what: str) -> tasks_lib.Example:
-  question = _text(r['question']).strip()
-  answers = tuple(a.strip() for a in _texts(r['answers']) if a.strip())
+  question = _text(r["question"]).strip()
+  answers = tuple(a.strip() for a in _texts(r["answers"]) if a.strip())
   if not question or not answers:
-    raise tasks_lib.InvalidExampleError(f'{what}: a question and at least one answer are needed.')
-  return tasks_lib.Example(vl_prompt(question), (), (), ' ' + training_answer(answers), answers,
-                           image=_image(r['image'], what))
+    raise tasks_lib.InvalidExampleError(f"{what}: a question and at least one answer are needed.")
+  return tasks_lib.Example(
+      vl_prompt(question), (), (), " " + training_answer(answers), answers, image=_image(r["image"], what)
+  )
 
 
 def _multiple_choice(r: Mapping[str, Any], what: str) -> tasks_lib.Example:
-  question = _text(r['question']).strip()
-  options = [o.strip() for o in _texts(r['choices'])]
-  answers = tuple(a.strip() for a in _texts(r['answers']) if a.strip())
+  question = _text(r["question"]).strip()
+  options = [o.strip() for o in _texts(r["choices"])]
+  answers = tuple(a.strip() for a in _texts(r["answers"]) if a.strip())
   if not question or len(options) < 2 or len(answers) != 1 or answers[0] not in options:
     raise tasks_lib.InvalidExampleError(
-        f'{what}: needs a question, >= 2 options and one answer among them; got {len(options)} options,'
-        f' answers {answers}.')
-  prompt = vl_prompt(question, context=_text(r['context']).strip(), options=options)
-  return tasks_lib.Example(prompt, (), (), ' ' + answers[0], answers, image=_image(r['image'], what))
+        f"{what}: needs a question, >= 2 options and one answer among them; got {len(options)} options,"
+        f" answers {answers}."
+    )
+  prompt = vl_prompt(question, context=_text(r["context"]).strip(), options=options)
+  return tasks_lib.Example(prompt, (), (), " " + answers[0], answers, image=_image(r["image"], what))
 
 
 class _Formatter:
@@ -308,35 +436,55 @@ class _Formatter:
     return self.fn(record, self.what)
 
 
-_BUILDERS = 'lora_squeeze.data.builders'
+_BUILDERS = "lora_squeeze.data.builders"
 
 
 def _task(name: str, title: str, train: str, eval_split: str, metric: str, fn=_open_ended) -> tasks_lib.Task:
-  return tasks_lib.Task(name=name, title=title, tfds_name=name, train_split=train, eval_split=eval_split,
-                        metric=metric, format_fn=_Formatter(fn, title), tfds_module=_BUILDERS,
-                        manual_dir=True)
+  return tasks_lib.Task(
+      name=name,
+      title=title,
+      tfds_name=name,
+      train_split=train,
+      eval_split=eval_split,
+      metric=metric,
+      format_fn=_Formatter(fn, title),
+      tfds_module=_BUILDERS,
+      manual_dir=True,
+  )
 
 
-VL_TASKS: dict[str, tasks_lib.Task] = {t.name: t for t in (
-    _task('vqav2', 'VQAv2', 'train', 'validation', 'vqa_accuracy'),
-    _task('okvqa', 'OK-VQA', 'train', 'validation', 'vqa_accuracy'),
-    _task('aokvqa', 'A-OKVQA', 'train', 'validation', 'vqa_accuracy'),
-    _task('textvqa', 'TextVQA', 'train', 'validation', 'vqa_accuracy'),
-    _task('vizwiz_vqa', 'VizWiz-VQA', 'train', 'validation', 'vqa_accuracy'),
-    _task('tallyqa', 'TallyQA', 'train', 'test', 'vqa_exact_match'),
-    _task('gqa', 'GQA', 'train', 'testdev', 'vqa_exact_match'),
-    _task('chartqa', 'ChartQA', 'train', 'test', 'relaxed_accuracy'),
-    _task('scienceqa', 'ScienceQA-IMG', 'train', 'test', 'vqa_exact_match', _multiple_choice),
-    _task('ocrvqa', 'OCR-VQA', 'train', 'test', 'vqa_exact_match'),
-)}
+VL_TASKS: dict[str, tasks_lib.Task] = {
+    t.name: t
+    for t in (
+        _task("vqav2", "VQAv2", "train", "validation", "vqa_accuracy"),
+        _task("okvqa", "OK-VQA", "train", "validation", "vqa_accuracy"),
+        _task("aokvqa", "A-OKVQA", "train", "validation", "vqa_accuracy"),
+        _task("textvqa", "TextVQA", "train", "validation", "vqa_accuracy"),
+        _task("vizwiz_vqa", "VizWiz-VQA", "train", "validation", "vqa_accuracy"),
+        _task("tallyqa", "TallyQA", "train", "test", "vqa_exact_match"),
+        _task("gqa", "GQA", "train", "testdev", "vqa_exact_match"),
+        _task("chartqa", "ChartQA", "train", "test", "relaxed_accuracy"),
+        _task("scienceqa", "ScienceQA-IMG", "train", "test", "vqa_exact_match", _multiple_choice),
+        _task("ocrvqa", "OCR-VQA", "train", "test", "vqa_exact_match"),
+    )
+}
 
 VL_TASK_NAMES = tuple(VL_TASKS)
 
 # Extra spellings accepted by tasks.get_task (after lower-casing, '-'/' ' -> '_').
 VL_ALIASES = {
-    'vqa': 'vqav2', 'vqa_v2': 'vqav2', 'ok_vqa': 'okvqa', 'a_okvqa': 'aokvqa', 'text_vqa': 'textvqa',
-    'vizwiz': 'vizwiz_vqa', 'vizwizvqa': 'vizwiz_vqa', 'tally_qa': 'tallyqa', 'chart_qa': 'chartqa',
-    'science_qa': 'scienceqa', 'scienceqa_img': 'scienceqa', 'ocr_vqa': 'ocrvqa',
+    "vqa": "vqav2",
+    "vqa_v2": "vqav2",
+    "ok_vqa": "okvqa",
+    "a_okvqa": "aokvqa",
+    "text_vqa": "textvqa",
+    "vizwiz": "vizwiz_vqa",
+    "vizwizvqa": "vizwiz_vqa",
+    "tally_qa": "tallyqa",
+    "chart_qa": "chartqa",
+    "science_qa": "scienceqa",
+    "scienceqa_img": "scienceqa",
+    "ocr_vqa": "ocrvqa",
 }
 
 

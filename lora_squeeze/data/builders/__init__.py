@@ -28,7 +28,6 @@ from lora_squeeze.data.builders.vqa import Textvqa
 from lora_squeeze.data.builders.vqa import Vqav2
 from lora_squeeze.data.builders.vqa import VizwizVqa
 
-VL_BUILDERS = (Vqav2, Okvqa, Aokvqa, Textvqa, VizwizVqa, Tallyqa, Gqa, Chartqa,
-               Scienceqa, Ocrvqa)
+VL_BUILDERS = (Vqav2, Okvqa, Aokvqa, Textvqa, VizwizVqa, Tallyqa, Gqa, Chartqa, Scienceqa, Ocrvqa)
 
 __all__ = ['Mmlu', 'SocialIqa', 'VL_BUILDERS'] + [b.__name__ for b in VL_BUILDERS]

@@ -20,8 +20,7 @@ import os
 import tensorflow_datasets as tfds
 
 _URL = 'https://people.eecs.berkeley.edu/~hendrycks/data.tar'
-_SPLITS = {'train': 'auxiliary_train', 'dev': 'dev', 'validation': 'val',
-           'test': 'test'}
+_SPLITS = {'train': 'auxiliary_train', 'dev': 'dev', 'validation': 'val', 'test': 'test'}
 
 
 def _find_data_dir(root) -> os.PathLike:
@@ -44,12 +43,14 @@ class Mmlu(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'question': tfds.features.Text(),
-            'choices': tfds.features.Sequence(tfds.features.Text()),
-            'answer': tfds.features.ClassLabel(names=['A', 'B', 'C', 'D']),
-            'subject': tfds.features.Text(),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                'question': tfds.features.Text(),
+                'choices': tfds.features.Sequence(tfds.features.Text()),
+                'answer': tfds.features.ClassLabel(names=['A', 'B', 'C', 'D']),
+                'subject': tfds.features.Text(),
+            }
+        ),
         homepage='https://github.com/hendrycks/test',
         citation=(
             '@article{hendryckstest2021, title={Measuring Massive Multitask '
@@ -61,22 +62,18 @@ class Mmlu(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     data = _find_data_dir(dl_manager.download_and_extract(_URL))
-    return {
-        split: self._generate_examples(data / folder, folder)
-        for split, folder in _SPLITS.items()
-    }
+    return {split: self._generate_examples(data / folder, folder) for split, folder in _SPLITS.items()}
 
   def _generate_examples(self, folder, folder_name: str):
     suffix = f'_{folder_name}.csv'
     for path in sorted(folder.glob('*.csv')):
       subject = ''
       if folder_name != 'auxiliary_train' and path.name.endswith(suffix):
-        subject = path.name[:-len(suffix)]
+        subject = path.name[: -len(suffix)]
       with path.open() as f:
         for i, row in enumerate(csv.reader(f)):
           if len(row) != 6 or row[5].strip() not in ('A', 'B', 'C', 'D'):
-            raise ValueError(f'{path}:{i + 1}: expected question,A,B,C,D,'
-                             f'answer; got {len(row)} fields.')
+            raise ValueError(f'{path}:{i + 1}: expected question,A,B,C,D,' f'answer; got {len(row)} fields.')
           yield f'{folder_name}/{path.name}/{i}', {
               'question': row[0],
               'choices': row[1:5],

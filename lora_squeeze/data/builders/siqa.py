@@ -32,11 +32,16 @@ class SocialIqa(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     text = tfds.features.Text()
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'context': text, 'question': text, 'answerA': text,
-            'answerB': text, 'answerC': text,
-            'label': tfds.features.ClassLabel(names=['1', '2', '3']),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                'context': text,
+                'question': text,
+                'answerA': text,
+                'answerB': text,
+                'answerC': text,
+                'label': tfds.features.ClassLabel(names=['1', '2', '3']),
+            }
+        ),
         homepage='https://leaderboard.allenai.org/socialiqa',
         citation=(
             '@inproceedings{sap2019socialiqa, title={Social IQa: Commonsense '
@@ -52,26 +57,24 @@ class SocialIqa(tfds.core.GeneratorBasedBuilder):
     for split, stem in _SPLITS.items():
       # The zip holds a `socialiqa-train-dev/` folder; accept the root too.
       # (epath refuses recursive '**' globs.)
-      found = sorted(root.glob(f'{stem}.jsonl')) or sorted(
-          root.glob(f'*/{stem}.jsonl'))
+      found = sorted(root.glob(f'{stem}.jsonl')) or sorted(root.glob(f'*/{stem}.jsonl'))
       if not found:
         raise FileNotFoundError(f'No {stem}.jsonl under {root}.')
       jsonl = found[0]
-      out[split] = self._generate_examples(
-          jsonl, jsonl.parent / f'{stem}-labels.lst'
-      )
+      out[split] = self._generate_examples(jsonl, jsonl.parent / f'{stem}-labels.lst')
     return out
 
   def _generate_examples(self, jsonl, labels_path):
     rows = [json.loads(x) for x in jsonl.read_text().splitlines() if x.strip()]
-    labels = [x.strip() for x in labels_path.read_text().splitlines()
-              if x.strip()]
+    labels = [x.strip() for x in labels_path.read_text().splitlines() if x.strip()]
     if len(rows) != len(labels):
-      raise ValueError(f'{jsonl.name} has {len(rows)} rows but '
-                       f'{labels_path.name} {len(labels)} labels.')
+      raise ValueError(f'{jsonl.name} has {len(rows)} rows but ' f'{labels_path.name} {len(labels)} labels.')
     for i, (row, label) in enumerate(zip(rows, labels)):
       yield f'{jsonl.stem}/{i}', {
-          'context': row['context'], 'question': row['question'],
-          'answerA': row['answerA'], 'answerB': row['answerB'],
-          'answerC': row['answerC'], 'label': label,
+          'context': row['context'],
+          'question': row['question'],
+          'answerA': row['answerA'],
+          'answerB': row['answerB'],
+          'answerC': row['answerC'],
+          'label': label,
       }

@@ -47,16 +47,18 @@ _RELEASE_NOTES = {'1.0.0': 'Initial release (lora_squeeze).'}
 
 def _features() -> tfds.features.FeaturesDict:
   text = tfds.features.Text()
-  return tfds.features.FeaturesDict({
-      'image': tfds.features.Image(shape=(None, None, 3)),
-      'image_id': text,
-      'question_id': text,
-      'question': text,
-      'answers': tfds.features.Sequence(text),
-      'choices': tfds.features.Sequence(text),
-      'context': text,
-      'subset': text,
-  })
+  return tfds.features.FeaturesDict(
+      {
+          'image': tfds.features.Image(shape=(None, None, 3)),
+          'image_id': text,
+          'question_id': text,
+          'question': text,
+          'answers': tfds.features.Sequence(text),
+          'choices': tfds.features.Sequence(text),
+          'context': text,
+          'subset': text,
+      }
+  )
 
 
 def _root(manual_dir: epath.Path, name: str) -> epath.Path:
@@ -68,7 +70,7 @@ def _root(manual_dir: epath.Path, name: str) -> epath.Path:
 def _read_json(path: epath.Path) -> Any:
   if not path.exists():
     raise FileNotFoundError(
-        f'{path} is missing: download the raw files as the builder\'s'
+        f"{path} is missing: download the raw files as the builder's"
         ' MANUAL_DOWNLOAD_INSTRUCTIONS say and pass their folder as'
         ' --manual_dir.'
     )
@@ -82,8 +84,7 @@ def _image_bytes(path: epath.Path, rotation: int = 0) -> bytes:
 
   if not path.exists():
     raise FileNotFoundError(
-        f'Image {path} is missing: see the builder\'s'
-        ' MANUAL_DOWNLOAD_INSTRUCTIONS for where the images go.'
+        f"Image {path} is missing: see the builder's" ' MANUAL_DOWNLOAD_INSTRUCTIONS for where the images go.'
     )
   if rotation % 90:
     raise ValueError(f'{path}: rotation {rotation} is not a multiple of 90.')
@@ -111,10 +112,17 @@ def _row(
     subset: str = '',
     rotation: int = 0,
 ) -> dict[str, Any]:
-  return dict(image=image, image_id=str(image_id), question_id=str(question_id),
-              question=question, answers=[str(a) for a in answers],
-              choices=list(choices), context=context or '', subset=subset or '',
-              rotation=rotation)
+  return dict(
+      image=image,
+      image_id=str(image_id),
+      question_id=str(question_id),
+      question=question,
+      answers=[str(a) for a in answers],
+      choices=list(choices),
+      context=context or '',
+      subset=subset or '',
+      rotation=rotation,
+  )
 
 
 class _VlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -128,14 +136,11 @@ class _VlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   SPLITS: dict[str, Any] = {}
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=_features(), homepage=self.HOMEPAGE, citation=self.CITATION
-    )
+    return self.dataset_info_from_configs(features=_features(), homepage=self.HOMEPAGE, citation=self.CITATION)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = _root(epath.Path(dl_manager.manual_dir), self.name)
-    return {split: self._generate_examples(root, source)
-            for split, source in self.SPLITS.items()}
+    return {split: self._generate_examples(root, source) for split, source in self.SPLITS.items()}
 
   def _generate_examples(self, root: epath.Path, source: Any):
     seen = set()
@@ -151,22 +156,22 @@ class _VlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     raise NotImplementedError
 
 
-def _vqa_v2_format(
-    root: epath.Path, questions: str, annotations: str, image_dir: str
-) -> Iterator[dict[str, Any]]:
+def _vqa_v2_format(root: epath.Path, questions: str, annotations: str, image_dir: str) -> Iterator[dict[str, Any]]:
   """Rows of the VQAv2 file format (VQAv2, OK-VQA): a questions file, an
   annotations file with the ten answers, COCO images."""
-  by_id = {a['question_id']: a for a in
-           _read_json(root / annotations)['annotations']}
+  by_id = {a['question_id']: a for a in _read_json(root / annotations)['annotations']}
   for q in _read_json(root / questions)['questions']:
     ann = by_id.get(q['question_id'])
     if ann is None:
       raise ValueError(f'{annotations}: no answers for question {q["question_id"]}.')
     yield _row(
         image=root / image_dir / f'COCO_{image_dir}_{int(q["image_id"]):012d}.jpg',
-        image_id=q['image_id'], question_id=q['question_id'],
-        question=q['question'], answers=[a['answer'] for a in ann['answers']],
-        subset=ann.get('answer_type', ''))
+        image_id=q['image_id'],
+        question_id=q['question_id'],
+        question=q['question'],
+        answers=[a['answer'] for a in ann['answers']],
+        subset=ann.get('answer_type', ''),
+    )
 
 
 class Vqav2(_VlBuilder):
@@ -174,9 +179,11 @@ class Vqav2(_VlBuilder):
 
   name = 'vqav2'
   HOMEPAGE = 'https://visualqa.org/'
-  CITATION = ('@inproceedings{goyal2017making, title={Making the V in VQA '
-              'Matter}, author={Goyal, Yash and others}, booktitle={CVPR}, '
-              'year={2017}}')
+  CITATION = (
+      '@inproceedings{goyal2017making, title={Making the V in VQA '
+      'Matter}, author={Goyal, Yash and others}, booktitle={CVPR}, '
+      'year={2017}}'
+  )
   SPLITS = {'train': 'train2014', 'validation': 'val2014'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   From https://visualqa.org/download.html and https://cocodataset.org, into
@@ -186,8 +193,9 @@ class Vqav2(_VlBuilder):
   """
 
   def _rows(self, root, source):
-    return _vqa_v2_format(root, f'v2_OpenEnded_mscoco_{source}_questions.json',
-                          f'v2_mscoco_{source}_annotations.json', source)
+    return _vqa_v2_format(
+        root, f'v2_OpenEnded_mscoco_{source}_questions.json', f'v2_mscoco_{source}_annotations.json', source
+    )
 
 
 class Okvqa(_VlBuilder):
@@ -195,10 +203,12 @@ class Okvqa(_VlBuilder):
 
   name = 'okvqa'
   HOMEPAGE = 'https://okvqa.allenai.org/'
-  CITATION = ('@inproceedings{marino2019okvqa, title={OK-VQA: A Visual '
-              'Question Answering Benchmark Requiring External Knowledge}, '
-              'author={Marino, Kenneth and Rastegari, Mohammad and Farhadi, '
-              'Ali and Mottaghi, Roozbeh}, booktitle={CVPR}, year={2019}}')
+  CITATION = (
+      '@inproceedings{marino2019okvqa, title={OK-VQA: A Visual '
+      'Question Answering Benchmark Requiring External Knowledge}, '
+      'author={Marino, Kenneth and Rastegari, Mohammad and Farhadi, '
+      'Ali and Mottaghi, Roozbeh}, booktitle={CVPR}, year={2019}}'
+  )
   SPLITS = {'train': 'train2014', 'validation': 'val2014'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   From https://okvqa.allenai.org/download.html (unzipped) and
@@ -209,8 +219,9 @@ class Okvqa(_VlBuilder):
   """
 
   def _rows(self, root, source):
-    return _vqa_v2_format(root, f'OpenEnded_mscoco_{source}_questions.json',
-                          f'mscoco_{source}_annotations.json', source)
+    return _vqa_v2_format(
+        root, f'OpenEnded_mscoco_{source}_questions.json', f'mscoco_{source}_annotations.json', source
+    )
 
 
 class Aokvqa(_VlBuilder):
@@ -218,10 +229,12 @@ class Aokvqa(_VlBuilder):
 
   name = 'aokvqa'
   HOMEPAGE = 'https://allenai.org/project/a-okvqa/home'
-  CITATION = ('@inproceedings{schwenk2022aokvqa, title={A-OKVQA: A Benchmark '
-              'for Visual Question Answering using World Knowledge}, '
-              'author={Schwenk, Dustin and others}, booktitle={ECCV}, '
-              'year={2022}}')
+  CITATION = (
+      '@inproceedings{schwenk2022aokvqa, title={A-OKVQA: A Benchmark '
+      'for Visual Question Answering using World Knowledge}, '
+      'author={Schwenk, Dustin and others}, booktitle={ECCV}, '
+      'year={2022}}'
+  )
   SPLITS = {'train': 'train', 'validation': 'val'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   aokvqa_v1p0.tar.gz from https://github.com/allenai/aokvqa (extracted) and
@@ -233,8 +246,11 @@ class Aokvqa(_VlBuilder):
     for r in _read_json(root / f'aokvqa_v1p0_{source}.json'):
       yield _row(
           image=root / f'{source}2017' / f'{int(r["image_id"]):012d}.jpg',
-          image_id=r['image_id'], question_id=r['question_id'],
-          question=r['question'], answers=r['direct_answers'])
+          image_id=r['image_id'],
+          question_id=r['question_id'],
+          question=r['question'],
+          answers=r['direct_answers'],
+      )
 
 
 def _rotations(folder: epath.Path) -> dict[str, int]:
@@ -255,9 +271,11 @@ class Textvqa(_VlBuilder):
 
   name = 'textvqa'
   HOMEPAGE = 'https://textvqa.org/'
-  CITATION = ('@inproceedings{singh2019towards, title={Towards VQA Models '
-              'That Can Read}, author={Singh, Amanpreet and others}, '
-              'booktitle={CVPR}, year={2019}}')
+  CITATION = (
+      '@inproceedings{singh2019towards, title={Towards VQA Models '
+      'That Can Read}, author={Singh, Amanpreet and others}, '
+      'booktitle={CVPR}, year={2019}}'
+  )
   SPLITS = {'train': 'train', 'validation': 'val'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   From https://textvqa.org/dataset, into RAW/textvqa/ (or RAW/):
@@ -272,9 +290,13 @@ class Textvqa(_VlBuilder):
     for r in _read_json(root / f'TextVQA_0.5.1_{source}.json')['data']:
       image_id = str(r['image_id'])
       yield _row(
-          image=root / 'train_images' / f'{image_id}.jpg', image_id=image_id,
-          question_id=r['question_id'], question=r['question'],
-          answers=r['answers'], rotation=rotations.get(image_id, 0))
+          image=root / 'train_images' / f'{image_id}.jpg',
+          image_id=image_id,
+          question_id=r['question_id'],
+          question=r['question'],
+          answers=r['answers'],
+          rotation=rotations.get(image_id, 0),
+      )
 
 
 class VizwizVqa(_VlBuilder):
@@ -282,10 +304,12 @@ class VizwizVqa(_VlBuilder):
 
   name = 'vizwiz_vqa'
   HOMEPAGE = 'https://vizwiz.org/tasks-and-datasets/vqa/'
-  CITATION = ('@inproceedings{gurari2018vizwiz, title={VizWiz Grand '
-              'Challenge: Answering Visual Questions from Blind People}, '
-              'author={Gurari, Danna and others}, booktitle={CVPR}, '
-              'year={2018}}')
+  CITATION = (
+      '@inproceedings{gurari2018vizwiz, title={VizWiz Grand '
+      'Challenge: Answering Visual Questions from Blind People}, '
+      'author={Gurari, Danna and others}, booktitle={CVPR}, '
+      'year={2018}}'
+  )
   SPLITS = {'train': 'train', 'validation': 'val'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   From https://vizwiz.org/tasks-and-datasets/vqa/, into RAW/vizwiz_vqa/ (or
@@ -297,9 +321,13 @@ class VizwizVqa(_VlBuilder):
     for r in _read_json(root / 'annotations' / f'{source}.json'):
       # A few train answers are empty strings: dropped (as big_vision).
       answers = [a['answer'] for a in r['answers'] if a['answer']]
-      yield _row(image=root / source / r['image'],
-                 image_id=r['image'], question_id=r['image'].rsplit('.', 1)[0],
-                 question=r['question'], answers=answers)
+      yield _row(
+          image=root / source / r['image'],
+          image_id=r['image'],
+          question_id=r['image'].rsplit('.', 1)[0],
+          question=r['question'],
+          answers=answers,
+      )
 
 
 class Tallyqa(_VlBuilder):
@@ -307,9 +335,11 @@ class Tallyqa(_VlBuilder):
 
   name = 'tallyqa'
   HOMEPAGE = 'https://github.com/manoja328/TallyQA_dataset'
-  CITATION = ('@inproceedings{acharya2019tallyqa, title={TallyQA: Answering '
-              'Complex Counting Questions}, author={Acharya, Manoj and Kafle, '
-              'Kushal and Kanan, Christopher}, booktitle={AAAI}, year={2019}}')
+  CITATION = (
+      '@inproceedings{acharya2019tallyqa, title={TallyQA: Answering '
+      'Complex Counting Questions}, author={Acharya, Manoj and Kafle, '
+      'Kushal and Kanan, Christopher}, booktitle={AAAI}, year={2019}}'
+  )
   SPLITS = {'train': 'train', 'test': 'test'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   tallyqa.zip from https://github.com/manoja328/TallyQA_dataset (extracted:
@@ -323,9 +353,14 @@ class Tallyqa(_VlBuilder):
       subset = ''
       if 'issimple' in r:  # Test only.
         subset = 'simple' if r['issimple'] else 'complex'
-      yield _row(image=root / r['image'], image_id=r['image_id'],
-                 question_id=r['question_id'], question=r['question'],
-                 answers=[str(int(r['answer']))], subset=subset)
+      yield _row(
+          image=root / r['image'],
+          image_id=r['image_id'],
+          question_id=r['question_id'],
+          question=r['question'],
+          answers=[str(int(r['answer']))],
+          subset=subset,
+      )
 
 
 class Gqa(_VlBuilder):
@@ -333,12 +368,13 @@ class Gqa(_VlBuilder):
 
   name = 'gqa'
   HOMEPAGE = 'https://cs.stanford.edu/people/dorarad/gqa/'
-  CITATION = ('@inproceedings{hudson2019gqa, title={GQA: A New Dataset for '
-              'Real-World Visual Reasoning and Compositional Question '
-              'Answering}, author={Hudson, Drew A and Manning, Christopher D},'
-              ' booktitle={CVPR}, year={2019}}')
-  SPLITS = {'train': 'train_balanced', 'validation': 'val_balanced',
-            'testdev': 'testdev_balanced'}
+  CITATION = (
+      '@inproceedings{hudson2019gqa, title={GQA: A New Dataset for '
+      'Real-World Visual Reasoning and Compositional Question '
+      'Answering}, author={Hudson, Drew A and Manning, Christopher D},'
+      ' booktitle={CVPR}, year={2019}}'
+  )
+  SPLITS = {'train': 'train_balanced', 'validation': 'val_balanced', 'testdev': 'testdev_balanced'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   From https://cs.stanford.edu/people/dorarad/gqa/download.html, into RAW/gqa/
   (or RAW/): questions1.2.zip extracted ({train,val,testdev}_balanced_
@@ -347,9 +383,13 @@ class Gqa(_VlBuilder):
 
   def _rows(self, root, source):
     for qid, r in _read_json(root / f'{source}_questions.json').items():
-      yield _row(image=root / 'images' / f'{r["imageId"]}.jpg',
-                 image_id=r['imageId'], question_id=qid,
-                 question=r['question'], answers=[r['answer']])
+      yield _row(
+          image=root / 'images' / f'{r["imageId"]}.jpg',
+          image_id=r['imageId'],
+          question_id=qid,
+          question=r['question'],
+          answers=[r['answer']],
+      )
 
 
 class Chartqa(_VlBuilder):
@@ -357,10 +397,12 @@ class Chartqa(_VlBuilder):
 
   name = 'chartqa'
   HOMEPAGE = 'https://github.com/vis-nlp/ChartQA'
-  CITATION = ('@inproceedings{masry2022chartqa, title={ChartQA: A Benchmark '
-              'for Question Answering about Charts with Visual and Logical '
-              'Reasoning}, author={Masry, Ahmed and others}, booktitle={ACL '
-              'Findings}, year={2022}}')
+  CITATION = (
+      '@inproceedings{masry2022chartqa, title={ChartQA: A Benchmark '
+      'for Question Answering about Charts with Visual and Logical '
+      'Reasoning}, author={Masry, Ahmed and others}, booktitle={ACL '
+      'Findings}, year={2022}}'
+  )
   SPLITS = {'train': 'train', 'validation': 'val', 'test': 'test'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   "ChartQA Dataset.zip" from https://github.com/vis-nlp/ChartQA, extracted
@@ -378,12 +420,16 @@ class Chartqa(_VlBuilder):
         continue
       found = True
       for i, r in enumerate(_read_json(path)):
-        yield _row(image=folder / 'png' / r['imgname'], image_id=r['imgname'],
-                   question_id=f'{subset}/{i}', question=r['query'],
-                   answers=[str(r['label'])], subset=subset)
+        yield _row(
+            image=folder / 'png' / r['imgname'],
+            image_id=r['imgname'],
+            question_id=f'{subset}/{i}',
+            question=r['query'],
+            answers=[str(r['label'])],
+            subset=subset,
+        )
     if not found:
-      raise FileNotFoundError(
-          f'No {source}_human.json or {source}_augmented.json under {folder}.')
+      raise FileNotFoundError(f'No {source}_human.json or {source}_augmented.json under {folder}.')
 
 
 class Scienceqa(_VlBuilder):
@@ -391,10 +437,12 @@ class Scienceqa(_VlBuilder):
 
   name = 'scienceqa'
   HOMEPAGE = 'https://scienceqa.github.io/'
-  CITATION = ('@inproceedings{lu2022learn, title={Learn to Explain: '
-              'Multimodal Reasoning via Thought Chains for Science Question '
-              'Answering}, author={Lu, Pan and others}, booktitle={NeurIPS}, '
-              'year={2022}}')
+  CITATION = (
+      '@inproceedings{lu2022learn, title={Learn to Explain: '
+      'Multimodal Reasoning via Thought Chains for Science Question '
+      'Answering}, author={Lu, Pan and others}, booktitle={NeurIPS}, '
+      'year={2022}}'
+  )
   SPLITS = {'train': 'train', 'validation': 'val', 'test': 'test'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   From https://scienceqa.github.io/#download, into RAW/scienceqa/ (or RAW/):
@@ -409,10 +457,15 @@ class Scienceqa(_VlBuilder):
       image = root / source / pid / r['image']
       if not image.exists():
         image = root / 'images' / source / pid / r['image']
-      yield _row(image=image, image_id=pid, question_id=pid,
-                 question=r['question'], choices=r['choices'],
-                 answers=[r['choices'][int(r['answer'])]],
-                 context=r.get('hint') or '')
+      yield _row(
+          image=image,
+          image_id=pid,
+          question_id=pid,
+          question=r['question'],
+          choices=r['choices'],
+          answers=[r['choices'][int(r['answer'])]],
+          context=r.get('hint') or '',
+      )
 
 
 class Ocrvqa(_VlBuilder):
@@ -420,10 +473,12 @@ class Ocrvqa(_VlBuilder):
 
   name = 'ocrvqa'
   HOMEPAGE = 'https://ocr-vqa.github.io/'
-  CITATION = ('@inproceedings{mishra2019ocrvqa, title={OCR-VQA: Visual '
-              'Question Answering by Reading Text in Images}, author={Mishra, '
-              'Anand and Shekhar, Shashank and Singh, Ajeet Kumar and '
-              'Chakraborty, Anirban}, booktitle={ICDAR}, year={2019}}')
+  CITATION = (
+      '@inproceedings{mishra2019ocrvqa, title={OCR-VQA: Visual '
+      'Question Answering by Reading Text in Images}, author={Mishra, '
+      'Anand and Shekhar, Shashank and Singh, Ajeet Kumar and '
+      'Chakraborty, Anirban}, booktitle={ICDAR}, year={2019}}'
+  )
   SPLITS = {'train': 1, 'validation': 2, 'test': 3}  # dataset.json's "split".
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   From https://ocr-vqa.github.io/, into RAW/ocrvqa/ (or RAW/): dataset.json
@@ -438,5 +493,4 @@ class Ocrvqa(_VlBuilder):
       if book not in images:
         raise FileNotFoundError(f'No image {book}.* under {root / "images"}.')
       for i, (q, a) in enumerate(zip(r['questions'], r['answers'])):
-        yield _row(image=images[book], image_id=book,
-                   question_id=f'{book}/{i}', question=q, answers=[a])
+        yield _row(image=images[book], image_id=book, question_id=f'{book}/{i}', question=q, answers=[a])

@@ -4,7 +4,8 @@
 #          one epoch): each rank's rate = its lowest held-out NLL (experiments/rank_pilot.py rates)
 #   pilot  five tasks, ranks 1 and 32 at their own rates, 120 steps, evaluated on the WHOLE offline held-out
 #          half: does rank matter here? (experiments/rank_pilot.py report)
-# Resumable and safe to rerun: finished cells are skipped, a killed cell resumes from its checkpoints, a
+# Resumable and safe to rerun: finished cells are skipped (on a new machine too: each stage first copies the
+# committed store's records into its sweep directory), a killed cell resumes from its checkpoints, a
 # changed cell reruns (sweep.py). Each stage has its own sweep directory ($RUN/rates, $RUN/pilot: the two
 # stages share cell names) and its own committed store (experiments/results/cpu_campaign/{rates,pilot}/:
 # records and training curves, copied after each stage so that they can be committed as they land).
@@ -31,11 +32,19 @@ collect() {  # $1 = stage: its records + the loss curve of every finished cell, 
   return 0
 }
 
+seed() {  # $1 = stage: a new machine starts from the committed store, so finished cells are not rerun
+  local run="$RUN/$1" store="$OUT/$1"
+  mkdir -p "$run/results"
+  [ -d "$store/results" ] && cp -n "$store"/results/*.json "$run/results/" 2>/dev/null || true
+  return 0
+}
+
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(rates pilot)
 for stage in "${stages[@]}"; do
   case "$stage" in
     rates)
+      seed rates
       "$PY" -m lora_squeeze.sweep --workdir="$RUN/rates" \
         --config="configs/paper.py:artefact=lr_grid,runlocal,tasks=siqa,ranks=1+32,lr_grid=0.003+0.01+0.03+0.1,steps=40" \
         "${COMMON[@]}" --config.eval.limit=300 || true
@@ -43,6 +52,7 @@ for stage in "${stages[@]}"; do
     pilot)
       LRS="$("$PY" experiments/rank_pilot.py rates --results "$OUT/rates" --task siqa --lrs-only)"
       echo "[cpu_campaign] pilot rates: $LRS"
+      seed pilot
       "$PY" -m lora_squeeze.sweep --workdir="$RUN/pilot" \
         --config="configs/paper.py:artefact=direct,runlocal,tasks=$PILOT_TASKS,ranks=1+32,lrs=$LRS,steps=120" \
         "${COMMON[@]}" --config.eval.limit=0 || true

@@ -57,7 +57,6 @@ import time
 from pathlib import Path
 
 import gguf
-import jax
 import ml_dtypes
 import numpy as np
 
@@ -68,7 +67,7 @@ from lora_squeeze.adapters import AdapterError
 # The PEFT path's internals, shared so every format plans, casts and writes identically.
 from lora_squeeze.adapters import _HOST_ID, _cap_note, _cast  # pylint: disable=g-importing-member
 from lora_squeeze.adapters import _fault_point, _fmt_bytes  # pylint: disable=g-importing-member
-from lora_squeeze.adapters import _progress, _wanted_ranks  # pylint: disable=g-importing-member
+from lora_squeeze.adapters import _wanted_ranks  # pylint: disable=g-importing-member
 
 MAGIC = b"GGUF"
 SUFFIX = ".gguf"
@@ -473,9 +472,8 @@ def squeeze_gguf(
   lora_files._check_out_file(in_path, out_path, force, dry_run, suffix=SUFFIX)  # pylint: disable=protected-access
   with GgufLora(in_path) as lf:
     modules = lf.modules
-    compute_rank = max(min(rank, m.full_rank) for m in modules) if rank is not None else max(m.r for m in modules)
     need_spectra = rank is None or dry_run or method == "rsvd"
-    spectra = adapters.adapter_spectra(lf, compute_rank=compute_rank, progress=progress) if need_spectra else None
+    spectra = adapters.adapter_spectra(lf, progress=progress) if need_spectra else None
     targets = dict(rank=rank, energy=energy, per_module=per_module, dynamic=dynamic, max_rank=max_rank)
     wanted = _wanted_ranks(modules, spectra, **targets)
     ranks = adapters.plan_ranks(modules, spectra, **targets)
@@ -546,27 +544,16 @@ def squeeze_gguf(
       return report
 
     def tensors():
-      key_data = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), len(modules))))
-      with adapters.small_lapack_threads(method == "efficient"):
-        for i, m in enumerate(_progress(modules, len(modules), "squeeze", progress)):
-          a, b = lf.factors(m)
-          new_a, new_b, s = adapters.squeeze_matrices(
-              a,
-              b,
-              ranks[m.name],
-              method=method,
-              where=m.name,
-              key=jax.random.wrap_key_data(key_data[i]),
-              compute_rank=compute_rank,
-          )
-          fold = np.float32(math.sqrt(ranks[m.name] / alpha))  # llama.cpp multiplies by alpha / r_m
-          shape_a, shape_b = m.new_shapes(ranks[m.name])
-          if fold != 1:
-            new_a, new_b = new_a * fold, new_b * fold
-          yield m.key_a, _cast(new_a.T.reshape(shape_a), code(m.dtype_a), m.name)
-          yield m.key_b, _cast(new_b.T.reshape(shape_b), code(m.dtype_b), m.name)
-          report.modules.append(module_report(m, spectra[m.name] if spectra is not None else s))
-          _fault_point(f"squeeze_after_module:{i}")
+      squeezed = adapters.squeeze_modules(lf, modules, ranks, method=method, seed=seed, progress=progress)
+      for i, m, new_a, new_b, s in squeezed:
+        fold = np.float32(math.sqrt(ranks[m.name] / alpha))  # llama.cpp multiplies by alpha / r_m
+        shape_a, shape_b = m.new_shapes(ranks[m.name])
+        if fold != 1:
+          new_a, new_b = new_a * fold, new_b * fold
+        yield m.key_a, _cast(new_a.T.reshape(shape_a), code(m.dtype_a), m.name)
+        yield m.key_b, _cast(new_b.T.reshape(shape_b), code(m.dtype_b), m.name)
+        report.modules.append(module_report(m, spectra[m.name] if spectra is not None else s))
+        _fault_point(f"squeeze_after_module:{i}")
       for k in lf.passthrough:
         yield k, _cast(
             lf.reader.read(k).astype(np.float32),

@@ -220,6 +220,18 @@ def test_squeeze_matches_float64_svd_truncation(tmp_path, adapter_dir, variant):
     assert 0 < np.abs(a[4:]).max() <= math.sqrt(6 / FFN)
 
 
+def test_real_peft_fixture_squeezes_to_the_float64_truncation(tmp_path):
+  # Saved by PEFT itself (tests/fixtures/make_fixtures.py): a tiny Llama, r=4, lora_alpha=8, v_proj at r=2.
+  src = Path(__file__).parent / "fixtures" / "peft_llama"
+  out = tmp_path / "out"
+  assert run_cli("squeeze", src, out, "--rank", 2) == 0
+  before, config_in, _ = effective_deltas(src)
+  assert config_in["rank_pattern"] == {"v_proj": 2} and len(before) == 14
+  after, config, _ = effective_deltas(out)
+  assert_truncations(before, after, 2)
+  assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (2, 2, {})
+
+
 def test_cli_runs_as_a_module_in_a_subprocess(tmp_path):
   src = make_adapter(tmp_path / "in", names=module_names(1, ("q_proj", "v_proj"), extras=False))
   out = tmp_path / "out"

@@ -57,6 +57,7 @@ class Row:
   n: int | None
   retention: float | None = None
   gold_nll: float | None = None
+  gold_nll_sem: float | None = None
   per_example: Mapping[str, Sequence[float]] | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
@@ -78,7 +79,11 @@ def _metrics(m: Mapping[str, Any] | None) -> tuple[float | None, tuple | None, i
 def _nll(m: Mapping[str, Any] | None) -> dict[str, Any]:
   """The Row fields of a metrics dict's held-out NLL (absent in records made before it existed)."""
   m = m or {}
-  return {"gold_nll": None if m.get("gold_nll") is None else float(m["gold_nll"]), "per_example": m.get("per_example")}
+  return {
+      "gold_nll": None if m.get("gold_nll") is None else float(m["gold_nll"]),
+      "gold_nll_sem": None if m.get("gold_nll_sem") is None else float(m["gold_nll_sem"]),
+      "per_example": m.get("per_example"),
+  }
 
 
 def _records(store: Path) -> list[tuple[str, dict]]:
@@ -399,6 +404,40 @@ def pyplot():
   return plt
 
 
+def heatmap_panel(
+    fig,
+    ax,
+    values,
+    *,
+    row_labels,
+    col_labels,
+    title: str = "",
+    cbar_label: str = "",
+    min_span: float = 1.0,
+    cell_fmt: str = "{:+.1f}",
+    texts=None,
+):
+  """One diverging heatmap panel centred on 0 on ``ax`` (``RdBu_r``: red = positive, blue = negative, as the
+  paper's Fig. 4): each finite cell labelled with ``cell_fmt`` (or ``texts[i][j]``), nan cells grey."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  plt = pyplot()
+  grid = np.asarray(values, dtype=float)
+  finite = np.isfinite(grid)
+  span = max(float(np.nanmax(np.abs(grid))) if finite.any() else 0.0, min_span)
+  cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#dddddd")
+  im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-span, vmax=span, aspect="auto")
+  for i in range(grid.shape[0]):
+    for j in range(grid.shape[1]):
+      text = texts[i][j] if texts is not None else (cell_fmt.format(grid[i, j]) if finite[i, j] else None)
+      if text:
+        ax.text(j, i, text, ha="center", va="center", fontsize=8)
+  ax.set_xticks(range(len(col_labels)), col_labels)
+  ax.set_yticks(range(len(row_labels)), row_labels)
+  ax.set_title(title, fontsize=8 if "\n" in title else 9)
+  fig.colorbar(im, ax=ax, label=cbar_label)
+
+
 def heatmap(
     values,
     *,
@@ -412,28 +451,22 @@ def heatmap(
     min_span: float = 1.0,
     cell_fmt: str = "{:+.1f}",
 ) -> Path:
-  """A diverging heatmap centred on 0 (``RdBu_r``: red = positive, blue = negative, as the paper's Fig. 4),
-  each cell labelled; nan cells are grey and unlabelled."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
+  """A one-panel ``heatmap_panel`` figure written to ``path``."""
   plt = pyplot()
-  grid = np.asarray(values, dtype=float)
-  finite = np.isfinite(grid)
-  span = max(float(np.nanmax(np.abs(grid))) if finite.any() else 0.0, min_span)
   fig, ax = plt.subplots(figsize=(1.4 + 0.75 * len(col_labels), 1.2 + 0.55 * len(row_labels)))
-  cmap = plt.get_cmap("RdBu_r").copy()
-  cmap.set_bad("#dddddd")
-  im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-span, vmax=span, aspect="auto")
-  for i in range(grid.shape[0]):
-    for j in range(grid.shape[1]):
-      if finite[i, j]:
-        ax.text(j, i, cell_fmt.format(grid[i, j]), ha="center", va="center", fontsize=8)
-  ax.set_xticks(range(len(col_labels)), col_labels)
-  ax.set_yticks(range(len(row_labels)), row_labels)
+  heatmap_panel(
+      fig,
+      ax,
+      values,
+      row_labels=row_labels,
+      col_labels=col_labels,
+      title=title,
+      cbar_label=cbar_label,
+      min_span=min_span,
+      cell_fmt=cell_fmt,
+  )
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
-  ax.set_title(title, fontsize=9)
-  fig.colorbar(im, ax=ax, label=cbar_label)
   fig.tight_layout()
   return save_figure(fig, path)
 
@@ -483,3 +516,127 @@ def require(rows: Sequence[Row], what: str, **where) -> list[Row]:
     have = sorted({(r.method, r.rank) for r in rows})
     raise SystemExit(f"{what}: no results with {where}; the stores hold (method, rank) {have}")
   return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# A sweep's summary report (what ``lora_squeeze.sweep`` writes when a config has a ``report``).
+# --------------------------------------------------------------------------------------------------------
+
+
+def _label(row: Row, with_task: bool = False) -> str:
+  label = row.method if row.source_rank is None else f"{row.method} from r={row.source_rank}"
+  return f"{row.task}: {label}" if with_task else label
+
+
+def _report_lines(records: Mapping[str, Mapping[str, Any]], store: str) -> list[tuple[str, Row | None, Mapping]]:
+  """(cell, row or None for a failed cell, record) for every record of the sweep directory ``store``, rows
+  as ``rows_from_result`` gives them (largest rank first)."""
+  out = []
+  for name, rec in records.items():
+    if rec.get("status") != "ok":
+      out.append((name, None, rec))
+      continue
+    rows = rows_from_result(store, name, rec["result"])
+    out.extend((name, row, rec) for row in sorted(rows, key=lambda r: -r.rank))
+  return out
+
+
+def _nll_text(row: Row) -> str:
+  if row.gold_nll is None:
+    return ""
+  return f"{row.gold_nll:.4f}" + ("" if row.gold_nll_sem is None else f" ± {row.gold_nll_sem:.4f}")
+
+
+def _accuracy_text(row: Row) -> str:
+  if row.accuracy is None:
+    return "—"
+  text = f"{100 * row.accuracy:.1f}%"
+  if row.ci95:
+    text += f" ({100 * row.ci95[0]:.1f}–{100 * row.ci95[1]:.1f})"
+  if row.retention is not None:
+    text += f", V_r {row.retention:.3f}"
+  return text
+
+
+def sweep_table(records: Mapping[str, Mapping[str, Any]], store: str | os.PathLike = ".") -> str:
+  """The sweep's markdown table: one line per evaluated adapter (a failed cell: its error)."""
+  lines = []
+  for name, row, rec in _report_lines(records, str(store)):
+    secs = "" if rec.get("seconds") is None else f"{rec['seconds']:.0f}"
+    if row is None:
+      lines.append([name, "FAILED", "", "", f"error: {str(rec.get('error', ''))[:80]}", "", secs])
+    else:
+      lines.append([name, _label(row), row.rank, row.steps, _accuracy_text(row), _nll_text(row), secs])
+  header = ["cell", "method", "final rank", "steps", "accuracy (95% CI)", "held-out NLL (nats/token)", "seconds"]
+  return markdown_table(header, lines, align="llrrlrr")
+
+
+# The report heatmap's panels: (Row field, scale, label, sign: +1 when larger is better, value format).
+_PANELS = (
+    ("accuracy", 100.0, "accuracy %\n(± points vs direct at that rank)", 1.0, "{:.1f}"),
+    ("gold_nll", 1.0, "held-out NLL, nats/token\n(± improvement over direct at that rank)", -1.0, "{:.3f}"),
+)
+
+
+def method_rank_heatmap(
+    records: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, title: str, store: str | os.PathLike = "."
+) -> Path:
+  """Accuracy (and, where the records have it, the held-out gold-choice NLL) per (method, final rank),
+  coloured by the difference to direct training at that rank (red = better, as the paper's Fig. 4)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  rows = [row for _, row, _ in _report_lines(records, str(store)) if row is not None and row.accuracy is not None]
+  panels = [p for p in _PANELS if any(getattr(r, p[0]) is not None for r in rows)] or list(_PANELS[:1])
+  many = len({r.task for r in rows}) > 1  # one row of the grid per (task, method)
+  methods = list(dict.fromkeys(_label(r, many) for r in sorted(rows, key=lambda r: r.task)))
+  ranks = sorted({r.rank for r in rows}, reverse=True)
+  plt = pyplot()
+  fig, axes = plt.subplots(
+      1, len(panels), squeeze=False, figsize=(len(panels) * (1.6 + 1.3 * len(ranks)) + 1.5, 1.2 + 0.55 * len(methods))
+  )
+  for ax, (key, scale, label, sign, fmt) in zip(axes[0], panels):
+    grid = np.full((len(methods), len(ranks)), np.nan)
+    for r in rows:
+      if getattr(r, key) is not None:
+        grid[methods.index(_label(r, many)), ranks.index(r.rank)] = scale * getattr(r, key)
+    task_of = lambda m: m.rsplit(": ", 1)[0] if many else ""  # pylint: disable=cell-var-from-loop
+    direct = {task_of(m): i for i, m in enumerate(methods) if m.rsplit(": ", 1)[-1] == "direct"}
+    none = np.full(len(ranks), np.nan)
+    base = np.stack([grid[direct[task_of(m)]] if task_of(m) in direct else none for m in methods])
+    delta = sign * (grid - base) + 0.0  # + 0.0: no "-0.000"
+    texts = [
+        [
+            None
+            if not np.isfinite(grid[i, j])
+            else fmt.format(grid[i, j])
+            + (f"\n({delta[i, j]:+{fmt[2:-1]}})" if np.isfinite(delta[i, j]) else "\n(no direct)")
+            for j in range(len(ranks))
+        ]
+        for i in range(len(methods))
+    ]
+    heatmap_panel(
+        fig,
+        ax,
+        np.where(np.isfinite(grid), np.nan_to_num(delta), np.nan),
+        row_labels=methods if ax is axes[0][0] else [""] * len(methods),
+        col_labels=[f"r={r}" for r in ranks],
+        title=label,
+        min_span=1.0 if key == "accuracy" else 1e-3,  # accuracy: at least ±1 point, so ties stay pale
+        texts=texts,
+    )
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  return save_figure(fig, path, dpi=120)
+
+
+def write_report(report: Mapping[str, Any], sweep_dir: str | os.PathLike, records) -> None:
+  """Print the sweep's table and write ``NAME.md`` and ``NAME.png`` (``method_rank_heatmap``) into the
+  sweep directory."""
+  sweep_dir = Path(sweep_dir)
+  name = report.get("name", "report")
+  title = report.get("title", name)
+  table = sweep_table(records, sweep_dir)
+  write_text(sweep_dir / f"{name}.md", f"# {title}\n\n{table}")
+  png = method_rank_heatmap(records, sweep_dir / f"{name}.png", title, sweep_dir)
+  print(table)
+  print(f"[lora_squeeze] {name}: {sweep_dir / f'{name}.md'} and {png}")

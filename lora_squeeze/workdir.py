@@ -35,7 +35,7 @@ LOCK_NAME = ".lock"
 SUPERSEDED_DIR = "superseded"
 # How a run reports and checkpoints, not what it computes: these may differ between a run and its resume.
 # (A resume is bit-identical whatever the checkpoint interval; the mesh may change between resumes.)
-# ``report`` is a sweep's summary table (reports.py), written after the cells.
+# ``report`` is a sweep's summary table (results.write_report), written after the cells.
 PRESENTATION_KEYS = frozenset(
     {"progress", "tensorboard", "log_every", "checkpoint_every", "keep_checkpoints", "mesh", "report"}
 )

@@ -231,3 +231,27 @@ def test_sem_and_bold():
   assert math.isclose(R.sem([1.0, 2.0, 3.0]), 1.0 / math.sqrt(3))
   assert math.isnan(R.sem([1.0]))
   assert R.bold_best([0.5, 0.7, None]) == ["50.0", "**70.0**", "—"]
+
+
+def test_sweep_report_rows_table_and_heatmap(tmp_path):
+  """The sweep's summary report is built on the same rows as the scripts: one line per evaluated adapter,
+  failed cells with their error, and a heatmap with one grid row per (task, method) when tasks differ."""
+
+  def rec(task, mode, rank, acc, **extra):
+    res = {"mode": mode, "task": task, "model": "tiny", "seed": 42, "steps": 6, "final_rank": rank, **extra}
+    res["metrics"] = {"accuracy": acc, "ci95": [acc - 0.1, acc + 0.1], "gold_nll": 2.0 - acc, "gold_nll_sem": 0.01}
+    return {"status": "ok", "seconds": 3.0, "result": res}
+
+  records = {
+      "a_direct": rec("arc_e", "direct", 4, 0.5),
+      "b_direct": rec("siqa", "direct", 4, 0.25),
+      "b_in": rec("siqa", "in_squeeze", 4, 0.75, ranks_per_stage=[8, 4], scheme="min_steps"),
+      "boom": {"status": "failed", "seconds": 1.0, "error": "ValueError: bad rank"},
+  }
+  table = R.sweep_table(records, tmp_path)
+  assert "| a_direct | direct | 4 | 6 | 50.0% (40.0–60.0) | 1.5000 ± 0.0100 | 3 |" in table
+  assert "| b_in | in_squeeze_min_steps from r=8 | 4 | 6 | 75.0% (65.0–85.0) | 1.2500 ± 0.0100 | 3 |" in table
+  assert "| boom | FAILED |" in table and "error: ValueError: bad rank" in table
+  R.write_report({"name": "rep", "title": "t"}, tmp_path, records)
+  assert (tmp_path / "rep.md").read_text().startswith("# t\n\n| cell | method |")
+  assert (tmp_path / "rep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""PEFT adapter I/O and the `lora-squeeze` command (lora_squeeze/adapters.py).
+"""PEFT adapter I/O and the `lora-squeeze` command (the lora_squeeze/adapters package).
 
 Adapters are built here with plain numpy + the safetensors library (a tiny Llama-like layout: 2 layers of
 q, k, v, o, gate, up, down, plus an embedding and a conv LoRA and a modules_to_save tensor), squeezed through
@@ -564,11 +564,11 @@ def test_outputs_get_the_permissions_mkdir_gives(tmp_path, adapter_dir):
     assert all(mode(p) == 0o644 for p in (tmp_path / "out").iterdir())
     assert run_cli("squeeze", adapter_dir, tmp_path / "out", "--rank", 4, "--force") == 0
     assert mode(tmp_path / "out") == 0o755
-    with adapters._atomic_dir(tmp_path / "export") as tmp:  # export_peft's writer
+    with adapters.atomic_dir(tmp_path / "export") as tmp:  # export_peft's writer
       (tmp / "f").write_text("x")
     assert mode(tmp_path / "export") == 0o755
     os.umask(0o077)
-    with adapters._atomic_dir(tmp_path / "private") as tmp:
+    with adapters.atomic_dir(tmp_path / "private") as tmp:
       (tmp / "f").write_text("x")
     assert mode(tmp_path / "private") == 0o700
   finally:
@@ -610,7 +610,7 @@ def test_safetensors_reader_and_writer_agree_with_the_library(tmp_path):
     for y in (theirs[k], ours[k]):
       assert y.dtype == x.dtype and y.shape == x.shape
       np.testing.assert_array_equal(y.view(np.uint8), x.view(np.uint8))
-  entries = [(k, adapters._CODES[x.dtype], x.shape) for k, x in tensors.items()]
+  entries = [(k, adapters.DTYPE_CODES[x.dtype], x.shape) for k, x in tensors.items()]
   assert adapters.safetensors_size(entries, {"format": "pt"}) == (tmp_path / "ours.safetensors").stat().st_size
 
 

@@ -854,9 +854,9 @@ def _gguf_to_peft(in_path: Path, out_dir: Path, *, layout: str, dtype: str, forc
       }
       alpha_line = f"lora_alpha = {lf.alpha:g} (the file's alpha; factors bit for bit)"
     else:
-      config = adapters.output_config(adapters.LoraConfig.from_dict(base), ranks)
+      config = adapters.output_config(adapters.PeftAdapterConfig.from_dict(base), ranks)
       alpha_line = f"{ALPHA_KEY} absent or 0 (llama.cpp: scale 1): lora_alpha = r in every module"
-    check = adapters.LoraConfig.from_dict(config)
+    check = adapters.PeftAdapterConfig.from_dict(config)
     for m in lf.modules:
       hf = hf_of[m.weight]
       if check.rank(hf) != m.r or not math.isclose(check.scale(hf), m.scale, rel_tol=1e-12):

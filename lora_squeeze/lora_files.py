@@ -161,8 +161,8 @@ def detect(keys) -> Format:
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 
 
-def _diffusers_configs(metadata: dict[str, str] | None) -> dict[str, adapters.LoraConfig]:
-  """{component ("transformer", "unet", ...): its LoraConfig} from diffusers' ``lora_adapter_metadata``."""
+def _diffusers_configs(metadata: dict[str, str] | None) -> dict[str, adapters.PeftAdapterConfig]:
+  """{component ("transformer", "unet", ...): its PeftAdapterConfig} from diffusers' ``lora_adapter_metadata``."""
   if not metadata or DIFFUSERS_METADATA_KEY not in metadata:
     return {}
   try:
@@ -175,7 +175,9 @@ def _diffusers_configs(metadata: dict[str, str] | None) -> dict[str, adapters.Lo
   for key, value in flat.items():
     component, _, field = key.partition(".")
     raw[component][field] = value
-  return {c: adapters.LoraConfig.from_dict(d, f"metadata '{DIFFUSERS_METADATA_KEY}' ({c})") for c, d in raw.items()}
+  return {
+      c: adapters.PeftAdapterConfig.from_dict(d, f"metadata '{DIFFUSERS_METADATA_KEY}' ({c})") for c, d in raw.items()
+  }
 
 
 def _passthrough_kind(key: str) -> str:

@@ -631,14 +631,14 @@ def test_pattern_rule_and_written_keys():
 
 
 def test_peft_scale_rules():
-  config = adapters.LoraConfig.from_dict(base_config(rank_pattern={"q_proj": 4}, alpha_pattern={"k_proj": 64}))
+  config = adapters.PeftAdapterConfig.from_dict(base_config(rank_pattern={"q_proj": 4}, alpha_pattern={"k_proj": 64}))
   assert config.scale("model.layers.0.self_attn.q_proj") == 32 / 4
   assert config.scale("model.layers.0.self_attn.k_proj") == 64 / 16
   assert config.scale("model.layers.0.mlp.up_proj") == 32 / 16
-  rs = adapters.LoraConfig.from_dict(base_config(use_rslora=True))
+  rs = adapters.PeftAdapterConfig.from_dict(base_config(use_rslora=True))
   assert rs.scale("model.layers.0.mlp.up_proj") == 32 / 4
   with pytest.raises(adapters.AdapterError, match="peft_type"):
-    adapters.LoraConfig.from_dict(base_config(peft_type="IA3"))
+    adapters.PeftAdapterConfig.from_dict(base_config(peft_type="IA3"))
 
 
 # --------------------------------------------------------------------------------------------------------

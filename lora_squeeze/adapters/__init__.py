@@ -28,7 +28,8 @@ from lora_squeeze.adapters.gemma_peft import export_peft, hf_module_name, import
 from lora_squeeze.adapters.inspection import InspectReport, check_plot_path, inspect_adapter
 from lora_squeeze.adapters.peft_adapter import LoraModule, PeftAdapter
 from lora_squeeze.adapters.peft_config import CONFIG_NAME, PEFT_DEFAULTS, PEFT_PREFIX, TORCH_WEIGHTS_NAME
-from lora_squeeze.adapters.peft_config import WEIGHTS_NAME, LoraConfig, get_pattern_key, output_config, pattern_keys
+from lora_squeeze.adapters.peft_config import WEIGHTS_NAME, PeftAdapterConfig, get_pattern_key, output_config
+from lora_squeeze.adapters.peft_config import pattern_keys
 from lora_squeeze.adapters.safetensors_io import DTYPE_CODES, FLOAT_CODES, NP_DTYPES, OUT_CODES
 from lora_squeeze.adapters.safetensors_io import SafetensorsReader, SafetensorsWriter, TensorInfo
 from lora_squeeze.adapters.safetensors_io import cast_factor, safetensors_size, save_safetensors

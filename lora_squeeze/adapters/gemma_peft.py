@@ -56,7 +56,7 @@ from lora_squeeze import squeeze
 from lora_squeeze.adapters.atomic_output import atomic_dir, check_out_dir
 from lora_squeeze.adapters.errors import AdapterError
 from lora_squeeze.adapters.peft_adapter import LoraModule, PeftAdapter
-from lora_squeeze.adapters.peft_config import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, LoraConfig, output_config
+from lora_squeeze.adapters.peft_config import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, PeftAdapterConfig, output_config
 from lora_squeeze.adapters.safetensors_io import OUT_CODES, cast_factor, save_safetensors
 
 # Our module kind -> (sub-module, projection) inside a Hugging Face Gemma3DecoderLayer.
@@ -277,9 +277,9 @@ def export_peft(
     fold = {name: 1.0 for name in ranks}
   else:
     # Scale 1 everywhere (lora_alpha = r, alpha_pattern = rank_pattern); alpha/r_m of mixed ranks folded.
-    config = output_config(LoraConfig.from_dict(base), ranks)
+    config = output_config(PeftAdapterConfig.from_dict(base), ranks)
     fold = {name: scale for name, _, _, scale in modules}
-  check = LoraConfig.from_dict(config)
+  check = PeftAdapterConfig.from_dict(config)
   for name, _, _, scale in modules:
     got = check.scale(name) * fold[name]
     if not math.isclose(got, scale, rel_tol=1e-12):

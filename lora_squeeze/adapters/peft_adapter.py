@@ -21,7 +21,7 @@ import numpy as np
 
 from lora_squeeze.adapters.errors import AdapterError
 from lora_squeeze.adapters.peft_config import CONFIG_NAME, PEFT_PREFIX, TORCH_WEIGHTS_NAME, WEIGHTS_NAME
-from lora_squeeze.adapters.peft_config import LoraConfig
+from lora_squeeze.adapters.peft_config import PeftAdapterConfig
 from lora_squeeze.adapters.safetensors_io import FLOAT_CODES, SafetensorsReader
 
 # lora_A/lora_B are Linear/Conv layers (".weight"); embeddings hold raw parameters. Files saved by
@@ -79,7 +79,7 @@ class LoraModule:
     return (rank, *self.shape_a[1:]), (self.shape_b[0], rank, *self.shape_b[2:])
 
 
-def _find_modules(reader: SafetensorsReader, config: LoraConfig) -> tuple[list[LoraModule], list[str]]:
+def _find_modules(reader: SafetensorsReader, config: PeftAdapterConfig) -> tuple[list[LoraModule], list[str]]:
   """Pairs every lora_A with its lora_B and checks their shapes against each other and the config."""
   halves: dict[tuple[str, str, str], dict[str, str]] = collections.defaultdict(dict)
   passthrough = []
@@ -142,7 +142,7 @@ class PeftAdapter:
 
   Attributes:
     directory: the adapter directory.
-    config: its LoraConfig.
+    config: its PeftAdapterConfig.
     reader: the open SafetensorsReader of adapter_model.safetensors.
     modules: the LoRA modules, in file order.
     passthrough: names of all other tensors (copied unchanged on squeeze).
@@ -161,7 +161,7 @@ class PeftAdapter:
       raise AdapterError(f"{config_path}: cannot read JSON ({e})") from None
     if not isinstance(raw, dict):
       raise AdapterError(f"{config_path}: expected a JSON object")
-    self.config = LoraConfig.from_dict(raw, str(config_path))
+    self.config = PeftAdapterConfig.from_dict(raw, str(config_path))
     weights = self.directory / WEIGHTS_NAME
     if not weights.is_file():
       if (self.directory / TORCH_WEIGHTS_NAME).is_file():

@@ -27,7 +27,7 @@ TORCH_WEIGHTS_NAME = "adapter_model.bin"
 # PEFT saves LoRA weights under the PeftModel, whose base model is at `base_model.model`; PEFT matches
 # rank_pattern/alpha_pattern keys against module names *inside* the base model, so without this prefix.
 PEFT_PREFIX = "base_model.model."
-# LoraConfig defaults, for configs that leave a field out.
+# PEFT LoraConfig defaults, for configs that leave a field out.
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8, "use_rslora": False}
 
 
@@ -51,8 +51,11 @@ def get_pattern_key(pattern_keys: Iterable[str], module_name: str) -> str | None
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraConfig:
-  """The fields of a PEFT ``LoraConfig`` that decide each module's ΔW_eff; ``raw`` is the whole JSON."""
+class PeftAdapterConfig:
+  """The fields of a PEFT ``LoraConfig`` (adapter_config.json) that decide each module's ΔW_eff.
+
+  ``raw`` is the whole JSON. Not ``lora.LoRAConfig``, our own training config: this one is what PEFT files say.
+  """
 
   raw: dict
   r: int
@@ -62,7 +65,7 @@ class LoraConfig:
   alpha_pattern: dict
 
   @classmethod
-  def from_dict(cls, raw: dict, where: str = CONFIG_NAME) -> "LoraConfig":
+  def from_dict(cls, raw: dict, where: str = CONFIG_NAME) -> "PeftAdapterConfig":
     peft_type = raw.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
       raise AdapterError(f'{where}: peft_type is {peft_type!r}; only LoRA adapters ("LORA") are supported')
@@ -123,7 +126,7 @@ def pattern_keys(names: Sequence[str]) -> dict[str, str]:
   return keys
 
 
-def output_config(config: LoraConfig, ranks: Mapping[str, int]) -> dict:
+def output_config(config: PeftAdapterConfig, ranks: Mapping[str, int]) -> dict:
   """The new adapter_config.json: the input's, with r, lora_alpha, rank/alpha_pattern for scale 1.
 
   The most common new rank becomes ``r`` (= ``lora_alpha``); every other module gets a ``rank_pattern``
@@ -139,7 +142,7 @@ def output_config(config: LoraConfig, ranks: Mapping[str, int]) -> dict:
   new.update(
       r=default, lora_alpha=default, use_rslora=False, rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern)
   )
-  check = LoraConfig.from_dict(new)
+  check = PeftAdapterConfig.from_dict(new)
   for n, r in ranks.items():
     if check.rank(n) != r or check.scale(n) != 1.0:
       raise RuntimeError(

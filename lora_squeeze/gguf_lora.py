@@ -61,13 +61,11 @@ import ml_dtypes
 import numpy as np
 
 from lora_squeeze import adapters
-from lora_squeeze import squeeze
 from lora_squeeze.adapters import AdapterError
 
 # The PEFT path's building blocks, shared so every format plans, casts and writes identically.
-from lora_squeeze.adapters import HOST_ID, cap_note, cast_factor  # pylint: disable=g-importing-member
+from lora_squeeze.adapters import HOST_ID, cast_factor  # pylint: disable=g-importing-member
 from lora_squeeze.adapters import fault_point, fmt_bytes  # pylint: disable=g-importing-member
-from lora_squeeze.adapters import wanted_ranks  # pylint: disable=g-importing-member
 
 MAGIC = b"GGUF"
 SUFFIX = ".gguf"
@@ -445,20 +443,7 @@ def file_alpha(ranks) -> float:
 
 
 def squeeze_gguf(
-    in_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    *,
-    rank: int | None = None,
-    energy: float | None = None,
-    per_module: bool = False,
-    method: str = "efficient",
-    dtype: str = "keep",
-    dry_run: bool = False,
-    force: bool = False,
-    seed: int = 0,
-    progress: bool = True,
-    dynamic: tuple[str, float] | None = None,
-    max_rank: int | None = None,
+    in_path: str | os.PathLike, out_path: str | os.PathLike, options: adapters.SqueezeOptions
 ) -> adapters.SqueezeReport:
   """``adapters.squeeze_adapter`` for a GGUF LoRA (same arguments; the module docstring gives the alpha rule).
 
@@ -469,18 +454,13 @@ def squeeze_gguf(
 
   start = time.perf_counter()
   in_path, out_path = Path(in_path), Path(out_path)
-  lora_files.check_out_file(in_path, out_path, force, dry_run, suffix=SUFFIX)
+  lora_files.check_out_file(in_path, out_path, options.force, options.dry_run, suffix=SUFFIX)
   with GgufLora(in_path) as lf:
     modules = lf.modules
-    need_spectra = rank is None or dry_run or method == "rsvd"
-    spectra = adapters.adapter_spectra(lf, progress=progress) if need_spectra else None
-    targets = dict(rank=rank, energy=energy, per_module=per_module, dynamic=dynamic, max_rank=max_rank)
-    wanted = wanted_ranks(modules, spectra, **targets)
-    ranks = adapters.plan_ranks(modules, spectra, **targets)
+    plan = adapters.plan_squeeze(lf, options)
+    ranks = plan.ranks
     alpha = file_alpha(ranks.values())
-
-    def code(original: str) -> str:
-      return original if dtype == "keep" else adapters.OUT_CODES[dtype]
+    code = options.out_code
 
     entries = []
     for m in modules:
@@ -489,7 +469,7 @@ def squeeze_gguf(
     entries += [
         (
             k,
-            code("F32") if dtype != "keep" else _KEPT.get(lf.reader.by_name[k].tensor_type, "F32"),
+            code("F32") if options.dtype != "keep" else _KEPT.get(lf.reader.by_name[k].tensor_type, "F32"),
             tuple(int(d) for d in reversed(lf.reader.by_name[k].shape.tolist())),
         )
         for k in lf.passthrough
@@ -504,15 +484,15 @@ def squeeze_gguf(
     report = adapters.SqueezeReport(
         in_dir=in_path,
         out_dir=out_path,
-        method=method,
-        dry_run=dry_run,
+        method=options.method,
+        dry_run=options.dry_run,
         modules=[],
         passthrough=list(lf.passthrough),
         copied_files=[],
         config={},
         in_bytes=lf.file_size,
         out_bytes=lf.data_offset + _data_size(entries),
-        note=cap_note(modules, wanted, ranks, rank, energy),
+        note=plan.note,
         config_line=(
             f"format: gguf LoRA (llama.cpp, {ARCH_KEY} = {lf.arch}), {ALPHA_KEY} = {alpha:g}"
             + (
@@ -522,29 +502,21 @@ def squeeze_gguf(
                 else ": scale alpha / r = 1 in every module"
             )
             + ", the old scale folded into the factors"
-            + (f"; {'/'.join(quant)} factors written as F32" if quant and dtype == "keep" else "")
+            + (f"; {'/'.join(quant)} factors written as F32" if quant and options.dtype == "keep" else "")
         ),
         weights_name=None,
         passthrough_line=lf.passthrough_line(),
     )
 
-    def module_report(m, s) -> adapters.ModuleReport:
-      return adapters.ModuleReport(
-          name=m.name,
-          shape=(m.out_features, m.in_features),
-          r_src=m.r,
-          r_tgt=ranks[m.name],
-          scale=m.scale,
-          retention=float(squeeze.retention(np.asarray(s), ranks[m.name])),
-      )
-
-    if dry_run:
-      report.modules = [module_report(m, spectra[m.name]) for m in modules]
+    if options.dry_run:
+      report.modules = [plan.module_report(m) for m in modules]
       report.seconds = time.perf_counter() - start
       return report
 
     def tensors():
-      squeezed = adapters.squeeze_modules(lf, modules, ranks, method=method, seed=seed, progress=progress)
+      squeezed = adapters.squeeze_modules(
+          lf, modules, ranks, method=options.method, seed=options.seed, progress=options.progress
+      )
       for i, m, new_a, new_b, s in squeezed:
         fold = np.float32(math.sqrt(ranks[m.name] / alpha))  # llama.cpp multiplies by alpha / r_m
         shape_a, shape_b = m.new_shapes(ranks[m.name])
@@ -552,12 +524,12 @@ def squeeze_gguf(
           new_a, new_b = new_a * fold, new_b * fold
         yield m.key_a, cast_factor(new_a.T.reshape(shape_a), code(m.dtype_a), m.name)
         yield m.key_b, cast_factor(new_b.T.reshape(shape_b), code(m.dtype_b), m.name)
-        report.modules.append(module_report(m, spectra[m.name] if spectra is not None else s))
+        report.modules.append(plan.module_report(m, s))
         fault_point(f"squeeze_after_module:{i}")
       for k in lf.passthrough:
         yield k, cast_factor(
             lf.reader.read(k).astype(np.float32),
-            code("F32") if dtype != "keep" else _KEPT.get(lf.reader.by_name[k].tensor_type, "F32"),
+            code("F32") if options.dtype != "keep" else _KEPT.get(lf.reader.by_name[k].tensor_type, "F32"),
             k,
         )
 

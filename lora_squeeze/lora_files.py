@@ -49,12 +49,11 @@ from pathlib import Path
 import numpy as np
 
 from lora_squeeze import adapters
-from lora_squeeze import squeeze
 from lora_squeeze.adapters import AdapterError
 
 # The PEFT path's building blocks, shared so both paths read, plan, cast and write identically.
-from lora_squeeze.adapters import FLOAT_CODES, NP_DTYPES, OUT_CODES  # pylint: disable=g-importing-member
-from lora_squeeze.adapters import cap_note, cast_factor, wanted_ranks  # pylint: disable=g-importing-member
+from lora_squeeze.adapters import FLOAT_CODES, NP_DTYPES  # pylint: disable=g-importing-member
+from lora_squeeze.adapters import cast_factor  # pylint: disable=g-importing-member
 from lora_squeeze.adapters import HOST_ID, fault_point, pid_alive  # pylint: disable=g-importing-member
 
 # Files that are Python pickles (torch.save): never opened as data, since unpickling runs code.
@@ -431,20 +430,7 @@ def check_out_file(in_path: Path, out_path: Path, force: bool, dry_run: bool, su
 
 
 def squeeze_file(
-    in_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    *,
-    rank: int | None = None,
-    energy: float | None = None,
-    per_module: bool = False,
-    method: str = "efficient",
-    dtype: str = "keep",
-    dry_run: bool = False,
-    force: bool = False,
-    seed: int = 0,
-    progress: bool = True,
-    dynamic: tuple[str, float] | None = None,
-    max_rank: int | None = None,
+    in_path: str | os.PathLike, out_path: str | os.PathLike, options: adapters.SqueezeOptions
 ) -> adapters.SqueezeReport:
   """``adapters.squeeze_adapter`` for a single-file LoRA (same arguments; see the module docstring).
 
@@ -458,32 +444,13 @@ def squeeze_file(
   from lora_squeeze import gguf_lora  # pylint: disable=g-import-not-at-top
 
   if gguf_lora.is_gguf(in_path):  # told by content, as the two safetensors layouts are
-    return gguf_lora.squeeze_gguf(
-        in_path,
-        out_path,
-        rank=rank,
-        energy=energy,
-        per_module=per_module,
-        method=method,
-        dtype=dtype,
-        dry_run=dry_run,
-        force=force,
-        seed=seed,
-        progress=progress,
-        dynamic=dynamic,
-        max_rank=max_rank,
-    )
-  check_out_file(in_path, out_path, force, dry_run)
+    return gguf_lora.squeeze_gguf(in_path, out_path, options)
+  check_out_file(in_path, out_path, options.force, options.dry_run)
   with LoraFile(in_path) as lf:
     modules = lf.modules
-    need_spectra = rank is None or dry_run or method == "rsvd"
-    spectra = adapters.adapter_spectra(lf, progress=progress) if need_spectra else None
-    targets = dict(rank=rank, energy=energy, per_module=per_module, dynamic=dynamic, max_rank=max_rank)
-    wanted = wanted_ranks(modules, spectra, **targets)
-    ranks = adapters.plan_ranks(modules, spectra, **targets)
-
-    def code(original: str) -> str:
-      return original if dtype == "keep" else OUT_CODES[dtype]
+    plan = adapters.plan_squeeze(lf, options)
+    ranks = plan.ranks
+    code = options.out_code
 
     entries, alphas = [], {}
     for m in modules:
@@ -505,15 +472,15 @@ def squeeze_file(
     report = adapters.SqueezeReport(
         in_dir=in_path,
         out_dir=out_path,
-        method=method,
-        dry_run=dry_run,
+        method=options.method,
+        dry_run=options.dry_run,
         modules=[],
         passthrough=list(lf.passthrough),
         copied_files=[],
         config=dict(metadata or {}),
         in_bytes=lf.reader.file_size,
         out_bytes=adapters.safetensors_size(entries, metadata),
-        note=cap_note(modules, wanted, ranks, rank, energy),
+        note=plan.note,
         config_line=(
             f"format: {lf.format.name}, scale 1 in every module ({alpha_note}, the old scale folded "
             "into the factors)"
@@ -528,18 +495,8 @@ def squeeze_file(
         passthrough_line=lf.passthrough_line(),
     )
 
-    def module_report(m, s) -> adapters.ModuleReport:
-      return adapters.ModuleReport(
-          name=m.name,
-          shape=(m.out_features, m.in_features),
-          r_src=m.r,
-          r_tgt=ranks[m.name],
-          scale=m.scale,
-          retention=float(squeeze.retention(np.asarray(s), ranks[m.name])),
-      )
-
-    if dry_run:
-      report.modules = [module_report(m, spectra[m.name]) for m in modules]
+    if options.dry_run:
+      report.modules = [plan.module_report(m) for m in modules]
       report.seconds = time.perf_counter() - start
       return report
 
@@ -549,14 +506,14 @@ def squeeze_file(
     writer = adapters.SafetensorsWriter(tmp, entries, metadata)
     try:
       for i, m, new_a, new_b, s in adapters.squeeze_modules(
-          lf, modules, ranks, method=method, seed=seed, progress=progress
+          lf, modules, ranks, method=options.method, seed=options.seed, progress=options.progress
       ):
         shape_a, shape_b = m.new_shapes(ranks[m.name])
         writer.write(m.key_a, cast_factor(new_a.T.reshape(shape_a), code(m.dtype_a), m.name))
         writer.write(m.key_b, cast_factor(new_b.T.reshape(shape_b), code(m.dtype_b), m.name))
         if m.key_alpha:
           writer.write(m.key_alpha, alphas[m.name][1])
-        report.modules.append(module_report(m, spectra[m.name] if spectra is not None else s))
+        report.modules.append(plan.module_report(m, s))
         fault_point(f"squeeze_after_module:{i}")
       for k in lf.passthrough:
         writer.write(k, lf.reader.read(k))

@@ -7,8 +7,8 @@ adapters.squeeze_adapter(...)`` is the way to use it:
 * ``peft_config``: adapter_config.json (``PeftAdapterConfig``: per-module r, alpha, scale) and the config a
   squeeze writes (scale 1 in every module).
 * ``peft_adapter``: a PEFT adapter directory opened for reading (``PeftAdapter``, its ``LoraModule`` s).
-* ``squeezing``: rank planning, ``squeeze_modules`` (the loop every file format shares) and
-  ``squeeze_adapter``.
+* ``squeezing``: ``SqueezeOptions`` (what to do, for every format), rank planning (``plan_squeeze``),
+  ``squeeze_modules`` (the loop every file format shares) and ``squeeze_adapter``.
 * ``inspection``: ``lora-squeeze inspect`` (spectra, retention, plots).
 * ``gemma_peft``: Gemma 3 LoRAs (our tree, lora.py) <-> PEFT directories (``export_peft`` / ``import_peft``).
 * ``atomic_output``: outputs written atomically, never over their input, without debris from killed runs.
@@ -34,6 +34,6 @@ from lora_squeeze.adapters.safetensors_io import DTYPE_CODES, FLOAT_CODES, NP_DT
 from lora_squeeze.adapters.safetensors_io import SafetensorsReader, SafetensorsWriter, TensorInfo
 from lora_squeeze.adapters.safetensors_io import cast_factor, safetensors_size, save_safetensors
 from lora_squeeze.adapters.squeezing import DTYPES, DYNAMIC_RULES, METHODS, ModuleReport, SqueezeReport
-from lora_squeeze.adapters.squeezing import adapter_spectra, cap_note, check_target, fmt_bytes, plan_ranks
+from lora_squeeze.adapters.squeezing import adapter_spectra, check_target, fmt_bytes, plan_ranks
 from lora_squeeze.adapters.squeezing import progress_bar, squeeze_adapter, squeeze_matrices, squeeze_modules
-from lora_squeeze.adapters.squeezing import wanted_ranks
+from lora_squeeze.adapters.squeezing import RankPlan, SqueezeOptions, plan_squeeze

@@ -22,7 +22,7 @@ from lora_squeeze import runtime
 from lora_squeeze.adapters.errors import AdapterError
 from lora_squeeze.adapters.gemma_peft import HF_LAYOUTS
 from lora_squeeze.adapters.inspection import check_plot_path, inspect_adapter
-from lora_squeeze.adapters.squeezing import DTYPES, DYNAMIC_RULES, METHODS, squeeze_adapter
+from lora_squeeze.adapters.squeezing import DTYPES, DYNAMIC_RULES, METHODS, SqueezeOptions, squeeze_adapter
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -159,21 +159,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     runtime.enable_compile_cache()
     if args.command == "squeeze":
       dynamic = next(((name, getattr(args, name)) for name in DYNAMIC_RULES if getattr(args, name) is not None), None)
-      report = squeeze_adapter(
-          args.in_dir,
-          args.out_dir,
+      options = SqueezeOptions(
           rank=args.rank,
           energy=args.energy,
           per_module=args.per_module,
+          dynamic=dynamic,
+          max_rank=args.max_rank,
           method=args.method,
           dtype=args.dtype,
           dry_run=args.dry_run,
           force=args.force,
           seed=args.seed,
           progress=not args.no_progress,
-          dynamic=dynamic,
-          max_rank=args.max_rank,
       )
+      report = squeeze_adapter(args.in_dir, args.out_dir, options)
       if report.note:
         print(f"lora-squeeze: note: {report.note}", file=sys.stderr)
       if args.dry_run:

@@ -252,6 +252,92 @@ def cap_note(
   )
 
 
+@dataclasses.dataclass(frozen=True)
+class SqueezeOptions:
+  """What a squeeze should do, for every format (``squeeze_adapter``, ``lora_files.squeeze_file``,
+  ``gguf_lora.squeeze_gguf``); the command builds one from its flags. Checked when made (``AdapterError``), so
+  a typo fails before any file is opened.
+
+  Attributes:
+    rank: one target rank for every module (capped at each module's full rank min(out, in): see
+      ``plan_ranks``; the report's ``note`` says when); or
+    energy: a retention target (0, 1]: one rank for all modules (the largest per-module choice), or with
+      ``per_module`` each module's own rank (a PEFT output writes it as rank_pattern/alpha_pattern); or
+    dynamic: a kohya rule (``DYNAMIC_RULES`` name, value), each module's rank from its own spectrum;
+    max_rank: with energy or dynamic, no module's rank above this.
+    method: "efficient" (Alg. 2, never forms ΔW), "rsvd" (Alg. 1) or "svd" (full SVD of ΔW).
+    dtype: "keep" (each factor's input dtype) or float32/bfloat16/float16 for the new factors.
+    dry_run: compute the plan (ranks, retention, sizes) and write nothing.
+    force: replace an existing output (never the input).
+    seed: PRNG seed (rsvd sketches, init of directions without energy); module i (in file order) uses
+      ``jax.random.split(jax.random.key(seed), n_modules)[i]``.
+    progress: a progress bar on stderr (on a terminal).
+  """
+
+  rank: int | None = None
+  energy: float | None = None
+  per_module: bool = False
+  dynamic: tuple[str, float] | None = None
+  max_rank: int | None = None
+  method: str = "efficient"
+  dtype: str = "keep"
+  dry_run: bool = False
+  force: bool = False
+  seed: int = 0
+  progress: bool = True
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise AdapterError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+    if self.dtype not in DTYPES:
+      raise AdapterError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+    check_target(self.rank, self.energy, self.per_module, dynamic=self.dynamic, max_rank=self.max_rank)
+
+  @property
+  def targets(self) -> dict:
+    """The rank rule, as keywords of ``plan_ranks`` / ``wanted_ranks``."""
+    return dict(
+        rank=self.rank, energy=self.energy, per_module=self.per_module, dynamic=self.dynamic, max_rank=self.max_rank
+    )
+
+  def out_code(self, original: str) -> str:
+    """The safetensors dtype code a new factor is written in: ``original`` (its input's) for dtype "keep"."""
+    return original if self.dtype == "keep" else OUT_CODES[self.dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class RankPlan:
+  """``plan_squeeze``'s answer: each module's new rank, the spectra when they were needed, the cap note."""
+
+  ranks: dict[str, int]
+  spectra: dict[str, np.ndarray] | None
+  note: str | None
+
+  def module_report(self, m: LoraModule, s: np.ndarray | None = None) -> ModuleReport:
+    """One module's line of the report: retention from the planning spectra, else from ``s`` (the
+    squeeze's own singular values)."""
+    s = self.spectra[m.name] if self.spectra is not None else s
+    return ModuleReport(
+        name=m.name,
+        shape=(m.out_features, m.in_features),
+        r_src=m.r,
+        r_tgt=self.ranks[m.name],
+        scale=m.scale,
+        retention=float(squeeze.retention(np.asarray(s), self.ranks[m.name])),
+    )
+
+
+def plan_squeeze(source, options: SqueezeOptions) -> RankPlan:
+  """The planning every format shares: the spectra (only when the rule, a dry run or rsvd needs them: a
+  pass over the adapter), each module's rank (``plan_ranks``) and the note about ranks capped at full rank.
+  ``source`` has ``modules`` and ``factors(module)`` (PeftAdapter, LoraFile, GgufLora)."""
+  need_spectra = options.rank is None or options.dry_run or options.method == "rsvd"
+  spectra = adapter_spectra(source, progress=options.progress) if need_spectra else None
+  wanted = wanted_ranks(source.modules, spectra, **options.targets)
+  ranks = {m.name: min(wanted[m.name], m.full_rank) for m in source.modules}  # = plan_ranks
+  return RankPlan(ranks, spectra, cap_note(source.modules, wanted, ranks, options.rank, options.energy))
+
+
 @dataclasses.dataclass
 class ModuleReport:
   """One module's squeeze: its name, (out, in), old and new rank, old scale, retention V_{r_tgt}."""
@@ -331,38 +417,14 @@ def fmt_bytes(n: int) -> str:
     n /= 1024
 
 
-def squeeze_adapter(
-    in_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    rank: int | None = None,
-    energy: float | None = None,
-    per_module: bool = False,
-    method: str = "efficient",
-    dtype: str = "keep",
-    dry_run: bool = False,
-    force: bool = False,
-    seed: int = 0,
-    progress: bool = True,
-    dynamic: tuple[str, float] | None = None,
-    max_rank: int | None = None,
-) -> SqueezeReport:
+def squeeze_adapter(in_dir: str | os.PathLike, out_dir: str | os.PathLike, options: SqueezeOptions) -> SqueezeReport:
   """Writes a copy of the PEFT adapter ``in_dir`` at new ranks to ``out_dir`` (see the module docstring).
 
   Args:
-    in_dir, out_dir: adapter directories; ``out_dir`` must not exist unless ``force``, and may never be
-      ``in_dir``, contain it or lie inside it.
-    rank: one target rank for every module (capped at each module's full rank min(out, in): see
-      ``plan_ranks``; the report's ``note`` says when); or
-    energy: a retention target (0, 1]: one rank for all modules (the largest per-module choice), or with
-      ``per_module`` each module's own rank (written as rank_pattern/alpha_pattern); or
-    dynamic: a kohya rule (``DYNAMIC_RULES`` name, value), each module's rank from its own spectrum;
-    max_rank: with energy or dynamic, no module's rank above this.
-    method: "efficient" (Alg. 2, never forms ΔW), "rsvd" (Alg. 1) or "svd" (full SVD of ΔW).
-    dtype: "keep" (each factor's input dtype) or float32/bfloat16/float16 for the new factors.
-    dry_run: compute the plan (ranks, retention, sizes) and write nothing.
-    seed: PRNG seed (rsvd sketches, init of directions without energy); module i (in file order) uses
-      ``jax.random.split(jax.random.key(seed), n_modules)[i]``.
+    in_dir, out_dir: adapter directories; ``out_dir`` must not exist unless ``options.force``, and may never
+      be ``in_dir``, contain it or lie inside it. A single file ``in_dir`` goes to ``lora_files.squeeze_file``
+      (kohya / diffusers) or ``gguf_lora.squeeze_gguf``.
+    options: the rank rule, method, dtype, ... (``SqueezeOptions``).
 
   Returns:
     A SqueezeReport.
@@ -371,43 +433,19 @@ def squeeze_adapter(
     AdapterError: bad input or arguments; ``out_dir`` is then left absent (or untouched).
   """
   start = time.perf_counter()
-  if method not in METHODS:
-    raise AdapterError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
-  if dtype not in DTYPES:
-    raise AdapterError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-  check_target(rank, energy, per_module, dynamic=dynamic, max_rank=max_rank)
   in_dir, out_dir = Path(in_dir), Path(out_dir)
   if not in_dir.is_dir():
     # A single file: kohya / diffusers LoRAs (lora_files.py, which imports this module: hence here).
     from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top
 
-    return lora_files.squeeze_file(
-        in_dir,
-        out_dir,
-        rank=rank,
-        energy=energy,
-        per_module=per_module,
-        method=method,
-        dtype=dtype,
-        dry_run=dry_run,
-        force=force,
-        seed=seed,
-        progress=progress,
-        dynamic=dynamic,
-        max_rank=max_rank,
-    )
+    return lora_files.squeeze_file(in_dir, out_dir, options)
   # Before opening anything: an OUT_DIR that is, holds or lies in IN_DIR is refused even for a dry run.
-  check_out_dir(out_dir, force, inputs=(in_dir,), dry_run=dry_run)
+  check_out_dir(out_dir, options.force, inputs=(in_dir,), dry_run=options.dry_run)
   with PeftAdapter(in_dir) as adapter:
-    need_spectra = rank is None or dry_run or method == "rsvd"
-    spectra = adapter_spectra(adapter, progress=progress) if need_spectra else None
-    targets = dict(rank=rank, energy=energy, per_module=per_module, dynamic=dynamic, max_rank=max_rank)
-    wanted = wanted_ranks(adapter.modules, spectra, **targets)
-    ranks = plan_ranks(adapter.modules, spectra, **targets)
+    plan = plan_squeeze(adapter, options)
+    ranks = plan.ranks
     config = output_config(adapter.config, ranks)
-
-    def code(original: str) -> str:
-      return original if dtype == "keep" else OUT_CODES[dtype]
+    code = options.out_code
 
     entries = []
     for m in adapter.modules:
@@ -423,29 +461,19 @@ def squeeze_adapter(
     report = SqueezeReport(
         in_dir=in_dir,
         out_dir=out_dir,
-        method=method,
-        dry_run=dry_run,
+        method=options.method,
+        dry_run=options.dry_run,
         modules=[],
         passthrough=list(adapter.passthrough),
         copied_files=extra_files,
         config=config,
         in_bytes=adapter.reader.file_size,
         out_bytes=safetensors_size(entries, metadata),
-        note=cap_note(adapter.modules, wanted, ranks, rank, energy),
+        note=plan.note,
     )
 
-    def module_report(m: LoraModule, s: np.ndarray) -> ModuleReport:
-      return ModuleReport(
-          name=m.name,
-          shape=(m.out_features, m.in_features),
-          r_src=m.r,
-          r_tgt=ranks[m.name],
-          scale=m.scale,
-          retention=float(squeeze.retention(np.asarray(s), ranks[m.name])),
-      )
-
-    if dry_run:
-      report.modules = [module_report(m, spectra[m.name]) for m in adapter.modules]
+    if options.dry_run:
+      report.modules = [plan.module_report(m) for m in adapter.modules]
       report.seconds = time.perf_counter() - start
       return report
 
@@ -453,12 +481,12 @@ def squeeze_adapter(
       writer = SafetensorsWriter(tmp / WEIGHTS_NAME, entries, metadata)
       try:
         for i, m, new_a, new_b, s in squeeze_modules(
-            adapter, adapter.modules, ranks, method=method, seed=seed, progress=progress
+            adapter, adapter.modules, ranks, method=options.method, seed=options.seed, progress=options.progress
         ):
           shape_a, shape_b = m.new_shapes(ranks[m.name])
           writer.write(m.key_a, cast_factor(new_a.T.reshape(shape_a), code(m.dtype_a), m.name))
           writer.write(m.key_b, cast_factor(new_b.T.reshape(shape_b), code(m.dtype_b), m.name))
-          report.modules.append(module_report(m, spectra[m.name] if spectra is not None else s))
+          report.modules.append(plan.module_report(m, s))
           fault_point(f"squeeze_after_module:{i}")
         for k in adapter.passthrough:
           writer.write(k, adapter.reader.read(k))

@@ -20,20 +20,29 @@ imports jax, numpy and ml_dtypes only (and gguf for GGUF files): the training st
 tensorflow) is the ``[train]`` extra, imported by ``export_peft`` / ``import_peft`` alone.
 """
 
-from lora_squeeze.adapters.atomic_output import HOST_ID, atomic_dir, check_out_dir, fault_point, pid_alive
+# pylint: disable=g-importing-member
+# The command and errors.
 from lora_squeeze.adapters.cli import main
 from lora_squeeze.adapters.errors import AdapterError
+
+# Squeeze and inspect (every format).
+from lora_squeeze.adapters.squeezing import DTYPES, DYNAMIC_RULES, METHODS, SqueezeOptions, squeeze_adapter
+from lora_squeeze.adapters.squeezing import ModuleReport, RankPlan, SqueezeReport, fmt_bytes
+from lora_squeeze.adapters.squeezing import adapter_spectra, check_target, plan_ranks, plan_squeeze
+from lora_squeeze.adapters.squeezing import squeeze_matrices, squeeze_modules
+from lora_squeeze.adapters.inspection import InspectReport, inspect_adapter
+
+# PEFT directories.
+from lora_squeeze.adapters.peft_config import CONFIG_NAME, PEFT_PREFIX, TORCH_WEIGHTS_NAME, WEIGHTS_NAME
+from lora_squeeze.adapters.peft_config import PeftAdapterConfig, get_pattern_key, output_config, pattern_keys
+from lora_squeeze.adapters.peft_adapter import LoraModule, PeftAdapter
+
+# Gemma 3 LoRAs <-> PEFT.
 from lora_squeeze.adapters.gemma_peft import HF_BASE_MODELS, HF_LAYOUTS, HF_PROJECTIONS
 from lora_squeeze.adapters.gemma_peft import export_peft, hf_module_name, import_peft, lora_alpha_json, target_modules
-from lora_squeeze.adapters.inspection import InspectReport, check_plot_path, inspect_adapter
-from lora_squeeze.adapters.peft_adapter import LoraModule, PeftAdapter
-from lora_squeeze.adapters.peft_config import CONFIG_NAME, PEFT_DEFAULTS, PEFT_PREFIX, TORCH_WEIGHTS_NAME
-from lora_squeeze.adapters.peft_config import WEIGHTS_NAME, PeftAdapterConfig, get_pattern_key, output_config
-from lora_squeeze.adapters.peft_config import pattern_keys
+
+# Building blocks the single-file formats (lora_files.py, gguf_lora.py) share.
 from lora_squeeze.adapters.safetensors_io import DTYPE_CODES, FLOAT_CODES, NP_DTYPES, OUT_CODES
 from lora_squeeze.adapters.safetensors_io import SafetensorsReader, SafetensorsWriter, TensorInfo
 from lora_squeeze.adapters.safetensors_io import cast_factor, safetensors_size, save_safetensors
-from lora_squeeze.adapters.squeezing import DTYPES, DYNAMIC_RULES, METHODS, ModuleReport, SqueezeReport
-from lora_squeeze.adapters.squeezing import adapter_spectra, check_target, fmt_bytes, plan_ranks
-from lora_squeeze.adapters.squeezing import progress_bar, squeeze_adapter, squeeze_matrices, squeeze_modules
-from lora_squeeze.adapters.squeezing import RankPlan, SqueezeOptions, plan_squeeze
+from lora_squeeze.adapters.atomic_output import HOST_ID, atomic_dir, check_out_dir, fault_point, pid_alive

@@ -61,13 +61,11 @@ import ml_dtypes
 import numpy as np
 
 from lora_squeeze import adapters
-from lora_squeeze import squeeze
 from lora_squeeze.adapters import AdapterError
 
-# The PEFT path's internals, shared so every format plans, casts and writes identically.
-from lora_squeeze.adapters import _HOST_ID, _cap_note, _cast  # pylint: disable=g-importing-member
-from lora_squeeze.adapters import _fault_point, _fmt_bytes  # pylint: disable=g-importing-member
-from lora_squeeze.adapters import _wanted_ranks  # pylint: disable=g-importing-member
+# The PEFT path's building blocks, shared so every format plans, casts and writes identically.
+from lora_squeeze.adapters import HOST_ID, cast_factor  # pylint: disable=g-importing-member
+from lora_squeeze.adapters import fault_point, fmt_bytes  # pylint: disable=g-importing-member
 
 MAGIC = b"GGUF"
 SUFFIX = ".gguf"
@@ -339,7 +337,7 @@ def _arch_weights(arch: gguf.MODEL_ARCH) -> set[str]:
 
 
 def _np_dtype(code: str) -> np.dtype:
-  return adapters._NP_DTYPES[code]  # pylint: disable=protected-access
+  return adapters.NP_DTYPES[code]
 
 
 def _kv(writer: gguf.GGUFWriter, key: str, field: gguf.ReaderField) -> None:
@@ -407,8 +405,8 @@ def _tmp_path(out_path: Path) -> Path:
   from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top
 
   out_path.parent.mkdir(parents=True, exist_ok=True)
-  lora_files._remove_stale_partials(out_path)  # pylint: disable=protected-access
-  return out_path.parent / f".{out_path.name}.{os.getpid()}@{_HOST_ID}.partial"
+  lora_files.remove_stale_partials(out_path)
+  return out_path.parent / f".{out_path.name}.{os.getpid()}@{HOST_ID}.partial"
 
 
 def _write_gguf(out_path: Path, arch: str, kv, entries, tensors) -> None:
@@ -445,20 +443,7 @@ def file_alpha(ranks) -> float:
 
 
 def squeeze_gguf(
-    in_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    *,
-    rank: int | None = None,
-    energy: float | None = None,
-    per_module: bool = False,
-    method: str = "efficient",
-    dtype: str = "keep",
-    dry_run: bool = False,
-    force: bool = False,
-    seed: int = 0,
-    progress: bool = True,
-    dynamic: tuple[str, float] | None = None,
-    max_rank: int | None = None,
+    in_path: str | os.PathLike, out_path: str | os.PathLike, options: adapters.SqueezeOptions
 ) -> adapters.SqueezeReport:
   """``adapters.squeeze_adapter`` for a GGUF LoRA (same arguments; the module docstring gives the alpha rule).
 
@@ -469,18 +454,13 @@ def squeeze_gguf(
 
   start = time.perf_counter()
   in_path, out_path = Path(in_path), Path(out_path)
-  lora_files._check_out_file(in_path, out_path, force, dry_run, suffix=SUFFIX)  # pylint: disable=protected-access
+  lora_files.check_out_file(in_path, out_path, options.force, options.dry_run, suffix=SUFFIX)
   with GgufLora(in_path) as lf:
     modules = lf.modules
-    need_spectra = rank is None or dry_run or method == "rsvd"
-    spectra = adapters.adapter_spectra(lf, progress=progress) if need_spectra else None
-    targets = dict(rank=rank, energy=energy, per_module=per_module, dynamic=dynamic, max_rank=max_rank)
-    wanted = _wanted_ranks(modules, spectra, **targets)
-    ranks = adapters.plan_ranks(modules, spectra, **targets)
+    plan = adapters.plan_squeeze(lf, options)
+    ranks = plan.ranks
     alpha = file_alpha(ranks.values())
-
-    def code(original: str) -> str:
-      return original if dtype == "keep" else adapters._OUT_CODES[dtype]  # pylint: disable=protected-access
+    code = options.out_code
 
     entries = []
     for m in modules:
@@ -489,7 +469,7 @@ def squeeze_gguf(
     entries += [
         (
             k,
-            code("F32") if dtype != "keep" else _KEPT.get(lf.reader.by_name[k].tensor_type, "F32"),
+            code("F32") if options.dtype != "keep" else _KEPT.get(lf.reader.by_name[k].tensor_type, "F32"),
             tuple(int(d) for d in reversed(lf.reader.by_name[k].shape.tolist())),
         )
         for k in lf.passthrough
@@ -504,15 +484,15 @@ def squeeze_gguf(
     report = adapters.SqueezeReport(
         in_dir=in_path,
         out_dir=out_path,
-        method=method,
-        dry_run=dry_run,
+        method=options.method,
+        dry_run=options.dry_run,
         modules=[],
         passthrough=list(lf.passthrough),
         copied_files=[],
         config={},
         in_bytes=lf.file_size,
         out_bytes=lf.data_offset + _data_size(entries),
-        note=_cap_note(modules, wanted, ranks, rank, energy),
+        note=plan.note,
         config_line=(
             f"format: gguf LoRA (llama.cpp, {ARCH_KEY} = {lf.arch}), {ALPHA_KEY} = {alpha:g}"
             + (
@@ -522,42 +502,34 @@ def squeeze_gguf(
                 else ": scale alpha / r = 1 in every module"
             )
             + ", the old scale folded into the factors"
-            + (f"; {'/'.join(quant)} factors written as F32" if quant and dtype == "keep" else "")
+            + (f"; {'/'.join(quant)} factors written as F32" if quant and options.dtype == "keep" else "")
         ),
         weights_name=None,
         passthrough_line=lf.passthrough_line(),
     )
 
-    def module_report(m, s) -> adapters.ModuleReport:
-      return adapters.ModuleReport(
-          name=m.name,
-          shape=(m.out_features, m.in_features),
-          r_src=m.r,
-          r_tgt=ranks[m.name],
-          scale=m.scale,
-          retention=float(squeeze.retention(np.asarray(s), ranks[m.name])),
-      )
-
-    if dry_run:
-      report.modules = [module_report(m, spectra[m.name]) for m in modules]
+    if options.dry_run:
+      report.modules = [plan.module_report(m) for m in modules]
       report.seconds = time.perf_counter() - start
       return report
 
     def tensors():
-      squeezed = adapters.squeeze_modules(lf, modules, ranks, method=method, seed=seed, progress=progress)
+      squeezed = adapters.squeeze_modules(
+          lf, modules, ranks, method=options.method, seed=options.seed, progress=options.progress
+      )
       for i, m, new_a, new_b, s in squeezed:
         fold = np.float32(math.sqrt(ranks[m.name] / alpha))  # llama.cpp multiplies by alpha / r_m
         shape_a, shape_b = m.new_shapes(ranks[m.name])
         if fold != 1:
           new_a, new_b = new_a * fold, new_b * fold
-        yield m.key_a, _cast(new_a.T.reshape(shape_a), code(m.dtype_a), m.name)
-        yield m.key_b, _cast(new_b.T.reshape(shape_b), code(m.dtype_b), m.name)
-        report.modules.append(module_report(m, spectra[m.name] if spectra is not None else s))
-        _fault_point(f"squeeze_after_module:{i}")
+        yield m.key_a, cast_factor(new_a.T.reshape(shape_a), code(m.dtype_a), m.name)
+        yield m.key_b, cast_factor(new_b.T.reshape(shape_b), code(m.dtype_b), m.name)
+        report.modules.append(plan.module_report(m, s))
+        fault_point(f"squeeze_after_module:{i}")
       for k in lf.passthrough:
-        yield k, _cast(
+        yield k, cast_factor(
             lf.reader.read(k).astype(np.float32),
-            code("F32") if dtype != "keep" else _KEPT.get(lf.reader.by_name[k].tensor_type, "F32"),
+            code("F32") if options.dtype != "keep" else _KEPT.get(lf.reader.by_name[k].tensor_type, "F32"),
             k,
         )
 
@@ -644,7 +616,7 @@ class ConvertReport:
         self.alpha_line,
     ]
     lines += self.notes
-    lines.append(f"wrote {self.dst} {_fmt_bytes(self.out_bytes)} in {self.seconds:.1f} s")
+    lines.append(f"wrote {self.dst} {fmt_bytes(self.out_bytes)} in {self.seconds:.1f} s")
     return "\n".join(lines)
 
 
@@ -706,7 +678,7 @@ def convert(
 def _peft_to_gguf(in_dir: Path, out_path: Path, *, arch: str | None, dtype: str, force: bool) -> ConvertReport:
   from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top
 
-  lora_files._check_out_file(in_dir, out_path, force, False, suffix=SUFFIX)  # pylint: disable=protected-access
+  lora_files.check_out_file(in_dir, out_path, force, False, suffix=SUFFIX)
   with adapters.PeftAdapter(in_dir) as adapter:
     where = str(in_dir / adapters.CONFIG_NAME)
     arch = arch if arch is not None else arch_from_config(adapter.config.raw, where)
@@ -736,7 +708,7 @@ def _peft_to_gguf(in_dir: Path, out_path: Path, *, arch: str | None, dtype: str,
     alpha = float(cfg.lora_alpha) if as_is else file_alpha(ranks.values())
 
     def code(m, original: str) -> str:  # pylint: disable=unused-argument
-      return original if dtype == "keep" else adapters._OUT_CODES[dtype]  # pylint: disable=protected-access
+      return original if dtype == "keep" else adapters.OUT_CODES[dtype]
 
     entries = []
     for m in adapter.modules:
@@ -758,10 +730,10 @@ def _peft_to_gguf(in_dir: Path, out_path: Path, *, arch: str | None, dtype: str,
           a_t, b_t = adapter.factors(m)  # √scale folded on each side; llama.cpp multiplies by alpha / r_m
           fold = np.float32(math.sqrt(m.r / alpha))
           a, b = (a_t * fold).T, (b_t * fold).T
-        yield names[m.name] + ".lora_a", _cast(
+        yield names[m.name] + ".lora_a", cast_factor(
             np.asarray(a, np.float32) if dtype != "keep" else a, code(m, m.dtype_a), m.name
         )
-        yield names[m.name] + ".lora_b", _cast(
+        yield names[m.name] + ".lora_b", cast_factor(
             np.asarray(b, np.float32) if dtype != "keep" else b, code(m, m.dtype_b), m.name
         )
 
@@ -801,7 +773,7 @@ def _peft_to_gguf(in_dir: Path, out_path: Path, *, arch: str | None, dtype: str,
 
 
 def _gguf_to_peft(in_path: Path, out_dir: Path, *, layout: str, dtype: str, force: bool) -> ConvertReport:
-  adapters._check_out_dir(out_dir, force, inputs=(in_path,))  # pylint: disable=protected-access
+  adapters.check_out_dir(out_dir, force, inputs=(in_path,))
   with GgufLora(in_path) as lf:
     arch_enum = ARCH_NAMES[lf.arch]
     n_blocks = max((m.layer for m in lf.modules if m.layer is not None), default=0) + 1
@@ -832,7 +804,7 @@ def _gguf_to_peft(in_path: Path, out_dir: Path, *, layout: str, dtype: str, forc
         "r": default,
         "lora_alpha": default,
         "lora_dropout": 0.0,
-        "target_modules": adapters._target_modules(kinds, layout),  # pylint: disable=protected-access
+        "target_modules": adapters.target_modules(kinds, layout),
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -849,14 +821,14 @@ def _gguf_to_peft(in_path: Path, out_dir: Path, *, layout: str, dtype: str, forc
       keys = adapters.pattern_keys(list(ranks))
       config = {
           **base,
-          "lora_alpha": adapters._lora_alpha_json(lf.alpha),  # pylint: disable=protected-access
+          "lora_alpha": adapters.lora_alpha_json(lf.alpha),
           "rank_pattern": {keys[n]: r for n, r in ranks.items() if r != default},
       }
       alpha_line = f"lora_alpha = {lf.alpha:g} (the file's alpha; factors bit for bit)"
     else:
-      config = adapters.output_config(adapters.LoraConfig.from_dict(base), ranks)
+      config = adapters.output_config(adapters.PeftAdapterConfig.from_dict(base), ranks)
       alpha_line = f"{ALPHA_KEY} absent or 0 (llama.cpp: scale 1): lora_alpha = r in every module"
-    check = adapters.LoraConfig.from_dict(config)
+    check = adapters.PeftAdapterConfig.from_dict(config)
     for m in lf.modules:
       hf = hf_of[m.weight]
       if check.rank(hf) != m.r or not math.isclose(check.scale(hf), m.scale, rel_tol=1e-12):
@@ -866,7 +838,7 @@ def _gguf_to_peft(in_path: Path, out_dir: Path, *, layout: str, dtype: str, forc
         )
 
     def code(original: str) -> str:
-      return original if dtype == "keep" else adapters._OUT_CODES[dtype]  # pylint: disable=protected-access
+      return original if dtype == "keep" else adapters.OUT_CODES[dtype]
 
     entries, order = [], []
     for m in lf.modules:
@@ -876,7 +848,7 @@ def _gguf_to_peft(in_path: Path, out_dir: Path, *, layout: str, dtype: str, forc
           (f"{prefix}.lora_B.weight", code(m.dtype_b), m.shape_b),
       ]
       order += [(m, m.key_a, m.dtype_a), (m, m.key_b, m.dtype_b)]
-    with adapters._atomic_dir(out_dir) as tmp:  # pylint: disable=protected-access
+    with adapters.atomic_dir(out_dir) as tmp:
       writer = adapters.SafetensorsWriter(tmp / adapters.WEIGHTS_NAME, entries, {"format": "pt"})
       try:
         for (name, c, _), (m, key, _) in zip(entries, order):
@@ -887,7 +859,7 @@ def _gguf_to_peft(in_path: Path, out_dir: Path, *, layout: str, dtype: str, forc
                 f"{in_path}: module '{m.name}': '{key}' {list(x.shape)} contains "
                 f"{finite.size - int(finite.sum())} NaN/Inf values"
             )
-          writer.write(name, _cast(x if x.dtype == _np_dtype(c) else x.astype(np.float32), c, m.name))
+          writer.write(name, cast_factor(x if x.dtype == _np_dtype(c) else x.astype(np.float32), c, m.name))
       except BaseException:
         writer.abort()
         raise

@@ -6,7 +6,7 @@ The model code stays the gemma library's own: ``LoRA(model=..., config=LoRAConfi
 projections and adds ``scale · (x @ a) @ b`` to their outputs; every other module (the SigLIP vision tower,
 the multimodal projector, the embedder) runs untouched.
 
-Parameter layout (a contract: squeeze.py, adapters.py and train.py rely on it). Each LoRA pair is
+Parameter layout (a contract: squeeze.py, adapters/gemma_peft.py and train.py rely on it). Each LoRA pair is
 ``{"a": (*input_dims, r), "b": (r, *output_dims)}`` (a: the contracted input dims then r; b: r then the
 output dims, as in gemma's own LoRA), so ``ΔW = a.reshape(-1, r) @ b.reshape(r, -1)``. Pairs are new children
 of the attention / MLP modules, named after the projection (d = embed_dim, N = num_heads, K = num_kv_heads,

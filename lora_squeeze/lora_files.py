@@ -1,6 +1,6 @@
 """Single-file LoRAs (kohya sd-scripts / LyCORIS, diffusers / ComfyUI) for the ``lora-squeeze`` command.
 
-A PEFT adapter is a directory (adapters.py); the image and video world passes LoRAs around as ONE
+A PEFT adapter is a directory (the ``adapters`` package); the image and video world passes LoRAs around as ONE
 ``.safetensors`` file without a config, in one of two key layouts, told apart here from the keys alone:
 
 * ``kohya`` (sd-scripts ``networks/lora.py``, LyCORIS LoRA/LoCon, most SD1.5/SDXL/Flux LoRAs on the hubs):
@@ -49,13 +49,12 @@ from pathlib import Path
 import numpy as np
 
 from lora_squeeze import adapters
-from lora_squeeze import squeeze
 from lora_squeeze.adapters import AdapterError
 
-# The PEFT path's internals, shared so both paths read, plan, cast and write identically.
-from lora_squeeze.adapters import _FLOAT_CODES, _NP_DTYPES, _OUT_CODES  # pylint: disable=g-importing-member
-from lora_squeeze.adapters import _cap_note, _cast, _wanted_ranks  # pylint: disable=g-importing-member
-from lora_squeeze.adapters import _HOST_ID, _fault_point, _pid_alive  # pylint: disable=g-importing-member
+# The PEFT path's building blocks, shared so both paths read, plan, cast and write identically.
+from lora_squeeze.adapters import FLOAT_CODES, NP_DTYPES  # pylint: disable=g-importing-member
+from lora_squeeze.adapters import cast_factor  # pylint: disable=g-importing-member
+from lora_squeeze.adapters import HOST_ID, fault_point, pid_alive  # pylint: disable=g-importing-member
 
 # Files that are Python pickles (torch.save): never opened as data, since unpickling runs code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -161,8 +160,8 @@ def detect(keys) -> Format:
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 
 
-def _diffusers_configs(metadata: dict[str, str] | None) -> dict[str, adapters.LoraConfig]:
-  """{component ("transformer", "unet", ...): its LoraConfig} from diffusers' ``lora_adapter_metadata``."""
+def _diffusers_configs(metadata: dict[str, str] | None) -> dict[str, adapters.PeftAdapterConfig]:
+  """{component ("transformer", "unet", ...): its PeftAdapterConfig} from diffusers' ``lora_adapter_metadata``."""
   if not metadata or DIFFUSERS_METADATA_KEY not in metadata:
     return {}
   try:
@@ -175,7 +174,9 @@ def _diffusers_configs(metadata: dict[str, str] | None) -> dict[str, adapters.Lo
   for key, value in flat.items():
     component, _, field = key.partition(".")
     raw[component][field] = value
-  return {c: adapters.LoraConfig.from_dict(d, f"metadata '{DIFFUSERS_METADATA_KEY}' ({c})") for c, d in raw.items()}
+  return {
+      c: adapters.PeftAdapterConfig.from_dict(d, f"metadata '{DIFFUSERS_METADATA_KEY}' ({c})") for c, d in raw.items()
+  }
 
 
 def _passthrough_kind(key: str) -> str:
@@ -233,7 +234,7 @@ class LoraFile:
         miss = "up" if have == "down" else "down"
         raise AdapterError(f"module '{prefix}' has {pair[have]!r} but no {self.format.key(prefix, miss)!r}")
       down, up = tensors[pair["down"]], tensors[pair["up"]]
-      if down.dtype not in _FLOAT_CODES or up.dtype not in _FLOAT_CODES:
+      if down.dtype not in FLOAT_CODES or up.dtype not in FLOAT_CODES:
         raise AdapterError(
             f"module '{prefix}': LoRA factors must be F64/F32/F16/BF16, got down {down.dtype}, " f"up {up.dtype}"
         )
@@ -267,7 +268,7 @@ class LoraFile:
         )
       if alpha_key is not None:
         info = tensors[alpha_key]
-        if info.dtype not in _FLOAT_CODES + ("I64", "I32", "I16", "I8"):
+        if info.dtype not in FLOAT_CODES + ("I64", "I32", "I16", "I8"):
           raise AdapterError(f"module '{prefix}': alpha '{alpha_key}' has dtype {info.dtype}")
         if math.prod(info.shape) != 1:
           raise AdapterError(f"module '{prefix}': alpha '{alpha_key}' has shape {list(info.shape)}, want a scalar")
@@ -340,7 +341,7 @@ def open_lora_file(path: str | os.PathLike):
 
 def _alpha_tensor(rank: int, code: str | None) -> tuple[str, np.ndarray]:
   """alpha = rank as a 0-d tensor of ``code``, or F32 where ``code`` cannot hold it exactly."""
-  dtype = _NP_DTYPES.get(code or "F32")
+  dtype = NP_DTYPES.get(code or "F32")
   value = np.asarray(rank).astype(dtype)
   if float(value) != rank:
     code, value = "F32", np.asarray(rank, np.float32)
@@ -393,23 +394,23 @@ def new_metadata(metadata: dict[str, str] | None, fmt: Format, modules, ranks) -
   return new
 
 
-def _remove_stale_partials(out_path: Path) -> None:
+def remove_stale_partials(out_path: Path) -> None:
   """Removes ``.OUT.<pid>@<host>.partial`` files next to ``out_path`` whose writer on this host is dead.
 
   A SIGKILLed squeeze cannot remove its half-written file; the next write of the same OUT does (never a
   live writer's: the PID says whose it is, as for the PEFT path's scratch directories)."""
-  pattern = re.compile(rf"\.{re.escape(out_path.name)}\.(\d+)@{_HOST_ID}\.partial")
+  pattern = re.compile(rf"\.{re.escape(out_path.name)}\.(\d+)@{HOST_ID}\.partial")
   try:
     entries = list(os.scandir(out_path.parent))
   except OSError:
     return
   for entry in entries:
     match = pattern.fullmatch(entry.name)
-    if match and entry.is_file(follow_symlinks=False) and not _pid_alive(int(match[1])):
+    if match and entry.is_file(follow_symlinks=False) and not pid_alive(int(match[1])):
       Path(entry.path).unlink(missing_ok=True)
 
 
-def _check_out_file(in_path: Path, out_path: Path, force: bool, dry_run: bool, suffix: str = ".safetensors") -> None:
+def check_out_file(in_path: Path, out_path: Path, force: bool, dry_run: bool, suffix: str = ".safetensors") -> None:
   if os.path.abspath(out_path) == os.path.abspath(in_path) or (
       out_path.exists() and in_path.exists() and os.path.samefile(out_path, in_path)
   ):
@@ -429,20 +430,7 @@ def _check_out_file(in_path: Path, out_path: Path, force: bool, dry_run: bool, s
 
 
 def squeeze_file(
-    in_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    *,
-    rank: int | None = None,
-    energy: float | None = None,
-    per_module: bool = False,
-    method: str = "efficient",
-    dtype: str = "keep",
-    dry_run: bool = False,
-    force: bool = False,
-    seed: int = 0,
-    progress: bool = True,
-    dynamic: tuple[str, float] | None = None,
-    max_rank: int | None = None,
+    in_path: str | os.PathLike, out_path: str | os.PathLike, options: adapters.SqueezeOptions
 ) -> adapters.SqueezeReport:
   """``adapters.squeeze_adapter`` for a single-file LoRA (same arguments; see the module docstring).
 
@@ -456,32 +444,13 @@ def squeeze_file(
   from lora_squeeze import gguf_lora  # pylint: disable=g-import-not-at-top
 
   if gguf_lora.is_gguf(in_path):  # told by content, as the two safetensors layouts are
-    return gguf_lora.squeeze_gguf(
-        in_path,
-        out_path,
-        rank=rank,
-        energy=energy,
-        per_module=per_module,
-        method=method,
-        dtype=dtype,
-        dry_run=dry_run,
-        force=force,
-        seed=seed,
-        progress=progress,
-        dynamic=dynamic,
-        max_rank=max_rank,
-    )
-  _check_out_file(in_path, out_path, force, dry_run)
+    return gguf_lora.squeeze_gguf(in_path, out_path, options)
+  check_out_file(in_path, out_path, options.force, options.dry_run)
   with LoraFile(in_path) as lf:
     modules = lf.modules
-    need_spectra = rank is None or dry_run or method == "rsvd"
-    spectra = adapters.adapter_spectra(lf, progress=progress) if need_spectra else None
-    targets = dict(rank=rank, energy=energy, per_module=per_module, dynamic=dynamic, max_rank=max_rank)
-    wanted = _wanted_ranks(modules, spectra, **targets)
-    ranks = adapters.plan_ranks(modules, spectra, **targets)
-
-    def code(original: str) -> str:
-      return original if dtype == "keep" else _OUT_CODES[dtype]
+    plan = adapters.plan_squeeze(lf, options)
+    ranks = plan.ranks
+    code = options.out_code
 
     entries, alphas = [], {}
     for m in modules:
@@ -503,15 +472,15 @@ def squeeze_file(
     report = adapters.SqueezeReport(
         in_dir=in_path,
         out_dir=out_path,
-        method=method,
-        dry_run=dry_run,
+        method=options.method,
+        dry_run=options.dry_run,
         modules=[],
         passthrough=list(lf.passthrough),
         copied_files=[],
         config=dict(metadata or {}),
         in_bytes=lf.reader.file_size,
         out_bytes=adapters.safetensors_size(entries, metadata),
-        note=_cap_note(modules, wanted, ranks, rank, energy),
+        note=plan.note,
         config_line=(
             f"format: {lf.format.name}, scale 1 in every module ({alpha_note}, the old scale folded "
             "into the factors)"
@@ -526,36 +495,26 @@ def squeeze_file(
         passthrough_line=lf.passthrough_line(),
     )
 
-    def module_report(m, s) -> adapters.ModuleReport:
-      return adapters.ModuleReport(
-          name=m.name,
-          shape=(m.out_features, m.in_features),
-          r_src=m.r,
-          r_tgt=ranks[m.name],
-          scale=m.scale,
-          retention=float(squeeze.retention(np.asarray(s), ranks[m.name])),
-      )
-
-    if dry_run:
-      report.modules = [module_report(m, spectra[m.name]) for m in modules]
+    if options.dry_run:
+      report.modules = [plan.module_report(m) for m in modules]
       report.seconds = time.perf_counter() - start
       return report
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out_path)
-    tmp = out_path.parent / f".{out_path.name}.{os.getpid()}@{_HOST_ID}.partial"
+    remove_stale_partials(out_path)
+    tmp = out_path.parent / f".{out_path.name}.{os.getpid()}@{HOST_ID}.partial"
     writer = adapters.SafetensorsWriter(tmp, entries, metadata)
     try:
       for i, m, new_a, new_b, s in adapters.squeeze_modules(
-          lf, modules, ranks, method=method, seed=seed, progress=progress
+          lf, modules, ranks, method=options.method, seed=options.seed, progress=options.progress
       ):
         shape_a, shape_b = m.new_shapes(ranks[m.name])
-        writer.write(m.key_a, _cast(new_a.T.reshape(shape_a), code(m.dtype_a), m.name))
-        writer.write(m.key_b, _cast(new_b.T.reshape(shape_b), code(m.dtype_b), m.name))
+        writer.write(m.key_a, cast_factor(new_a.T.reshape(shape_a), code(m.dtype_a), m.name))
+        writer.write(m.key_b, cast_factor(new_b.T.reshape(shape_b), code(m.dtype_b), m.name))
         if m.key_alpha:
           writer.write(m.key_alpha, alphas[m.name][1])
-        report.modules.append(module_report(m, spectra[m.name] if spectra is not None else s))
-        _fault_point(f"squeeze_after_module:{i}")
+        report.modules.append(plan.module_report(m, s))
+        fault_point(f"squeeze_after_module:{i}")
       for k in lf.passthrough:
         writer.write(k, lf.reader.read(k))
       writer.close()

@@ -1,4 +1,4 @@
-"""PEFT adapter I/O and the `lora-squeeze` command (lora_squeeze/adapters.py).
+"""PEFT adapter I/O and the `lora-squeeze` command (the lora_squeeze/adapters package).
 
 Adapters are built here with plain numpy + the safetensors library (a tiny Llama-like layout: 2 layers of
 q, k, v, o, gate, up, down, plus an embedding and a conv LoRA and a modules_to_save tensor), squeezed through
@@ -564,11 +564,11 @@ def test_outputs_get_the_permissions_mkdir_gives(tmp_path, adapter_dir):
     assert all(mode(p) == 0o644 for p in (tmp_path / "out").iterdir())
     assert run_cli("squeeze", adapter_dir, tmp_path / "out", "--rank", 4, "--force") == 0
     assert mode(tmp_path / "out") == 0o755
-    with adapters._atomic_dir(tmp_path / "export") as tmp:  # export_peft's writer
+    with adapters.atomic_dir(tmp_path / "export") as tmp:  # export_peft's writer
       (tmp / "f").write_text("x")
     assert mode(tmp_path / "export") == 0o755
     os.umask(0o077)
-    with adapters._atomic_dir(tmp_path / "private") as tmp:
+    with adapters.atomic_dir(tmp_path / "private") as tmp:
       (tmp / "f").write_text("x")
     assert mode(tmp_path / "private") == 0o700
   finally:
@@ -610,7 +610,7 @@ def test_safetensors_reader_and_writer_agree_with_the_library(tmp_path):
     for y in (theirs[k], ours[k]):
       assert y.dtype == x.dtype and y.shape == x.shape
       np.testing.assert_array_equal(y.view(np.uint8), x.view(np.uint8))
-  entries = [(k, adapters._CODES[x.dtype], x.shape) for k, x in tensors.items()]
+  entries = [(k, adapters.DTYPE_CODES[x.dtype], x.shape) for k, x in tensors.items()]
   assert adapters.safetensors_size(entries, {"format": "pt"}) == (tmp_path / "ours.safetensors").stat().st_size
 
 
@@ -631,14 +631,14 @@ def test_pattern_rule_and_written_keys():
 
 
 def test_peft_scale_rules():
-  config = adapters.LoraConfig.from_dict(base_config(rank_pattern={"q_proj": 4}, alpha_pattern={"k_proj": 64}))
+  config = adapters.PeftAdapterConfig.from_dict(base_config(rank_pattern={"q_proj": 4}, alpha_pattern={"k_proj": 64}))
   assert config.scale("model.layers.0.self_attn.q_proj") == 32 / 4
   assert config.scale("model.layers.0.self_attn.k_proj") == 64 / 16
   assert config.scale("model.layers.0.mlp.up_proj") == 32 / 16
-  rs = adapters.LoraConfig.from_dict(base_config(use_rslora=True))
+  rs = adapters.PeftAdapterConfig.from_dict(base_config(use_rslora=True))
   assert rs.scale("model.layers.0.mlp.up_proj") == 32 / 4
   with pytest.raises(adapters.AdapterError, match="peft_type"):
-    adapters.LoraConfig.from_dict(base_config(peft_type="IA3"))
+    adapters.PeftAdapterConfig.from_dict(base_config(peft_type="IA3"))
 
 
 # --------------------------------------------------------------------------------------------------------

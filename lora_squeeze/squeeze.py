@@ -31,7 +31,7 @@ otherwise use bf16/tf32 passes); results are cast back to the input dtype. Singu
 Where "efficient" runs (``squeeze_factors``' ``route``): concrete arrays in host memory (numpy, or jax Arrays
 on one CPU device) take the host route, the same algorithm in numpy with direct LAPACK calls, nothing
 compiled, modules side by side in threads (``host_map``); traced, accelerator and sharded arrays take the
-compiled XLA route. The command (adapters.py, lora_files.py) and ``squeeze_lora`` both go through this.
+compiled XLA route. The command (adapters/, lora_files.py, gguf_lora.py) and ``squeeze_lora`` both go through this.
 """
 
 from __future__ import annotations

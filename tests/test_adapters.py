@@ -644,7 +644,7 @@ def test_peft_scale_rules():
 # --------------------------------------------------------------------------------------------------------
 # Gemma 3: our LoRA tree <-> PEFT adapters (export_peft / import_peft).
 #
-# The reference for the Hugging Face layout is written here independently of adapters.py: each module's ΔW
+# The reference for the Hugging Face layout is written here independently of the adapters package: each module's ΔW
 # in gemma's einsum layout (the weights lora.fuse updates and the model multiplies), mapped to HF weights
 # by transformers' own checkpoint conversion (convert_gemma3_weights_orbax_to_hf.py: q_einsum (N, d, H) ->
 # transpose(0, 2, 1).reshape(N*H, d), kv_einsum[c] likewise, attn_vec_einsum (N, H, d) -> transpose(2, 0, 1)

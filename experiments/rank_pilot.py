@@ -100,6 +100,19 @@ def _curves(store: Path, cells: dict[str, list[str]], path: Path) -> Path | None
   return R.save_figure(fig, path)
 
 
+def _final_train_loss(store: Path, cell: str, last: int = 20) -> float | None:
+  """Mean training loss over a cell's last ``last`` steps (its curve in ``STORE/curves``), None without one."""
+  f = store / "curves" / f"{cell}.jsonl"
+  if not f.exists():
+    return None
+  losses = [json.loads(x)["loss"] for x in f.read_text().splitlines() if x.strip()][-last:]
+  return sum(losses) / len(losses) if losses else None
+
+
+def _fmt_loss(value: float | None) -> str:
+  return "—" if value is None else f"{value:.3f}"
+
+
 def _report(args, rows) -> int:
   store = Path(args.results[0])
   direct = [r for r in _direct(rows) if r.steps == args.steps]
@@ -120,11 +133,13 @@ def _report(args, rows) -> int:
       continue
     z_nll = p.nll / p.nll_sem if p.nll_sem else math.inf
     z_acc = p.accuracy / p.accuracy_sem if p.accuracy_sem else math.inf
+    train_lo, train_hi = _final_train_loss(store, b[0].cell), _final_train_loss(store, a[0].cell)
     body.append(
         [
             task,
             str(p.n),
             f"{b[0].learning_rate:g} / {a[0].learning_rate:g}",
+            f"{_fmt_loss(train_lo)} / {_fmt_loss(train_hi)}",
             f"{b[0].gold_nll:.4f} / {a[0].gold_nll:.4f}",
             f"{p.nll:+.4f} ± {p.nll_sem:.4f}",
             f"{z_nll:+.1f}",
@@ -134,11 +149,17 @@ def _report(args, rows) -> int:
         ]
     )
     if abs(z_nll) > 2:
-      what = "lower" if p.nll < 0 else "higher"
+      what = "lower (better)" if p.nll < 0 else "higher (worse)"
+      overfit = (
+          f" r={hi} fits its training data better (train loss {train_hi:.3f} vs {train_lo:.3f}) but generalises "
+          "worse: it overfits the training part."
+          if p.nll > 0 and train_hi is not None and train_lo is not None and train_hi < train_lo
+          else ""
+      )
       sentences.append(
           f"- **{task}**: rank matters: r={hi} reaches a {what} held-out NLL than r={lo} by "
           f"{abs(p.nll):.4f} nats/token ({abs(z_nll):.1f} SEM, n={p.n}); accuracy "
-          f"{100 * p.accuracy:+.1f} ± {100 * p.accuracy_sem:.1f} points."
+          f"{100 * p.accuracy:+.1f} ± {100 * p.accuracy_sem:.1f} points.{overfit}"
       )
     else:
       sentences.append(
@@ -153,9 +174,22 @@ def _report(args, rows) -> int:
       f"# Does rank matter? Direct training at the highest vs the lowest rank, each at its own rate ({args.steps} "
       "steps, whole offline held-out half)\n\n",
       "Paired on the same held-out examples: Δ = high rank − low rank, mean per example ± SEM; z = Δ / SEM. "
-      "Negative Δ NLL / positive Δ accuracy favour the high rank.\n\n",
+      "Negative Δ NLL / positive Δ accuracy favour the high rank. Train loss: the mean of the last 20 steps "
+      "(answer tokens of the training rows), next to the held-out NLL to show over- or under-fitting.\n\n",
       R.markdown_table(
-          ["task", "n", "rate lo / hi", "NLL lo / hi", "Δ NLL", "z", "acc % lo / hi", "Δ acc (points)", "z"], body
+          [
+              "task",
+              "n",
+              "rate lo / hi",
+              "train loss lo / hi",
+              "NLL lo / hi",
+              "Δ NLL",
+              "z",
+              "acc % lo / hi",
+              "Δ acc (points)",
+              "z",
+          ],
+          body,
       ),
       "\n",
       "\n".join(sentences),

@@ -445,8 +445,10 @@ def squeeze_file(
 
   if gguf_lora.is_gguf(in_path):  # told by content, as the two safetensors layouts are
     return gguf_lora.squeeze_gguf(in_path, out_path, options)
-  check_out_file(in_path, out_path, options.force, options.dry_run)
-  with LoraFile(in_path) as lf:
+  if in_path.suffix.lower() == ".gguf":
+    raise AdapterError(f"{in_path}: not a GGUF file (it does not start with the magic {gguf_lora.MAGIC!r})")
+  with LoraFile(in_path) as lf:  # the input is judged first (its header only), then the output path
+    check_out_file(in_path, out_path, options.force, options.dry_run)
     modules = lf.modules
     plan = adapters.plan_squeeze(lf, options)
     ranks = plan.ranks

@@ -408,3 +408,15 @@ def test_convert_imports_neither_torch_nor_llama_cpp(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip().endswith("light")
+
+
+def test_a_gguf_name_without_gguf_content_is_named_as_the_bad_input(tmp_path, capsys):
+  """A file called .gguf that is not one: the error names the INPUT (not the output path's suffix), exit 2,
+  nothing written."""
+  bad = tmp_path / "adapter.gguf"
+  bad.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+  out = tmp_path / "out.gguf"
+  assert run_cli("squeeze", bad, out, "--rank", "2", "--no-progress") == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"{bad}: not a GGUF file" in err[0], err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.gguf"]

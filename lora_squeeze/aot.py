@@ -49,6 +49,7 @@ class Setting:
     targets, joint_kv, joint_gate_up, alpha: the LoRAConfig.
     shard_lora: ``config.mesh.shard_lora``.
     squeeze_method, optimizer_state: ``config.squeeze``.
+    remat: ``config.remat`` (rematerialise each block in the train step's backward).
   """
 
   batch: int = 8
@@ -62,6 +63,7 @@ class Setting:
   shard_lora: bool = False
   squeeze_method: str = "efficient"
   optimizer_state: str = "fresh"
+  remat: bool = False
 
   def lora_config(self, rank: int) -> lora_lib.LoRAConfig:
     return lora_lib.LoRAConfig(
@@ -136,6 +138,7 @@ class Programs:
         optimizer_state=setting.optimizer_state,
         mesh=mesh,
         shard_lora=setting.shard_lora,
+        remat=setting.remat,
     )
     self.vision = getattr(model.config, "vision_encoder", None) is not None
 
@@ -357,3 +360,33 @@ def lora_bytes(model, rank: int, setting: Setting = Setting()) -> int:
 
 def base_bytes(model) -> int:
   return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(model.params)))
+
+
+def residual_bytes(fn, primal, *args) -> int:
+  """Bytes of the values a gradient of ``fn(primal, *args)`` with respect to ``primal`` keeps from the forward
+  pass for the backward pass (``args`` are held fixed, as the frozen base and the batch of a train step).
+
+  JAX's own accounting (the residuals of ``jax.vjp``, as ``jax.ad_checkpoint.print_saved_residuals`` lists
+  them): computed values only, not the inputs or closed-over constants, each counted once. This is the
+  activation memory of a train step that ``config.remat`` cuts and that a memory-aware scheduler (XLA:TPU,
+  XLA:GPU) holds between the passes; XLA:CPU hoists the recomputation and its ``memory_analysis`` does not
+  show the saving (experiments/remat_memory.py). Works on ``jax.ShapeDtypeStruct`` inputs (no weights).
+  """
+  leaves, tree = jax.tree.flatten((primal, args))
+
+  def vjp(*xs):
+    p, rest = jax.tree.unflatten(tree, xs)
+    p_leaves, p_tree = jax.tree.flatten(p)
+    return jax.vjp(lambda *pl: fn(jax.tree.unflatten(p_tree, pl), *rest), *p_leaves)
+
+  closed, shapes = jax.make_jaxpr(vjp, return_shape=True)(*leaves)
+  jaxpr = closed.jaxpr
+  n_res = len(jax.tree.leaves(shapes[1]))
+  inputs = {id(v) for v in list(jaxpr.invars) + list(jaxpr.constvars)}
+  seen, total = set(), 0
+  for v in jaxpr.outvars[len(jaxpr.outvars) - n_res :]:
+    if hasattr(v, "val") or id(v) in inputs or id(v) in seen:  # a literal, an input, a constant, a repeat
+      continue
+    seen.add(id(v))
+    total += int(np.prod(v.aval.shape)) * jnp.dtype(v.aval.dtype).itemsize
+  return total

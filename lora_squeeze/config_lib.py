@@ -103,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
   # devices the other axis leaves. data: batch split only; fsdp: batch AND the frozen base weights split.
   # shard_lora: split the LoRA factors / optimizer state over fsdp too (default replicated; see sharding.py).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_lora=False))
+  # Rematerialise each transformer block in the train step's backward pass (jax.checkpoint): activation
+  # memory of one layer instead of all, for about one more forward of compute (experiments/remat_memory.py).
+  c.remat = False
   c.checkpoint_every = 1000
   c.keep_checkpoints = 2
   c.log_every = 50

@@ -378,6 +378,7 @@ class LoRA(nn.Module):
       attention_mask: Array,
       images: Array | None = None,
       image_embeddings: Array | None = None,
+      remat: bool = False,
   ) -> Array:
     """The final-norm hidden states (B, T, D) with LoRA, without the vocabulary projection.
 
@@ -387,6 +388,7 @@ class LoRA(nn.Module):
     explicitly (see ``attention_mask_from_segments``), which also makes packed sequences work.
     ``images`` (B, N, H, W, 3) uint8, or their ``encode_images`` output, fill the ``IMAGE_PLACEHOLDER``
     tokens (see ``base_hidden_states``); the vision tower and projector run without LoRA.
+    ``remat``: rematerialise each transformer block in the backward pass (see ``base_hidden_states``).
     """
     cfg = text_config(self.model)
     shapes = lora_shapes(cfg, self.config)
@@ -400,6 +402,7 @@ class LoRA(nn.Module):
           attention_mask=attention_mask,
           images=images,
           image_embeddings=image_embeddings,
+          remat=remat,
       )
 
   def _check_lora_params(self, shapes: Mapping[str, Any]) -> None:
@@ -447,6 +450,7 @@ def base_hidden_states(
     attention_mask: Array,
     images: Array | None = None,
     image_embeddings: Array | None = None,
+    remat: bool = False,
 ) -> Array:
   """gemma ``Transformer.__call__`` up to the final norm (no cache, no logits), with optional images.
 
@@ -462,6 +466,12 @@ def base_hidden_states(
   (``encode_images``), skip it (greedy decoding). The soft tokens replace the placeholders' embeddings
   through gemma's ``merge_embeddings``; ``tests/test_vl.py`` checks the result against gemma's own
   ``__call__(tokens, images=...)``.
+
+  ``remat=True`` runs each block under ``nn.remat`` (``jax.checkpoint``): a gradient then keeps only each
+  block's input and recomputes the block's activations in the backward pass, so the activation memory of a
+  train step goes from every layer's intermediates to one layer's plus a (B, T, D) residual per layer, for
+  about one more forward of compute. Same values (up to XLA's float reassociation); no effect without a
+  gradient.
   """
   inputs = model._encode_and_get_inputs(  # pylint: disable=protected-access
       tokens=tokens, positions=positions, attention_mask=attention_mask
@@ -480,8 +490,22 @@ def base_hidden_states(
         mask=tokens == IMAGE_PLACEHOLDER,
     )
     inputs = inputs.replace(embeddings=merged)
-  x, _ = model._apply_attention(inputs, None)  # pylint: disable=protected-access
+  if not remat:
+    x, _ = model._apply_attention(inputs, None)  # pylint: disable=protected-access
+    return x
+  # gemma's ``_apply_attention`` (3.3.0) with each block rematerialised.
+  x = inputs.embeddings
+  for block in model.blocks:
+    x = _remat_block(block, x, inputs.positions, inputs.attention_mask)
+  return model.final_norm(x)
+
+
+def _block_output(block: nn.Module, x: Array, positions: Array, attention_mask: Array) -> Array:
+  _, x = block(x, positions, None, attention_mask)  # (no KV cache)
   return x
+
+
+_remat_block = nn.remat(_block_output)
 
 
 def encode_images(model: nn.Module, images: Array) -> Array:

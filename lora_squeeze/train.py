@@ -313,6 +313,7 @@ class Trainer:
       optimizer_state: str = "fresh",
       mesh=None,
       shard_lora: bool = False,
+      remat: bool = False,
   ):
     if optimizer_state not in OPTIMIZER_STATE_MODES:
       raise ValueError(
@@ -334,6 +335,7 @@ class Trainer:
     # ``mesh=None`` (one device) leaves every program exactly as it was.
     self.mesh = mesh
     self.shard_lora = bool(shard_lora)
+    self.remat = bool(remat)  # rematerialise each block in the train step's backward (config.remat)
     self._train_step = jax.jit(self._train_step_impl, donate_argnums=(0,))
     self._eval_loss = jax.jit(self._eval_loss_impl)
     # Not donated: the outputs have other shapes (new rank), so XLA could not reuse the buffers anyway.
@@ -421,6 +423,7 @@ class Trainer:
         positions=batch["positions"],
         attention_mask=mask,
         images=images,
+        remat=self.remat,
         method=self.module.hidden_states,
     )
 
@@ -825,6 +828,7 @@ def _run_locked(config, workdir: Path, *, evaluate_fn: Callable | None) -> dict:
       optimizer_state=config.squeeze.optimizer_state,
       mesh=mesh,
       shard_lora=sharding_lib.shard_lora_enabled(config),
+      remat=bool(config.remat),
   )
   ckpts = Checkpoints(workdir / "checkpoints", keep=int(config.keep_checkpoints))
   iterator = make_train_iterator(config, model.tokenizer, shard=shard, image_spec=_image_spec(model))

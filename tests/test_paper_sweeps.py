@@ -1,0 +1,107 @@
+"""lora_squeeze/paper_sweeps.py: the cells of the paper's sweeps from plain arguments (no files, no model)."""
+
+import collections
+
+import pytest
+
+from lora_squeeze import config_lib
+from lora_squeeze import paper_sweeps as P
+from lora_squeeze.workdir import UserError
+
+PAPER_ARGS = dict(tasks=P.TEXT_TASKS, ranks=config_lib.PAPER_RANKS, steps=P.steps_per_task(P.TEXT_TASKS))
+
+
+def _per_task(cells):
+  return collections.Counter(c["overrides"]["data.task"] for c in cells)
+
+
+@pytest.mark.parametrize(
+    "artefact, per_task",
+    [
+        ("lr_grid", 8 * 5),  # every rank at every rate of the grid
+        ("direct", 8),  # every rank at its own rate
+        ("fig3", 8 + 1),  # every rank at one rate, Post-Squeeze from r_src = 128 (a cell already there)
+        ("heatmap", 8 + 8 * 2),  # every rank, Post-Squeeze from each source with efficient and rsvd
+        ("table1", 4 + 2 * 4),  # 0-S, direct r_src and r_tgt, Post; per M: direct N+M, Cont, In std, In min
+    ],
+)
+def test_cell_counts_per_artefact_at_paper_scale(artefact, per_task):
+  cells = P.cells((artefact,), **PAPER_ARGS)
+  assert set(_per_task(cells).values()) == {per_task} and len(cells) == 13 * per_task
+  assert len({c["name"] for c in cells}) == len(cells)
+
+
+def test_steps_per_task_and_names():
+  cells = {c["name"]: c["overrides"] for c in P.cells(("table1",), **PAPER_ARGS)}
+  assert cells["mmlu_s42_direct_r1_lr0.01"]["steps"] == 15_000  # a larger training set
+  assert cells["mmlu_s42_direct_r1_lr0.01_n15700"]["steps"] == 15_700
+  assert cells["arc_e_s42_direct_r1_lr0.01"]["steps"] == 10_000
+  assert cells["arc_e_s42_cont_128to1_m200"]["source_workdir"] == "@arc_e_s42_direct_r128_lr0.01"
+  assert cells["arc_e_s42_in_min_steps_128to1_m700"]["lr_by_rank"] == {f"r{r}": 0.01 for r in config_lib.PAPER_RANKS}
+  assert P.steps_per_task(("mmlu", "arc_e"), 500) == {"mmlu": 500, "arc_e": 500}
+
+
+def test_union_dedups_shared_cells_and_keeps_order():
+  args = dict(PAPER_ARGS, tasks=("arc_e",))
+  heat, table = P.cells(("heatmap",), **args), P.cells(("table1",), **args)
+  both = P.cells(("heatmap", "table1"), **args)
+  assert len(both) == len(heat) + len(table) - 2  # direct r128 and r1 are in both
+  assert both == P.union(heat, table) == P.cells(("table1", "heatmap"), **args)  # ARTEFACTS order either way
+  assert P.union(heat, heat) == heat
+  clash = [{"name": heat[0]["name"], "overrides": dict(heat[0]["overrides"], steps=1)}]
+  with pytest.raises(UserError, match="defined twice with different settings"):
+    P.union(heat, clash)
+
+
+def test_rates_lrs_over_rank_lrs_over_lr():
+  cells = P.cells(
+      ("direct",), tasks=("arc_e",), ranks=(1, 8, 32), steps=10, lr=0.5, lrs={8: 0.03}, rank_lrs={8: 0.1, 1: 0.2}
+  )
+  assert [c["name"] for c in cells] == [
+      "arc_e_s42_direct_r1_lr0.2",
+      "arc_e_s42_direct_r8_lr0.03",
+      "arc_e_s42_direct_r32_lr0.5",
+  ]
+  assert [c["overrides"]["learning_rate"] for c in cells] == [0.2, 0.03, 0.5]
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: P.check_artefacts(("fig99",)), r"artefact='fig99' is not one of .* \(did you mean 'fig3'\?\)"),
+        (lambda: P.check_artefacts(("hetmap",)), r"did you mean 'heatmap'"),
+        (lambda: P.check_artefacts(()), "artefact is empty"),
+        (lambda: P.parse_lrs(["0.1"]), "lrs item '0.1' is not RANK:RATE"),
+        (
+            lambda: P.cells(("heatmap",), tasks=("arc_e",), ranks=(1,), steps=1, methods=("eficient",)),
+            r"methods='eficient'.*did you mean 'efficient'",
+        ),
+        (
+            lambda: P.cells(("table1",), tasks=("arc_e",), ranks=(1,), steps=1, schemes=("min_step",)),
+            r"schemes='min_step'.*did you mean 'min_steps'",
+        ),
+        (lambda: P.cells(("direct",), tasks=("arc_e",), ranks=(0,), steps=1), "ranks: 0 is not an integer >= 1"),
+        (lambda: P.cells(("direct",), tasks=("arc_e",), ranks=(), steps=1), "ranks is empty"),
+        (lambda: P.cells(("fig3",), tasks=("arc_e",), ranks=(1,), steps=1, lr=-1.0), "lr: -1.0 is not a learning rate"),
+        (lambda: P.scale_args("runloacl"), r"scale='runloacl'.*did you mean 'runlocal'"),
+    ],
+)
+def test_bad_arguments_name_the_key_and_the_nearest_value(call, message):
+  with pytest.raises(UserError, match=message):
+    call()
+
+
+def test_scales():
+  paper = P.sweep_config(("heatmap",))
+  assert paper.model == "gemma3_4b" and paper.data.source == "tfds" and paper.steps == 10_000
+  assert len(paper.sweep) == 13 * 24 and paper.report["name"] == "paper_heatmap"
+  local = P.sweep_config(("heatmap", "table1"), scale="runlocal")
+  assert local.model == "gemma3_270m" and local.data.source == "olmo" and local.steps == P.CPU["steps"]
+  assert set(_per_task(local.sweep)) == set(P.CPU["tasks"])
+  assert {c["overrides"]["learning_rate"] for c in local.sweep if c["overrides"]["mode"] == "direct"} == {P.CPU["lr"]}
+  assert "arc_e_s42_post_32to1" in {c["name"] for c in local.sweep}  # src: the largest CPU rank
+  assert local.report["name"] == "paper_heatmap_table1"
+  explicit = P.scale_args("runlocal", tasks=("siqa",), ranks=(1, 8), extra=(200, 700), src=128, lr=0.03)
+  assert explicit == dict(tasks=("siqa",), ranks=(1, 8), extra=P.CPU["extra"], src=8, lr=0.03)
+  tiny = P.sweep_config(("table1",), scale="tiny", steps=8)
+  assert tiny.model == "tiny" and tiny.steps == 8 and set(_per_task(tiny.sweep)) == {"synthetic"}

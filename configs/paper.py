@@ -27,8 +27,10 @@ on the larger training sets; ranks 1…128; the learning-rate grid; 1000 warmup 
 protocol); ``tiny``: the tiny random model on the synthetic lookup task (the experiments tests).
 
 Learning rates: the paper tunes one rate per rank (Table 2; its values are not in our copy of the paper). A
-heatmap/table1 sweep takes them from a finished lr_grid store (``lr_from=DIR``: the best task-averaged rate per
-rank, the paper's rule) or from ``lrs=1:0.03+8:0.01+...``; a rank with neither uses ``lr``.
+heatmap/table1/direct sweep takes them from ``lrs=1:0.03+8:0.01+...``, else from a finished lr_grid store
+(``lr_from=DIR``: the best task-averaged rate per rank, the paper's rule), else ``lr``. ``lr_from`` is read when
+the sweep runs, not here: its cells are named ``..._lrbest`` and the sweep stops, before any cell runs, if DIR
+has no finished direct run at one of their ranks (give that rank's rate with ``lrs``).
 """
 
 from lora_squeeze import config_lib
@@ -61,11 +63,6 @@ def get_config(arg=None):
       runlocal=False,
       tiny=False,
   )
-  rank_lrs = {}
-  if arg.lr_from:
-    from lora_squeeze import results  # pylint: disable=g-import-not-at-top
-
-    rank_lrs = results.best_direct_lr(results.load_rows([arg.lr_from]))
   return paper_sweeps.sweep_config(
       arg.artefact,
       scale="runlocal" if arg.runlocal else "tiny" if arg.tiny else "paper",
@@ -80,7 +77,7 @@ def get_config(arg=None):
       seeds=arg.seeds,
       lr_grid=arg.lr_grid,
       lrs=paper_sweeps.parse_lrs(arg.lrs),
-      rank_lrs=rank_lrs,
+      lr_from=arg.lr_from,
       tgt=arg.tgt,
       sources=arg.sources,
       methods=arg.methods,

@@ -131,11 +131,6 @@ def _sweep(arg) -> ml_collections.ConfigDict:
   src, extra, steps = (32 if arg.artefact == "fig8" else arg.src), (200, 700), arg.steps
   if arg.runlocal:  # seconds per cell on the tiny multimodal model
     ranks, src, extra, steps = (1, 2, 4), 4, (2,), min(arg.steps, 6)
-  rank_lrs = {}
-  if arg.lr_from:
-    from lora_squeeze import results  # pylint: disable=g-import-not-at-top
-
-    rank_lrs = results.best_direct_lr(results.load_rows([arg.lr_from]))
   c = paper_sweeps.sweep_config(
       (ARTEFACTS[arg.artefact],),
       model=arg.model,
@@ -149,7 +144,7 @@ def _sweep(arg) -> ml_collections.ConfigDict:
       extra=extra,
       seeds=(arg.seed,),
       lrs=paper_sweeps.parse_lrs(arg.lrs),
-      rank_lrs=rank_lrs,
+      lr_from=arg.lr_from,
   )
   vl_settings(c, data_dir=arg.data_dir)
   if arg.runlocal:

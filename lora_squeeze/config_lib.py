@@ -17,6 +17,21 @@ PAPER_SEEDS = (42, 43, 44)
 PAPER_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+# A learning rate left to the sweep: ``{"best_lr_from": STORE, "rank": R}`` as an override value (or as a value
+# of ``lr_by_rank``) stands for the best direct-training rate at rank R in the lr_grid results store STORE
+# (``results.best_direct_lr``). ``sweep.py`` reads the store when the sweep runs, not when the config is parsed.
+BEST_LR_FROM = "best_lr_from"
+
+
+def best_lr_from(store: str, rank: int) -> dict:
+  """The override value standing for rank ``rank``'s best learning rate in the results store ``store``."""
+  return {BEST_LR_FROM: str(store), "rank": int(rank)}
+
+
+def is_best_lr_from(value) -> bool:
+  return isinstance(value, dict) and set(value) == {BEST_LR_FROM, "rank"}
+
+
 def _convert(text: str, default):
   if isinstance(default, bool):
     if text.lower() in ("1", "true", "yes", ""):

@@ -23,8 +23,13 @@ Artefacts (what each runs → which scripts read it):
 Several artefacts at once run their union: cells are made task by task, seed by seed, artefact by artefact
 (in ``ARTEFACTS`` order), and a cell two artefacts share (same name, same overrides) appears once.
 
-Learning rates of "own rate" cells: ``lrs`` ({rank: rate}) first, then ``lr_from`` (a finished lr_grid
-store), then ``lr``. Without ``lr_from`` every rate is known here and named in the cell (``_lr0.01``).
+Learning rates of "own rate" cells (direct, heatmap, table1): ``lrs`` ({rank: rate}) first, then ``lr_from``
+(a finished lr_grid results store: its best task-averaged rate per rank, the paper's rule), then ``lr``. A
+rate is named in its cell (``arc_e_s42_direct_r8_lr0.01``). An ``lr_from`` rate is not read here: the cell
+holds a reference (``config_lib.best_lr_from(store, rank)``) that ``sweep.py`` resolves when the sweep runs
+(an error then if the store has no finished direct run at that rank), and its name says ``lrbest``
+(``arc_e_s42_direct_r8_lrbest``): the name does not depend on the store's contents, and the cell's
+fingerprint (of the resolved rate) reruns it if the best rate changes.
 """
 
 from __future__ import annotations
@@ -187,14 +192,20 @@ class _Task:
     self.cells.append({"name": name, "overrides": overrides})
     return name
 
-  def lr_of(self, rank: int) -> float:
-    return self.args["rank_lrs"].get(int(rank), self.args["lr"])
+  def lr_of(self, rank: int) -> float | dict:
+    """Rank ``rank``'s own rate: ``lrs``, else a reference into the ``lr_from`` store, else ``lr``."""
+    if int(rank) in self.args["lrs"]:
+      return self.args["lrs"][int(rank)]
+    if self.args["lr_from"]:
+      return config_lib.best_lr_from(self.args["lr_from"], rank)
+    return self.args["lr"]
 
-  def direct(self, r: int, lr: float, **extra_base) -> str:
+  def direct(self, r: int, lr: float | dict, **extra_base) -> str:
     base = dict(self.base, **extra_base)
     suffix = f"_n{extra_base['steps']}" if "steps" in extra_base else ""
+    name = "best" if config_lib.is_best_lr_from(lr) else f"{lr:g}"
     return self.add(
-        f"{self.tag}_direct_r{r}_lr{lr:g}{suffix}", mode="direct", **{"lora.rank": r, "learning_rate": lr}, **base
+        f"{self.tag}_direct_r{r}_lr{name}{suffix}", mode="direct", **{"lora.rank": r, "learning_rate": lr}, **base
     )
 
 
@@ -289,7 +300,7 @@ def cells(
     lr: float = 0.01,
     lr_grid: Sequence[float] = config_lib.LR_GRID,
     lrs: Mapping[int, float] | None = None,
-    rank_lrs: Mapping[int, float] | None = None,
+    lr_from: str = "",
     src: int = 128,
     tgt: int = 1,
     sources: Sequence[int] = (),
@@ -306,7 +317,7 @@ def cells(
     lr: the one rate of fig3, and of any rank without its own rate.
     lr_grid: the lr_grid artefact's rates.
     lrs: {rank: rate}, the ranks' own rates (heatmap, table1, direct).
-    rank_lrs: rates under ``lrs`` (e.g. read from an lr_grid store); ``lrs`` wins.
+    lr_from: an lr_grid results store for the ranks ``lrs`` leaves out (resolved by sweep.py when it runs).
     src, tgt: r_src and r_tgt (fig3: r_src; table1: both).
     sources: the heatmap's source ranks (default: ``ranks``).
     methods: the heatmap's squeeze methods; schemes: table1's In-Squeeze schemes; extra: table1's M values.
@@ -329,7 +340,7 @@ def cells(
       steps=steps,
   )
   _check(**a)
-  a["rank_lrs"] = {**dict(rank_lrs or {}), **lrs}
+  a["lr_from"] = str(lr_from)
   steps_of = steps if isinstance(steps, Mapping) else {t: steps for t in tasks}
   out = []
   for task in tasks:

@@ -53,16 +53,25 @@ def test_union_dedups_shared_cells_and_keeps_order():
     P.union(heat, clash)
 
 
-def test_rates_lrs_over_rank_lrs_over_lr():
-  cells = P.cells(
-      ("direct",), tasks=("arc_e",), ranks=(1, 8, 32), steps=10, lr=0.5, lrs={8: 0.03}, rank_lrs={8: 0.1, 1: 0.2}
-  )
+def test_rates_lrs_over_lr_from_over_lr():
+  cells = P.cells(("direct",), tasks=("arc_e",), ranks=(1, 8, 32), steps=10, lr=0.5, lrs={8: 0.03})
   assert [c["name"] for c in cells] == [
-      "arc_e_s42_direct_r1_lr0.2",
+      "arc_e_s42_direct_r1_lr0.5",
       "arc_e_s42_direct_r8_lr0.03",
       "arc_e_s42_direct_r32_lr0.5",
   ]
-  assert [c["overrides"]["learning_rate"] for c in cells] == [0.2, 0.03, 0.5]
+  assert [c["overrides"]["learning_rate"] for c in cells] == [0.5, 0.03, 0.5]
+  # lr_from: nothing read here; the cells hold references that sweep.py resolves when it runs
+  cells = P.cells(("direct",), tasks=("arc_e",), ranks=(1, 8), steps=10, lrs={8: 0.03}, lr_from="runs/grid")
+  assert [c["name"] for c in cells] == ["arc_e_s42_direct_r1_lrbest", "arc_e_s42_direct_r8_lr0.03"]
+  assert cells[0]["overrides"]["learning_rate"] == {"best_lr_from": "runs/grid", "rank": 1}
+  table = {
+      c["name"]: c["overrides"]
+      for c in P.cells(("table1",), tasks=("arc_e",), ranks=(1, 4), src=4, steps=10, lr_from="g")
+  }
+  assert table["arc_e_s42_cont_4to1_m200"]["lr_by_rank"] == {f"r{r}": config_lib.best_lr_from("g", r) for r in (1, 4)}
+  assert table["arc_e_s42_cont_4to1_m200"]["source_workdir"] == "@arc_e_s42_direct_r4_lrbest"
+  assert "arc_e_s42_direct_r1_lrbest_n210" in table
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,10 @@
 """lora_squeeze/paper_sweeps.py: the cells of the paper's sweeps from plain arguments (no files, no model)."""
 
 import collections
+import hashlib
+import importlib.util
+import json
+import pathlib
 
 import pytest
 
@@ -8,6 +12,7 @@ from lora_squeeze import config_lib
 from lora_squeeze import paper_sweeps as P
 from lora_squeeze.workdir import UserError
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAPER_ARGS = dict(tasks=P.TEXT_TASKS, ranks=config_lib.PAPER_RANKS, steps=P.steps_per_task(P.TEXT_TASKS))
 
 
@@ -114,3 +119,52 @@ def test_scales():
   assert explicit == dict(tasks=("siqa",), ranks=(1, 8), extra=P.CPU["extra"], src=8, lr=0.03)
   tiny = P.sweep_config(("table1",), scale="tiny", steps=8)
   assert tiny.model == "tiny" and tiny.steps == 8 and set(_per_task(tiny.sweep)) == {"synthetic"}
+
+
+# A cell's name and overrides are its identity in a results store (sweep.py): a change here reruns every
+# finished cell of the stores made with them (experiments/results/cpu_270m, cpu_campaign). These digests are
+# those of configs/paper.py's closures before the cells moved into paper_sweeps.py; change one only on purpose.
+PINNED = {
+    "lr_grid": ("2dcda7aa0b5f33d3", "bf2eb7da220a6361", "c331d9edce4da407"),
+    "direct": ("4d5326f5ef6ae348", "b06c5a7cd0d0f957", "1763ec4f1ea64091"),
+    "fig3": ("e77f430cc1fbc368", "911357931704582a", "eed167e5ea19ff06"),
+    "heatmap": ("3675b14df6a8fa7d", "74e685354ab8cd95", "00d519aa0a628200"),
+    "table1": ("98c4fad9df1cb082", "ef6d9869c4ac8e14", "7728095fffdba80a"),
+    "heatmap+table1": ("50e2be08ac145c43", "066652578098e192", "a5fcf7aeaef077ac"),
+}
+
+
+@pytest.mark.parametrize("artefacts", sorted(PINNED))
+def test_cells_are_pinned(artefacts):
+  got = tuple(
+      hashlib.sha256(
+          json.dumps(P.sweep_config(artefacts.split("+"), scale=s).sweep, sort_keys=True).encode()
+      ).hexdigest()[:16]
+      for s in ("paper", "runlocal", "tiny")
+  )
+  assert got == PINNED[artefacts]
+
+
+# The configs of the committed campaigns (experiments/cpu_campaign.sh, experiments/cpu_270m.sh) through
+# configs/paper.py: cells AND run settings, as the closures in configs/paper.py made them.
+CAMPAIGNS = {
+    "artefact=lr_grid,runlocal,tasks=siqa,ranks=1+32,lr_grid=0.003+0.01+0.03+0.1,steps=40": "47a05351fcc5f741",
+    "artefact=direct,runlocal,tasks=siqa+arc_e+obqa+winogrande+boolq,ranks=1+32,lrs=1:0.1+32:0.1,steps=120": (
+        "f9e95413713afcae"
+    ),
+    "artefact=heatmap+table1,runlocal,tasks=obqa+siqa+arc_e,ranks=1+2+4+8+16+32,sources=16+32,"
+    "schemes=standard+min_steps": "540bb826e87101f4",
+    "runlocal,artefact=lr_grid,tasks=arc_e,ranks=4,lr_grid=0.1,seeds=43+44": "226d5086cb3dcb5b",
+}
+
+
+@pytest.mark.parametrize("arg", sorted(CAMPAIGNS))
+def test_campaign_configs_are_pinned(arg):
+  spec = importlib.util.spec_from_file_location("paper_config", ROOT / "configs" / "paper.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(arg)
+  text = json.dumps(
+      {"sweep": c.sweep, "config": {k: v for k, v in c.to_dict().items() if k != "sweep"}}, sort_keys=True, default=str
+  )
+  assert hashlib.sha256(text.encode()).hexdigest()[:16] == CAMPAIGNS[arg]

@@ -297,7 +297,8 @@ def flag_error_message(error: BaseException, argv, config) -> str:
     return lines[0]
   # config_flags wraps a failing get_config with its traceback: keep the exception's own message.
   line = lines[-1] if lines else type(error).__name__
-  return line.split(": ", 1)[1] if re.match(r"^\w+(Error|Exception): ", line) else line
+  # (its class may be printed with its module: "lora_squeeze.workdir.UserError: ...")
+  return line.split(": ", 1)[1] if re.match(r"^(\w+\.)*\w+(Error|Exception): ", line) else line
 
 
 def parse_flags_or_exit(argv, config_flag, prog: str = "lora_squeeze"):

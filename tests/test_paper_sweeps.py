@@ -105,6 +105,14 @@ def test_bad_arguments_name_the_key_and_the_nearest_value(call, message):
     call()
 
 
+def test_a_config_error_is_one_line_without_the_class():
+  """config_flags wraps a failing get_config in a traceback; the entry points print the error's own message."""
+  text = (
+      "Traceback (most recent call last):\n  File ...\nlora_squeeze.workdir.UserError: artefact='hetmap' is not one of"
+  )
+  assert config_lib.flag_error_message(ValueError(text), ["prog"], None) == "artefact='hetmap' is not one of"
+
+
 def test_scales():
   paper = P.sweep_config(("heatmap",))
   assert paper.model == "gemma3_4b" and paper.data.source == "tfds" and paper.steps == 10_000

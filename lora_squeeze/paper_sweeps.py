@@ -128,7 +128,7 @@ def parse_lrs(items: Iterable[Any]) -> dict[int, float]:
 
 
 def _check(
-    *, ranks, seeds, lr, lr_grid, lrs, src, tgt, sources, methods, schemes, extra, steps
+    *, tasks, ranks, seeds, lr, lr_grid, lrs, src, tgt, sources, methods, schemes, extra, steps
 ) -> None:  # pylint: disable=unused-argument
   def positive_ints(key, values, minimum=1):
     for v in values:
@@ -142,6 +142,18 @@ def _check(
 
   if not ranks:
     raise UserError("ranks is empty: give the ranks to train (e.g. ranks=1+8+32)")
+  if not tasks:
+    raise UserError("tasks is empty: give the tasks to run (e.g. tasks=arc_e+siqa)")
+  from lora_squeeze.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top  (the registry)
+  from lora_squeeze.data import vqa  # pylint: disable=g-import-not-at-top
+
+  for t in tasks:
+    if t != "synthetic":  # the tiny scale's lookup task
+      try:
+        tasks_lib.get_task(t)
+      except ValueError:
+        names = tasks_lib.TASK_NAMES + vqa.VL_TASK_NAMES
+        raise UserError(f"tasks: {t!r} is not a task{did_you_mean(str(t), names)}; tasks: {', '.join(names)}") from None
   positive_ints("ranks", ranks)
   positive_ints("src", (src,))
   positive_ints("tgt", (tgt,))
@@ -326,6 +338,7 @@ def cells(
   tasks, ranks, seeds, extra = tuple(tasks), tuple(ranks), tuple(seeds), tuple(extra)
   lrs = dict(lrs or {})
   a = dict(
+      tasks=tasks,
       ranks=ranks,
       seeds=seeds,
       lr=lr,

@@ -97,6 +97,10 @@ def test_rates_lrs_over_lr_from_over_lr():
         (lambda: P.cells(("direct",), tasks=("arc_e",), ranks=(0,), steps=1), "ranks: 0 is not an integer >= 1"),
         (lambda: P.cells(("direct",), tasks=("arc_e",), ranks=(), steps=1), "ranks is empty"),
         (lambda: P.cells(("fig3",), tasks=("arc_e",), ranks=(1,), steps=1, lr=-1.0), "lr: -1.0 is not a learning rate"),
+        (
+            lambda: P.cells(("direct",), tasks=("arc_ee",), ranks=(1,), steps=1),
+            r"tasks: 'arc_ee' is not a task \(did you mean 'arc_e'",
+        ),
         (lambda: P.scale_args("runloacl"), r"scale='runloacl'.*did you mean 'runlocal'"),
     ],
 )

@@ -25,19 +25,17 @@ with a vision tower runs on a CPU) on a prepared VL builder in ``data_dir``, a f
 end to end. Not a measurement of anything.
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
 from lora_squeeze import config_lib
+from lora_squeeze import paper_sweeps
 
 # The ten VL tasks (registry names, lora_squeeze/data/vqa.py), in Table 8's order of our choice.
 VL_TASKS = ("vqav2", "okvqa", "aokvqa", "textvqa", "vizwiz_vqa", "tallyqa", "gqa", "chartqa", "scienceqa", "ocrvqa")
 FIG8_TASKS = ("okvqa", "tallyqa")
 FIG8_RANKS = (1, 2, 4, 8, 16, 32)
 MODES = ("direct", "post_squeeze", "cont_squeeze", "in_squeeze", "zero_shot")
-# VL artefact -> the configs/paper.py artefact that builds its cells.
+# VL artefact -> the paper_sweeps artefact that builds its cells.
 ARTEFACTS = {"fig8": "fig3", "fig9": "heatmap", "table8": "table1"}
 
 
@@ -121,42 +119,33 @@ def runlocal(c: ml_collections.ConfigDict, *, steps: int) -> None:
   c.progress = False
 
 
-def _paper_config_module():
-  path = pathlib.Path(__file__).with_name("paper.py")
-  spec = importlib.util.spec_from_file_location("lora_squeeze_configs_paper", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _sweep(arg) -> ml_collections.ConfigDict:
-  """fig8 / fig9 / table8: configs/paper.py's cells for the VL tasks, on the multimodal model."""
+  """fig8 / fig9 / table8: configs/paper.py's fig3 / heatmap / table1 cells (``paper_sweeps``) for the VL
+  tasks, on the multimodal model."""
   if arg.artefact not in ARTEFACTS:
     raise ValueError(f"configs/vl.py: artefact={arg.artefact!r} is not one of {tuple(ARTEFACTS)}")
   tasks = tuple(arg.tasks)
   if arg.artefact == "fig8" and tasks == VL_TASKS:
     tasks = FIG8_TASKS
-  parts = [
-      f"artefact={ARTEFACTS[arg.artefact]}",
-      "tasks=" + "+".join(tasks),
-      f"model={arg.model}",
-      f"lr={arg.lr}",
-      f"seeds={arg.seed}",
-  ]
-  if arg.checkpoint:
-    parts.append(f"checkpoint={arg.checkpoint}")
-  if arg.lrs:
-    parts.append("lrs=" + "+".join(arg.lrs))
-  if arg.lr_from:
-    parts.append(f"lr_from={arg.lr_from}")
   ranks = FIG8_RANKS if arg.artefact == "fig8" else config_lib.PAPER_RANKS
-  src, tgt, extra, steps = (32 if arg.artefact == "fig8" else arg.src), arg.tgt, "200+700", arg.steps
+  src, extra, steps = (32 if arg.artefact == "fig8" else arg.src), (200, 700), arg.steps
   if arg.runlocal:  # seconds per cell on the tiny multimodal model
-    ranks, src, extra, steps = (1, 2, 4), 4, "2", min(arg.steps, 6)
-  parts += ["ranks=" + "+".join(str(r) for r in ranks), f"src={src}", f"tgt={tgt}", f"extra={extra}"]
-  if steps != 10_000:
-    parts.append(f"steps={steps}")
-  c = _paper_config_module().get_config(",".join(parts))
+    ranks, src, extra, steps = (1, 2, 4), 4, (2,), min(arg.steps, 6)
+  c = paper_sweeps.sweep_config(
+      (ARTEFACTS[arg.artefact],),
+      model=arg.model,
+      checkpoint=arg.checkpoint,
+      steps=0 if steps == 10_000 else steps,
+      tasks=tasks,
+      ranks=ranks,
+      lr=arg.lr,
+      src=src,
+      tgt=arg.tgt,
+      extra=extra,
+      seeds=(arg.seed,),
+      lrs=paper_sweeps.parse_lrs(arg.lrs),
+      lr_from=arg.lr_from,
+  )
   vl_settings(c, data_dir=arg.data_dir)
   if arg.runlocal:
     runlocal(c, steps=steps)

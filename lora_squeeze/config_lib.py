@@ -17,6 +17,21 @@ PAPER_SEEDS = (42, 43, 44)
 PAPER_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+# A learning rate left to the sweep: ``{"best_lr_from": STORE, "rank": R}`` as an override value (or as a value
+# of ``lr_by_rank``) stands for the best direct-training rate at rank R in the lr_grid results store STORE
+# (``results.best_direct_lr``). ``sweep.py`` reads the store when the sweep runs, not when the config is parsed.
+BEST_LR_FROM = "best_lr_from"
+
+
+def best_lr_from(store: str, rank: int) -> dict:
+  """The override value standing for rank ``rank``'s best learning rate in the results store ``store``."""
+  return {BEST_LR_FROM: str(store), "rank": int(rank)}
+
+
+def is_best_lr_from(value) -> bool:
+  return isinstance(value, dict) and set(value) == {BEST_LR_FROM, "rank"}
+
+
 def _convert(text: str, default):
   if isinstance(default, bool):
     if text.lower() in ("1", "true", "yes", ""):
@@ -285,7 +300,8 @@ def flag_error_message(error: BaseException, argv, config) -> str:
     return lines[0]
   # config_flags wraps a failing get_config with its traceback: keep the exception's own message.
   line = lines[-1] if lines else type(error).__name__
-  return line.split(": ", 1)[1] if re.match(r"^\w+(Error|Exception): ", line) else line
+  # (its class may be printed with its module: "lora_squeeze.workdir.UserError: ...")
+  return line.split(": ", 1)[1] if re.match(r"^(\w+\.)*\w+(Error|Exception): ", line) else line
 
 
 def parse_flags_or_exit(argv, config_flag, prog: str = "lora_squeeze"):

@@ -22,6 +22,13 @@ A CHANGED cell (another ``steps``, another override, a source cell that was reru
 its old record moves to ``DIR/results/superseded/`` and its old workdir to ``cells/NAME/superseded/``, and one
 line says which keys changed. Every cell's overrides and values are checked before the first cell runs.
 Records written before fingerprints existed are kept as they are, with a note.
+
+A learning rate may be left to the sweep: an override value ``{"best_lr_from": STORE, "rank": R}``
+(``config_lib.best_lr_from``; also as a value of ``lr_by_rank``) is the best direct-training rate at rank R in
+the results store STORE (``results.best_direct_lr``, the paper's rule), read when the sweep runs, once per
+store. The cell's record keeps the reference in ``overrides`` and the rate in ``settings``; the fingerprint
+hashes the rate, so a cell whose best rate changed (the store gained runs) is rerun. A store without a
+finished direct run at R stops the sweep before any cell runs, naming the cell and the ranks the store has.
 """
 
 from __future__ import annotations
@@ -86,14 +93,54 @@ def cells_of(config) -> list[dict[str, Any]]:
   return order
 
 
-def cell_config(config, cell: Mapping[str, Any], sweep_dir: Path) -> ml_collections.ConfigDict:
-  """The run config of one cell: a copy of ``config`` without the sweep, with the overrides applied."""
+class BestRates:
+  """The best direct-training rate per rank of results stores, each store read once (``lr_from`` cells)."""
+
+  def __init__(self):
+    self._stores: dict[str, dict[int, float]] = {}
+
+  def rate(self, store: str, rank: int, cell: str) -> float:
+    if store not in self._stores:
+      from lora_squeeze import results  # pylint: disable=g-import-not-at-top
+
+      try:
+        rows = results.load_rows([store])
+      except FileNotFoundError as e:
+        raise workdir_lib.UserError(f"sweep cell {cell!r}: learning rate from lr_from={store}: {e}") from None
+      self._stores[store] = results.best_direct_lr(rows)
+    best = self._stores[store]
+    if int(rank) not in best:
+      have = ", ".join(str(r) for r in sorted(best)) or "none"
+      raise workdir_lib.UserError(
+          f"sweep cell {cell!r}: lr_from={store} has no finished direct run at rank {rank} (ranks with a rate: "
+          f"{have}); finish its lr_grid cells, or give the rate with lrs={rank}:RATE"
+      )
+    return best[int(rank)]
+
+  def resolve(self, value: Any, cell: str) -> Any:
+    """``value`` with every ``best_lr_from`` reference (itself, or a value of a mapping) replaced by the rate."""
+    from lora_squeeze import config_lib  # pylint: disable=g-import-not-at-top
+
+    if config_lib.is_best_lr_from(value):
+      return self.rate(value[config_lib.BEST_LR_FROM], value["rank"], cell)
+    if isinstance(value, Mapping):
+      return {k: self.resolve(v, cell) for k, v in value.items()}
+    return value
+
+
+def cell_config(
+    config, cell: Mapping[str, Any], sweep_dir: Path, *, rates: BestRates | None = None
+) -> ml_collections.ConfigDict:
+  """The run config of one cell: a copy of ``config`` without the sweep, with the overrides applied (``@cell``
+  references made paths, ``best_lr_from`` references made rates through ``rates``)."""
   c = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
   if "sweep" in c:
     del c["sweep"]
+  rates = rates or BestRates()
   for key, value in dict(cell.get("overrides", {})).items():
     if isinstance(value, str) and value.startswith("@"):
       value = str(sweep_dir / "cells" / value[1:])
+    value = rates.resolve(value, cell["name"])
     node = c
     *parents, leaf = key.split(".")
     for p in parents:
@@ -140,11 +187,18 @@ def _set_aside(path: Path) -> Path:
   return dest
 
 
-def run_cell(config, cell: Mapping[str, Any], sweep_dir: Path, *, run_fn: Callable[..., dict] = train.run) -> dict:
+def run_cell(
+    config,
+    cell: Mapping[str, Any],
+    sweep_dir: Path,
+    *,
+    run_fn: Callable[..., dict] = train.run,
+    rates: BestRates | None = None,
+) -> dict:
   """Run one cell unless its record says ok for the same settings; always returns its record."""
   sweep_dir = Path(sweep_dir)
   path = record_path(sweep_dir, cell["name"])
-  cell_cfg = cell_config(config, cell, sweep_dir)
+  cell_cfg = cell_config(config, cell, sweep_dir, rates=rates)
   settings = workdir_lib.result_settings(cell_cfg)
   sources = {}
   for dep in _deps(cell):
@@ -203,13 +257,14 @@ def run_cell(config, cell: Mapping[str, Any], sweep_dir: Path, *, run_fn: Callab
   return record
 
 
-def check_cells(config, cells: Sequence[Mapping[str, Any]], sweep_dir: Path) -> None:
-  """Every cell's overrides name real keys and give a runnable config; raises ``workdir.UserError``
-  naming the first bad cell, before any cell runs."""
+def check_cells(config, cells: Sequence[Mapping[str, Any]], sweep_dir: Path, *, rates: BestRates | None = None) -> None:
+  """Every cell's overrides name real keys (and its ``lr_from`` rates exist) and give a runnable config;
+  raises ``workdir.UserError`` naming the first bad cell, before any cell runs."""
   from lora_squeeze import config_lib  # pylint: disable=g-import-not-at-top
 
+  rates = rates or BestRates()
   for cell in cells:
-    cfg = cell_config(config, cell, sweep_dir)
+    cfg = cell_config(config, cell, sweep_dir, rates=rates)
     try:
       config_lib.check_run_config(cfg)
     except workdir_lib.UserError as e:
@@ -231,11 +286,12 @@ def run_sweep(
           f"; {len(names)} cells: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
       )
     cells = [c for c in cells if c["name"] in set(only)]
-  check_cells(config, cells, sweep_dir)
+  rates = BestRates()  # each lr_from store read once, so every cell of this sweep sees the same rates
+  check_cells(config, cells, sweep_dir, rates=rates)
   records = {}
   for i, cell in enumerate(cells):
     print(f"[lora_squeeze] sweep cell {i + 1}/{len(cells)}: {cell['name']}")
-    records[cell["name"]] = run_cell(config, cell, sweep_dir, run_fn=run_fn)
+    records[cell["name"]] = run_cell(config, cell, sweep_dir, run_fn=run_fn, rates=rates)
   return records
 
 

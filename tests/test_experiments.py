@@ -12,6 +12,7 @@ import pytest
 
 from lora_squeeze import results as R
 from lora_squeeze import sweep
+from lora_squeeze.workdir import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -104,15 +105,45 @@ def test_rows_from_the_store(store):
     R.load_rows([store / "nope"])
 
 
-def test_lr_from_reads_the_best_rates(store):
+def test_lr_from_reads_the_best_rates(store, tmp_path):
+  """lr_from: the config holds references; the sweep reads the store's best rates when it runs."""
   best = R.best_direct_lr(R.load_rows([store]))
   c = _paper(f"tiny,artefact=heatmap,ranks=2+1,sources=2,lr_from={store}")
   lrs = {
-      x["overrides"]["lora.rank"]: x["overrides"]["learning_rate"]
+      x["overrides"]["lora.rank"]: sweep.cell_config(c, x, tmp_path).learning_rate
       for x in c.sweep
       if x["overrides"]["mode"] == "direct"
   }
   assert lrs == best
+  ran = []
+
+  def fake_run(cfg, workdir, **_):
+    ran.append(cfg.learning_rate)
+    return {"metrics": {"accuracy": 0.5}}
+
+  records = sweep.run_sweep(_paper(f"tiny,artefact=direct,ranks=2+1,lr_from={store}"), tmp_path, run_fn=fake_run)
+  assert set(records) == {"synthetic_s42_direct_r2_lrbest", "synthetic_s42_direct_r1_lrbest"} and ran == [
+      best[2],
+      best[1],
+  ]
+  record = records["synthetic_s42_direct_r1_lrbest"]
+  assert record["overrides"]["learning_rate"] == {"best_lr_from": str(store), "rank": 1}
+  assert record["settings"]["learning_rate"] == best[1]
+  # the same cell with the rate written out has the same fingerprint; a rerun skips the finished cells
+  explicit = _paper(f"tiny,artefact=direct,ranks=1,lrs=1:{best[1]}")
+  same = sweep.run_cell(explicit, explicit.sweep[0], tmp_path / "explicit", run_fn=fake_run)
+  assert same["fingerprint"] == record["fingerprint"]
+  ran.clear()
+  sweep.run_sweep(_paper(f"tiny,artefact=direct,ranks=2+1,lr_from={store}"), tmp_path, run_fn=fake_run)
+  assert not ran
+  # a rank the store has no rate for: one error naming the cell and the store's ranks, before any cell runs
+  with pytest.raises(UserError, match=r"'synthetic_s42_direct_r4_lrbest'.* no finished direct run at rank 4 .*1, 2"):
+    sweep.run_sweep(_paper(f"tiny,artefact=direct,ranks=2+4,lr_from={store}"), tmp_path / "r4", run_fn=fake_run)
+  assert not ran and not (tmp_path / "r4" / "results").exists()
+  with pytest.raises(UserError, match="lr_from=.*nope"):
+    sweep.run_sweep(
+        _paper(f"tiny,artefact=direct,ranks=1,lr_from={tmp_path / 'nope'}"), tmp_path / "n", run_fn=fake_run
+    )
 
 
 def test_fig4_gain_matches_records(store, tmp_path):

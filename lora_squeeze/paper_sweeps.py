@@ -1,0 +1,452 @@
+"""The cells of the paper's sweeps, from plain arguments: what ``configs/paper.py`` and ``configs/vl.py`` run.
+
+Pure functions (no files read, nothing imported from the training stack): ``cells(artefacts, ...)`` gives the
+list of ``{"name", "overrides"}`` cells that ``sweep.py`` runs, ``sweep_config(...)`` the whole sweep config
+(the run settings of the scale plus the cells). A new artefact is one more ``_ARTEFACT_CELLS`` entry here (a
+function adding one task's and seed's cells), a test in ``tests/test_paper_sweeps.py``, and a script in
+``experiments/`` that reads its results store.
+
+Artefacts (what each runs → which scripts read it):
+  lr_grid  direct training at every (task, rank, learning rate of the grid, seed)
+           → experiments/table2_lr_grid.py, table3_seeds.py (seeds=42+43+44), fig3_lr_transfer.py
+  direct   direct training at every (task, rank) with that rank's own rate (``lr_from`` / ``lrs``), nothing
+           else: "does rank matter here?" (experiments/rank_pilot.py)
+  fig3     direct training at every rank with ONE rate (``lr``, tuned at r_src), and Post-Squeeze from r_src
+           to every lower rank → experiments/fig3_lr_transfer.py (Fig. 3; Fig. 8 with VL tasks)
+  heatmap  direct training at every rank with its own rate, and Post-Squeeze from every source rank to every
+           target rank ≤ it, with the efficient method (Alg. 2) AND the standard one (Alg. 1, RSVD of ΔW:
+           ``rsvd``) → fig4_heatmap.py (Fig. 4/9), fig5_efficient_vs_standard.py (Fig. 5), fig6_retention.py
+  table1   per task: zero-shot; direct r_tgt for N and for N + M steps; direct r_src for N; Post-Squeeze
+           r_src → r_tgt; Cont-Squeeze (+M) for each M; In-Squeeze standard and minimum-steps over N + M
+           → table1_methods.py (Table 1; Table 7 with model=gemma3_1b; Table 8 with VL tasks)
+
+Several artefacts at once run their union: cells are made task by task, seed by seed, artefact by artefact
+(in ``ARTEFACTS`` order), and a cell two artefacts share (same name, same overrides) appears once.
+
+Learning rates of "own rate" cells (direct, heatmap, table1): ``lrs`` ({rank: rate}) first, then ``lr_from``
+(a finished lr_grid results store: its best task-averaged rate per rank, the paper's rule), then ``lr``. A
+rate is named in its cell (``arc_e_s42_direct_r8_lr0.01``). An ``lr_from`` rate is not read here: the cell
+holds a reference (``config_lib.best_lr_from(store, rank)``) that ``sweep.py`` resolves when the sweep runs
+(an error then if the store has no finished direct run at that rank), and its name says ``lrbest``
+(``arc_e_s42_direct_r8_lrbest``): the name does not depend on the store's contents, and the cell's
+fingerprint (of the resolved rate) reruns it if the best rate changes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+from lora_squeeze import config_lib
+from lora_squeeze.workdir import UserError
+from lora_squeeze.workdir import did_you_mean
+
+ARTEFACTS = ("lr_grid", "direct", "fig3", "heatmap", "table1")
+SCALES = ("paper", "runlocal", "tiny")
+SCHEMES = ("standard", "min_steps")  # schedules.SCHEMES (not imported: it pulls in the training stack)
+
+# The paper's text tasks (Table 4) in the registry's names.
+TEXT_TASKS = (
+    "anli_r2",
+    "arc_c",
+    "arc_e",
+    "boolq",
+    "drop",
+    "goemotions",
+    "hellaswag",
+    "mmlu",
+    "obqa",
+    "paws",
+    "piqa",
+    "siqa",
+    "winogrande",
+)
+# "10,000 steps on smaller datasets and 15,000 steps on larger datasets" (Sec. 4); the paper does not list
+# which are larger: we read it as the training sets of 40k examples or more.
+LARGER_TASKS = ("anli_r2", "drop", "goemotions", "hellaswag", "mmlu", "paws")
+
+# The sweep arguments at paper scale (the defaults of configs/paper.py).
+PAPER = dict(tasks=TEXT_TASKS, ranks=config_lib.PAPER_RANKS, extra=(200, 700), src=128, lr=0.01)
+
+# CPU scale (``runlocal``): the real Gemma 3 270M on offline tasks whose examples fit length 64 (prompt cut
+# from the left; every choice must fit whole: PIQA's solutions run to 228 tokens, so PIQA is not one of them),
+# ranks 1…32, short runs. What experiments/results/cpu_270m/ was made with.
+CPU = dict(
+    tasks=("arc_e", "obqa", "siqa"),
+    ranks=(1, 2, 4, 8, 16, 32),
+    steps=32,
+    extra=(16,),
+    batch=4,
+    max_len=64,
+    max_target_tokens=16,
+    eval_limit=100,
+    warmup=8,
+    change_warmup=4,
+    min_steps=4,
+    lr=0.1,
+)
+
+# ``tiny``: the tiny random model on the synthetic lookup task (the experiments tests: seconds per cell).
+TINY = dict(tasks=("synthetic",), ranks=(4, 2, 1), extra=(4,), steps=12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking the arguments.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _one_of(key: str, value, valid: Sequence[str], hint: str = "") -> None:
+  if value not in valid:
+    raise UserError(
+        f"{key}={value!r} is not one of {tuple(valid)}{did_you_mean(str(value), valid)}" + (f" {hint}" if hint else "")
+    )
+
+
+def check_artefacts(artefacts: Iterable[str]) -> tuple[str, ...]:
+  """The artefacts, checked: at least one, each in ``ARTEFACTS`` (an error names the nearest)."""
+  artefacts = tuple(artefacts)
+  if not artefacts:
+    raise UserError(f"artefact is empty: give one of {ARTEFACTS} (several with '+')")
+  for a in artefacts:
+    _one_of("artefact", a, ARTEFACTS, "(several with '+': artefact=heatmap+table1 runs their union, shared cells once)")
+  return artefacts
+
+
+def parse_lrs(items: Iterable[Any]) -> dict[int, float]:
+  """``("1:0.03", "8:0.01")`` (``lrs=1:0.03+8:0.01``) → {1: 0.03, 8: 0.01}."""
+  out = {}
+  for item in items:
+    rank, _, lr = str(item).partition(":")
+    try:
+      out[int(rank)] = float(lr)
+    except ValueError:
+      raise UserError(f"lrs item {item!r} is not RANK:RATE (e.g. lrs=1:0.03+8:0.01)") from None
+  return out
+
+
+def _check(
+    *, tasks, ranks, seeds, lr, lr_grid, lrs, src, tgt, sources, methods, schemes, extra, steps
+) -> None:  # pylint: disable=unused-argument
+  def positive_ints(key, values, minimum=1):
+    for v in values:
+      if not (isinstance(v, int) and not isinstance(v, bool) and v >= minimum):
+        raise UserError(f"{key}: {v!r} is not an integer >= {minimum}")
+
+  def rates(key, values):
+    for v in values:
+      if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+        raise UserError(f"{key}: {v!r} is not a learning rate (a finite number > 0)")
+
+  if not ranks:
+    raise UserError("ranks is empty: give the ranks to train (e.g. ranks=1+8+32)")
+  if not tasks:
+    raise UserError("tasks is empty: give the tasks to run (e.g. tasks=arc_e+siqa)")
+  from lora_squeeze.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top  (the registry)
+  from lora_squeeze.data import vqa  # pylint: disable=g-import-not-at-top
+
+  for t in tasks:
+    if t != "synthetic":  # the tiny scale's lookup task
+      try:
+        tasks_lib.get_task(t)
+      except ValueError:
+        names = tasks_lib.TASK_NAMES + vqa.VL_TASK_NAMES
+        raise UserError(f"tasks: {t!r} is not a task{did_you_mean(str(t), names)}; tasks: {', '.join(names)}") from None
+  positive_ints("ranks", ranks)
+  positive_ints("src", (src,))
+  positive_ints("tgt", (tgt,))
+  positive_ints("sources", sources)
+  positive_ints("seeds", seeds, minimum=0)
+  positive_ints("extra", extra)
+  rates("lr", (lr,))
+  rates("lr_grid", lr_grid)
+  rates("lrs", lrs.values())
+  positive_ints("lrs", lrs.keys())
+  from lora_squeeze import squeeze  # pylint: disable=g-import-not-at-top  (jax: only when methods are checked)
+
+  for m in methods:
+    _one_of("methods", m, squeeze.METHODS)
+  for s in schemes:
+    _one_of("schemes", s, SCHEMES)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The cells.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def union(*cell_lists: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """The cells of every list, in order, each name once; a name given twice with other overrides raises."""
+  cells: dict[str, dict[str, Any]] = {}
+  for cell_list in cell_lists:
+    for cell in cell_list:
+      name, overrides = cell["name"], cell["overrides"]
+      if name in cells and cells[name]["overrides"] != overrides:
+        raise UserError(f"cell {name!r} defined twice with different settings")
+      cells[name] = {"name": name, "overrides": overrides}
+  return list(cells.values())
+
+
+class _Task:
+  """The cells of one (task, seed): ``add`` keeps them in order, one per name."""
+
+  def __init__(self, task: str, seed: int, n_steps: int, args: Mapping[str, Any]):
+    self.tag = f"{task}_s{seed}"
+    self.base = {"data.task": task, "seed": seed, "steps": n_steps}
+    self.at = {"data.task": task, "seed": seed}
+    self.n = n_steps
+    self.args = args
+    self.cells: list[dict[str, Any]] = []
+
+  def add(self, name: str, **overrides) -> str:
+    self.cells.append({"name": name, "overrides": overrides})
+    return name
+
+  def lr_of(self, rank: int) -> float | dict:
+    """Rank ``rank``'s own rate: ``lrs``, else a reference into the ``lr_from`` store, else ``lr``."""
+    if int(rank) in self.args["lrs"]:
+      return self.args["lrs"][int(rank)]
+    if self.args["lr_from"]:
+      return config_lib.best_lr_from(self.args["lr_from"], rank)
+    return self.args["lr"]
+
+  def direct(self, r: int, lr: float | dict, **extra_base) -> str:
+    base = dict(self.base, **extra_base)
+    suffix = f"_n{extra_base['steps']}" if "steps" in extra_base else ""
+    name = "best" if config_lib.is_best_lr_from(lr) else f"{lr:g}"
+    return self.add(
+        f"{self.tag}_direct_r{r}_lr{name}{suffix}", mode="direct", **{"lora.rank": r, "learning_rate": lr}, **base
+    )
+
+
+def _lr_grid(t: _Task, a: Mapping[str, Any]) -> None:
+  for r in a["ranks"]:
+    for lr in a["lr_grid"]:
+      t.direct(r, lr)
+
+
+def _direct(t: _Task, a: Mapping[str, Any]) -> None:
+  for r in a["ranks"]:
+    t.direct(r, t.lr_of(r))
+
+
+def _fig3(t: _Task, a: Mapping[str, Any]) -> None:
+  lr, src = a["lr"], a["src"]
+  for r in a["ranks"]:
+    t.direct(r, lr)
+  t.add(
+      f"{t.tag}_post_from{src}_lr{lr:g}",
+      mode="post_squeeze",
+      source_workdir="@" + t.direct(src, lr),
+      target_ranks=tuple(r for r in a["ranks"] if r < src),
+      **t.at,
+  )
+
+
+def _heatmap(t: _Task, a: Mapping[str, Any]) -> None:
+  for r in a["ranks"]:
+    t.direct(r, t.lr_of(r))
+  for s in a["sources"] or a["ranks"]:
+    for method in a["methods"]:
+      t.add(
+          f"{t.tag}_post_from{s}_{method}",
+          mode="post_squeeze",
+          source_workdir="@" + t.direct(s, t.lr_of(s)),
+          target_ranks=tuple(r for r in a["ranks"] if r <= s),
+          **{"squeeze.method": method},
+          **t.at,
+      )
+
+
+def _table1(t: _Task, a: Mapping[str, Any]) -> None:
+  src, tgt, n = a["src"], a["tgt"], t.n
+  t.add(f"{t.tag}_zero_shot", mode="zero_shot", **t.at)
+  source = t.direct(src, t.lr_of(src))
+  t.direct(tgt, t.lr_of(tgt))
+  t.add(f"{t.tag}_post_{src}to{tgt}", mode="post_squeeze", source_workdir=f"@{source}", target_ranks=(tgt,), **t.at)
+  lrs = {f"r{r}": t.lr_of(r) for r in a["ranks"]}
+  for m in a["extra"]:
+    t.direct(tgt, t.lr_of(tgt), steps=n + m)
+    t.add(
+        f"{t.tag}_cont_{src}to{tgt}_m{m}",
+        mode="cont_squeeze",
+        source_workdir=f"@{source}",
+        source_rank=src,
+        target_rank=tgt,
+        extra_steps=m,
+        lr_by_rank=lrs,
+        **t.base,
+    )
+    for scheme in a["schemes"]:
+      t.add(
+          f"{t.tag}_in_{scheme}_{src}to{tgt}_m{m}",
+          mode="in_squeeze",
+          source_rank=src,
+          target_rank=tgt,
+          scheme=scheme,
+          extra_steps=m,
+          lr_by_rank=lrs,
+          **{"lora.rank": src},
+          **t.base,
+      )
+
+
+_ARTEFACT_CELLS = {"lr_grid": _lr_grid, "direct": _direct, "fig3": _fig3, "heatmap": _heatmap, "table1": _table1}
+assert tuple(_ARTEFACT_CELLS) == ARTEFACTS
+
+
+def steps_per_task(tasks: Iterable[str], steps: int = 0) -> dict[str, int]:
+  """N per task at paper scale: ``steps`` if given, else 10k (15k on the larger training sets)."""
+  return {t: (15_000 if t in LARGER_TASKS and not steps else steps or 10_000) for t in tasks}
+
+
+def cells(
+    artefacts: Iterable[str],
+    *,
+    tasks: Sequence[str],
+    ranks: Sequence[int],
+    steps: int | Mapping[str, int],
+    seeds: Sequence[int] = (42,),
+    lr: float = 0.01,
+    lr_grid: Sequence[float] = config_lib.LR_GRID,
+    lrs: Mapping[int, float] | None = None,
+    lr_from: str = "",
+    src: int = 128,
+    tgt: int = 1,
+    sources: Sequence[int] = (),
+    methods: Sequence[str] = ("efficient", "rsvd"),
+    schemes: Sequence[str] = SCHEMES,
+    extra: Sequence[int] = (200, 700),
+) -> list[dict[str, Any]]:
+  """The cells of ``artefacts`` (their union), task by task, seed by seed.
+
+  Args:
+    artefacts: names from ``ARTEFACTS``.
+    tasks, ranks, seeds: the grid.
+    steps: N, for every task (an int) or per task ({task: N}).
+    lr: the one rate of fig3, and of any rank without its own rate.
+    lr_grid: the lr_grid artefact's rates.
+    lrs: {rank: rate}, the ranks' own rates (heatmap, table1, direct).
+    lr_from: an lr_grid results store for the ranks ``lrs`` leaves out (resolved by sweep.py when it runs).
+    src, tgt: r_src and r_tgt (fig3: r_src; table1: both).
+    sources: the heatmap's source ranks (default: ``ranks``).
+    methods: the heatmap's squeeze methods; schemes: table1's In-Squeeze schemes; extra: table1's M values.
+  """
+  artefacts = check_artefacts(artefacts)
+  tasks, ranks, seeds, extra = tuple(tasks), tuple(ranks), tuple(seeds), tuple(extra)
+  lrs = dict(lrs or {})
+  a = dict(
+      tasks=tasks,
+      ranks=ranks,
+      seeds=seeds,
+      lr=lr,
+      lr_grid=tuple(lr_grid),
+      lrs=lrs,
+      src=src,
+      tgt=tgt,
+      sources=tuple(int(s) for s in sources),
+      methods=tuple(methods),
+      schemes=tuple(schemes),
+      extra=extra,
+      steps=steps,
+  )
+  _check(**a)
+  a["lr_from"] = str(lr_from)
+  steps_of = steps if isinstance(steps, Mapping) else {t: steps for t in tasks}
+  out = []
+  for task in tasks:
+    for seed in seeds:
+      t = _Task(task, seed, steps_of[task], a)
+      for artefact in ARTEFACTS:
+        if artefact in artefacts:
+          _ARTEFACT_CELLS[artefact](t, a)
+      out.append(t.cells)
+  return union(*out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sweep config: the scale's run settings and the cells.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def scale_args(scale: str, **args) -> dict[str, Any]:
+  """The sweep arguments at ``scale``: an argument left at its paper default (``PAPER``) takes the scale's
+  own default (``CPU`` / ``TINY``); an explicit one is kept. ``src`` left at 128 becomes max(ranks)."""
+  _one_of("scale", scale, SCALES)
+  if scale == "paper":
+    return args
+  preset = CPU if scale == "runlocal" else TINY
+  out = dict(args)
+  for key in ("tasks", "ranks", "extra"):
+    if tuple(out[key]) == PAPER[key]:
+      out[key] = preset[key]
+  if scale == "tiny":
+    out["tasks"] = TINY["tasks"]
+  if out["src"] == PAPER["src"]:
+    out["src"] = max(out["ranks"])
+  if scale == "runlocal" and out["lr"] == PAPER["lr"]:
+    out["lr"] = CPU["lr"]
+  return out
+
+
+def apply_scale(c: ml_collections.ConfigDict, scale: str, *, steps: int = 0) -> None:
+  """The run settings of ``scale`` on the sweep's base config (``steps``: N if given)."""
+  _one_of("scale", scale, SCALES)
+  if scale == "runlocal":
+    config_lib.runlocal(c, steps=steps or CPU["steps"])
+    c.steps = steps or CPU["steps"]
+    c.warmup_steps, c.rank_change_warmup, c.min_steps = CPU["warmup"], CPU["change_warmup"], CPU["min_steps"]
+    c.data.update(batch_size=CPU["batch"], max_len=CPU["max_len"], max_target_tokens=CPU["max_target_tokens"])
+    c.eval.update(limit=CPU["eval_limit"], batch_size=8)
+    c.checkpoint_every = 1000
+    c.tensorboard = False
+  elif scale == "tiny":
+    c.model = "tiny"
+    c.steps = steps or TINY["steps"]
+    c.warmup_steps, c.rank_change_warmup, c.min_steps = 2, 1, 2
+    c.data.update(task="synthetic", source="synthetic", batch_size=4, max_len=16, max_target_tokens=4)
+    c.eval.update(enabled=True, limit=32, batch_size=8)
+    c.checkpoint_every = 1000
+    c.tensorboard = False
+    c.progress = False
+    c.log_every = 4
+  else:
+    c.steps = steps or 10_000
+    c.data.source = "tfds"
+
+
+def sweep_config(
+    artefacts: Iterable[str],
+    *,
+    scale: str = "paper",
+    model: str = "gemma3_4b",
+    checkpoint: str = "",
+    steps: int = 0,
+    tasks: Sequence[str] = TEXT_TASKS,
+    ranks: Sequence[int] = config_lib.PAPER_RANKS,
+    lr: float = 0.01,
+    src: int = 128,
+    extra: Sequence[int] = (200, 700),
+    report_prefix: str = "paper",
+    **cell_args,
+) -> ml_collections.ConfigDict:
+  """The config of a sweep over ``artefacts`` at ``scale`` (paper | runlocal | tiny): ``base_config`` with the
+  scale's run settings, ``sweep`` = ``cells(...)``, ``report`` = its summary table. ``steps`` = 0: the scale's
+  N (paper: 10k, 15k on ``LARGER_TASKS``). Other keyword arguments go to ``cells``."""
+  artefacts = check_artefacts(artefacts)
+  c = config_lib.base_config()
+  c.model = model
+  if checkpoint:
+    c.model_options.checkpoint = checkpoint
+  args = scale_args(scale, tasks=tuple(tasks), ranks=tuple(ranks), extra=tuple(extra), src=src, lr=lr)
+  apply_scale(c, scale, steps=steps)
+  n = steps_per_task(args["tasks"], steps) if scale == "paper" else c.steps
+  c.sweep = cells(artefacts, steps=n, **args, **cell_args)
+  name = "+".join(artefacts)
+  c.report = {
+      "name": f"{report_prefix}_{name.replace('+', '_')}",
+      "title": f"{name} on {c.model}: {len(c.sweep)} cells",
+  }
+  return c

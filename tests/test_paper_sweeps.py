@@ -157,26 +157,75 @@ def test_cells_are_pinned(artefacts):
   assert got == PINNED[artefacts]
 
 
-# The configs of the committed campaigns (experiments/cpu_campaign.sh, experiments/cpu_270m.sh) through
-# configs/paper.py: cells AND run settings, as the closures in configs/paper.py made them.
-CAMPAIGNS = {
-    "artefact=lr_grid,runlocal,tasks=siqa,ranks=1+32,lr_grid=0.003+0.01+0.03+0.1,steps=40": "47a05351fcc5f741",
-    "artefact=direct,runlocal,tasks=siqa+arc_e+obqa+winogrande+boolq,ranks=1+32,lrs=1:0.1+32:0.1,steps=120": (
-        "f9e95413713afcae"
-    ),
+# The cells of the committed campaigns' configs (experiments/cpu_campaign.sh, experiments/cpu_270m.sh) through
+# configs/paper.py, as the closures in configs/paper.py made them.
+CAMPAIGN_CELLS = {
+    "artefact=lr_grid,runlocal,tasks=siqa,ranks=1+32,lr_grid=0.003+0.01+0.03+0.1,steps=40": "d8af847510b69583",
+    "artefact=direct,runlocal,tasks=siqa+arc_e+obqa+winogrande+boolq,ranks=1+32,lrs=1:0.1+32:0.1,steps=120": "78a898221593afad",
     "artefact=heatmap+table1,runlocal,tasks=obqa+siqa+arc_e,ranks=1+2+4+8+16+32,sources=16+32,"
-    "schemes=standard+min_steps": "540bb826e87101f4",
-    "runlocal,artefact=lr_grid,tasks=arc_e,ranks=4,lr_grid=0.1,seeds=43+44": "226d5086cb3dcb5b",
+    "schemes=standard+min_steps": "7706c362befff4d1",
+    "runlocal,artefact=lr_grid,tasks=arc_e,ranks=4,lr_grid=0.1,seeds=43+44": "a3a3c6ccd79ec801",
 }
 
 
-@pytest.mark.parametrize("arg", sorted(CAMPAIGNS))
-def test_campaign_configs_are_pinned(arg):
+def _paper_config(arg):
   spec = importlib.util.spec_from_file_location("paper_config", ROOT / "configs" / "paper.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config(arg)
-  text = json.dumps(
-      {"sweep": c.sweep, "config": {k: v for k, v in c.to_dict().items() if k != "sweep"}}, sort_keys=True, default=str
-  )
-  assert hashlib.sha256(text.encode()).hexdigest()[:16] == CAMPAIGNS[arg]
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("arg", sorted(CAMPAIGN_CELLS))
+def test_campaign_cells_are_pinned(arg):
+  text = json.dumps(_paper_config(arg).sweep, sort_keys=True, default=str)
+  assert hashlib.sha256(text.encode()).hexdigest()[:16] == CAMPAIGN_CELLS[arg]
+
+
+# experiments/cpu_campaign.sh's stages: (config, the flags it adds, the committed store). A new config key
+# must not make the sweep rerun what has landed (the campaign resumes from these records on a new machine).
+_COMMON = {
+    "data.batch_size": 8,
+    "data.max_len": 128,
+    "data.pack": True,
+    "data.max_target_tokens": 64,
+    "checkpoint_every": 20,
+    "progress": False,
+}
+COMMITTED = [
+    (
+        "artefact=lr_grid,runlocal,tasks=siqa,ranks=1+32,lr_grid=0.003+0.01+0.03+0.1,steps=40",
+        {**_COMMON, "eval.limit": 300},
+        "rates",
+    ),
+    (
+        "artefact=direct,runlocal,tasks=siqa+arc_e+obqa+winogrande+boolq,ranks=1+32,lrs=1:0.1+32:0.1,steps=120",
+        {**_COMMON, "eval.limit": 0},
+        "pilot",
+    ),
+]
+
+
+@pytest.mark.parametrize("arg, flags, stage", COMMITTED)
+def test_committed_campaign_records_would_not_rerun(arg, flags, stage, tmp_path):
+  from lora_squeeze import sweep  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import workdir  # pylint: disable=g-import-not-at-top
+
+  c = _paper_config(arg)
+  for key, value in flags.items():
+    node = c
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  store = ROOT / "experiments" / "results" / "cpu_campaign" / stage / "results"
+  records = {p.stem: json.loads(p.read_text()) for p in store.glob("*.json")}
+  assert records, store
+  cells = {cell["name"]: cell for cell in c.sweep}
+  for name, record in records.items():
+    assert name in cells, f"{stage}: committed cell {name} is no longer in the sweep"
+    settings = workdir.result_settings(sweep.cell_config(c, cells[name], tmp_path))
+    same = sweep.fingerprint(settings, {}) == record["fingerprint"]
+    assert same or not workdir.differences(record["settings"], settings), (
+        name,
+        workdir.differences(record["settings"], settings),
+    )

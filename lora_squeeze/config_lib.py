@@ -103,6 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
   # devices the other axis leaves. data: batch split only; fsdp: batch AND the frozen base weights split.
   # shard_lora: split the LoRA factors / optimizer state over fsdp too (default replicated; see sharding.py).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_lora=False))
+  # In-Squeeze / Cont-Squeeze: compile the coming stages' rank-change and train-step programs from abstract
+  # shapes in a background thread while the current stage trains (train.Trainer.precompile), so a stage
+  # boundary costs the rank change plus about one ordinary step. Results are bit-identical either way.
+  c.background_compile = True
   c.checkpoint_every = 1000
   c.keep_checkpoints = 2
   c.log_every = 50
@@ -211,6 +215,10 @@ def check_run_config(config) -> None:
   positive_int("min_steps", config.get("min_steps"), minimum=0)
   for key in ("warmup_steps", "rank_change_warmup"):
     positive_int(key, config.get(key), minimum=0)
+  need(
+      isinstance(config.get("background_compile", True), bool),
+      f"config.background_compile={config.get('background_compile')!r}: must be True or False",
+  )
   for key in ("checkpoint_every", "log_every", "keep_checkpoints", "seed"):
     positive_int(key, config.get(key), minimum=1 if key != "seed" else 0)
   rate("learning_rate", config.learning_rate)

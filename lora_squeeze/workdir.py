@@ -37,7 +37,16 @@ SUPERSEDED_DIR = "superseded"
 # (A resume is bit-identical whatever the checkpoint interval; the mesh may change between resumes.)
 # ``report`` is a sweep's summary table (reports.py), written after the cells.
 PRESENTATION_KEYS = frozenset(
-    {"progress", "tensorboard", "log_every", "checkpoint_every", "keep_checkpoints", "mesh", "report"}
+    {
+        "progress",
+        "tensorboard",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "mesh",
+        "report",
+        "background_compile",
+    }
 )
 
 

@@ -536,10 +536,13 @@ class Trainer:
     return None if self.precompiler is None else self.precompiler.get(signature)
 
   def _struct(self, x) -> jax.ShapeDtypeStruct:
-    """The abstract value of an argument as a call passes it: a jax Array with its sharding, a host array
-    without one (jax places it, as it does for the jitted call)."""
-    if isinstance(x, jax.Array):
+    """The abstract value of an argument as a call passes it: a committed jax Array with its sharding; an
+    uncommitted one or a host array without one (jax places it, as it does for the jitted call). Anything
+    else lowers to another program text, which also misses the persistent compile cache (tested)."""
+    if isinstance(x, jax.Array) and x.committed:
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype)
     x = np.asarray(x)
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
 

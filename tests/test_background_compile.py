@@ -85,6 +85,34 @@ def test_precompiled_programs_run_and_equal_the_jitted_ones(tiny):
   assert plain._train_step._cache_size() == 3 and plain._change._cache_size() == 2  # pylint: disable=protected-access
 
 
+def _same_program_text(trainer, state, base, batch):
+  """The programs ``precompile`` lowers from abstract shapes have the jitted calls' exact program text (so a
+  persistent compile cache filled by either serves both)."""
+  from lora_squeeze import lora
+  from lora_squeeze import train
+
+  args = trainer._train_step_args(state, base, batch, 0.05)  # pylint: disable=protected-access
+  structs = [jax.tree.map(trainer._struct, a) for a in args[1:]]  # pylint: disable=protected-access
+  (rank,) = set(lora.lora_ranks(state["params"]).values())
+  live = trainer._train_step.lower(*args).as_text()  # pylint: disable=protected-access
+  ahead = trainer._train_step.lower(trainer.abstract_call_state(rank), *structs).as_text()  # pylint: disable=protected-access
+  assert live == ahead
+  key = trainer._change_key(train._stage_key(0, 1))  # pylint: disable=protected-access
+  live = trainer._change.lower(state, key, rank=4).as_text()  # pylint: disable=protected-access
+  ahead = trainer._change.lower(trainer.abstract_call_state(rank), jax.tree.map(trainer._struct, key), rank=4)  # pylint: disable=protected-access
+  assert live == ahead.as_text()
+
+
+def test_ahead_lowering_has_the_jitted_calls_program_text(tiny):
+  from lora_squeeze import lora
+  from lora_squeeze import train
+  from lora_squeeze.data import synthetic
+
+  it = synthetic.SyntheticIterator(tiny.tokenizer, batch_size=4, max_len=16, seed=0)
+  trainer = train.Trainer(tiny, lora.LoRAConfig(rank=8), max_targets=64)
+  _same_program_text(trainer, trainer.init_state(jax.random.key(0), 8), tiny.params, next(it))
+
+
 def test_a_failed_background_compile_falls_back_to_the_jitted_call(tiny, capsys):
   from lora_squeeze import lora
   from lora_squeeze import train
@@ -233,6 +261,7 @@ def _four_devices():
   cfg = lora.LoRAConfig(rank=8)
   make = lambda: train.Trainer(tiny, cfg, max_targets=64, optimizer_state="carry", mesh=mesh, shard_lora=True)
   plain, ahead = make(), make()
+  _same_program_text(plain, plain.init_state(jax.random.key(0), 8), base, batches[0])
   want_state, want_losses = _ladder_run(plain, tiny, batches, precompile=False, base=base)
   got_state, got_losses = _ladder_run(ahead, tiny, batches, precompile=True, base=base)
   assert got_losses == want_losses, (got_losses, want_losses)

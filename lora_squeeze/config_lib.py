@@ -121,6 +121,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Rematerialise each transformer block in the train step's backward pass (jax.checkpoint): activation
   # memory of one layer instead of all, for about one more forward of compute (experiments/remat_memory.py).
   c.remat = False
+  # In-Squeeze / Cont-Squeeze: compile the coming stages' rank-change and train-step programs from abstract
+  # shapes in a background thread while the current stage trains (train.Trainer.precompile), so a stage
+  # boundary costs the rank change plus about one ordinary step. Results are bit-identical either way.
+  c.background_compile = True
   c.checkpoint_every = 1000
   c.keep_checkpoints = 2
   c.log_every = 50
@@ -229,6 +233,8 @@ def check_run_config(config) -> None:
   positive_int("min_steps", config.get("min_steps"), minimum=0)
   for key in ("warmup_steps", "rank_change_warmup"):
     positive_int(key, config.get(key), minimum=0)
+  for key, default in (("background_compile", True), ("remat", False)):
+    need(isinstance(config.get(key, default), bool), f"config.{key}={config.get(key)!r}: must be True or False")
   for key in ("checkpoint_every", "log_every", "keep_checkpoints", "seed"):
     positive_int(key, config.get(key), minimum=1 if key != "seed" else 0)
   rate("learning_rate", config.learning_rate)

@@ -32,7 +32,8 @@ linear after its RMS scaling, so ``lr · adafactor(None)`` equals ``adafactor(lr
 step without a schedule baked into the program. Schedule (paper): linear warmup over ``config.warmup_steps``
 (1000) then constant; each later stage warms up again over ``config.rank_change_warmup`` steps.
 
-Rank change (``Trainer.change_rank``): jitted with the target rank static: LoRA params through
+Rank change (``Trainer.change_rank``): one jitted program for the whole tree, on one device as on a mesh,
+with the target rank static (compiled once per (source ranks, target rank) signature): LoRA params through
 ``lora.change_rank`` (``squeeze_lora``, ``config.squeeze.method``, scale folded) and the optimizer state:
 
 * ``"fresh"`` (default): a new Adafactor state at the new rank (what a new LoRA run would start with).
@@ -41,6 +42,17 @@ Rank change (``Trainer.change_rank``): jitted with the target rank static: LoRA 
   rank. Adafactor factors a parameter only when its two largest dims are >= 128, so the state's *layout*
   changes at rank 128 (e.g. 128 → 64 turns ``v_row``/``v_col`` into a full ``v``): the carried statistics are
   rebuilt as full second-moment tensors first and re-encoded in the new layout (``carry_adafactor_state``).
+
+Stage boundaries without stalls (``config.background_compile``, default on): the ladder's ranks are known
+before training, so once a run's first stage has taken its first step, ``Trainer.precompile`` lowers every
+coming boundary's programs (the rank change, then the train step at the new rank) from abstract shapes
+with the live arguments' shardings and compiles them in one background thread, in ladder order, while the
+stages train; a boundary then runs those executables instead of tracing and compiling in place. The
+programs are the jitted ones (bit-identical results, tested, so the key is not a result setting); every
+process of a multi-host run compiles the same programs from the same shapes. ``result.json["timing"]``
+records each boundary (``boundary_seconds`` from the end of the last step before it to the end of the
+first step after it, ``save_seconds``, ``change_seconds``, ``first_step_seconds``) and each background
+compile (``background_compile``: seconds, start/end, how long the loop waited for it).
 
 Checkpoints (orbax, ``workdir/checkpoints``): every ``config.checkpoint_every`` steps, at each stage's end
 and right after each rank change. orbax step ids are ``2·global_step + phase`` (phase 1 = "just changed
@@ -299,8 +311,11 @@ class Trainer:
 
   Attributes:
     traces: {"train_step": n, "change_rank": n}: how often each was traced (compiled). The train step traces
-      once per distinct rank; a retrace for the same shapes would show here (tests assert it). On one device
-      the rank change runs outside jit (its squeezes are jitted per module shape), so it counts calls.
+      once per distinct rank, the rank change once per (source ranks, target rank) signature; a retrace for
+      the same shapes would show here (tests assert it). Programs compiled ahead (``precompile``) count
+      their one trace too.
+    precompiler: the ``Precompiler`` started by ``precompile`` (None before): its ``log`` says what was
+      compiled in the background, when, and how long the loop waited for it.
   """
 
   def __init__(
@@ -340,6 +355,7 @@ class Trainer:
     self._eval_loss = jax.jit(self._eval_loss_impl)
     # Not donated: the outputs have other shapes (new rank), so XLA could not reuse the buffers anyway.
     self._change = jax.jit(self._change_impl, static_argnames=("rank",))
+    self.precompiler: Precompiler | None = None
 
   # --- state ---
   def init_state(self, key: jax.Array, rank: int) -> dict:
@@ -456,15 +472,22 @@ class Trainer:
       )
     return new_state, metrics
 
+  def _train_step_args(self, state, base_params, batch, learning_rate: float):
+    if self.mesh is not None:
+      self._check_budget(batch)
+      return state, base_params, self._global_batch(batch), np.float32(learning_rate)
+    check_target_budget(batch, self.max_targets)
+    return state, base_params, batch, jnp.float32(learning_rate)
+
   def train_step(self, state, base_params, batch, learning_rate: float):
     """One optimizer step; ``state`` is donated (do not reuse it). Returns (new state, device metrics).
 
-    ``batch``: host numpy, the whole batch, or under a mesh this process's rows of the global batch."""
-    if self.mesh is not None:
-      self._check_budget(batch)
-      return self._train_step(state, base_params, self._global_batch(batch), np.float32(learning_rate))
-    check_target_budget(batch, self.max_targets)
-    return self._train_step(state, base_params, batch, jnp.float32(learning_rate))
+    ``batch``: host numpy, the whole batch, or under a mesh this process's rows of the global batch. A step
+    at ranks that ``precompile`` compiled ahead runs that executable (waiting for its compile if it is still
+    running); otherwise the jitted step (compiled on its first call at these shapes)."""
+    args = self._train_step_args(state, base_params, batch, learning_rate)
+    compiled = self._ahead(("train_step", rank_signature(state["params"])))
+    return (compiled or self._train_step)(*args)
 
   def _eval_loss_impl(self, lora_params, base_params, batch):
     self.traces["loss"] += 1
@@ -492,16 +515,147 @@ class Trainer:
     # gets its shardings from the same rule.
     return self._constrain({"params": params, "opt_state": opt_state, "step": state["step"]})
 
+  def _change_key(self, key: jax.Array):
+    # The jitted impl takes a typed key on one device, raw key data (host uint32) on a mesh.
+    return key if self.mesh is None else self._host_key(key)
+
   def change_rank(self, state, rank: int, key: jax.Array):
-    """The state at a new rank (params squeezed, optimizer state fresh or carried)."""
+    """The state at a new rank (params squeezed, optimizer state fresh or carried).
+
+    ONE jitted program for the whole tree (every module's squeeze side by side, the optimizer state, the
+    shardings), compiled once per (source ranks, target rank) signature, on one device as on a mesh. (Until
+    issue 19 one device ran it module by module, outside jit, after XLA:CPU wedged on batched squeezes with
+    jaxlib 0.10.0; ``experiments/xla_cpu_hang_check.py`` no longer reproduces that with the pinned stack,
+    and the whole-tree program's compile, 20-40 s cold on the 270M, is what ``precompile`` takes off the
+    critical path.) A change that ``precompile`` compiled ahead runs that executable."""
+    compiled = self._ahead(("change_rank", rank_signature(state["params"]), int(rank)))
+    key = self._change_key(key)
+    if compiled is not None:
+      return compiled(state, key)
+    return self._change(state, key, rank=int(rank))
+
+  # --- programs compiled ahead of time ---
+  def _ahead(self, signature):
+    return None if self.precompiler is None else self.precompiler.get(signature)
+
+  def _struct(self, x) -> jax.ShapeDtypeStruct:
+    """The abstract value of an argument as a call passes it: a committed jax Array with its sharding; an
+    uncommitted one or a host array without one (jax places it, as it does for the jitted call). Anything
+    else lowers to another program text, which also misses the persistent compile cache (tested)."""
+    if isinstance(x, jax.Array) and x.committed:
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    x = np.asarray(x)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+  def abstract_call_state(self, ranks) -> Any:
+    """``abstract_state(ranks)`` with the shardings a live state has: the mesh's, or (one device) committed
+    to the default device like ``state_from_params``'s and every step's outputs."""
+    abstract = self.abstract_state(ranks)
     if self.mesh is not None:
-      return self._change(state, self._host_key(key), rank=int(rank))
-    # One device: not under one jit. squeeze_lora then runs module by module (on a CPU its host route,
-    # nothing compiled; elsewhere its per-(shape, rank) programs, 7 for Gemma 3) instead of one program
-    # holding every module's QR/SVD (126 on the 270M), whose XLA compile dominated each In-Squeeze stage:
-    # measured on the real 270M, r 8 -> 4 cold 6.6 s vs 38 s (per-shape programs vs one program).
+      return abstract
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.device_put(self._change_impl(state, key, rank=int(rank)), single)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single), abstract)
+
+  def precompile(self, ladder, *, base_params, batch, key: jax.Array) -> "Precompiler":
+    """Compiles, in one background thread and in order, the programs the coming stage boundaries need.
+
+    ``ladder``: [(ranks before, ranks after), ...], one per coming rank change, in the order they happen;
+    for each, the rank change (before -> after) and then the train step at ``after`` are lowered from
+    abstract shapes (``jax.ShapeDtypeStruct``s with the shardings the live arguments have: the base's and
+    the batch's taken from ``base_params`` and ``batch``, one example of each; the state's from the same
+    rule the live state follows) and compiled (``jax.jit(...).lower(...).compile()``, which also reads and
+    fills the persistent compile cache). ``train_step`` and ``change_rank`` then run those executables at
+    those signatures. The programs are the jitted ones' (same function, same abstract inputs): the results
+    are bit-identical (tested). Every process of a multi-host run compiles the same programs in the same
+    order from the same shapes (nothing in it depends on the process).
+    """
+    if self.precompiler is None:
+      self.precompiler = Precompiler()
+    step_args = self._train_step_args(None, base_params, batch, 0.0)
+    base_s, batch_s, lr_s = (jax.tree.map(self._struct, a) for a in step_args[1:])
+    key_s = jax.tree.map(self._struct, self._change_key(key))
+    for before, after in ladder:
+      before_s, after_s = self.abstract_call_state(before), self.abstract_call_state(after)
+      self.precompiler.submit(
+          ("change_rank", rank_signature(before_s["params"]), int(after)),
+          f"change_rank r{before} -> r{after}",
+          lambda b=before_s, a=after: self._change.lower(b, key_s, rank=int(a)).compile(),
+      )
+      self.precompiler.submit(
+          ("train_step", rank_signature(after_s["params"])),
+          f"train_step r{after}",
+          lambda a=after_s: self._train_step.lower(a, base_s, batch_s, lr_s).compile(),
+      )
+    return self.precompiler
+
+  def close(self) -> None:
+    """Stops the background compiles (a running one finishes; queued ones are dropped)."""
+    if self.precompiler is not None:
+      self.precompiler.close()
+
+
+def rank_signature(params) -> tuple:
+  """What a compiled program of the LoRA params depends on: every leaf's shape, in tree order."""
+  return tuple(tuple(x.shape) for x in jax.tree.leaves(params))
+
+
+class Precompiler:
+  """Programs compiled in one background thread, in the order submitted; ``get`` waits for one.
+
+  ``log``: one entry per program: its name, the seconds its compile took (``seconds``; it shares the CPUs
+  with the train loop), when it started and ended (``start``/``end``, seconds on ``time.time()``'s clock),
+  how long the train loop waited for it (``waited``), and its error if it failed (the loop then falls back
+  to the jitted call, which compiles in place; the error is printed once).
+  """
+
+  def __init__(self):
+    import concurrent.futures  # pylint: disable=g-import-not-at-top
+
+    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora_squeeze_compile")
+    self._futures: dict[Any, Any] = {}
+    self._entries: dict[Any, dict[str, Any]] = {}
+    self.log: list[dict[str, Any]] = []
+
+  def submit(self, signature, name: str, compile_fn: Callable[[], Any]) -> None:
+    if signature in self._futures:
+      return
+    entry = {"program": name, "seconds": None, "start": None, "end": None, "waited": 0.0, "error": None}
+
+    def work():
+      entry["start"] = time.time()
+      try:
+        return compile_fn()
+      finally:
+        entry["end"] = time.time()
+        entry["seconds"] = entry["end"] - entry["start"]
+
+    self._entries[signature] = entry
+    self.log.append(entry)
+    self._futures[signature] = self._pool.submit(work)
+
+  def get(self, signature):
+    """The compiled program for ``signature`` (waiting for it), or None if none was submitted or it failed."""
+    future = self._futures.get(signature)
+    if future is None:
+      return None
+    entry = self._entries[signature]
+    t = time.time()
+    try:
+      compiled = future.result()
+    except Exception as e:  # pylint: disable=broad-except
+      if entry["error"] is None:
+        entry["error"] = f"{type(e).__name__}: {e}"
+        print(
+            f"[lora_squeeze] background compile of {entry['program']} failed ({entry['error']}); compiling it in place"
+        )
+      compiled = None
+    entry["waited"] += time.time() - t
+    return compiled
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -878,7 +1032,10 @@ def _run_locked(config, workdir: Path, *, evaluate_fn: Callable | None) -> dict:
   writer = _tensorboard_writer(workdir, enabled=bool(config.get("tensorboard", False)) and primary)
   timing: dict[int, dict[str, Any]] = {}
   log_every, checkpoint_every = int(config.log_every), int(config.checkpoint_every)
+  background_compile = bool(config.get("background_compile", True))
   t_loop = time.time()
+  t_last_step = None  # when the previous stage's last step ended (synced): a boundary's stall starts there
+  end_save_seconds = 0.0  # the previous stage's end checkpoint
   try:
     for stage in stages[stage_idx:]:
       stage_time = timing.setdefault(
@@ -889,6 +1046,11 @@ def _run_locked(config, workdir: Path, *, evaluate_fn: Callable | None) -> dict:
               "first_step_seconds": 0.0,
               "steady_seconds": 0.0,
               "steady_steps": 0,
+              # From the end of the previous stage's last step to the end of this stage's first: the
+              # stage-end checkpoint, the rank change, its checkpoint and the first step (None: no previous
+              # stage in this process). ``save_seconds``: the checkpoints' part of it.
+              "boundary_seconds": None,
+              "save_seconds": end_save_seconds if t_last_step is not None else 0.0,
           },
       )
       resumed_here = stage.index == stage_idx and (stage_step > 0 or phase == "changed")
@@ -898,7 +1060,9 @@ def _run_locked(config, workdir: Path, *, evaluate_fn: Callable | None) -> dict:
         stage_time["change_seconds"] = time.time() - t
         stage_step = 0
         _fault_point(f"after_change:{stage.index}")
+        t = time.time()
         ckpts.save(state, make_meta(stage.index, 0, "changed"))
+        stage_time["save_seconds"] += time.time() - t
         _fault_point(f"after_change_saved:{stage.index}")
       elif not resumed_here:
         stage_step = 0
@@ -968,8 +1132,18 @@ def _run_locked(config, workdir: Path, *, evaluate_fn: Callable | None) -> dict:
         if first:  # the stage's compile (a new rank) + one step; one sync per stage
           jax.block_until_ready(m)
           stage_time["first_step_seconds"] = time.time() - t
+          if t_last_step is not None:
+            stage_time["boundary_seconds"] = time.time() - t_last_step
           clock[:] = [t, stage_step]  # the first flush reports this (compiling) step's own rate
           t_steady = time.time()
+          if background_compile and trainer.precompiler is None and stage.index + 1 < len(stages):
+            # This stage's program is compiled and running: the coming boundaries' programs compile beside it.
+            trainer.precompile(
+                [(stages[j - 1].rank, stages[j].rank) for j in range(stage.index + 1, len(stages))],
+                base_params=base_params,
+                batch=batch,
+                key=_stage_key(seed, stage.index + 1),
+            )
         stage_step += 1
         global_step += 1
         pending.append((global_step, stage_step, lr, int(np.asarray(batch["segment_ids"]).astype(bool).sum()), m))
@@ -981,13 +1155,19 @@ def _run_locked(config, workdir: Path, *, evaluate_fn: Callable | None) -> dict:
           flush()
         if checkpoint_now:
           if stage_step == stage.steps:  # steps after this stage's first, up to its end (flushed: synced)
-            stage_time["steady_seconds"] = time.time() - t_steady
+            t_last_step = time.time()
+            stage_time["steady_seconds"] = t_last_step - t_steady
             stage_time["steady_steps"] = stage.steps - start_step - 1
+            stage_time["steady_window"] = [t_steady - t_loop, t_last_step - t_loop]
+          t = time.time()
           ckpts.save(state, make_meta(stage.index, stage_step, "trained"))
+          if stage_step == stage.steps:  # the stage-end checkpoint: part of the next boundary
+            end_save_seconds = time.time() - t
           _fault_point(f"after_save:{global_step}")
       stage_idx, phase = stage.index, "trained"
   finally:
     progress.close()
+    trainer.close()
     if writer is not None:
       writer.flush()
   train_seconds = time.time() - t_loop
@@ -1017,21 +1197,40 @@ def _run_locked(config, workdir: Path, *, evaluate_fn: Callable | None) -> dict:
       "wall_seconds": wall,
       "final_train_loss": stage_losses.get(stages[-1].index),
       "metrics": metrics,
-      "timing": _timing_summary(timing, train_seconds),
+      "timing": _timing_summary(timing, train_seconds, trainer.precompiler, t_loop),
   }
   if primary:
     fileio.atomic_write_text(result_path, json.dumps(result, indent=2))
   return result
 
 
-def _timing_summary(timing: Mapping[int, Mapping[str, Any]], train_seconds: float) -> dict[str, Any]:
-  """Where the train loop's time went (this process's run; a resumed run counts only its own part)."""
+def _timing_summary(
+    timing: Mapping[int, Mapping[str, Any]], train_seconds: float, precompiler=None, t_loop: float = 0.0
+) -> dict[str, Any]:
+  """Where the train loop's time went (this process's run; a resumed run counts only its own part).
+
+  ``background_compile``: the programs compiled ahead (``Trainer.precompile``), each with its compile
+  seconds, its start/end in seconds since the loop started, and how long the loop waited for it; stages
+  carry ``steady_window`` (the same clock), so a compile's overlap with steady steps can be measured."""
   stages = [dict(v, stage=k) for k, v in sorted(timing.items())]
-  steady = [s["steady_seconds"] / s["steady_steps"] for s in stages if s["steady_steps"] > 0]
+  steady = [s["steady_seconds"] / s["steady_steps"] for s in stages if s.get("steady_steps", 0) > 0]
+  compiles = []
+  for e in precompiler.log if precompiler is not None else []:
+    compiles.append(
+        {
+            "program": e["program"],
+            "seconds": e["seconds"],
+            "start": None if e["start"] is None else e["start"] - t_loop,
+            "end": None if e["end"] is None else e["end"] - t_loop,
+            "waited": e["waited"],
+            "error": e["error"],
+        }
+    )
   return {
       "train_seconds": train_seconds,
       "stages": stages,
       "steady_step_seconds": float(np.median(steady)) if steady else None,
+      "background_compile": compiles,
   }
 
 

@@ -38,7 +38,17 @@ SUPERSEDED_DIR = "superseded"
 # executed, may change between resumes: the same values up to XLA's float reassociation.)
 # ``report`` is a sweep's summary table (results.write_report), written after the cells.
 PRESENTATION_KEYS = frozenset(
-    {"progress", "tensorboard", "log_every", "checkpoint_every", "keep_checkpoints", "mesh", "remat", "report"}
+    {
+        "progress",
+        "tensorboard",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "mesh",
+        "report",
+        "remat",
+        "background_compile",
+    }
 )
 
 

@@ -523,9 +523,8 @@ def require(rows: Sequence[Row], what: str, **where) -> list[Row]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _label(row: Row, with_task: bool = False) -> str:
-  label = row.method if row.source_rank is None else f"{row.method} from r={row.source_rank}"
-  return f"{row.task}: {label}" if with_task else label
+def _label(row: Row) -> str:
+  return row.method if row.source_rank is None else f"{row.method} from r={row.source_rank}"
 
 
 def _report_lines(records: Mapping[str, Mapping[str, Any]], store: str) -> list[tuple[str, Row | None, Mapping]]:
@@ -587,22 +586,23 @@ def method_rank_heatmap(
 
   rows = [row for _, row, _ in _report_lines(records, str(store)) if row is not None and row.accuracy is not None]
   panels = [p for p in _PANELS if any(getattr(r, p[0]) is not None for r in rows)] or list(_PANELS[:1])
-  many = len({r.task for r in rows}) > 1  # one row of the grid per (task, method)
-  methods = list(dict.fromkeys(_label(r, many) for r in sorted(rows, key=lambda r: r.task)))
+  # One row of the grid per (task, method); the task is shown only when the records hold several.
+  keys = list(dict.fromkeys((r.task, _label(r)) for r in sorted(rows, key=lambda r: r.task)))
+  many = len({task for task, _ in keys}) > 1
+  methods = [f"{task}: {label}" if many else label for task, label in keys]
+  direct = {task: i for i, (task, label) in enumerate(keys) if label == "direct"}
   ranks = sorted({r.rank for r in rows}, reverse=True)
   plt = pyplot()
   fig, axes = plt.subplots(
       1, len(panels), squeeze=False, figsize=(len(panels) * (1.6 + 1.3 * len(ranks)) + 1.5, 1.2 + 0.55 * len(methods))
   )
   for ax, (key, scale, label, sign, fmt) in zip(axes[0], panels):
-    grid = np.full((len(methods), len(ranks)), np.nan)
+    grid = np.full((len(keys), len(ranks)), np.nan)
     for r in rows:
       if getattr(r, key) is not None:
-        grid[methods.index(_label(r, many)), ranks.index(r.rank)] = scale * getattr(r, key)
-    task_of = lambda m: m.rsplit(": ", 1)[0] if many else ""  # pylint: disable=cell-var-from-loop
-    direct = {task_of(m): i for i, m in enumerate(methods) if m.rsplit(": ", 1)[-1] == "direct"}
+        grid[keys.index((r.task, _label(r))), ranks.index(r.rank)] = scale * getattr(r, key)
     none = np.full(len(ranks), np.nan)
-    base = np.stack([grid[direct[task_of(m)]] if task_of(m) in direct else none for m in methods])
+    base = np.stack([grid[direct[task]] if task in direct else none for task, _ in keys])
     delta = sign * (grid - base) + 0.0  # + 0.0: no "-0.000"
     texts = [
         [

@@ -69,6 +69,12 @@ def _rates(args, rows) -> int:
   return 0
 
 
+def _curve(store: Path, cell: str) -> list[dict]:
+  """A cell's metrics rows (its training curve, copied to ``STORE/curves/CELL.jsonl``); [] without one."""
+  f = store / "curves" / f"{cell}.jsonl"
+  return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+
+
 def _curves(store: Path, cells: dict[str, list[str]], path: Path) -> Path | None:
   """One panel per task: training loss per step (raw and a 10-step moving mean) of each rank's run."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -80,10 +86,9 @@ def _curves(store: Path, cells: dict[str, list[str]], path: Path) -> Path | None
   fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 2.8), squeeze=False)
   for ax, task in zip(axes[0], tasks):
     for cell in cells[task]:
-      f = store / "curves" / f"{cell}.jsonl"
-      if not f.exists():
+      recs = _curve(store, cell)
+      if not recs:
         continue
-      recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
       steps = np.array([x["step"] for x in recs])
       loss = np.array([x["loss"] for x in recs])
       k = min(10, len(loss))
@@ -102,10 +107,7 @@ def _curves(store: Path, cells: dict[str, list[str]], path: Path) -> Path | None
 
 def _final_train_loss(store: Path, cell: str, last: int = 20) -> float | None:
   """Mean training loss over a cell's last ``last`` steps (its curve in ``STORE/curves``), None without one."""
-  f = store / "curves" / f"{cell}.jsonl"
-  if not f.exists():
-    return None
-  losses = [json.loads(x)["loss"] for x in f.read_text().splitlines() if x.strip()][-last:]
+  losses = [x["loss"] for x in _curve(store, cell)][-last:]
   return sum(losses) / len(losses) if losses else None
 
 

@@ -107,7 +107,7 @@ def machine() -> str:
   )
 
 
-def plan_temps(field: str = "temporaries") -> dict[str, float]:
+def plan_memory(field: str = "temporaries") -> dict[str, float]:
   """{model key: GB of ``field``} of the compiled one-device train_r128 in paper_scale_plan.json."""
   path = RESULTS / "paper_scale_plan.json"
   if not path.exists():
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
   print("XLA:CPU check:", check)
   if args.quick:
     return 0
-  temps = plan_temps()
+  temps = plan_memory()
   lines = [
       "# Activation memory of the train step with and without `config.remat`\n\n",
       "JAX's residual count runs above XLA's compiled temporaries where both exist (it counts values XLA "
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         f"| {name} | {off['layers']} | {off['residual_bytes'] / 1e9:.2f} | {on['residual_bytes'] / 1e9:.2f} | "
         f"{off['residual_bytes'] / max(on['residual_bytes'], 1):.1f}x | {'-' if plan is None else f'{plan:.2f}'} |\n"
     )
-  args_gb = plan_temps("arguments")
+  args_gb = plan_memory("arguments")
   lines.append(
       "\nWhat it means for one device, estimated (not compiled with remat): arguments (paper_scale_plan) + the "
       "residuals with remat + one layer's share of the residuals without it (the working set of the block "

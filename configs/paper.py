@@ -6,20 +6,9 @@ only reads the arguments.
   python -m lora_squeeze.sweep --config=configs/paper.py:artefact=heatmap,lr_from=runs/lr_grid --workdir=runs/heatmap
   bash launch/sweep.sh slurm configs/paper.py:artefact=table1,lr_from=runs/lr_grid runs/table1   # one job per cell
 
-artefact (what it runs → which scripts read it):
-  lr_grid  direct training at every (task, rank, learning rate of the grid, seed)
-           → experiments/table2_lr_grid.py, table3_seeds.py (seeds=42+43+44), fig3_lr_transfer.py
-  direct   direct training at every (task, rank) with that rank's own rate (``lr_from`` / ``lrs``), nothing
-           else: "does rank matter here?" (experiments/rank_pilot.py)
-  fig3     direct training at every rank with ONE rate (``lr``, tuned at r_src), and Post-Squeeze from r_src
-           to every lower rank → experiments/fig3_lr_transfer.py (Fig. 3; Fig. 8 with VL tasks)
-  heatmap  direct training at every rank with its own rate (``lr_from`` an lr_grid store, or ``lrs``), and
-           Post-Squeeze from every source rank to every target rank ≤ it, with the efficient method (Alg. 2)
-           AND the standard one (Alg. 1, RSVD of ΔW: ``rsvd``) → fig4_heatmap.py (Fig. 4/9), fig5_efficient_vs_standard.py (Fig. 5),
-           fig6_retention.py (Fig. 6/7: V_r of every source → target)
-  table1   per task: zero-shot; direct r_tgt for N and for N + M steps; direct r_src for N; Post-Squeeze
-           r_src → r_tgt; Cont-Squeeze (+M) for each M; In-Squeeze standard and minimum-steps over N + M
-           → table1_methods.py (Table 1; Table 7 with model=gemma3_1b; Table 8 with VL tasks)
+artefact: lr_grid, direct, fig3, heatmap or table1, several joined with ``+`` (shared cells run once). What
+each runs and which experiments/ script reads its store: the list at the top of ``lora_squeeze/paper_sweeps.py``
+(and the README's table).
 
 Scale switches: paper scale by default (Gemma 3 4B from ``checkpoint``; batch 8, length 1024; 10k steps, 15k
 on the larger training sets; ranks 1…128; the learning-rate grid; 1000 warmup steps; M = 200 and 700);

@@ -6,7 +6,7 @@ only reads the arguments.
   python -m lora_squeeze.sweep --config=configs/paper.py:artefact=heatmap,lr_from=runs/lr_grid --workdir=runs/heatmap
   bash launch/sweep.sh slurm configs/paper.py:artefact=table1,lr_from=runs/lr_grid runs/table1   # one job per cell
 
-artefact: lr_grid, direct, fig3, heatmap or table1, several joined with ``+`` (shared cells run once). What
+artefact: lr_grid, direct, fig3, heatmap, table1 or table3, several joined with ``+`` (shared cells run once). What
 each runs and which experiments/ script reads its store: the list at the top of ``lora_squeeze/paper_sweeps.py``
 (and the README's table).
 
@@ -47,6 +47,7 @@ def get_config(arg=None):
       sources=(),
       methods=("efficient", "rsvd"),
       schemes=("standard", "min_steps"),
+      optimizer_states=("fresh",),
       steps=0,
       extra=(200, 700),
       runlocal=False,
@@ -71,4 +72,5 @@ def get_config(arg=None):
       sources=arg.sources,
       methods=arg.methods,
       schemes=arg.schemes,
+      optimizer_states=arg.optimizer_states,
   )

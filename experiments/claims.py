@@ -16,7 +16,9 @@ Claims checked, as far as the store holds the cells (configs/paper.py: heatmap +
   3. V_r when halving the rank is high (App. F: ~94-96%), and lower for large steps;
   4. Cont-Squeeze (+M steps at r_tgt) recovers from a large squeeze: better than Post-Squeeze r_src → r_tgt;
   5. Cont-Squeeze and In-Squeeze (standard, minimum-steps) against direct training at r_tgt for the same
-     N + M steps (Table 1).
+     N + M steps (Table 1);
+  6. beyond the paper: In-Squeeze with the optimizer state carried across rank changes against a fresh one
+     (paper_sweeps: table1 with optimizer_states=fresh+carry), on the seeds both ran.
 Seed variation is Table 3's (experiments/table3_seeds.py).
 
   python experiments/claims.py --results runs/heatmap runs/table1 --out experiments/results/paper
@@ -139,6 +141,27 @@ def comparisons(rows):
                 f"{label} vs direct training, same steps (Table 1)",
                 f"{label} {src}→{tgt}",
                 f"direct r={tgt}, {steps} steps",
+                p,
+                False,
+            )
+        )
+  for scheme, label in (("standard", "In-Squeeze standard"), ("min_steps", "In-Squeeze min-steps")):
+    fresh = R.group([r for r in rows if r.method == f"in_squeeze_{scheme}"], lambda r: (r.source_rank, r.rank, r.steps))
+    for key, a in sorted(
+        R.group(
+            [r for r in rows if r.method == f"in_squeeze_{scheme}_carry"], lambda r: (r.source_rank, r.rank, r.steps)
+        ).items()
+    ):
+      # Only the seeds both ran: a carried run at seed 42 against the fresh runs of seeds 42-44 would pair a
+      # single seed with a seed average.
+      seeds = {r.seed for r in a} & {r.seed for r in fresh.get(key, [])}
+      p = R.paired([r for r in a if r.seed in seeds], [r for r in fresh.get(key, []) if r.seed in seeds])
+      if p:
+        out.append(
+            (
+                "carrying the optimizer state across rank changes helps In-Squeeze (beyond the paper)",
+                f"{label} {key[0]}→{key[1]}, optimizer state carried",
+                f"{label}, fresh optimizer state",
                 p,
                 False,
             )

@@ -4,12 +4,24 @@
 #          one epoch): each rank's rate = its lowest held-out NLL (experiments/rank_pilot.py rates)
 #   pilot  five tasks, ranks 1 and 32 at their own rates, 120 steps, evaluated on the WHOLE offline held-out
 #          half: does rank matter here? (experiments/rank_pilot.py report)
+# The campaign proper, on SIQA at N = 40 steps (about one epoch of its 971 training examples: at 40 steps r=32
+# beats r=1 on held-out NLL, the paper's direction; at 120 steps r=32 overfits). Sweep directory $RUN/rates
+# (evaluated on the first 300 held-out examples, like the rate search, so its cells pair with it):
+#   grid     Table 2: ranks 2, 4, 8, 16 at 0.01, 0.03, 0.1 (ranks 1 and 32 have the whole grid, 0.003-0.3)
+#   fig3     Fig. 3: every rank at r=32's rate, Post-Squeeze from r=32 to every lower rank
+#   heatmap  Fig. 4/5/6: every rank at its own rate, Post-Squeeze from every source, efficient and rsvd
+# and $RUN/table1 (the WHOLE held-out half, 983 examples: the claims with the most power):
+#   table1   Table 1 at r_src = 32, r_tgt = 1, M = 10: zero-shot, direct N and N + M, Post-, Cont-Squeeze,
+#            In-Squeeze standard and minimum-steps, each with a fresh and a carried optimizer state
+#   seeds    Table 3: its seed-study cells (direct r=1, r=32, Post-Squeeze, direct N + M, In-Squeeze
+#            minimum-steps) at seeds 43 and 44
 # Resumable and safe to rerun: finished cells are skipped (on a new machine too: each stage first copies the
 # committed store's records into its sweep directory), a killed cell resumes from its checkpoints, a
 # changed cell reruns (sweep.py). Each stage has its own sweep directory ($RUN/rates, $RUN/pilot: the two
 # stages share cell names) and its own committed store (experiments/results/cpu_campaign/{rates,pilot}/:
 # records and training curves, copied after each stage so that they can be committed as they land).
-# Usage: bash experiments/cpu_campaign.sh [STAGE ...]   (default: rates pilot)   RUN=runs/cpu_campaign
+# Usage: bash experiments/cpu_campaign.sh [STAGE ...]
+#   (default: rates pilot table1 seeds grid fig3 heatmap)   RUN=runs/cpu_campaign
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN="${RUN:-runs/cpu_campaign}"
@@ -39,14 +51,42 @@ seed() {  # $1 = stage: a new machine starts from the committed store, so finish
   return 0
 }
 
+# The campaign's sweeps: configs/paper.py on SIQA at N = 40, each stage adding its artefact.
+SIQA="runlocal,tasks=siqa,steps=40"
+campaign() {  # $1 = stage dir, $2 = eval.limit, $3 = configs/paper.py arguments
+  seed "$1"
+  "$PY" -m lora_squeeze.sweep --workdir="$RUN/$1" --config="configs/paper.py:$3" "${COMMON[@]}" \
+    --config.eval.limit="$2" || true
+  collect "$1"
+}
+rates_of() {  # the rank's own rates (lowest held-out NLL of the rate search) for the ranks in $1 (1+32)
+  "$PY" experiments/rank_pilot.py rates --results "$OUT/rates" --task siqa --lrs-only |
+    tr + '\n' | grep -E "^(${1//+/|}):" | paste -sd+
+}
+reports() {  # every figure and table script that the stores can feed; a script without its cells says so
+  local title="Gemma 3 270M, SIQA, CPU scale:"
+  for s in table2_lr_grid fig3_lr_transfer fig4_heatmap fig5_efficient_vs_standard fig6_retention; do
+    "$PY" "experiments/$s.py" --results "$OUT/rates" --out "$OUT" --title "$title" || true
+  done
+  for s in table1_methods table3_seeds; do
+    "$PY" "experiments/$s.py" --results "$OUT/table1" --out "$OUT" --title "$title" || true
+  done
+  "$PY" experiments/claims.py --results "$OUT/table1" --out "$OUT/table1" --title "$title" || true
+  "$PY" experiments/claims.py --results "$OUT/rates" --out "$OUT/rates" --title "$title" || true
+}
+
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(rates pilot)
+[ ${#stages[@]} -gt 0 ] || stages=(rates pilot table1 seeds grid fig3 heatmap)
 for stage in "${stages[@]}"; do
   case "$stage" in
     rates)
       seed rates
       "$PY" -m lora_squeeze.sweep --workdir="$RUN/rates" \
         --config="configs/paper.py:artefact=lr_grid,runlocal,tasks=siqa,ranks=1+32,lr_grid=0.003+0.01+0.03+0.1,steps=40" \
+        "${COMMON[@]}" --config.eval.limit=300 || true
+      # r=1's best rate was the grid's largest: one more rate above it, at both ends of the rank range.
+      "$PY" -m lora_squeeze.sweep --workdir="$RUN/rates" \
+        --config="configs/paper.py:artefact=lr_grid,runlocal,tasks=siqa,ranks=1+32,lr_grid=0.3,steps=40" \
         "${COMMON[@]}" --config.eval.limit=300 || true
       collect rates ;;
     pilot)
@@ -58,6 +98,25 @@ for stage in "${stages[@]}"; do
         "${COMMON[@]}" --config.eval.limit=0 || true
       collect pilot
       "$PY" experiments/rank_pilot.py report --results "$OUT/pilot" --out "$OUT" || true ;;
-    *) echo "unknown stage $stage (rates | pilot)"; exit 2 ;;
+    table1)
+      LRS="$(rates_of 1+32)"; echo "[cpu_campaign] table1 rates: $LRS"
+      campaign table1 0 "artefact=table1,$SIQA,ranks=1+32,src=32,tgt=1,extra=10,lrs=$LRS,optimizer_states=fresh+carry"
+      reports ;;
+    seeds)
+      LRS="$(rates_of 1+32)"
+      campaign table1 0 "artefact=table3,$SIQA,ranks=1+32,src=32,tgt=1,extra=10,lrs=$LRS,seeds=43+44"
+      reports ;;
+    grid)
+      campaign rates 300 "artefact=lr_grid,$SIQA,ranks=2+4+8+16,lr_grid=0.01+0.03+0.1"
+      reports ;;
+    fig3)
+      LR32="$(rates_of 32)"; LR32="${LR32#32:}"
+      campaign rates 300 "artefact=fig3,$SIQA,ranks=1+2+4+8+16+32,lr=$LR32"
+      reports ;;
+    heatmap)
+      LRS="$(rates_of 1+2+4+8+16+32)"; echo "[cpu_campaign] heatmap rates: $LRS"
+      campaign rates 300 "artefact=heatmap,$SIQA,ranks=1+2+4+8+16+32,lrs=$LRS"
+      reports ;;
+    *) echo "unknown stage $stage (rates | pilot | table1 | seeds | grid | fig3 | heatmap)"; exit 2 ;;
   esac
 done

@@ -18,7 +18,12 @@ Artefacts (what each runs → which scripts read it):
            ``rsvd``) → fig4_heatmap.py (Fig. 4/9), fig5_efficient_vs_standard.py (Fig. 5), fig6_retention.py
   table1   per task: zero-shot; direct r_tgt for N and for N + M steps; direct r_src for N; Post-Squeeze
            r_src → r_tgt; Cont-Squeeze (+M) for each M; In-Squeeze standard and minimum-steps over N + M
-           → table1_methods.py (Table 1; Table 7 with model=gemma3_1b; Table 8 with VL tasks)
+           → table1_methods.py (Table 1; Table 7 with model=gemma3_1b; Table 8 with VL tasks); with
+           optimizer_states=fresh+carry also In-Squeeze with the optimizer state carried across rank
+           changes (cells ``..._optcarry``; beyond the paper) → claims.py
+  table3   the seed study's cells (Table 3): direct r_tgt and r_src for N, Post-Squeeze r_src → r_tgt, direct
+           r_tgt and In-Squeeze minimum-steps for N + M (a subset of table1's cells: run it with seeds=43+44
+           next to table1 at seed 42) → table3_seeds.py, claims.py
 
 Several artefacts at once run their union: cells are made task by task, seed by seed, artefact by artefact
 (in ``ARTEFACTS`` order), and a cell two artefacts share (same name, same overrides) appears once.
@@ -41,12 +46,14 @@ from typing import Any
 import ml_collections
 
 from lora_squeeze import config_lib
+from lora_squeeze import schedules
 from lora_squeeze.workdir import UserError
 from lora_squeeze.workdir import did_you_mean
 
-ARTEFACTS = ("lr_grid", "direct", "fig3", "heatmap", "table1")
+ARTEFACTS = ("lr_grid", "direct", "fig3", "heatmap", "table1", "table3")
 SCALES = ("paper", "runlocal", "tiny")
-SCHEMES = ("standard", "min_steps")  # schedules.SCHEMES (not imported: it pulls in the training stack)
+SCHEMES = schedules.SCHEMES
+OPTIMIZER_STATES = ("fresh", "carry")  # train.OPTIMIZER_STATE_MODES (not imported: it pulls in the training stack)
 
 # The paper's text tasks (Table 4) in the registry's names.
 TEXT_TASKS = (
@@ -128,7 +135,7 @@ def parse_lrs(items: Iterable[Any]) -> dict[int, float]:
 
 
 def _check(
-    *, tasks, ranks, seeds, lr, lr_grid, lrs, src, tgt, sources, methods, schemes, extra, steps
+    *, tasks, ranks, seeds, lr, lr_grid, lrs, src, tgt, sources, methods, schemes, optimizer_states, extra, steps
 ) -> None:  # pylint: disable=unused-argument
   def positive_ints(key, values, minimum=1):
     for v in values:
@@ -170,6 +177,10 @@ def _check(
     _one_of("methods", m, squeeze.METHODS)
   for s in schemes:
     _one_of("schemes", s, SCHEMES)
+  if not optimizer_states:
+    raise UserError(f"optimizer_states is empty: give one or both of {OPTIMIZER_STATES}")
+  for s in optimizer_states:
+    _one_of("optimizer_states", s, OPTIMIZER_STATES)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -260,13 +271,44 @@ def _heatmap(t: _Task, a: Mapping[str, Any]) -> None:
       )
 
 
+def _ladder_rates(t: _Task, a: Mapping[str, Any]) -> dict[str, float | dict]:
+  """In-/Cont-Squeeze's ``lr_by_rank``: each rank of ``ranks`` at its own rate, then any other rank of the
+  halving ladder r_src → r_tgt at its ``lrs`` rate, else at ``lr`` (not ``lr_from``: that store was swept over
+  ``ranks``), so that no stage falls back to the base config's rate."""
+  out = {f"r{r}": t.lr_of(r) for r in a["ranks"]}
+  try:
+    ladder = schedules.halving_ladder(a["src"], a["tgt"])
+  except ValueError:  # not a chain of halvings: the run itself says so
+    ladder = []
+  for r in ladder:
+    out.setdefault(f"r{r}", a["lrs"].get(int(r), a["lr"]))
+  return out
+
+
+def _in_squeeze(t: _Task, a: Mapping[str, Any], scheme: str, m: int, lrs: dict, optimizer_state: str) -> str:
+  src, tgt = a["src"], a["tgt"]
+  extra = {} if optimizer_state == "fresh" else {"squeeze.optimizer_state": optimizer_state}
+  return t.add(
+      f"{t.tag}_in_{scheme}_{src}to{tgt}_m{m}" + ("" if optimizer_state == "fresh" else f"_opt{optimizer_state}"),
+      mode="in_squeeze",
+      source_rank=src,
+      target_rank=tgt,
+      scheme=scheme,
+      extra_steps=m,
+      lr_by_rank=lrs,
+      **{"lora.rank": src},
+      **extra,
+      **t.base,
+  )
+
+
 def _table1(t: _Task, a: Mapping[str, Any]) -> None:
   src, tgt, n = a["src"], a["tgt"], t.n
   t.add(f"{t.tag}_zero_shot", mode="zero_shot", **t.at)
   source = t.direct(src, t.lr_of(src))
   t.direct(tgt, t.lr_of(tgt))
   t.add(f"{t.tag}_post_{src}to{tgt}", mode="post_squeeze", source_workdir=f"@{source}", target_ranks=(tgt,), **t.at)
-  lrs = {f"r{r}": t.lr_of(r) for r in a["ranks"]}
+  lrs = _ladder_rates(t, a)
   for m in a["extra"]:
     t.direct(tgt, t.lr_of(tgt), steps=n + m)
     t.add(
@@ -279,21 +321,30 @@ def _table1(t: _Task, a: Mapping[str, Any]) -> None:
         lr_by_rank=lrs,
         **t.base,
     )
-    for scheme in a["schemes"]:
-      t.add(
-          f"{t.tag}_in_{scheme}_{src}to{tgt}_m{m}",
-          mode="in_squeeze",
-          source_rank=src,
-          target_rank=tgt,
-          scheme=scheme,
-          extra_steps=m,
-          lr_by_rank=lrs,
-          **{"lora.rank": src},
-          **t.base,
-      )
+    for optimizer_state in a["optimizer_states"]:
+      for scheme in a["schemes"]:
+        _in_squeeze(t, a, scheme, m, lrs, optimizer_state)
 
 
-_ARTEFACT_CELLS = {"lr_grid": _lr_grid, "direct": _direct, "fig3": _fig3, "heatmap": _heatmap, "table1": _table1}
+def _table3(t: _Task, a: Mapping[str, Any]) -> None:
+  src, tgt = a["src"], a["tgt"]
+  source = t.direct(src, t.lr_of(src))
+  t.direct(tgt, t.lr_of(tgt))
+  t.add(f"{t.tag}_post_{src}to{tgt}", mode="post_squeeze", source_workdir=f"@{source}", target_ranks=(tgt,), **t.at)
+  lrs = _ladder_rates(t, a)
+  for m in a["extra"]:
+    t.direct(tgt, t.lr_of(tgt), steps=t.n + m)
+    _in_squeeze(t, a, "min_steps", m, lrs, "fresh")
+
+
+_ARTEFACT_CELLS = {
+    "lr_grid": _lr_grid,
+    "direct": _direct,
+    "fig3": _fig3,
+    "heatmap": _heatmap,
+    "table1": _table1,
+    "table3": _table3,
+}
 assert tuple(_ARTEFACT_CELLS) == ARTEFACTS
 
 
@@ -318,6 +369,7 @@ def cells(
     sources: Sequence[int] = (),
     methods: Sequence[str] = ("efficient", "rsvd"),
     schemes: Sequence[str] = SCHEMES,
+    optimizer_states: Sequence[str] = ("fresh",),
     extra: Sequence[int] = (200, 700),
 ) -> list[dict[str, Any]]:
   """The cells of ``artefacts`` (their union), task by task, seed by seed.
@@ -333,6 +385,8 @@ def cells(
     src, tgt: r_src and r_tgt (fig3: r_src; table1: both).
     sources: the heatmap's source ranks (default: ``ranks``).
     methods: the heatmap's squeeze methods; schemes: table1's In-Squeeze schemes; extra: table1's M values.
+    optimizer_states: table1's In-Squeeze optimizer state at a rank change ("fresh": the paper's; "carry":
+      the moments squeezed with the adapter, cells named ``..._optcarry``).
   """
   artefacts = check_artefacts(artefacts)
   tasks, ranks, seeds, extra = tuple(tasks), tuple(ranks), tuple(seeds), tuple(extra)
@@ -349,6 +403,7 @@ def cells(
       sources=tuple(int(s) for s in sources),
       methods=tuple(methods),
       schemes=tuple(schemes),
+      optimizer_states=tuple(optimizer_states),
       extra=extra,
       steps=steps,
   )

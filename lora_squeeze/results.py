@@ -6,7 +6,8 @@ single run's workdir holding a ``result.json``. ``load_rows`` turns every finish
 evaluated adapter (a Post-Squeeze cell gives one row per target rank), with the fields the paper's
 artefacts group by:
 
-  method         zero_shot | direct | post_squeeze | cont_squeeze | in_squeeze_standard | in_squeeze_min_steps
+  method         zero_shot | direct | post_squeeze | cont_squeeze | in_squeeze_standard | in_squeeze_min_steps,
+                 and ``..._carry`` for an In-Squeeze run that carried its optimizer state across rank changes
   rank           the evaluated adapter's rank (Post-Squeeze: r_tgt; In-/Cont-Squeeze: the final rank)
   source_rank    r_src of Post- / Cont- / In-Squeeze (None for direct and zero-shot)
   learning_rate  the first stage's rate (Post-Squeeze: its source run's)
@@ -34,7 +35,16 @@ from typing import Any
 
 from lora_squeeze import fileio
 
-METHODS = ("zero_shot", "direct", "post_squeeze", "cont_squeeze", "in_squeeze_standard", "in_squeeze_min_steps")
+METHODS = (
+    "zero_shot",
+    "direct",
+    "post_squeeze",
+    "cont_squeeze",
+    "in_squeeze_standard",
+    "in_squeeze_min_steps",
+    "in_squeeze_standard_carry",
+    "in_squeeze_min_steps_carry",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +195,8 @@ def rows_from_result(store: str, cell: str, res: Mapping[str, Any]) -> list[Row]
       lr = source.get("learning_rate", lr)
   elif mode == "in_squeeze":
     method, source_rank = f"in_squeeze_{res.get('scheme') or 'standard'}", _int_rank(res["ranks_per_stage"][0])
+    if res.get("optimizer_state") == "carry":
+      method += "_carry"
   else:
     raise ValueError(f"results: cell {cell!r} of {store} has an unknown mode {mode!r}")
   return [

@@ -1192,6 +1192,7 @@ def _run_locked(config, workdir: Path, *, evaluate_fn: Callable | None) -> dict:
       "learning_rate": stages[0].learning_rate,
       "scheme": str(config.scheme) if config.mode == "in_squeeze" else None,
       "squeeze_method": str(config.squeeze.method) if len(stages) > 1 or stages[0].squeeze_first else None,
+      "optimizer_state": str(config.squeeze.optimizer_state) if len(stages) > 1 else None,
       "source_workdir": str(_cfg(config, "source_workdir", "") or "") or None,
       "steps": int(state["step"]),
       "wall_seconds": wall,

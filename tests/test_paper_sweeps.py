@@ -28,6 +28,7 @@ def _per_task(cells):
         ("fig3", 8 + 1),  # every rank at one rate, Post-Squeeze from r_src = 128 (a cell already there)
         ("heatmap", 8 + 8 * 2),  # every rank, Post-Squeeze from each source with efficient and rsvd
         ("table1", 4 + 2 * 4),  # 0-S, direct r_src and r_tgt, Post; per M: direct N+M, Cont, In std, In min
+        ("table3", 3 + 2 * 2),  # direct r_src and r_tgt, Post; per M: direct N+M, In min
     ],
 )
 def test_cell_counts_per_artefact_at_paper_scale(artefact, per_task):
@@ -44,6 +45,46 @@ def test_steps_per_task_and_names():
   assert cells["arc_e_s42_cont_128to1_m200"]["source_workdir"] == "@arc_e_s42_direct_r128_lr0.01"
   assert cells["arc_e_s42_in_min_steps_128to1_m700"]["lr_by_rank"] == {f"r{r}": 0.01 for r in config_lib.PAPER_RANKS}
   assert P.steps_per_task(("mmlu", "arc_e"), 500) == {"mmlu": 500, "arc_e": 500}
+
+
+def test_table1_optimizer_states_and_ladder_rates():
+  """optimizer_states=fresh+carry adds In-Squeeze cells that carry the moments; every rank of the halving
+  ladder gets a rate even when ``ranks`` names only r_src and r_tgt (no stage falls back to the base rate)."""
+  args = dict(tasks=("siqa",), ranks=(1, 32), steps=40, src=32, tgt=1, extra=(10,), lrs={1: 0.1, 32: 0.03}, lr=0.05)
+  fresh = {c["name"]: c["overrides"] for c in P.cells(("table1",), **args)}
+  both = {c["name"]: c["overrides"] for c in P.cells(("table1",), optimizer_states=("fresh", "carry"), **args)}
+  carried = sorted(set(both) - set(fresh))
+  assert carried == ["siqa_s42_in_min_steps_32to1_m10_optcarry", "siqa_s42_in_standard_32to1_m10_optcarry"]
+  for name in carried:
+    assert both[name]["squeeze.optimizer_state"] == "carry"
+    assert {k: v for k, v in both[name].items() if k != "squeeze.optimizer_state"} == fresh[
+        name.replace("_optcarry", "")
+    ]
+  assert "squeeze.optimizer_state" not in fresh["siqa_s42_in_standard_32to1_m10"]
+  assert fresh["siqa_s42_in_standard_32to1_m10"]["lr_by_rank"] == {
+      "r1": 0.1,
+      "r32": 0.03,
+      "r16": 0.05,
+      "r8": 0.05,
+      "r4": 0.05,
+      "r2": 0.05,
+  }
+  # table3 at other seeds is table1's seed-study subset: the same cells under the same names.
+  t3 = {c["name"]: c["overrides"] for c in P.cells(("table3",), **dict(args, seeds=(43,)))}
+  t1 = {c["name"]: c["overrides"] for c in P.cells(("table1",), **dict(args, seeds=(43,)))}
+  assert set(t3) < set(t1) and all(t1[n] == o for n, o in t3.items())
+  assert {n.split("_", 2)[2] for n in t3} == {
+      "direct_r32_lr0.03",
+      "direct_r1_lr0.1",
+      "post_32to1",
+      "direct_r1_lr0.1_n50",
+      "in_min_steps_32to1_m10",
+  }
+  with pytest.raises(UserError, match=r"optimizer_states='carried'.*did you mean 'carry'"):
+    P.cells(("table1",), optimizer_states=("carried",), **args)
+  from lora_squeeze import train  # pylint: disable=g-import-not-at-top
+
+  assert P.OPTIMIZER_STATES == train.OPTIMIZER_STATE_MODES
 
 
 def test_union_dedups_shared_cells_and_keeps_order():
@@ -74,7 +115,10 @@ def test_rates_lrs_over_lr_from_over_lr():
       c["name"]: c["overrides"]
       for c in P.cells(("table1",), tasks=("arc_e",), ranks=(1, 4), src=4, steps=10, lr_from="g")
   }
-  assert table["arc_e_s42_cont_4to1_m200"]["lr_by_rank"] == {f"r{r}": config_lib.best_lr_from("g", r) for r in (1, 4)}
+  assert table["arc_e_s42_cont_4to1_m200"]["lr_by_rank"] == {
+      **{f"r{r}": config_lib.best_lr_from("g", r) for r in (1, 4)},
+      "r2": 0.01,  # a ladder rank outside ``ranks``: ``lr`` (the lr_from store was swept over ``ranks``)
+  }
   assert table["arc_e_s42_cont_4to1_m200"]["source_workdir"] == "@arc_e_s42_direct_r4_lrbest"
   assert "arc_e_s42_direct_r1_lrbest_n210" in table
 

@@ -3,7 +3,7 @@
 Rows (all jitted, float32, timed after a warm-up call, median of ``--repeats``):
   * forward, full logits: gemma's ``__call__`` (262k-vocab logits at every position);
   * forward, hidden + answer logits: ``LoRA.hidden_states`` and ``logits_at`` at the answer positions only;
-  * LoRA train step, answer-only loss: ``train.Trainer.train_step`` (Adafactor, rank 8 on all projections);
+  * LoRA train step, answer-only loss: ``trainer.Trainer.train_step`` (Adafactor, rank 8 on all projections);
   * the same step with autodiff's backward for the LoRA product (``lora.HAND_BACKWARD = False``: what the
     step was before the hand-written backward), side by side;
   * LoRA train step, full-vocab loss: the same step computing logits at every position (the naive loss).
@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_squeeze import lora  # noqa: E402
 from lora_squeeze import fileio  # noqa: E402
 from lora_squeeze import models  # noqa: E402
-from lora_squeeze import train  # noqa: E402
+from lora_squeeze import trainer as trainer_lib  # noqa: E402
 
 
 def _time(fn, repeats: int) -> float:
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
   rows.append(("forward, full logits (gemma __call__)", sec, _flops(fwd_full, params, tokens)))
 
   lr = jnp.float32(1e-3)
-  trainer = train.Trainer(model, cfg, max_targets=n_targets)
+  trainer = trainer_lib.Trainer(model, cfg, max_targets=n_targets)
   holder, flops_step, one_step = _step_runner(trainer, args.rank, params, batch, lr, nonzero_b=True)
   lora_params = holder["state"]["params"]  # timed before the first (donating) step
   hidden_fwd = jax.jit(lambda lp, base, batch: trainer._loss(lp, base, batch))  # pylint: disable=protected-access
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
 
   lora.HAND_BACKWARD = False  # the same step with autodiff's backward for the LoRA product (before)
   _, flops_auto, one_auto_step = _step_runner(
-      train.Trainer(model, cfg, max_targets=n_targets), args.rank, params, batch, lr, nonzero_b=True
+      trainer_lib.Trainer(model, cfg, max_targets=n_targets), args.rank, params, batch, lr, nonzero_b=True
   )
   sec = _time(one_auto_step, args.repeats)
   lora.HAND_BACKWARD = True
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
 
   full_mask = dict(batch, loss_mask=np.ones((b, t), np.int32))
   _, flops_full, one_full_step = _step_runner(
-      train.Trainer(model, cfg, max_targets=b * t), args.rank, params, full_mask, lr, nonzero_b=False
+      trainer_lib.Trainer(model, cfg, max_targets=b * t), args.rank, params, full_mask, lr, nonzero_b=False
   )
   sec = _time(one_full_step, args.repeats)
   rows.append((f"LoRA r={args.rank} train step, full-vocab loss ({b * (t - 1)} logits)", sec, flops_full))

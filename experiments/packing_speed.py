@@ -5,7 +5,7 @@ shuffle seed 0), side by side in one run:
   * unpacked 8 x 64: one example per row (what a short-answer task would train with);
   * packed 8 x 128: ``pack=True`` first-fit rows (``data.pipeline``), about 1k real tokens per step;
   * unpacked 8 x 128: the control (twice the row length, the same examples as 8 x 64, more padding).
-Each is ``train.Trainer.train_step`` (LoRA rank ``--rank`` on all projections, Adafactor) on consecutive real
+Each is ``trainer.Trainer.train_step`` (LoRA rank ``--rank`` on all projections, Adafactor) on consecutive real
 batches of its iterator: one warm-up step (the compile), then ``--steps`` timed steps on new batches, each
 synchronised, the three configurations taking turns step by step (a shared machine's other load then slows
 them alike); seconds per step is their median; real tokens (``segment_ids > 0``) and examples per step are
@@ -39,7 +39,7 @@ from lora_squeeze import data  # noqa: E402
 from lora_squeeze import lora  # noqa: E402
 from lora_squeeze import models  # noqa: E402
 from lora_squeeze import results  # noqa: E402
-from lora_squeeze import train  # noqa: E402
+from lora_squeeze import trainer as trainer_lib  # noqa: E402
 
 # (label, pack, batch, max_len); the first is the baseline of the ratio column.
 CONFIGS = (("unpacked", False, 8, 64), ("packed", True, 8, 128), ("unpacked (control)", False, 8, 128))
@@ -73,7 +73,7 @@ class Config:
     self.batches = [next(it) for _ in range(1 + steps)]
     most = max(int(b["loss_mask"][:, 1:].sum()) for b in self.batches)
     self.max_targets = -(-most // 8) * 8
-    self.trainer = train.Trainer(model, lora.LoRAConfig(rank=rank), max_targets=self.max_targets)
+    self.trainer = trainer_lib.Trainer(model, lora.LoRAConfig(rank=rank), max_targets=self.max_targets)
     self.state = self.trainer.init_state(jax.random.key(0), rank)
     self.seconds = []
 

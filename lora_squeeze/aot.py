@@ -3,7 +3,7 @@
 Why: the paper's sizes (Gemma 3 1B / 4B / 12B at batch 8 x 1024) do not run on a CPU machine, but their
 programs can be built here from shapes alone (``models.load(name, abstract=True)``): tracing, lowering and
 XLA's compile find shape and sharding errors, and the compiled program states its memory per device and
-its FLOPs. Every program is the project's own: ``train.Trainer``'s train step and rank change and
+its FLOPs. Every program is the project's own: ``trainer.Trainer``'s train step and rank change and
 ``evaluate``'s eval programs (``ChoiceScorer``'s scoring step; ``vl_decode_programs`` for vision-language
 models), fed ``jax.ShapeDtypeStruct``s carrying the shardings a run would give them (``sharding.py``):
 
@@ -73,9 +73,9 @@ class Setting:
 
 def setting_from_config(config) -> Setting:
   """The ``Setting`` of a run config (``config.data``, ``config.lora``, ``config.squeeze``, ``config.mesh``)."""
-  from lora_squeeze import train  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
 
-  lora_config = train.lora_config_from(config)
+  lora_config = trainer_lib.lora_config_from(config)
   return Setting(
       batch=int(config.data.batch_size),
       max_len=int(config.data.max_len),
@@ -123,14 +123,14 @@ class Programs:
   """
 
   def __init__(self, model, setting: Setting = Setting(), *, mesh=None):
-    from lora_squeeze import train  # pylint: disable=g-import-not-at-top
+    from lora_squeeze import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
 
     self.model = model
     self.setting = setting
     self.mesh = mesh
     if mesh is not None:
       sharding_lib.check_batch_size(setting.batch, mesh)
-    self.trainer = train.Trainer(
+    self.trainer = trainer_lib.Trainer(
         model,
         setting.lora_config(1),
         max_targets=setting.batch * setting.max_target_tokens,

@@ -122,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
   # memory of one layer instead of all, for about one more forward of compute (experiments/remat_memory.py).
   c.remat = False
   # In-Squeeze / Cont-Squeeze: compile the coming stages' rank-change and train-step programs from abstract
-  # shapes in a background thread while the current stage trains (train.Trainer.precompile), so a stage
+  # shapes in a background thread while the current stage trains (trainer.Trainer.precompile), so a stage
   # boundary costs the rank change plus about one ordinary step. Results are bit-identical either way.
   c.background_compile = True
   c.checkpoint_every = 1000
@@ -180,6 +180,7 @@ def check_run_config(config) -> None:
   import math
   from lora_squeeze import squeeze
   from lora_squeeze import train
+  from lora_squeeze import optim as optim_lib
   from lora_squeeze.workdir import UserError
   from lora_squeeze.workdir import did_you_mean
   from lora_squeeze.data import tasks as tasks_lib
@@ -246,9 +247,9 @@ def check_run_config(config) -> None:
       f"config.squeeze.method={config.squeeze.method!r}: one of " f"{', '.join(squeeze.METHODS)}",
   )
   need(
-      config.squeeze.optimizer_state in train.OPTIMIZER_STATE_MODES,
+      config.squeeze.optimizer_state in optim_lib.OPTIMIZER_STATE_MODES,
       f"config.squeeze.optimizer_state="
-      f"{config.squeeze.optimizer_state!r}: one of {', '.join(train.OPTIMIZER_STATE_MODES)}",
+      f"{config.squeeze.optimizer_state!r}: one of {', '.join(optim_lib.OPTIMIZER_STATE_MODES)}",
   )
   d = config.data
   need(d.source in DATA_SOURCES, f"config.data.source={d.source!r}: one of {', '.join(DATA_SOURCES)}")

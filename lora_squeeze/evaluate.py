@@ -9,7 +9,7 @@ tokens attend to the prompt and to the earlier tokens of the same choice only, a
 continue from the end of the prompt (gemma's rope and sliding window read the explicit positions, so each
 choice sees exactly what it would see alone after the prompt). The prompt is therefore run once for all
 choices, and the vocabulary projection is computed only at the positions that predict a choice token: the
-hidden state before each choice token is gathered and projected (``lora.logits_at``). A choice's score is
+hidden state before each choice token is gathered and projected (``gemma_forward.logits_at``). A choice's score is
 the sum of its tokens' log-probabilities; the predicted answer is the arg-max (``acc``), and the
 length-normalised arg-max (mean log-probability per token, ``acc_norm``) is reported beside it, and so is
 ``gold_nll``: the gold choice's negative log-likelihood per token (nats; the best-scored gold for multi-label
@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_squeeze import forward as forward_lib
 from lora_squeeze import lora as lora_lib
 
 PROMPT_BRANCH = 1  # branch ids: 0 padding, 1 the prompt, 2 + k choice k
@@ -134,15 +135,11 @@ def tree_attention_mask(branch: jax.Array) -> jax.Array:
   return causal & visible & (k > 0) & (q > 0)
 
 
-def _bucket(n: int, multiple: int) -> int:
-  return max(multiple, -(-n // multiple) * multiple)
-
-
 def _scored_bucket(n: int) -> int:
   """Rows of the vocabulary projection for ``n`` scored positions: ``n`` rounded up to an eighth of its
   octave (multiple of 8 below 128, of 16 below 256, ...), so padding wastes at most 1/8 of the projection
   while the number of distinct shapes (compilations) grows only by 8 per doubling."""
-  return _bucket(n, max(8, 1 << max(0, n.bit_length() - 4)))
+  return forward_lib.bucket(n, max(8, 1 << max(0, n.bit_length() - 4)))
 
 
 def pow2(n: int) -> int:
@@ -170,35 +167,20 @@ class ChoiceScorer:
     self.lora_params = lora_params
     self.max_len = int(max_len)
     self.batch_rows = int(batch_rows)
-    self.softcap = getattr(model.config, "final_logit_softcap", None)
-    if lora_params is not None:
-      if lora_config is None:
-        raise ValueError("ChoiceScorer: lora_config is required with lora_params")
-      self._module = lora_lib.LoRA(model=model.transformer, config=lora_config)
-    else:
-      self._module = None
+    if lora_params is not None and lora_config is None:
+      raise ValueError("ChoiceScorer: lora_config is required with lora_params")
+    self.forward = forward_lib.Forward(model, lora_config if lora_params is not None else None)
     self.traces = 0
     self.logit_rows = 0  # rows of vocabulary logits computed so far (scored positions + bucket padding)
     self._score = jax.jit(self._score_impl)
 
-  def _hidden(self, lora_params, base_params, tokens, positions, mask):
-    if self._module is None:
-      return self.model.transformer.apply(
-          {"params": base_params}, tokens, positions=positions, attention_mask=mask, method=lora_lib.base_hidden_states
-      )
-    params = lora_lib.merge_params(base_params, lora_params)
-    return self._module.apply(
-        {"params": params}, tokens, positions=positions, attention_mask=mask, method=self._module.hidden_states
-    )
-
   def _score_impl(self, lora_params, base_params, tokens, positions, branch, pred_idx, targets):
     self.traces += 1
     mask = tree_attention_mask(branch)
-    hidden = self._hidden(lora_params, base_params, tokens, positions, mask)  # (B, T, D)
+    hidden = self.forward.hidden(lora_params, base_params, tokens, positions=positions, attention_mask=mask)
     b, t, d = hidden.shape
     h = hidden.reshape(b * t, d)[pred_idx]  # (S, D): only the positions that predict a choice token
-    logits = lora_lib.logits_at(h, base_params["embedder"]["input_embedding"], softcap=self.softcap)
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    logp = jax.nn.log_softmax(self.forward.logits_at(base_params, h), axis=-1)
     return jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
 
   def score(self, examples: Sequence[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -320,40 +302,28 @@ def greedy_generate(
     max_len: int = 1024,
     stop: str = "\n",
 ) -> list[str]:
-  """Greedy continuation of each prompt (no KV cache; one forward per new token; stops at EOS / ``stop``)."""
+  """Greedy continuation of each prompt, one prompt per forward (``forward.greedy_decode``: no KV cache, one
+  forward per new token; stops at EOS / ``stop``). The prompt is cut from the left to fit ``max_len``."""
   tok = model.tokenizer
-  scorer = ChoiceScorer(model, lora_params, lora_config, max_len=max_len, batch_rows=1)
+  if lora_params is not None and lora_config is None:
+    raise ValueError("greedy_generate: lora_config is required with lora_params")
+  fwd = forward_lib.Forward(model, lora_config if lora_params is not None else None)
+  step = jax.jit(fwd.next_token)
 
-  @jax.jit
-  def next_token(lp, base, tokens, positions, segs, last):
-    mask = lora_lib.attention_mask_from_segments(segs)
-    hidden = scorer._hidden(lp, base, tokens, positions, mask)  # pylint: disable=protected-access
-    h = hidden[jnp.arange(hidden.shape[0]), last]
-    return jnp.argmax(lora_lib.logits_at(h, base["embedder"]["input_embedding"], softcap=scorer.softcap), -1)
+  def batches():
+    for prompt in prompts:
+      ids = [tok.bos_id] + [int(t) for t in tok.encode(prompt)]
+      yield [ids[:1] + ids[1:][-(max_len - max_new_tokens - 1) :]], ()
 
-  outs = []
-  for prompt in prompts:
-    ids = [tok.bos_id] + [int(t) for t in tok.encode(prompt)]
-    ids = ids[:1] + ids[1:][-(max_len - max_new_tokens - 1) :]
-    new: list[int] = []
-    t = _bucket(len(ids) + max_new_tokens, 64)
-    for _ in range(max_new_tokens):
-      seq = ids + new
-      tokens = np.zeros((1, t), np.int32)
-      tokens[0, : len(seq)] = seq
-      positions = np.zeros((1, t), np.int32)
-      positions[0, : len(seq)] = np.arange(len(seq))
-      segs = (tokens > 0).astype(np.int32)
-      segs[0, : len(seq)] = 1
-      nxt = int(next_token(lora_params, model.params, tokens, positions, segs, np.array([len(seq) - 1]))[0])
-      if nxt == tok.eos_id:
-        break
-      new.append(nxt)
-      if stop and stop in tok.decode(new):
-        break
-    text = tok.decode(new)
-    outs.append(text.split(stop)[0] if stop else text)
-  return outs
+  return forward_lib.greedy_decode(
+      lambda *args: step(lora_params, model.params, *args),
+      batches(),
+      batch_rows=1,
+      eos_id=tok.eos_id,
+      decode=tok.decode,
+      max_new_tokens=max_new_tokens,
+      stop=stop,
+  )
 
 
 def generate_vl(
@@ -369,7 +339,7 @@ def generate_vl(
 ) -> list[str]:
   """Greedy answers of a multimodal model to examples with images (``Example.image``), batch by batch.
 
-  Each batch's images go through the frozen vision tower once (``lora.encode_images``); then one forward
+  Each batch's images go through the frozen vision tower once (``forward.Forward.embed_images``); then one forward
   per new token over the whole batch (no KV cache: VQA answers are a few tokens), each row stopping at EOS
   or ``stop``. Prompts are encoded as in training (``pipeline.encode_example``: the image token block, the
   prompt's text cut from the left if ``max_len - max_new_tokens`` is exceeded).
@@ -385,49 +355,28 @@ def generate_vl(
   tok = model.tokenizer
   embed_images, next_token = vl_decode_programs(model, lora_params=lora_params, lora_config=lora_config)
 
-  outs: list[str] = []
-  for start in range(0, len(examples), batch_rows):
-    chunk = examples[start : start + batch_rows]
-    encoded = [
-        pipeline.encode_example(ex, tok, max_len - max_new_tokens, continuation="", add_eos=False, image_spec=spec)
-        for ex in chunk
-    ]
-    if any("images" not in e for e in encoded):
-      raise ValueError("generate_vl: every example needs an image (Example.image)")
-    t = _bucket(max(len(e["tokens"]) for e in encoded) + max_new_tokens, 64)
-    images = np.zeros((batch_rows, *encoded[0]["images"].shape), np.uint8)  # padding rows: black images
-    for i, e in enumerate(encoded):
-      images[i] = e["images"]
-    image_embeddings = embed_images(model.params, images)
-    seqs = [list(e["tokens"]) for e in encoded]
-    new: list[list[int]] = [[] for _ in chunk]
-    done = [False] * len(chunk)
-    for _ in range(max_new_tokens):
-      tokens = np.zeros((batch_rows, t), np.int32)
-      segs = np.zeros((batch_rows, t), np.int32)
-      positions = np.zeros((batch_rows, t), np.int32)
-      last = np.zeros(batch_rows, np.int32)
-      for i, (seq, gen) in enumerate(zip(seqs, new)):
-        row = seq + gen
-        tokens[i, : len(row)], segs[i, : len(row)] = row, 1
-        positions[i, : len(row)] = np.arange(len(row))
-        last[i] = len(row) - 1
-      nxt = np.asarray(next_token(lora_params, model.params, tokens, positions, segs, last, image_embeddings))
-      for i in range(len(chunk)):
-        if done[i]:
-          continue
-        if int(nxt[i]) == tok.eos_id:
-          done[i] = True
-          continue
-        new[i].append(int(nxt[i]))
-        if stop and stop in tok.decode(new[i]):
-          done[i] = True
-      if all(done):
-        break
-    for gen in new:
-      text = tok.decode(gen)
-      outs.append(text.split(stop)[0] if stop else text)
-  return outs
+  def batches():
+    for start in range(0, len(examples), batch_rows):
+      encoded = [
+          pipeline.encode_example(ex, tok, max_len - max_new_tokens, continuation="", add_eos=False, image_spec=spec)
+          for ex in examples[start : start + batch_rows]
+      ]
+      if any("images" not in e for e in encoded):
+        raise ValueError("generate_vl: every example needs an image (Example.image)")
+      images = np.zeros((batch_rows, *encoded[0]["images"].shape), np.uint8)  # padding rows: black images
+      for i, e in enumerate(encoded):
+        images[i] = e["images"]
+      yield [list(e["tokens"]) for e in encoded], (embed_images(model.params, images),)
+
+  return forward_lib.greedy_decode(
+      lambda *args: next_token(lora_params, model.params, *args),
+      batches(),
+      batch_rows=batch_rows,
+      eos_id=tok.eos_id,
+      decode=tok.decode,
+      max_new_tokens=max_new_tokens,
+      stop=stop,
+  )
 
 
 def vl_decode_programs(model, *, lora_params=None, lora_config=None):
@@ -435,29 +384,10 @@ def vl_decode_programs(model, *, lora_params=None, lora_config=None):
   once per batch) and ``next_token(lora, base, tokens, positions, segment_ids, last, image_embeddings)`` (one
   greedy step: the forward over the whole rows, logits only at each row's last token). Separate so that
   ``lora_squeeze.aot`` lowers exactly these programs from abstract shapes."""
-  softcap = getattr(model.config, "final_logit_softcap", None)
-  module = None
-  if lora_params is not None:
-    if lora_config is None:
-      raise ValueError("generate_vl: lora_config is required with lora_params")
-    module = lora_lib.LoRA(model=model.transformer, config=lora_config)
-
-  @jax.jit
-  def embed_images(base, images):
-    return model.transformer.apply({"params": base}, images, method=lora_lib.encode_images)
-
-  @jax.jit
-  def next_token(lp, base, tokens, positions, segs, last, image_embeddings):
-    mask = lora_lib.attention_mask_from_segments(segs, tokens=tokens)
-    kwargs = dict(positions=positions, attention_mask=mask, image_embeddings=image_embeddings)
-    if module is None:
-      hidden = model.transformer.apply({"params": base}, tokens, method=lora_lib.base_hidden_states, **kwargs)
-    else:
-      hidden = module.apply({"params": lora_lib.merge_params(base, lp)}, tokens, method=module.hidden_states, **kwargs)
-    h = hidden[jnp.arange(hidden.shape[0]), last]
-    return jnp.argmax(lora_lib.logits_at(h, base["embedder"]["input_embedding"], softcap=softcap), -1)
-
-  return embed_images, next_token
+  if lora_params is not None and lora_config is None:
+    raise ValueError("generate_vl: lora_config is required with lora_params")
+  fwd = forward_lib.Forward(model, lora_config if lora_params is not None else None)
+  return jax.jit(fwd.embed_images), jax.jit(fwd.next_token)
 
 
 def evaluate_vl(

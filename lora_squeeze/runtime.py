@@ -89,7 +89,7 @@ _filter: _StderrFilter | None = None
 
 def _is_closed_loop_callback(unraisable) -> bool:
   """Whether an unraisable exception is a callback of orbax/tensorstore reaching the asyncio loop of a
-  checkpoint restore that already failed and closed (``train.Checkpoints.restore_latest`` then falls back
+  checkpoint restore that already failed and closed (``checkpoints.Checkpoints.restore_latest`` then falls back
   to an older checkpoint): one to ~160 of them per failed restore, from several threads at once, harmless."""
   exc = unraisable.exc_value
   if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):

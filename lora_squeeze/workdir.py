@@ -31,6 +31,7 @@ from typing import Any
 from lora_squeeze import fileio
 
 CONFIG_NAME = "config.json"
+RESULT_NAME = "result.json"  # a finished run's result (train.py, eval_modes.py): its presence means "done"
 LOCK_NAME = ".lock"
 SUPERSEDED_DIR = "superseded"
 # How a run reports and checkpoints, not what it computes: these may differ between a run and its resume.

@@ -56,15 +56,15 @@ def _ladder_run(trainer, tiny, batches, *, precompile: bool, base=None, key_fn=N
 
 def test_precompiled_programs_run_and_equal_the_jitted_ones(tiny):
   from lora_squeeze import lora
-  from lora_squeeze import train
+  from lora_squeeze import trainer as trainer_lib
   from lora_squeeze.data import synthetic
 
   it = synthetic.SyntheticIterator(tiny.tokenizer, batch_size=4, max_len=16, seed=0)
   batches = [next(it) for _ in range(6)]
   cfg = lora.LoRAConfig(rank=8)
-  plain = train.Trainer(tiny, cfg, max_targets=64, optimizer_state="carry")
+  plain = trainer_lib.Trainer(tiny, cfg, max_targets=64, optimizer_state="carry")
   want_state, want_losses = _ladder_run(plain, tiny, batches, precompile=False)
-  ahead = train.Trainer(tiny, cfg, max_targets=64, optimizer_state="carry")
+  ahead = trainer_lib.Trainer(tiny, cfg, max_targets=64, optimizer_state="carry")
   got_state, got_losses = _ladder_run(ahead, tiny, batches, precompile=True)
 
   assert got_losses == want_losses
@@ -89,7 +89,7 @@ def _same_program_text(trainer, state, base, batch):
   """The programs ``precompile`` lowers from abstract shapes have the jitted calls' exact program text (so a
   persistent compile cache filled by either serves both)."""
   from lora_squeeze import lora
-  from lora_squeeze import train
+  from lora_squeeze import trainer as trainer_lib
 
   args = trainer._train_step_args(state, base, batch, 0.05)  # pylint: disable=protected-access
   structs = [jax.tree.map(trainer._struct, a) for a in args[1:]]  # pylint: disable=protected-access
@@ -97,7 +97,7 @@ def _same_program_text(trainer, state, base, batch):
   live = trainer._train_step.lower(*args).as_text()  # pylint: disable=protected-access
   ahead = trainer._train_step.lower(trainer.abstract_call_state(rank), *structs).as_text()  # pylint: disable=protected-access
   assert live == ahead
-  key = trainer._change_key(train._stage_key(0, 1))  # pylint: disable=protected-access
+  key = trainer._change_key(trainer_lib.stage_key(0, 1))  # pylint: disable=protected-access
   live = trainer._change.lower(state, key, rank=4).as_text()  # pylint: disable=protected-access
   ahead = trainer._change.lower(trainer.abstract_call_state(rank), jax.tree.map(trainer._struct, key), rank=4)  # pylint: disable=protected-access
   assert live == ahead.as_text()
@@ -105,24 +105,24 @@ def _same_program_text(trainer, state, base, batch):
 
 def test_ahead_lowering_has_the_jitted_calls_program_text(tiny):
   from lora_squeeze import lora
-  from lora_squeeze import train
+  from lora_squeeze import trainer as trainer_lib
   from lora_squeeze.data import synthetic
 
   it = synthetic.SyntheticIterator(tiny.tokenizer, batch_size=4, max_len=16, seed=0)
-  trainer = train.Trainer(tiny, lora.LoRAConfig(rank=8), max_targets=64)
+  trainer = trainer_lib.Trainer(tiny, lora.LoRAConfig(rank=8), max_targets=64)
   _same_program_text(trainer, trainer.init_state(jax.random.key(0), 8), tiny.params, next(it))
 
 
 def test_a_failed_background_compile_falls_back_to_the_jitted_call(tiny, capsys):
   from lora_squeeze import lora
-  from lora_squeeze import train
+  from lora_squeeze import trainer as trainer_lib
   from lora_squeeze.data import synthetic
 
   it = synthetic.SyntheticIterator(tiny.tokenizer, batch_size=4, max_len=16, seed=0)
-  trainer = train.Trainer(tiny, lora.LoRAConfig(rank=8), max_targets=64)
+  trainer = trainer_lib.Trainer(tiny, lora.LoRAConfig(rank=8), max_targets=64)
   state = trainer.init_state(jax.random.key(0), 8)
-  trainer.precompiler = train.Precompiler()
-  sig = ("change_rank", train.rank_signature(state["params"]), 4)
+  trainer.precompiler = trainer_lib.Precompiler()
+  sig = ("change_rank", trainer_lib.rank_signature(state["params"]), 4)
 
   def broken():
     raise RuntimeError("no compiler today")
@@ -141,7 +141,7 @@ def test_a_failed_background_compile_falls_back_to_the_jitted_call(tiny, capsys)
 def test_rank_change_compiles_once_per_signature_and_is_the_float64_truncation(tiny):
   from lora_squeeze import lora
   from lora_squeeze import squeeze
-  from lora_squeeze import train
+  from lora_squeeze import trainer as trainer_lib
 
   compiles = []
 
@@ -150,7 +150,7 @@ def test_rank_change_compiles_once_per_signature_and_is_the_float64_truncation(t
       compiles.append(duration)
 
   cfg = lora.LoRAConfig(rank=8)
-  trainer = train.Trainer(tiny, cfg, max_targets=64)
+  trainer = trainer_lib.Trainer(tiny, cfg, max_targets=64)
   rng = np.random.default_rng(0)
 
   def random_state():
@@ -201,6 +201,7 @@ def _smoke(**overrides):
 
 def test_in_squeeze_run_with_and_without_background_compile_is_bit_identical(tmp_path):
   from lora_squeeze import train
+  from lora_squeeze import checkpoints as checkpoints_lib
 
   on = train.run(_smoke(background_compile=True), tmp_path / "on")
   off = train.run(_smoke(background_compile=False), tmp_path / "off")
@@ -208,7 +209,7 @@ def test_in_squeeze_run_with_and_without_background_compile_is_bit_identical(tmp
     assert json.loads((tmp_path / name / "config.json").read_text()).get("background_compile") is None
   leaves = {}
   for name in ("on", "off"):
-    params = train.load_adapter(tmp_path / name / train.ADAPTER_DIR)[0]
+    params = checkpoints_lib.load_adapter(tmp_path / name / checkpoints_lib.ADAPTER_DIR)[0]
     leaves[name] = _leaves(params)
   for g, w in zip(leaves["on"], leaves["off"], strict=True):
     np.testing.assert_array_equal(g, w)
@@ -249,7 +250,7 @@ def _four_devices():
   from lora_squeeze import lora
   from lora_squeeze import models
   from lora_squeeze import sharding
-  from lora_squeeze import train
+  from lora_squeeze import trainer as trainer_lib
   from lora_squeeze.data import synthetic
 
   assert jax.device_count() == 4, jax.devices()
@@ -259,7 +260,7 @@ def _four_devices():
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2})
   base = sharding.put(tiny.params, sharding.base_shardings(tiny.params, mesh))
   cfg = lora.LoRAConfig(rank=8)
-  make = lambda: train.Trainer(tiny, cfg, max_targets=64, optimizer_state="carry", mesh=mesh, shard_lora=True)
+  make = lambda: trainer_lib.Trainer(tiny, cfg, max_targets=64, optimizer_state="carry", mesh=mesh, shard_lora=True)
   plain, ahead = make(), make()
   _same_program_text(plain, plain.init_state(jax.random.key(0), 8), base, batches[0])
   want_state, want_losses = _ladder_run(plain, tiny, batches, precompile=False, base=base)

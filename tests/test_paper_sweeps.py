@@ -82,9 +82,9 @@ def test_table1_optimizer_states_and_ladder_rates():
   }
   with pytest.raises(UserError, match=r"optimizer_states='carried'.*did you mean 'carry'"):
     P.cells(("table1",), optimizer_states=("carried",), **args)
-  from lora_squeeze import train  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import optim as optim_lib  # pylint: disable=g-import-not-at-top
 
-  assert P.OPTIMIZER_STATES == train.OPTIMIZER_STATE_MODES
+  assert P.OPTIMIZER_STATES == optim_lib.OPTIMIZER_STATE_MODES
 
 
 def test_union_dedups_shared_cells_and_keeps_order():

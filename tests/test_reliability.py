@@ -21,6 +21,8 @@ import pytest
 from lora_squeeze import runtime
 from lora_squeeze import sweep
 from lora_squeeze import train
+from lora_squeeze import checkpoints as checkpoints_lib
+from lora_squeeze import trainer as trainer_lib
 from lora_squeeze import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -77,7 +79,7 @@ def _smoke(**overrides):
 
 
 def _leaves(workdir):
-  params, _, _ = train.load_adapter(pathlib.Path(workdir) / train.ADAPTER_DIR)
+  params, _, _ = checkpoints_lib.load_adapter(pathlib.Path(workdir) / checkpoints_lib.ADAPTER_DIR)
   return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
@@ -259,7 +261,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_an_older_one(tmp_path, referenc
   assert "Traceback" not in said and len(said.splitlines()) < 10
   for k, v in _leaves(reference).items():  # the run redid the lost steps and ended as the reference
     np.testing.assert_array_equal(_leaves(work)[k], v, err_msg=k)
-  assert (work / train.Checkpoints.SKIPPED_DIR).is_dir()
+  assert (work / checkpoints_lib.Checkpoints.SKIPPED_DIR).is_dir()
 
 
 @pytest.mark.slow
@@ -287,12 +289,12 @@ def test_divergence_never_keeps_the_state_that_diverged(tmp_path):
   lines = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
   bad_step = lines[-1]["step"] + 1  # the first step whose loss was not finite
   assert f"non-finite loss nan at step {bad_step}" in message
-  ckpts = train.Checkpoints(tmp_path / "w" / "checkpoints", keep=20)
+  ckpts = checkpoints_lib.Checkpoints(tmp_path / "w" / "checkpoints", keep=20)
   kept = ckpts.latest()
   assert kept is not None and kept // 2 == bad_step - 2
   assert f"the newest checkpoint, step {kept // 2}," in message
   # The kept state's own loss is finite.
-  trainer = train.Trainer(train.load_model(config), train.lora_config_from(config), max_targets=16)
+  trainer = trainer_lib.Trainer(trainer_lib.load_model(config), trainer_lib.lora_config_from(config), max_targets=16)
   _, state = ckpts.restore_latest(trainer.abstract_state)
   ckpts.close()
   batch = next(train.make_train_iterator(config, trainer.model.tokenizer))

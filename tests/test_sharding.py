@@ -99,7 +99,7 @@ def _four_devices() -> None:
   from lora_squeeze import models
   from lora_squeeze import sharding
   from lora_squeeze import squeeze
-  from lora_squeeze import train
+  from lora_squeeze import trainer as trainer_lib
   from lora_squeeze.data import synthetic
 
   runtime.enable_compile_cache()
@@ -112,7 +112,9 @@ def _four_devices() -> None:
   def train_and_squeeze(mesh):
     # fsdp-sharded LoRA (shard_lora=True): the harder case; the default (replicated) runs in the
     # two-process test.
-    trainer = train.Trainer(tiny, cfg, max_targets=64, optimizer_state="carry", mesh=mesh, shard_lora=mesh is not None)
+    trainer = trainer_lib.Trainer(
+        tiny, cfg, max_targets=64, optimizer_state="carry", mesh=mesh, shard_lora=mesh is not None
+    )
     base = tiny.params
     if mesh is not None:
       base = sharding.put(base, sharding.base_shardings(base, mesh))
@@ -252,9 +254,9 @@ def _logs(workdir):
 
 def _adapter(workdir):
   import jax
-  from lora_squeeze import train
+  from lora_squeeze import checkpoints as checkpoints_lib
 
-  params = train.load_adapter(pathlib.Path(workdir) / train.ADAPTER_DIR)[0]
+  params = checkpoints_lib.load_adapter(pathlib.Path(workdir) / checkpoints_lib.ADAPTER_DIR)[0]
   return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 

@@ -18,11 +18,15 @@ import pytest
 
 from lora_squeeze import aot
 from lora_squeeze import config_lib
+from lora_squeeze import gemma_forward
 from lora_squeeze import lora
 from lora_squeeze import models
 from lora_squeeze import schedules
 from lora_squeeze import squeeze
 from lora_squeeze import train
+from lora_squeeze import checkpoints as checkpoints_lib
+from lora_squeeze import optim as optim_lib
+from lora_squeeze import trainer as trainer_lib
 from lora_squeeze.data import synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -123,7 +127,7 @@ def test_hidden_states_match_gemma_and_answer_loss_matches_full_logits(tiny):
   params = {"params": lora.merge_params(tiny.params, lp)}
   tokens = jnp.asarray(batch["tokens"])
   full = module.apply(params, tokens, return_hidden_states=True)  # gemma's own masks (from tokens != 0)
-  mask = lora.attention_mask_from_segments(batch["segment_ids"])
+  mask = gemma_forward.attention_mask_from_segments(batch["segment_ids"])
   hidden = module.apply(
       params, tokens, positions=jnp.asarray(batch["positions"]), attention_mask=mask, method=module.hidden_states
   )
@@ -139,13 +143,13 @@ def test_hidden_states_match_gemma_and_answer_loss_matches_full_logits(tiny):
   m = batch["loss_mask"]
   b_idx, t_idx = np.nonzero(m)
   ref = -np.mean(logp[b_idx, t_idx - 1, batch["tokens"][b_idx, t_idx]])
-  loss, count = train.answer_loss(
+  loss, count = trainer_lib.answer_loss(
       hidden, tokens, jnp.asarray(m), tiny.params["embedder"]["input_embedding"], max_targets=64
   )
   assert int(count) == m.sum() > 0
   assert abs(float(loss) - ref) / ref < 1e-5
   with pytest.raises(ValueError, match="max_target_tokens"):
-    train.check_target_budget(batch, int(m.sum()) - 1)
+    trainer_lib.check_target_budget(batch, int(m.sum()) - 1)
 
 
 def test_packed_batch_has_the_loss_and_lora_gradients_of_the_same_examples_unpacked(tiny):
@@ -173,7 +177,7 @@ def test_packed_batch_has_the_loss_and_lora_gradients_of_the_same_examples_unpac
   assert packed["loss_mask"].sum() == unpacked["loss_mask"].sum()
   lp, cfg = _random_lora(tiny, 4, seed=2)  # b != 0: the LoRA path contributes to the loss
   assert all(float(jnp.abs(v).max()) > 0 for v in jax.tree.leaves(lp))
-  trainer = train.Trainer(tiny, cfg, max_targets=int(unpacked["loss_mask"].sum()))
+  trainer = trainer_lib.Trainer(tiny, cfg, max_targets=int(unpacked["loss_mask"].sum()))
   loss_fn = lambda p, batch: trainer._loss(p, tiny.params, batch)  # pylint: disable=protected-access
   value_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
 
@@ -195,7 +199,7 @@ def test_packed_batch_has_the_loss_and_lora_gradients_of_the_same_examples_unpac
 
 def test_train_step_traces_once_per_rank_and_learns(tiny):
   cfg = lora.LoRAConfig(rank=8)
-  trainer = train.Trainer(tiny, cfg, max_targets=64)
+  trainer = trainer_lib.Trainer(tiny, cfg, max_targets=64)
   it = synthetic.SyntheticIterator(tiny.tokenizer, batch_size=4, max_len=16, seed=0, num_examples=8)
   state = trainer.init_state(jax.random.key(0), 8)
   eval_batch = {k: np.concatenate([v, v2]) for (k, v), v2 in zip(next(it).items(), next(it).values())}
@@ -221,7 +225,7 @@ def test_train_step_traces_once_per_rank_and_learns(tiny):
 def test_rank_change_preserves_model_output_when_lossless(tiny):
   """Growing 4 -> 8 (or squeezing to >= the true rank) must not change the model's predictions."""
   lp4, cfg = _random_lora(tiny, 4, seed=3)
-  trainer = train.Trainer(tiny, cfg, max_targets=64)
+  trainer = trainer_lib.Trainer(tiny, cfg, max_targets=64)
   state = trainer.state_from_params(lp4)
   batch = _batch(tiny.tokenizer, seed=5)
   before = float(trainer.eval_loss(state["params"], tiny.params, batch)[0])
@@ -236,7 +240,7 @@ def test_rank_change_preserves_model_output_when_lossless(tiny):
 def test_carry_optimizer_state_across_the_factoring_boundary():
   """Rank 128 -> 64 changes Adafactor's layout (factored -> full) for (F=128, r) factors; carried
   statistics are the rank-axis means of the old second moments, and the count survives."""
-  opt = train.make_optimizer()
+  opt = optim_lib.make_optimizer()
   rng = np.random.default_rng(0)
   old = {
       "m": {
@@ -249,7 +253,7 @@ def test_carry_optimizer_state_across_the_factoring_boundary():
     grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), old)
     _, state = opt.update(grads, state, old)
   new = {"m": {"a": jnp.zeros((128, 64)), "b": jnp.zeros((64, 40))}}
-  carried = train.carry_adafactor_state(state, old, new, opt.init(new))
+  carried = optim_lib.carry_adafactor_state(state, old, new, opt.init(new))
   assert jax.tree.structure(carried) == jax.tree.structure(opt.init(new))
   assert jax.tree.map(jnp.shape, carried) == jax.tree.map(jnp.shape, opt.init(new))
   old_fs = state[0]
@@ -271,7 +275,7 @@ def test_carry_optimizer_state_across_the_factoring_boundary():
 
 def test_carry_mode_runs_in_the_trainer(tiny):
   lp, cfg = _random_lora(tiny, 8)
-  trainer = train.Trainer(tiny, cfg, max_targets=64, optimizer_state="carry")
+  trainer = trainer_lib.Trainer(tiny, cfg, max_targets=64, optimizer_state="carry")
   it = synthetic.SyntheticIterator(tiny.tokenizer, batch_size=4, max_len=16, seed=0)
   state = trainer.state_from_params(lp)
   state, _ = trainer.train_step(state, tiny.params, next(it), 0.01)
@@ -280,7 +284,7 @@ def test_carry_mode_runs_in_the_trainer(tiny):
   state, m = trainer.train_step(state, tiny.params, next(it), 0.01)
   assert np.isfinite(float(m["loss"]))
   with pytest.raises(ValueError, match="optimizer_state"):
-    train.Trainer(tiny, cfg, max_targets=8, optimizer_state="keep")
+    trainer_lib.Trainer(tiny, cfg, max_targets=8, optimizer_state="keep")
 
 
 # ------------------------------------------------------------------------------------------ whole runs
@@ -299,7 +303,7 @@ def _smoke(arg="", **overrides):
 
 
 def _adapter_leaves(workdir):
-  params, _, _ = train.load_adapter(pathlib.Path(workdir) / train.ADAPTER_DIR)
+  params, _, _ = checkpoints_lib.load_adapter(pathlib.Path(workdir) / checkpoints_lib.ADAPTER_DIR)
   return {
       "/".join(str(k.key) for k in path): np.asarray(v) for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
   }
@@ -313,7 +317,7 @@ def test_in_squeeze_run_then_finished_workdir_does_nothing(tmp_path):
   lines = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
   assert [x["step"] for x in lines] == list(range(1, 25))
   assert [x["rank"] for x in lines] == [8] * 14 + [4] * 7 + [2] * 3  # standard scheme: 24 · (8, 4, 2)/14
-  assert set(lora.lora_ranks(train.load_adapter(tmp_path / "w" / "adapter")[0]).values()) == {2}
+  assert set(lora.lora_ranks(checkpoints_lib.load_adapter(tmp_path / "w" / "adapter")[0]).values()) == {2}
   mtime = (tmp_path / "w" / "metrics.jsonl").stat().st_mtime_ns
   again = train.run(config, tmp_path / "w")
   assert again == result and (tmp_path / "w" / "metrics.jsonl").stat().st_mtime_ns == mtime
@@ -323,7 +327,7 @@ def test_post_and_cont_squeeze_reuse_a_source_run(tmp_path):
   src = _smoke(mode="direct", steps=10)
   src.lora.rank = 8
   train.run(src, tmp_path / "src")
-  src_params = train.load_adapter(tmp_path / "src" / "adapter")[0]
+  src_params = checkpoints_lib.load_adapter(tmp_path / "src" / "adapter")[0]
 
   seen = []
 
@@ -342,9 +346,9 @@ def test_post_and_cont_squeeze_reuse_a_source_run(tmp_path):
   result = train.run(cont, tmp_path / "cont", evaluate_fn=evaluate_fn)
   assert result["ranks_per_stage"] == [2] and result["steps"] == 6
   # The cont run starts from the squeezed source: its first logged loss is the squeezed adapter's.
-  assert set(lora.lora_ranks(train.load_adapter(tmp_path / "cont" / "adapter")[0]).values()) == {2}
+  assert set(lora.lora_ranks(checkpoints_lib.load_adapter(tmp_path / "cont" / "adapter")[0]).values()) == {2}
   # The source run was not touched.
-  again = train.load_adapter(tmp_path / "src" / "adapter")[0]
+  again = checkpoints_lib.load_adapter(tmp_path / "src" / "adapter")[0]
   jax.tree.map(np.testing.assert_array_equal, src_params, again)
 
 
@@ -445,7 +449,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   assert not (tmp_path / "w" / "result.json").exists()
   lines = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
   assert lines and all(np.isfinite(x["loss"]) for x in lines)
-  ckpts = train.Checkpoints(tmp_path / "w" / "checkpoints", keep=2)
+  ckpts = checkpoints_lib.Checkpoints(tmp_path / "w" / "checkpoints", keep=2)
   meta = ckpts.latest_meta()
   # The newest kept checkpoint is the last state whose own loss was finite: the state after the last
   # logged step produced the NaN, so it was set aside.
@@ -479,7 +483,7 @@ def test_answer_loss_and_gradient_equal_a_float64_reference(max_targets):
   tokens = jnp.asarray(rng.integers(0, v, size=(b, t)), jnp.int32)
   mask = np.zeros((b, t), np.int32)
   mask[0, 3:6] = mask[1, 8] = mask[2, 1:4] = 1  # 7 targets
-  fn = lambda h: train.answer_loss(h, tokens, jnp.asarray(mask), emb, max_targets=max_targets)
+  fn = lambda h: trainer_lib.answer_loss(h, tokens, jnp.asarray(mask), emb, max_targets=max_targets)
   (loss, count), grad = jax.value_and_grad(fn, has_aux=True)(hidden)
 
   def ref(h):
@@ -511,7 +515,7 @@ def test_remat_gives_the_same_loss_and_gradients_and_saves_only_block_inputs(tin
   lp, cfg = _random_lora(tiny, 4, seed=5)
   results, saved = {}, {}
   for remat in (False, True):
-    trainer = train.Trainer(tiny, cfg, max_targets=256, remat=remat)
+    trainer = trainer_lib.Trainer(tiny, cfg, max_targets=256, remat=remat)
     loss = lambda p, b, t=trainer: t._loss(p, tiny.params, b)  # pylint: disable=protected-access
     results[remat] = jax.jit(jax.value_and_grad(loss, has_aux=True))(lp, batch)
     saved[remat] = aot.residual_bytes(lambda p, b, loss=loss: loss(p, b)[0], lp, batch)

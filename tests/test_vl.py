@@ -20,10 +20,12 @@ from gemma.multimodal import vision as gemma_vision
 
 from lora_squeeze import data
 from lora_squeeze import evaluate
+from lora_squeeze import gemma_forward
 from lora_squeeze import lora
 from lora_squeeze import models
 from lora_squeeze import squeeze
 from lora_squeeze import train
+from lora_squeeze import trainer as trainer_lib
 from lora_squeeze.data import pipeline
 from lora_squeeze.data import vqa
 
@@ -142,7 +144,7 @@ def test_vl_hidden_states_match_gemmas_own_call_with_and_without_lora():
   text = np.array([[2, 40, 41, 255_999, 42, 43, 44], [2, 60, 61, 255_999, 62, 63, 64]], np.int32)
   expanded = np.array([_expand(r, p_tokens) for r in text], np.int32)
   positions = np.broadcast_to(np.arange(expanded.shape[1]), expanded.shape)
-  mask = lora.attention_mask_from_segments(np.ones_like(expanded), tokens=expanded)
+  mask = gemma_forward.attention_mask_from_segments(np.ones_like(expanded), tokens=expanded)
   images = np.stack([_pixels(3, 32, 32), _pixels(4, 32, 32)])[:, None]
 
   cfg = lora.LoRAConfig(rank=2)
@@ -165,7 +167,7 @@ def test_vl_hidden_states_match_gemmas_own_call_with_and_without_lora():
         positions=positions,
         attention_mask=mask,
         images=imgs,
-        method=lora.base_hidden_states,
+        method=gemma_forward.base_hidden_states,
     )
 
   @jax.jit
@@ -210,7 +212,7 @@ def test_no_lora_site_in_vision_tower_or_projector(tiny_mm, monkeypatch):
   lp = lora.init_lora(jax.random.key(0), tiny_mm.config, cfg)
   assert not any(p.startswith(('vision_encoder', 'embedder')) for p in lora.lora_ranks(lp))
   batch = _batch(tiny_mm, EXAMPLES)
-  mask = lora.attention_mask_from_segments(batch['segment_ids'], tokens=batch['tokens'])
+  mask = gemma_forward.attention_mask_from_segments(batch['segment_ids'], tokens=batch['tokens'])
   forward = jax.jit(
       lambda params, b, mask: module.apply(  # the interceptor runs (and records) while tracing
           {'params': params},
@@ -233,7 +235,7 @@ def test_no_lora_site_in_vision_tower_or_projector(tiny_mm, monkeypatch):
 
 def test_lora_gradient_reaches_text_side_only(tiny_mm):
   cfg = lora.LoRAConfig(rank=4)
-  trainer = train.Trainer(tiny_mm, cfg, max_targets=64)
+  trainer = trainer_lib.Trainer(tiny_mm, cfg, max_targets=64)
   lp = lora.init_lora(jax.random.key(1), tiny_mm.config, cfg)
   rng = np.random.default_rng(1)
   lp = jax.tree_util.tree_map_with_path(  # b = 0 would make every a-gradient zero
@@ -257,7 +259,7 @@ def test_lora_gradient_reaches_text_side_only(tiny_mm):
 
 def test_train_steps_leave_vision_tower_and_projector_bitwise_unchanged(tiny_mm):
   cfg = lora.LoRAConfig(rank=4)
-  trainer = train.Trainer(tiny_mm, cfg, max_targets=64)
+  trainer = trainer_lib.Trainer(tiny_mm, cfg, max_targets=64)
   state = trainer.init_state(jax.random.key(2), 4)
   before_base = jax.tree.map(np.array, tiny_mm.params)
   before_lora = jax.tree.map(np.array, state['params'])
@@ -309,7 +311,7 @@ def test_gemma3_4b_vl_forward_with_lora_traces_at_full_size():
   sds = jax.ShapeDtypeStruct
 
   def forward(base, lp, tokens, images):
-    mask = lora.attention_mask_from_segments(jnp.ones_like(tokens), tokens=tokens)
+    mask = gemma_forward.attention_mask_from_segments(jnp.ones_like(tokens), tokens=tokens)
     positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
     return module.apply(
         {'params': lora.merge_params(base, lp)},
@@ -831,12 +833,12 @@ def test_generate_vl_equals_a_one_example_reference_decode(tiny_mm):
 
   @jax.jit
   def next_token(tokens, segs, last, images):  # (1, 160) right-padded, the whole forward each time
-    mask = lora.attention_mask_from_segments(segs, tokens=tokens)
+    mask = gemma_forward.attention_mask_from_segments(segs, tokens=tokens)
     positions = jnp.arange(tokens.shape[1])[None] * segs
     hidden = module.apply(
         {'params': merged}, tokens, positions=positions, attention_mask=mask, images=images, method=module.hidden_states
     )
-    return jnp.argmax(lora.logits_at(hidden[0, last], merged['embedder']['input_embedding']))
+    return jnp.argmax(gemma_forward.logits_at(hidden[0, last], merged['embedder']['input_embedding']))
 
   for ex, pred in zip(EXAMPLES, preds):
     enc = pipeline.encode_example(ex, tiny_mm.tokenizer, 160, continuation='', add_eos=False, image_spec=SPEC)

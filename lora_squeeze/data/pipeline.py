@@ -55,7 +55,7 @@ as soon as an example fits in no row, and that example opens the next batch.
 A batch thus holds one contiguous run of the example stream, and the state is
 grain's index of the first example of the next batch, so resume is exact as
 above. The model keeps packed examples apart with the segment_ids (causal AND
-same-segment attention, `lora.attention_mask_from_segments`) and restarts
+same-segment attention, `gemma_forward.attention_mask_from_segments`) and restarts
 RoPE with the positions, so the loss and gradients of a packed batch equal
 those of the same examples one per row. Each example's BOS (its position 0) is
 never a target, so no answer is predicted from the previous example's last

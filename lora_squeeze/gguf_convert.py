@@ -37,9 +37,8 @@ import gguf
 import numpy as np
 
 from lora_squeeze import adapters
-from lora_squeeze import lora_files
 from lora_squeeze.adapters import AdapterError
-from lora_squeeze.adapters import cast_factor, fmt_bytes  # pylint: disable=g-importing-member
+from lora_squeeze.adapters import cast_factor, check_out_file, fmt_bytes  # pylint: disable=g-importing-member
 from lora_squeeze.gguf_lora import ADAPTER_TYPE_KEY, ALPHA_KEY, ARCH_KEY, ARCH_NAMES, GGML_OF, SUFFIX
 from lora_squeeze.gguf_lora import GgufLora, check_arch, file_alpha, is_gguf, write_gguf
 
@@ -176,7 +175,7 @@ def convert(
 
 
 def _peft_to_gguf(in_dir: Path, out_path: Path, *, arch: str | None, dtype: str, force: bool) -> ConvertReport:
-  lora_files.check_out_file(in_dir, out_path, force, False, suffix=SUFFIX)
+  check_out_file(in_dir, out_path, force, False, suffix=SUFFIX)
   with adapters.PeftAdapter(in_dir) as adapter:
     where = str(in_dir / adapters.CONFIG_NAME)
     arch = arch if arch is not None else arch_from_config(adapter.config.raw, where)

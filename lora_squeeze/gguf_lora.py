@@ -52,7 +52,7 @@ from lora_squeeze import adapters
 from lora_squeeze.adapters import AdapterError
 
 # The PEFT path's building blocks, shared so every format plans, casts and writes identically.
-from lora_squeeze.adapters import HOST_ID, cast_factor  # pylint: disable=g-importing-member
+from lora_squeeze.adapters import atomic_file, cast_factor, check_out_file  # pylint: disable=g-importing-member
 from lora_squeeze.adapters import fault_point  # pylint: disable=g-importing-member
 
 MAGIC = b"GGUF"
@@ -388,30 +388,19 @@ class _GgufOut:
     self.writer.close()
 
 
-def _tmp_path(out_path: Path) -> Path:
-  """The scratch file beside ``out_path`` (named as the single-file path's: a dead writer's is removed)."""
-  from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top
-
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  lora_files.remove_stale_partials(out_path)
-  return out_path.parent / f".{out_path.name}.{os.getpid()}@{HOST_ID}.partial"
-
-
 def write_gguf(out_path: Path, arch: str, kv, entries, tensors) -> None:
   """Writes ``entries`` with data from the iterable ``tensors`` ((name, array) in order), atomically."""
-  tmp = _tmp_path(out_path)
-  out = None
-  try:
-    out = _GgufOut(tmp, arch, kv, entries)
-    for name, data in tensors:
-      out.write(name, data)
-    out.close()
-    os.replace(tmp, out_path)
-  except BaseException:
-    if out is not None:
-      out.abort()
-    tmp.unlink(missing_ok=True)
-    raise
+  with atomic_file(out_path) as tmp:
+    out = None
+    try:
+      out = _GgufOut(tmp, arch, kv, entries)
+      for name, data in tensors:
+        out.write(name, data)
+      out.close()
+    except BaseException:
+      if out is not None:
+        out.abort()
+      raise
 
 
 def _data_size(entries) -> int:
@@ -438,11 +427,9 @@ def squeeze_gguf(
   Raises:
     AdapterError: bad input or arguments; ``out_path`` is then left absent (or untouched).
   """
-  from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top
-
   start = time.perf_counter()
   in_path, out_path = Path(in_path), Path(out_path)
-  lora_files.check_out_file(in_path, out_path, options.force, options.dry_run, suffix=SUFFIX)
+  check_out_file(in_path, out_path, options.force, options.dry_run, suffix=SUFFIX)
   with GgufLora(in_path) as lf:
     modules = lf.modules
     plan = adapters.plan_squeeze(lf, options)

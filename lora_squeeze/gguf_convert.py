@@ -293,27 +293,7 @@ def _gguf_to_peft(in_path: Path, out_dir: Path, *, layout: str, dtype: str, forc
     default = max(counts, key=lambda r: (counts[r], r))
     projs = sorted({hf.rsplit(".", 1)[-1] for hf in ranks})
     kinds = [k for k, (_, proj) in adapters.HF_PROJECTIONS.items() if proj in projs]
-    base = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None,
-        "revision": None,
-        "r": default,
-        "lora_alpha": default,
-        "lora_dropout": 0.0,
-        "target_modules": adapters.target_modules(kinds, layout),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "modules_to_save": None,
-        "use_rslora": False,
-        "use_dora": False,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
+    base = adapters.new_config(adapters.target_modules(kinds, layout), r=default, lora_alpha=default)
     if lf.alpha:
       keys = adapters.pattern_keys(list(ranks))
       config = {

@@ -34,7 +34,7 @@ from lora_squeeze.adapters.inspection import InspectReport, inspect_adapter
 
 # PEFT directories.
 from lora_squeeze.adapters.peft_config import CONFIG_NAME, PEFT_PREFIX, TORCH_WEIGHTS_NAME, WEIGHTS_NAME
-from lora_squeeze.adapters.peft_config import PeftAdapterConfig, get_pattern_key, output_config, pattern_keys
+from lora_squeeze.adapters.peft_config import PeftAdapterConfig, get_pattern_key, new_config, output_config, pattern_keys
 from lora_squeeze.adapters.peft_adapter import LoraModule, PeftAdapter
 
 # Gemma 3 LoRAs <-> PEFT.

@@ -53,7 +53,6 @@ from lora_squeeze.adapters import AdapterError
 
 # The PEFT path's building blocks, shared so every format plans, casts and writes identically.
 from lora_squeeze.adapters import atomic_file, cast_factor, check_out_file  # pylint: disable=g-importing-member
-from lora_squeeze.adapters import fault_point  # pylint: disable=g-importing-member
 
 MAGIC = b"GGUF"
 SUFFIX = ".gguf"
@@ -437,10 +436,7 @@ def squeeze_gguf(
     alpha = file_alpha(ranks.values())
     code = options.out_code
 
-    entries = []
-    for m in modules:
-      shape_a, shape_b = m.new_shapes(ranks[m.name])
-      entries += [(m.key_a, code(m.dtype_a), shape_a), (m.key_b, code(m.dtype_b), shape_b)]
+    entries = [e for m in modules for e in adapters.factor_entries(m, ranks[m.name], code)]
     entries += [
         (
             k,
@@ -489,18 +485,11 @@ def squeeze_gguf(
       return report
 
     def tensors():
-      squeezed = adapters.squeeze_modules(
-          lf, modules, ranks, method=options.method, seed=options.seed, progress=options.progress
-      )
-      for i, m, new_a, new_b, s in squeezed:
-        fold = np.float32(math.sqrt(ranks[m.name] / alpha))  # llama.cpp multiplies by alpha / r_m
-        shape_a, shape_b = m.new_shapes(ranks[m.name])
-        if fold != 1:
-          new_a, new_b = new_a * fold, new_b * fold
-        yield m.key_a, cast_factor(new_a.T.reshape(shape_a), code(m.dtype_a), m.name)
-        yield m.key_b, cast_factor(new_b.T.reshape(shape_b), code(m.dtype_b), m.name)
-        report.modules.append(plan.module_report(m, s))
-        fault_point(f"squeeze_after_module:{i}")
+      def fold(m):  # llama.cpp multiplies by alpha / r_m
+        return np.float32(math.sqrt(ranks[m.name] / alpha))
+
+      for _, factors in adapters.squeezed_factors(lf, modules, plan, options, report, fold=fold):
+        yield from factors
       for k in lf.passthrough:
         yield k, cast_factor(
             lf.reader.read(k).astype(np.float32),

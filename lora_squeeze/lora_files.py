@@ -54,8 +54,7 @@ from lora_squeeze.adapters import AdapterError
 
 # The PEFT path's building blocks, shared so both paths read, plan, cast and write identically.
 from lora_squeeze.adapters import FLOAT_CODES, NP_DTYPES  # pylint: disable=g-importing-member
-from lora_squeeze.adapters import cast_factor  # pylint: disable=g-importing-member
-from lora_squeeze.adapters import atomic_file, check_out_file, fault_point  # pylint: disable=g-importing-member
+from lora_squeeze.adapters import atomic_file, check_out_file  # pylint: disable=g-importing-member
 
 # Files that are Python pickles (torch.save): never opened as data, since unpickling runs code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -418,8 +417,7 @@ def squeeze_file(
 
     entries, alphas = [], {}
     for m in modules:
-      shape_a, shape_b = m.new_shapes(ranks[m.name])
-      entries += [(m.key_a, code(m.dtype_a), shape_a), (m.key_b, code(m.dtype_b), shape_b)]
+      entries += adapters.factor_entries(m, ranks[m.name], code)
       if m.key_alpha:
         alphas[m.name] = _alpha_tensor(ranks[m.name], m.dtype_alpha)
         entries.append((m.key_alpha, alphas[m.name][0], ()))
@@ -468,16 +466,11 @@ def squeeze_file(
     with atomic_file(out_path) as tmp:
       writer = adapters.SafetensorsWriter(tmp, entries, metadata)
       try:
-        for i, m, new_a, new_b, s in adapters.squeeze_modules(
-            lf, modules, ranks, method=options.method, seed=options.seed, progress=options.progress
-        ):
-          shape_a, shape_b = m.new_shapes(ranks[m.name])
-          writer.write(m.key_a, cast_factor(new_a.T.reshape(shape_a), code(m.dtype_a), m.name))
-          writer.write(m.key_b, cast_factor(new_b.T.reshape(shape_b), code(m.dtype_b), m.name))
+        for m, factors in adapters.squeezed_factors(lf, modules, plan, options, report):
+          for key, x in factors:
+            writer.write(key, x)
           if m.key_alpha:
             writer.write(m.key_alpha, alphas[m.name][1])
-          report.modules.append(plan.module_report(m, s))
-          fault_point(f"squeeze_after_module:{i}")
         for k in lf.passthrough:
           writer.write(k, lf.reader.read(k))
         writer.close()

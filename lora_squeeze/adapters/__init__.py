@@ -29,7 +29,7 @@ from lora_squeeze.adapters.errors import AdapterError
 from lora_squeeze.adapters.squeezing import DTYPES, DYNAMIC_RULES, METHODS, SqueezeOptions, squeeze_adapter
 from lora_squeeze.adapters.squeezing import ModuleReport, RankPlan, SqueezeReport, fmt_bytes
 from lora_squeeze.adapters.squeezing import adapter_spectra, check_target, plan_ranks, plan_squeeze
-from lora_squeeze.adapters.squeezing import squeeze_matrices, squeeze_modules
+from lora_squeeze.adapters.squeezing import factor_entries, squeeze_matrices, squeeze_modules, squeezed_factors
 from lora_squeeze.adapters.inspection import InspectReport, inspect_adapter
 
 # PEFT directories.

@@ -49,12 +49,12 @@ from pathlib import Path
 import numpy as np
 
 from lora_squeeze import adapters
+from lora_squeeze import gguf_lora
 from lora_squeeze.adapters import AdapterError
 
 # The PEFT path's building blocks, shared so both paths read, plan, cast and write identically.
 from lora_squeeze.adapters import FLOAT_CODES, NP_DTYPES  # pylint: disable=g-importing-member
-from lora_squeeze.adapters import cast_factor  # pylint: disable=g-importing-member
-from lora_squeeze.adapters import HOST_ID, fault_point, pid_alive  # pylint: disable=g-importing-member
+from lora_squeeze.adapters import atomic_file, check_out_file  # pylint: disable=g-importing-member
 
 # Files that are Python pickles (torch.save): never opened as data, since unpickling runs code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -332,8 +332,6 @@ class LoraFile:
 
 def open_lora_file(path: str | os.PathLike):
   """A LoraFile, or a gguf_lora.GgufLora for a file that starts with the GGUF magic."""
-  from lora_squeeze import gguf_lora  # pylint: disable=g-import-not-at-top
-
   if gguf_lora.is_gguf(path):
     return gguf_lora.GgufLora(path)
   return LoraFile(path)
@@ -394,41 +392,6 @@ def new_metadata(metadata: dict[str, str] | None, fmt: Format, modules, ranks) -
   return new
 
 
-def remove_stale_partials(out_path: Path) -> None:
-  """Removes ``.OUT.<pid>@<host>.partial`` files next to ``out_path`` whose writer on this host is dead.
-
-  A SIGKILLed squeeze cannot remove its half-written file; the next write of the same OUT does (never a
-  live writer's: the PID says whose it is, as for the PEFT path's scratch directories)."""
-  pattern = re.compile(rf"\.{re.escape(out_path.name)}\.(\d+)@{HOST_ID}\.partial")
-  try:
-    entries = list(os.scandir(out_path.parent))
-  except OSError:
-    return
-  for entry in entries:
-    match = pattern.fullmatch(entry.name)
-    if match and entry.is_file(follow_symlinks=False) and not pid_alive(int(match[1])):
-      Path(entry.path).unlink(missing_ok=True)
-
-
-def check_out_file(in_path: Path, out_path: Path, force: bool, dry_run: bool, suffix: str = ".safetensors") -> None:
-  if os.path.abspath(out_path) == os.path.abspath(in_path) or (
-      out_path.exists() and in_path.exists() and os.path.samefile(out_path, in_path)
-  ):
-    raise AdapterError(f"{out_path}: output file is the input file; choose another OUT")
-  if out_path.suffix.lower() != suffix:
-    what = "a GGUF LoRA" if suffix == ".gguf" else "a single-file LoRA"
-    raise AdapterError(
-        f"{out_path}: the output of {what} is a {suffix} file"
-        + (" (lora-squeeze convert turns GGUF into PEFT)" if suffix == ".gguf" else "")
-    )
-  if dry_run or not out_path.exists():
-    return
-  if not force:
-    raise AdapterError(f"{out_path}: already exists (use --force / force=True to replace it)")
-  if not out_path.is_file():
-    raise AdapterError(f"{out_path}: exists and is not a file")
-
-
 def squeeze_file(
     in_path: str | os.PathLike, out_path: str | os.PathLike, options: adapters.SqueezeOptions
 ) -> adapters.SqueezeReport:
@@ -441,8 +404,6 @@ def squeeze_file(
   in_path, out_path = Path(in_path), Path(out_path)
   if not in_path.exists():
     raise AdapterError(f"{in_path}: no such file or directory")
-  from lora_squeeze import gguf_lora  # pylint: disable=g-import-not-at-top
-
   if gguf_lora.is_gguf(in_path):  # told by content, as the two safetensors layouts are
     return gguf_lora.squeeze_gguf(in_path, out_path, options)
   if in_path.suffix.lower() == ".gguf":
@@ -456,8 +417,7 @@ def squeeze_file(
 
     entries, alphas = [], {}
     for m in modules:
-      shape_a, shape_b = m.new_shapes(ranks[m.name])
-      entries += [(m.key_a, code(m.dtype_a), shape_a), (m.key_b, code(m.dtype_b), shape_b)]
+      entries += adapters.factor_entries(m, ranks[m.name], code)
       if m.key_alpha:
         alphas[m.name] = _alpha_tensor(ranks[m.name], m.dtype_alpha)
         entries.append((m.key_alpha, alphas[m.name][0], ()))
@@ -502,29 +462,20 @@ def squeeze_file(
       report.seconds = time.perf_counter() - start
       return report
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out_path)
-    tmp = out_path.parent / f".{out_path.name}.{os.getpid()}@{HOST_ID}.partial"
-    writer = adapters.SafetensorsWriter(tmp, entries, metadata)
-    try:
-      for i, m, new_a, new_b, s in adapters.squeeze_modules(
-          lf, modules, ranks, method=options.method, seed=options.seed, progress=options.progress
-      ):
-        shape_a, shape_b = m.new_shapes(ranks[m.name])
-        writer.write(m.key_a, cast_factor(new_a.T.reshape(shape_a), code(m.dtype_a), m.name))
-        writer.write(m.key_b, cast_factor(new_b.T.reshape(shape_b), code(m.dtype_b), m.name))
-        if m.key_alpha:
-          writer.write(m.key_alpha, alphas[m.name][1])
-        report.modules.append(plan.module_report(m, s))
-        fault_point(f"squeeze_after_module:{i}")
-      for k in lf.passthrough:
-        writer.write(k, lf.reader.read(k))
-      writer.close()
-      # The output appears complete or not at all: written beside it, then renamed over it.
-      os.replace(tmp, out_path)
-    except BaseException:
-      writer.abort()
-      tmp.unlink(missing_ok=True)
-      raise
+    # The output appears complete or not at all: written beside it, then renamed over it.
+    with atomic_file(out_path) as tmp:
+      writer = adapters.SafetensorsWriter(tmp, entries, metadata)
+      try:
+        for m, factors in adapters.squeezed_factors(lf, modules, plan, options, report):
+          for key, x in factors:
+            writer.write(key, x)
+          if m.key_alpha:
+            writer.write(m.key_alpha, alphas[m.name][1])
+        for k in lf.passthrough:
+          writer.write(k, lf.reader.read(k))
+        writer.close()
+      except BaseException:
+        writer.abort()
+        raise
   report.seconds = time.perf_counter() - start
   return report

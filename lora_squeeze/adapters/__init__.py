@@ -16,7 +16,7 @@ adapters.squeeze_adapter(...)`` is the way to use it:
 
 Single-file formats live beside this package (``lora_files.py``: kohya / LyCORIS / diffusers;
 ``gguf_lora.py``: llama.cpp / ollama) and reuse its reader, writer, planning and squeeze loop. The command
-imports jax, numpy and ml_dtypes only (and gguf for GGUF files): the training stack (flax, gemma,
+imports jax, numpy and ml_dtypes only (and gguf for single files): the training stack (flax, gemma,
 tensorflow) is the ``[train]`` extra, imported by ``export_peft`` / ``import_peft`` alone.
 """
 
@@ -29,20 +29,20 @@ from lora_squeeze.adapters.errors import AdapterError
 from lora_squeeze.adapters.squeezing import DTYPES, DYNAMIC_RULES, METHODS, SqueezeOptions, squeeze_adapter
 from lora_squeeze.adapters.squeezing import ModuleReport, RankPlan, SqueezeReport, fmt_bytes
 from lora_squeeze.adapters.squeezing import adapter_spectra, check_target, plan_ranks, plan_squeeze
-from lora_squeeze.adapters.squeezing import squeeze_matrices, squeeze_modules
+from lora_squeeze.adapters.squeezing import factor_entries, squeeze_matrices, squeeze_modules, squeezed_factors
 from lora_squeeze.adapters.inspection import InspectReport, inspect_adapter
 
 # PEFT directories.
 from lora_squeeze.adapters.peft_config import CONFIG_NAME, PEFT_PREFIX, TORCH_WEIGHTS_NAME, WEIGHTS_NAME
-from lora_squeeze.adapters.peft_config import PeftAdapterConfig, get_pattern_key, output_config, pattern_keys
+from lora_squeeze.adapters.peft_config import PeftAdapterConfig, get_pattern_key, new_config, output_config, pattern_keys
 from lora_squeeze.adapters.peft_adapter import LoraModule, PeftAdapter
 
 # Gemma 3 LoRAs <-> PEFT.
 from lora_squeeze.adapters.gemma_peft import HF_BASE_MODELS, HF_LAYOUTS, HF_PROJECTIONS
 from lora_squeeze.adapters.gemma_peft import export_peft, hf_module_name, import_peft, lora_alpha_json, target_modules
 
-# Building blocks the single-file formats (lora_files.py, gguf_lora.py) share.
+# Building blocks the single-file formats (lora_files.py, gguf_lora.py, gguf_convert.py) share.
 from lora_squeeze.adapters.safetensors_io import DTYPE_CODES, FLOAT_CODES, NP_DTYPES, OUT_CODES
 from lora_squeeze.adapters.safetensors_io import SafetensorsReader, SafetensorsWriter, TensorInfo
 from lora_squeeze.adapters.safetensors_io import cast_factor, safetensors_size, save_safetensors
-from lora_squeeze.adapters.atomic_output import HOST_ID, atomic_dir, check_out_dir, fault_point, pid_alive
+from lora_squeeze.adapters.atomic_output import atomic_dir, atomic_file, check_out_dir, check_out_file, fault_point

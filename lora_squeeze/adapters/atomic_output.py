@@ -4,8 +4,9 @@ Safety (``check_out_dir``, ``atomic_dir``): an OUT_DIR that is IN_DIR, contains 
 refused before any work, --force or not (symlinks resolved): replacing it would delete the input. The
 scratch directory (``.OUT_DIR.<pid>@<host>.<random>.partial``) carries its writer's PID, so a later write of
 the same OUT_DIR removes those of killed runs and never a live writer's; it is made like ``mkdir`` makes
-directories (0777 minus the umask), so OUT_DIR does not end up 0700. Single files (lora_files.py,
-gguf_lora.py) use ``HOST_ID`` and ``pid_alive`` for their own ``.partial`` files.
+directories (0777 minus the umask), so OUT_DIR does not end up 0700. Single-file outputs (lora_files.py,
+gguf_lora.py, gguf_convert.py) have the same guard and scratch rule in ``check_out_file`` and ``atomic_file``
+(scratch file ``.OUT.<pid>@<host>.partial``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,23 @@ def pid_alive(pid: int) -> bool:
   return True
 
 
+def _dead_scratch(out: Path, tail: str, *, dirs: bool) -> list[Path]:
+  """The scratch entries ``.<out name>.<pid>@<host><tail>`` next to ``out`` (directories if ``dirs``, else
+  files; ``tail`` a regular expression) whose writer on this host is dead."""
+  pattern = re.compile(rf"\.{re.escape(out.name)}\.(\d+)@{HOST_ID}{tail}")
+  try:
+    entries = list(os.scandir(out.parent))
+  except OSError:
+    return []
+  dead = []
+  for entry in entries:
+    match = pattern.fullmatch(entry.name)
+    kind_ok = entry.is_dir(follow_symlinks=False) if dirs else entry.is_file(follow_symlinks=False)
+    if match and kind_ok and not pid_alive(int(match[1])):
+      dead.append(Path(entry.path))
+  return dead
+
+
 def _remove_stale_scratch(out_dir: Path) -> list[Path]:
   """Removes the scratch directories of ``out_dir`` (same name only) whose writer on this host is dead.
 
@@ -74,18 +92,19 @@ def _remove_stale_scratch(out_dir: Path) -> list[Path]:
   OUT_DIR forever. Returns the directories removed. (Scratch directories written before PIDs were in the
   name, ``.<name>.<random>.partial``, cannot be attributed and are left alone.)
   """
-  pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(\d+)@{HOST_ID}\.[0-9a-z]+\.({'|'.join(_SCRATCH_KINDS)})")
-  removed = []
-  try:
-    entries = list(os.scandir(out_dir.parent))
-  except OSError:
-    return removed
-  for entry in entries:
-    match = pattern.fullmatch(entry.name)
-    if match and entry.is_dir(follow_symlinks=False) and not pid_alive(int(match[1])):
-      shutil.rmtree(entry.path, ignore_errors=True)
-      removed.append(Path(entry.path))
+  removed = _dead_scratch(out_dir, rf"\.[0-9a-z]+\.({'|'.join(_SCRATCH_KINDS)})", dirs=True)
+  for path in removed:
+    shutil.rmtree(path, ignore_errors=True)
   return removed
+
+
+def _remove_stale_partials(out_path: Path) -> None:
+  """Removes ``.OUT.<pid>@<host>.partial`` files next to ``out_path`` whose writer on this host is dead.
+
+  A SIGKILLed squeeze cannot remove its half-written file; the next write of the same OUT does (never a
+  live writer's: the PID says whose it is, as for the scratch directories)."""
+  for path in _dead_scratch(out_path, r"\.partial", dirs=False):
+    path.unlink(missing_ok=True)
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
@@ -151,12 +170,33 @@ def check_out_dir(out_dir: Path, force: bool, inputs: Sequence[Path] = (), *, dr
   Every writer of an output directory calls this before any work."""
   for in_dir in inputs:
     _check_not_input(out_dir, Path(in_dir))
-  if dry_run or not out_dir.exists():
+  _check_replaceable(out_dir, force, dry_run, "directory")
+
+
+def _check_replaceable(out: Path, force: bool, dry_run: bool, kind: str) -> None:
+  """Raises unless ``out`` is absent, or (with ``force``) a ``kind`` ("directory" or "file") to replace."""
+  if dry_run or not out.exists():
     return
   if not force:
-    raise AdapterError(f"{out_dir}: already exists (use --force / force=True to replace it)")
-  if not out_dir.is_dir():
-    raise AdapterError(f"{out_dir}: exists and is not a directory")
+    raise AdapterError(f"{out}: already exists (use --force / force=True to replace it)")
+  if not (out.is_dir() if kind == "directory" else out.is_file()):
+    raise AdapterError(f"{out}: exists and is not a {kind}")
+
+
+def check_out_file(in_path: Path, out_path: Path, force: bool, dry_run: bool, suffix: str = ".safetensors") -> None:
+  """Raises unless ``out_path`` may be written: not ``in_path``, ending in ``suffix``, and absent or (with
+  ``force``) a file to replace. Every writer of a single output file calls this before any work."""
+  if os.path.abspath(out_path) == os.path.abspath(in_path) or (
+      out_path.exists() and in_path.exists() and os.path.samefile(out_path, in_path)
+  ):
+    raise AdapterError(f"{out_path}: output file is the input file; choose another OUT")
+  if out_path.suffix.lower() != suffix:
+    what = "a GGUF LoRA" if suffix == ".gguf" else "a single-file LoRA"
+    raise AdapterError(
+        f"{out_path}: the output of {what} is a {suffix} file"
+        + (" (lora-squeeze convert turns GGUF into PEFT)" if suffix == ".gguf" else "")
+    )
+  _check_replaceable(out_path, force, dry_run, "file")
 
 
 @contextlib.contextmanager
@@ -172,4 +212,20 @@ def atomic_dir(out_dir: Path):
     _replace_dir(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+@contextlib.contextmanager
+def atomic_file(out_path: Path):
+  """Yields the scratch file ``.OUT.<pid>@<host>.partial`` next to ``out_path``; renamed to ``out_path`` when
+  the block ends, removed if it raises, so ``out_path`` either appears complete or not at all. Dead writers'
+  scratch files of the same ``out_path`` are removed first (``_remove_stale_partials``)."""
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  _remove_stale_partials(out_path)
+  tmp = out_path.parent / f".{out_path.name}.{os.getpid()}@{HOST_ID}.partial"
+  try:
+    yield tmp
+    os.replace(tmp, out_path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
     raise

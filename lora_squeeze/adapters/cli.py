@@ -7,8 +7,8 @@
     lora-squeeze convert PEFT_DIR OUT.gguf [--arch gemma3]  |  lora-squeeze convert IN.gguf PEFT_DIR
 
 Input formats are told by content: a PEFT adapter directory (``squeezing``), a single-file kohya /
-LyCORIS / diffusers LoRA (``lora_files.py``) or a GGUF LoRA of llama.cpp / ollama (``gguf_lora.py``, also
-the ``convert`` command).
+LyCORIS / diffusers LoRA (``lora_files.py``) or a GGUF LoRA of llama.cpp / ollama (``gguf_lora.py``); the
+``convert`` command is ``gguf_convert.py``.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
   )
   s.add_argument("--seed", type=int, default=0, help="PRNG seed (rsvd sketches, init of energy-free directions)")
   s.add_argument("--no-progress", action="store_true", help="no progress bar")
-  # GGUF LoRAs (llama.cpp / ollama): gguf_lora.py.
+  # PEFT <-> GGUF LoRAs (llama.cpp / ollama): gguf_convert.py.
   c = sub.add_parser(
       "convert",
       help="PEFT adapter directory <-> GGUF LoRA file (llama.cpp --lora, ollama " "ADAPTER)",
@@ -180,10 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
       print(report.summary())
     elif args.command == "convert":
-      from lora_squeeze import gguf_lora  # pylint: disable=g-import-not-at-top
+      # gguf_convert imports this package (adapters/__init__.py imports this module): hence here.
+      from lora_squeeze import gguf_convert  # pylint: disable=g-import-not-at-top
 
       print(
-          gguf_lora.convert(
+          gguf_convert.convert(
               args.in_dir, args.out_dir, arch=args.arch, layout=args.layout, dtype=args.dtype, force=args.force
           ).summary()
       )

@@ -56,7 +56,8 @@ from lora_squeeze import squeeze
 from lora_squeeze.adapters.atomic_output import atomic_dir, check_out_dir
 from lora_squeeze.adapters.errors import AdapterError
 from lora_squeeze.adapters.peft_adapter import LoraModule, PeftAdapter
-from lora_squeeze.adapters.peft_config import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, PeftAdapterConfig, output_config
+from lora_squeeze.adapters.peft_config import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, PeftAdapterConfig
+from lora_squeeze.adapters.peft_config import new_config, output_config
 from lora_squeeze.adapters.safetensors_io import OUT_CODES, cast_factor, save_safetensors
 
 # Our module kind -> (sub-module, projection) inside a Hugging Face Gemma3DecoderLayer.
@@ -249,27 +250,9 @@ def export_peft(
       modules.append((hf_module_name(layer, half, layout), a_hf, b_hf, scale))
   ranks = {name: int(a_hf.shape[0]) for name, a_hf, _, _ in modules}
 
-  base = {
-      "peft_type": "LORA",
-      "task_type": "CAUSAL_LM",
-      "base_model_name_or_path": base_model_name_or_path,
-      "revision": None,
-      "r": 8,
-      "lora_alpha": 8,
-      "lora_dropout": 0.0,
-      "target_modules": target_modules(lora_config.targets, layout),
-      "bias": "none",
-      "fan_in_fan_out": False,
-      "inference_mode": True,
-      "init_lora_weights": True,
-      "layers_to_transform": None,
-      "layers_pattern": None,
-      "modules_to_save": None,
-      "use_rslora": False,
-      "use_dora": False,
-      "rank_pattern": {},
-      "alpha_pattern": {},
-  }
+  base = new_config(
+      target_modules(lora_config.targets, layout), r=8, lora_alpha=8, base_model_name_or_path=base_model_name_or_path
+  )
   if lora_config.alpha is not None and len(set(ranks.values())) == 1:
     # One scale alpha/r for every module: PEFT's own formula, factors written as they are.
     r = next(iter(ranks.values()))

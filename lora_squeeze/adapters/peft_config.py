@@ -1,4 +1,4 @@
-"""A PEFT LoRA adapter's config: file names, per-module r, alpha and scale, and the config a squeeze writes.
+"""A PEFT LoRA adapter's config: file names, per-module r, alpha and scale, and the configs this tool writes.
 
 PEFT applies ΔW_eff = scale · B @ A with scale = lora_alpha / r (lora_alpha / √r with ``use_rslora``),
 r and lora_alpha overridden per module by ``rank_pattern`` / ``alpha_pattern`` (matched as in
@@ -124,6 +124,34 @@ def pattern_keys(names: Sequence[str]) -> dict[str, str]:
   for n in names:
     keys.setdefault(n, n)
   return keys
+
+
+def new_config(
+    target_modules: Sequence[str] | str, *, r: int, lora_alpha: float, base_model_name_or_path: str | None = None
+) -> dict:
+  """The adapter_config.json of an adapter this tool makes (``export_peft``, GGUF -> PEFT), in PEFT's key
+  order: a plain LoRA of ``target_modules`` with rank ``r`` and ``lora_alpha``, no dropout, empty patterns."""
+  return {
+      "peft_type": "LORA",
+      "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": base_model_name_or_path,
+      "revision": None,
+      "r": r,
+      "lora_alpha": lora_alpha,
+      "lora_dropout": 0.0,
+      "target_modules": target_modules,
+      "bias": "none",
+      "fan_in_fan_out": False,
+      "inference_mode": True,
+      "init_lora_weights": True,
+      "layers_to_transform": None,
+      "layers_pattern": None,
+      "modules_to_save": None,
+      "use_rslora": False,
+      "use_dora": False,
+      "rank_pattern": {},
+      "alpha_pattern": {},
+  }
 
 
 def output_config(config: PeftAdapterConfig, ranks: Mapping[str, int]) -> dict:

@@ -121,6 +121,35 @@ def squeeze_modules(
     yield i, modules[i], new_a, new_b, s
 
 
+def factor_entries(m: LoraModule, rank: int, code) -> list[tuple[str, str, tuple[int, ...]]]:
+  """The header entries (key, dtype code, shape) of module ``m``'s two factors at ``rank``; ``code`` is
+  ``SqueezeOptions.out_code``."""
+  shape_a, shape_b = m.new_shapes(rank)
+  return [(m.key_a, code(m.dtype_a), shape_a), (m.key_b, code(m.dtype_b), shape_b)]
+
+
+def squeezed_factors(source, modules: Sequence[LoraModule], plan, options, report, fold=None):
+  """``squeeze_modules`` for a writer (every format): per module, (module, [(key_a, A'), (key_b, B')]) in the
+  input's layout and the output dtype. Once the caller has written them (when it asks for the next module)
+  the module's ModuleReport is appended to ``report`` and its fault point passes. ``fold``: module -> a
+  factor both new factors are multiplied by (GGUF's √(r_m / alpha)); None for none."""
+  ranks, code = plan.ranks, options.out_code
+  for i, m, new_a, new_b, s in squeeze_modules(
+      source, modules, ranks, method=options.method, seed=options.seed, progress=options.progress
+  ):
+    if fold is not None:
+      f = fold(m)
+      if f != 1:
+        new_a, new_b = new_a * f, new_b * f
+    shape_a, shape_b = m.new_shapes(ranks[m.name])
+    yield m, [
+        (m.key_a, cast_factor(new_a.T.reshape(shape_a), code(m.dtype_a), m.name)),
+        (m.key_b, cast_factor(new_b.T.reshape(shape_b), code(m.dtype_b), m.name)),
+    ]
+    report.modules.append(plan.module_report(m, s))
+    fault_point(f"squeeze_after_module:{i}")
+
+
 def adapter_spectra(adapter: PeftAdapter, *, progress: bool = True) -> dict[str, np.ndarray]:
   """{module name: all r singular values of its ΔW_eff} (efficient route, never forming ΔW), reading one
   module at a time in ``squeeze.host_map``'s threads."""
@@ -447,10 +476,7 @@ def squeeze_adapter(in_dir: str | os.PathLike, out_dir: str | os.PathLike, optio
     config = output_config(adapter.config, ranks)
     code = options.out_code
 
-    entries = []
-    for m in adapter.modules:
-      shape_a, shape_b = m.new_shapes(ranks[m.name])
-      entries += [(m.key_a, code(m.dtype_a), shape_a), (m.key_b, code(m.dtype_b), shape_b)]
+    entries = [e for m in adapter.modules for e in factor_entries(m, ranks[m.name], code)]
     entries += [(k, adapter.reader.tensors[k].dtype, adapter.reader.tensors[k].shape) for k in adapter.passthrough]
     metadata = adapter.reader.metadata if adapter.reader.metadata is not None else {"format": "pt"}
     extra_files = sorted(
@@ -480,14 +506,9 @@ def squeeze_adapter(in_dir: str | os.PathLike, out_dir: str | os.PathLike, optio
     with atomic_dir(out_dir) as tmp:
       writer = SafetensorsWriter(tmp / WEIGHTS_NAME, entries, metadata)
       try:
-        for i, m, new_a, new_b, s in squeeze_modules(
-            adapter, adapter.modules, ranks, method=options.method, seed=options.seed, progress=options.progress
-        ):
-          shape_a, shape_b = m.new_shapes(ranks[m.name])
-          writer.write(m.key_a, cast_factor(new_a.T.reshape(shape_a), code(m.dtype_a), m.name))
-          writer.write(m.key_b, cast_factor(new_b.T.reshape(shape_b), code(m.dtype_b), m.name))
-          report.modules.append(plan.module_report(m, s))
-          fault_point(f"squeeze_after_module:{i}")
+        for _, factors in squeezed_factors(adapter, adapter.modules, plan, options, report):
+          for key, x in factors:
+            writer.write(key, x)
         for k in adapter.passthrough:
           writer.write(k, adapter.reader.read(k))
       except BaseException:

@@ -77,12 +77,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from lora_squeeze.data import sources
-from lora_squeeze.data import tasks as tasks_lib
+from lora_squeeze.data.types import Example
+from lora_squeeze.data.types import IMAGE_MARKER
+from lora_squeeze.data.types import Task
 
 PAD_ID = 0
 BATCH_KEYS = ('tokens', 'loss_mask', 'segment_ids', 'positions')
-# Where a vision-language prompt's image goes (Gemma 3's own marker text).
-IMAGE_MARKER = '<start_of_image>'
 # One per soft image token; gemma's TOKEN_PLACEHOLDER (lora.IMAGE_PLACEHOLDER
 # reads it from gemma; this module stays free of the gemma import).
 IMAGE_PLACEHOLDER = -2
@@ -147,7 +147,7 @@ def resize_image(image: Any, spec: ImageSpec) -> np.ndarray:
 
 
 def encode_example(
-    example: tasks_lib.Example,
+    example: Example,
     tokenizer: Any,
     max_len: int,
     *,
@@ -210,9 +210,7 @@ def encode_example(
   return out
 
 
-def _image_prompt(
-    example: tasks_lib.Example, tokenizer: Any, image_spec: ImageSpec | None
-) -> tuple[list[int], list[int]]:
+def _image_prompt(example: Example, tokenizer: Any, image_spec: ImageSpec | None) -> tuple[list[int], list[int]]:
   """(BOS + text before the marker + image block, text after the marker)."""
   if image_spec is None:
     raise ValueError(
@@ -351,7 +349,7 @@ class _Encode:
   max_len: int
   image_spec: ImageSpec | None = None
 
-  def __call__(self, example: tasks_lib.Example) -> dict[str, np.ndarray]:
+  def __call__(self, example: Example) -> dict[str, np.ndarray]:
     return encode_example(example, self.tokenizer, self.max_len, image_spec=self.image_spec)
 
 
@@ -378,7 +376,7 @@ class TrainIterator:
 
   def __init__(
       self,
-      source: Sequence[tasks_lib.Example],
+      source: Sequence[Example],
       tokenizer: Any,
       *,
       batch_size: int,
@@ -474,7 +472,7 @@ class TrainIterator:
 
 
 def train_iterator(
-    task_or_source: str | tasks_lib.Task | Sequence[tasks_lib.Example],
+    task_or_source: str | Task | Sequence[Example],
     tokenizer: Any,
     *,
     batch_size: int,
@@ -511,7 +509,7 @@ def train_iterator(
       docstring); text tasks only. `max_target_tokens` then counts per row.
     **source_options: data_dir=, heldout_fraction=, download= for `source`.
   """
-  if isinstance(task_or_source, (str, tasks_lib.Task)):
+  if isinstance(task_or_source, (str, Task)):
     src = sources.source(task_or_source, split, **source_options)
   else:
     if split is not None or source_options:

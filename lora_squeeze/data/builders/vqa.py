@@ -39,6 +39,7 @@ import math
 from typing import Any, Iterator
 
 from etils import epath
+from PIL import Image
 import tensorflow_datasets as tfds
 
 _VERSION = tfds.core.Version('1.0.0')
@@ -80,8 +81,6 @@ def _read_json(path: epath.Path) -> Any:
 def _image_bytes(path: epath.Path, rotation: int = 0) -> bytes:
   """The image file's bytes, or a PNG re-encoding when it is not RGB JPEG/PNG
   or must be rotated (by `rotation` degrees counter-clockwise)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
   if not path.exists():
     raise FileNotFoundError(
         f"Image {path} is missing: see the builder's" ' MANUAL_DOWNLOAD_INSTRUCTIONS for where the images go.'

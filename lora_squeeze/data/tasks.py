@@ -159,16 +159,17 @@ def _arc_tfds(r: Mapping[str, Any]) -> Example:
   return _choice_example(_qa_prompt(as_text(r['question'])), texts, labels.index(key), 'ARC')
 
 
-def _arc_hf(r: Mapping[str, Any]) -> Example:
+def _keyed_choices_hf(r: Mapping[str, Any], question: str, what: str) -> Example:
+  """A Hugging Face row whose options are choices.text, labelled choices.label, the answer's label answerKey
+  (ARC, OBQA)."""
   labels = list(r['choices']['label'])
   if r['answerKey'] not in labels:
-    raise InvalidExampleError(f'ARC: answerKey {r["answerKey"]!r} not found.')
-  return _choice_example(
-      _qa_prompt(r['question']),
-      r['choices']['text'],
-      labels.index(r['answerKey']),
-      'ARC',
-  )
+    raise InvalidExampleError(f'{what}: answerKey {r["answerKey"]!r} not found.')
+  return _choice_example(_qa_prompt(question), r['choices']['text'], labels.index(r['answerKey']), what)
+
+
+def _arc_hf(r: Mapping[str, Any]) -> Example:
+  return _keyed_choices_hf(r, r['question'], 'ARC')
 
 
 def _boolq(r: Mapping[str, Any]) -> Example:
@@ -258,17 +259,14 @@ def _hellaswag_hf(r: Mapping[str, Any]) -> Example:
   return _hellaswag(r['activity_label'], r['ctx'], r['endings'], label)
 
 
-def _mmlu_tfds(r: Mapping[str, Any]) -> Example:
+def _mmlu(r: Mapping[str, Any]) -> Example:
+  """TFDS (our builder) and Hugging Face rows alike: question, choices, answer index."""
   return _choice_example(
       _qa_prompt(as_text(r['question'])),
       _texts(r['choices']),
       _int(r['answer']),
       'MMLU',
   )
-
-
-def _mmlu_hf(r: Mapping[str, Any]) -> Example:
-  return _choice_example(_qa_prompt(r['question']), r['choices'], _int(r['answer']), 'MMLU')
 
 
 def _obqa_tfds(r: Mapping[str, Any]) -> Example:
@@ -278,15 +276,7 @@ def _obqa_tfds(r: Mapping[str, Any]) -> Example:
 
 
 def _obqa_hf(r: Mapping[str, Any]) -> Example:
-  labels = list(r['choices']['label'])
-  if r['answerKey'] not in labels:
-    raise InvalidExampleError(f'OBQA: answerKey {r["answerKey"]!r} not found.')
-  return _choice_example(
-      _qa_prompt(r['question_stem']),
-      r['choices']['text'],
-      labels.index(r['answerKey']),
-      'OBQA',
-  )
+  return _keyed_choices_hf(r, r['question_stem'], 'OBQA')
 
 
 def _paws(r: Mapping[str, Any]) -> Example:
@@ -444,9 +434,9 @@ TASKS: dict[str, Task] = {
             train_split='train',
             eval_split='test',
             metric='choice_accuracy',
-            format_fn=_mmlu_tfds,
+            format_fn=_mmlu,
             tfds_module=_OUR_BUILDERS,
-            offline=_offline('hails/mmlu_no_train/*/test/data-*.arrow', 14042, _mmlu_hf),
+            offline=_offline('hails/mmlu_no_train/*/test/data-*.arrow', 14042, _mmlu),
         ),
         Task(
             name='obqa',

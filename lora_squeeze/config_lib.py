@@ -170,8 +170,6 @@ def runlocal(c: ml_collections.ConfigDict, *, steps: int) -> None:
 # Checking a run config before anything is created.
 # ----------------------------------------------------------------------------------------------------------
 
-DATA_SOURCES = ("tfds", "olmo", "synthetic")
-
 
 def check_run_config(config) -> None:
   """Raises ``workdir.UserError`` (one line: the key, the bad value, what is valid) for a config that
@@ -183,6 +181,7 @@ def check_run_config(config) -> None:
   from lora_squeeze import optim as optim_lib
   from lora_squeeze.workdir import UserError
   from lora_squeeze.workdir import did_you_mean
+  from lora_squeeze.data import pipeline
   from lora_squeeze.data import tasks as tasks_lib
 
   def need(ok: bool, message: str) -> None:
@@ -252,7 +251,8 @@ def check_run_config(config) -> None:
       f"{config.squeeze.optimizer_state!r}: one of {', '.join(optim_lib.OPTIMIZER_STATE_MODES)}",
   )
   d = config.data
-  need(d.source in DATA_SOURCES, f"config.data.source={d.source!r}: one of {', '.join(DATA_SOURCES)}")
+  sources = pipeline.DATA_SOURCES
+  need(d.source in sources, f"config.data.source={d.source!r}: one of {', '.join(sources)}")
   if d.source == "synthetic" or d.task == "synthetic":
     need(
         d.source == "synthetic" and d.task == "synthetic",
@@ -264,9 +264,7 @@ def check_run_config(config) -> None:
     try:
       tasks_lib.get_task(d.task)
     except ValueError:
-      from lora_squeeze.data import vqa
-
-      names = list(tasks_lib.TASK_NAMES) + list(vqa.VL_TASK_NAMES)
+      names = tasks_lib.ALL_TASK_NAMES
       raise UserError(
           f"config.data.task={d.task!r} is not a task{did_you_mean(str(d.task), names)}; " f"tasks: {', '.join(names)}"
       ) from None

@@ -152,15 +152,13 @@ def _check(
   if not tasks:
     raise UserError("tasks is empty: give the tasks to run (e.g. tasks=arc_e+siqa)")
   from lora_squeeze.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top  (the registry)
-  from lora_squeeze.data import vqa  # pylint: disable=g-import-not-at-top
 
   for t in tasks:
-    if t != "synthetic":  # the tiny scale's lookup task
-      try:
-        tasks_lib.get_task(t)
-      except ValueError:
-        names = tasks_lib.TASK_NAMES + vqa.VL_TASK_NAMES
-        raise UserError(f"tasks: {t!r} is not a task{did_you_mean(str(t), names)}; tasks: {', '.join(names)}") from None
+    try:
+      tasks_lib.get_task(t)
+    except ValueError:
+      names = tasks_lib.ALL_TASK_NAMES
+      raise UserError(f"tasks: {t!r} is not a task{did_you_mean(str(t), names)}; tasks: {', '.join(names)}") from None
   positive_ints("ranks", ranks)
   positive_ints("src", (src,))
   positive_ints("tgt", (tgt,))

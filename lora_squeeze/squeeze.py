@@ -53,6 +53,8 @@ import numpy as np
 import scipy.linalg.lapack
 from jax import lax
 
+from lora_squeeze import hash_rng
+
 Array = jax.Array
 
 METHODS = ("efficient", "rsvd", "svd")
@@ -100,47 +102,6 @@ def _gram(x: Array) -> Array:
 
 def _t(x: Array) -> Array:
   return jnp.swapaxes(x, -1, -2)
-
-
-# Random draws inside squeeze programs use a counter-based integer hash, not jax.random (threefry): on
-# XLA:CPU (jaxlib 0.10.0) an executable that mixes threefry with the LAPACK custom calls of the small
-# factorisations wedged on its second run (all workers idle, the caller blocked forever), reproducibly, for
-# any batch >= 2. The hash draws are deterministic per key and never touch threefry.
-
-
-def _seed(key: Array, stream: int) -> Array:
-  """A uint32 seed from a PRNG key (or a batch of keys) and a stream id, without running threefry."""
-  data = jax.random.key_data(key).astype(jnp.uint32)
-  seed = data[..., 0] * jnp.uint32(0x9E3779B9) ^ data[..., -1]
-  return _mix(seed ^ jnp.uint32((stream * 0x85EBCA6B) & 0xFFFFFFFF))
-
-
-def _mix(x: Array) -> Array:
-  """lowbias32 (Wellons): a fast uint32 -> uint32 bijection with good avalanche."""
-  x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
-  x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
-  return x ^ (x >> 16)
-
-
-def _hash_uniform(seed: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
-  """U[0, 1) of ``shape`` from a uint32 seed (scalar or batch matching shape's leading dims)."""
-  counter = jnp.arange(math.prod(shape), dtype=jnp.uint32).reshape(shape)
-  seed = jnp.asarray(seed, jnp.uint32).reshape(jnp.shape(seed) + (1,) * (len(shape) - jnp.ndim(seed)))
-  bits = _mix(_mix(counter ^ seed) + seed)
-  return (bits >> 8).astype(dtype) * (1.0 / (1 << 24))
-
-
-def _hash_normal(seed: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
-  """Standard normal of ``shape`` (Box–Muller on two hashed uniform streams)."""
-  u1 = _hash_uniform(_mix(seed ^ jnp.uint32(0x68E31DA4)), shape, dtype)
-  u2 = _hash_uniform(_mix(seed ^ jnp.uint32(0xB5297A4D)), shape, dtype)
-  return jnp.sqrt(-2.0 * jnp.log1p(-u1)) * jnp.cos((2 * math.pi) * u2)
-
-
-def kaiming_uniform(seed: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
-  """The standard LoRA ``a`` init of (..., m, k): U(-√(6/m), √(6/m)), as flax/gemma kaiming_uniform."""
-  bound = math.sqrt(6.0 / shape[-2])
-  return (2.0 * _hash_uniform(seed, shape, dtype) - 1.0) * bound
 
 
 def _check_factors(a, b, rank: int, *, where: str = "") -> None:
@@ -192,7 +153,7 @@ def rsvd(w: Array, rank: int, *, key: Array, oversample: int = 10, power_iters: 
     w: (m, n) matrix.
     rank: r; the sketch has r' = r + oversample columns (capped at min(m, n)).
     key: PRNG key for the Gaussian test matrix Ω (n, r'). Same key, same result. (Ω is drawn by a
-      counter-based hash of the key, not by jax.random; see ``_seed``.)
+      counter-based hash of the key, not by jax.random; see ``hash_rng``.)
     oversample: k_o (paper: 10).
     power_iters: k_q (paper: 2), each with QR re-orthogonalisation at both half steps (lines 5-8).
 
@@ -202,7 +163,7 @@ def rsvd(w: Array, rank: int, *, key: Array, oversample: int = 10, power_iters: 
   """
   m, n = w.shape
   r_sketch = min(rank + oversample, m, n)
-  omega = _hash_normal(_seed(key, 1), (n, r_sketch), w.dtype)  # line 2 (see _seed: no threefry here)
+  omega = hash_rng.normal(hash_rng.seed(key, 1), (n, r_sketch), w.dtype)  # line 2 (hash_rng: no threefry)
   y = _mm(w, omega)  # line 3
   for _ in range(power_iters):  # lines 4-9
     q, _ = jnp.linalg.qr(y)
@@ -339,7 +300,7 @@ def _squeeze_batch(
   new_b = jnp.pad(new_b, ((0, 0), (0, pad), (0, 0)))
   scale = jnp.sqrt(jnp.sum(a * a, axis=(1, 2)) * jnp.sum(b * b, axis=(1, 2)))
   dead = s_pad <= max(m, n) * jnp.finfo(ct).eps * scale[:, None]
-  fresh = kaiming_uniform(_seed(keys, 2), (a.shape[0], m, rank), ct)
+  fresh = hash_rng.kaiming_uniform(hash_rng.seed(keys, 2), (a.shape[0], m, rank), ct)
   new_a = jnp.where(dead[:, None, :], fresh, new_a)
   new_b = jnp.where(dead[:, :, None], 0.0, new_b)
   out = SqueezedFactors(a=new_a.astype(dtype), b=new_b.astype(dtype), singular_values=s.astype(jnp.float32))
@@ -404,42 +365,6 @@ def is_host_array(x) -> bool:
     return False
   devices = x.devices()
   return len(devices) == 1 and next(iter(devices)).platform == "cpu"
-
-
-def _np_mix(x: np.ndarray) -> np.ndarray:
-  """``_mix`` on uint32 numpy arrays (wrapping arithmetic)."""
-  with np.errstate(over="ignore"):
-    x = (x ^ (x >> np.uint32(16))) * np.uint32(0x7FEB352D)
-    x = (x ^ (x >> np.uint32(15))) * np.uint32(0x846CA68B)
-    return x ^ (x >> np.uint32(16))
-
-
-def _np_seed(key_data: np.ndarray, stream: int) -> np.ndarray:
-  """``_seed`` from a key's raw uint32 data: the same seed, so the same draws as the XLA route."""
-  data = np.asarray(key_data).astype(np.uint32)
-  with np.errstate(over="ignore"):
-    seed = data[..., 0] * np.uint32(0x9E3779B9) ^ data[..., -1]
-    return _np_mix(seed ^ np.uint32((stream * 0x85EBCA6B) & 0xFFFFFFFF))
-
-
-def _np_kaiming_uniform(seed: np.ndarray, shape: tuple[int, int], dtype) -> np.ndarray:
-  """``kaiming_uniform`` for one member on the host: bit for bit the XLA route's draws."""
-  counter = np.arange(math.prod(shape), dtype=np.uint32).reshape(shape)
-  with np.errstate(over="ignore"):
-    bits = _np_mix(_np_mix(counter ^ seed) + seed)
-  u = (bits >> np.uint32(8)).astype(dtype) * (1.0 / (1 << 24))
-  return (2.0 * u - 1.0) * math.sqrt(6.0 / shape[-2])
-
-
-def _key_data(key) -> np.ndarray:
-  """Raw uint32 data of a PRNG key given as a key, its data, None (key(0)) or a zero-argument callable."""
-  if callable(key):
-    key = key()
-  if key is None:
-    key = jax.random.key(0)
-  if isinstance(key, np.ndarray) and key.dtype == np.uint32:
-    return key
-  return np.asarray(jax.random.key_data(key))
 
 
 def _gram64(x: np.ndarray) -> np.ndarray:
@@ -581,7 +506,7 @@ def _squeeze_host(a, b, rank: int, key, where: str = "") -> tuple[np.ndarray, np
   s_pad[:k] = s[:k]
   dead = s_pad <= zero
   if dead.any():
-    fresh = _np_kaiming_uniform(_np_seed(_key_data(key), 2), (m, rank), a.dtype)
+    fresh = hash_rng.np_kaiming_uniform(hash_rng.np_seed(hash_rng.key_data(key), 2), (m, rank), a.dtype)
     new_a[:, dead] = fresh[:, dead]
     new_b[dead] = 0.0
   return new_a.astype(dtype, copy=False), new_b.astype(dtype, copy=False), _core_values(s, zero)

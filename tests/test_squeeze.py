@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lora_squeeze import squeeze as sq
+from lora_squeeze import squeeze_host
 
 EXACT_METHODS = ("efficient", "svd")
 # (method, route): "efficient" on both of its implementations (squeeze_factors' route), the others on XLA.
@@ -356,7 +357,7 @@ def test_host_map_keeps_order_bounds_what_it_holds_and_raises_in_turn():
 
     got, ahead = [], []
     with pytest.raises(ValueError, match="item 13"):
-      for x in sq.host_map(square_or_fail, items(), workers=workers):
+      for x in squeeze_host.host_map(square_or_fail, items(), workers=workers):
         got.append(x)
         ahead.append(len(pulled) - len(got))
     assert got == [i * i for i in range(13)]

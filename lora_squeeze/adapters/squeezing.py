@@ -19,7 +19,7 @@ Speed (experiments/peft_squeeze_speed.py, squeeze_speed.py, flux_squeeze_speed.p
 seconds on 2 CPU cores, where the full-ΔW SVD route takes hours): the efficient route costs milliseconds
 per module, so fixed costs would dominate. It runs on squeeze's host route (numpy/LAPACK: no XLA compile,
 no per-call dispatch), and ``squeeze_modules``, the one loop of the PEFT, single-file and GGUF paths, reads
-and squeezes modules side by side in threads (``squeeze.host_map``) while the caller writes the results in
+and squeezes modules side by side in threads (``squeeze_host.host_map``) while the caller writes the results in
 order.
 """
 
@@ -38,7 +38,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from lora_squeeze import squeeze
+from lora_squeeze import squeeze, squeeze_host
 from lora_squeeze.adapters.atomic_output import atomic_dir, check_out_dir, fault_point
 from lora_squeeze.adapters.errors import AdapterError
 from lora_squeeze.adapters.peft_adapter import LoraModule, PeftAdapter
@@ -98,7 +98,7 @@ def squeeze_modules(
   """(i, module, a', b', singular values) for every module in order: the squeeze of the command, for a PEFT
   directory and a single file alike (``source`` has ``factors(module)``, as PeftAdapter and LoraFile do).
 
-  "efficient": modules are read and squeezed in ``squeeze.host_map``'s threads (one per core, at most 8),
+  "efficient": modules are read and squeezed in ``squeeze_host.host_map``'s threads (one per core, at most 8),
   each on the host route with BLAS on one thread; the caller writes each result as it comes, so about one
   module per thread is in memory at a time. "svd"/"rsvd" run one module at a time in this thread
   (``squeeze_matrices``, all at one compute rank, the largest target: ranks are capped at each module's
@@ -116,15 +116,15 @@ def squeeze_modules(
     )
 
   indices = range(len(modules))
-  results = squeeze.host_map(one, indices) if method == "efficient" else map(one, indices)
+  results = squeeze_host.host_map(one, indices) if method == "efficient" else map(one, indices)
   for i, (new_a, new_b, s) in enumerate(progress_bar(results, len(modules), "squeeze", progress)):
     yield i, modules[i], new_a, new_b, s
 
 
 def adapter_spectra(adapter: PeftAdapter, *, progress: bool = True) -> dict[str, np.ndarray]:
   """{module name: all r singular values of its ΔW_eff} (efficient route, never forming ΔW), reading one
-  module at a time in ``squeeze.host_map``'s threads."""
-  values = squeeze.host_map(lambda m: squeeze.singular_values(*adapter.factors(m), route="host"), adapter.modules)
+  module at a time in ``squeeze_host.host_map``'s threads."""
+  values = squeeze_host.host_map(lambda m: squeeze.singular_values(*adapter.factors(m), route="host"), adapter.modules)
   return {m.name: s for m, s in zip(adapter.modules, progress_bar(values, len(adapter.modules), "spectra", progress))}
 
 

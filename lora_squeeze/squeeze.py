@@ -100,7 +100,7 @@ def _t(x: Array) -> Array:
 
 
 def _check_factors(a, b, rank: int, *, where: str = "") -> None:
-  """Raises ValueError naming the problem with the shapes, dtypes or rank (values: see _squeeze_batch)."""
+  """Raises ValueError naming the problem with the shapes, dtypes or rank (values: see _raise_if_not_finite)."""
   loc = f" in LoRA module '{where}'" if where else ""
   if getattr(a, "ndim", None) != 2 or getattr(b, "ndim", None) != 2:
     raise ValueError(
@@ -118,16 +118,14 @@ def _check_factors(a, b, rank: int, *, where: str = "") -> None:
     raise ValueError(f"squeeze{loc}: factors must be floating point, got a {a.dtype}, b {b.dtype}")
 
 
-def _raise_if_not_finite(finite, paths: list[str], a_shapes, b_shapes) -> None:
-  """``finite``: per-module flags from ``_squeeze_batch``; raises naming the first bad module (if concrete)."""
+def _raise_if_not_finite(finite, where: str, a_shape, b_shape) -> None:
+  """``finite``: the flag from ``_squeeze_xla``; raises naming the module when it is concrete and False."""
   if isinstance(finite, jax.core.Tracer):
     return  # under jit value checks are impossible; NaN in gives NaN out.
-  finite = np.asarray(finite)
-  if not finite.all():
-    i = int(np.argmin(finite))
-    loc = f" in LoRA module '{paths[i]}'" if paths[i] else ""
+  if not bool(finite):
+    loc = f" in LoRA module '{where}'" if where else ""
     raise ValueError(
-        f"squeeze{loc}: factors a{tuple(a_shapes[i])} / b{tuple(b_shapes[i])} contain " "non-finite values (NaN or Inf)"
+        f"squeeze{loc}: factors a{tuple(a_shape)} / b{tuple(b_shape)} contain " "non-finite values (NaN or Inf)"
     )
 
 
@@ -217,7 +215,7 @@ def cholesky_qr_r(x: Array) -> Array:
 
 
 def _core_svd(a: Array, b: Array) -> tuple[Array, Array, Array, Array, Array]:
-  """Alg. 2 steps 1-3 on a batch: R_A, R_B and the SVD of the core M = R_A R_Bᵀ (ΔW's singular values)."""
+  """Alg. 2 steps 1-3: R_A, R_B and the SVD of the core M = R_A R_Bᵀ (ΔW's singular values)."""
   r_a = cholesky_qr_r(a)
   r_b = cholesky_qr_r(_t(b))
   u_m, s, vt_m = jnp.linalg.svd(_mm(r_a, _t(r_b)))
@@ -225,7 +223,7 @@ def _core_svd(a: Array, b: Array) -> tuple[Array, Array, Array, Array, Array]:
 
 
 @jax.jit
-def _singular_values_batch(a: Array, b: Array) -> Array:
+def _singular_values_xla(a: Array, b: Array) -> Array:
   ct = _compute_dtype(jnp.result_type(a, b))
   r_a = cholesky_qr_r(a.astype(ct))
   r_b = cholesky_qr_r(_t(b).astype(ct))
@@ -239,7 +237,7 @@ def singular_values(a: Array, b: Array, *, route: str = "auto") -> Array:
   _check_factors(a, b, 1)
   if squeeze_host.use_host("efficient", route, a, b):
     return squeeze_host.singular_values(np.asarray(a), np.asarray(b))
-  return _singular_values_batch(a[None], b[None])[0]
+  return _singular_values_xla(a, b)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -247,78 +245,71 @@ def singular_values(a: Array, b: Array, *, route: str = "auto") -> Array:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _squeeze_batch(
-    a: Array, b: Array, keys: Array, *, rank: int, method: str, oversample: int, power_iters: int
+def _squeeze_matrices(
+    a: Array, b: Array, key: Array, *, rank: int, method: str, oversample: int, power_iters: int
 ) -> tuple[SqueezedFactors, Array]:
-  """squeeze_factors on a batch of same-shape pairs: a (g, m, r_src), b (g, r_src, n), keys (g,).
+  """squeeze_factors' XLA route on one pair a (m, r_src), b (r_src, n).
 
-  Also returns a (g,) flag: are all of member i's inputs finite (checked by the callers when concrete).
-
-  "efficient" runs batched (one set of batched GEMMs and small factorisations for the whole group);
-  "svd" and "rsvd" form ΔW, so they go one member at a time (lax.map) to hold one m×n ΔW at most.
+  Also returns a flag: are all the inputs finite (checked by the callers when concrete).
   """
   dtype = jnp.result_type(a, b)
   ct = _compute_dtype(dtype)
   a, b = a.astype(ct), b.astype(ct)
-  (_, m, r_src), n = a.shape, b.shape[-1]
-  finite = jnp.all(jnp.isfinite(a), axis=(1, 2)) & jnp.all(jnp.isfinite(b), axis=(1, 2))
+  (m, r_src), n = a.shape, b.shape[-1]
+  finite = jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(b))
 
   if method == "efficient":
     r_a, r_b, u_m, s, vt_m = _core_svd(a, b)
     k = min(rank, r_src)
-    half = jnp.sqrt(s[:, :k])
+    half = jnp.sqrt(s[:k])
     # a' = Q_A U_r Σ^½ = a R_A⁻¹ (U_r Σ^½);  b' = Σ^½ V_rᵀ Q_Bᵀ = (R_B⁻¹ V_r Σ^½)ᵀ b.
-    x = jax.scipy.linalg.solve_triangular(r_a, u_m[:, :, :k] * half[:, None, :], lower=False)
-    y = jax.scipy.linalg.solve_triangular(r_b, _t(vt_m[:, :k]) * half[:, None, :], lower=False)
+    x = jax.scipy.linalg.solve_triangular(r_a, u_m[:, :k] * half, lower=False)
+    y = jax.scipy.linalg.solve_triangular(r_b, _t(vt_m[:k]) * half, lower=False)
     new_a, new_b = _mm(a, x), _mm(_t(y), b)
   else:
-
-    def one(args):
-      a1, b1, key1 = args
-      delta_w = _mm(a1, b1)
-      if method == "svd":
-        u, s, vt = svd(delta_w)
-      else:
-        u, s, vt = rsvd(delta_w, rank, key=key1, oversample=oversample, power_iters=power_iters)
-      k = min(rank, s.shape[0])
-      half = jnp.sqrt(s[:k])
-      return u[:, :k] * half, half[:, None] * vt[:k], s
-
-    new_a, new_b, s = lax.map(one, (a, b, keys))
-    k = new_a.shape[-1]
+    delta_w = _mm(a, b)
+    if method == "svd":
+      u, s, vt = svd(delta_w)
+    else:
+      u, s, vt = rsvd(delta_w, rank, key=key, oversample=oversample, power_iters=power_iters)
+    k = min(rank, s.shape[0])
+    half = jnp.sqrt(s[:k])
+    new_a, new_b = u[:, :k] * half, half[:, None] * vt[:k]
 
   # Pad to `rank` and give every energy-free direction a fresh LoRA init (see module docstring). "Zero" is
   # relative to what the factors can resolve: max(m, n)·eps·‖a‖_F‖b‖_F.
   pad = rank - k
-  s_pad = jnp.pad(s[:, :k], ((0, 0), (0, pad)))
-  new_a = jnp.pad(new_a, ((0, 0), (0, 0), (0, pad)))
-  new_b = jnp.pad(new_b, ((0, 0), (0, pad), (0, 0)))
-  scale = jnp.sqrt(jnp.sum(a * a, axis=(1, 2)) * jnp.sum(b * b, axis=(1, 2)))
-  dead = s_pad <= max(m, n) * jnp.finfo(ct).eps * scale[:, None]
-  fresh = hash_rng.kaiming_uniform(hash_rng.seed(keys, 2), (a.shape[0], m, rank), ct)
-  new_a = jnp.where(dead[:, None, :], fresh, new_a)
-  new_b = jnp.where(dead[:, :, None], 0.0, new_b)
+  s_pad = jnp.pad(s[:k], (0, pad))
+  new_a = jnp.pad(new_a, ((0, 0), (0, pad)))
+  new_b = jnp.pad(new_b, ((0, pad), (0, 0)))
+  scale = jnp.sqrt(jnp.sum(a * a) * jnp.sum(b * b))
+  dead = s_pad <= max(m, n) * jnp.finfo(ct).eps * scale
+  fresh = hash_rng.kaiming_uniform(hash_rng.seed(key, 2), (m, rank), ct)
+  new_a = jnp.where(dead[None, :], fresh, new_a)
+  new_b = jnp.where(dead[:, None], 0.0, new_b)
   out = SqueezedFactors(a=new_a.astype(dtype), b=new_b.astype(dtype), singular_values=s.astype(jnp.float32))
   return out, finite
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "method", "oversample", "power_iters"))
-def _squeeze_group(
-    a_list: tuple, b_list: tuple, keys: tuple, *, rank: int, method: str, oversample: int, power_iters: int
-) -> tuple[tuple, tuple, tuple, Array]:
-  """Same-shape einsum-shaped pairs in, new pairs out, as ONE compiled program: stacking, the matrix view,
-  the batched squeeze and unstacking all happen inside jit (eager per-member slicing would compile a new
-  slice per index)."""
-  a_shape, b_shape = a_list[0].shape, b_list[0].shape
-  a = jnp.stack([x.reshape(-1, a_shape[-1]) for x in a_list])
-  b = jnp.stack([x.reshape(b_shape[0], -1) for x in b_list])
-  out, finite = _squeeze_batch(
-      a, b, jnp.stack(keys), rank=rank, method=method, oversample=oversample, power_iters=power_iters
+def _squeeze_xla(
+    a: Array, b: Array, key: Array, *, rank: int, method: str, oversample: int, power_iters: int
+) -> tuple[Array, Array, Array, Array]:
+  """One einsum-shaped pair in, the new pair, its singular values and the finite flag out, as ONE compiled
+  program per (shapes, rank): the matrix view and back happen inside jit.
+
+  One module per program: batching same-shape modules into one program (vmapped, batch >= 2) wedged
+  XLA:CPU with jaxlib 0.10.0 when first built; ``experiments/xla_cpu_hang_check.py`` re-checks it."""
+  out, finite = _squeeze_matrices(
+      a.reshape(-1, a.shape[-1]),
+      b.reshape(b.shape[0], -1),
+      key,
+      rank=rank,
+      method=method,
+      oversample=oversample,
+      power_iters=power_iters,
   )
-  new_a = tuple(out.a[i].reshape(*a_shape[:-1], rank) for i in range(len(a_list)))
-  new_b = tuple(out.b[i].reshape(rank, *b_shape[1:]) for i in range(len(b_list)))
-  values = tuple(out.singular_values[i] for i in range(len(a_list)))
-  return new_a, new_b, values, finite
+  return out.a.reshape(*a.shape[:-1], rank), out.b.reshape(rank, *b.shape[1:]), out.singular_values, finite
 
 
 def squeeze_factors(
@@ -370,10 +361,10 @@ def squeeze_factors(
   key = jax.random.key(0) if key is None else key
   if isinstance(key, np.ndarray) and key.dtype == np.uint32:
     key = jax.random.wrap_key_data(key)
-  (new_a,), (new_b,), (values,), finite = _squeeze_group(
-      (a,), (b,), (key,), rank=int(rank), method=method, oversample=oversample, power_iters=power_iters
+  new_a, new_b, values, finite = _squeeze_xla(
+      a, b, key, rank=int(rank), method=method, oversample=oversample, power_iters=power_iters
   )
-  _raise_if_not_finite(finite, [where], [a.shape], [b.shape])
+  _raise_if_not_finite(finite, where, a.shape, b.shape)
   return SqueezedFactors(a=new_a, b=new_b, singular_values=values)
 
 
@@ -581,22 +572,21 @@ def squeeze_lora(
   if all(squeeze_host.use_host(method, route, pairs[p]["a"], pairs[p]["b"]) for _, p in todo):
     new_pairs = squeeze_host.squeeze_pairs(pairs, todo, ranks, key)
   else:
-    # One module per compiled call (compiled once per (shape, rank): 7 programs for Gemma 3). Batching
-    # same-shape modules into one program (the natural design, and what _squeeze_group supports) wedged
-    # XLA:CPU in jaxlib 0.10.0 for any batch >= 2 (second run never returns, all workers idle).
+    # One module per compiled call (compiled once per (shape, rank): 7 programs for Gemma 3; see
+    # _squeeze_xla for why same-shape modules are not batched into one program).
     new_pairs = {}
     for i, p in todo:
       a, b = pairs[p]["a"], pairs[p]["b"]
-      (new_a,), (new_b,), _, finite = _squeeze_group(
-          (a,),
-          (b,),
-          (jax.random.fold_in(key, i),),
+      new_a, new_b, _, finite = _squeeze_xla(
+          a,
+          b,
+          jax.random.fold_in(key, i),
           rank=int(ranks[p]),
           method=method,
           oversample=oversample,
           power_iters=power_iters,
       )
-      _raise_if_not_finite(finite, [p], [a.shape], [b.shape])
+      _raise_if_not_finite(finite, p, a.shape, b.shape)
       new_pairs[p] = (new_a, new_b)
 
   def visit(node, prefix):

@@ -83,6 +83,7 @@ import numpy as np
 import optax
 
 from lora_squeeze import fileio
+from lora_squeeze import rank_rules
 from lora_squeeze import lora as lora_lib
 from lora_squeeze import schedules
 from lora_squeeze import sharding as sharding_lib
@@ -1280,7 +1281,7 @@ def _run_post_squeeze(config, workdir: Path, *, evaluate_fn) -> dict:
     params, new_cfg = lora_lib.change_rank(
         source_params, r, source_cfg, method=config.squeeze.method, key=_stage_key(int(config.seed), i)
     )
-    retention = float(np.mean([float(squeeze_lib.retention(s, r)) for s in spectra.values()]))
+    retention = float(np.mean([float(rank_rules.retention(s, r)) for s in spectra.values()]))
     metrics = _evaluate(config, model, params, new_cfg, evaluate_fn)
     per_rank[str(r)] = {"rank": r, "retention_mean": retention, "metrics": metrics}
     if config.get("save_adapters", False):

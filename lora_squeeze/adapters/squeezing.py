@@ -9,7 +9,7 @@ B' = U_r Σ_r^½, A' = Σ_r^½ V_rᵀ for ΔW_eff = U Σ Vᵀ, written with scal
 
 A rank above a module's full rank min(out, in) is capped there (``plan_ranks``; one note on stderr), since
 ΔW is exact at full rank. The ``--sv-*`` rules are kohya sd-scripts' dynamic resize rules
-(``DYNAMIC_RULES``, ``squeeze.rank_sv_*``), each module's rank from its own spectrum.
+(``DYNAMIC_RULES``, ``rank_rules.rank_sv_*``), each module's rank from its own spectrum.
 
 Memory: the adapter is streamed, one module's factors at a time (``safetensors_io``): peak memory is about
 one module's factors plus the JAX runtime, whatever the adapter's size. The output directory is built next
@@ -38,7 +38,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from lora_squeeze import squeeze, squeeze_host
+from lora_squeeze import rank_rules, squeeze, squeeze_host
 from lora_squeeze.adapters.atomic_output import atomic_dir, check_out_dir, fault_point
 from lora_squeeze.adapters.errors import AdapterError
 from lora_squeeze.adapters.peft_adapter import LoraModule, PeftAdapter
@@ -129,11 +129,11 @@ def adapter_spectra(adapter: PeftAdapter, *, progress: bool = True) -> dict[str,
 
 
 # kohya sd-scripts' dynamic rank rules (networks/resize_lora.py), each choosing every module's rank from
-# its own spectrum: the squeeze.rank_* function, and the command's flag.
+# its own spectrum: the rank_rules.rank_* function, and the command's flag.
 DYNAMIC_RULES = {
-    "sv_ratio": squeeze.rank_sv_ratio,
-    "sv_fro": squeeze.rank_sv_fro,
-    "sv_cumulative": squeeze.rank_sv_cumulative,
+    "sv_ratio": rank_rules.rank_sv_ratio,
+    "sv_fro": rank_rules.rank_sv_fro,
+    "sv_cumulative": rank_rules.rank_sv_cumulative,
 }
 
 
@@ -195,9 +195,9 @@ def wanted_ranks(
     rule, value = DYNAMIC_RULES[dynamic[0]], dynamic[1]
     wanted = {m.name: rule(spectra[m.name], value) for m in modules}
   elif per_module:
-    wanted = {m.name: squeeze.choose_rank(spectra[m.name], energy) for m in modules}
+    wanted = {m.name: rank_rules.choose_rank(spectra[m.name], energy) for m in modules}
   else:
-    r = squeeze.choose_homogeneous_rank({m.name: spectra[m.name] for m in modules}, energy)
+    r = rank_rules.choose_homogeneous_rank({m.name: spectra[m.name] for m in modules}, energy)
     wanted = {m.name: r for m in modules}
   return {n: min(r, max_rank) if max_rank else r for n, r in wanted.items()}
 
@@ -323,7 +323,7 @@ class RankPlan:
         r_src=m.r,
         r_tgt=self.ranks[m.name],
         scale=m.scale,
-        retention=float(squeeze.retention(np.asarray(s), self.ranks[m.name])),
+        retention=float(rank_rules.retention(np.asarray(s), self.ranks[m.name])),
     )
 
 

@@ -62,9 +62,14 @@ from gemma.multimodal import vision_utils
 import jax
 import jax.numpy as jnp
 from lora_squeeze import fileio
+from lora_squeeze import param_trees
 from lora_squeeze import tokenizer as tokenizer_lib
 import numpy as np
 
+# The param-tree helpers models uses itself, also under its name (models.check_params, ...).
+abstract_params = param_trees.abstract_params
+check_params = param_trees.check_params
+count_params = param_trees.count_params
 ByteTokenizer = tokenizer_lib.ByteTokenizer
 SentencePieceTokenizer = tokenizer_lib.SentencePieceTokenizer
 
@@ -180,12 +185,6 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
   return pathlib.Path(cache_dir).expanduser().absolute()
 
 
-def count_params(tree: Any) -> int:
-  """Total number of scalars in a params tree (arrays or ShapeDtypeStructs)."""
-  leaves = jax.tree.leaves(tree)
-  return int(sum(np.prod(x.shape, dtype=np.int64) for x in leaves))
-
-
 def _default_dtype() -> Any:
   """float32 on CPU (bfloat16 is not faster there); bfloat16 on accelerators."""
   return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
@@ -198,49 +197,6 @@ def _resolve_dtype(dtype: Any) -> Any:
   if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
     raise ValueError(f'dtype must be float32 or bfloat16, got {dtype}.')
   return dtype.type
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-  return traverse_util.flatten_dict(tree, sep='/')
-
-
-def check_params(params: Any, expected: Any, *, what: str) -> None:
-  """Raises ValueError unless `params` has exactly the paths/shapes expected.
-
-  Why: a checkpoint or GGUF for another size, or a layout change, otherwise
-  surfaces as a cryptic shape error deep inside a jitted forward.
-
-  Args:
-    params: nested dict of arrays.
-    expected: nested dict of arrays or ShapeDtypeStructs (e.g. from
-      `abstract_params`).
-    what: a name for the error message (model and source).
-  """
-  got, want = _flat(params), _flat(expected)
-  missing = sorted(set(want) - set(got))
-  extra = sorted(set(got) - set(want))
-  wrong = [
-      f'{k}: got {tuple(got[k].shape)}, expected {tuple(want[k].shape)}'
-      for k in sorted(set(got) & set(want))
-      if tuple(got[k].shape) != tuple(want[k].shape)
-  ]
-  if missing or extra or wrong:
-    raise ValueError(_mismatch_message(what, missing, extra, wrong))
-
-
-def _mismatch_message(what: str, missing: list[str], extra: list[str], wrong: list[str]) -> str:
-  def show(items):
-    head = ', '.join(items[:8])
-    return head + (f', ... ({len(items)} in all)' if len(items) > 8 else '')
-
-  lines = [f'{what}: params do not match the model.']
-  if missing:
-    lines.append(f'  missing: {show(missing)}')
-  if extra:
-    lines.append(f'  unexpected: {show(extra)}')
-  if wrong:
-    lines.append(f'  wrong shape: {show(wrong)}')
-  return '\n'.join(lines)
 
 
 # ------------------------------------------------------- architecture / shapes
@@ -370,16 +326,6 @@ def make_transformer(
   return cls(dtype=dtype)
 
 
-def abstract_params(transformer: Any) -> Any:
-  """`jax.eval_shape` of `transformer.init`: params as ShapeDtypeStructs.
-
-  No memory is allocated, so this works for 12B on a laptop.
-  """
-  tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
-  shapes = jax.eval_shape(transformer.init, jax.random.key(0), tokens)
-  return shapes['params']
-
-
 # -------------------------------------------------------------- GGUF -> params
 
 
@@ -466,7 +412,7 @@ def gguf_to_params(
   ]
   if missing or extra or wrong:
     raise ValueError(
-        _mismatch_message(f'{what} tensors', missing, extra, wrong).replace(
+        param_trees.mismatch_message(f'{what} tensors', missing, extra, wrong).replace(
             'params do not match', 'tensors do not match'
         )
     )
@@ -756,7 +702,7 @@ def _load_tiny(
 def _numpy_init(shapes: Any, seed: int) -> Any:
   """gemma's initial distributions, drawn with numpy (see `_load_tiny`)."""
   rng = np.random.default_rng(seed)
-  flat = _flat(shapes)
+  flat = param_trees.flatten(shapes)
   out = {}
   for key in sorted(flat):  # Sorted: the draw order must not depend on dicts.
     s = flat[key]

@@ -361,9 +361,9 @@ EX = data.Example('Question: 2 + 2 =\nAnswer:', (' 3', ' 4'), (1,), ' 4')
 
 def _real_tokenizer():
   """Gemma 3's tokenizer from the cache (built once from the GGUF if missing)."""
-  from lora_squeeze import models  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import gemma_gguf  # pylint: disable=g-import-not-at-top
 
-  return models.gemma3_tokenizer()
+  return gemma_gguf.gemma3_tokenizer()
 
 
 @pytest.mark.parametrize('which', ['byte', 'gemma3'])

@@ -285,7 +285,7 @@ def rss_kib(field: str) -> int:
 def gemma_worker(layers: int, repeats: int, seed: int) -> None:
   """In-memory squeeze_lora, host vs XLA route, interleaved; prints one JSON line."""
   import jax  # pylint: disable=g-import-not-at-top
-  from lora_squeeze import squeeze  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import squeeze, squeeze_host  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(seed)
   tree, lora_bytes, largest = {}, 0, 0
@@ -334,7 +334,7 @@ def gemma_worker(layers: int, repeats: int, seed: int) -> None:
               "lora_bytes": lora_bytes,
               "largest_module_bytes": largest,
               "modules": len(tree),
-              "workers": squeeze.host_workers(),
+              "workers": squeeze_host.host_workers(),
           }
       )
   )

@@ -199,12 +199,12 @@ def main() -> None:
     p.error("--llama-python and --llama-cpp are required")
 
   import jax  # pylint: disable=g-import-not-at-top
-  from lora_squeeze import adapters, lora, models  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import adapters, gemma_gguf, lora, models  # pylint: disable=g-import-not-at-top
   from lora_squeeze import gguf_lora  # pylint: disable=g-import-not-at-top
 
   start = time.perf_counter()
   model = models.load("gemma3_270m")
-  gguf_path = models.default_gguf_path()
+  gguf_path = gemma_gguf.default_gguf_path()
   tokens = [2] + list(model.tokenizer.encode(TEXT))
   tok = jax.numpy.asarray([tokens])
   base_fwd = jax.jit(lambda p, t: model.transformer.apply({"params": p}, t).logits)

@@ -5,7 +5,8 @@ mixed threefry draws with the LAPACK calls of the small factorisations, never re
 Each case runs in its own subprocess under a timeout (a wedged run is killed, never waited on), and runs its
 compiled executable ``--repeats`` times:
 
-* ``batched_efficient``: squeeze._squeeze_group on 2 and 4 same-shape modules (the batched efficient squeeze);
+* ``batched_efficient``: the efficient squeeze of 2 and 4 same-shape modules batched into one program
+  (``jax.vmap`` of squeeze.py's one-module ``_squeeze_matrices``; the library itself runs one module per program);
 * ``threefry_lapack``: one program drawing with jax.random (threefry) and running QR/Cholesky/SVD, batch 2;
 * ``whole_tree_change``: train.Trainer's rank change of the whole tiny model (all modules, each squeeze side by
   side in one jitted program), 8 -> 4 -> 2, on one device;
@@ -19,6 +20,7 @@ writes experiments/results/xla_cpu_hang_check.md (+ .json).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -47,12 +49,13 @@ def _case(name: str, repeats: int) -> None:
   rng = np.random.default_rng(0)
   if name == "batched_efficient":
     for g in (2, 4):
-      a = tuple(jnp.asarray(rng.standard_normal((640, 16)), jnp.float32) for _ in range(g))
-      b = tuple(jnp.asarray(rng.standard_normal((16, 1024)), jnp.float32) for _ in range(g))
-      keys = tuple(jax.random.fold_in(jax.random.key(0), i) for i in range(g))
+      a = jnp.asarray(rng.standard_normal((g, 640, 16)), jnp.float32)
+      b = jnp.asarray(rng.standard_normal((g, 16, 1024)), jnp.float32)
+      keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(g))
+      one = functools.partial(squeeze._squeeze_matrices, rank=8, method="efficient", oversample=10, power_iters=2)  # pylint: disable=protected-access
+      batched = jax.jit(jax.vmap(one))
       for _ in range(repeats):
-        out = squeeze._squeeze_group(a, b, keys, rank=8, method="efficient", oversample=10, power_iters=2)  # pylint: disable=protected-access
-        jax.block_until_ready(out)
+        jax.block_until_ready(batched(a, b, keys))
   elif name == "threefry_lapack":
 
     @jax.jit

@@ -14,9 +14,11 @@ import jax
 import numpy as np
 
 from lora_squeeze import checkpoints
+from lora_squeeze import data
 from lora_squeeze import evaluate
 from lora_squeeze import fileio
 from lora_squeeze import lora as lora_lib
+from lora_squeeze import rank_rules
 from lora_squeeze import squeeze as squeeze_lib
 from lora_squeeze import trainer as trainer_lib
 from lora_squeeze import workdir as workdir_lib
@@ -24,13 +26,26 @@ from lora_squeeze import workdir as workdir_lib
 
 def evaluate_adapter(config, model, lora_params, lora_config, evaluate_fn: Callable | None = None) -> dict:
   """The final metrics of an adapter (None: the base model alone): ``evaluate_fn(model, lora_params,
-  lora_config)`` if given, else ``evaluate.evaluate_config`` when ``config.eval.enabled``, else {}."""
+  lora_config)`` if given, else, when ``config.eval.enabled``, ``evaluate.evaluate_examples`` on the
+  evaluation set of ``config.data`` (``data.eval_set``: at most ``config.eval.limit`` examples, 0 = all),
+  else {}."""
   if evaluate_fn is not None:
     return evaluate_fn(model, lora_params, lora_config)
   eval_cfg = config.get("eval", None)
   if not eval_cfg or not eval_cfg.get("enabled", False):
     return {}
-  return evaluate.evaluate_config(config, model, lora_params, lora_config)
+  task, split, examples = data.eval_set(config.data, limit=int(eval_cfg.get("limit", 0) or 0) or None)
+  metrics = evaluate.evaluate_examples(
+      model,
+      task,
+      examples,
+      lora_params=lora_params,
+      lora_config=lora_config,
+      max_len=int(eval_cfg.get("max_len", 0) or config.data.max_len),
+      batch_rows=int(eval_cfg.get("batch_size", 8)),
+  )
+  metrics["split"] = split
+  return metrics
 
 
 def run_post_squeeze(config, workdir: Path, *, evaluate_fn) -> dict:
@@ -46,7 +61,7 @@ def run_post_squeeze(config, workdir: Path, *, evaluate_fn) -> dict:
     params, new_cfg = lora_lib.change_rank(
         source_params, r, source_cfg, method=config.squeeze.method, key=trainer_lib.stage_key(int(config.seed), i)
     )
-    retention = float(np.mean([float(squeeze_lib.retention(s, r)) for s in spectra.values()]))
+    retention = float(np.mean([float(rank_rules.retention(s, r)) for s in spectra.values()]))
     metrics = evaluate_adapter(config, model, params, new_cfg, evaluate_fn)
     per_rank[str(r)] = {"rank": r, "retention_mean": retention, "metrics": metrics}
     if config.get("save_adapters", False):

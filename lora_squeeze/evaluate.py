@@ -508,34 +508,3 @@ def evaluate_examples(
       # (experiments/claims.py) have far more power than their accuracies' intervals.
       "per_example": {"correct": correct, "gold_nll": [round(v, 5) for v in gold_nll]},
   }
-
-
-def evaluate_config(config, model, lora_params, lora_config) -> dict[str, Any]:
-  """The train loop's final evaluation: ``config.data.task`` on its eval split (``config.data.eval_split``,
-  else the offline held-out part for ``data.source="olmo"``, else the task's TFDS eval split), at most
-  ``config.eval.limit`` examples (0 = all)."""
-  from lora_squeeze import data  # pylint: disable=g-import-not-at-top
-
-  d = config.data
-  limit = int(config.eval.get("limit", 0) or 0) or None
-  if d.get("source") == "synthetic":  # the tiny model's lookup table as a choice task (data/synthetic.py)
-    from lora_squeeze.data import synthetic  # pylint: disable=g-import-not-at-top
-
-    split, task = "synthetic_table", synthetic.task()
-    examples = synthetic.choice_examples()[:limit]
-  else:
-    split = str(d.get("eval_split", "") or "") or ("offline_heldout" if d.get("source") == "olmo" else None)
-    task = str(d.task)
-    source_options = {"data_dir": str(d.data_dir)} if d.get("data_dir", None) else {}
-    examples = data.eval_examples(task, split, limit=limit, **source_options)
-  metrics = evaluate_examples(
-      model,
-      task,
-      examples,
-      lora_params=lora_params,
-      lora_config=lora_config,
-      max_len=int(config.eval.get("max_len", 0) or d.max_len),
-      batch_rows=int(config.eval.get("batch_size", 8)),
-  )
-  metrics["split"] = split or "default"
-  return metrics

@@ -124,7 +124,7 @@ def enable_compile_cache() -> Path | None:
   On CPU each distinct module shape costs a 2-5 s compile, more than squeezing all the modules of that
   shape; with the cache, a second run skips them. The directory is ``$LORA_SQUEEZE_JAX_CACHE`` if set
   (empty: no cache), else ``jax/`` under the project's cache root (``$LORA_SQUEEZE_CACHE``, else
-  ``~/.cache/lora_squeeze``, as in ``models.cache_root``); a cache JAX is already configured with
+  ``~/.cache/lora_squeeze``, as in ``gemma_gguf.cache_root``); a cache JAX is already configured with
   (``JAX_COMPILATION_CACHE_DIR``) is left alone. Process-wide, which is why only entry points call it, and
   before any compile.
   """

@@ -30,28 +30,25 @@ otherwise use bf16/tf32 passes); results are cast back to the input dtype. Singu
 
 Where "efficient" runs (``squeeze_factors``' ``route``): concrete arrays in host memory (numpy, or jax Arrays
 on one CPU device) take the host route, the same algorithm in numpy with direct LAPACK calls, nothing
-compiled, modules side by side in threads (``host_map``); traced, accelerator and sharded arrays take the
+compiled, modules side by side in threads (``squeeze_host.py``); traced, accelerator and sharded arrays take the
 compiled XLA route. The command (adapters/, lora_files.py, gguf_lora.py) and ``squeeze_lora`` both go through this.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import contextlib
 import dataclasses
 import fnmatch
 import functools
 import math
-import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg.lapack
 from jax import lax
+
+from lora_squeeze import hash_rng, squeeze_host
 
 Array = jax.Array
 
@@ -102,49 +99,8 @@ def _t(x: Array) -> Array:
   return jnp.swapaxes(x, -1, -2)
 
 
-# Random draws inside squeeze programs use a counter-based integer hash, not jax.random (threefry): on
-# XLA:CPU (jaxlib 0.10.0) an executable that mixes threefry with the LAPACK custom calls of the small
-# factorisations wedged on its second run (all workers idle, the caller blocked forever), reproducibly, for
-# any batch >= 2. The hash draws are deterministic per key and never touch threefry.
-
-
-def _seed(key: Array, stream: int) -> Array:
-  """A uint32 seed from a PRNG key (or a batch of keys) and a stream id, without running threefry."""
-  data = jax.random.key_data(key).astype(jnp.uint32)
-  seed = data[..., 0] * jnp.uint32(0x9E3779B9) ^ data[..., -1]
-  return _mix(seed ^ jnp.uint32((stream * 0x85EBCA6B) & 0xFFFFFFFF))
-
-
-def _mix(x: Array) -> Array:
-  """lowbias32 (Wellons): a fast uint32 -> uint32 bijection with good avalanche."""
-  x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
-  x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
-  return x ^ (x >> 16)
-
-
-def _hash_uniform(seed: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
-  """U[0, 1) of ``shape`` from a uint32 seed (scalar or batch matching shape's leading dims)."""
-  counter = jnp.arange(math.prod(shape), dtype=jnp.uint32).reshape(shape)
-  seed = jnp.asarray(seed, jnp.uint32).reshape(jnp.shape(seed) + (1,) * (len(shape) - jnp.ndim(seed)))
-  bits = _mix(_mix(counter ^ seed) + seed)
-  return (bits >> 8).astype(dtype) * (1.0 / (1 << 24))
-
-
-def _hash_normal(seed: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
-  """Standard normal of ``shape`` (Box–Muller on two hashed uniform streams)."""
-  u1 = _hash_uniform(_mix(seed ^ jnp.uint32(0x68E31DA4)), shape, dtype)
-  u2 = _hash_uniform(_mix(seed ^ jnp.uint32(0xB5297A4D)), shape, dtype)
-  return jnp.sqrt(-2.0 * jnp.log1p(-u1)) * jnp.cos((2 * math.pi) * u2)
-
-
-def kaiming_uniform(seed: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
-  """The standard LoRA ``a`` init of (..., m, k): U(-√(6/m), √(6/m)), as flax/gemma kaiming_uniform."""
-  bound = math.sqrt(6.0 / shape[-2])
-  return (2.0 * _hash_uniform(seed, shape, dtype) - 1.0) * bound
-
-
 def _check_factors(a, b, rank: int, *, where: str = "") -> None:
-  """Raises ValueError naming the problem with the shapes, dtypes or rank (values: see _squeeze_batch)."""
+  """Raises ValueError naming the problem with the shapes, dtypes or rank (values: see _raise_if_not_finite)."""
   loc = f" in LoRA module '{where}'" if where else ""
   if getattr(a, "ndim", None) != 2 or getattr(b, "ndim", None) != 2:
     raise ValueError(
@@ -162,16 +118,14 @@ def _check_factors(a, b, rank: int, *, where: str = "") -> None:
     raise ValueError(f"squeeze{loc}: factors must be floating point, got a {a.dtype}, b {b.dtype}")
 
 
-def _raise_if_not_finite(finite, paths: list[str], a_shapes, b_shapes) -> None:
-  """``finite``: per-module flags from ``_squeeze_batch``; raises naming the first bad module (if concrete)."""
+def _raise_if_not_finite(finite, where: str, a_shape, b_shape) -> None:
+  """``finite``: the flag from ``_squeeze_xla``; raises naming the module when it is concrete and False."""
   if isinstance(finite, jax.core.Tracer):
     return  # under jit value checks are impossible; NaN in gives NaN out.
-  finite = np.asarray(finite)
-  if not finite.all():
-    i = int(np.argmin(finite))
-    loc = f" in LoRA module '{paths[i]}'" if paths[i] else ""
+  if not bool(finite):
+    loc = f" in LoRA module '{where}'" if where else ""
     raise ValueError(
-        f"squeeze{loc}: factors a{tuple(a_shapes[i])} / b{tuple(b_shapes[i])} contain " "non-finite values (NaN or Inf)"
+        f"squeeze{loc}: factors a{tuple(a_shape)} / b{tuple(b_shape)} contain " "non-finite values (NaN or Inf)"
     )
 
 
@@ -192,7 +146,7 @@ def rsvd(w: Array, rank: int, *, key: Array, oversample: int = 10, power_iters: 
     w: (m, n) matrix.
     rank: r; the sketch has r' = r + oversample columns (capped at min(m, n)).
     key: PRNG key for the Gaussian test matrix Ω (n, r'). Same key, same result. (Ω is drawn by a
-      counter-based hash of the key, not by jax.random; see ``_seed``.)
+      counter-based hash of the key, not by jax.random; see ``hash_rng``.)
     oversample: k_o (paper: 10).
     power_iters: k_q (paper: 2), each with QR re-orthogonalisation at both half steps (lines 5-8).
 
@@ -202,7 +156,7 @@ def rsvd(w: Array, rank: int, *, key: Array, oversample: int = 10, power_iters: 
   """
   m, n = w.shape
   r_sketch = min(rank + oversample, m, n)
-  omega = _hash_normal(_seed(key, 1), (n, r_sketch), w.dtype)  # line 2 (see _seed: no threefry here)
+  omega = hash_rng.normal(hash_rng.seed(key, 1), (n, r_sketch), w.dtype)  # line 2 (hash_rng: no threefry)
   y = _mm(w, omega)  # line 3
   for _ in range(power_iters):  # lines 4-9
     q, _ = jnp.linalg.qr(y)
@@ -261,7 +215,7 @@ def cholesky_qr_r(x: Array) -> Array:
 
 
 def _core_svd(a: Array, b: Array) -> tuple[Array, Array, Array, Array, Array]:
-  """Alg. 2 steps 1-3 on a batch: R_A, R_B and the SVD of the core M = R_A R_Bᵀ (ΔW's singular values)."""
+  """Alg. 2 steps 1-3: R_A, R_B and the SVD of the core M = R_A R_Bᵀ (ΔW's singular values)."""
   r_a = cholesky_qr_r(a)
   r_b = cholesky_qr_r(_t(b))
   u_m, s, vt_m = jnp.linalg.svd(_mm(r_a, _t(r_b)))
@@ -269,7 +223,7 @@ def _core_svd(a: Array, b: Array) -> tuple[Array, Array, Array, Array, Array]:
 
 
 @jax.jit
-def _singular_values_batch(a: Array, b: Array) -> Array:
+def _singular_values_xla(a: Array, b: Array) -> Array:
   ct = _compute_dtype(jnp.result_type(a, b))
   r_a = cholesky_qr_r(a.astype(ct))
   r_b = cholesky_qr_r(_t(b).astype(ct))
@@ -281,9 +235,9 @@ def singular_values(a: Array, b: Array, *, route: str = "auto") -> Array:
 
   ``route`` as in ``squeeze_factors`` (the host route returns numpy)."""
   _check_factors(a, b, 1)
-  if _use_host("efficient", route, a, b):
-    return _singular_values_host(np.asarray(a), np.asarray(b))
-  return _singular_values_batch(a[None], b[None])[0]
+  if squeeze_host.use_host("efficient", route, a, b):
+    return squeeze_host.singular_values(np.asarray(a), np.asarray(b))
+  return _singular_values_xla(a, b)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -291,380 +245,71 @@ def singular_values(a: Array, b: Array, *, route: str = "auto") -> Array:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _squeeze_batch(
-    a: Array, b: Array, keys: Array, *, rank: int, method: str, oversample: int, power_iters: int
+def _squeeze_matrices(
+    a: Array, b: Array, key: Array, *, rank: int, method: str, oversample: int, power_iters: int
 ) -> tuple[SqueezedFactors, Array]:
-  """squeeze_factors on a batch of same-shape pairs: a (g, m, r_src), b (g, r_src, n), keys (g,).
+  """squeeze_factors' XLA route on one pair a (m, r_src), b (r_src, n).
 
-  Also returns a (g,) flag: are all of member i's inputs finite (checked by the callers when concrete).
-
-  "efficient" runs batched (one set of batched GEMMs and small factorisations for the whole group);
-  "svd" and "rsvd" form ΔW, so they go one member at a time (lax.map) to hold one m×n ΔW at most.
+  Also returns a flag: are all the inputs finite (checked by the callers when concrete).
   """
   dtype = jnp.result_type(a, b)
   ct = _compute_dtype(dtype)
   a, b = a.astype(ct), b.astype(ct)
-  (_, m, r_src), n = a.shape, b.shape[-1]
-  finite = jnp.all(jnp.isfinite(a), axis=(1, 2)) & jnp.all(jnp.isfinite(b), axis=(1, 2))
+  (m, r_src), n = a.shape, b.shape[-1]
+  finite = jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(b))
 
   if method == "efficient":
     r_a, r_b, u_m, s, vt_m = _core_svd(a, b)
     k = min(rank, r_src)
-    half = jnp.sqrt(s[:, :k])
+    half = jnp.sqrt(s[:k])
     # a' = Q_A U_r Σ^½ = a R_A⁻¹ (U_r Σ^½);  b' = Σ^½ V_rᵀ Q_Bᵀ = (R_B⁻¹ V_r Σ^½)ᵀ b.
-    x = jax.scipy.linalg.solve_triangular(r_a, u_m[:, :, :k] * half[:, None, :], lower=False)
-    y = jax.scipy.linalg.solve_triangular(r_b, _t(vt_m[:, :k]) * half[:, None, :], lower=False)
+    x = jax.scipy.linalg.solve_triangular(r_a, u_m[:, :k] * half, lower=False)
+    y = jax.scipy.linalg.solve_triangular(r_b, _t(vt_m[:k]) * half, lower=False)
     new_a, new_b = _mm(a, x), _mm(_t(y), b)
   else:
-
-    def one(args):
-      a1, b1, key1 = args
-      delta_w = _mm(a1, b1)
-      if method == "svd":
-        u, s, vt = svd(delta_w)
-      else:
-        u, s, vt = rsvd(delta_w, rank, key=key1, oversample=oversample, power_iters=power_iters)
-      k = min(rank, s.shape[0])
-      half = jnp.sqrt(s[:k])
-      return u[:, :k] * half, half[:, None] * vt[:k], s
-
-    new_a, new_b, s = lax.map(one, (a, b, keys))
-    k = new_a.shape[-1]
+    delta_w = _mm(a, b)
+    if method == "svd":
+      u, s, vt = svd(delta_w)
+    else:
+      u, s, vt = rsvd(delta_w, rank, key=key, oversample=oversample, power_iters=power_iters)
+    k = min(rank, s.shape[0])
+    half = jnp.sqrt(s[:k])
+    new_a, new_b = u[:, :k] * half, half[:, None] * vt[:k]
 
   # Pad to `rank` and give every energy-free direction a fresh LoRA init (see module docstring). "Zero" is
   # relative to what the factors can resolve: max(m, n)·eps·‖a‖_F‖b‖_F.
   pad = rank - k
-  s_pad = jnp.pad(s[:, :k], ((0, 0), (0, pad)))
-  new_a = jnp.pad(new_a, ((0, 0), (0, 0), (0, pad)))
-  new_b = jnp.pad(new_b, ((0, 0), (0, pad), (0, 0)))
-  scale = jnp.sqrt(jnp.sum(a * a, axis=(1, 2)) * jnp.sum(b * b, axis=(1, 2)))
-  dead = s_pad <= max(m, n) * jnp.finfo(ct).eps * scale[:, None]
-  fresh = kaiming_uniform(_seed(keys, 2), (a.shape[0], m, rank), ct)
-  new_a = jnp.where(dead[:, None, :], fresh, new_a)
-  new_b = jnp.where(dead[:, :, None], 0.0, new_b)
+  s_pad = jnp.pad(s[:k], (0, pad))
+  new_a = jnp.pad(new_a, ((0, 0), (0, pad)))
+  new_b = jnp.pad(new_b, ((0, pad), (0, 0)))
+  scale = jnp.sqrt(jnp.sum(a * a) * jnp.sum(b * b))
+  dead = s_pad <= max(m, n) * jnp.finfo(ct).eps * scale
+  fresh = hash_rng.kaiming_uniform(hash_rng.seed(key, 2), (m, rank), ct)
+  new_a = jnp.where(dead[None, :], fresh, new_a)
+  new_b = jnp.where(dead[:, None], 0.0, new_b)
   out = SqueezedFactors(a=new_a.astype(dtype), b=new_b.astype(dtype), singular_values=s.astype(jnp.float32))
   return out, finite
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "method", "oversample", "power_iters"))
-def _squeeze_group(
-    a_list: tuple, b_list: tuple, keys: tuple, *, rank: int, method: str, oversample: int, power_iters: int
-) -> tuple[tuple, tuple, tuple, Array]:
-  """Same-shape einsum-shaped pairs in, new pairs out, as ONE compiled program: stacking, the matrix view,
-  the batched squeeze and unstacking all happen inside jit (eager per-member slicing would compile a new
-  slice per index)."""
-  a_shape, b_shape = a_list[0].shape, b_list[0].shape
-  a = jnp.stack([x.reshape(-1, a_shape[-1]) for x in a_list])
-  b = jnp.stack([x.reshape(b_shape[0], -1) for x in b_list])
-  out, finite = _squeeze_batch(
-      a, b, jnp.stack(keys), rank=rank, method=method, oversample=oversample, power_iters=power_iters
+def _squeeze_xla(
+    a: Array, b: Array, key: Array, *, rank: int, method: str, oversample: int, power_iters: int
+) -> tuple[Array, Array, Array, Array]:
+  """One einsum-shaped pair in, the new pair, its singular values and the finite flag out, as ONE compiled
+  program per (shapes, rank): the matrix view and back happen inside jit.
+
+  One module per program: batching same-shape modules into one program (vmapped, batch >= 2) wedged
+  XLA:CPU with jaxlib 0.10.0 when first built; ``experiments/xla_cpu_hang_check.py`` re-checks it."""
+  out, finite = _squeeze_matrices(
+      a.reshape(-1, a.shape[-1]),
+      b.reshape(b.shape[0], -1),
+      key,
+      rank=rank,
+      method=method,
+      oversample=oversample,
+      power_iters=power_iters,
   )
-  new_a = tuple(out.a[i].reshape(*a_shape[:-1], rank) for i in range(len(a_list)))
-  new_b = tuple(out.b[i].reshape(rank, *b_shape[1:]) for i in range(len(b_list)))
-  values = tuple(out.singular_values[i] for i in range(len(a_list)))
-  return new_a, new_b, values, finite
-
-
-# --------------------------------------------------------------------------------------------------------
-# The host route: the efficient squeeze in numpy and LAPACK, for concrete arrays in host memory.
-# --------------------------------------------------------------------------------------------------------
-# Alg. 2 costs two Gram matrices, (m + n)·r_src² flops, and r_src×r_src factorisations: milliseconds per
-# module. Through XLA:CPU each module also pays a dispatch, each distinct (shape, rank) a compile of seconds,
-# and the Grams run as general GEMMs, twice the flops of BLAS syrk (which numpy's matmul calls for x.T @ x).
-# Batching same-shape modules into one XLA program would amortise the dispatch but wedged XLA:CPU (see
-# squeeze_lora). So on the host the same algorithm runs in numpy with direct LAPACK calls, one module per
-# call with no compile, and ``host_map`` runs modules side by side in threads (numpy and LAPACK release the
-# GIL), BLAS on one thread each: the parallelism is across modules, which needs no synchronisation inside
-# a factorisation and so degrades gently on a busy machine, where OpenBLAS's own threads collapsed.
-#
-# Precision: the Grams are accumulated in float64 (a float32 factor is converted a block of rows at a time)
-# and every r_src×r_src step runs in float64; only the two products that make the new factors, a @ x and
-# yᵀ @ b, run in the input's precision. All-float32 arithmetic (the XLA route's) is exact to ~1e-6 when
-# ΔW's singular values s_r and s_{r+1} are well apart, but the best rank-r approximation is ill-determined
-# when they nearly coincide, and there float32 rounding of the Grams and the core SVD moved it by 1e-5 to
-# 5e-5 (measured, s_8/s_9 = 1.003-1.008 on Gemma-3-4B-shaped modules); with float64 accumulation the result
-# is the float64 best approximation of the given factors to the output's rounding (~4e-7), for any gap.
-# Costs: the Grams' flops at float64 speed (about 2x) plus one conversion pass.
-# The decisions are _squeeze_batch's (second Cholesky-QR pass, its shift, the zero-direction threshold in
-# units of the input precision, the fresh a-columns from the same hash draws), with the second pass's
-# trigger set for float64 Grams (``_HOST_SECOND_PASS_COND2``).
-
-# CholeskyQR's loss of orthogonality is ~eps·cond²; with float64 Grams it stays below float32 rounding up to
-# cond² = 1e8, so the host route's second pass runs only beyond that.
-_HOST_SECOND_PASS_COND2 = 1e8
-# Rows converted to float64 at a time for a Gram: ~1 MiB blocks, which stay in cache for their syrk.
-_GRAM_BLOCK_BYTES = 1 << 20
-
-
-def is_host_array(x) -> bool:
-  """Whether ``x`` can take the host route: a numpy array, or a concrete single-device CPU jax.Array."""
-  if isinstance(x, np.ndarray):
-    return True
-  if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
-    return False
-  devices = x.devices()
-  return len(devices) == 1 and next(iter(devices)).platform == "cpu"
-
-
-def _np_mix(x: np.ndarray) -> np.ndarray:
-  """``_mix`` on uint32 numpy arrays (wrapping arithmetic)."""
-  with np.errstate(over="ignore"):
-    x = (x ^ (x >> np.uint32(16))) * np.uint32(0x7FEB352D)
-    x = (x ^ (x >> np.uint32(15))) * np.uint32(0x846CA68B)
-    return x ^ (x >> np.uint32(16))
-
-
-def _np_seed(key_data: np.ndarray, stream: int) -> np.ndarray:
-  """``_seed`` from a key's raw uint32 data: the same seed, so the same draws as the XLA route."""
-  data = np.asarray(key_data).astype(np.uint32)
-  with np.errstate(over="ignore"):
-    seed = data[..., 0] * np.uint32(0x9E3779B9) ^ data[..., -1]
-    return _np_mix(seed ^ np.uint32((stream * 0x85EBCA6B) & 0xFFFFFFFF))
-
-
-def _np_kaiming_uniform(seed: np.ndarray, shape: tuple[int, int], dtype) -> np.ndarray:
-  """``kaiming_uniform`` for one member on the host: bit for bit the XLA route's draws."""
-  counter = np.arange(math.prod(shape), dtype=np.uint32).reshape(shape)
-  with np.errstate(over="ignore"):
-    bits = _np_mix(_np_mix(counter ^ seed) + seed)
-  u = (bits >> np.uint32(8)).astype(dtype) * (1.0 / (1 << 24))
-  return (2.0 * u - 1.0) * math.sqrt(6.0 / shape[-2])
-
-
-def _key_data(key) -> np.ndarray:
-  """Raw uint32 data of a PRNG key given as a key, its data, None (key(0)) or a zero-argument callable."""
-  if callable(key):
-    key = key()
-  if key is None:
-    key = jax.random.key(0)
-  if isinstance(key, np.ndarray) and key.dtype == np.uint32:
-    return key
-  return np.asarray(jax.random.key_data(key))
-
-
-def _gram64(x: np.ndarray) -> np.ndarray:
-  """xᵀx in float64 for an (m, r) x of any float dtype (BLAS syrk on blocks of rows converted to float64)."""
-  if x.dtype == np.float64:
-    return x.T @ x
-  m, r = x.shape
-  rows = max(1, _GRAM_BLOCK_BYTES // (8 * r))
-  gram = np.zeros((r, r))
-  for i in range(0, m, rows):
-    block = x[i : i + rows].astype(np.float64)
-    gram += block.T @ block
-  return gram
-
-
-def _host_cholesky_qr_r(x: np.ndarray, gram: np.ndarray) -> np.ndarray:
-  """``cholesky_qr_r`` for one (m, r) ``x`` whose float64 Gram xᵀx is ``gram``: R in float64, the same
-  passes and shifts (the second pass at ``_HOST_SECOND_PASS_COND2``)."""
-  m, r = x.shape
-  eps, tiny = float(np.finfo(np.float64).eps), float(np.finfo(np.float64).tiny)
-
-  def chol(g, shift=0.0):  # upper R with g + shift·I = RᵀR, or None where Cholesky fails
-    c, info = scipy.linalg.lapack.dpotrf(g + shift * np.eye(r) if shift else g, lower=False, clean=True)
-    return c if info == 0 and np.isfinite(c).all() else None
-
-  def shifted(g):
-    return 10.0 * math.sqrt(m) * eps * float(np.trace(g)) / r + tiny
-
-  r1 = chol(gram)
-  if r1 is not None:
-    d = np.abs(np.diagonal(r1))
-    if d.max() ** 2 <= _HOST_SECOND_PASS_COND2 * d.min() ** 2:
-      return r1
-  r1 = chol(gram, shifted(gram))
-  if r1 is None:  # the shift makes the Gram positive definite; only non-finite input gets here
-    raise FloatingPointError("Cholesky-QR failed on a non-finite Gram matrix")
-  inv, _ = scipy.linalg.lapack.dtrtri(r1, lower=False)
-  q1 = x.astype(np.float64) @ inv
-  g2 = q1.T @ q1
-  r2 = chol(g2)
-  if r2 is None:
-    r2 = chol(g2, shifted(g2))
-  return r2 @ r1
-
-
-def _host_grams(a: np.ndarray, b: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
-  """aᵀa and b bᵀ in float64; ValueError naming the module when they are not finite.
-
-  A NaN or Inf in a factor makes its Gram non-finite (its diagonal holds the columns' squared norms), so
-  this checks the inputs without another pass over them; a finite factor whose Gram overflows is named
-  as such."""
-  with np.errstate(over="ignore", invalid="ignore"):  # judged below
-    gram_a, gram_b = _gram64(a), _gram64(b.T)
-  for name, x, g in (("a", a, gram_a), ("b", b, gram_b)):
-    if not np.isfinite(g).all():
-      loc = f" in LoRA module '{where}'" if where else ""
-      if np.isfinite(x).all():
-        raise ValueError(
-            f"squeeze{loc}: factor {name}{tuple(x.shape)} is too large " f"(its Gram matrix overflows float64)"
-        )
-      raise ValueError(
-          f"squeeze{loc}: factors a{tuple(a.shape)} / b{tuple(b.shape)} contain non-finite " "values (NaN or Inf)"
-      )
-  return gram_a, gram_b
-
-
-def _host_core(a: np.ndarray, b: np.ndarray, where: str):
-  """Alg. 2 steps 1-2 on the host: R_A, R_B, the core M = R_A R_Bᵀ (all float64), and the level at or
-  below which a singular value is numerically zero: ``_squeeze_batch``'s max(m, n)·eps·‖a‖_F‖b‖_F with the
-  input precision's eps, each norm at least √tiny (the R that the shifted Cholesky gives a zero factor)."""
-  gram_a, gram_b = _host_grams(a, b, where)
-  r_a = _host_cholesky_qr_r(a, gram_a)
-  r_b = _host_cholesky_qr_r(b.T, gram_b)
-  finfo = np.finfo(a.dtype)
-  floor = math.sqrt(float(finfo.tiny))
-  zero = (
-      max(a.shape[0], b.shape[1])
-      * float(finfo.eps)
-      * (math.sqrt(float(np.trace(gram_a))) + floor)
-      * (math.sqrt(float(np.trace(gram_b))) + floor)
-  )
-  return r_a, r_b, r_a @ r_b.T, zero
-
-
-def _core_values(s: np.ndarray, zero: float) -> np.ndarray:
-  """The core's singular values as reported: float32, numerically zero ones exactly 0. (A zero factor
-  leaves tiny values, which XLA:CPU flushes to 0 as denormals and float64 LAPACK keeps.)"""
-  return np.where(s <= zero, 0.0, s).astype(np.float32)
-
-
-def _host_compute(a, b) -> tuple[np.ndarray, np.ndarray, Any]:
-  """a, b as numpy arrays of the compute dtype (no copy when they already are), and the input dtype."""
-  dtype = a.dtype if a.dtype == b.dtype else jnp.result_type(a.dtype, b.dtype)  # (the latter: ~0.3 ms)
-  ct = np.dtype(np.float64 if dtype == np.float64 else np.float32)
-  return np.asarray(a, dtype=ct), np.asarray(b, dtype=ct), dtype
-
-
-def _host_top_svd(core: np.ndarray, k: int, zero: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """The r x r float64 core's top-k singular vectors U_k, V_k and all its singular values (descending).
-
-  From the symmetric eigenproblem of M Mᵀ (LAPACK dsyevd, about half the time of dgesdd's full SVD, which
-  was a third of a whole-adapter squeeze): s = √λ, U = its eigenvectors, V_k = Mᵀ U_k / s_k. Squaring
-  costs relative accuracy only in values below about √eps64·s_1 (1.5e-8 s_1), far under the level
-  ``zero`` (at least max(m, n)·eps32·s_1) below which a value is reported as 0 and its direction
-  re-initialised; V's columns for such values are 0 here. gesdd (then gesvd) where the eigensolver fails.
-  """
-  g = core @ core.T
-  lam, vecs, info = scipy.linalg.lapack.dsyevd(0.5 * (g + g.T), compute_v=1, lower=0)
-  if info == 0 and np.isfinite(lam).all():
-    s = np.sqrt(np.maximum(lam[::-1], 0.0))
-    u_k = vecs[:, ::-1][:, :k]
-    live = s[:k] > zero
-    v_k = (core.T @ u_k) / np.where(live, s[:k], 1.0)
-    v_k[:, ~live] = 0.0
-    return u_k, s, v_k
-  u_m, s, vt_m, info = scipy.linalg.lapack.dgesdd(core, compute_uv=1, full_matrices=0)
-  if info != 0:  # gesdd did not converge: the slower, more robust gesvd
-    u_m, s, vt_m, info = scipy.linalg.lapack.dgesvd(core, compute_uv=1, full_matrices=0)
-  return u_m[:, :k], s, vt_m[:k].T
-
-
-def _squeeze_host(a, b, rank: int, key, where: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """``_squeeze_batch``'s "efficient" branch for one module on the host: (a', b', singular values)."""
-  a, b, dtype = _host_compute(a, b)
-  (m, r_src), n = a.shape, b.shape[1]
-  r_a, r_b, core, zero = _host_core(a, b, where)
-  k = min(rank, r_src)
-  u_k, s, v_k = _host_top_svd(core, k, zero)
-  half = np.sqrt(s[:k])
-  # a' = Q_A U_r Σ^½ = a R_A⁻¹ (U_r Σ^½);  b' = Σ^½ V_rᵀ Q_Bᵀ = (R_B⁻¹ V_r Σ^½)ᵀ b.
-  x, _ = scipy.linalg.lapack.dtrtrs(r_a, u_k * half, lower=False)
-  y, _ = scipy.linalg.lapack.dtrtrs(r_b, v_k * half, lower=False)
-  new_a = np.zeros((m, rank), a.dtype)
-  new_b = np.zeros((rank, n), a.dtype)
-  new_a[:, :k] = a @ x.astype(a.dtype)
-  new_b[:k] = y.T.astype(a.dtype) @ b
-  # Energy-free directions (and those beyond r_src) get a fresh LoRA init, as in _squeeze_batch.
-  s_pad = np.zeros(rank)
-  s_pad[:k] = s[:k]
-  dead = s_pad <= zero
-  if dead.any():
-    fresh = _np_kaiming_uniform(_np_seed(_key_data(key), 2), (m, rank), a.dtype)
-    new_a[:, dead] = fresh[:, dead]
-    new_b[dead] = 0.0
-  return new_a.astype(dtype, copy=False), new_b.astype(dtype, copy=False), _core_values(s, zero)
-
-
-def _singular_values_host(a, b) -> np.ndarray:
-  a, b, _ = _host_compute(a, b)
-  _, _, core, zero = _host_core(a, b, "")
-  s, info = scipy.linalg.lapack.dgesdd(core, compute_uv=0)[1::2]
-  if info != 0:
-    s = np.linalg.svd(core, compute_uv=False)
-  return _core_values(s, zero)
-
-
-def host_workers() -> int:
-  """Threads ``host_map`` uses by default: the usable cores, at most 8 (one module in flight each)."""
-  try:
-    cores = len(os.sched_getaffinity(0))
-  except AttributeError:
-    cores = os.cpu_count() or 1
-  return max(1, min(cores, 8))
-
-
-@contextlib.contextmanager
-def one_blas_thread():
-  """BLAS/LAPACK on one thread inside the block (numpy's and scipy's OpenBLAS; no-op without threadpoolctl)."""
-  try:
-    from threadpoolctl import threadpool_limits  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    yield
-    return
-  with threadpool_limits(limits=1, user_api="blas"):
-    yield
-
-
-def host_map(fn: Callable[[Any], Any], items: Iterable[Any], *, workers: int | None = None) -> Iterator[Any]:
-  """``fn(item)`` for every item, yielded in order, computed in ``workers`` threads (default ``host_workers()``).
-
-  Items are taken from ``items`` lazily: while the caller holds one result, ``workers`` items are being
-  computed (or done and waiting), no more, so a streaming caller keeps ``workers + 1`` modules in memory
-  and every thread busy while it writes. BLAS runs on one thread while the generator is alive (threads
-  across modules, not inside one). An exception in ``fn`` is raised when its item's turn comes (the earlier
-  items are yielded first); the pending ones are cancelled. ``workers=1`` runs everything in the caller's
-  thread.
-  """
-  workers = host_workers() if workers is None else workers
-  it = iter(items)
-  if workers <= 1:
-    with one_blas_thread():
-      for item in it:
-        yield fn(item)
-    return
-  with one_blas_thread(), concurrent.futures.ThreadPoolExecutor(workers, "lora_squeeze") as pool:
-    pending = collections.deque()
-    try:
-      for item in it:
-        pending.append(pool.submit(fn, item))
-        if len(pending) > workers:
-          yield pending.popleft().result()
-      while pending:
-        yield pending.popleft().result()
-    finally:
-      for f in pending:
-        f.cancel()
-
-
-ROUTES = ("auto", "host", "xla")
-
-
-def _use_host(method: str, route: str, a, b) -> bool:
-  """Whether a squeeze takes the host route (see ``squeeze_factors``'s ``route``)."""
-  if route not in ROUTES:
-    raise ValueError(f"squeeze: unknown route {route!r}; expected one of {ROUTES}")
-  if route == "xla" or method != "efficient":
-    if route == "host":
-      raise ValueError(f"squeeze: the host route runs method 'efficient' only, not {method!r}")
-    return False
-  on_host = is_host_array(a) and is_host_array(b)
-  if route == "host" and not on_host:
-    raise ValueError(
-        "squeeze: the host route needs concrete numpy or single-device CPU arrays (not traced " "or accelerator arrays)"
-    )
-  return on_host
+  return out.a.reshape(*a.shape[:-1], rank), out.b.reshape(rank, *b.shape[1:]), out.singular_values, finite
 
 
 def squeeze_factors(
@@ -693,7 +338,7 @@ def squeeze_factors(
     oversample, power_iters: k_o and k_q of Alg. 1 (paper: 10 and 2), used by "rsvd".
     where: a module path used in error messages.
     route: "auto" (default): "efficient" on concrete host arrays (numpy, or a jax.Array on one CPU
-      device) runs on the host in numpy/LAPACK (no compile, BLAS syrk Grams; see the host-route section),
+      device) runs on the host in numpy/LAPACK (no compile, BLAS syrk Grams; see ``squeeze_host``),
       anything else (traced, accelerator or sharded arrays; "svd", "rsvd") as one compiled XLA program.
       "host" or "xla" force one (tests compare them).
 
@@ -708,109 +353,24 @@ def squeeze_factors(
   """
   check_method(method)
   _check_factors(a, b, rank, where=where)
-  if _use_host(method, route, a, b):
-    new_a, new_b, values = _squeeze_host(np.asarray(a), np.asarray(b), int(rank), key, where)
+  if squeeze_host.use_host(method, route, a, b):
+    new_a, new_b, values = squeeze_host.squeeze(np.asarray(a), np.asarray(b), int(rank), key, where)
     if isinstance(a, jax.Array) or isinstance(b, jax.Array):
       new_a, new_b, values = jax.device_put((new_a, new_b, values))
     return SqueezedFactors(a=new_a, b=new_b, singular_values=values)
   key = jax.random.key(0) if key is None else key
   if isinstance(key, np.ndarray) and key.dtype == np.uint32:
     key = jax.random.wrap_key_data(key)
-  (new_a,), (new_b,), (values,), finite = _squeeze_group(
-      (a,), (b,), (key,), rank=int(rank), method=method, oversample=oversample, power_iters=power_iters
+  new_a, new_b, values, finite = _squeeze_xla(
+      a, b, key, rank=int(rank), method=method, oversample=oversample, power_iters=power_iters
   )
-  _raise_if_not_finite(finite, [where], [a.shape], [b.shape])
+  _raise_if_not_finite(finite, where, a.shape, b.shape)
   return SqueezedFactors(a=new_a, b=new_b, singular_values=values)
 
 
 def check_method(method: str) -> None:
   if method not in METHODS:
     raise ValueError(f"squeeze: unknown method {method!r}; expected one of {METHODS}")
-
-
-# --------------------------------------------------------------------------------------------------------
-# Retention and rank choice (Appendix F).
-# --------------------------------------------------------------------------------------------------------
-
-
-def retention(singular_values, rank: int):
-  """V_r = Σ_{i≤rank} s_i² / Σ_i s_i² (Appendix F, Eq. 10): the fraction of ΔW's energy a rank keeps.
-
-  Works on numpy or JAX arrays, also batched over leading axes. An all-zero spectrum retains 1.0.
-  """
-  xp = jnp if isinstance(singular_values, jax.Array) else np
-  s2 = xp.asarray(singular_values, dtype=xp.float32) ** 2
-  total = s2.sum(-1)
-  kept = s2[..., :rank].sum(-1)
-  return xp.where(total > 0, kept / xp.where(total > 0, total, 1.0), 1.0)
-
-
-def choose_rank(singular_values, energy: float) -> int:
-  """The smallest rank r with retention V_r >= ``energy`` (0 < energy <= 1). Host-side (numpy)."""
-  if not 0.0 < energy <= 1.0:
-    raise ValueError(f"choose_rank: energy must be in (0, 1], got {energy}")
-  s2 = np.sort(np.asarray(singular_values, np.float64) ** 2)[::-1]
-  total = s2.sum()
-  if total == 0.0:
-    return 1
-  cumulative = np.cumsum(s2) / total
-  # Tolerate float rounding at energy = 1.0.
-  return int(min(np.searchsorted(cumulative, energy - 1e-12) + 1, len(s2)))
-
-
-def choose_homogeneous_rank(spectra: Mapping[str, Any], energy: float) -> int:
-  """One rank for many modules: the largest of the per-module ``choose_rank`` choices (Sec. "homogenising")."""
-  if not spectra:
-    raise ValueError("choose_homogeneous_rank: no modules given")
-  return max(choose_rank(s, energy) for s in spectra.values())
-
-
-def _descending(singular_values) -> np.ndarray:
-  return np.sort(np.asarray(singular_values, np.float64))[::-1]
-
-
-def rank_sv_ratio(singular_values, ratio: float) -> int:
-  """kohya's ``sv_ratio``: the number of singular values with s_i > s_max / ``ratio`` (at least 1).
-
-  As in sd-scripts' networks/resize_lora.py (``index_sv_ratio``): strictly greater, so ratio 1 keeps only
-  the largest value(s) above s_max, i.e. rank 1. An all-zero spectrum gives 1.
-  """
-  if not ratio >= 1.0:
-    raise ValueError(f"rank_sv_ratio: ratio must be >= 1, got {ratio}")
-  s = _descending(singular_values)
-  if s.size == 0 or s[0] <= 0.0:
-    return 1
-  return int(max(1, min(int(np.sum(s > s[0] / ratio)), len(s))))
-
-
-def rank_sv_fro(singular_values, fraction: float) -> int:
-  """kohya's ``sv_fro``: the smallest r with sqrt(Σ_{i≤r} s_i² / Σ_i s_i²) >= ``fraction`` (0 < F <= 1).
-
-  resize_lora.py's ``index_sv_fro`` searches the cumulative squared sums for F² (searchsorted, left), which
-  is this rule; it is ``choose_rank`` at energy F² (up to its 1e-12 rounding allowance at 1.0).
-  """
-  if not 0.0 < fraction <= 1.0:
-    raise ValueError(f"rank_sv_fro: fraction must be in (0, 1], got {fraction}")
-  s2 = _descending(singular_values) ** 2
-  total = s2.sum()
-  if total == 0.0:
-    return 1
-  return int(min(np.searchsorted(np.cumsum(s2) / total, fraction**2) + 1, len(s2)))
-
-
-def rank_sv_cumulative(singular_values, fraction: float) -> int:
-  """kohya's ``sv_cumulative``: the smallest r with Σ_{i≤r} s_i / Σ_i s_i >= ``fraction`` (0 < C <= 1).
-
-  resize_lora.py's ``index_sv_cumulative``: searchsorted (left) on the cumulative sums of the values
-  themselves, not their squares.
-  """
-  if not 0.0 < fraction <= 1.0:
-    raise ValueError(f"rank_sv_cumulative: fraction must be in (0, 1], got {fraction}")
-  s = _descending(singular_values)
-  total = s.sum()
-  if total == 0.0:
-    return 1
-  return int(min(np.searchsorted(np.cumsum(s) / total, fraction) + 1, len(s)))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -877,31 +437,6 @@ def resolve_ranks(paths, rank: int | Mapping[str, int]) -> dict[str, int | None]
   return out
 
 
-def _squeeze_pairs_host(
-    pairs: Mapping[str, Mapping], todo: list[tuple[int, str]], ranks: Mapping[str, int], key: Array
-) -> dict[str, tuple]:
-  """squeeze_lora's host route: every module through ``host_map`` (threads across modules), results back
-  as arrays of the input's kind (jax Arrays in one device_put, numpy stays numpy)."""
-
-  def one(job):
-    i, p = job
-    a, b = np.asarray(pairs[p]["a"]), np.asarray(pairs[p]["b"])
-    # fold_in costs a dispatch (~0.1-0.6 ms): made only for a module that re-initialises directions.
-    new_a, new_b, _ = _squeeze_host(
-        a.reshape(-1, a.shape[-1]),
-        b.reshape(b.shape[0], -1),
-        int(ranks[p]),
-        functools.partial(jax.random.fold_in, key, i),
-        p,
-    )
-    return new_a.reshape(*a.shape[:-1], -1), new_b.reshape(-1, *b.shape[1:])
-
-  out = dict(zip((p for _, p in todo), host_map(one, todo)))
-  to_device = [p for _, p in todo if isinstance(pairs[p]["a"], jax.Array) or isinstance(pairs[p]["b"], jax.Array)]
-  out.update(zip(to_device, jax.device_put([out[p] for p in to_device])))
-  return out
-
-
 def squeeze_lora(
     lora_params: Any,
     rank: int | Mapping[str, int],
@@ -926,7 +461,7 @@ def squeeze_lora(
   Returns:
     The same structure with new a/b (plain dicts), arrays of the input's kind. Jit-compilable with
     ``rank`` static. "efficient" on concrete host arrays (numpy, or jax Arrays on one CPU device) takes
-    the host route (``squeeze_factors``'s ``route``): numpy/LAPACK, modules side by side in ``host_map``'s
+    the host route (``squeeze_factors``'s ``route``): numpy/LAPACK, modules side by side in ``squeeze_host.host_map``'s
     threads, nothing compiled. Otherwise each distinct (shape, rank) compiles once (7 programs for
     Gemma 3) and the calls are per module (see the note in the body).
   """
@@ -949,25 +484,24 @@ def squeeze_lora(
         where=p,
     )
 
-  if all(_use_host(method, route, pairs[p]["a"], pairs[p]["b"]) for _, p in todo):
-    new_pairs = _squeeze_pairs_host(pairs, todo, ranks, key)
+  if all(squeeze_host.use_host(method, route, pairs[p]["a"], pairs[p]["b"]) for _, p in todo):
+    new_pairs = squeeze_host.squeeze_pairs(pairs, todo, ranks, key)
   else:
-    # One module per compiled call (compiled once per (shape, rank): 7 programs for Gemma 3). Batching
-    # same-shape modules into one program (the natural design, and what _squeeze_group supports) wedged
-    # XLA:CPU in jaxlib 0.10.0 for any batch >= 2 (second run never returns, all workers idle).
+    # One module per compiled call (compiled once per (shape, rank): 7 programs for Gemma 3; see
+    # _squeeze_xla for why same-shape modules are not batched into one program).
     new_pairs = {}
     for i, p in todo:
       a, b = pairs[p]["a"], pairs[p]["b"]
-      (new_a,), (new_b,), _, finite = _squeeze_group(
-          (a,),
-          (b,),
-          (jax.random.fold_in(key, i),),
+      new_a, new_b, _, finite = _squeeze_xla(
+          a,
+          b,
+          jax.random.fold_in(key, i),
           rank=int(ranks[p]),
           method=method,
           oversample=oversample,
           power_iters=power_iters,
       )
-      _raise_if_not_finite(finite, [p], [a.shape], [b.shape])
+      _raise_if_not_finite(finite, p, a.shape, b.shape)
       new_pairs[p] = (new_a, new_b)
 
   def visit(node, prefix):

@@ -58,6 +58,11 @@ def _as_int_list(ids: Any) -> list[int]:
   return [int(i) for i in arr.reshape(-1)]
 
 
+def _with_specials(ids: list[int], tokenizer: Any, add_bos: bool, add_eos: bool) -> list[int]:
+  """`ids` with the tokenizer's BOS in front and/or EOS at the end, as `encode` asks."""
+  return ([tokenizer.bos_id] if add_bos else []) + ids + ([tokenizer.eos_id] if add_eos else [])
+
+
 # ------------------------------------------------------------------ byte-level
 
 
@@ -88,12 +93,7 @@ class ByteTokenizer:
       raise ValueError('ByteTokenizer needs vocab_size >= 260 (4 special ids + 256 bytes),' f' got {self.vocab_size}.')
 
   def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-    ids = [b + self.OFFSET for b in text.encode('utf-8')]
-    if add_bos:
-      ids.insert(0, self.bos_id)
-    if add_eos:
-      ids.append(self.eos_id)
-    return ids
+    return _with_specials([b + self.OFFSET for b in text.encode('utf-8')], self, add_bos, add_eos)
 
   def decode(self, ids: Any) -> str:
     data = bytes(i - self.OFFSET for i in _as_int_list(ids) if self.OFFSET <= i < self.OFFSET + 256)
@@ -246,12 +246,7 @@ class SentencePieceTokenizer:
     """Text -> ids (python ints). No BOS unless `add_bos=True` (as gemma)."""
     if not isinstance(text, str):
       raise TypeError(f'encode() takes a str, got {type(text).__name__}.')
-    ids = [int(i) for i in self._sp.EncodeAsIds(text)]
-    if add_bos:
-      ids.insert(0, self.bos_id)
-    if add_eos:
-      ids.append(self.eos_id)
-    return ids
+    return _with_specials([int(i) for i in self._sp.EncodeAsIds(text)], self, add_bos, add_eos)
 
   def decode(self, ids: Any) -> str:
     """Ids (list, numpy/jax array, int) -> text; control ids decode to ''."""

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 
 from lora_squeeze import checkpoints
+from lora_squeeze import data
 from lora_squeeze import eval_modes
 from lora_squeeze import fileio
 from lora_squeeze import lora as lora_lib
@@ -132,26 +133,6 @@ def _positive(value, what: str) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def make_train_iterator(config, tokenizer, *, shard: tuple[int, int] = (0, 1), image_spec=None):
-  """The training batch iterator named by ``config.data`` (batch contract of ``lora_squeeze.data``).
-
-  ``shard=(index, count)``: this process's block of rows of every global batch
-  (``sharding.process_batch_shard``); the iterator state stays that of the global stream, so a run can
-  resume on another number of processes. ``image_spec``: the model's (``models.image_spec``), so that
-  vision-language tasks' batches carry their images."""
-  d = config.data
-  seed = int(config.seed)
-  if d.source == "synthetic":
-    from lora_squeeze.data import synthetic  # pylint: disable=g-import-not-at-top
-
-    return synthetic.SyntheticIterator(
-        tokenizer, batch_size=int(d.batch_size), max_len=int(d.max_len), seed=seed, shard=shard
-    )
-  from lora_squeeze import data  # pylint: disable=g-import-not-at-top
-
-  return data.train_iterator_from_config(config, tokenizer, shard=shard, image_spec=image_spec)
-
-
 def _fault_point(name: str) -> None:
   """Fault injection for the kill/resume tests: ``LORA_SQUEEZE_FAULT=name`` SIGKILLs this process here."""
   if os.environ.get("LORA_SQUEEZE_FAULT") == name:
@@ -162,7 +143,7 @@ def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = No
   """Run (or resume, or skip if finished) the config in ``workdir``; returns the result dict.
 
   ``evaluate_fn(model, lora_params, lora_config) -> dict`` computes final metrics; by default
-  ``evaluate.evaluate_config`` when ``config.eval.enabled``.
+  ``eval_modes.evaluate_adapter``: ``config.data``'s evaluation set when ``config.eval.enabled``.
 
   The workdir guarantees of ``lora_squeeze.workdir`` hold: the config is checked before anything is
   created (``config_lib.check_run_config``); one process writes a workdir at a time (``workdir.Lock``); a
@@ -238,8 +219,8 @@ class _TrainingRun:
         remat=bool(config.remat),
     )
     self.ckpts = checkpoints.Checkpoints(workdir / "checkpoints", keep=int(config.keep_checkpoints))
-    self.iterator = make_train_iterator(
-        config, self.model.tokenizer, shard=shard, image_spec=trainer_lib.image_spec(self.model)
+    self.iterator = data.make_train_iterator(
+        config.data, self.model.tokenizer, seed=self.seed, shard=shard, image_spec=trainer_lib.image_spec(self.model)
     )
     self.base_params = self.model.params
     if self.mesh is not None:  # the frozen base split over fsdp (each device receives only its slices)

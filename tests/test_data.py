@@ -361,9 +361,9 @@ EX = data.Example('Question: 2 + 2 =\nAnswer:', (' 3', ' 4'), (1,), ' 4')
 
 def _real_tokenizer():
   """Gemma 3's tokenizer from the cache (built once from the GGUF if missing)."""
-  from lora_squeeze import models  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import gemma_gguf  # pylint: disable=g-import-not-at-top
 
-  return models.gemma3_tokenizer()
+  return gemma_gguf.gemma3_tokenizer()
 
 
 @pytest.mark.parametrize('which', ['byte', 'gemma3'])
@@ -469,12 +469,12 @@ def test_train_iterator_from_run_config():
   config = ml_collections.ConfigDict(
       dict(seed=3, data=dict(task='piqa', source='olmo', batch_size=2, max_len=64, train_split=''))
   )
-  batch = next(data.train_iterator_from_config(config, BYTE_TOK))
+  batch = next(data.make_train_iterator(config.data, BYTE_TOK, seed=config.seed))
   direct = next(data.train_iterator('piqa', BYTE_TOK, batch_size=2, max_len=64, seed=3, split='offline_train'))
   np.testing.assert_array_equal(batch['tokens'], direct['tokens'])
   config.data.source = 'hf'
   with pytest.raises(ValueError, match='Unknown data.source'):
-    data.train_iterator_from_config(config, BYTE_TOK)
+    data.make_train_iterator(config.data, BYTE_TOK, seed=config.seed)
 
 
 # ------------------------------------------------------------------- packing
@@ -599,7 +599,7 @@ def test_pack_from_run_config():
   config = ml_collections.ConfigDict(
       dict(seed=3, data=dict(task='arc_e', source='olmo', batch_size=2, max_len=512, train_split='', pack=True))
   )
-  batch = next(data.train_iterator_from_config(config, BYTE_TOK))
+  batch = next(data.make_train_iterator(config.data, BYTE_TOK, seed=config.seed))
   direct = next(
       data.train_iterator('arc_e', BYTE_TOK, batch_size=2, max_len=512, seed=3, split='offline_train', pack=True)
   )

@@ -20,7 +20,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lora_squeeze import adapters, squeeze
+from lora_squeeze import adapters, rank_rules
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -237,24 +237,24 @@ SPECTRA = [
 def test_sv_fro_and_cumulative_match_their_formulas(s, value):
   fro = brute(s, lambda r: math.sqrt(np.sum(s[:r] ** 2) / np.sum(s**2)) >= value - 1e-12)
   cum = brute(s, lambda r: np.sum(s[:r]) / np.sum(s) >= value - 1e-12)
-  assert squeeze.rank_sv_fro(s, value) == fro
-  assert squeeze.rank_sv_cumulative(s, value) == cum
+  assert rank_rules.rank_sv_fro(s, value) == fro
+  assert rank_rules.rank_sv_cumulative(s, value) == cum
 
 
 @pytest.mark.parametrize("s", SPECTRA, ids=range(len(SPECTRA)))
 @pytest.mark.parametrize("ratio", [1.0, 1.5, 2.0, 4.0, 10.0, 100.0, 1e9])
 def test_sv_ratio_matches_its_formula(s, ratio):
-  assert squeeze.rank_sv_ratio(s, ratio) == max(1, int(np.sum(s > s[0] / ratio)))
+  assert rank_rules.rank_sv_ratio(s, ratio) == max(1, int(np.sum(s > s[0] / ratio)))
 
 
 def test_dynamic_rules_at_their_boundaries():
   s = np.array([3.0, 1.0])  # cumulative sums 0.75, 1; squared 0.9, 1
-  assert squeeze.rank_sv_cumulative(s, 0.75) == 1 and squeeze.rank_sv_cumulative(s, 0.7500001) == 2
-  assert squeeze.rank_sv_fro(s, math.sqrt(0.9)) == 1 and squeeze.rank_sv_fro(s, 0.95) == 2
+  assert rank_rules.rank_sv_cumulative(s, 0.75) == 1 and rank_rules.rank_sv_cumulative(s, 0.7500001) == 2
+  assert rank_rules.rank_sv_fro(s, math.sqrt(0.9)) == 1 and rank_rules.rank_sv_fro(s, 0.95) == 2
   # kohya's ratio rule is strict: s_i > s_max / R. R = 3 puts 1.0 exactly on the threshold: not kept.
-  assert squeeze.rank_sv_ratio(s, 3.0) == 1 and squeeze.rank_sv_ratio(s, 3.0001) == 2
-  assert squeeze.rank_sv_ratio(np.zeros(4), 10) == squeeze.rank_sv_fro(np.zeros(4), 0.5) == 1
-  assert squeeze.rank_sv_fro([1.0, 3.0], 0.95) == 2  # unsorted input is sorted first
+  assert rank_rules.rank_sv_ratio(s, 3.0) == 1 and rank_rules.rank_sv_ratio(s, 3.0001) == 2
+  assert rank_rules.rank_sv_ratio(np.zeros(4), 10) == rank_rules.rank_sv_fro(np.zeros(4), 0.5) == 1
+  assert rank_rules.rank_sv_fro([1.0, 3.0], 0.95) == 2  # unsorted input is sorted first
 
 
 def designed_file(path: Path, spectra: dict[str, np.ndarray], seed: int = 0) -> None:

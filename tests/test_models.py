@@ -13,6 +13,7 @@ from gemma import gm
 import jax
 import jax.numpy as jnp
 from lora_squeeze import fileio
+from lora_squeeze import gemma_gguf
 from lora_squeeze import models
 from lora_squeeze import tokenizer as tokenizer_lib
 import numpy as np
@@ -238,7 +239,7 @@ def _random_tree(shapes, seed=0):
 
 
 def _params_to_gguf(params, cfg):
-  """Inverse of models.gguf_to_params, written independently for the test."""
+  """Inverse of gemma_gguf.gguf_to_params, written independently for the test."""
   d, h, kv, hd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   out = {
       'token_embd.weight': params['embedder']['input_embedding'],
@@ -278,7 +279,7 @@ def tiny_gguf():
 
 def test_gguf_mapping_semantics(tiny_gguf):
   cfg, shapes, _, tensors = tiny_gguf
-  out = models.gguf_to_params(tensors, cfg, expected=shapes)
+  out = gemma_gguf.gguf_to_params(tensors, cfg, expected=shapes)
   hd = cfg.head_dim
   wq = tensors['blk.1.attn_q.weight']  # (out = heads*hd, in = d)
   q = out['layer_1']['attn']['q_einsum']['w']  # (heads, d, hd)
@@ -304,7 +305,7 @@ def test_gguf_mapping_semantics(tiny_gguf):
 
 def test_gguf_mapping_round_trip(tiny_gguf):
   cfg, shapes, params, tensors = tiny_gguf
-  out = models.gguf_to_params(tensors, cfg, expected=shapes)
+  out = gemma_gguf.gguf_to_params(tensors, cfg, expected=shapes)
   flat_in = traverse_util.flatten_dict(params, sep='/')
   flat_out = traverse_util.flatten_dict(out, sep='/')
   assert flat_in.keys() == flat_out.keys()
@@ -317,30 +318,30 @@ def test_gguf_mapping_rejects_missing_extra_and_misshaped(tiny_gguf):
   missing = dict(tensors)
   del missing['blk.3.ffn_up.weight']
   with pytest.raises(ValueError, match=r'missing: blk\.3\.ffn_up\.weight'):
-    models.gguf_to_params(missing, cfg, expected=shapes)
+    gemma_gguf.gguf_to_params(missing, cfg, expected=shapes)
 
   wrong = dict(tensors)
   wrong['blk.0.attn_k.weight'] = np.zeros((16, 64), np.float32)
   with pytest.raises(ValueError) as err:
-    models.gguf_to_params(wrong, cfg, expected=shapes)
+    gemma_gguf.gguf_to_params(wrong, cfg, expected=shapes)
   assert 'blk.0.attn_k.weight: got (16, 64), expected (32, 64)' in str(err.value)
 
   extra = dict(tensors)
   extra['output.weight'] = tensors['token_embd.weight']  # untied: unsupported
   with pytest.raises(ValueError, match=r'unexpected: output\.weight'):
-    models.gguf_to_params(extra, cfg, expected=shapes)
+    gemma_gguf.gguf_to_params(extra, cfg, expected=shapes)
 
   # A GGUF of another size (other layer count) is caught too.
   other = models.tiny_config(num_layers=2)
   with pytest.raises(ValueError, match='unexpected: blk.2'):
-    models.gguf_to_params(tensors, other)
+    gemma_gguf.gguf_to_params(tensors, other)
 
 
 def test_cache_writes_are_atomic(tmp_path, tiny):
   final = tmp_path / 'params'
-  models._save_params_atomically(jax.tree.map(np.asarray, tiny.params), final)
+  gemma_gguf._save_params_atomically(jax.tree.map(np.asarray, tiny.params), final)
   # A second writer (a lost race) leaves the first result alone, no debris.
-  models._save_params_atomically(jax.tree.map(np.zeros_like, tiny.params), final)
+  gemma_gguf._save_params_atomically(jax.tree.map(np.zeros_like, tiny.params), final)
   assert [p.name for p in tmp_path.iterdir()] == ['params']
   back = gm.ckpts.load_params(str(final))
   np.testing.assert_array_equal(back['layer_3']['mlp']['linear'], tiny.params['layer_3']['mlp']['linear'])

@@ -20,6 +20,7 @@ import pytest
 
 from lora_squeeze import runtime
 from lora_squeeze import sweep
+from lora_squeeze import data
 from lora_squeeze import train
 from lora_squeeze import checkpoints as checkpoints_lib
 from lora_squeeze import trainer as trainer_lib
@@ -297,7 +298,7 @@ def test_divergence_never_keeps_the_state_that_diverged(tmp_path):
   trainer = trainer_lib.Trainer(trainer_lib.load_model(config), trainer_lib.lora_config_from(config), max_targets=16)
   _, state = ckpts.restore_latest(trainer.abstract_state)
   ckpts.close()
-  batch = next(train.make_train_iterator(config, trainer.model.tokenizer))
+  batch = next(data.make_train_iterator(config.data, trainer.model.tokenizer, seed=config.seed))
   assert np.isfinite(float(trainer.eval_loss(state["params"], trainer.model.params, batch)[0]))
 
 

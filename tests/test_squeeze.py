@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lora_squeeze import squeeze as sq
+from lora_squeeze import rank_rules, squeeze_host
 
 EXACT_METHODS = ("efficient", "svd")
 # (method, route): "efficient" on both of its implementations (squeeze_factors' route), the others on XLA.
@@ -356,7 +357,7 @@ def test_host_map_keeps_order_bounds_what_it_holds_and_raises_in_turn():
 
     got, ahead = [], []
     with pytest.raises(ValueError, match="item 13"):
-      for x in sq.host_map(square_or_fail, items(), workers=workers):
+      for x in squeeze_host.host_map(square_or_fail, items(), workers=workers):
         got.append(x)
         ahead.append(len(pulled) - len(got))
     assert got == [i * i for i in range(13)]
@@ -409,22 +410,22 @@ def test_errors_name_the_problem():
 
 def test_retention_and_rank_choice():
   s = np.array([4.0, 2.0, 1.0, 1.0])
-  assert sq.retention(s, 1) == pytest.approx(16 / 22)
-  assert sq.retention(s, 4) == pytest.approx(1.0)
-  assert float(sq.retention(jnp.asarray(s), 2)) == pytest.approx(20 / 22)
-  assert sq.retention(np.zeros(3), 1) == 1.0
-  assert sq.choose_rank(s, 0.7) == 1
-  assert sq.choose_rank(s, 0.9) == 2
-  assert sq.choose_rank(s, 1.0) == 4
-  assert sq.choose_homogeneous_rank({"x": s, "y": np.array([1.0, 1.0, 1.0, 1.0])}, 0.7) == 3
+  assert rank_rules.retention(s, 1) == pytest.approx(16 / 22)
+  assert rank_rules.retention(s, 4) == pytest.approx(1.0)
+  assert float(rank_rules.retention(jnp.asarray(s), 2)) == pytest.approx(20 / 22)
+  assert rank_rules.retention(np.zeros(3), 1) == 1.0
+  assert rank_rules.choose_rank(s, 0.7) == 1
+  assert rank_rules.choose_rank(s, 0.9) == 2
+  assert rank_rules.choose_rank(s, 1.0) == 4
+  assert rank_rules.choose_homogeneous_rank({"x": s, "y": np.array([1.0, 1.0, 1.0, 1.0])}, 0.7) == 3
   with pytest.raises(ValueError):
-    sq.choose_rank(s, 0.0)
+    rank_rules.choose_rank(s, 0.0)
   # Retention of a real squeeze equals the kept fraction of ‖ΔW‖².
   a, b = make_factors(13, 100, 90, 16)
   sv = sq.singular_values(jnp.float32(a), jnp.float32(b))
   out = sq.squeeze_factors(jnp.float32(a), jnp.float32(b), 4)
   np.testing.assert_allclose(
-      float(sq.retention(sv, 4)), np.linalg.norm(product(out)) ** 2 / np.linalg.norm(a @ b) ** 2, rtol=1e-4
+      float(rank_rules.retention(sv, 4)), np.linalg.norm(product(out)) ** 2 / np.linalg.norm(a @ b) ** 2, rtol=1e-4
   )
 
 

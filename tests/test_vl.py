@@ -22,6 +22,7 @@ from lora_squeeze import data
 from lora_squeeze import evaluate
 from lora_squeeze import gemma_forward
 from lora_squeeze import lora
+from lora_squeeze import gemma_gguf
 from lora_squeeze import models
 from lora_squeeze import squeeze
 from lora_squeeze import train
@@ -439,7 +440,7 @@ def test_vl_encoding_inserts_the_image_block_and_resizes(tiny_mm):
 
 
 def test_real_gemma3_tokenizer_image_block_matches_gemma():
-  tok = models.gemma3_tokenizer()  # the cached rebuild (built from the GGUF once if missing)
+  tok = gemma_gguf.gemma3_tokenizer()  # the cached rebuild (built from the GGUF once if missing)
   assert tok.encode('\n\n') == [108]
   assert tok.encode('<start_of_image>') == [tok.start_of_image_id] == [255_999]
   assert tok.encode('<end_of_image>') == [tok.end_of_image_id] == [256_000]

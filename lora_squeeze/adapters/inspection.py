@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_squeeze import squeeze
+from lora_squeeze import rank_rules
 from lora_squeeze.adapters.errors import AdapterError
 from lora_squeeze.adapters.peft_adapter import LoraModule, PeftAdapter
 from lora_squeeze.adapters.squeezing import adapter_spectra
@@ -33,7 +33,7 @@ class InspectReport:
     for m in self.modules:
       s = self.spectra[m.name]
       sv = " ".join(f"{x:8.3g}" for x in s[:top])
-      rets = "  ".join(f"{float(squeeze.retention(s, max(1, m.r // d))):8.5f}" for d in (2, 4, 8))
+      rets = "  ".join(f"{float(rank_rules.retention(s, max(1, m.r // d))):8.5f}" for d in (2, 4, 8))
       lines.append(
           f"{m.name:<{width}}  {m.out_features:>6}x{m.in_features:<6}  {m.r:>4}  {m.scale:>7.4g}  "
           f"{sv:<{9 * top}}  {rets}"
@@ -53,10 +53,10 @@ class InspectReport:
     ]
     for kind, ms in sorted(by_kind.items()):
       means = [
-          np.mean([float(squeeze.retention(self.spectra[m.name], max(1, m.r // d))) for m in ms]) for d in (2, 4, 8)
+          np.mean([float(rank_rules.retention(self.spectra[m.name], max(1, m.r // d))) for m in ms]) for d in (2, 4, 8)
       ]
       lines.append(f"  {kind:<16} ({len(ms):>3})  " + "  ".join(f"{v:.5f}" for v in means))
-    homo = ", ".join(f"{e:g} -> r={squeeze.choose_homogeneous_rank(self.spectra, e)}" for e in (0.9, 0.95, 0.99))
+    homo = ", ".join(f"{e:g} -> r={rank_rules.choose_homogeneous_rank(self.spectra, e)}" for e in (0.9, 0.95, 0.99))
     lines.append(f"one rank for all modules keeping energy E (lora-squeeze squeeze --energy E): {homo}")
     return "\n".join(lines)
 

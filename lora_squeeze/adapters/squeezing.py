@@ -9,7 +9,7 @@ B' = U_r Σ_r^½, A' = Σ_r^½ V_rᵀ for ΔW_eff = U Σ Vᵀ, written with scal
 
 A rank above a module's full rank min(out, in) is capped there (``plan_ranks``; one note on stderr), since
 ΔW is exact at full rank. The ``--sv-*`` rules are kohya sd-scripts' dynamic resize rules
-(``DYNAMIC_RULES``, ``squeeze.rank_sv_*``), each module's rank from its own spectrum.
+(``DYNAMIC_RULES``, ``rank_rules.rank_sv_*``), each module's rank from its own spectrum.
 
 Memory: the adapter is streamed, one module's factors at a time (``safetensors_io``): peak memory is about
 one module's factors plus the JAX runtime, whatever the adapter's size. The output directory is built next
@@ -19,7 +19,7 @@ Speed (experiments/peft_squeeze_speed.py, squeeze_speed.py, flux_squeeze_speed.p
 seconds on 2 CPU cores, where the full-ΔW SVD route takes hours): the efficient route costs milliseconds
 per module, so fixed costs would dominate. It runs on squeeze's host route (numpy/LAPACK: no XLA compile,
 no per-call dispatch), and ``squeeze_modules``, the one loop of the PEFT, single-file and GGUF paths, reads
-and squeezes modules side by side in threads (``squeeze.host_map``) while the caller writes the results in
+and squeezes modules side by side in threads (``squeeze_host.host_map``) while the caller writes the results in
 order.
 """
 
@@ -38,7 +38,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from lora_squeeze import squeeze
+from lora_squeeze import rank_rules, squeeze, squeeze_host
 from lora_squeeze.adapters.atomic_output import atomic_dir, check_out_dir, fault_point
 from lora_squeeze.adapters.errors import AdapterError
 from lora_squeeze.adapters.peft_adapter import LoraModule, PeftAdapter
@@ -98,7 +98,7 @@ def squeeze_modules(
   """(i, module, a', b', singular values) for every module in order: the squeeze of the command, for a PEFT
   directory and a single file alike (``source`` has ``factors(module)``, as PeftAdapter and LoraFile do).
 
-  "efficient": modules are read and squeezed in ``squeeze.host_map``'s threads (one per core, at most 8),
+  "efficient": modules are read and squeezed in ``squeeze_host.host_map``'s threads (one per core, at most 8),
   each on the host route with BLAS on one thread; the caller writes each result as it comes, so about one
   module per thread is in memory at a time. "svd"/"rsvd" run one module at a time in this thread
   (``squeeze_matrices``, all at one compute rank, the largest target: ranks are capped at each module's
@@ -116,7 +116,7 @@ def squeeze_modules(
     )
 
   indices = range(len(modules))
-  results = squeeze.host_map(one, indices) if method == "efficient" else map(one, indices)
+  results = squeeze_host.host_map(one, indices) if method == "efficient" else map(one, indices)
   for i, (new_a, new_b, s) in enumerate(progress_bar(results, len(modules), "squeeze", progress)):
     yield i, modules[i], new_a, new_b, s
 
@@ -152,17 +152,17 @@ def squeezed_factors(source, modules: Sequence[LoraModule], plan, options, repor
 
 def adapter_spectra(adapter: PeftAdapter, *, progress: bool = True) -> dict[str, np.ndarray]:
   """{module name: all r singular values of its ΔW_eff} (efficient route, never forming ΔW), reading one
-  module at a time in ``squeeze.host_map``'s threads."""
-  values = squeeze.host_map(lambda m: squeeze.singular_values(*adapter.factors(m), route="host"), adapter.modules)
+  module at a time in ``squeeze_host.host_map``'s threads."""
+  values = squeeze_host.host_map(lambda m: squeeze.singular_values(*adapter.factors(m), route="host"), adapter.modules)
   return {m.name: s for m, s in zip(adapter.modules, progress_bar(values, len(adapter.modules), "spectra", progress))}
 
 
 # kohya sd-scripts' dynamic rank rules (networks/resize_lora.py), each choosing every module's rank from
-# its own spectrum: the squeeze.rank_* function, and the command's flag.
+# its own spectrum: the rank_rules.rank_* function, and the command's flag.
 DYNAMIC_RULES = {
-    "sv_ratio": squeeze.rank_sv_ratio,
-    "sv_fro": squeeze.rank_sv_fro,
-    "sv_cumulative": squeeze.rank_sv_cumulative,
+    "sv_ratio": rank_rules.rank_sv_ratio,
+    "sv_fro": rank_rules.rank_sv_fro,
+    "sv_cumulative": rank_rules.rank_sv_cumulative,
 }
 
 
@@ -224,9 +224,9 @@ def wanted_ranks(
     rule, value = DYNAMIC_RULES[dynamic[0]], dynamic[1]
     wanted = {m.name: rule(spectra[m.name], value) for m in modules}
   elif per_module:
-    wanted = {m.name: squeeze.choose_rank(spectra[m.name], energy) for m in modules}
+    wanted = {m.name: rank_rules.choose_rank(spectra[m.name], energy) for m in modules}
   else:
-    r = squeeze.choose_homogeneous_rank({m.name: spectra[m.name] for m in modules}, energy)
+    r = rank_rules.choose_homogeneous_rank({m.name: spectra[m.name] for m in modules}, energy)
     wanted = {m.name: r for m in modules}
   return {n: min(r, max_rank) if max_rank else r for n, r in wanted.items()}
 
@@ -352,7 +352,7 @@ class RankPlan:
         r_src=m.r,
         r_tgt=self.ranks[m.name],
         scale=m.scale,
-        retention=float(squeeze.retention(np.asarray(s), self.ranks[m.name])),
+        retention=float(rank_rules.retention(np.asarray(s), self.ranks[m.name])),
     )
 
 

@@ -30,9 +30,10 @@ from lora_squeeze.data.pipeline import encode_example
 from lora_squeeze.data.pipeline import ImageSpec
 from lora_squeeze.data.pipeline import pad_batch
 from lora_squeeze.data.pipeline import train_iterator
-from lora_squeeze.data.pipeline import train_iterator_from_config
+from lora_squeeze.data.pipeline import make_train_iterator
 from lora_squeeze.data.pipeline import TrainIterator
 from lora_squeeze.data.sources import eval_examples
+from lora_squeeze.data.sources import eval_set
 from lora_squeeze.data.sources import prepare_command
 from lora_squeeze.data.sources import source
 from lora_squeeze.data.sources import TfdsSource

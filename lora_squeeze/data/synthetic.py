@@ -8,7 +8,7 @@ and has a JSON state (epoch, index) for exact resume. Nothing here is a benchmar
 ``TASK`` is an ordinary registry entry (``data.get_task("synthetic")``): its one split, ``"table"``, is
 served by ``sources.source`` from code (``Task.examples_fn``) as the table scored as a multiple-choice task
 (``choice_examples``), and ``data.source="synthetic"`` in a run config trains on it with
-``SyntheticIterator`` (``pipeline.train_iterator_from_config``).
+``SyntheticIterator`` (``pipeline.make_train_iterator``).
 """
 
 from __future__ import annotations
@@ -82,11 +82,6 @@ TASK = Task(
     format_fn=_formatted,
     examples_fn=_split_examples,
 )
-
-
-def task() -> Task:
-  """The synthetic task (``TASK``, which ``data.get_task("synthetic")`` also returns)."""
-  return TASK
 
 
 def encode(example: SyntheticExample, tokenizer: Any, max_len: int) -> dict[str, np.ndarray]:

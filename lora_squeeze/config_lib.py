@@ -98,6 +98,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.warmup_steps = 1000
   c.rank_change_warmup = 100
   c.squeeze = ml_collections.ConfigDict(dict(method="efficient", optimizer_state="fresh"))
+  # In-Squeeze with ranks the adapter chooses (the paper's future work): at each rank change every module
+  # takes the smallest rank r with V_r >= tau (its share of ΔW's energy), at most the ladder's next rank and
+  # at least max(1, min_rank). tau = 0: off (every module takes the ladder's rank).
+  c.auto_rank = ml_collections.ConfigDict(dict(tau=0.0, min_rank=0))
   c.data = ml_collections.ConfigDict(
       dict(
           task="arc_e",
@@ -249,6 +253,18 @@ def check_run_config(config) -> None:
       config.squeeze.optimizer_state in optim_lib.OPTIMIZER_STATE_MODES,
       f"config.squeeze.optimizer_state="
       f"{config.squeeze.optimizer_state!r}: one of {', '.join(optim_lib.OPTIMIZER_STATE_MODES)}",
+  )
+  auto = config.get("auto_rank", None) or {}
+  tau = auto.get("tau", 0.0)
+  need(
+      isinstance(tau, (int, float)) and not isinstance(tau, bool) and 0.0 <= tau <= 1.0,
+      f"config.auto_rank.tau={tau!r}: the energy each module keeps, in (0, 1] (0 = off)",
+  )
+  positive_int("auto_rank.min_rank", auto.get("min_rank", 0), minimum=0)
+  need(
+      not tau or mode == "in_squeeze",
+      f"config.auto_rank.tau={tau!r} with config.mode={mode!r}: ranks chosen per module are an In-Squeeze "
+      "mode (mode=in_squeeze); set auto_rank.tau=0 for other modes",
   )
   d = config.data
   sources = pipeline.DATA_SOURCES

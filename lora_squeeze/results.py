@@ -7,7 +7,8 @@ evaluated adapter (a Post-Squeeze cell gives one row per target rank), with the 
 artefacts group by:
 
   method         zero_shot | direct | post_squeeze | cont_squeeze | in_squeeze_standard | in_squeeze_min_steps,
-                 and ``..._carry`` for an In-Squeeze run that carried its optimizer state across rank changes
+                 and ``..._carry`` for an In-Squeeze run that carried its optimizer state across rank changes,
+                 ``..._auto`` for one whose modules chose their ranks (``config.auto_rank``)
   rank           the evaluated adapter's rank (Post-Squeeze: r_tgt; In-/Cont-Squeeze: the final rank)
   source_rank    r_src of Post- / Cont- / In-Squeeze (None for direct and zero-shot)
   learning_rate  the first stage's rate (Post-Squeeze: its source run's)
@@ -44,6 +45,8 @@ METHODS = (
     "in_squeeze_min_steps",
     "in_squeeze_standard_carry",
     "in_squeeze_min_steps_carry",
+    "in_squeeze_standard_auto",
+    "in_squeeze_min_steps_auto",
 )
 
 
@@ -197,6 +200,8 @@ def rows_from_result(store: str, cell: str, res: Mapping[str, Any]) -> list[Row]
     method, source_rank = f"in_squeeze_{res.get('scheme') or 'standard'}", _int_rank(res["ranks_per_stage"][0])
     if res.get("optimizer_state") == "carry":
       method += "_carry"
+    if res.get("auto_rank"):
+      method += "_auto"
   else:
     raise ValueError(f"results: cell {cell!r} of {store} has an unknown mode {mode!r}")
   return [

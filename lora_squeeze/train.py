@@ -42,9 +42,11 @@ from lora_squeeze import data
 from lora_squeeze import eval_modes
 from lora_squeeze import fileio
 from lora_squeeze import lora as lora_lib
+from lora_squeeze import rank_rules
 from lora_squeeze import run_log
 from lora_squeeze import schedules
 from lora_squeeze import sharding as sharding_lib
+from lora_squeeze import squeeze as squeeze_lib
 from lora_squeeze import trainer as trainer_lib
 from lora_squeeze import workdir as workdir_lib
 
@@ -225,6 +227,9 @@ class _TrainingRun:
     self.base_params = self.model.params
     if self.mesh is not None:  # the frozen base split over fsdp (each device receives only its slices)
       self.base_params = sharding_lib.put(self.base_params, sharding_lib.base_shardings(self.base_params, self.mesh))
+    auto = config.get("auto_rank", None) or {}
+    self.auto_tau, self.auto_min = float(auto.get("tau", 0.0) or 0.0), int(auto.get("min_rank", 0) or 0)
+    self.auto_records: list[dict[str, Any]] = []  # per rank change: the modules' chosen ranks and V_r
     self.timing: dict[int, dict[str, Any]] = {}
     self.t_last_step = None  # when the previous stage's last step ended (synced): a boundary's stall starts there
     self.end_save_seconds = 0.0  # the previous stage's end checkpoint
@@ -236,6 +241,7 @@ class _TrainingRun:
     if restored is not None:
       meta, self.state = restored
       stage_losses = {int(k): v for k, v in meta.get("stage_losses", {}).items()}
+      self.auto_records = list(meta.get("auto_rank", []))
       self.iterator.set_state(checkpoints.decode_data_state(meta["data_state"]))
       self.stage_idx, self.stage_step, self.phase = int(meta["stage"]), int(meta["stage_step"]), meta["phase"]
       self.wall_before = float(meta["wall_seconds"])
@@ -274,6 +280,7 @@ class _TrainingRun:
         "data_state": checkpoints.encode_data_state(self.iterator.get_state()),
         "seed": self.seed,
         "stage_losses": {str(k): v for k, v in self.log.stage_losses.items()},
+        "auto_rank": self.auto_records,
         "wall_seconds": self.wall_before + time.time() - self.t_start,
     }
 
@@ -323,7 +330,8 @@ class _TrainingRun:
       if stage.index > 0 or stage.squeeze_first:
         t = time.time()
         key = trainer_lib.stage_key(self.seed, stage.index)
-        self.state = jax.block_until_ready(self.trainer.change_rank(self.state, stage.rank, key))
+        target = self._auto_ranks(stage) if self.auto_tau else stage.rank
+        self.state = jax.block_until_ready(self.trainer.change_rank(self.state, target, key))
         stage_time["change_seconds"] = time.time() - t
         _fault_point(f"after_change:{stage.index}")
         stage_time["save_seconds"] += self._save(stage.index, 0, "changed")
@@ -365,10 +373,24 @@ class _TrainingRun:
         _fault_point(f"after_save:{self.global_step}")
     self.stage_idx, self.phase = stage.index, "trained"
 
+  def _auto_ranks(self, stage: Stage) -> dict[str, int]:
+    """Every module's rank for ``stage`` (``config.auto_rank``): the smallest r with V_r >= tau of its ΔW's
+    spectrum now, at most the ladder's rank and the module's own, at least max(1, min_rank); recorded."""
+    spectra = squeeze_lib.lora_spectra(self.state["params"])
+    floor = max(1, self.auto_min)
+    ranks, kept = {}, {}
+    for path, s in spectra.items():
+      r = min(stage.rank, len(s), max(floor, rank_rules.choose_rank(s, self.auto_tau)))
+      ranks[path], kept[path] = int(r), float(rank_rules.retention(s, r))
+    self.auto_records.append({"stage": stage.index, "ladder_rank": stage.rank, "ranks": ranks, "retention": kept})
+    return ranks
+
   def _precompile_ahead(self, stage: Stage, batch) -> None:
-    """Once the run's first stage runs its compiled step: every coming boundary's programs compile beside it."""
+    """Once the run's first stage runs its compiled step: every coming boundary's programs compile beside it
+    (not with automatic ranks: a boundary's ranks are known only when it comes)."""
     if (
         bool(self.config.get("background_compile", True))
+        and not self.auto_tau
         and self.trainer.precompiler is None
         and stage.index + 1 < len(self.stages)
     ):
@@ -417,6 +439,15 @@ class _TrainingRun:
         "wall_seconds": self.wall_before + time.time() - self.t_start,
         "final_train_loss": losses.get(stages[-1].index),
         "metrics": metrics,
+        "auto_rank": (
+            {"tau": self.auto_tau, "min_rank": self.auto_min, "stages": self.auto_records} if self.auto_tau else None
+        ),
+        "final_ranks": lora_lib.describe_ranks(lora_lib.lora_ranks(final_params)),
+        "lora_params": int(sum(x.size for x in jax.tree.leaves(final_params))),
+        # The count of a rank-1 adapter on the same modules (a uniform rank r costs r times it).
+        "lora_params_per_rank": int(
+            sum((p["a"].size + p["b"].size) // p["a"].shape[-1] for p in squeeze_lib.lora_pairs(final_params).values())
+        ),
         "timing": run_log.timing_summary(self.timing, self.train_seconds, self.trainer.precompiler, self.t_loop),
     }
     if self.primary:

@@ -312,6 +312,7 @@ class Trainer:
     self.traces["change_rank"] += 1
     if self.mesh is not None:
       key = jax.random.wrap_key_data(key)
+    rank = dict(rank) if isinstance(rank, tuple) else rank  # per-module ranks travel as a hashable tuple
     params, _ = lora_lib.change_rank(state["params"], rank, self.lora_config, method=self.squeeze_method, key=key)
     fresh = self.optimizer.init(params)
     if self.optimizer_state == "carry":
@@ -326,8 +327,9 @@ class Trainer:
     # The jitted impl takes a typed key on one device, raw key data (host uint32) on a mesh.
     return key if self.mesh is None else self._host_key(key)
 
-  def change_rank(self, state, rank: int, key: jax.Array):
-    """The state at a new rank (params squeezed, optimizer state fresh or carried).
+  def change_rank(self, state, rank: int | Mapping[str, int], key: jax.Array):
+    """The state at a new rank (params squeezed, optimizer state fresh or carried); ``rank``: one rank for
+    every module, or {module path: rank} (automatic per-module ranks; modules it leaves out keep theirs).
 
     ONE jitted program for the whole tree (every module's squeeze side by side, the optimizer state, the
     shardings), compiled once per (source ranks, target rank) signature, on one device as on a mesh. (Until
@@ -335,11 +337,12 @@ class Trainer:
     jaxlib 0.10.0; ``experiments/xla_cpu_hang_check.py`` no longer reproduces that with the pinned stack,
     and the whole-tree program's compile, 20-40 s cold on the 270M, is what ``precompile`` takes off the
     critical path.) A change that ``precompile`` compiled ahead runs that executable."""
-    compiled = self._ahead(("change_rank", rank_signature(state["params"]), int(rank)))
+    static = _static_rank(rank)
+    compiled = self._ahead(("change_rank", rank_signature(state["params"]), static))
     key = self._change_key(key)
     if compiled is not None:
       return compiled(state, key)
-    return self._change(state, key, rank=int(rank))
+    return self._change(state, key, rank=static)
 
   # --- programs compiled ahead of time ---
   def _ahead(self, signature):
@@ -401,6 +404,13 @@ class Trainer:
     """Stops the background compiles (a running one finishes; queued ones are dropped)."""
     if self.precompiler is not None:
       self.precompiler.close()
+
+
+def _static_rank(rank: int | Mapping[str, int]) -> int | tuple:
+  """A rank change's target as the jitted program's static argument: an int, or sorted (path, rank) pairs."""
+  if isinstance(rank, Mapping):
+    return tuple(sorted((str(p), int(r)) for p, r in rank.items()))
+  return int(rank)
 
 
 def rank_signature(params) -> tuple:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_squeeze import lora, models, squeeze  # noqa: E402
+from lora_squeeze import lora, lora_layout, models, squeeze  # noqa: E402
 from lora_squeeze import results as R  # noqa: E402
 
 SIZES = ("gemma3_270m", "gemma3_1b", "gemma3_4b", "gemma3_12b")
@@ -27,7 +27,7 @@ METHODS = ("svd", "rsvd", "efficient")
 
 def model_flops(name: str, r_src: int, r_tgt: int, oversample: int) -> dict[str, int]:
   """Σ over every LoRA module of the model of ``squeeze.paper_flops`` (ΔW forming included for svd/rsvd)."""
-  shapes = lora.lora_shapes(models.model_config(name), lora.LoRAConfig(rank=r_src))
+  shapes = lora_layout.lora_shapes(models.model_config(name), lora.LoRAConfig(rank=r_src))
   total = dict.fromkeys(METHODS, 0)
   for a, b in shapes.values():
     m, n = math.prod(a[:-1]), math.prod(b[1:])

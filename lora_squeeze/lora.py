@@ -562,21 +562,8 @@ def change_rank(
       pair = new_pairs[p]
       folded[p] = {**pair, "a": (pair["a"] * f).astype(pair["a"].dtype), "b": (pair["b"] * f).astype(pair["b"].dtype)}
   if folded:
-    new_params = _replace_pairs(new_params, folded)
+    new_params = squeeze.replace_pairs(new_params, folded)
   return new_params, dataclasses.replace(config, rank=describe_ranks(new_ranks))
-
-
-def _replace_pairs(tree: Mapping, replacements: Mapping[str, Mapping], prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    p = f"{prefix}/{k}" if prefix else str(k)
-    if p in replacements:
-      out[k] = replacements[p]
-    elif isinstance(v, Mapping):
-      out[k] = _replace_pairs(v, replacements, p)
-    else:
-      out[k] = v
-  return out
 
 
 def describe_ranks(ranks: Mapping[str, int]) -> int | dict[str, int]:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_squeeze import lora, models, squeeze  # noqa: E402
-from lora_squeeze import results as R  # noqa: E402
+from lora_squeeze import lora, lora_layout, models, squeeze  # noqa: E402
+from lora_squeeze import results_render  # noqa: E402
 
 SIZES = ("gemma3_270m", "gemma3_1b", "gemma3_4b", "gemma3_12b")
 METHODS = ("svd", "rsvd", "efficient")
@@ -27,7 +27,7 @@ METHODS = ("svd", "rsvd", "efficient")
 
 def model_flops(name: str, r_src: int, r_tgt: int, oversample: int) -> dict[str, int]:
   """Σ over every LoRA module of the model of ``squeeze.paper_flops`` (ΔW forming included for svd/rsvd)."""
-  shapes = lora.lora_shapes(models.model_config(name), lora.LoRAConfig(rank=r_src))
+  shapes = lora_layout.lora_shapes(models.model_config(name), lora.LoRAConfig(rank=r_src))
   total = dict.fromkeys(METHODS, 0)
   for a, b in shapes.values():
     m, n = math.prod(a[:-1]), math.prod(b[1:])
@@ -56,7 +56,7 @@ def main(argv=None):
   md = [
       "# Appendix E: FLOPs of the three decompositions\n\n",
       "## The paper's worked example (m = n = 2048, r_src = 64, r_tgt = 8, k_o = 10)\n\n",
-      R.markdown_table(
+      results_render.markdown_table(
           ["method", "FLOPs (formula)", "paper says", "+ forming ΔW"],
           [
               ["full SVD of ΔW", human(ex["svd"]), "~8.6B", human(ex["form_delta_w"])],
@@ -77,12 +77,12 @@ def main(argv=None):
         + [f"{f['svd'] / f['efficient']:,.0f}×", f"{f['rsvd'] / f['efficient']:,.0f}×"]
     )
   md.append(
-      R.markdown_table(
+      results_render.markdown_table(
           ["model", "modules", "full SVD", "RSVD", "efficient", "SVD / efficient", "RSVD / efficient"], table
       )
   )
   md.append("\nMeasured seconds of the same paths: `experiments/results/squeeze_speed.md`.\n")
-  plt = R.pyplot()
+  plt = results_render.pyplot()
   fig, ax = plt.subplots(figsize=(7, 3.6))
   width = 0.26
   for i, k in enumerate(METHODS):
@@ -98,8 +98,8 @@ def main(argv=None):
   ax.set_title(f"Squeezing a whole rank-{args.src} LoRA to rank {args.tgt}", fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  png = R.save_figure(fig, Path(args.out) / "appE_flops.png")
-  return R.finish(args.out, "appE_flops", md, png)
+  png = results_render.save_figure(fig, Path(args.out) / "appE_flops.png")
+  return results_render.finish(args.out, "appE_flops", md, png)
 
 
 if __name__ == "__main__":

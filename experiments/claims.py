@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_squeeze import results as R  # noqa: E402
+from lora_squeeze import results_render  # noqa: E402
 
 
 def _direct(rows, rank, steps):
@@ -190,7 +191,7 @@ def retention_rows(rows):
 
 
 def main(argv=None):
-  args, rows = R.script_args(__doc__, argv)
+  args, rows = results_render.script_args(__doc__, argv)
   comps = comparisons(rows)
   if not comps:
     raise SystemExit(
@@ -217,7 +218,7 @@ def main(argv=None):
       f"# Claims: {title}\n\n",
       "A − B per held-out example, mean ± SEM over the pooled examples; accuracy in points (positive = A "
       "better), gold-choice NLL in nats per token (negative = A better). Verdicts need |mean| > 2 SEM.\n\n",
-      R.markdown_table(
+      results_render.markdown_table(
           [
               "claim",
               "A",
@@ -237,14 +238,14 @@ def main(argv=None):
   if ret:
     md += [
         "\n## Retention V_r of Post-Squeeze (App. F; mean over tasks and modules)\n\n",
-        R.markdown_table(
+        results_render.markdown_table(
             ["r_src → r_tgt", "halving?", "V_r"],
             [[f"{s}→{t}", "yes" if 2 * t == s else "", f"{100 * v:.1f}%"] for s, t, v in ret],
         ),
     ]
-  md.append("\n" + R.provenance(args.results, rows))
+  md.append("\n" + results_render.provenance(args.results, rows))
 
-  plt = R.pyplot()
+  plt = results_render.pyplot()
   labels = [f"{a}  vs  {b}" for _, a, b, _, _ in comps]
   fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 + 0.32 * len(comps)), sharey=True)
   y = list(range(len(comps)))[::-1]
@@ -269,8 +270,8 @@ def main(argv=None):
   axes[0].set_yticks(y, labels, fontsize=7)
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  png = R.save_figure(fig, Path(args.out) / "claims.png")
-  return R.finish(args.out, "claims", md, png)
+  png = results_render.save_figure(fig, Path(args.out) / "claims.png")
+  return results_render.finish(args.out, "claims", md, png)
 
 
 if __name__ == "__main__":

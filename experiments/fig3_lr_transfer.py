@@ -17,11 +17,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_squeeze import results as R  # noqa: E402
+from lora_squeeze import results_render  # noqa: E402
 
 
 def compute(rows, *, src=None, lr=None):
   """{task: {series: {rank: accuracy}}}, src, lr."""
-  post = R.require(rows, "fig3", method="post_squeeze")
+  post = results_render.require(rows, "fig3", method="post_squeeze")
   src = src or max(r.source_rank for r in post)
   post = [r for r in post if r.source_rank == src]
   if lr is None:  # the rate the Post-Squeeze's source was trained with = the rate tuned at r_src
@@ -56,9 +57,9 @@ def main(argv=None):
     p.add_argument("--src", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
 
-  args, rows = R.script_args(__doc__, argv, extra=extra)
+  args, rows = results_render.script_args(__doc__, argv, extra=extra)
   data, src, lr = compute(rows, src=args.src, lr=args.lr)
-  plt = R.pyplot()
+  plt = results_render.pyplot()
   n = len(data)
   fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
   md = [f"# Fig. 3: one learning rate (tuned at r_src={src}) for every rank vs Post-Squeeze\n"]
@@ -75,17 +76,17 @@ def main(argv=None):
     ax.grid(alpha=0.3)
     md.append(f"\n## {task}\n")
     md.append(
-        R.markdown_table(
+        results_render.markdown_table(
             ["series"] + [f"r={k}" for k in ranks],
-            [[label] + [R.fmt_pct(p.get(k)) for k in ranks] for label, p in series.items()],
+            [[label] + [results_render.fmt_pct(p.get(k)) for k in ranks] for label, p in series.items()],
         )
     )
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
   out = Path(args.out)
-  png = R.save_figure(fig, out / "fig3_lr_transfer.png")
-  md.append("\n" + R.provenance(args.results, rows))
-  return R.finish(args.out, "fig3_lr_transfer", md, png)
+  png = results_render.save_figure(fig, out / "fig3_lr_transfer.png")
+  md.append("\n" + results_render.provenance(args.results, rows))
+  return results_render.finish(args.out, "fig3_lr_transfer", md, png)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_squeeze import results as R  # noqa: E402
+from lora_squeeze import results_render  # noqa: E402
 
 
 def gains(rows, *, method="efficient"):
   """({(src, tgt): {task: post − direct}}, direct per task per rank, post per task)."""
   post_rows = R.squeezed_from_best(
-      rows, [r for r in R.require(rows, "fig4", method="post_squeeze") if r.squeeze_method == method]
+      rows, [r for r in results_render.require(rows, "fig4", method="post_squeeze") if r.squeeze_method == method]
   )
   # Baselines trained as long as the squeezed sources were (a store may also hold N + M runs, Table 1).
   steps = {r.steps for r in post_rows}
@@ -50,14 +51,14 @@ def main(argv=None):
   def extra(p):
     p.add_argument("--method", default="efficient", help="squeeze method of the Post-Squeeze cells")
 
-  args, rows = R.script_args(__doc__, argv, extra=extra)
+  args, rows = results_render.script_args(__doc__, argv, extra=extra)
   per_cell, direct, _ = gains(rows, method=args.method)
   srcs = sorted({s for s, _ in per_cell}, reverse=True)
   tgts = sorted({t for _, t in per_cell})
   g = grid(per_cell, srcs, tgts)
   tasks = sorted({t for v in per_cell.values() for t in v})
   title = f"{args.title} Post-Squeeze ({args.method}) − direct at r_tgt, mean of {len(tasks)} task(s)".strip()
-  png = R.heatmap(
+  png = results_render.heatmap(
       g,
       row_labels=[str(s) for s in srcs],
       col_labels=[str(t) for t in tgts],
@@ -72,7 +73,7 @@ def main(argv=None):
       f"(positive = Post-Squeeze better).\n\n"
   ]
   md.append(
-      R.markdown_table(
+      results_render.markdown_table(
           ["r_src \\ r_tgt"] + [str(t) for t in tgts],
           [[str(s)] + ["—" if math.isnan(v) else f"{v:+.1f}" for v in row] for s, row in zip(srcs, g)],
       )
@@ -80,7 +81,7 @@ def main(argv=None):
   md.append("\n## Per task (points)\n\n")
   cells = sorted(per_cell, key=lambda k: (-k[0], -k[1]))
   md.append(
-      R.markdown_table(
+      results_render.markdown_table(
           ["task"] + [f"{s}→{t}" for s, t in cells],
           [
               [task] + [f"{100 * per_cell[c][task]:+.1f}" if task in per_cell[c] else "—" for c in cells]
@@ -91,13 +92,13 @@ def main(argv=None):
   md.append("\n## Direct training per rank (accuracy %)\n\n")
   ranks = sorted(direct)
   md.append(
-      R.markdown_table(
+      results_render.markdown_table(
           ["task"] + [f"r={r}" for r in ranks],
-          [[task] + [R.fmt_pct(direct[r].get(task)) for r in ranks] for task in tasks],
+          [[task] + [results_render.fmt_pct(direct[r].get(task)) for r in ranks] for task in tasks],
       )
   )
-  md.append("\n" + R.provenance(args.results, rows))
-  return R.finish(args.out, "fig4_heatmap", md, png)
+  md.append("\n" + results_render.provenance(args.results, rows))
+  return results_render.finish(args.out, "fig4_heatmap", md, png)
 
 
 if __name__ == "__main__":

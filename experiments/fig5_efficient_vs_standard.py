@@ -15,11 +15,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_squeeze import results as R  # noqa: E402
+from lora_squeeze import results_render  # noqa: E402
 
 
 def differences(rows, a="efficient", b="rsvd"):
   """{(src, tgt): {task: acc_a − acc_b}} over Post-Squeeze cells of the same source run."""
-  post = R.require(rows, "fig5", method="post_squeeze")
+  post = results_render.require(rows, "fig5", method="post_squeeze")
   by = R.per_task(post, lambda r: (r.squeeze_method, r.source_rank, r.learning_rate, r.rank))
   out = {}
   for (m, src, lr, tgt), tasks in by.items():
@@ -33,7 +34,7 @@ def differences(rows, a="efficient", b="rsvd"):
 
 
 def main(argv=None):
-  args, rows = R.script_args(__doc__, argv)
+  args, rows = results_render.script_args(__doc__, argv)
   diff = differences(rows)
   srcs = sorted({s for s, _ in diff}, reverse=True)
   tgts = sorted({t for _, t in diff})
@@ -41,7 +42,7 @@ def main(argv=None):
   tasks = sorted({t for v in diff.values() for t in v})
   flat = [100 * v for c in diff.values() for v in c.values()]
   title = f"{args.title} efficient − standard (rsvd) Post-Squeeze, mean of {len(tasks)} task(s)".strip()
-  png = R.heatmap(
+  png = results_render.heatmap(
       g,
       row_labels=[str(s) for s in srcs],
       col_labels=[str(t) for t in tgts],
@@ -53,16 +54,16 @@ def main(argv=None):
   )
   md = [
       f"# Fig. 5: {title}\n\n",
-      R.markdown_table(
+      results_render.markdown_table(
           ["r_src \\ r_tgt"] + [str(t) for t in tgts],
           [[str(s)] + ["—" if math.isnan(v) else f"{v:+.1f}" for v in row] for s, row in zip(srcs, g)],
       ),
       f"\nOver all {len(flat)} (task, r_src, r_tgt) pairs: mean {R.mean(flat):+.2f} points, largest |difference| "
       f"{max(abs(v) for v in flat):.1f} points, identical accuracy in "
       f"{sum(1 for v in flat if abs(v) < 1e-9)} of {len(flat)}.\n",
-      "\n" + R.provenance(args.results, rows),
+      "\n" + results_render.provenance(args.results, rows),
   ]
-  return R.finish(args.out, "fig5_efficient_vs_standard", md, png)
+  return results_render.finish(args.out, "fig5_efficient_vs_standard", md, png)
 
 
 if __name__ == "__main__":

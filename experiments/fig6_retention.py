@@ -14,11 +14,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_squeeze import results as R  # noqa: E402
+from lora_squeeze import results_render  # noqa: E402
 
 
 def retention(rows, sources=None):
   """{src: {task: {tgt: V_r}}} (seeds averaged); the three largest source ranks unless ``sources``."""
-  post = [r for r in R.require(rows, "fig6", method="post_squeeze") if r.retention is not None]
+  post = [r for r in results_render.require(rows, "fig6", method="post_squeeze") if r.retention is not None]
   post = R.squeezed_from_best(rows, post)
   srcs = sorted(sources or sorted({r.source_rank for r in post})[-3:], reverse=True)
   out = {}
@@ -33,10 +34,10 @@ def main(argv=None):
   def extra(p):
     p.add_argument("--sources", type=int, nargs="*", default=None)
 
-  args, rows = R.script_args(__doc__, argv, extra=extra)
+  args, rows = results_render.script_args(__doc__, argv, extra=extra)
   ret = retention(rows, args.sources)
   tasks = sorted({t for v in ret.values() for t in v})
-  plt = R.pyplot()
+  plt = results_render.pyplot()
   n = len(tasks) + 1
   cols = min(n, 4)
   nrows = -(-n // cols)
@@ -62,26 +63,26 @@ def main(argv=None):
     ax.axis("off")
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
-  png = R.save_figure(fig, Path(args.out) / "fig6_retention.png")
+  png = results_render.save_figure(fig, Path(args.out) / "fig6_retention.png")
   md = ["# Fig. 6/7: variance retention V_r of Post-Squeeze\n\n## V_r when halving the rank (%)\n\n"]
   halves = [(s, s // 2) for s in ret if s >= 2]
   md.append(
-      R.markdown_table(
+      results_render.markdown_table(
           ["task"] + [f"{s}→{h}" for s, h in halves],
-          [[t] + [R.fmt_pct(ret[s].get(t, {}).get(h)) for s, h in halves] for t in tasks],
+          [[t] + [results_render.fmt_pct(ret[s].get(t, {}).get(h)) for s, h in halves] for t in tasks],
       )
   )
   for src, by_task in ret.items():
     tgts = sorted({k for v in by_task.values() for k in v}, reverse=True)
     md.append(f"\n## r_src = {src}: V_r (%) per target rank\n\n")
     md.append(
-        R.markdown_table(
+        results_render.markdown_table(
             ["task"] + [f"r_tgt={k}" for k in tgts],
-            [[t] + [R.fmt_pct(by_task[t].get(k)) for k in tgts] for t in sorted(by_task)],
+            [[t] + [results_render.fmt_pct(by_task[t].get(k)) for k in tgts] for t in sorted(by_task)],
         )
     )
-  md.append("\n" + R.provenance(args.results, rows))
-  return R.finish(args.out, "fig6_retention", md, png)
+  md.append("\n" + results_render.provenance(args.results, rows))
+  return results_render.finish(args.out, "fig6_retention", md, png)
 
 
 if __name__ == "__main__":

@@ -148,12 +148,13 @@ def base_weight(params, layer: int, kind: str) -> np.ndarray:
 def make_lora(model, kinds, seed: int, rho: float):
   """Random factors, ‖ΔW‖ = rho·‖W‖ per module, B's rows decaying at a random per-module rate."""
   from lora_squeeze import lora  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import lora_layout  # pylint: disable=g-import-not-at-top
 
   config = lora.LoRAConfig(rank=RANK, alpha=ALPHA, targets=kinds)
   rng = np.random.default_rng(seed)
   flat = {}
-  for path, (a_shape, b_shape) in lora.lora_shapes(model.config, config).items():
-    layer, kind = lora.module_kind(path)
+  for path, (a_shape, b_shape) in lora_layout.lora_shapes(model.config, config).items():
+    layer, kind = lora_layout.module_kind(path)
     a = rng.standard_normal(a_shape).astype(np.float32)
     b = rng.standard_normal(b_shape).astype(np.float32)
     decay = rng.uniform(0.4, 0.9) ** np.arange(RANK)

@@ -4,7 +4,7 @@ Rows (all jitted, float32, timed after a warm-up call, median of ``--repeats``):
   * forward, full logits: gemma's ``__call__`` (262k-vocab logits at every position);
   * forward, hidden + answer logits: ``LoRA.hidden_states`` and ``logits_at`` at the answer positions only;
   * LoRA train step, answer-only loss: ``trainer.Trainer.train_step`` (Adafactor, rank 8 on all projections);
-  * the same step with autodiff's backward for the LoRA product (``lora.HAND_BACKWARD = False``: what the
+  * the same step with autodiff's backward for the LoRA product (``lora_matmul.HAND_BACKWARD = False``: what the
     step was before the hand-written backward), side by side;
   * LoRA train step, full-vocab loss: the same step computing logits at every position (the naive loss).
 Then one answer-only step runs under ``jax.profiler`` and its XLA ops are split into GEMMs (``dot``) and the
@@ -47,6 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_squeeze import lora  # noqa: E402
+from lora_squeeze import lora_matmul  # noqa: E402
 from lora_squeeze import fileio  # noqa: E402
 from lora_squeeze import models  # noqa: E402
 from lora_squeeze import trainer as trainer_lib  # noqa: E402
@@ -200,12 +201,12 @@ def main(argv=None) -> int:
       lambda: jax.block_until_ready(one_step()),
   )
 
-  lora.HAND_BACKWARD = False  # the same step with autodiff's backward for the LoRA product (before)
+  lora_matmul.HAND_BACKWARD = False  # the same step with autodiff's backward for the LoRA product (before)
   _, flops_auto, one_auto_step = _step_runner(
       trainer_lib.Trainer(model, cfg, max_targets=n_targets), args.rank, params, batch, lr, nonzero_b=True
   )
   sec = _time(one_auto_step, args.repeats)
-  lora.HAND_BACKWARD = True
+  lora_matmul.HAND_BACKWARD = True
   rows.append((f"LoRA r={args.rank} train step, answer-only loss, autodiff LoRA backward (before)", sec, flops_auto))
 
   full_mask = dict(batch, loss_mask=np.ones((b, t), np.int32))

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_squeeze import data  # noqa: E402
 from lora_squeeze import lora  # noqa: E402
 from lora_squeeze import models  # noqa: E402
-from lora_squeeze import results  # noqa: E402
+from lora_squeeze import results_render  # noqa: E402
 from lora_squeeze import trainer as trainer_lib  # noqa: E402
 
 # (label, pack, batch, max_len); the first is the baseline of the ratio column.
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
           "and examples are means over those batches. "
           "max_targets: the answer positions the step gathers, the most any of this run's batches needs, rounded "
           "up to 8 (packed rows hold several answers: data.max_target_tokens is per row).\n\n",
-          results.markdown_table(header, rows, align="lllrrrrrrrrr"),
+          results_render.markdown_table(header, rows, align="lllrrrrrrrrr"),
           "\n",
           "\n".join(ratios),
           "\n",
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
       ]
   )
   print(text)
-  path = results.write_text(args.out, text)
+  path = results_render.write_text(args.out, text)
   print(f"wrote {path}")
   return 0
 

@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_squeeze import results as R  # noqa: E402
+from lora_squeeze import results_render  # noqa: E402
 
 
 def _direct(rows):
@@ -56,15 +57,23 @@ def _rates(args, rows) -> int:
     return 0
   lines = [f"# Rate search: {args.task}, direct training, held-out NLL per token (lower is better)\n\n"]
   body = [
-      [str(rank), f"{lr:g}", f"{nll:.4f}", R.fmt_pct(acc), str(n), str(steps), "**best**" if lr == best[rank] else ""]
+      [
+          str(rank),
+          f"{lr:g}",
+          f"{nll:.4f}",
+          results_render.fmt_pct(acc),
+          str(n),
+          str(steps),
+          "**best**" if lr == best[rank] else "",
+      ]
       for rank, entries in table.items()
       for lr, nll, acc, n, steps in entries
   ]
-  lines.append(R.markdown_table(["rank", "rate", "held-out NLL", "accuracy %", "n", "steps", ""], body))
+  lines.append(results_render.markdown_table(["rank", "rate", "held-out NLL", "accuracy %", "n", "steps", ""], body))
   lines.append(f"\nChosen (lowest NLL): {', '.join(f'r={k}: {v:g}' for k, v in best.items())}.\n")
   text = "".join(lines)
   if args.out:
-    R.write_text(Path(args.out) / "rank_pilot_rates.md", text)
+    results_render.write_text(Path(args.out) / "rank_pilot_rates.md", text)
   print(text)
   return 0
 
@@ -79,7 +88,7 @@ def _curves(store: Path, cells: dict[str, list[str]], path: Path) -> Path | None
   """One panel per task: training loss per step (raw and a 10-step moving mean) of each rank's run."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  plt = R.pyplot()
+  plt = results_render.pyplot()
   tasks = sorted(cells)
   if not tasks:
     return None
@@ -102,7 +111,7 @@ def _curves(store: Path, cells: dict[str, list[str]], path: Path) -> Path | None
   axes[0][0].set_ylabel("train loss (answer tokens)")
   axes[0][0].legend(fontsize=8)
   fig.tight_layout()
-  return R.save_figure(fig, path)
+  return results_render.save_figure(fig, path)
 
 
 def _final_train_loss(store: Path, cell: str, last: int = 20) -> float | None:
@@ -145,7 +154,7 @@ def _report(args, rows) -> int:
             f"{b[0].gold_nll:.4f} / {a[0].gold_nll:.4f}",
             f"{p.nll:+.4f} ± {p.nll_sem:.4f}",
             f"{z_nll:+.1f}",
-            f"{R.fmt_pct(b[0].accuracy)} / {R.fmt_pct(a[0].accuracy)}",
+            f"{results_render.fmt_pct(b[0].accuracy)} / {results_render.fmt_pct(a[0].accuracy)}",
             f"{100 * p.accuracy:+.1f} ± {100 * p.accuracy_sem:.1f}",
             f"{z_acc:+.1f}",
         ]
@@ -178,7 +187,7 @@ def _report(args, rows) -> int:
       "Paired on the same held-out examples: Δ = high rank − low rank, mean per example ± SEM; z = Δ / SEM. "
       "Negative Δ NLL / positive Δ accuracy favour the high rank. Train loss: the mean of the last 20 steps "
       "(answer tokens of the training rows), next to the held-out NLL to show over- or under-fitting.\n\n",
-      R.markdown_table(
+      results_render.markdown_table(
           [
               "task",
               "n",
@@ -197,9 +206,9 @@ def _report(args, rows) -> int:
       "\n".join(sentences),
       "\n\n",
       f"Training curves: `{png.name if png else '—'}`.\n\n",
-      R.provenance([str(store)], direct),
+      results_render.provenance([str(store)], direct),
   ]
-  return R.finish(out, "rank_pilot", md, png or out / "rank_pilot_curves.png")
+  return results_render.finish(out, "rank_pilot", md, png or out / "rank_pilot_curves.png")
 
 
 def main(argv=None) -> int:

@@ -14,13 +14,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_squeeze import results as R  # noqa: E402
+from lora_squeeze import results_render  # noqa: E402
 
 
 def columns(rows, *, tgt=None, src=None):
   """[(column label, {task: accuracy})], tgt, src — the paper's columns, as far as the store holds them."""
   squeezed = [r for r in rows if r.method in ("cont_squeeze", "in_squeeze_standard", "in_squeeze_min_steps")]
   if tgt is None:
-    tgt = min(r.rank for r in (squeezed or R.require(rows, "table1", method="post_squeeze")))
+    tgt = min(r.rank for r in (squeezed or results_render.require(rows, "table1", method="post_squeeze")))
   if src is None:
     src = max(
         (
@@ -82,20 +83,20 @@ def main(argv=None):
     p.add_argument("--tgt", type=int, default=None)
     p.add_argument("--src", type=int, default=None)
 
-  args, rows = R.script_args(__doc__, argv, extra=extra)
+  args, rows = results_render.script_args(__doc__, argv, extra=extra)
   cols, tgt, src = columns(rows, tgt=args.tgt, src=args.src)
   tasks = sorted({t for _, v in cols for t in v})
-  table = [[t] + R.bold_best([v.get(t) for _, v in cols]) for t in tasks]
+  table = [[t] + results_render.bold_best([v.get(t) for _, v in cols]) for t in tasks]
   complete = [t for t in tasks if all(t in v for _, v in cols)]
   avgs = [R.mean_over_tasks(v, complete) if complete else None for _, v in cols]
-  table.append([f"mean ({len(complete)} tasks)"] + R.bold_best(avgs))
+  table.append([f"mean ({len(complete)} tasks)"] + results_render.bold_best(avgs))
   title = f"{args.title} accuracy (%) per method, r_src={src}, r_tgt={tgt}".strip()
   md = [
       f"# Table 1: {title}\n\n",
-      R.markdown_table(["task"] + [c for c, _ in cols], table),
-      "\n" + R.provenance(args.results, rows),
+      results_render.markdown_table(["task"] + [c for c, _ in cols], table),
+      "\n" + results_render.provenance(args.results, rows),
   ]
-  plt = R.pyplot()
+  plt = results_render.pyplot()
   fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(cols), 3.6))
   ax.bar(range(len(cols)), [100 * (a or 0) for a in avgs], color="#4477aa")
   ax.set_xticks(range(len(cols)), [c for c, _ in cols], rotation=30, ha="right", fontsize=7)
@@ -104,8 +105,8 @@ def main(argv=None):
   ax.set_ylim(max(0, lo - 10), None)
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
-  png = R.save_figure(fig, Path(args.out) / "table1_methods.png")
-  return R.finish(args.out, "table1_methods", md, png)
+  png = results_render.save_figure(fig, Path(args.out) / "table1_methods.png")
+  return results_render.finish(args.out, "table1_methods", md, png)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_squeeze import results as R  # noqa: E402
+from lora_squeeze import results_render  # noqa: E402
 
 
 def grid(rows):
-  direct = R.require(rows, "table2", method="direct")
+  direct = results_render.require(rows, "table2", method="direct")
   n = collections.Counter(r.steps for r in direct).most_common(1)[0][0]  # the grid's N (not N + M runs)
   direct = [r for r in direct if r.steps == n]
   by = R.per_task(direct, lambda r: (r.rank, r.learning_rate))
@@ -30,22 +31,22 @@ def grid(rows):
 
 
 def main(argv=None):
-  args, rows = R.script_args(__doc__, argv)
+  args, rows = results_render.script_args(__doc__, argv)
   g, ranks, lrs, tasks, direct = grid(rows)
   best = R.best_direct_lr(direct)
   table = [
       [str(r)]
-      + R.bold_best([None if math.isnan(g[(r, lr)]) else g[(r, lr)] for lr in lrs])
+      + results_render.bold_best([None if math.isnan(g[(r, lr)]) else g[(r, lr)] for lr in lrs])
       + [f"{best[r]:g}" if r in best else "—"]
       for r in ranks
   ]
   title = f"{args.title} direct training, mean accuracy (%) over {len(tasks)} task(s)".strip()
   md = [
       f"# Table 2: {title}\n\nA rank's average counts only if every task has a result at that rate.\n\n",
-      R.markdown_table(["rank"] + [f"lr={lr:g}" for lr in lrs] + ["best lr"], table),
-      "\n" + R.provenance(args.results, rows),
+      results_render.markdown_table(["rank"] + [f"lr={lr:g}" for lr in lrs] + ["best lr"], table),
+      "\n" + results_render.provenance(args.results, rows),
   ]
-  plt = R.pyplot()
+  plt = results_render.pyplot()
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   a = np.array([[100 * g[(r, lr)] for lr in lrs] for r in ranks])
@@ -64,8 +65,8 @@ def main(argv=None):
   ax.set_title(title, fontsize=9)
   fig.colorbar(im, ax=ax, label="accuracy (%)")
   fig.tight_layout()
-  png = R.save_figure(fig, Path(args.out) / "table2_lr_grid.png")
-  return R.finish(args.out, "table2_lr_grid", md, png)
+  png = results_render.save_figure(fig, Path(args.out) / "table2_lr_grid.png")
+  return results_render.finish(args.out, "table2_lr_grid", md, png)
 
 
 if __name__ == "__main__":

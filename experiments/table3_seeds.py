@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_squeeze import results as R  # noqa: E402
+from lora_squeeze import results_render  # noqa: E402
 
 
 def per_seed(rows, value=lambda r: r.accuracy):
@@ -36,7 +37,7 @@ def per_seed(rows, value=lambda r: r.accuracy):
 
 
 def main(argv=None):
-  args, rows = R.script_args(__doc__, argv)
+  args, rows = results_render.script_args(__doc__, argv)
   data = per_seed(rows)
   if not data:
     raise SystemExit("table3: no configuration was run with two or more seeds")
@@ -61,14 +62,14 @@ def main(argv=None):
   title = f"{args.title} mean ± SEM over seeds (task-averaged)".strip()
   md = [
       f"# Table 3: {title}\n\n",
-      R.markdown_table(
+      results_render.markdown_table(
           ["method", "rank", "lr", "steps", "tasks", "seeds", "accuracy (%)", "held-out NLL (nats/token)"],
           table,
           align="llrrllll",
       ),
-      "\n" + R.provenance(args.results, rows),
+      "\n" + results_render.provenance(args.results, rows),
   ]
-  plt = R.pyplot()
+  plt = results_render.pyplot()
   fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(keys) + 1.5), 3.4))
   means = [100 * R.mean(list(data[k].values())) for k in keys]
   sems = [100 * R.sem(list(data[k].values())) for k in keys]
@@ -79,8 +80,8 @@ def main(argv=None):
   ax.set_ylabel("accuracy (%)")
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
-  png = R.save_figure(fig, Path(args.out) / "table3_seeds.png")
-  return R.finish(args.out, "table3_seeds", md, png)
+  png = results_render.save_figure(fig, Path(args.out) / "table3_seeds.png")
+  return results_render.finish(args.out, "table3_seeds", md, png)
 
 
 if __name__ == "__main__":

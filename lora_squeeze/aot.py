@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_squeeze import lora as lora_lib
+from lora_squeeze import lora_layout
 from lora_squeeze import sharding as sharding_lib
 
 PROGRAMS = ("train_step", "change_rank", "eval_step", "eval_images")
@@ -56,7 +57,7 @@ class Setting:
   max_len: int = 1024
   max_target_tokens: int = 64
   eval_scored: int = 512
-  targets: tuple[str, ...] = lora_lib.TARGETS
+  targets: tuple[str, ...] = lora_layout.TARGETS
   joint_kv: bool = False
   joint_gate_up: bool = False
   alpha: float | None = None
@@ -355,7 +356,7 @@ def describe(compiled) -> dict[str, Any]:
 
 def lora_bytes(model, rank: int, setting: Setting = Setting()) -> int:
   """float32 bytes of the LoRA params at ``rank`` (the optimizer state adds about as much again)."""
-  return 4 * lora_lib.lora_param_count(model.config, setting.lora_config(rank))
+  return 4 * lora_layout.lora_param_count(model.config, setting.lora_config(rank))
 
 
 def base_bytes(model) -> int:

@@ -29,7 +29,7 @@ Metrics per task (``evaluate_examples``): ``choice_accuracy``: acc; ``multilabel
 cache: one forward per generated token, fine for short answers; ``max_new_tokens``) with exact match and
 token F1 against the best reference. Accuracies come with a 95% Wilson score interval. Vision-language
 tasks (``data.vqa``: VQA accuracy, exact match, ChartQA's relaxed accuracy) are scored on greedy answers
-generated with their images (``evaluate_vl``; the vision tower runs once per batch).
+generated with their images (``generate_vl``; the vision tower runs once per batch).
 """
 
 from __future__ import annotations
@@ -390,31 +390,12 @@ def vl_decode_programs(model, *, lora_params=None, lora_config=None):
   return jax.jit(fwd.embed_images), jax.jit(fwd.next_token)
 
 
-def evaluate_vl(
-    model,
-    task,
-    examples: Sequence[Any],
-    *,
-    lora_params=None,
-    lora_config=None,
-    max_len: int = 1024,
-    batch_rows: int = 8,
-    max_new_tokens: int = 16,
-) -> dict[str, Any]:
+def _vl_metrics(task, examples: Sequence[Any], preds: Sequence[str]) -> dict[str, Any]:
   """A vision-language task's metric (``data.vqa``: VQA accuracy, exact match or relaxed accuracy) on greedy
   answers (``generate_vl``). ``accuracy`` is the mean per-example score in [0, 1] with a normal-approximation
   95% interval (VQA accuracy takes fractional values); ``exact_match`` (processed answers) is reported too."""
   from lora_squeeze.data import vqa  # pylint: disable=g-import-not-at-top
 
-  preds = generate_vl(
-      model,
-      examples,
-      lora_params=lora_params,
-      lora_config=lora_config,
-      max_new_tokens=max_new_tokens,
-      max_len=max_len,
-      batch_rows=batch_rows,
-  )
   scores = np.asarray([vqa.score(task.metric, p, ex.references or (ex.target,)) for p, ex in zip(preds, examples)])
   exact = np.asarray([vqa.exact_match(p, ex.references or (ex.target,)) for p, ex in zip(preds, examples)])
   n = len(examples)
@@ -453,16 +434,16 @@ def evaluate_examples(
   from lora_squeeze.data import vqa  # pylint: disable=g-import-not-at-top
 
   if task.metric in vqa.VL_METRICS:
-    return evaluate_vl(
+    preds = generate_vl(
         model,
-        task,
         examples,
         lora_params=lora_params,
         lora_config=lora_config,
+        max_new_tokens=max_new_tokens,
         max_len=max_len,
         batch_rows=batch_rows,
-        max_new_tokens=max_new_tokens,
     )
+    return _vl_metrics(task, examples, preds)
   if task.metric == "generative":
     preds = greedy_generate(
         model,

@@ -1,4 +1,7 @@
-"""LoRA on Gemma 3's text projections: Flax wrappers, parameter layout, fuse/unfuse and rank changes.
+"""LoRA on Gemma 3's text projections: the config, the Flax wrapper, init, split/merge and rank changes.
+
+Beside it: ``lora_layout.py`` (module names, shapes, parameter count), ``lora_matmul.py`` (the LoRA product
+and its hand-written backward) and ``lora_fuse.py`` (fuse / unfuse into the base weights).
 
 The model code stays the gemma library's own: ``LoRA(model=..., config=LoRAConfig(...))`` calls the wrapped
 ``gm.nn.Gemma3_*`` transformer under a flax ``nn.intercept_methods`` interceptor (as ``gm.nn.LoRA`` /
@@ -76,10 +79,11 @@ from gemma.gm.nn import _layers
 from gemma.gm.nn import _modules
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
 
 from lora_squeeze import gemma_forward
+from lora_squeeze import lora_layout
+from lora_squeeze import lora_matmul
 from lora_squeeze import squeeze
 
 Array = jax.Array
@@ -88,22 +92,6 @@ Array = jax.Array
 # each image (``data.pipeline`` inserts them on the host); their embeddings are replaced by the image's.
 IMAGE_PLACEHOLDER = gemma_forward.IMAGE_PLACEHOLDER
 
-# All text projections, in the order used for paths and counts.
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-# Every module kind a LoRA path can have (joint_kv -> "kv", joint_gate_up -> "gate_up").
-KINDS = ("q", "k", "v", "kv", "o", "gate", "up", "gate_up", "down")
-_OWNER = {
-    "q": "attn",
-    "k": "attn",
-    "v": "attn",
-    "kv": "attn",
-    "o": "attn",
-    "gate": "mlp",
-    "up": "mlp",
-    "gate_up": "mlp",
-    "down": "mlp",
-}
-_PATH_RE = re.compile(r"(?:^|/)layer_(\d+)/(attn|mlp)/(q|k|v|kv|o|gate|up|gate_up|down)_lora(?:/[ab])?$")
 _LORA_KEY_RE = re.compile(r"^(q|k|v|kv|o|gate|up|gate_up|down)_lora$")
 
 
@@ -121,26 +109,26 @@ class LoRAConfig:
       pattern (``*/mlp/*``) to rank; the first matching key wins (``squeeze.resolve_ranks``' rule). A key
       that matches no module, or a module that no key matches, raises (add a ``"*"`` key as a default).
     alpha: None = scale 1 (gemma library, paper); a float = PEFT scale ``alpha / r`` per module.
-    targets: subset of ``TARGETS`` ("q", "k", "v", "o", "gate", "up", "down"); default all seven.
+    targets: subset of ``lora_layout.TARGETS`` ("q", "k", "v", "o", "gate", "up", "down"); default all seven.
     joint_kv: one adapter on gemma's kv_einsum (``kv_lora``) instead of separate ``k_lora``/``v_lora``.
     joint_gate_up: one adapter on gating_einsum (``gate_up_lora``) instead of ``gate_lora``/``up_lora``.
   """
 
   rank: int | Mapping[str, int]
   alpha: float | None = None
-  targets: Sequence[str] = TARGETS
+  targets: Sequence[str] = lora_layout.TARGETS
   joint_kv: bool = False
   joint_gate_up: bool = False
 
   def __post_init__(self):
     targets = tuple(self.targets) if not isinstance(self.targets, str) else (self.targets,)
-    bad = [t for t in targets if t not in TARGETS]
+    bad = [t for t in targets if t not in lora_layout.TARGETS]
     if bad:
-      raise ValueError(f"LoRAConfig.targets: unknown {bad}; expected a subset of {TARGETS}")
+      raise ValueError(f"LoRAConfig.targets: unknown {bad}; expected a subset of {lora_layout.TARGETS}")
     if not targets:
       raise ValueError("LoRAConfig.targets is empty")
     # Canonical order, so equal sets compare equal.
-    object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in targets))
+    object.__setattr__(self, "targets", tuple(t for t in lora_layout.TARGETS if t in targets))
     for flag, pair in (("joint_kv", ("k", "v")), ("joint_gate_up", ("gate", "up"))):
       if getattr(self, flag) and (pair[0] in targets) != (pair[1] in targets):
         raise ValueError(
@@ -195,92 +183,6 @@ def _check_rank(r, what: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Paths and shapes (pure python).
-# --------------------------------------------------------------------------------------------------------
-
-
-def module_kind(path: str) -> tuple[int, str]:
-  """(layer index, kind) of a LoRA module path, e.g. ``'layer_3/mlp/gate_up_lora'`` -> (3, 'gate_up').
-
-  Accepts a prefix (``params/layer_3/...``) and a trailing ``/a`` or ``/b``. Raises ValueError otherwise.
-  """
-  m = _PATH_RE.search(path)
-  if m is None or _OWNER[m.group(3)] != m.group(2):
-    raise ValueError(
-        f"not a LoRA module path: {path!r} (expected e.g. 'layer_0/attn/q_lora', "
-        f"'layer_0/mlp/down_lora'; kinds {KINDS})"
-    )
-  return int(m.group(1)), m.group(3)
-
-
-def module_path(layer: int, kind: str) -> str:
-  """The canonical path of a LoRA module: ``layer_{layer}/{attn|mlp}/{kind}_lora``."""
-  return f"layer_{layer}/{_OWNER[kind]}/{kind}_lora"
-
-
-def text_config(model_config):
-  """A gemma TransformerConfig from a config or from a transformer module holding one."""
-  cfg = getattr(model_config, "config", model_config)
-  for field in ("embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim", "attention_types"):
-    if not hasattr(cfg, field):
-      raise TypeError(f"expected a gemma TransformerConfig (or a model with .config), got {type(cfg)}")
-  return cfg
-
-
-def _io_dims(cfg, kind: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  d, f = cfg.embed_dim, cfg.hidden_dim
-  n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  return {
-      "q": ((d,), (n, h)),
-      "k": ((d,), (k, h)),
-      "v": ((d,), (k, h)),
-      "kv": ((d,), (2, k, h)),
-      "o": ((n, h), (d,)),
-      "gate": ((d,), (f,)),
-      "up": ((d,), (f,)),
-      "gate_up": ((d,), (2, f)),
-      "down": ((f,), (d,)),
-  }[kind]
-
-
-def resolve_module_ranks(paths: Sequence[str], rank: int | Mapping[str, int]) -> dict[str, int]:
-  """{path: rank} for every path; a mapping must cover every path and every key must match one."""
-  paths = list(paths)
-  try:
-    ranks = squeeze.resolve_ranks(paths, rank)
-  except ValueError as e:
-    raise ValueError(f"LoRAConfig.rank: {e}") from None
-  missing = [p for p, r in ranks.items() if r is None]
-  if missing:
-    raise ValueError(
-        f"LoRAConfig.rank: no rank for LoRA module {missing[0]!r} ({len(missing)} modules "
-        f"unmatched); add a key for it or a '*' default, keys are {list(rank)}"
-    )
-  return ranks
-
-
-def lora_shapes(model_config, config: LoRAConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-  """{path: (a_shape, b_shape)} of every LoRA module (layer order, then ``config.kinds()`` order).
-
-  ``model_config``: a gemma ``TransformerConfig`` or a transformer module (its ``.config``). Pure python.
-  """
-  cfg = text_config(model_config)
-  paths = [module_path(i, kind) for i in range(cfg.num_layers) for kind in config.kinds()]
-  ranks = resolve_module_ranks(paths, config.rank)
-  out = {}
-  for p in paths:
-    _, kind = module_kind(p)
-    in_dims, out_dims = _io_dims(cfg, kind)
-    out[p] = ((*in_dims, ranks[p]), (ranks[p], *out_dims))
-  return out
-
-
-def lora_param_count(model_config, config: LoRAConfig) -> int:
-  """Σ over modules of r · (prod(in_dims) + prod(out_dims))."""
-  return sum(math.prod(a) + math.prod(b) for a, b in lora_shapes(model_config, config).values())
-
-
-# --------------------------------------------------------------------------------------------------------
 # Initialisation.
 # --------------------------------------------------------------------------------------------------------
 
@@ -303,7 +205,7 @@ def init_lora(key: Array, model_config, config: LoRAConfig) -> dict:
   hand back another rank's shapes. One jitted program per set of shapes; works under ``jax.eval_shape`` (no
   allocation) and ``jax.jit``.
   """
-  shapes = tuple((p, a, b) for p, (a, b) in lora_shapes(model_config, config).items())
+  shapes = tuple((p, a, b) for p, (a, b) in lora_layout.lora_shapes(model_config, config).items())
   return _init_from_shapes(key, shapes)
 
 
@@ -354,14 +256,14 @@ class LoRA(nn.Module):
 
   @nn.compact
   def __call__(self, *args, **kwargs):
-    cfg = text_config(self.model)
+    cfg = lora_layout.text_config(self.model)
     if cfg.num_kv_heads == cfg.num_heads:
       # gemma then uses one qkv_einsum; no Gemma 3 size does, so that layout is not implemented.
       raise NotImplementedError(
           "LoRA: models with num_kv_heads == num_heads (gemma's qkv_einsum) are not "
           "supported; every Gemma 3 size uses grouped/multi-query attention"
       )
-    shapes = lora_shapes(cfg, self.config)
+    shapes = lora_layout.lora_shapes(cfg, self.config)
     if not self.is_initializing():
       self._check_lora_params(shapes)
     with nn.intercept_methods(_Interceptor(config=self.config, shapes=shapes)):
@@ -388,8 +290,8 @@ class LoRA(nn.Module):
     tokens (see ``gemma_forward.base_hidden_states``); the vision tower and projector run without LoRA.
     ``remat``: rematerialise each transformer block in the backward pass (see ``base_hidden_states``).
     """
-    cfg = text_config(self.model)
-    shapes = lora_shapes(cfg, self.config)
+    cfg = lora_layout.text_config(self.model)
+    shapes = lora_layout.lora_shapes(cfg, self.config)
     if not self.is_initializing():
       self._check_lora_params(shapes)
     with nn.intercept_methods(_Interceptor(config=self.config, shapes=shapes)):
@@ -462,60 +364,6 @@ _SITES = {
 }
 
 
-# The hand-written backward of the LoRA product (``_lora_matmul``); False falls back to autodiff, which
-# experiments/model_speed.py times side by side and tests/test_lora.py checks against.
-HAND_BACKWARD = True
-
-
-def _lora_delta(x: Array, a: Array, b: Array, scale: float) -> Array:
-  """scale · (x @ a) @ b in float32; x (..., *in), a (*in, r), b (r, *out) -> (..., *out)."""
-  n_in = a.ndim - 1
-  if not HAND_BACKWARD:
-    xa = jnp.tensordot(x.astype(jnp.float32), a.astype(jnp.float32), axes=n_in)
-    return jnp.tensordot(xa * scale, b.astype(jnp.float32), axes=1)
-  lead, in_dims, out_dims = x.shape[: x.ndim - n_in], a.shape[:-1], b.shape[1:]
-  x2 = x.astype(jnp.float32).reshape(-1, math.prod(in_dims))
-  a2 = a.astype(jnp.float32).reshape(-1, a.shape[-1])
-  b2 = b.astype(jnp.float32).reshape(b.shape[0], -1)
-  return _lora_matmul(x2, a2, b2, float(scale)).reshape(*lead, *out_dims)
-
-
-# The contraction over tokens: dot_general(u (T, m), v (T, n)) -> (m, n), no transposed copy of u or v.
-_TOKENS = (((0,), (0,)), ((), ()))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _lora_matmul(x: Array, a: Array, b: Array, scale: float) -> Array:
-  """scale · (x @ a) @ b for 2-D x (T, m), a (m, r), b (r, n), with a hand-written backward.
-
-  Why not autodiff: on XLA:CPU the transposed GEMMs autodiff emits for the factor gradients (a's (m, r) =
-  xᵀ · g_xa and b's (r, n) = (xa)ᵀ · g) were laid out by copying the LARGE operand (x or the (T, n)
-  cotangent) into transposed form, up to 18 ms per projection on the real 270M: with the other copies
-  of that kind a quarter of a train step (experiments/model_speed.py). Here every token contraction is
-  written as (big, small) -> (m, r) or (n, r), which XLA runs on the untransposed big operand; only
-  (T, r) and (r, n) things get transposed. Same math, checked against autodiff in float64
-  (tests/test_lora.py).
-  """
-  return jnp.dot(jnp.dot(x, a) * scale, b)
-
-
-def _lora_matmul_fwd(x, a, b, scale):
-  xa = jnp.dot(x, a)
-  return jnp.dot(xa * scale, b), (x, a, b, xa)
-
-
-def _lora_matmul_bwd(scale, res, g):
-  x, a, b, xa = res
-  g_xa = lax.dot_general(g, b, (((1,), (1,)), ((), ()))) * scale  # (T, r) = g · bᵀ
-  grad_b = (lax.dot_general(g, xa, _TOKENS) * scale).T  # (r, n) = ((g)ᵀ · xa)ᵀ
-  grad_a = lax.dot_general(x, g_xa, _TOKENS)  # (m, r) = xᵀ · g_xa
-  grad_x = lax.dot_general(g_xa, a, (((1,), (1,)), ((), ())))  # (T, m) = g_xa · aᵀ
-  return grad_x, grad_a, grad_b
-
-
-_lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Interceptor:
   """Adds LoRA deltas to the outputs of the text blocks' projection einsums."""
@@ -546,7 +394,7 @@ class _Interceptor:
     halves = {}  # separate k/v or gate/up deltas: stacked into one add (no scatter, no strided update)
     for kind in kinds:
       a, b = self._params(owner_scope, f"{block_name}/{owner}/{kind}_lora", kind)
-      delta = _lora_delta(x, a, b, self.config.scale(a.shape[-1])).astype(y.dtype)
+      delta = lora_matmul.lora_delta(x, a, b, self.config.scale(a.shape[-1])).astype(y.dtype)
       where = _SITES[einsum][kind]
       if where is None:
         y = y + delta
@@ -661,131 +509,6 @@ def merge_params(base: Mapping, lora: Mapping) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Fuse / unfuse: W' = W ± scale · ΔW in the einsum layout of the base weight.
-# --------------------------------------------------------------------------------------------------------
-
-
-def _get(tree: Mapping, path: Sequence[str]):
-  node = tree
-  for k in path:
-    if not isinstance(node, Mapping) or k not in node:
-      raise KeyError("/".join(path))
-    node = node[k]
-  return node
-
-
-def _set(tree: Mapping, path: Sequence[str], value) -> dict:
-  """A copy of ``tree`` (dicts along ``path`` copied) with ``value`` at ``path``."""
-  out = dict(tree)
-  if len(path) == 1:
-    out[path[0]] = value
-  else:
-    out[path[0]] = _set(tree[path[0]], path[1:], value)
-  return out
-
-
-def _delta_w_updates(kind: str, a: Array, b: Array, attn_or_mlp: Mapping, transpose_gating: bool | None):
-  """[(weight key path inside the attn/mlp dict, index, ΔW in that slot's layout)] for one LoRA pair."""
-  hi = lax.Precision.HIGHEST
-  ein = lambda eq: jnp.einsum(eq, a.astype(jnp.float32), b.astype(jnp.float32), precision=hi)
-  if kind == "o":
-    return [(("attn_vec_einsum", "w"), None, ein("nhr,rd->nhd"))]
-  if kind == "down":
-    return [(("linear",), None, ein("fr,rd->fd"))]
-  if kind in ("gate", "up", "gate_up"):
-    w = attn_or_mlp["gating_einsum"]
-    if transpose_gating is None:
-      d, f = a.shape[0], b.shape[-1]
-      if d == f:
-        raise ValueError(
-            f"fuse: cannot tell gemma's gating_einsum layout when embed_dim == hidden_dim " f"({d}); pass model_config="
-        )
-      transpose_gating = tuple(w.shape[1:]) == (f, d)
-    if kind == "gate_up":
-      return [(("gating_einsum",), None, ein("dr,rcf->cfd" if transpose_gating else "dr,rcf->cdf"))]
-    dw = ein("dr,rf->fd" if transpose_gating else "dr,rf->df")
-    return [(("gating_einsum",), 0 if kind == "gate" else 1, dw)]
-  # Attention: q_einsum (N, d, H), kv_einsum (2, K, d, H) (Gemma 3 always has num_kv_heads < num_heads).
-  if "qkv_einsum" in attn_or_mlp:
-    raise NotImplementedError("fuse: gemma's qkv_einsum (num_kv_heads == num_heads) is not supported")
-  if kind == "kv":
-    return [(("kv_einsum", "w"), None, ein("dr,rckh->ckdh"))]
-  dw = ein("dr,rnh->ndh")
-  if kind == "q":
-    return [(("q_einsum", "w"), None, dw)]
-  return [(("kv_einsum", "w"), 0 if kind == "k" else 1, dw)]
-
-
-def _apply_lora_to_base(base: Mapping, lora: Mapping, config: LoRAConfig, sign: float, model_config):
-  transpose_gating = None
-  if model_config is not None:
-    transpose_gating = bool(text_config(model_config).transpose_gating_einsum)
-  pairs = squeeze.lora_pairs(lora)
-  if not pairs:
-    raise ValueError("fuse: no LoRA pairs found in the lora tree")
-  # Only the attn / mlp dicts that carry adapted weights go through the jitted update.
-  owners = {}
-  for path in pairs:
-    layer, kind = module_kind(path)
-    owner_path = (*path.split("/")[:-3], f"layer_{layer}", _OWNER[kind])  # keeps a "params/" prefix
-    try:
-      owners["/".join(owner_path)] = _get(base, owner_path)
-    except KeyError:
-      raise ValueError(f"fuse: LoRA module {path} has no base module {'/'.join(owner_path)}") from None
-  scales = {p: sign * config.scale(int(pair["a"].shape[-1])) for p, pair in pairs.items()}
-  new_weights = _fused_weights(owners, pairs, scales, transpose_gating=transpose_gating)
-  out = dict(base)
-  for wpath, w in new_weights.items():
-    out = _set(out, tuple(wpath.split("/")), w)
-  return out
-
-
-@functools.partial(jax.jit, static_argnames=("transpose_gating",))
-def _fused_weights(owners, pairs, scales, *, transpose_gating):
-  """{weight path: W ± scale·ΔW} for every base weight an adapter touches (one program for all)."""
-  # Accumulate every pair's ΔW per weight in float32, then cast once (k and v share kv_einsum).
-  updates: dict[tuple[str, ...], list] = {}
-  for path, pair in pairs.items():
-    layer, kind = module_kind(path)
-    owner_key = "/".join((*path.split("/")[:-3], f"layer_{layer}", _OWNER[kind]))
-    a, b = pair["a"], pair["b"]
-    for wpath, index, dw in _delta_w_updates(kind, a, b, owners[owner_key], transpose_gating):
-      updates.setdefault((owner_key, *wpath), []).append((index, scales[path] * dw))
-  out = {}
-  for (owner_key, *wpath), items in updates.items():
-    try:
-      w = _get(owners[owner_key], wpath)
-    except KeyError:
-      raise ValueError(f"fuse: base weight {owner_key}/{'/'.join(wpath)} not found") from None
-    w32 = w.astype(jnp.float32)
-    for index, dw in items:
-      target_shape = w32.shape if index is None else w32[index].shape
-      if tuple(dw.shape) != tuple(target_shape):
-        raise ValueError(
-            f"fuse: ΔW {tuple(dw.shape)} does not fit base weight {owner_key}/"
-            f"{'/'.join(wpath)} {tuple(w.shape)} (slot {index})"
-        )
-      w32 = w32 + dw if index is None else w32.at[index].add(dw)
-    out["/".join((owner_key, *wpath))] = w32.astype(w.dtype)
-  return out
-
-
-def fuse(base: Mapping, lora: Mapping, config: LoRAConfig, *, model_config=None) -> dict:
-  """Base params with ``scale · a @ b`` added into each adapted weight (its einsum layout, its dtype).
-
-  ``apply(fuse(base, lora, cfg))`` with the plain transformer equals the LoRA model's output (up to the
-  rounding of the base dtype). ``model_config`` is only needed to tell the gating_einsum layout apart when
-  embed_dim == hidden_dim (never for Gemma 3). Jit-compilable.
-  """
-  return _apply_lora_to_base(base, lora, config, 1.0, model_config)
-
-
-def unfuse(fused: Mapping, lora: Mapping, config: LoRAConfig, *, model_config=None) -> dict:
-  """Inverse of ``fuse``: subtracts ``scale · a @ b`` (exact up to the base dtype's rounding)."""
-  return _apply_lora_to_base(fused, lora, config, -1.0, model_config)
-
-
-# --------------------------------------------------------------------------------------------------------
 # Rank changes (LoRA-Squeeze) with the scale folded in.
 # --------------------------------------------------------------------------------------------------------
 
@@ -839,21 +562,8 @@ def change_rank(
       pair = new_pairs[p]
       folded[p] = {**pair, "a": (pair["a"] * f).astype(pair["a"].dtype), "b": (pair["b"] * f).astype(pair["b"].dtype)}
   if folded:
-    new_params = _replace_pairs(new_params, folded)
+    new_params = squeeze.replace_pairs(new_params, folded)
   return new_params, dataclasses.replace(config, rank=describe_ranks(new_ranks))
-
-
-def _replace_pairs(tree: Mapping, replacements: Mapping[str, Mapping], prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    p = f"{prefix}/{k}" if prefix else str(k)
-    if p in replacements:
-      out[k] = replacements[p]
-    elif isinstance(v, Mapping):
-      out[k] = _replace_pairs(v, replacements, p)
-    else:
-      out[k] = v
-  return out
 
 
 def describe_ranks(ranks: Mapping[str, int]) -> int | dict[str, int]:
@@ -863,8 +573,8 @@ def describe_ranks(ranks: Mapping[str, int]) -> int | dict[str, int]:
     return values.pop()
   out = {}
   for p, r in ranks.items():
-    layer, kind = module_kind(p)
-    out[module_path(layer, kind)] = r
+    layer, kind = lora_layout.module_kind(p)
+    out[lora_layout.module_path(layer, kind)] = r
   return out
 
 

@@ -420,6 +420,21 @@ def lora_pairs(tree: Any, prefix: str = "") -> dict[str, Mapping]:
   return found
 
 
+def replace_pairs(tree: Any, replacements: Mapping[str, Mapping]) -> Any:
+  """``tree`` with the LoRA pair at each path of ``replacements`` (paths as ``lora_pairs`` names them)
+  replaced by the given pair; the mappings along the way become plain dicts, other pairs and leaves are kept
+  as they are."""
+
+  def visit(node, prefix):
+    if is_lora_pair(node):
+      return replacements.get(prefix, node)
+    if isinstance(node, Mapping):
+      return {k: visit(v, f"{prefix}/{k}" if prefix else str(k)) for k, v in node.items()}
+    return node
+
+  return visit(tree, "")
+
+
 def resolve_ranks(paths, rank: int | Mapping[str, int]) -> dict[str, int | None]:
   """Per-module target ranks. A mapping may use exact paths or fnmatch patterns ('*/attn/*'); the first
   matching key wins; modules it does not match keep their rank (None). A key that matches nothing raises."""
@@ -504,17 +519,7 @@ def squeeze_lora(
       _raise_if_not_finite(finite, p, a.shape, b.shape)
       new_pairs[p] = (new_a, new_b)
 
-  def visit(node, prefix):
-    if is_lora_pair(node):
-      if prefix not in new_pairs:
-        return node
-      new_a, new_b = new_pairs[prefix]
-      return {**node, "a": new_a, "b": new_b}
-    if isinstance(node, Mapping):
-      return {k: visit(v, f"{prefix}/{k}" if prefix else str(k)) for k, v in node.items()}
-    return node
-
-  return visit(lora_params, "")
+  return replace_pairs(lora_params, {p: {**pairs[p], "a": a, "b": b} for p, (a, b) in new_pairs.items()})
 
 
 def lora_spectra(lora_params: Any) -> dict[str, np.ndarray]:

@@ -340,9 +340,9 @@ def main(argv=None) -> None:
     records = run_sweep(config, workdir.value, only=cell.value)
     report = config.get("report", None)
     if report and not cell.value:
-      from lora_squeeze import results  # pylint: disable=g-import-not-at-top
+      from lora_squeeze import results_render  # pylint: disable=g-import-not-at-top
 
-      results.write_report(report, workdir.value, records)
+      results_render.write_report(report, workdir.value, records)
     failed = [n for n, r in records.items() if r["status"] != "ok"]
     if failed:
       raise SystemExit(f"[lora_squeeze] sweep finished with failed cells: {failed} (see results/NAME.json)")

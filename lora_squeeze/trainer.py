@@ -43,6 +43,7 @@ import optax
 from lora_squeeze import forward as forward_lib
 from lora_squeeze import gemma_forward
 from lora_squeeze import lora as lora_lib
+from lora_squeeze import lora_layout
 from lora_squeeze import models
 from lora_squeeze import optim
 from lora_squeeze import sharding as sharding_lib
@@ -210,7 +211,7 @@ class Trainer:
 
   def abstract_state(self, ranks: int | Mapping[str, int]) -> Any:
     cfg = dataclasses.replace(self.lora_config, rank=ranks)
-    shapes = lora_lib.lora_shapes(self.model.config, cfg)
+    shapes = lora_layout.lora_shapes(self.model.config, cfg)
     params = traverse_util.unflatten_dict(
         {
             f"{p}/{n}": jax.ShapeDtypeStruct(s, jnp.float32)

@@ -37,7 +37,7 @@ SUPERSEDED_DIR = "superseded"
 # How a run reports and checkpoints, not what it computes: these may differ between a run and its resume.
 # (A resume is bit-identical whatever the checkpoint interval; the mesh and ``remat``, how the step is
 # executed, may change between resumes: the same values up to XLA's float reassociation.)
-# ``report`` is a sweep's summary table (results.write_report), written after the cells.
+# ``report`` is a sweep's summary table (results_render.write_report), written after the cells.
 PRESENTATION_KEYS = frozenset(
     {
         "progress",

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from lora_squeeze import adapters, lora, models, squeeze
+from lora_squeeze import adapters, lora, lora_layout, models, squeeze
 
 HIDDEN, KV, FFN, VOCAB = 32, 16, 64, 64
 PREFIX = "base_model.model."
@@ -645,7 +645,7 @@ def test_peft_scale_rules():
 # Gemma 3: our LoRA tree <-> PEFT adapters (export_peft / import_peft).
 #
 # The reference for the Hugging Face layout is written here independently of the adapters package: each module's ΔW
-# in gemma's einsum layout (the weights lora.fuse updates and the model multiplies), mapped to HF weights
+# in gemma's einsum layout (the weights lora_fuse.fuse updates and the model multiplies), mapped to HF weights
 # by transformers' own checkpoint conversion (convert_gemma3_weights_orbax_to_hf.py: q_einsum (N, d, H) ->
 # transpose(0, 2, 1).reshape(N*H, d), kv_einsum[c] likewise, attn_vec_einsum (N, H, d) -> transpose(2, 0, 1)
 # .reshape(d, N*H), gating_einsum (2, F, d)[c] as is, linear (F, d) -> .T), and back (for the forwards).
@@ -685,7 +685,7 @@ def trained_lora(cfg, config, seed: int = 0, std: float = 0.3) -> dict:
   """LoRA params with random a AND b (as after training), float32 jax arrays in lora.py's layout."""
   rng = np.random.default_rng(seed)
   tree: dict = {}
-  for path, (a_shape, b_shape) in lora.lora_shapes(cfg, config).items():
+  for path, (a_shape, b_shape) in lora_layout.lora_shapes(cfg, config).items():
     node = tree
     for k in path.split("/"):
       node = node.setdefault(k, {})
@@ -708,7 +708,7 @@ def gemma_deltas(params: dict, config) -> dict[tuple[int, str], np.ndarray]:
       out[key] = full
 
   for path, pair in squeeze.lora_pairs(params).items():
-    layer, kind = lora.module_kind(path)
+    layer, kind = lora_layout.module_kind(path)
     a, b = np.asarray(pair["a"], np.float64), np.asarray(pair["b"], np.float64)
     s = config.scale(a.shape[-1])
     if kind == "q":
@@ -813,7 +813,7 @@ def test_gemma_round_trip_is_bitwise(tmp_path, gemma_cfg, name):
     assert got[path].dtype == np.float32 and got[path].shape == x.shape, path
     np.testing.assert_array_equal(got[path].view(np.uint32), x.view(np.uint32), err_msg=path)
   # The returned config describes the same modules, ranks and scale (a rank mapping comes back per module).
-  assert lora.lora_shapes(gemma_cfg, back_config) == lora.lora_shapes(gemma_cfg, config)
+  assert lora_layout.lora_shapes(gemma_cfg, back_config) == lora_layout.lora_shapes(gemma_cfg, config)
   assert (back_config.alpha, back_config.targets, back_config.joint_kv, back_config.joint_gate_up) == (
       config.alpha,
       config.targets,
@@ -993,8 +993,8 @@ def test_import_hand_written_peft_adapter_folds_its_scale(tmp_path, gemma_cfg, s
   )
   want = hf_deltas(tmp_path / "in")
   params, our_config = adapters.import_peft(tmp_path / "in", model_config=gemma_cfg)
-  assert our_config.alpha is None and our_config.targets == lora.TARGETS
-  assert lora.lora_shapes(gemma_cfg, our_config) == {
+  assert our_config.alpha is None and our_config.targets == lora_layout.TARGETS
+  assert lora_layout.lora_shapes(gemma_cfg, our_config) == {
       p: (tuple(x["a"].shape), tuple(x["b"].shape)) for p, x in squeeze.lora_pairs(params).items()
   }
   if variant == "patterns":

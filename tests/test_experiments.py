@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lora_squeeze import results as R
+from lora_squeeze import results_render
 from lora_squeeze import sweep
 from lora_squeeze.workdir import UserError
 
@@ -262,7 +263,7 @@ def test_appendix_e_reproduces_the_papers_numbers(tmp_path):
 def test_sem_and_bold():
   assert math.isclose(R.sem([1.0, 2.0, 3.0]), 1.0 / math.sqrt(3))
   assert math.isnan(R.sem([1.0]))
-  assert R.bold_best([0.5, 0.7, None]) == ["50.0", "**70.0**", "—"]
+  assert results_render.bold_best([0.5, 0.7, None]) == ["50.0", "**70.0**", "—"]
 
 
 def test_sweep_report_rows_table_and_heatmap(tmp_path):
@@ -280,11 +281,11 @@ def test_sweep_report_rows_table_and_heatmap(tmp_path):
       "b_in": rec("siqa", "in_squeeze", 4, 0.75, ranks_per_stage=[8, 4], scheme="min_steps"),
       "boom": {"status": "failed", "seconds": 1.0, "error": "ValueError: bad rank"},
   }
-  table = R.sweep_table(records, tmp_path)
+  table = results_render.sweep_table(records, tmp_path)
   assert "| a_direct | direct | 4 | 6 | 50.0% (40.0–60.0) | 1.5000 ± 0.0100 | 3 |" in table
   assert "| b_in | in_squeeze_min_steps from r=8 | 4 | 6 | 75.0% (65.0–85.0) | 1.2500 ± 0.0100 | 3 |" in table
   assert "| boom | FAILED |" in table and "error: ValueError: bad rank" in table
-  R.write_report({"name": "rep", "title": "t"}, tmp_path, records)
+  results_render.write_report({"name": "rep", "title": "t"}, tmp_path, records)
   assert (tmp_path / "rep.md").read_text().startswith("# t\n\n| cell | method |")
   assert (tmp_path / "rep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -15,6 +15,9 @@ import pytest
 from gemma import gm
 
 from lora_squeeze import lora
+from lora_squeeze import lora_fuse
+from lora_squeeze import lora_layout
+from lora_squeeze import lora_matmul
 from lora_squeeze import squeeze
 
 # Few distinct configs: every one that runs a forward is an XLA compile (seconds on 2 CPU cores).
@@ -117,19 +120,19 @@ def test_config_validation_and_hash():
 
 
 def test_module_kind():
-  assert lora.module_kind("layer_3/attn/q_lora") == (3, "q")
-  assert lora.module_kind("params/layer_12/mlp/gate_up_lora/b") == (12, "gate_up")
-  assert lora.module_kind("layer_0/attn/kv_lora") == (0, "kv")
+  assert lora_layout.module_kind("layer_3/attn/q_lora") == (3, "q")
+  assert lora_layout.module_kind("params/layer_12/mlp/gate_up_lora/b") == (12, "gate_up")
+  assert lora_layout.module_kind("layer_0/attn/kv_lora") == (0, "kv")
   for bad in ("layer_0/attn/q_einsum", "layer_0/mlp/q_lora", "vision_encoder/x/q_lora", "layer_0/attn/w"):
     with pytest.raises(ValueError, match="not a LoRA module path"):
-      lora.module_kind(bad)
+      lora_layout.module_kind(bad)
 
 
 def test_shapes_separate_and_joint(tiny):
   transformer = tiny[0]
   c = transformer.config
   d, f, n, k, h = c.embed_dim, c.hidden_dim, c.num_heads, c.num_kv_heads, c.head_dim
-  sep = lora.lora_shapes(transformer, lora.LoRAConfig(rank=3))
+  sep = lora_layout.lora_shapes(transformer, lora.LoRAConfig(rank=3))
   assert list(sep)[:7] == [f"layer_0/attn/{x}_lora" for x in ("q", "k", "v", "o")] + [
       f"layer_0/mlp/{x}_lora" for x in ("gate", "up", "down")
   ]
@@ -138,27 +141,27 @@ def test_shapes_separate_and_joint(tiny):
   assert sep["layer_1/attn/o_lora"] == ((n, h, 3), (3, d))
   assert sep["layer_1/mlp/gate_lora"] == sep["layer_1/mlp/up_lora"] == ((d, 3), (3, f))
   assert sep["layer_1/mlp/down_lora"] == ((f, 3), (3, d))
-  joint = lora.lora_shapes(transformer, lora.LoRAConfig(rank=3, joint_kv=True, joint_gate_up=True))
+  joint = lora_layout.lora_shapes(transformer, lora.LoRAConfig(rank=3, joint_kv=True, joint_gate_up=True))
   assert joint["layer_0/attn/kv_lora"] == ((d, 3), (3, 2, k, h))
   assert joint["layer_0/mlp/gate_up_lora"] == ((d, 3), (3, 2, f))
   assert len(joint) == 5 * c.num_layers and len(sep) == 7 * c.num_layers
-  only = lora.lora_shapes(transformer, lora.LoRAConfig(rank=2, targets=("q", "v")))
+  only = lora_layout.lora_shapes(transformer, lora.LoRAConfig(rank=2, targets=("q", "v")))
   assert sorted(only) == ["layer_0/attn/q_lora", "layer_0/attn/v_lora", "layer_1/attn/q_lora", "layer_1/attn/v_lora"]
 
 
 def test_rank_mapping_and_bad_keys(tiny):
   transformer = tiny[0]
   cfg = lora.LoRAConfig(rank={"layer_1/attn/q_lora": 5, "*/attn/*": 3, "*": 2})
-  shapes = lora.lora_shapes(transformer, cfg)
+  shapes = lora_layout.lora_shapes(transformer, cfg)
   assert shapes["layer_1/attn/q_lora"][0][-1] == 5
   assert shapes["layer_0/attn/q_lora"][0][-1] == 3 and shapes["layer_1/attn/o_lora"][1][0] == 3
   assert shapes["layer_0/mlp/down_lora"][0][-1] == 2
   params = jax.eval_shape(lambda: lora.init_lora(jax.random.key(0), transformer, cfg))
   assert lora.lora_ranks(params) == {p: s[0][-1] for p, s in shapes.items()}
   with pytest.raises(ValueError, match="layer_9/attn/q_lora"):
-    lora.lora_shapes(transformer, lora.LoRAConfig(rank={"layer_9/attn/q_lora": 4, "*": 2}))
+    lora_layout.lora_shapes(transformer, lora.LoRAConfig(rank={"layer_9/attn/q_lora": 4, "*": 2}))
   with pytest.raises(ValueError, match="no rank for LoRA module 'layer_0/mlp/gate_lora'"):
-    lora.lora_shapes(transformer, lora.LoRAConfig(rank={"*/attn/*": 4}))
+    lora_layout.lora_shapes(transformer, lora.LoRAConfig(rank={"*/attn/*": 4}))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -172,7 +175,7 @@ def test_init_lora_values_and_two_ranks_in_one_process(tiny):
     cfg = lora.LoRAConfig(rank=r)
     params = lora.init_lora(jax.random.key(0), transformer, cfg)
     pairs = squeeze.lora_pairs(params)
-    assert {p: (tuple(v["a"].shape), tuple(v["b"].shape)) for p, v in pairs.items()} == lora.lora_shapes(
+    assert {p: (tuple(v["a"].shape), tuple(v["b"].shape)) for p, v in pairs.items()} == lora_layout.lora_shapes(
         transformer, cfg
     )
     for v in pairs.values():
@@ -183,7 +186,7 @@ def test_init_lora_values_and_two_ranks_in_one_process(tiny):
     model = lora.LoRA(model=transformer, config=lora.LoRAConfig(rank=r))
     shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
     got = {p: (v["a"].shape, v["b"].shape) for p, v in squeeze.lora_pairs(lora.split_params(shapes)[1]).items()}
-    assert got == lora.lora_shapes(transformer, model.config)
+    assert got == lora_layout.lora_shapes(transformer, model.config)
 
 
 def test_split_merge_roundtrip(tiny):
@@ -241,13 +244,13 @@ def test_fused_equals_lora_and_unfuse_restores(tiny, cfg):
   transformer, base, tokens, base_forward = tiny
   l = _trained_like(transformer, cfg)
   out = lora_forward(transformer, cfg)(lora.merge_params(base, l), tokens)
-  fused = lora.fuse(base, l, cfg)
+  fused = lora_fuse.fuse(base, l, cfg)
   assert jax.tree.structure(fused) == jax.tree.structure(base)
   fused_out = base_forward(fused, tokens)
   base_out = base_forward(base, tokens)
   assert np.abs(np.asarray(out - base_out)).max() > 1e-2  # the adapters do something
   _close(out, fused_out)
-  restored = lora.unfuse(fused, l, cfg)
+  restored = lora_fuse.unfuse(fused, l, cfg)
   for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(base)):
     np.testing.assert_allclose(x, y, atol=2e-6)
 
@@ -265,7 +268,9 @@ def test_separate_kv_equals_joint_with_block_structure(tiny):
         "attn": {"kv_lora": _block(s["attn"]["k_lora"], s["attn"]["v_lora"])},
         "mlp": {"gate_up_lora": _block(s["mlp"]["gate_lora"], s["mlp"]["up_lora"])},
     }
-  for x, y in zip(jax.tree.leaves(lora.fuse(base, sep, sep_cfg)), jax.tree.leaves(lora.fuse(base, joint, joint_cfg))):
+  for x, y in zip(
+      jax.tree.leaves(lora_fuse.fuse(base, sep, sep_cfg)), jax.tree.leaves(lora_fuse.fuse(base, joint, joint_cfg))
+  ):
     np.testing.assert_allclose(x, y, atol=1e-5)
 
 
@@ -287,8 +292,8 @@ def test_alpha_scale_is_applied_and_not_cached(tiny):
   doubled = jax.tree_util.tree_map_with_path(
       lambda path, x: 2.0 * x if jax.tree_util.keystr(path).endswith("['b']") else x, l
   )
-  _close(out_alpha, base_forward(lora.fuse(base, doubled, SEP), tokens))
-  _close(out_alpha, base_forward(lora.fuse(base, l, SEP_ALPHA), tokens))
+  _close(out_alpha, base_forward(lora_fuse.fuse(base, doubled, SEP), tokens))
+  _close(out_alpha, base_forward(lora_fuse.fuse(base, l, SEP_ALPHA), tokens))
   assert np.abs(np.asarray(out_alpha - out)).max() > 1e-2
 
 
@@ -318,7 +323,7 @@ def test_bfloat16_base_float32_lora(tiny):
   # The float32 delta is cast to the activations' dtype: the output stays bfloat16.
   out = jax.eval_shape(lambda p: model.apply({"params": p}, tokens).logits, params)
   assert out.dtype == jnp.bfloat16
-  fused = jax.eval_shape(lambda b, l: lora.fuse(b, l, cfg), base, l)
+  fused = jax.eval_shape(lambda b, l: lora_fuse.fuse(b, l, cfg), base, l)
   assert jax.tree.map(lambda x: x.dtype, fused) == jax.tree.map(lambda x: x.dtype, base)
 
 
@@ -354,11 +359,11 @@ def test_change_rank_folds_scale(tiny, alpha):
   after = _effective_delta(up, up_cfg)
   for p in before:
     np.testing.assert_allclose(after[p], before[p], atol=1e-5 * np.abs(before[p]).max())
-  _close(base_forward(lora.fuse(base, up, up_cfg), tokens), base_forward(lora.fuse(base, l, cfg), tokens))
+  _close(base_forward(lora_fuse.fuse(base, up, up_cfg), tokens), base_forward(lora_fuse.fuse(base, l, cfg), tokens))
 
   # Squeezing: the effective update is the optimal truncation of the old effective update.
   down, down_cfg = lora.change_rank(l, 2, cfg)
-  shapes = lora.lora_shapes(transformer, down_cfg)
+  shapes = lora_layout.lora_shapes(transformer, down_cfg)
   assert {p: (v["a"].shape, v["b"].shape) for p, v in squeeze.lora_pairs(down).items()} == shapes
   after = _effective_delta(down, down_cfg)
   for p in before:
@@ -377,7 +382,7 @@ def test_change_rank_partial_mapping_keeps_other_modules(tiny):
       "layer_1/mlp/down_lora": 4,
   }
   np.testing.assert_array_equal(new["layer_1"]["mlp"]["down_lora"]["a"], l["layer_1"]["mlp"]["down_lora"]["a"])
-  assert lora.lora_ranks(new) == {p: s[0][-1] for p, s in lora.lora_shapes(transformer, new_cfg).items()}
+  assert lora.lora_ranks(new) == {p: s[0][-1] for p, s in lora_layout.lora_shapes(transformer, new_cfg).items()}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -397,7 +402,7 @@ def test_real_sizes_param_count(name, layers):
   cfg = lora.LoRAConfig(rank=128)
   shapes = jax.eval_shape(lambda: lora.init_lora(jax.random.key(0), transformer, cfg))
   count = sum(x.size for x in jax.tree.leaves(shapes))
-  assert count == lora.lora_param_count(transformer, cfg) == _formula(transformer.config, 128, layers)
+  assert count == lora_layout.lora_param_count(transformer, cfg) == _formula(transformer.config, 128, layers)
   assert len(squeeze.lora_pairs(shapes)) == 7 * layers
 
 
@@ -411,16 +416,16 @@ def test_gemma3_4b_multimodal_no_lora_in_vision():
   assert "vision_encoder" in base and "mm_input_projection" in base["embedder"]
   assert set(l) == {f"layer_{i}" for i in range(34)}  # nothing under vision_encoder / embedder
   got = {p: (v["a"].shape, v["b"].shape) for p, v in squeeze.lora_pairs(l).items()}
-  assert got == lora.lora_shapes(transformer, cfg)
+  assert got == lora_layout.lora_shapes(transformer, cfg)
   count = sum(x.size for x in jax.tree.leaves(l))
   # 34 layers × 128 × Σ(in+out): q 2560+2048, k,v 2560+1024, o 2048+2560, gate,up,down 2560+10240.
-  assert count == lora.lora_param_count(transformer, cfg) == 34 * 128 * 54784 == 238_419_968
+  assert count == lora_layout.lora_param_count(transformer, cfg) == 34 * 128 * 54784 == 238_419_968
   assert {x.dtype for x in jax.tree.leaves(l)} == {jnp.dtype(jnp.float32)}
   assert jnp.dtype(jnp.bfloat16) in {x.dtype for x in jax.tree.leaves(base["layer_0"])}
 
 
 # --------------------------------------------------------------------------------------------------------
-# The hand-written backward of the LoRA product (lora._lora_matmul).
+# The hand-written backward of the LoRA product (lora_matmul.lora_matmul).
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -441,7 +446,7 @@ def test_lora_delta_value_and_backward_equal_float64_formulas(x_shape, a_shape, 
   x, a, b = (rng.standard_normal(s).astype(np.float32) for s in (x_shape, a_shape, b_shape))
   out_shape = x_shape[: len(x_shape) - (len(a_shape) - 1)] + b_shape[1:]
   g = rng.standard_normal(out_shape).astype(np.float32)
-  y, vjp = jax.vjp(lambda x, a, b: lora._lora_delta(x, a, b, scale), x, a, b)
+  y, vjp = jax.vjp(lambda x, a, b: lora_matmul.lora_delta(x, a, b, scale), x, a, b)
   gx, ga, gb = vjp(jnp.asarray(g))
 
   r = a_shape[-1]
@@ -475,7 +480,7 @@ def test_model_gradient_with_hand_backward_equals_autodiff(tiny, cfg, monkeypatc
     return jnp.mean(jax.nn.log_softmax(logits)[..., 7] * jnp.arange(tokens.shape[-1]))
 
   hand = jax.value_and_grad(loss)(l)
-  monkeypatch.setattr(lora, "HAND_BACKWARD", False)
+  monkeypatch.setattr(lora_matmul, "HAND_BACKWARD", False)
   auto = jax.value_and_grad(loss)(l)
   np.testing.assert_allclose(float(hand[0]), float(auto[0]), rtol=1e-6)
   flat_h, flat_a = jax.tree.leaves(hand[1]), jax.tree.leaves(auto[1])

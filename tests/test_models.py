@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from lora_squeeze import fileio
 from lora_squeeze import gemma_gguf
 from lora_squeeze import models
+from lora_squeeze import tiny_model
 from lora_squeeze import tokenizer as tokenizer_lib
 import numpy as np
 import pytest
@@ -82,7 +83,7 @@ def test_tiny_options_and_abstract():
   assert m.params['embedder']['input_embedding'].shape == (300, 64)
   assert len(m.config.attention_types) == 2
   with pytest.raises(ValueError, match='tiny-model options'):
-    models.tiny_config(num_layer=3)
+    tiny_model.tiny_config(num_layer=3)
 
 
 def test_bfloat16_option():
@@ -332,7 +333,7 @@ def test_gguf_mapping_rejects_missing_extra_and_misshaped(tiny_gguf):
     gemma_gguf.gguf_to_params(extra, cfg, expected=shapes)
 
   # A GGUF of another size (other layer count) is caught too.
-  other = models.tiny_config(num_layers=2)
+  other = tiny_model.tiny_config(num_layers=2)
   with pytest.raises(ValueError, match='unexpected: blk.2'):
     gemma_gguf.gguf_to_params(tensors, other)
 

@@ -192,7 +192,7 @@ def _first_program(cell, config):
 def test_every_paper_scale_cell_builds_and_one_cell_per_artefact_lowers():
   from lora_squeeze import aot
   from lora_squeeze import config_lib
-  from lora_squeeze import lora
+  from lora_squeeze import lora_layout
   from lora_squeeze import train
   from lora_squeeze import models
 
@@ -209,7 +209,7 @@ def test_every_paper_scale_cell_builds_and_one_cell_per_artefact_lowers():
       if key not in model_configs:
         model_configs[key] = models.model_config(cell.model, text_only=key[1])
       for stage in train.plan_stages(cell):
-        assert lora.lora_param_count(model_configs[key], aot.Setting().lora_config(stage.rank)) > 0
+        assert lora_layout.lora_param_count(model_configs[key], aot.Setting().lora_config(stage.rank)) > 0
     # One cell per artefact: the most complex mode it has (in_squeeze > cont > post > direct > zero-shot).
     order = ("in_squeeze", "cont_squeeze", "post_squeeze", "direct", "zero_shot")
     cell = min(cells, key=lambda c: order.index(c.mode))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lora_squeeze import results
+from lora_squeeze import results_render
 from lora_squeeze import sweep
 from lora_squeeze import train
 
@@ -102,7 +102,7 @@ def test_real_tiny_sweep_and_report(tmp_path):
   assert sorted(records["post"]["result"]["targets"]) == ["1", "2"]
   # The post-squeeze cell read the direct cell's adapter (no retraining: steps 0).
   assert records["post"]["result"]["steps"] == 0 and (tmp_path / "cells" / "direct_r4" / "adapter").exists()
-  results.write_report({"name": "q", "title": "tiny"}, tmp_path, records)
+  results_render.write_report({"name": "q", "title": "tiny"}, tmp_path, records)
   md = (tmp_path / "q.md").read_text()
   assert "post_squeeze from r=4" in md and "| direct_r4 | direct | 4 | 6 |" in md
   assert "| 1.4000 ± 0.0100 |" in md and "| 1.1000 ± 0.0100 |" in md  # held-out NLL of r=4 and of r=1

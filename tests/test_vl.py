@@ -22,6 +22,7 @@ from lora_squeeze import data
 from lora_squeeze import evaluate
 from lora_squeeze import gemma_forward
 from lora_squeeze import lora
+from lora_squeeze import lora_layout
 from lora_squeeze import gemma_gguf
 from lora_squeeze import models
 from lora_squeeze import squeeze
@@ -251,7 +252,7 @@ def test_lora_gradient_reaches_text_side_only(tiny_mm):
       path: (float(jnp.linalg.norm(g['a'])), float(jnp.linalg.norm(g['b'])))
       for path, g in sorted(squeeze.lora_pairs(grads).items())
   }
-  assert len(norms) == len(lora.lora_shapes(tiny_mm.config, cfg))
+  assert len(norms) == len(lora_layout.lora_shapes(tiny_mm.config, cfg))
   assert all(a > 0 and b > 0 for a, b in norms.values()), norms
   other = dict(batch, images=batch['images'][::-1].copy())
   loss_other, _ = loss_and_grad(lp, other)
@@ -293,7 +294,7 @@ def test_gemma3_4b_multimodal_shapes_and_rank128_lora_count():
   shapes = jax.eval_shape(lambda k: lora.init_lora(k, m.config, cfg), jax.random.key(0))
   count = models.count_params(shapes)
   text_only = models.model_config('gemma3_4b')
-  assert count == lora.lora_param_count(text_only, cfg)
+  assert count == lora_layout.lora_param_count(text_only, cfg)
   c = m.config
   d, f, n, k, h, r = c.embed_dim, c.hidden_dim, c.num_heads, c.num_kv_heads, c.head_dim, 128
   per_layer = r * (d + n * h) + 2 * r * (d + k * h) + r * (n * h + d) + 2 * r * (d + f) + r * (f + d)

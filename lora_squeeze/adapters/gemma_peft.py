@@ -34,8 +34,9 @@ Hugging Face Gemma 3 checkpoint::
 * Errors (AdapterError, naming the file, module and shapes): params or tensors that do not fit the model
   config, missing halves, NaN/Inf, module names that are not Gemma 3 text projections, layer indices out of
   range, tensors we cannot represent (modules_to_save, DoRA, LoRA biases). Export writes atomically, like
-  the squeeze: on any error ``out_dir`` does not exist. ``lora.py`` (flax, gemma) is imported only by these
-  two functions, so the command stays light.
+  the squeeze: on any error ``out_dir`` does not exist. ``lora.py`` (flax, gemma) is imported only by
+  ``import_peft`` (for ``LoRAConfig``), so the command stays light; names and shapes come from the
+  pure-python ``lora_layout.py``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lora_squeeze import lora_layout
 from lora_squeeze import squeeze
 from lora_squeeze.adapters.atomic_output import atomic_dir, check_out_dir
 from lora_squeeze.adapters.errors import AdapterError
@@ -130,10 +132,8 @@ def lora_alpha_json(alpha: float) -> int | float:
 def _checked_pairs(lora_params: Mapping, lora_config, cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{canonical module path: (a, b) as numpy} in lora_shapes order, after checking the tree against the
   config's modules and the model's projection shapes (ranks are free, as in ``lora.LoRA``)."""
-  from lora_squeeze import lora  # pylint: disable=g-import-not-at-top
-
   try:
-    expected = lora.lora_shapes(cfg, dataclasses.replace(lora_config, rank=1))  # ranks come from the params
+    expected = lora_layout.lora_shapes(cfg, dataclasses.replace(lora_config, rank=1))  # ranks come from the params
   except ValueError as e:
     raise AdapterError(f"LoRA config: {e}") from None
   pairs = squeeze.lora_pairs(lora_params)
@@ -142,10 +142,10 @@ def _checked_pairs(lora_params: Mapping, lora_config, cfg) -> dict[str, tuple[np
   found: dict[str, tuple[str, Mapping]] = {}
   for path, pair in pairs.items():
     try:
-      layer, kind = lora.module_kind(path)
+      layer, kind = lora_layout.module_kind(path)
     except ValueError as e:
       raise AdapterError(f"LoRA params: {e}") from None
-    canon = lora.module_path(layer, kind)
+    canon = lora_layout.module_path(layer, kind)
     if canon in found:
       raise AdapterError(f"LoRA params: module {canon} appears twice ({found[canon][0]!r} and {path!r})")
     found[canon] = (path, pair)
@@ -231,20 +231,18 @@ def export_peft(
     AdapterError: params that do not fit the config/model (names the module and shapes), NaN/Inf, bad
       arguments; ``out_dir`` is then left absent (or untouched).
   """
-  from lora_squeeze import lora  # pylint: disable=g-import-not-at-top
-
   if layout not in HF_LAYOUTS:
     raise AdapterError(f"unknown layout {layout!r}; choose one of {', '.join(HF_LAYOUTS)}")
   if dtype not in OUT_CODES:
     raise AdapterError(f"unknown dtype {dtype!r}; choose one of {', '.join(OUT_CODES)}")
-  cfg = lora.text_config(model_config)
+  cfg = lora_layout.text_config(model_config)
   out_dir = Path(out_dir)
   check_out_dir(out_dir, force)
   pairs = _checked_pairs(lora_params, lora_config, cfg)
 
   modules = []  # (HF name, A, B, our scale): layer order, then q, k, v, o, gate, up, down
   for path, (a, b) in pairs.items():
-    layer, kind = lora.module_kind(path)
+    layer, kind = lora_layout.module_kind(path)
     scale = lora_config.scale(int(a.shape[-1]))
     for half, a_hf, b_hf in _to_hf(kind, a, b):
       modules.append((hf_module_name(layer, half, layout), a_hf, b_hf, scale))
@@ -310,7 +308,7 @@ def import_peft(
   """
   from lora_squeeze import lora  # pylint: disable=g-import-not-at-top
 
-  cfg = lora.text_config(model_config)
+  cfg = lora_layout.text_config(model_config)
   dims = _hf_dims(cfg)
   with PeftAdapter(in_dir) as adapter:
     where = adapter.reader.path
@@ -350,7 +348,7 @@ def import_peft(
         )
       found[layer, kind] = m
 
-    targets = tuple(k for k in lora.TARGETS if any(key[1] == k for key in found))
+    targets = tuple(k for k in lora_layout.TARGETS if any(key[1] == k for key in found))
     for layer in range(cfg.num_layers):
       have = tuple(k for k in targets if (layer, k) in found)
       if have != targets:
@@ -386,8 +384,8 @@ def import_peft(
 
     flat: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     ranks: dict[str, int] = {}
-    for path, (a_shape, b_shape) in lora.lora_shapes(cfg, our_config).items():  # rank 1: just the dims
-      layer, kind = lora.module_kind(path)
+    for path, (a_shape, b_shape) in lora_layout.lora_shapes(cfg, our_config).items():  # rank 1: just the dims
+      layer, kind = lora_layout.module_kind(path)
       in_dims, out_dims = a_shape[:-1], b_shape[1:]
       if kind in _JOINT:
         m1, m2 = (found[layer, k] for k in _JOINT[kind])

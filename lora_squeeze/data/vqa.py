@@ -49,7 +49,7 @@ and the target " {answer}" (leading space, as the text tasks). ``<start_of_image
 several human answers is the most frequent one (the first of the tied); every answer stays in
 ``Example.references`` for the metric.
 
-Metrics (``score``), on greedy-decoded answers (``evaluate.evaluate_vl``):
+Metrics (``score``), on greedy-decoded answers (``evaluate.evaluate_examples``):
 
 * ``vqa_accuracy``: VQAv2's: min(#humans who gave the answer / 3, 1), averaged over the ten leave-one-out
   subsets of the ten human answers, after the official answer processing (``normalize_answer``:

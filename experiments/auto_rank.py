@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 
 from lora_squeeze import lora  # noqa: E402
 from lora_squeeze import results as R  # noqa: E402
+from lora_squeeze import results_render as RR  # noqa: E402
 
 KINDS = ("q", "k", "v", "kv", "o", "gate", "up", "gate_up", "down")
 
@@ -74,7 +75,7 @@ def rank_grid(ranks: dict[str, int]) -> tuple[np.ndarray, list[str]]:
 
 
 def plot(auto: list[tuple[object, dict]], path: Path) -> Path:
-  plt = R.pyplot()
+  plt = RR.pyplot()
   panels = [(row, rec) for row, res in auto for rec in res["auto_rank"]["stages"]]
   fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels) + 1, 6), squeeze=False)
   for ax, (row, rec) in zip(axes[0], panels):
@@ -85,7 +86,7 @@ def plot(auto: list[tuple[object, dict]], path: Path) -> Path:
     ax.set_title(f"{row.task}: stage {rec['stage']}\nladder r={rec['ladder_rank']}", fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.05).set_label("rank", fontsize=7)
   fig.suptitle("In-Squeeze with automatic ranks: each module's rank after each rank change", fontsize=9)
-  return R.save_figure(fig, path)
+  return RR.save_figure(fig, path)
 
 
 def comparisons(rows, auto_row, result) -> list[list[str]]:
@@ -113,7 +114,7 @@ def comparisons(rows, auto_row, result) -> list[list[str]]:
 
 
 def main(argv=None):
-  args, rows = R.script_args(__doc__, argv)
+  args, rows = RR.script_args(__doc__, argv)
   auto = [(r, _result(r)) for r in rows if r.method.endswith("_auto")]
   if not auto:
     raise SystemExit("auto_rank: no In-Squeeze run with automatic ranks (config.auto_rank.tau > 0) in the stores")
@@ -125,19 +126,19 @@ def main(argv=None):
         f"({row.cell})\n\nFinal adapter: {res['lora_params']:,} LoRA parameters, the count of uniform rank "
         f"r_eq = {uniform_equivalent(res)}; steps {row.steps}.\n\n"
     )
-    md.append(R.markdown_table(["stage", "ladder rank", "mean rank", "min / max", "lowest V_r"], stage_rows(res)))
+    md.append(RR.markdown_table(["stage", "ladder rank", "mean rank", "min / max", "lowest V_r"], stage_rows(res)))
     comp = comparisons(rows, row, res)
     if comp:
       md.append(
           "\nPaired on the same held-out examples, automatic − other (negative Δ NLL / positive Δ accuracy "
           "favour automatic ranks; |Δ| > 2 SEM to decide):\n\n"
       )
-      md.append(R.markdown_table(["other adapter", "n", "Δ NLL (nats/token)", "Δ accuracy (points)"], comp))
+      md.append(RR.markdown_table(["other adapter", "n", "Δ NLL (nats/token)", "Δ accuracy (points)"], comp))
     else:
       md.append("\nNo other adapter of this task with per-example results at the same budget or r_eq to pair with.\n")
   png = plot(auto, Path(args.out) / "auto_rank_ranks.png")
   md.append(f"\nRanks per layer and projection type: `{png.name}`.\n")
-  return R.finish(args.out, "auto_rank", md, png)
+  return RR.finish(args.out, "auto_rank", md, png)
 
 
 if __name__ == "__main__":

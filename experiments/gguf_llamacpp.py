@@ -147,6 +147,7 @@ def base_weight(params, layer: int, kind: str) -> np.ndarray:
 
 def make_lora(model, kinds, seed: int, rho: float):
   """Random factors, ‖ΔW‖ = rho·‖W‖ per module, B's rows decaying at a random per-module rate."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   from lora_squeeze import lora  # pylint: disable=g-import-not-at-top
   from lora_squeeze import lora_layout  # pylint: disable=g-import-not-at-top
 
@@ -162,7 +163,7 @@ def make_lora(model, kinds, seed: int, rho: float):
     delta = config.scale(RANK) * a.reshape(-1, RANK) @ b.reshape(RANK, -1)
     b *= np.float32(rho * np.linalg.norm(base_weight(model.params, layer, kind)) / np.linalg.norm(delta))
     flat[path] = {"a": a, "b": b}
-  return lora._nest(flat), config  # pylint: disable=protected-access
+  return traverse_util.unflatten_dict(flat, sep="/"), config
 
 
 def cli(*argv) -> str:

@@ -34,18 +34,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-METHODS = (
-    "zero_shot",
-    "direct",
-    "post_squeeze",
-    "cont_squeeze",
-    "in_squeeze_standard",
-    "in_squeeze_min_steps",
-    "in_squeeze_standard_carry",
-    "in_squeeze_min_steps_carry",
-    "in_squeeze_standard_auto",
-    "in_squeeze_min_steps_auto",
-)
+METHODS = ("zero_shot", "direct", "post_squeeze", "cont_squeeze", "in_squeeze_standard", "in_squeeze_min_steps")
+# In-Squeeze variants beyond the paper carry a suffix: ``_carry`` (optimizer state carried), ``_auto`` (ranks
+# chosen per module); e.g. in_squeeze_min_steps_carry.
 
 
 @dataclasses.dataclass(frozen=True)

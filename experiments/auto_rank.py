@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from lora_squeeze import lora  # noqa: E402
+from lora_squeeze import lora_layout  # noqa: E402
 from lora_squeeze import results as R  # noqa: E402
 from lora_squeeze import results_render as RR  # noqa: E402
 
@@ -65,7 +65,7 @@ def stage_rows(result: dict) -> list[list[str]]:
 
 def rank_grid(ranks: dict[str, int]) -> tuple[np.ndarray, list[str]]:
   """(layers x projection kinds) of the modules' ranks (nan where a kind has no module), and the kinds."""
-  where = {lora.module_kind(p): r for p, r in ranks.items()}
+  where = {lora_layout.module_kind(p): r for p, r in ranks.items()}
   layers = 1 + max(layer for layer, _ in where)
   kinds = [k for k in KINDS if any(kind == k for _, kind in where)]
   grid = np.full((layers, len(kinds)), np.nan)

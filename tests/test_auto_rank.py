@@ -13,6 +13,7 @@ import pytest
 from lora_squeeze import checkpoints
 from lora_squeeze import config_lib
 from lora_squeeze import lora
+from lora_squeeze import lora_layout
 from lora_squeeze import models
 from lora_squeeze import rank_rules
 from lora_squeeze import results
@@ -54,7 +55,7 @@ def test_each_module_takes_the_smallest_rank_keeping_tau_within_the_ladder(tmp_p
   assert result["final_ranks"] == lora.describe_ranks(final)
   assert result["lora_params"] == sum(
       int(np.prod(a)) + int(np.prod(b))
-      for a, b in lora.lora_shapes(
+      for a, b in lora_layout.lora_shapes(
           models.load("tiny").config, lora.LoRAConfig(rank=lora.describe_ranks(final))
       ).values()
   )

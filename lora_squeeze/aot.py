@@ -187,12 +187,12 @@ class Programs:
     """
     if program == "train_step":
       lr = jax.ShapeDtypeStruct((), jnp.float32)
-      return self.trainer._train_step.lower(self.state(rank), self.base(), self.batch(), lr)  # pylint: disable=protected-access
+      return self.trainer.train_step_program.lower(self.state(rank), self.base(), self.batch(), lr)
     if program == "change_rank":
       key = jax.ShapeDtypeStruct(jax.random.key_data(jax.random.key(0)).shape, jnp.uint32)
       if self.mesh is None:  # the jitted impl takes a typed key on one device, raw key data on a mesh
         key = jax.eval_shape(lambda: jax.random.key(0))
-      return self.trainer._change.lower(self.state(rank), key, rank=int(target_rank))  # pylint: disable=protected-access
+      return self.trainer.change_rank_program.lower(self.state(rank), key, rank=int(target_rank))
     if program in ("eval_step", "eval_images"):
       return self._lower_eval(program, rank)
     raise ValueError(f"aot: program {program!r} is not one of {PROGRAMS}")

@@ -29,6 +29,7 @@ compile (``background_compile``: seconds, start/end, how long the loop waited fo
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
@@ -431,8 +432,6 @@ class Precompiler:
   """
 
   def __init__(self):
-    import concurrent.futures  # pylint: disable=g-import-not-at-top
-
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora_squeeze_compile")
     self._futures: dict[Any, Any] = {}
     self._entries: dict[Any, dict[str, Any]] = {}

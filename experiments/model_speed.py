@@ -118,7 +118,7 @@ def _step_runner(trainer, rank, params, batch, lr, *, nonzero_b: bool):
   holder = {"state": trainer.init_state(jax.random.key(0), rank)}
   if nonzero_b:
     holder["state"]["params"] = jax.tree.map(lambda x: x + 0.01, holder["state"]["params"])
-  step = trainer._train_step  # pylint: disable=protected-access
+  step = trainer.train_step_program
   flops = _flops(step, holder["state"], params, batch, lr)
 
   def one_step():
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
   sec = _time(one_step, args.repeats)
   rows.append((f"LoRA r={args.rank} train step, answer-only loss ({n_targets} logits)", sec, flops_step))
   prof = profile_step(
-      trainer._train_step.lower(holder["state"], params, batch, lr).compile().as_text(),  # pylint: disable=protected-access
+      trainer.train_step_program.lower(holder["state"], params, batch, lr).compile().as_text(),
       lambda: jax.block_until_ready(one_step()),
   )
 

@@ -5,6 +5,8 @@ Paper: "LoRA-Squeeze: Simple and Effective Post-Tuning and In-Tuning Compression
 ``docs/architecture.md``; start with ``lora_squeeze.squeeze`` (the math), then ``models``, ``lora``, ``adapters``.
 """
 
+import os
+
 __version__ = "0.1.0"
 
 
@@ -17,12 +19,11 @@ def _single_thread_lapack() -> None:
   like a hang. XLA's own GEMMs use Eigen threads and are unaffected; numpy's separate OpenBLAS is left
   alone. Set LORA_SQUEEZE_LAPACK_THREADS=N to choose another count, or 0 to leave it untouched.
   """
-  import os
-
   threads = int(os.environ.get("LORA_SQUEEZE_LAPACK_THREADS", "1"))
   if threads <= 0:
     return
   try:
+    # Lazy: only when a thread count is set, and optional (no scipy or threadpoolctl: nothing to do).
     import scipy.linalg  # noqa: F401  (loads the library jaxlib's LAPACK kernels use)
     import threadpoolctl
   except ImportError:

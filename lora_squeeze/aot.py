@@ -31,9 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_squeeze import evaluate
 from lora_squeeze import lora as lora_lib
 from lora_squeeze import lora_layout
+from lora_squeeze import models
 from lora_squeeze import sharding as sharding_lib
+from lora_squeeze import trainer as trainer_lib
 
 PROGRAMS = ("train_step", "change_rank", "eval_step", "eval_images")
 
@@ -74,8 +77,6 @@ class Setting:
 
 def setting_from_config(config) -> Setting:
   """The ``Setting`` of a run config (``config.data``, ``config.lora``, ``config.squeeze``, ``config.mesh``)."""
-  from lora_squeeze import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-
   lora_config = trainer_lib.lora_config_from(config)
   return Setting(
       batch=int(config.data.batch_size),
@@ -105,8 +106,6 @@ def abstract_model(name: str, *, text_only: bool = True, dtype: Any = "bfloat16"
   """``models.load(name, abstract=True)``: the transformer and its params as ShapeDtypeStructs.
 
   ``dtype`` defaults to bfloat16, what a run on an accelerator uses (on CPU runs default to float32)."""
-  from lora_squeeze import models  # pylint: disable=g-import-not-at-top
-
   return models.load(name, abstract=True, dtype=dtype, text_only=text_only, **options)
 
 
@@ -124,8 +123,6 @@ class Programs:
   """
 
   def __init__(self, model, setting: Setting = Setting(), *, mesh=None):
-    from lora_squeeze import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-
     self.model = model
     self.setting = setting
     self.mesh = mesh
@@ -162,8 +159,6 @@ class Programs:
   def batch(self) -> dict[str, jax.ShapeDtypeStruct]:
     """A training batch (``data`` batch contract), split over (data, fsdp) on a mesh; VL models also get
     ``images`` (B, 1, H, W, 3) uint8."""
-    from lora_squeeze import models  # pylint: disable=g-import-not-at-top
-
     b, t = self.setting.batch, self.setting.max_len
     sh = None if self.mesh is None else sharding_lib.batch_sharding(self.mesh)
     out = {
@@ -187,19 +182,17 @@ class Programs:
     """
     if program == "train_step":
       lr = jax.ShapeDtypeStruct((), jnp.float32)
-      return self.trainer._train_step.lower(self.state(rank), self.base(), self.batch(), lr)  # pylint: disable=protected-access
+      return self.trainer.train_step_program.lower(self.state(rank), self.base(), self.batch(), lr)
     if program == "change_rank":
       key = jax.ShapeDtypeStruct(jax.random.key_data(jax.random.key(0)).shape, jnp.uint32)
       if self.mesh is None:  # the jitted impl takes a typed key on one device, raw key data on a mesh
         key = jax.eval_shape(lambda: jax.random.key(0))
-      return self.trainer._change.lower(self.state(rank), key, rank=int(target_rank))  # pylint: disable=protected-access
+      return self.trainer.change_rank_program.lower(self.state(rank), key, rank=int(target_rank))
     if program in ("eval_step", "eval_images"):
       return self._lower_eval(program, rank)
     raise ValueError(f"aot: program {program!r} is not one of {PROGRAMS}")
 
   def _lower_eval(self, program: str, rank: int):
-    from lora_squeeze import evaluate  # pylint: disable=g-import-not-at-top
-
     b, t = self.setting.batch, self.setting.max_len
     tok = jax.ShapeDtypeStruct((b, t), jnp.int32)
     lora_config = self.setting.lora_config(rank) if rank else None

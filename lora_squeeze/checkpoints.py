@@ -49,7 +49,7 @@ class Checkpoints:
   SKIPPED_DIR = "skipped_checkpoints"
 
   def __init__(self, directory: Path, *, keep: int):
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (heavy: only when used)
 
     self._ocp = ocp
     self.directory = Path(directory).absolute()
@@ -143,7 +143,7 @@ class Checkpoints:
 
 def save_adapter(directory: Path, lora_params, lora_config: lora_lib.LoRAConfig, *, extra=None) -> None:
   """The final LoRA params as an orbax checkpoint plus ``lora_config.json``, written atomically."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (heavy: only when used)
 
   directory = Path(directory).absolute()
   # Several processes: all of them call orbax's save (it synchronises them) on ONE temporary path, and only
@@ -178,7 +178,7 @@ def save_adapter(directory: Path, lora_params, lora_config: lora_lib.LoRAConfig,
 
 def load_adapter(directory: Path) -> tuple[dict, lora_lib.LoRAConfig, dict]:
   """(LoRA params, LoRAConfig, the json metadata) of an adapter written by ``save_adapter``."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (heavy: only when used)
 
   directory = Path(directory).absolute()
   meta_path = directory / "lora_config.json"

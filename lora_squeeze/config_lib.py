@@ -7,9 +7,17 @@ Every config file defines ``get_config(arg=None)``; ``arg`` is the text after th
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import re
+import sys
 
+from absl import flags
 import ml_collections
+
+from lora_squeeze.workdir import UserError
+from lora_squeeze.workdir import did_you_mean
+from lora_squeeze.workdir import flatten
 
 # The paper's learning-rate grid (Table 2 / Sec. 4): {0.001, 0.003, 0.01, 0.03, 0.1}.
 LR_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
@@ -178,13 +186,11 @@ def runlocal(c: ml_collections.ConfigDict, *, steps: int) -> None:
 def check_run_config(config) -> None:
   """Raises ``workdir.UserError`` (one line: the key, the bad value, what is valid) for a config that
   cannot run. Called before a workdir is created, so a typo leaves nothing behind."""
-  # pylint: disable=g-import-not-at-top  (the registries import the task and model modules)
-  import math
+  # pylint: disable=g-import-not-at-top  (lazy: config files and the entry points' flag parsing import this
+  # module before runtime.quiet_native_logs; the training stack, TensorFlow included, loads only here)
   from lora_squeeze import squeeze
   from lora_squeeze import train
   from lora_squeeze import optim as optim_lib
-  from lora_squeeze.workdir import UserError
-  from lora_squeeze.workdir import did_you_mean
   from lora_squeeze.data import pipeline
   from lora_squeeze.data import tasks as tasks_lib
 
@@ -209,7 +215,7 @@ def check_run_config(config) -> None:
       mode in train.MODES,
       f"config.mode={mode!r} is not a mode{did_you_mean(str(mode), train.MODES)}; " f"modes: {', '.join(train.MODES)}",
   )
-  from lora_squeeze import models
+  from lora_squeeze import models  # (lazy: as above)
 
   need(
       str(config.model).strip().lower().replace("-", "_") in models.KNOWN_MODELS,
@@ -301,9 +307,6 @@ def flag_error_message(error: BaseException, argv, config) -> str:
   """One line for a failed parse of ``--config=FILE[:args] --config.KEY=VALUE ...`` (the entry points print
   it and exit 2): an unknown override key names the nearest valid keys; a bad config argument or value
   says which; never a traceback. ``config``: the parsed config if the parse got that far, else None."""
-  from lora_squeeze.workdir import did_you_mean  # pylint: disable=g-import-not-at-top
-  from lora_squeeze.workdir import flatten  # pylint: disable=g-import-not-at-top
-
   if config is not None:
     valid = flatten(config.to_dict())
     prefixes = {k.rsplit(".", i)[0] for k in valid for i in range(k.count(".") + 1)}
@@ -327,9 +330,6 @@ def flag_error_message(error: BaseException, argv, config) -> str:
 
 def parse_flags_or_exit(argv, config_flag, prog: str = "lora_squeeze"):
   """absl ``flags_parser`` for ``app.run``: on a bad flag, one line on stderr and exit status 2."""
-  import sys  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
   try:
     rest = flags.FLAGS(argv)
     config_flag.value.get("mode")  # a config file that failed to load raises only when first read
@@ -348,8 +348,6 @@ def parse_flags_or_exit(argv, config_flag, prog: str = "lora_squeeze"):
 
 def _load_config_arg(argv):
   """The config of ``--config=FILE[:arg]`` in ``argv``, loaded on its own (None if that fails too)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if not spec:
     return None

@@ -48,6 +48,10 @@ import numpy as np
 
 from lora_squeeze import forward as forward_lib
 from lora_squeeze import lora as lora_lib
+from lora_squeeze import models
+from lora_squeeze.data import pipeline
+from lora_squeeze.data import tasks as tasks_lib
+from lora_squeeze.data import vqa
 
 PROMPT_BRANCH = 1  # branch ids: 0 padding, 1 the prompt, 2 + k choice k
 
@@ -68,8 +72,6 @@ class _Row:
 
 def _encode_choices(example, tokenizer, max_len: int) -> tuple[list[int], list[list[int]], list[int]]:
   """(prompt tokens with BOS, tokens of each choice, number of leading unscored tokens of each choice)."""
-  from lora_squeeze.data import pipeline  # pylint: disable=g-import-not-at-top
-
   prompt = None
   choices, unscored = [], []
   context = tuple(getattr(example, "choice_context", ()) or ())
@@ -344,9 +346,6 @@ def generate_vl(
   or ``stop``. Prompts are encoded as in training (``pipeline.encode_example``: the image token block, the
   prompt's text cut from the left if ``max_len - max_new_tokens`` is exceeded).
   """
-  from lora_squeeze import models  # pylint: disable=g-import-not-at-top
-  from lora_squeeze.data import pipeline  # pylint: disable=g-import-not-at-top
-
   spec = models.image_spec(model)
   if spec is None:
     raise ValueError("generate_vl: the model has no vision encoder; load it with text_only=False")
@@ -394,8 +393,6 @@ def _vl_metrics(task, examples: Sequence[Any], preds: Sequence[str]) -> dict[str
   """A vision-language task's metric (``data.vqa``: VQA accuracy, exact match or relaxed accuracy) on greedy
   answers (``generate_vl``). ``accuracy`` is the mean per-example score in [0, 1] with a normal-approximation
   95% interval (VQA accuracy takes fractional values); ``exact_match`` (processed answers) is reported too."""
-  from lora_squeeze.data import vqa  # pylint: disable=g-import-not-at-top
-
   scores = np.asarray([vqa.score(task.metric, p, ex.references or (ex.target,)) for p, ex in zip(preds, examples)])
   exact = np.asarray([vqa.exact_match(p, ex.references or (ex.target,)) for p, ex in zip(preds, examples)])
   n = len(examples)
@@ -425,14 +422,10 @@ def evaluate_examples(
     max_new_tokens: int = 16,
 ) -> dict[str, Any]:
   """Metrics of one task on the given examples (see the module doc for each metric)."""
-  from lora_squeeze.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
-
   task = tasks_lib.get_task(task) if isinstance(task, str) else task
   n = len(examples)
   if n == 0:
     raise ValueError(f"evaluate: no examples for task {task.name}")
-  from lora_squeeze.data import vqa  # pylint: disable=g-import-not-at-top
-
   if task.metric in vqa.VL_METRICS:
     preds = generate_vl(
         model,

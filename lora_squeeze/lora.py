@@ -79,6 +79,7 @@ from gemma.gm.nn import _layers
 from gemma.gm.nn import _modules
 import jax
 import jax.numpy as jnp
+from kauldron import kontext
 import numpy as np
 
 from lora_squeeze import gemma_forward
@@ -319,8 +320,6 @@ class LoRA(nn.Module):
       )
 
   def __kontext_keys__(self) -> dict[str, str]:
-    from kauldron import kontext  # pylint: disable=g-import-not-at-top
-
     return kontext.get_keypaths(self.model)
 
   def __getattr__(self, name: str) -> Any:

@@ -16,10 +16,12 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from lora_squeeze import config_lib
 from lora_squeeze import runtime
+from lora_squeeze import workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics.jsonl, result.json).")
@@ -42,18 +44,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   runtime.quiet_native_logs()
-  import jax  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top  (jax, sharding, train: after quiet_native_logs, which must see
+  # the native logs of jax's backend and of TensorFlow)
+  import jax
 
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   runtime.enable_compile_cache()
   if _DISTRIBUTED.value:
-    from lora_squeeze import sharding  # pylint: disable=g-import-not-at-top
+    from lora_squeeze import sharding
 
     sharding.initialize_distributed()
-  from lora_squeeze import train  # pylint: disable=g-import-not-at-top
-  from lora_squeeze import workdir  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import train
 
   try:
     result = train.run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)

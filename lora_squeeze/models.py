@@ -54,6 +54,7 @@ from lora_squeeze import gemma_gguf
 from lora_squeeze import param_trees
 from lora_squeeze import tiny_model
 from lora_squeeze import tokenizer as tokenizer_lib
+from lora_squeeze.data import pipeline
 import numpy as np
 
 # The param-tree helpers models uses itself, also under its name (models.check_params, ...).
@@ -310,8 +311,6 @@ def image_spec(model: Any) -> Any:
     vision encoder (images are resized to height x width on the host; each
     becomes tokens_per_image soft tokens), or None for a text-only model.
   """
-  from lora_squeeze.data import pipeline  # pylint: disable=g-import-not-at-top
-
   config = getattr(model, 'config', model)
   encoder = getattr(config, 'vision_encoder', None)
   if encoder is None:

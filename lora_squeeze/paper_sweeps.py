@@ -47,6 +47,8 @@ import ml_collections
 
 from lora_squeeze import config_lib
 from lora_squeeze import schedules
+from lora_squeeze import squeeze
+from lora_squeeze.data import tasks as tasks_lib
 from lora_squeeze.workdir import UserError
 from lora_squeeze.workdir import did_you_mean
 
@@ -151,8 +153,6 @@ def _check(
     raise UserError("ranks is empty: give the ranks to train (e.g. ranks=1+8+32)")
   if not tasks:
     raise UserError("tasks is empty: give the tasks to run (e.g. tasks=arc_e+siqa)")
-  from lora_squeeze.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top  (the registry)
-
   for t in tasks:
     try:
       tasks_lib.get_task(t)
@@ -169,8 +169,6 @@ def _check(
   rates("lr_grid", lr_grid)
   rates("lrs", lrs.values())
   positive_ints("lrs", lrs.keys())
-  from lora_squeeze import squeeze  # pylint: disable=g-import-not-at-top  (jax: only when methods are checked)
-
   for m in methods:
     _one_of("methods", m, squeeze.METHODS)
   for s in schemes:

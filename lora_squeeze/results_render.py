@@ -10,11 +10,14 @@ matplotlib is imported only inside the functions that draw.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lora_squeeze import fileio
 from lora_squeeze import results
@@ -58,7 +61,7 @@ def finish(out: str | os.PathLike, name: str, md: Sequence[str], png: Path) -> i
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 130) -> Path:
   """Save a matplotlib figure atomically (temp file, then rename) and close it."""
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top  (heavy: only to draw)
 
   path = Path(path)
   try:
@@ -70,10 +73,10 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 130) -> Path:
 
 
 def pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # pylint: disable=g-import-not-at-top  (heavy: only to draw)
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top  (heavy: only to draw)
 
   return plt
 
@@ -93,8 +96,6 @@ def heatmap_panel(
 ):
   """One diverging heatmap panel centred on 0 on ``ax`` (``RdBu_r``: red = positive, blue = negative, as the
   paper's Fig. 4): each finite cell labelled with ``cell_fmt`` (or ``texts[i][j]``), nan cells grey."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
   plt = pyplot()
   grid = np.asarray(values, dtype=float)
   finite = np.isfinite(grid)
@@ -168,8 +169,6 @@ def provenance(stores: Sequence[str | os.PathLike], rows: Sequence[results.Row])
 def script_args(doc: str, argv=None, *, extra: Callable | None = None):
   """``--results DIR [DIR ...]`` (sweep directories or run workdirs), ``--out DIR`` (default
   experiments/results/paper), plus the script's own options (``extra(parser)``)."""
-  import argparse  # pylint: disable=g-import-not-at-top
-
   p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--results", nargs="+", required=True, help="sweep directories or run workdirs")
   p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "experiments" / "results" / "paper"))
@@ -258,8 +257,6 @@ def method_rank_heatmap(
 ) -> Path:
   """Accuracy (and, where the records have it, the held-out gold-choice NLL) per (method, final rank),
   coloured by the difference to direct training at that rank (red = better, as the paper's Fig. 4)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
   rows = [row for _, row, _ in _report_lines(records, str(store)) if row is not None and row.accuracy is not None]
   panels = [p for p in _PANELS if any(getattr(r, p[0]) is not None for r in rows)] or list(_PANELS[:1])
   # One row of the grid per (task, method); the task is shown only when the records hold several.

@@ -134,7 +134,7 @@ def _tensorboard_writer(workdir: Path, *, enabled: bool):
   """clu's TensorBoard SummaryWriter on ``workdir/tensorboard`` (imports TensorFlow: only when enabled)."""
   if not enabled:
     return None
-  from clu.metric_writers import summary_writer  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from clu.metric_writers import summary_writer  # pylint: disable=g-import-not-at-top  (heavy: TensorFlow)
 
   return summary_writer.SummaryWriter(os.fspath(Path(workdir) / "tensorboard"))
 

@@ -128,7 +128,7 @@ def enable_compile_cache() -> Path | None:
   (``JAX_COMPILATION_CACHE_DIR``) is left alone. Process-wide, which is why only entry points call it, and
   before any compile.
   """
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top  (lazy: entry points import runtime before quiet_native_logs)
 
   if jax.config.jax_compilation_cache_dir:
     return Path(jax.config.jax_compilation_cache_dir)

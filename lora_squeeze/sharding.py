@@ -41,6 +41,8 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA, FSDP = "data", "fsdp"
@@ -80,8 +82,6 @@ def sync(name: str) -> None:
   """A barrier across processes (no-op with one): filesystem steps that only process 0 performs (renames,
   deletions) must be complete before the others go on."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
     multihost_utils.sync_global_devices(name)
 
 
@@ -114,8 +114,6 @@ def make_mesh(sizes: Mapping[str, int] | None = None, devices=None) -> Mesh:
   the fsdp axis, whose gathers are the hot collectives); on CPU and GPU it keeps JAX's process-major order.
   The axes are Auto (GSPMD propagation), not Explicit: gemma's modules carry no sharding annotations.
   """
-  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
-
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(dict(sizes or {}), len(devices))
   try:
@@ -248,8 +246,6 @@ def to_host(tree):
   def one(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       if not x.is_fully_replicated:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
       return np.asarray(x.addressable_data(0))
     return np.asarray(x)

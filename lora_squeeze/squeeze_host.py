@@ -26,6 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg.lapack
 
+try:
+  from threadpoolctl import threadpool_limits
+except ImportError:  # a core dependency, but optional here: one_blas_thread is then a no-op
+  threadpool_limits = None
+
 from lora_squeeze import hash_rng
 
 Array = jax.Array
@@ -237,9 +242,7 @@ def host_workers() -> int:
 @contextlib.contextmanager
 def one_blas_thread():
   """BLAS/LAPACK on one thread inside the block (numpy's and scipy's OpenBLAS; no-op without threadpoolctl)."""
-  try:
-    from threadpoolctl import threadpool_limits  # pylint: disable=g-import-not-at-top
-  except ImportError:
+  if threadpool_limits is None:
     yield
     return
   with threadpool_limits(limits=1, user_api="blas"):

@@ -45,16 +45,29 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from absl import app
+from absl import flags
+from absl import logging
 import ml_collections
+from ml_collections import config_flags
 
-if __name__ == "__main__":  # the command: quiet before TensorFlow loads (through train's imports)
-  from lora_squeeze import runtime  # pylint: disable=g-import-not-at-top
+from lora_squeeze import config_lib
+from lora_squeeze import fileio
+from lora_squeeze import results
+from lora_squeeze import results_render
+from lora_squeeze import runtime
+from lora_squeeze import workdir as workdir_lib
 
+if __name__ == "__main__":  # the command: quiet before TensorFlow loads (through the imports below)
   runtime.quiet_native_logs()
 
-from lora_squeeze import fileio
-from lora_squeeze import train  # pylint: disable=g-import-not-at-top
-from lora_squeeze import workdir as workdir_lib
+# pylint: disable=g-import-not-at-top,wrong-import-position  (after quiet_native_logs: they load TensorFlow)
+import jax
+
+from lora_squeeze import sharding
+from lora_squeeze import train
+
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 def _deps(cell: Mapping[str, Any]) -> list[str]:
@@ -101,8 +114,6 @@ class BestRates:
 
   def rate(self, store: str, rank: int, cell: str) -> float:
     if store not in self._stores:
-      from lora_squeeze import results  # pylint: disable=g-import-not-at-top
-
       try:
         rows = results.load_rows([store])
       except FileNotFoundError as e:
@@ -119,8 +130,6 @@ class BestRates:
 
   def resolve(self, value: Any, cell: str) -> Any:
     """``value`` with every ``best_lr_from`` reference (itself, or a value of a mapping) replaced by the rate."""
-    from lora_squeeze import config_lib  # pylint: disable=g-import-not-at-top
-
     if config_lib.is_best_lr_from(value):
       return self.rate(value[config_lib.BEST_LR_FROM], value["rank"], cell)
     if isinstance(value, Mapping):
@@ -250,8 +259,6 @@ def run_cell(
     record.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
     print(f"[lora_squeeze] sweep cell {cell['name']} FAILED: {type(e).__name__}: {e}")
   record["seconds"] = time.time() - t
-  import jax  # pylint: disable=g-import-not-at-top
-
   if jax.process_index() == 0:  # multi-host cells: every process runs the cell, one writes its record
     _write_json(path, record)
   return record
@@ -260,8 +267,6 @@ def run_cell(
 def check_cells(config, cells: Sequence[Mapping[str, Any]], sweep_dir: Path, *, rates: BestRates | None = None) -> None:
   """Every cell's overrides name real keys (and its ``lr_from`` rates exist) and give a runnable config;
   raises ``workdir.UserError`` naming the first bad cell, before any cell runs."""
-  from lora_squeeze import config_lib  # pylint: disable=g-import-not-at-top
-
   rates = rates or BestRates()
   for cell in cells:
     cfg = cell_config(config, cell, sweep_dir, rates=rates)
@@ -296,10 +301,6 @@ def run_sweep(
 
 
 def main(argv=None) -> None:
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
   config_flag = config_flags.DEFINE_config_file(
       "config", None, "Sweep config (configs/*.py[:args]).", lock_config=False
   )
@@ -311,8 +312,6 @@ def main(argv=None) -> None:
   def _main(args):
     if len(args) > 1:
       raise app.UsageError(f"unexpected arguments: {args[1:]}")
-    from lora_squeeze import runtime  # pylint: disable=g-import-not-at-top
-
     runtime.quiet_native_logs()
     try:
       _run(config_flag.value)
@@ -327,27 +326,17 @@ def main(argv=None) -> None:
       return
     workdir_lib.check_writable_dir(workdir.value)
     if os.environ.get("LORA_SQUEEZE_DISTRIBUTED") == "1":
-      from lora_squeeze import sharding  # pylint: disable=g-import-not-at-top
-
       sharding.initialize_distributed()
-    from absl import logging  # pylint: disable=g-import-not-at-top
-
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
-    from lora_squeeze import runtime  # pylint: disable=g-import-not-at-top
-
     runtime.enable_compile_cache()
     records = run_sweep(config, workdir.value, only=cell.value)
     report = config.get("report", None)
     if report and not cell.value:
-      from lora_squeeze import results_render  # pylint: disable=g-import-not-at-top
-
       results_render.write_report(report, workdir.value, records)
     failed = [n for n, r in records.items() if r["status"] != "ok"]
     if failed:
       raise SystemExit(f"[lora_squeeze] sweep finished with failed cells: {failed} (see results/NAME.json)")
-
-  from lora_squeeze import config_lib  # pylint: disable=g-import-not-at-top
 
   app.run(
       _main, argv=argv, flags_parser=lambda a: config_lib.parse_flags_or_exit(a, config_flag, prog="lora_squeeze.sweep")

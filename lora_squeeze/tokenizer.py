@@ -26,7 +26,10 @@ import functools
 import pathlib
 from typing import Any, Callable, Sequence
 
+from gemma import gm
 import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 # Gemma special ids (identical in Gemma 2 and Gemma 3).
 PAD_ID = 0
@@ -132,9 +135,6 @@ def build_sentencepiece_model(
   Returns:
     The serialized ModelProto (the bytes of a `.model` file).
   """
-  # pylint: disable-next=g-import-not-at-top
-  from sentencepiece import sentencepiece_model_pb2
-
   if not len(tokens) == len(scores) == len(types):
     raise ValueError(
         'GGUF vocabulary is inconsistent: ' f'{len(tokens)} tokens, {len(scores)} scores, {len(types)} types.'
@@ -223,8 +223,6 @@ class SentencePieceTokenizer:
 
   @functools.cached_property
   def _sp(self):
-    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-
     path = pathlib.Path(self.path)
     if not path.exists():
       if self.builder is None:
@@ -267,7 +265,5 @@ class SentencePieceTokenizer:
 
     Note: gemma's `encode(add_bos=True)` returns an enum for BOS; cast to int.
     """
-    from gemma import gm  # pylint: disable=g-import-not-at-top
-
     _ = self._sp  # Make sure the file exists.
     return gm.text.Gemma3Tokenizer(path=str(self.path))

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 
 from lora_squeeze import checkpoints
+from lora_squeeze import config_lib
 from lora_squeeze import data
 from lora_squeeze import eval_modes
 from lora_squeeze import fileio
@@ -152,8 +153,6 @@ def run(config, workdir: str | os.PathLike, *, evaluate_fn: Callable | None = No
   workdir holding a run with other result-determining settings is refused (``workdir.SettingsMismatch``),
   unless ``fresh``, which moves the old run to ``workdir/superseded/`` and starts afresh.
   """
-  from lora_squeeze import config_lib  # pylint: disable=g-import-not-at-top
-
   config_lib.check_run_config(config)
   workdir = workdir_lib.check_writable_dir(workdir)
   primary = jax.process_index() == 0

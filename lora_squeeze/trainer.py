@@ -29,6 +29,7 @@ compile (``background_compile``: seconds, start/end, how long the loop waited fo
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
@@ -155,10 +156,12 @@ class Trainer:
     self.mesh = mesh
     self.shard_lora = bool(shard_lora)
     self.remat = bool(remat)  # rematerialise each block in the train step's backward (config.remat)
-    self._train_step = jax.jit(self._train_step_impl, donate_argnums=(0,))
+    # The two jitted programs, public so that ``aot`` lowers exactly them from abstract shapes; ``train_step``
+    # and ``change_rank`` call them (or their executables compiled ahead by ``precompile``).
+    self.train_step_program = jax.jit(self._train_step_impl, donate_argnums=(0,))
     self._eval_loss = jax.jit(self._eval_loss_impl)
     # Not donated: the outputs have other shapes (new rank), so XLA could not reuse the buffers anyway.
-    self._change = jax.jit(self._change_impl, static_argnames=("rank",))
+    self.change_rank_program = jax.jit(self._change_rank_impl, static_argnames=("rank",))
     self.precompiler: Precompiler | None = None
 
   # --- state ---
@@ -295,7 +298,7 @@ class Trainer:
     running); otherwise the jitted step (compiled on its first call at these shapes)."""
     args = self._train_step_args(state, base_params, batch, learning_rate)
     compiled = self._ahead(("train_step", rank_signature(state["params"])))
-    return (compiled or self._train_step)(*args)
+    return (compiled or self.train_step_program)(*args)
 
   def _eval_loss_impl(self, lora_params, base_params, batch):
     self.traces["loss"] += 1
@@ -309,7 +312,7 @@ class Trainer:
     return self._eval_loss(lora_params, base_params, batch)
 
   # --- rank change ---
-  def _change_impl(self, state, key, *, rank: int):
+  def _change_rank_impl(self, state, key, *, rank: int):
     self.traces["change_rank"] += 1
     if self.mesh is not None:
       key = jax.random.wrap_key_data(key)
@@ -343,7 +346,7 @@ class Trainer:
     key = self._change_key(key)
     if compiled is not None:
       return compiled(state, key)
-    return self._change(state, key, rank=static)
+    return self.change_rank_program(state, key, rank=static)
 
   # --- programs compiled ahead of time ---
   def _ahead(self, signature):
@@ -392,12 +395,12 @@ class Trainer:
       self.precompiler.submit(
           ("change_rank", rank_signature(before_s["params"]), int(after)),
           f"change_rank r{before} -> r{after}",
-          lambda b=before_s, a=after: self._change.lower(b, key_s, rank=int(a)).compile(),
+          lambda b=before_s, a=after: self.change_rank_program.lower(b, key_s, rank=int(a)).compile(),
       )
       self.precompiler.submit(
           ("train_step", rank_signature(after_s["params"])),
           f"train_step r{after}",
-          lambda a=after_s: self._train_step.lower(a, base_s, batch_s, lr_s).compile(),
+          lambda a=after_s: self.train_step_program.lower(a, base_s, batch_s, lr_s).compile(),
       )
     return self.precompiler
 
@@ -429,8 +432,6 @@ class Precompiler:
   """
 
   def __init__(self):
-    import concurrent.futures  # pylint: disable=g-import-not-at-top
-
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora_squeeze_compile")
     self._futures: dict[Any, Any] = {}
     self._entries: dict[Any, dict[str, Any]] = {}

@@ -72,7 +72,7 @@ def test_precompiled_programs_run_and_equal_the_jitted_ones(tiny):
     np.testing.assert_array_equal(g, w)
   # The jitted train step compiled only the first rank; ranks 4 and 2 and both rank changes ran the
   # executables compiled in the background (one trace each, none in the jitted functions' caches).
-  assert ahead._train_step._cache_size() == 1 and ahead._change._cache_size() == 0  # pylint: disable=protected-access
+  assert ahead.train_step_program._cache_size() == 1 and ahead.change_rank_program._cache_size() == 0  # pylint: disable=protected-access
   assert ahead.traces["train_step"] == 3 and ahead.traces["change_rank"] == 2, ahead.traces
   log = ahead.precompiler.log
   assert [e["program"] for e in log] == [
@@ -82,7 +82,7 @@ def test_precompiled_programs_run_and_equal_the_jitted_ones(tiny):
       "train_step r2",
   ]
   assert all(e["error"] is None and e["seconds"] > 0 and e["end"] >= e["start"] for e in log), log
-  assert plain._train_step._cache_size() == 3 and plain._change._cache_size() == 2  # pylint: disable=protected-access
+  assert plain.train_step_program._cache_size() == 3 and plain.change_rank_program._cache_size() == 2  # pylint: disable=protected-access
 
 
 def _same_program_text(trainer, state, base, batch):
@@ -94,12 +94,12 @@ def _same_program_text(trainer, state, base, batch):
   args = trainer._train_step_args(state, base, batch, 0.05)  # pylint: disable=protected-access
   structs = [jax.tree.map(trainer._struct, a) for a in args[1:]]  # pylint: disable=protected-access
   (rank,) = set(lora.lora_ranks(state["params"]).values())
-  live = trainer._train_step.lower(*args).as_text()  # pylint: disable=protected-access
-  ahead = trainer._train_step.lower(trainer.abstract_call_state(rank), *structs).as_text()  # pylint: disable=protected-access
+  live = trainer.train_step_program.lower(*args).as_text()  # pylint: disable=protected-access
+  ahead = trainer.train_step_program.lower(trainer.abstract_call_state(rank), *structs).as_text()  # pylint: disable=protected-access
   assert live == ahead
   key = trainer._change_key(trainer_lib.stage_key(0, 1))  # pylint: disable=protected-access
-  live = trainer._change.lower(state, key, rank=4).as_text()  # pylint: disable=protected-access
-  ahead = trainer._change.lower(trainer.abstract_call_state(rank), jax.tree.map(trainer._struct, key), rank=4)  # pylint: disable=protected-access
+  live = trainer.change_rank_program.lower(state, key, rank=4).as_text()  # pylint: disable=protected-access
+  ahead = trainer.change_rank_program.lower(trainer.abstract_call_state(rank), jax.tree.map(trainer._struct, key), rank=4)  # pylint: disable=protected-access
   assert live == ahead.as_text()
 
 
@@ -170,7 +170,7 @@ def test_rank_change_compiles_once_per_signature_and_is_the_float64_truncation(t
       jax.block_until_ready(trainer.change_rank(again, 4, jax.random.key(key)))
     assert len(compiles) == n_first and trainer.traces["change_rank"] == 1
     jax.block_until_ready(trainer.change_rank(out, 2, jax.random.key(4)))  # a new signature: one more program
-    assert trainer.traces["change_rank"] == 2 and trainer._change._cache_size() == 2  # pylint: disable=protected-access
+    assert trainer.traces["change_rank"] == 2 and trainer.change_rank_program._cache_size() == 2  # pylint: disable=protected-access
   finally:
     jax.monitoring.clear_event_listeners()
 
@@ -269,7 +269,7 @@ def _four_devices():
   for g, w in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state), strict=True):
     assert g.sharding.is_equivalent_to(w.sharding, g.ndim), (g.sharding, w.sharding)
     np.testing.assert_array_equal(np.asarray(jax.device_get(g)), np.asarray(jax.device_get(w)))
-  sizes = (ahead._train_step._cache_size(), ahead._change._cache_size(), plain._train_step._cache_size())  # pylint: disable=protected-access
+  sizes = (ahead.train_step_program._cache_size(), ahead.change_rank_program._cache_size(), plain.train_step_program._cache_size())  # pylint: disable=protected-access
   # Ranks 4 and 2 and both rank changes ran the background-compiled executables; the jitted step's cache
   # holds only what it compiled for rank 8. (On a mesh that is two entries: the first state's shardings are
   # spelled P('fsdp', None) where the step's outputs say P('fsdp',), the same layout, and jit's cache tells

@@ -213,7 +213,7 @@ def test_train_step_traces_once_per_rank_and_learns(tiny):
   assert trainer.traces["train_step"] == 3 and trainer.traces["change_rank"] == 2
   # Compiled once per rank too: a first state of other (uncommitted) shardings than the step's outputs
   # traced once but compiled twice.
-  assert trainer._train_step._cache_size() == 3  # pylint: disable=protected-access
+  assert trainer.train_step_program._cache_size() == 3  # pylint: disable=protected-access
   assert int(state["step"]) == 75
   assert loss1 < loss0 - 0.5, (loss0, loss1)
   # Back to a rank seen before: no new trace.

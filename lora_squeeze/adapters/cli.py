@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(report.summary())
     elif args.command == "convert":
       # gguf_convert imports this package (adapters/__init__.py imports this module): hence here.
-      from lora_squeeze import gguf_convert  # pylint: disable=g-import-not-at-top
+      from lora_squeeze import gguf_convert  # pylint: disable=g-import-not-at-top  (import cycle)
 
       print(
           gguf_convert.convert(

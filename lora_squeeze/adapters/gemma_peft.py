@@ -306,7 +306,7 @@ def import_peft(
     AdapterError: a file that is not a Gemma 3 text LoRA for this model config (names the module and shape),
       missing halves, NaN/Inf, tensors we cannot represent (modules_to_save, DoRA, LoRA biases).
   """
-  from lora_squeeze import lora  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import lora  # pylint: disable=g-import-not-at-top  (flax/gemma: never in the command)
 
   cfg = lora_layout.text_config(model_config)
   dims = _hf_dims(cfg)

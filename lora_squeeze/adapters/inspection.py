@@ -63,10 +63,10 @@ class InspectReport:
   def plot(self, path: str | os.PathLike) -> None:
     """Retention curves V_k (k = 1..r): the mean over all modules and the mean per module type."""
     check_plot_path(path)
-    import matplotlib
+    import matplotlib  # pylint: disable=g-import-not-at-top  (heavy, optional: --plot only)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top  (heavy, optional: --plot only)
 
     r_max = max(m.r for m in self.modules)
     ks = np.arange(1, r_max + 1)
@@ -106,7 +106,7 @@ def check_plot_path(path: str | os.PathLike) -> None:
   over the adapter (an unknown format used to end in matplotlib's traceback after all the work; no
   extension would make matplotlib append ".png" to the name)."""
   try:
-    from matplotlib.backend_bases import FigureCanvasBase  # pylint: disable=g-import-not-at-top
+    from matplotlib.backend_bases import FigureCanvasBase  # pylint: disable=g-import-not-at-top  (heavy, optional)
   except ImportError:
     raise AdapterError("--plot needs matplotlib (pip install matplotlib)") from None
   formats = sorted(FigureCanvasBase.get_supported_filetypes())
@@ -125,7 +125,8 @@ def inspect_adapter(directory: str | os.PathLike, *, progress: bool = True) -> I
   """Spectra of every module's ΔW_eff (efficient route: never forms ΔW); a PEFT directory or a single
   kohya / diffusers file."""
   if not Path(directory).is_dir():
-    from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top
+    # lora_files imports this package (adapters/__init__.py imports this module): an import cycle, hence here.
+    from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top  (import cycle)
 
     with lora_files.open_lora_file(directory) as adapter:
       return InspectReport(

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from lora_squeeze import rank_rules, squeeze, squeeze_host
 from lora_squeeze.adapters.atomic_output import atomic_dir, check_out_dir, fault_point
@@ -81,8 +82,6 @@ def progress_bar(iterable, total: int, desc: str, enabled: bool):
   """A tqdm bar on stderr (only on a terminal: None lets tqdm decide), or the bare iterable."""
   if not enabled:
     return iterable
-  from tqdm import tqdm
-
   return tqdm(iterable, total=total, desc=desc, unit="module", file=sys.stderr, disable=None, leave=False)
 
 
@@ -465,7 +464,7 @@ def squeeze_adapter(in_dir: str | os.PathLike, out_dir: str | os.PathLike, optio
   in_dir, out_dir = Path(in_dir), Path(out_dir)
   if not in_dir.is_dir():
     # A single file: kohya / diffusers LoRAs (lora_files.py, which imports this module: hence here).
-    from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top
+    from lora_squeeze import lora_files  # pylint: disable=g-import-not-at-top  (import cycle)
 
     return lora_files.squeeze_file(in_dir, out_dir, options)
   # Before opening anything: an OUT_DIR that is, holds or lies in IN_DIR is refused even for a dry run.

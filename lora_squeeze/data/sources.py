@@ -64,8 +64,7 @@ class TfdsSource(Sequence[tasks_lib.Example]):
       data_dir: str | os.PathLike[str] | None = None,
       download: bool = False,
   ):
-    # pylint: disable-next=g-import-not-at-top
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy: only for TFDS splits)
 
     self.task = tasks_lib.get_task(task)
     self.split = split or self.task.train_split

@@ -22,8 +22,9 @@ HARMLESS_NATIVE_LINES = (
     # XLA:CPU's persistent cache reloading programs it compiled itself, on this same machine: the tuning
     # attributes +prefer-no-gather / +prefer-no-scatter are not CPU features, so the check always "fails".
     re.compile(r"^E\d{4} .*cpu_aot_loader\.cc.*Target machine feature \+prefer-no-(gather|scatter) is not"),
-    # grain noting that its worker profiler needs a newer jaxlib than the pinned one (we use no profiler).
-    re.compile(r"^W\d{4} .*Grain multiprocess worker profiling requires jaxlib"),
+    # grain noting that its worker profiler needs a newer jaxlib than the pinned one (we use no profiler):
+    # absl's format once absl logging is set up, Python logging's default one when grain is imported before.
+    re.compile(r"^(W\d{4} .*|WARNING:absl:)Grain multiprocess worker profiling requires jaxlib"),
 )
 VERBOSE_ENV = "LORA_SQUEEZE_VERBOSE"
 

@@ -13,8 +13,10 @@ adapter instead of retraining it); such cells run after their sources.
 Layout: ``DIR/cells/NAME/`` is the cell's run workdir (train.run: checkpoints, metrics.jsonl, result.json,
 adapter) and ``DIR/results/NAME.json`` its record: ``{"name", "status": "ok"|"error", "overrides",
 "settings", "sources", "fingerprint", "result" | "error", "seconds"}``. ``settings`` are the cell's resolved
-result-determining settings (``workdir.result_settings``), ``sources`` the fingerprints of the cells it
-reads, ``fingerprint`` a hash of both.
+result-determining settings (``workdir.result_settings``; an ``@cell`` reference stays ``@cell``, not the path,
+so a store moved to another directory or machine is the same store: ``portable``), ``sources`` the
+fingerprints of the cells it reads, ``fingerprint`` a hash of both. A cell whose source finished elsewhere (a
+committed store continued on a new machine: records, no workdirs) first rebuilds that source's run.
 
 A rerun skips cells whose record says ok AND whose fingerprint equals the cell's current one (an interrupted
 cell resumes from its checkpoints; a failing cell records its error, with traceback, and the sweep goes on).
@@ -196,6 +198,41 @@ def _set_aside(path: Path) -> Path:
   return dest
 
 
+def portable(settings: Mapping[str, Any], cell: Mapping[str, Any]) -> dict:
+  """``settings`` with each ``@cell`` reference's resolved path written back as ``@cell``, so that a record
+  does not depend on where the sweep directory lies (a campaign continued on another machine or under
+  another path is the same campaign). Also turns an older record's absolute ``.../cells/NAME`` into
+  ``@NAME``."""
+  out = copy.deepcopy(dict(settings))
+  for key, value in dict(cell.get("overrides", {})).items():
+    if not (isinstance(value, str) and value.startswith("@")):
+      continue
+    node = out
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node.get(p) if isinstance(node, dict) else None
+    if isinstance(node, dict) and isinstance(node.get(leaf), str):
+      v = node[leaf]
+      if v == value or v.rstrip("/").endswith(f"cells/{value[1:]}"):
+        node[leaf] = value
+  return out
+
+
+def _ensure_sources(config, cell, sweep_dir: Path, cells: Mapping[str, Mapping[str, Any]], run_fn, rates) -> None:
+  """Rebuilds each finished source cell whose run workdir is not here (the campaign went on on another
+  machine, which kept only the records): a Post- / Cont-Squeeze cell needs its source's adapter."""
+  for dep in _deps(cell):
+    record = record_path(sweep_dir, dep)
+    finished = record.exists() and json.loads(record.read_text()).get("status") == "ok"
+    if finished and not (sweep_dir / "cells" / dep).is_dir() and dep in cells:
+      print(
+          f"[lora_squeeze] sweep cell {cell['name']}: its source cell {dep} finished elsewhere and its workdir "
+          "is not here: rebuilding it (its record is replaced by the rebuilt run's)"
+      )
+      _set_aside(record)
+      run_cell(config, cells[dep], sweep_dir, run_fn=run_fn, rates=rates, cells=cells)
+
+
 def run_cell(
     config,
     cell: Mapping[str, Any],
@@ -203,12 +240,14 @@ def run_cell(
     *,
     run_fn: Callable[..., dict] = train.run,
     rates: BestRates | None = None,
+    cells: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict:
-  """Run one cell unless its record says ok for the same settings; always returns its record."""
+  """Run one cell unless its record says ok for the same settings; always returns its record. ``cells``
+  ({name: cell}, the whole sweep's): a source cell finished elsewhere is rebuilt here first."""
   sweep_dir = Path(sweep_dir)
   path = record_path(sweep_dir, cell["name"])
   cell_cfg = cell_config(config, cell, sweep_dir, rates=rates)
-  settings = workdir_lib.result_settings(cell_cfg)
+  settings = portable(workdir_lib.result_settings(cell_cfg), cell)
   sources = {}
   for dep in _deps(cell):
     dep_path = record_path(sweep_dir, dep)
@@ -224,12 +263,13 @@ def run_cell(
         print(f"[lora_squeeze] sweep cell {cell['name']}: record without settings (older version), kept as is")
         return old
     elif old_fp == fp or (
-        not workdir_lib.differences(old.get("settings", {}), settings) and old.get("sources", {}) == sources
-    ):  # same settings, hashed before a key moved
+        not workdir_lib.differences(portable(old.get("settings", {}), cell), settings)
+        and old.get("sources", {}) == sources
+    ):  # same settings, hashed before a key moved (or with the sweep directory elsewhere)
       if old.get("status") == "ok":
         return old
     else:
-      changed = workdir_lib.differences(old.get("settings", {}), settings)
+      changed = workdir_lib.differences(portable(old.get("settings", {}), cell), settings)
       changed += [f"source cell {d} was rerun" for d in sources if old.get("sources", {}).get(d) != sources[d]]
       moved = _set_aside(path)
       print(
@@ -249,7 +289,9 @@ def run_cell(
     for dep, dep_fp in sources.items():
       if not dep_fp:
         raise RuntimeError(f"source cell {dep!r} has not finished successfully")
+    _ensure_sources(config, cell, sweep_dir, cells or {}, run_fn, rates)
     kwargs = {"fresh": True} if fresh else {}
+    (sweep_dir / "cells" / cell["name"]).mkdir(parents=True, exist_ok=True)  # "ran here" (_ensure_sources)
     result = run_fn(cell_cfg, sweep_dir / "cells" / cell["name"], **kwargs)
     record.update(status="ok", result=result)
   except workdir_lib.UserError as e:  # e.g. a busy cell workdir: one line, and the sweep goes on
@@ -282,6 +324,7 @@ def run_sweep(
   """Run every cell (or ``only`` those), in dependency order; returns {name: record}."""
   sweep_dir = Path(sweep_dir)
   cells = cells_of(config)
+  by_name = {c["name"]: c for c in cells}
   if only:
     names = [c["name"] for c in cells]
     unknown = sorted(set(only) - set(names))
@@ -296,7 +339,7 @@ def run_sweep(
   records = {}
   for i, cell in enumerate(cells):
     print(f"[lora_squeeze] sweep cell {i + 1}/{len(cells)}: {cell['name']}")
-    records[cell["name"]] = run_cell(config, cell, sweep_dir, run_fn=run_fn, rates=rates)
+    records[cell["name"]] = run_cell(config, cell, sweep_dir, run_fn=run_fn, rates=rates, cells=by_name)
   return records
 
 

@@ -2,6 +2,8 @@
 quickstart report (table + heatmap PNG)."""
 
 import json
+import pathlib
+import shutil
 
 import pytest
 
@@ -108,3 +110,45 @@ def test_real_tiny_sweep_and_report(tmp_path):
   assert "| 1.4000 ± 0.0100 |" in md and "| 1.1000 ± 0.0100 |" in md  # held-out NLL of r=4 and of r=1
   png = (tmp_path / "q.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+
+
+def test_a_store_continued_elsewhere_skips_what_finished_and_rebuilds_missing_sources(tmp_path):
+  """A committed store (records only) continued under another directory, as on a new machine: finished cells
+  stay finished although their @source paths moved; a cell still to run whose source finished elsewhere
+  first rebuilds that source's run (its adapter is needed), and the rebuilt record replaces the old one."""
+  cells = [
+      {"name": "src", "overrides": {"mode": "direct", "lora.rank": 4}},
+      {"name": "post", "overrides": {"mode": "post_squeeze", "source_workdir": "@src", "target_ranks": (2,)}},
+      {"name": "cont", "overrides": {"mode": "cont_squeeze", "source_workdir": "@src", "extra_steps": 2}},
+  ]
+  calls = []
+
+  def fake_run(cfg, workdir, **_):
+    calls.append((pathlib.Path(workdir).name, cfg.get("source_workdir")))
+    return {"mode": cfg.mode}
+
+  first = tmp_path / "machine1"
+  sweep.run_sweep(_config(cells[:2]), first, run_fn=fake_run)
+  assert [c[0] for c in calls] == ["src", "post"]
+  post_record = json.loads((first / "results" / "post.json").read_text())
+  assert post_record["settings"]["source_workdir"] == "@src"  # not machine1's path
+  # Another machine: only the records travel.
+  second = tmp_path / "machine2"
+  shutil.copytree(first / "results", second / "results")
+  calls.clear()
+  records = sweep.run_sweep(_config(cells), second, run_fn=fake_run)
+  assert calls == [("src", ""), ("cont", str(second / "cells" / "src"))]  # post skipped; src rebuilt for cont
+  assert records["post"]["fingerprint"] == post_record["fingerprint"]
+  assert json.loads((second / "results" / "src.json").read_text())["fingerprint"] == records["src"]["fingerprint"]
+  assert list((second / "results" / "superseded").glob("src.*.json"))  # the old record is kept aside
+  calls.clear()
+  sweep.run_sweep(_config(cells), second, run_fn=fake_run)
+  assert calls == []
+
+
+def test_an_older_record_with_an_absolute_source_path_is_the_same_cell():
+  cell = {"name": "post", "overrides": {"source_workdir": "@src", "squeeze.method": "rsvd"}}
+  old = {"source_workdir": "/old/machine/runs/cells/src", "squeeze": {"method": "rsvd"}}
+  assert sweep.portable(old, cell) == {"source_workdir": "@src", "squeeze": {"method": "rsvd"}}
+  other = {"source_workdir": "/somewhere/else/entirely", "squeeze": {"method": "rsvd"}}
+  assert sweep.portable(other, cell) == other  # a path that is not the cell's source stays as it is

@@ -210,7 +210,7 @@ class Programs:
       raise ValueError("aot: eval_images needs a vision-language model (text_only=False)")
     scorer = evaluate.ChoiceScorer(self.model, lora, lora_config, max_len=t, batch_rows=b)
     scored = jax.ShapeDtypeStruct((self.setting.eval_scored,), jnp.int32)
-    return scorer._score.lower(lora, self.base(), tok, tok, tok, scored, scored)  # pylint: disable=protected-access
+    return scorer.score_program.lower(lora, self.base(), tok, tok, tok, scored, scored)
 
 
 # --------------------------------------------------------------------------------------------------------

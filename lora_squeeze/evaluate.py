@@ -174,7 +174,7 @@ class ChoiceScorer:
     self.forward = forward_lib.Forward(model, lora_config if lora_params is not None else None)
     self.traces = 0
     self.logit_rows = 0  # rows of vocabulary logits computed so far (scored positions + bucket padding)
-    self._score = jax.jit(self._score_impl)
+    self.score_program = jax.jit(self._score_impl)  # public: lora_squeeze.aot lowers it from abstract shapes
 
   def _score_impl(self, lora_params, base_params, tokens, positions, branch, pred_idx, targets):
     self.traces += 1
@@ -217,7 +217,8 @@ class ChoiceScorer:
       targets = np.zeros(s, np.int32)
       pred_idx[: len(pred)], targets[: len(tgt)] = pred, tgt
       logp = np.asarray(
-          self._score(self.lora_params, self.model.params, tokens, positions, branch, pred_idx, targets), np.float64
+          self.score_program(self.lora_params, self.model.params, tokens, positions, branch, pred_idx, targets),
+          np.float64,
       )
       for v, (ex_i, k) in zip(logp[: len(owner)], owner):
         sums[ex_i][k] += v

@@ -6,7 +6,7 @@ only reads the arguments.
   python -m lora_squeeze.sweep --config=configs/paper.py:artefact=heatmap,lr_from=runs/lr_grid --workdir=runs/heatmap
   bash launch/sweep.sh slurm configs/paper.py:artefact=table1,lr_from=runs/lr_grid runs/table1   # one job per cell
 
-artefact: lr_grid, direct, fig3, heatmap, table1 or table3, several joined with ``+`` (shared cells run once). What
+artefact: lr_grid, direct, fig3, heatmap, table1, table3 or auto_rank, several joined with ``+`` (shared cells run once). What
 each runs and which experiments/ script reads its store: the list at the top of ``lora_squeeze/paper_sweeps.py``
 (and the README's table).
 
@@ -48,6 +48,8 @@ def get_config(arg=None):
       methods=("efficient", "rsvd"),
       schemes=("standard", "min_steps"),
       optimizer_states=("fresh",),
+      tau=0.9,
+      auto_tgt=4,
       steps=0,
       extra=(200, 700),
       runlocal=False,
@@ -73,4 +75,6 @@ def get_config(arg=None):
       methods=arg.methods,
       schemes=arg.schemes,
       optimizer_states=arg.optimizer_states,
+      tau=arg.tau,
+      auto_tgt=arg.auto_tgt,
   )

@@ -15,13 +15,15 @@
 #            In-Squeeze standard and minimum-steps, each with a fresh and a carried optimizer state
 #   seeds    Table 3: its seed-study cells (direct r=1, r=32, Post-Squeeze, direct N + M, In-Squeeze
 #            minimum-steps) at seeds 43 and 44
+#   autorank In-Squeeze 32 -> 4 with per-module ranks (V_r >= 0.9) against uniform In-Squeeze 32 -> 4, 2, 1
+#            and Post-Squeeze 32 -> 4, 2, 1 (experiments/auto_rank.py: the uniform budget r_eq is one of them)
 # Resumable and safe to rerun: finished cells are skipped (on a new machine too: each stage first copies the
 # committed store's records into its sweep directory), a killed cell resumes from its checkpoints, a
 # changed cell reruns (sweep.py). Each stage has its own sweep directory ($RUN/rates, $RUN/pilot: the two
 # stages share cell names) and its own committed store (experiments/results/cpu_campaign/{rates,pilot}/:
 # records and training curves, copied after each stage so that they can be committed as they land).
 # Usage: bash experiments/cpu_campaign.sh [STAGE ...]
-#   (default: rates pilot table1 seeds grid fig3 heatmap)   RUN=runs/cpu_campaign
+#   (default: rates pilot table1 seeds autorank grid fig3 heatmap)   RUN=runs/cpu_campaign
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN="${RUN:-runs/cpu_campaign}"
@@ -76,7 +78,7 @@ reports() {  # every figure and table script that the stores can feed; a script 
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(rates pilot table1 seeds grid fig3 heatmap)
+[ ${#stages[@]} -gt 0 ] || stages=(rates pilot table1 seeds autorank grid fig3 heatmap)
 for stage in "${stages[@]}"; do
   case "$stage" in
     rates)
@@ -106,6 +108,10 @@ for stage in "${stages[@]}"; do
       LRS="$(rates_of 1+32)"
       campaign table1 0 "artefact=table3,$SIQA,ranks=1+32,src=32,tgt=1,extra=10,lrs=$LRS,seeds=43+44"
       reports ;;
+    autorank)
+      LRS="$(rates_of 1+32)"
+      campaign table1 0 "artefact=auto_rank,$SIQA,ranks=1+32,src=32,tgt=1,extra=10,lrs=$LRS,tau=0.9,auto_tgt=4"
+      "$PY" experiments/auto_rank.py --results "$OUT/table1" --out "$OUT" || true ;;
     grid)
       campaign rates 300 "artefact=lr_grid,$SIQA,ranks=2+4+8+16,lr_grid=0.01+0.03+0.1"
       reports ;;
@@ -117,6 +123,6 @@ for stage in "${stages[@]}"; do
       LRS="$(rates_of 1+2+4+8+16+32)"; echo "[cpu_campaign] heatmap rates: $LRS"
       campaign rates 300 "artefact=heatmap,$SIQA,ranks=1+2+4+8+16+32,lrs=$LRS"
       reports ;;
-    *) echo "unknown stage $stage (rates | pilot | table1 | seeds | grid | fig3 | heatmap)"; exit 2 ;;
+    *) echo "unknown stage $stage (rates | pilot | table1 | seeds | autorank | grid | fig3 | heatmap)"; exit 2 ;;
   esac
 done

@@ -24,6 +24,9 @@ Artefacts (what each runs → which scripts read it):
   table3   the seed study's cells (Table 3): direct r_tgt and r_src for N, Post-Squeeze r_src → r_tgt, direct
            r_tgt and In-Squeeze minimum-steps for N + M (a subset of table1's cells: run it with seeds=43+44
            next to table1 at seed 42) → table3_seeds.py, claims.py
+  auto_rank  In-Squeeze r_src → auto_tgt with per-module ranks (``config.auto_rank.tau`` = tau), uniform
+           In-Squeeze r_src → r and Post-Squeeze r_src → r for every ladder rank r <= auto_tgt (the uniform
+           budget r_eq of the automatic run is one of them) → experiments/auto_rank.py
 
 Several artefacts at once run their union: cells are made task by task, seed by seed, artefact by artefact
 (in ``ARTEFACTS`` order), and a cell two artefacts share (same name, same overrides) appears once.
@@ -52,7 +55,7 @@ from lora_squeeze.data import tasks as tasks_lib
 from lora_squeeze.workdir import UserError
 from lora_squeeze.workdir import did_you_mean
 
-ARTEFACTS = ("lr_grid", "direct", "fig3", "heatmap", "table1", "table3")
+ARTEFACTS = ("lr_grid", "direct", "fig3", "heatmap", "table1", "table3", "auto_rank")
 SCALES = ("paper", "runlocal", "tiny")
 SCHEMES = schedules.SCHEMES
 OPTIMIZER_STATES = ("fresh", "carry")  # train.OPTIMIZER_STATE_MODES (not imported: it pulls in the training stack)
@@ -137,7 +140,23 @@ def parse_lrs(items: Iterable[Any]) -> dict[int, float]:
 
 
 def _check(
-    *, tasks, ranks, seeds, lr, lr_grid, lrs, src, tgt, sources, methods, schemes, optimizer_states, extra, steps
+    *,
+    tasks,
+    ranks,
+    seeds,
+    lr,
+    lr_grid,
+    lrs,
+    src,
+    tgt,
+    sources,
+    methods,
+    schemes,
+    optimizer_states,
+    extra,
+    steps,
+    tau,
+    auto_tgt,
 ) -> None:  # pylint: disable=unused-argument
   def positive_ints(key, values, minimum=1):
     for v in values:
@@ -173,6 +192,9 @@ def _check(
     _one_of("methods", m, squeeze.METHODS)
   for s in schemes:
     _one_of("schemes", s, SCHEMES)
+  positive_ints("auto_tgt", (auto_tgt,))
+  if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and 0 < tau <= 1):
+    raise UserError(f"tau: {tau!r} is not an energy share in (0, 1] (auto_rank's threshold V_r >= tau)")
   if not optimizer_states:
     raise UserError(f"optimizer_states is empty: give one or both of {OPTIMIZER_STATES}")
   for s in optimizer_states:
@@ -281,11 +303,17 @@ def _ladder_rates(t: _Task, a: Mapping[str, Any]) -> dict[str, float | dict]:
   return out
 
 
-def _in_squeeze(t: _Task, a: Mapping[str, Any], scheme: str, m: int, lrs: dict, optimizer_state: str) -> str:
-  src, tgt = a["src"], a["tgt"]
+def _in_squeeze(
+    t: _Task, a: Mapping[str, Any], scheme: str, m: int, lrs: dict, optimizer_state: str, *, tgt: int = 0, tau=0.0
+) -> str:
+  src, tgt = a["src"], tgt or a["tgt"]
   extra = {} if optimizer_state == "fresh" else {"squeeze.optimizer_state": optimizer_state}
+  if tau:
+    extra["auto_rank.tau"] = tau
   return t.add(
-      f"{t.tag}_in_{scheme}_{src}to{tgt}_m{m}" + ("" if optimizer_state == "fresh" else f"_opt{optimizer_state}"),
+      f"{t.tag}_in_{scheme}_{src}to{tgt}_m{m}"
+      + ("" if optimizer_state == "fresh" else f"_opt{optimizer_state}")
+      + (f"_auto{tau:g}" if tau else ""),
       mode="in_squeeze",
       source_rank=src,
       target_rank=tgt,
@@ -333,6 +361,27 @@ def _table3(t: _Task, a: Mapping[str, Any]) -> None:
     _in_squeeze(t, a, "min_steps", m, lrs, "fresh")
 
 
+def _auto_rank(t: _Task, a: Mapping[str, Any]) -> None:
+  """In-Squeeze r_src → auto_tgt with per-module ranks (V_r >= tau), and what it is compared with: uniform
+  In-Squeeze r_src → r for every r of the ladder from auto_tgt down to r_tgt (the one of the auto run's
+  parameter count, r_eq, is among them), and Post-Squeeze from direct r_src to those ranks."""
+  src, top = a["src"], a["auto_tgt"]
+  ladder = [r for r in schedules.halving_ladder(src, a["tgt"]) if r <= top]
+  source = t.direct(src, t.lr_of(src))
+  t.add(
+      f"{t.tag}_post_{src}to{'_'.join(map(str, ladder))}",
+      mode="post_squeeze",
+      source_workdir=f"@{source}",
+      target_ranks=tuple(ladder),
+      **t.at,
+  )
+  lrs = _ladder_rates(t, a)
+  for m in a["extra"]:
+    _in_squeeze(t, a, "standard", m, lrs, "fresh", tgt=top, tau=a["tau"])
+    for r in ladder:
+      _in_squeeze(t, a, "standard", m, lrs, "fresh", tgt=r)
+
+
 _ARTEFACT_CELLS = {
     "lr_grid": _lr_grid,
     "direct": _direct,
@@ -340,6 +389,7 @@ _ARTEFACT_CELLS = {
     "heatmap": _heatmap,
     "table1": _table1,
     "table3": _table3,
+    "auto_rank": _auto_rank,
 }
 assert tuple(_ARTEFACT_CELLS) == ARTEFACTS
 
@@ -367,6 +417,8 @@ def cells(
     schemes: Sequence[str] = SCHEMES,
     optimizer_states: Sequence[str] = ("fresh",),
     extra: Sequence[int] = (200, 700),
+    tau: float = 0.9,
+    auto_tgt: int = 4,
 ) -> list[dict[str, Any]]:
   """The cells of ``artefacts`` (their union), task by task, seed by seed.
 
@@ -383,6 +435,8 @@ def cells(
     methods: the heatmap's squeeze methods; schemes: table1's In-Squeeze schemes; extra: table1's M values.
     optimizer_states: table1's In-Squeeze optimizer state at a rank change ("fresh": the paper's; "carry":
       the moments squeezed with the adapter, cells named ``..._optcarry``).
+    tau, auto_tgt: auto_rank's energy threshold and the end of its ladder (each module's rank is at most
+      auto_tgt; a ladder to 1 would end every module at rank 1).
   """
   artefacts = check_artefacts(artefacts)
   tasks, ranks, seeds, extra = tuple(tasks), tuple(ranks), tuple(seeds), tuple(extra)
@@ -402,6 +456,8 @@ def cells(
       optimizer_states=tuple(optimizer_states),
       extra=extra,
       steps=steps,
+      tau=tau,
+      auto_tgt=auto_tgt,
   )
   _check(**a)
   a["lr_from"] = str(lr_from)

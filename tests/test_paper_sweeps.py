@@ -29,6 +29,7 @@ def _per_task(cells):
         ("heatmap", 8 + 8 * 2),  # every rank, Post-Squeeze from each source with efficient and rsvd
         ("table1", 4 + 2 * 4),  # 0-S, direct r_src and r_tgt, Post; per M: direct N+M, Cont, In std, In min
         ("table3", 3 + 2 * 2),  # direct r_src and r_tgt, Post; per M: direct N+M, In min
+        ("auto_rank", 2 + 2 * 4),  # direct r_src, Post to 4/2/1; per M: In auto to 4, uniform In to 4, 2, 1
     ],
 )
 def test_cell_counts_per_artefact_at_paper_scale(artefact, per_task):
@@ -85,6 +86,24 @@ def test_table1_optimizer_states_and_ladder_rates():
   from lora_squeeze import optim as optim_lib  # pylint: disable=g-import-not-at-top
 
   assert P.OPTIMIZER_STATES == optim_lib.OPTIMIZER_STATE_MODES
+
+
+def test_auto_rank_cells_compare_with_uniform_budgets():
+  args = dict(tasks=("siqa",), ranks=(1, 32), steps=40, src=32, tgt=1, extra=(10,), lrs={1: 0.1, 32: 0.1})
+  cells = {c["name"]: c["overrides"] for c in P.cells(("auto_rank",), tau=0.85, auto_tgt=4, **args)}
+  auto = cells["siqa_s42_in_standard_32to4_m10_auto0.85"]
+  assert auto["auto_rank.tau"] == 0.85 and auto["target_rank"] == 4 and auto["mode"] == "in_squeeze"
+  assert {n for n in cells if n.startswith("siqa_s42_in_standard_32to") and "auto" not in n} == {
+      f"siqa_s42_in_standard_32to{r}_m10" for r in (4, 2, 1)
+  }
+  assert cells["siqa_s42_post_32to4_2_1"]["target_ranks"] == (4, 2, 1)
+  # Shared with table1 (same names, same overrides): direct r_src and the uniform 32 -> 1 In-Squeeze.
+  table1 = {c["name"]: c["overrides"] for c in P.cells(("table1",), **args)}
+  shared = set(cells) & set(table1)
+  assert shared == {"siqa_s42_direct_r32_lr0.1", "siqa_s42_in_standard_32to1_m10"}
+  assert all(cells[n] == table1[n] for n in shared)
+  with pytest.raises(UserError, match=r"tau: 1.5 is not an energy share"):
+    P.cells(("auto_rank",), tau=1.5, **args)
 
 
 def test_union_dedups_shared_cells_and_keeps_order():
@@ -253,6 +272,7 @@ COMMITTED = {
     "table1": [
         (f"artefact=table1,{_T1},optimizer_states=fresh+carry", {"eval.limit": 0}),
         (f"artefact=table3,{_T1},seeds=43+44", {"eval.limit": 0}),
+        (f"artefact=auto_rank,{_T1},tau=0.9,auto_tgt=4", {"eval.limit": 0}),
     ],
 }
 

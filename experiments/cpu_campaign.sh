@@ -16,7 +16,7 @@
 #   seeds    Table 3: its seed-study cells (direct r=1, r=32, Post-Squeeze, direct N + M, In-Squeeze
 #            minimum-steps) at seeds 43 and 44
 #   autorank In-Squeeze 32 -> 4 with per-module ranks (V_r >= 0.9) against uniform In-Squeeze 32 -> 4, 2, 1
-#            and Post-Squeeze 32 -> 4, 2, 1 (experiments/auto_rank.py: the uniform budget r_eq is one of them)
+#            and Post-Squeeze 32 -> 4, 3, 2, 1 (experiments/auto_rank.py pairs it with those at its budget r_eq)
 # Resumable and safe to rerun: finished cells are skipped (on a new machine too: each stage first copies the
 # committed store's records into its sweep directory), a killed cell resumes from its checkpoints, a
 # changed cell reruns (sweep.py). Each stage has its own sweep directory ($RUN/rates, $RUN/pilot: the two

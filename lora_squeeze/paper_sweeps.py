@@ -25,8 +25,8 @@ Artefacts (what each runs → which scripts read it):
            r_tgt and In-Squeeze minimum-steps for N + M (a subset of table1's cells: run it with seeds=43+44
            next to table1 at seed 42) → table3_seeds.py, claims.py
   auto_rank  In-Squeeze r_src → auto_tgt with per-module ranks (``config.auto_rank.tau`` = tau), uniform
-           In-Squeeze r_src → r and Post-Squeeze r_src → r for every ladder rank r <= auto_tgt (the uniform
-           budget r_eq of the automatic run is one of them) → experiments/auto_rank.py
+           In-Squeeze r_src → r for every ladder rank r <= auto_tgt, Post-Squeeze r_src → 1..auto_tgt (the
+           automatic run's uniform budget r_eq is one of them) → experiments/auto_rank.py
 
 Several artefacts at once run their union: cells are made task by task, seed by seed, artefact by artefact
 (in ``ARTEFACTS`` order), and a cell two artefacts share (same name, same overrides) appears once.
@@ -363,16 +363,17 @@ def _table3(t: _Task, a: Mapping[str, Any]) -> None:
 
 def _auto_rank(t: _Task, a: Mapping[str, Any]) -> None:
   """In-Squeeze r_src → auto_tgt with per-module ranks (V_r >= tau), and what it is compared with: uniform
-  In-Squeeze r_src → r for every r of the ladder from auto_tgt down to r_tgt (the one of the auto run's
-  parameter count, r_eq, is among them), and Post-Squeeze from direct r_src to those ranks."""
+  In-Squeeze r_src → r for every rank r of the halving ladder from auto_tgt down to r_tgt, and Post-Squeeze
+  from direct r_src to every rank 1..auto_tgt (the automatic run's uniform budget r_eq, which need not be a
+  power of 2, is one of them: on the real 270M at tau 0.9, 32 → 4 ended at r_eq ≈ 3.1)."""
   src, top = a["src"], a["auto_tgt"]
   ladder = [r for r in schedules.halving_ladder(src, a["tgt"]) if r <= top]
   source = t.direct(src, t.lr_of(src))
   t.add(
-      f"{t.tag}_post_{src}to{'_'.join(map(str, ladder))}",
+      f"{t.tag}_post_{src}to1-{top}",
       mode="post_squeeze",
       source_workdir=f"@{source}",
-      target_ranks=tuple(ladder),
+      target_ranks=tuple(range(top, 0, -1)),
       **t.at,
   )
   lrs = _ladder_rates(t, a)

@@ -29,7 +29,7 @@ def _per_task(cells):
         ("heatmap", 8 + 8 * 2),  # every rank, Post-Squeeze from each source with efficient and rsvd
         ("table1", 4 + 2 * 4),  # 0-S, direct r_src and r_tgt, Post; per M: direct N+M, Cont, In std, In min
         ("table3", 3 + 2 * 2),  # direct r_src and r_tgt, Post; per M: direct N+M, In min
-        ("auto_rank", 2 + 2 * 4),  # direct r_src, Post to 4/2/1; per M: In auto to 4, uniform In to 4, 2, 1
+        ("auto_rank", 2 + 2 * 4),  # direct r_src, Post to 4..1; per M: In auto to 4, uniform In to 4, 2, 1
     ],
 )
 def test_cell_counts_per_artefact_at_paper_scale(artefact, per_task):
@@ -96,7 +96,7 @@ def test_auto_rank_cells_compare_with_uniform_budgets():
   assert {n for n in cells if n.startswith("siqa_s42_in_standard_32to") and "auto" not in n} == {
       f"siqa_s42_in_standard_32to{r}_m10" for r in (4, 2, 1)
   }
-  assert cells["siqa_s42_post_32to4_2_1"]["target_ranks"] == (4, 2, 1)
+  assert cells["siqa_s42_post_32to1-4"]["target_ranks"] == (4, 3, 2, 1)  # r_eq need not be a power of 2
   # Shared with table1 (same names, same overrides): direct r_src and the uniform 32 -> 1 In-Squeeze.
   table1 = {c["name"]: c["overrides"] for c in P.cells(("table1",), **args)}
   shared = set(cells) & set(table1)

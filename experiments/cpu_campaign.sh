@@ -41,7 +41,9 @@ collect() {  # $1 = stage: its records + the loss curve of every finished cell, 
   cp "$run"/results/*.json "$store/results/" 2>/dev/null || true
   for d in "$run"/cells/*/; do
     n="$(basename "$d")"
-    [ -f "$d/result.json" ] && cp "$d/metrics.jsonl" "$store/curves/$n.jsonl"
+    # (Post-Squeeze and zero-shot cells train nothing: no curve. A bare `[ ] && cp` failing here ended the
+    # whole script under set -e, after table1's first collect.)
+    if [ -f "$d/result.json" ] && [ -f "$d/metrics.jsonl" ]; then cp "$d/metrics.jsonl" "$store/curves/$n.jsonl"; fi
   done
   return 0
 }

@@ -43,6 +43,7 @@ from lora_squeeze import data
 from lora_squeeze import eval_modes
 from lora_squeeze import fileio
 from lora_squeeze import lora as lora_lib
+from lora_squeeze import lora_layout
 from lora_squeeze import rank_rules
 from lora_squeeze import run_log
 from lora_squeeze import schedules
@@ -441,11 +442,11 @@ class _TrainingRun:
         "auto_rank": (
             {"tau": self.auto_tau, "min_rank": self.auto_min, "stages": self.auto_records} if self.auto_tau else None
         ),
-        "final_ranks": lora_lib.describe_ranks(lora_lib.lora_ranks(final_params)),
-        "lora_params": int(sum(x.size for x in jax.tree.leaves(final_params))),
+        "final_ranks": final_config.rank,
+        "lora_params": lora_layout.lora_param_count(self.model.config, final_config),
         # The count of a rank-1 adapter on the same modules (a uniform rank r costs r times it).
-        "lora_params_per_rank": int(
-            sum((p["a"].size + p["b"].size) // p["a"].shape[-1] for p in squeeze_lib.lora_pairs(final_params).values())
+        "lora_params_per_rank": lora_layout.lora_param_count(
+            self.model.config, dataclasses.replace(final_config, rank=1)
         ),
         "timing": run_log.timing_summary(self.timing, self.train_seconds, self.trainer.precompiler, self.t_loop),
     }

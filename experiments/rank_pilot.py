@@ -43,15 +43,11 @@ def rate_table(rows, task: str):
   return {k: sorted(v) for k, v in sorted(out.items())}
 
 
-def best_rates(table) -> dict[int, float]:
-  return {rank: min(entries, key=lambda e: e[1])[0] for rank, entries in table.items()}
-
-
 def _rates(args, rows) -> int:
   table = rate_table(rows, args.task)
   if not table:
     raise SystemExit(f"rank_pilot: no direct runs of task {args.task!r} in {args.results}")
-  best = best_rates(table)
+  best = dict(sorted(R.best_direct_lr([r for r in _direct(rows) if r.task == args.task], by="nll").items()))
   if args.lrs_only:
     print("+".join(f"{rank}:{lr:g}" for rank, lr in best.items()))
     return 0

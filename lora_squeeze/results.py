@@ -304,12 +304,14 @@ def group(rows: Iterable[Row], key: Callable[[Row], Any]) -> dict[Any, list[Row]
   return dict(out)
 
 
-def per_task(rows: Iterable[Row], key: Callable[[Row], Any]) -> dict[Any, dict[str, float]]:
-  """{key: {task: accuracy averaged over the rows (seeds) of that task}} for rows with an accuracy."""
+def per_task(rows: Iterable[Row], key: Callable[[Row], Any], value: str = "accuracy") -> dict[Any, dict[str, float]]:
+  """{key: {task: the rows' ``value`` (a Row field: accuracy, gold_nll) averaged over the rows (seeds) of that
+  task}} for rows that have it."""
   out: dict[Any, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
   for r in rows:
-    if r.accuracy is not None:
-      out[key(r)][r.task].append(r.accuracy)
+    v = getattr(r, value)
+    if v is not None:
+      out[key(r)][r.task].append(v)
   return {k: {t: mean(v) for t, v in tasks.items()} for k, tasks in out.items()}
 
 
@@ -323,14 +325,23 @@ def mean_over_tasks(by_task: Mapping[str, float], tasks: Iterable[str] | None = 
   return mean(list(by_task.values()))
 
 
-def best_direct_lr(rows: Iterable[Row]) -> dict[int, float]:
-  """{rank: the learning rate of direct training with the best task-averaged accuracy} (Table 2's rule:
-  the rate that maximises the average over all tasks; seeds averaged first)."""
-  table = per_task([r for r in rows if r.method == "direct"], lambda r: (r.rank, r.learning_rate))
+# How a rank's own learning rate is chosen from direct runs: "accuracy", the paper's Table 2 rule (the highest
+# task-averaged accuracy), or "nll", the lowest task-averaged held-out NLL (what the CPU campaign uses: at a
+# few hundred examples the NLL separates rates that accuracy cannot, experiments/rank_pilot.py).
+RATE_RULES = ("accuracy", "nll")
+
+
+def best_direct_lr(rows: Iterable[Row], by: str = "accuracy") -> dict[int, float]:
+  """{rank: the learning rate of direct training that is best by ``by`` (``RATE_RULES``), averaged over all
+  tasks (seeds first); a rate missing a task is not a candidate."""
+  if by not in RATE_RULES:
+    raise ValueError(f"best_direct_lr: by={by!r}, expected one of {', '.join(RATE_RULES)}")
+  value, sign = ("accuracy", 1.0) if by == "accuracy" else ("gold_nll", -1.0)
+  table = per_task([r for r in rows if r.method == "direct"], lambda r: (r.rank, r.learning_rate), value)
   tasks = sorted({t for v in table.values() for t in v})
   best: dict[int, tuple[float, float]] = {}
   for (rank, lr), by_task in table.items():
-    score = mean_over_tasks(by_task, tasks)
+    score = sign * mean_over_tasks(by_task, tasks)
     if math.isnan(score):
       continue
     if rank not in best or score > best[rank][0]:

@@ -324,3 +324,25 @@ def test_rank_pilot_report_pairs_the_ranks_and_flags_overfitting(tmp_path):
   assert f"{d.mean():+.4f} ± {sem:.4f}" in md and "+0.0 ± 0.0" in md  # same correctness: Δ acc exactly 0
   assert "r=32 reaches a higher (worse) held-out NLL than r=1" in md and "it overfits the training part" in md
   assert (tmp_path / "rank_pilot_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_best_direct_lr_by_accuracy_or_nll():
+  """The two rate rules on rows where they disagree: the paper's (accuracy) and the campaign's (held-out NLL),
+  both averaged over the tasks, seeds first; a rate missing a task is no candidate."""
+
+  def row(task, lr, seed, acc, nll, rank=4):
+    return R.Row(
+        store="s", cell=f"{task}_{lr}_{seed}", task=task, model="m", method="direct", rank=rank, source_rank=None,
+        learning_rate=lr, seed=seed, steps=8, squeeze_method=None, accuracy=acc, ci95=None, n=10, gold_nll=nll,
+    )  # fmt: skip
+
+  rows = [
+      row("a", 0.01, 42, 0.60, 1.00), row("a", 0.01, 43, 0.70, 1.10), row("b", 0.01, 42, 0.50, 0.90),
+      row("a", 0.1, 42, 0.55, 0.80), row("b", 0.1, 42, 0.50, 0.85),
+      row("a", 0.3, 42, 0.99, 0.10),  # no task b: never chosen
+  ]  # fmt: skip
+  # accuracy: 0.01 -> mean(0.65, 0.50) = 0.575 > 0.1 -> 0.525; NLL: 0.1 -> 0.825 < 0.01 -> mean(1.05, 0.9) = 0.975
+  assert R.best_direct_lr(rows) == {4: 0.01}
+  assert R.best_direct_lr(rows, by="nll") == {4: 0.1}
+  with pytest.raises(ValueError, match="by='loss'"):
+    R.best_direct_lr(rows, by="loss")

@@ -150,9 +150,10 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
       best = i
   if best is None:
     return P()
-  spec = [None] * len(shape)
-  spec[best] = FSDP
-  return P(*spec)
+  # Without trailing Nones: a jitted program's outputs carry the spec in that normal form, and an input with
+  # P('fsdp', None) instead of the equivalent P('fsdp',) is another compile (the state init's layout must
+  # equal the train step's output layout, or the second step compiles the step again).
+  return P(*([None] * best), FSDP)
 
 
 def _shape(leaf) -> tuple[int, ...]:

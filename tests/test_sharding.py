@@ -41,8 +41,9 @@ def test_mesh_shape_and_fsdp_rule():
     sharding.mesh_shape({"data": 3}, 8)
   with pytest.raises(ValueError, match="at most one"):
     sharding.mesh_shape({"data": -1, "fsdp": -1}, 8)
-  assert sharding.fsdp_spec((262144, 640), 4) == P("fsdp", None)  # the embedding: the vocab dim
-  assert sharding.fsdp_spec((4, 640, 256), 4) == P(None, "fsdp", None)
+  # Specs in jit's normal form (no trailing None), the form a program's outputs carry.
+  assert sharding.fsdp_spec((262144, 640), 4) == P("fsdp")  # the embedding: the vocab dim
+  assert sharding.fsdp_spec((4, 640, 256), 4) == P(None, "fsdp")
   assert sharding.fsdp_spec((6, 10), 4) == P()  # nothing divides: replicated
   assert sharding.fsdp_spec((640,), 1) == P()
 
@@ -154,6 +155,9 @@ def _four_devices() -> None:
   )
   assert int(got["step"]) == int(want["step"])
   assert trainer.traces["train_step"] == 2 and trainer.traces["change_rank"] == 1, trainer.traces
+  # ... and compiled once per rank: the state's layouts (init, rank change) are the step's output layouts
+  # (an init with P('fsdp', None) where the step returns P('fsdp',) compiled the first rank's step twice).
+  assert trainer.train_step_program._cache_size() == 2, trainer.train_step_program._cache_size()  # pylint: disable=protected-access
 
   # The layouts are the ones sharding.py promises.
   def spec_is(x, spec):

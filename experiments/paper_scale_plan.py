@@ -45,23 +45,24 @@ MODELS = {
 }
 # devices -> (mesh sizes, global batch)
 MESHES = {1: (None, 8), 8: ({"data": 1, "fsdp": 8}, 8), 32: ({"data": 4, "fsdp": 8}, 32)}
-# What each item lowers; "compile" lists those also compiled. Order = priority (the slow machine runs the
-# first ones first). Program names: aot.PROGRAMS, train_step at rank 128 ("train_r128") and 1 ("train_r1").
-ALL = ("train_r128", "train_r1", "change_rank", "eval_step")
+# What each item lowers; "compile" lists those also compiled (all of them: the issue's ask; a run restricted with
+# --programs does the rest later, the records accumulate). Order = priority (the slow machine runs the first
+# ones first). Program names: aot.PROGRAMS, train_step at rank 128 ("train_r128") and 1 ("train_r1"), and at rank 128 with config.remat ("train_r128_remat").
+ALL = ("train_r128", "train_r1", "change_rank", "eval_step", "train_r128_remat")
 ALL_VL = ALL + ("eval_images",)
 PLAN = (
-    ("4b", 1, ALL, ("train_r128", "change_rank", "eval_step")),
-    ("4b", 8, ALL, ("train_r128", "change_rank", "eval_step")),
-    ("1b", 1, ALL, ("train_r128", "eval_step")),
-    ("12b", 8, ALL, ("train_r128",)),
-    ("4b_vl", 1, ALL_VL, ("train_r128",)),
-    ("12b", 1, ALL, ()),
-    ("1b", 8, ALL, ()),
-    ("4b_vl", 8, ALL_VL, ()),
-    ("1b", 32, ALL, ()),
-    ("4b", 32, ALL, ()),
-    ("4b_vl", 32, ALL_VL, ()),
-    ("12b", 32, ALL, ()),
+    ("4b", 1, ALL, ALL),
+    ("4b", 8, ALL, ALL),
+    ("1b", 1, ALL, ALL),
+    ("12b", 8, ALL, ALL),
+    ("4b_vl", 1, ALL_VL, ALL_VL),
+    ("12b", 1, ALL, ALL),
+    ("1b", 8, ALL, ALL),
+    ("4b_vl", 8, ALL_VL, ALL_VL),
+    ("1b", 32, ALL, ALL),
+    ("4b", 32, ALL, ALL),
+    ("4b_vl", 32, ALL_VL, ALL_VL),
+    ("12b", 32, ALL, ALL),
 )
 CAPACITIES_GB = (("v5e", 16), ("A100", 40), ("A100/H100", 80), ("H200", 141))
 # bf16 dense peak per chip (TFLOP/s) and the utilisation the plan assumes.
@@ -85,8 +86,8 @@ def worker(model_key: str, devices: int, lower_list, compile_list, out_path: pat
   sizes, batch = MESHES[devices]
   model = aot.abstract_model(name, text_only=text_only)
   mesh = None if sizes is None else sharding.make_mesh(sizes)
-  programs = aot.Programs(model, aot.Setting(batch=batch), mesh=mesh)
-  base = programs.base()
+  plain = aot.Programs(model, aot.Setting(batch=batch), mesh=mesh)
+  base = plain.base()
   for prog in lower_list:
     rec = {
         "model": model_key,
@@ -97,7 +98,14 @@ def worker(model_key: str, devices: int, lower_list, compile_list, out_path: pat
         "base_bytes": aot.base_bytes(model),
         "lora_bytes_r128": aot.lora_bytes(model, 128),
     }
-    kind, rank = ("train_step", int(prog.split("_r")[1])) if prog.startswith("train_r") else (prog, 128)
+    # "train_r128_remat": the train step with config.remat (each block rematerialised in the backward).
+    remat = prog.endswith("_remat")
+    programs = aot.Programs(model, aot.Setting(batch=batch, remat=True), mesh=mesh) if remat else plain
+    kind, rank = (
+        ("train_step", int(prog.removesuffix("_remat")[len("train_r") :]))
+        if prog.startswith("train_r")
+        else (prog, 128)
+    )
     rec["rank"] = rank
     try:
       t = time.time()
@@ -163,6 +171,31 @@ def run_item(model_key, devices, lower_list, compile_list, scratch, timeout):
 # --------------------------------------------------------------------------------------------------------
 
 
+def mesh_comparison(records) -> list[str]:
+  """The 8- and 32-device train steps of one model side by side: both hold one row per device (batch 8 on
+  1 x 8, batch 32 on 4 x 8), so their temporaries should match; where they do not, say by how much."""
+  by = {(r["model"], r["devices"], r["program"]): r for r in records if r["status"] == "compiled"}
+  out = []
+  for (model, devices, program), r32 in sorted(by.items()):
+    r8 = by.get((model, 8, program))
+    if devices != 32 or r8 is None or not program.startswith("train_r"):
+      continue
+    t8, t32 = r8["memory"]["temporaries"], r32["memory"]["temporaries"]
+    g8, g32 = (max((v["largest"] for v in r.get("collectives", {}).values()), default=0) for r in (r8, r32))
+    out.append(
+        f"* {model} {program}, one row per device on both meshes: temporaries {t8 / 1e9:.1f} GB (1 x 8) vs "
+        f"{t32 / 1e9:.1f} GB (4 x 8), {t32 / t8:.2f}x; largest collective {g8 / 1e6:,.1f} MB vs {g32 / 1e6:,.1f} MB"
+    )
+  if out:
+    out = [
+        "",
+        "Same rows per device, other mesh (XLA:CPU's partitioning and schedule; see the caveats below):",
+        "",
+        *out,
+    ]
+  return out
+
+
 def load_records(paths) -> list[dict]:
   """The newest record of each (model, devices, program) from the JSON-lines files and the raw JSON."""
   latest = {}
@@ -190,6 +223,8 @@ def train_flops(records, model_key) -> dict[int, float] | None:
   out = {}
   for r in records:
     if r["model"] == model_key and r["devices"] == 1 and r["program"].startswith("train_r") and r["status"] != "failed":
+      if r["program"].endswith("_remat"):
+        continue  # the same step plus the recomputed forward: not the plan's FLOPs
       out[r["rank"]] = (r.get("cost") or r["lowered_cost"])["flops"]
   return out if {1, 128} <= set(out) else None
 
@@ -342,6 +377,7 @@ def report(records, out_md: pathlib.Path, out_json: pathlib.Path, machine: str, 
     for r in coll:
       parts = [f"{k} {v['count']}x, largest {v['largest'] / 1e6:,.1f} MB" for k, v in sorted(r["collectives"].items())]
       lines.append(f"* {r['model']}:{r['devices']} {r['program']}: " + "; ".join(parts))
+  lines += mesh_comparison(records)
   lines += caveats(probe)
   # Time plan.
   lines += [

@@ -105,6 +105,28 @@ def test_time_plan_counts_each_cells_own_training_steps():
   assert plan.flops_at({1: 10.0, 128: 137.0}, 64) == pytest.approx(73.0)
 
 
+def test_mesh_comparison_sets_the_same_rows_per_device_side_by_side():
+  plan = _module(ROOT / "experiments" / "paper_scale_plan.py")
+
+  def rec(devices, temps, largest, program="train_r128", status="compiled"):
+    return {
+        "model": "4b",
+        "devices": devices,
+        "program": program,
+        "status": status,
+        "memory": {"temporaries": temps},
+        "collectives": {"all-gather": {"count": 3, "bytes": 3 * largest, "largest": largest}},
+    }
+
+  lines = plan.mesh_comparison([rec(8, 10e9, 80e6), rec(32, 15e9, 200e6), rec(32, 1e9, 1e6, "change_rank")])
+  got = [x for x in lines if x.startswith("* ")]
+  assert got == [
+      "* 4b train_r128, one row per device on both meshes: temporaries 10.0 GB (1 x 8) vs 15.0 GB (4 x 8), "
+      "1.50x; largest collective 80.0 MB vs 200.0 MB"
+  ]
+  assert plan.mesh_comparison([rec(8, 10e9, 80e6), rec(32, 15e9, 200e6, status="lowered")]) == []
+
+
 def _fsdp_small() -> None:
   """4 devices: the fsdp check flags whole weights (data-only mesh) and passes fsdp-split ones; a checkpoint
   restores straight onto the fsdp rule's shardings (gemma's default: replicated)."""

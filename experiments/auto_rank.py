@@ -77,14 +77,18 @@ def rank_grid(ranks: dict[str, int]) -> tuple[np.ndarray, list[str]]:
 def plot(auto: list[tuple[object, dict]], path: Path) -> Path:
   plt = RR.pyplot()
   panels = [(row, rec) for row, res in auto for rec in res["auto_rank"]["stages"]]
-  fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels) + 1, 6), squeeze=False)
-  for ax, (row, rec) in zip(axes[0], panels):
+  # constrained layout: each panel's colour bar keeps clear of the next panel's axis (it overlapped them).
+  fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 0.5, 6), squeeze=False, layout="constrained")
+  for i, (ax, (row, rec)) in enumerate(zip(axes[0], panels)):
     grid, kinds = rank_grid(rec["ranks"])
-    im = ax.imshow(grid, cmap="viridis", vmin=1, vmax=rec["ladder_rank"], aspect="auto")
+    im = ax.imshow(grid, cmap="viridis", vmin=1, vmax=rec["ladder_rank"], aspect="auto", interpolation="nearest")
     ax.set_xticks(range(len(kinds)), kinds, fontsize=7)
-    ax.set_ylabel("layer", fontsize=8)
+    if i == 0:
+      ax.set_ylabel("layer", fontsize=8)
     ax.set_title(f"{row.task}: stage {rec['stage']}\nladder r={rec['ladder_rank']}", fontsize=8)
-    fig.colorbar(im, ax=ax, fraction=0.05).set_label("rank", fontsize=7)
+    bar = fig.colorbar(im, ax=ax, fraction=0.08, pad=0.02)
+    bar.set_label("rank", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
   fig.suptitle("In-Squeeze with automatic ranks: each module's rank after each rank change", fontsize=9)
   return RR.save_figure(fig, path)
 

@@ -113,7 +113,7 @@ def worker(model_key: str, devices: int, lower_list, compile_list, out_path: pat
       rec["lower_seconds"] = time.time() - t
       rec["lowered_cost"] = aot.cost(lowered)
       rec["argument_bytes"] = aot.argument_bytes(lowered)
-      if mesh is not None and sizes["fsdp"] > 1:
+      if mesh is not None and sizes["fsdp"] > 1 and kind != "change_rank":  # (the rank change takes no base)
         rec["unsharded_base_inputs"] = aot.unsharded_base_inputs(lowered, base)
       if prog in compile_list:
         t = time.time()

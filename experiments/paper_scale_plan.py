@@ -286,7 +286,18 @@ def caveats(probe: dict) -> list[str]:
       "dtypes on every backend).",
       "* **Rematerialisation.** The train step saves every layer's activations for the backward pass (no "
       "`jax.checkpoint`), which is what the temporaries are. XLA:TPU rematerialises when a program exceeds "
-      "HBM (slower, may then fit); XLA:GPU does not by default (out of memory).",
+      "HBM (slower, may then fit); XLA:GPU does not by default (out of memory). The `train_r128_remat` rows "
+      "(`config.remat`: `jax.checkpoint` per block) show that it compiles on every mesh and what it costs in "
+      "FLOPs (the recomputed forward), not what it saves: XLA:CPU's buffer assignment does not honour it "
+      "(its temporaries come out higher), while JAX's own residual count drops 20-30x "
+      "(`experiments/results/remat_memory.md`).",
+      "* **The 4 x 8 mesh's train step** holds more per device than the 1 x 8 one at the same rows per device "
+      "(section above): its largest all-gather is a layer's gate and up projections whole in float32 "
+      "(12B: 2 x 15360 x 3840 x 4 bytes = 471.9 MB). The difference is about what keeping every layer's "
+      "gathered MLP weights from the forward to the backward pass would take (12B: 48 x (471.9 + 235.9) MB "
+      "= 34 GB against 34.8 GB measured; 4B: 10.7 GB against 8.6 GB): an inference from the sizes, not read "
+      "from the schedule. An accelerator gathers bfloat16 (half that) and its scheduler may gather again "
+      "instead; read the 4 x 8 rows as an upper bound.",
       "* **Runtime reserve.** JAX on GPU preallocates 75% of the memory by default "
       "(`XLA_PYTHON_CLIENT_MEM_FRACTION`); the CUDA context and cuBLAS/cuDNN workspaces take a few hundred MB "
       "to ~2 GB more; a TPU runtime keeps some HBM too. A 'fits' within ~10% of a capacity is marginal.",

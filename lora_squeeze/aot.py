@@ -198,7 +198,9 @@ class Programs:
     lora_config = self.setting.lora_config(rank) if rank else None
     lora = self.lora(rank) if rank else None
     if self.vision:
-      embed_images, next_token = evaluate.vl_decode_programs(self.model, lora_params=lora, lora_config=lora_config)
+      embed_images, next_token = evaluate.vl_decode_programs(
+          self.model, lora_params=lora, lora_config=lora_config, mesh=self.mesh
+      )
       images = self.batch()["images"]
       images = jax.ShapeDtypeStruct(images.shape, images.dtype)  # host images, as generate_vl feeds them
       if program == "eval_images":
@@ -208,7 +210,7 @@ class Programs:
       return next_token.lower(lora, self.base(), tok, tok, tok, last, _struct(emb))
     if program == "eval_images":
       raise ValueError("aot: eval_images needs a vision-language model (text_only=False)")
-    scorer = evaluate.ChoiceScorer(self.model, lora, lora_config, max_len=t, batch_rows=b)
+    scorer = evaluate.ChoiceScorer(self.model, lora, lora_config, max_len=t, batch_rows=b, mesh=self.mesh)
     scored = jax.ShapeDtypeStruct((self.setting.eval_scored,), jnp.int32)
     return scorer.score_program.lower(lora, self.base(), tok, tok, tok, scored, scored)
 

@@ -49,6 +49,7 @@ import numpy as np
 from lora_squeeze import forward as forward_lib
 from lora_squeeze import lora as lora_lib
 from lora_squeeze import models
+from lora_squeeze import sharding as sharding_lib
 from lora_squeeze.data import pipeline
 from lora_squeeze.data import tasks as tasks_lib
 from lora_squeeze.data import vqa
@@ -162,10 +163,13 @@ class ChoiceScorer:
     lora_config: its LoRAConfig (scale, targets) or None.
     max_len: the longest row.
     batch_rows: rows per forward pass.
+    mesh: the mesh the base params are laid out on (default: read off ``model.params``); each forward pass
+      then splits its rows over the mesh's batch axes (``sharding.row_sharding``).
   """
 
-  def __init__(self, model, lora_params=None, lora_config=None, *, max_len: int = 1024, batch_rows: int = 8):
+  def __init__(self, model, lora_params=None, lora_config=None, *, max_len: int = 1024, batch_rows: int = 8, mesh=None):
     self.model = model
+    self.mesh = mesh if mesh is not None else sharding_lib.mesh_of(model.params)
     self.lora_params = lora_params
     self.max_len = int(max_len)
     self.batch_rows = int(batch_rows)
@@ -178,12 +182,13 @@ class ChoiceScorer:
 
   def _score_impl(self, lora_params, base_params, tokens, positions, branch, pred_idx, targets):
     self.traces += 1
+    tokens, positions, branch = sharding_lib.split_rows(self.mesh, tokens, positions, branch)
     mask = tree_attention_mask(branch)
     hidden = self.forward.hidden(lora_params, base_params, tokens, positions=positions, attention_mask=mask)
     b, t, d = hidden.shape
     h = hidden.reshape(b * t, d)[pred_idx]  # (S, D): only the positions that predict a choice token
     logp = jax.nn.log_softmax(self.forward.logits_at(base_params, h), axis=-1)
-    return jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+    return sharding_lib.whole(self.mesh, jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0])
 
   def score(self, examples: Sequence[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
     """[(summed log-prob per choice, token count per choice)] for each example."""
@@ -379,15 +384,29 @@ def generate_vl(
   )
 
 
-def vl_decode_programs(model, *, lora_params=None, lora_config=None):
+def vl_decode_programs(model, *, lora_params=None, lora_config=None, mesh=None):
   """The two jitted programs of ``generate_vl``: ``embed_images(base, images)`` (the frozen vision tower,
   once per batch) and ``next_token(lora, base, tokens, positions, segment_ids, last, image_embeddings)`` (one
   greedy step: the forward over the whole rows, logits only at each row's last token). Separate so that
-  ``lora_squeeze.aot`` lowers exactly these programs from abstract shapes."""
+  ``lora_squeeze.aot`` lowers exactly these programs from abstract shapes. On a mesh (``mesh``, default: read
+  off ``model.params``) each program splits its rows over the batch axes, as ``ChoiceScorer`` does."""
   if lora_params is not None and lora_config is None:
     raise ValueError("generate_vl: lora_config is required with lora_params")
   fwd = forward_lib.Forward(model, lora_config if lora_params is not None else None)
-  return jax.jit(fwd.embed_images), jax.jit(fwd.next_token)
+  mesh = mesh if mesh is not None else sharding_lib.mesh_of(model.params)
+
+  def embed_images(base_params, images):
+    (images,) = sharding_lib.split_rows(mesh, images)
+    return sharding_lib.whole(mesh, fwd.embed_images(base_params, images))
+
+  def next_token(lora_params, base_params, tokens, positions, segment_ids, last, image_embeddings=None):
+    tokens, positions, segment_ids, last = sharding_lib.split_rows(mesh, tokens, positions, segment_ids, last)
+    if image_embeddings is not None:
+      (image_embeddings,) = sharding_lib.split_rows(mesh, image_embeddings)
+    out = fwd.next_token(lora_params, base_params, tokens, positions, segment_ids, last, image_embeddings)
+    return sharding_lib.whole(mesh, out)
+
+  return jax.jit(embed_images), jax.jit(next_token)
 
 
 def _vl_metrics(task, examples: Sequence[Any], preds: Sequence[str]) -> dict[str, Any]:

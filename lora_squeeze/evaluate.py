@@ -221,10 +221,8 @@ class ChoiceScorer:
       pred_idx = np.zeros(s, np.int32)
       targets = np.zeros(s, np.int32)
       pred_idx[: len(pred)], targets[: len(tgt)] = pred, tgt
-      logp = np.asarray(
-          self.score_program(self.lora_params, self.model.params, tokens, positions, branch, pred_idx, targets),
-          np.float64,
-      )
+      logp = self.score_program(self.lora_params, self.model.params, tokens, positions, branch, pred_idx, targets)
+      logp = np.asarray(sharding_lib.to_host(logp), np.float64)  # replicated; on several processes too
       for v, (ex_i, k) in zip(logp[: len(owner)], owner):
         sums[ex_i][k] += v
         counts[ex_i][k] += 1
@@ -374,7 +372,7 @@ def generate_vl(
       yield [list(e["tokens"]) for e in encoded], (embed_images(model.params, images),)
 
   return forward_lib.greedy_decode(
-      lambda *args: next_token(lora_params, model.params, *args),
+      lambda *args: sharding_lib.to_host(next_token(lora_params, model.params, *args)),
       batches(),
       batch_rows=batch_rows,
       eos_id=tok.eos_id,

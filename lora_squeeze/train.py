@@ -415,7 +415,10 @@ class _TrainingRun:
     final_config = dataclasses.replace(
         self.lora_config, rank=lora_lib.describe_ranks(lora_lib.lora_ranks(final_params))
     )
-    metrics = eval_modes.evaluate_adapter(config, self.model, final_params, final_config, evaluate_fn)
+    # On a mesh the evaluation runs there too: the fsdp-split base, each batch's rows split over the batch
+    # axes (evaluate's programs read the mesh off the base params).
+    eval_model = self.model if self.mesh is None else dataclasses.replace(self.model, params=self.base_params)
+    metrics = eval_modes.evaluate_adapter(config, eval_model, final_params, final_config, evaluate_fn)
     checkpoints.save_adapter(
         self.workdir / checkpoints.ADAPTER_DIR, final_params, final_config, extra={"mode": config.mode}
     )

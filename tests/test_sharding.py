@@ -260,6 +260,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+# Both runs evaluate at the end (16 synthetic examples): the two-process run on its mesh, rows split.
+EVAL = ("--config.eval.enabled=True", "--config.eval.limit=16")
+
+
 def _launch(workdir, port, faults=(None, None)):
   """Both processes of a 2-process smoke run (what launch/*.sh do on real clusters)."""
   procs = []
@@ -281,6 +285,7 @@ def _launch(workdir, port, faults=(None, None)):
         f"--config={ROOT / 'configs' / 'smoke.py'}",
         f"--workdir={workdir}",
         "--config.progress=False",
+        *EVAL,
     ]
     procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
   return procs
@@ -325,7 +330,8 @@ def test_two_processes_killed_one_fails_cleanly_then_resume_matches_single_proce
   from test_train import _smoke  # pylint: disable=g-import-not-at-top
 
   reference = tmp_path / "single"
-  train.run(_smoke(), reference)  # one process, one device: the unsharded programs
+  # one process, one device: the unsharded programs
+  train.run(_smoke(**{"eval.enabled": True, "eval.limit": 16}), reference)
 
   work = tmp_path / "two"
   # Process 1 dies (SIGKILL) right after the checkpoint of step 10; process 0 must not hang: it fails in
@@ -352,6 +358,10 @@ def test_two_processes_killed_one_fails_cleanly_then_resume_matches_single_proce
   assert got.keys() == want.keys()
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  # The evaluation ran on the 2-device mesh of the two processes and scored like one device.
+  got, want = result["metrics"], json.loads((reference / "result.json").read_text())["metrics"]
+  assert got["n"] == want["n"] == 16 and got["accuracy"] == want["accuracy"], (got, want)
+  np.testing.assert_allclose(got["gold_nll"], want["gold_nll"], rtol=1e-4)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ Claims checked, as far as the store holds the cells (configs/paper.py: heatmap +
      N + M steps (Table 1);
   6. beyond the paper: In-Squeeze with the optimizer state carried across rank changes against a fresh one
      (paper_sweeps: table1 with optimizer_states=fresh+carry), on the seeds both ran.
-Seed variation is Table 3's (experiments/table3_seeds.py).
+Several seeds (Table 3's cells): each seed of A is paired with the same seed of B, and the SEM counts the
+seeds' spread (``results.paired``); each seed's own difference is listed below the claims.
 
   python experiments/claims.py --results runs/heatmap runs/table1 --out experiments/results/paper
 writes claims.{md,png}.
@@ -97,7 +98,7 @@ def comparisons(rows):
       pooled_a += [_relabel(r, f"{src}->{tgt}") for r in a]
       pooled_b += [_relabel(r, f"{src}->{tgt}") for r in b]
   p = R.paired(pooled_a, pooled_b)
-  if p and len(post_pairs) > 1:
+  if p and len({r.task for r in pooled_a}) > 1:  # more than one (r_src, r_tgt) pair compared
     out.append(
         ("Post-Squeeze beats direct at r_tgt (Fig. 4)", "Post-Squeeze, all r_src → r_tgt", "direct r_tgt", p, False)
     )
@@ -153,10 +154,7 @@ def comparisons(rows):
             [r for r in rows if r.method == f"in_squeeze_{scheme}_carry"], lambda r: (r.source_rank, r.rank, r.steps)
         ).items()
     ):
-      # Only the seeds both ran: a carried run at seed 42 against the fresh runs of seeds 42-44 would pair a
-      # single seed with a seed average.
-      seeds = {r.seed for r in a} & {r.seed for r in fresh.get(key, [])}
-      p = R.paired([r for r in a if r.seed in seeds], [r for r in fresh.get(key, []) if r.seed in seeds])
+      p = R.paired(a, fresh.get(key, []))  # on the seeds both ran (results.paired)
       if p:
         out.append(
             (
@@ -206,6 +204,7 @@ def main(argv=None):
             a,
             b,
             ", ".join(sorted({t.split("|")[0] for t in p.tasks})),
+            ", ".join(map(str, p.seeds)) or "-",
             str(p.n),
             f"{100 * p.accuracy:+.1f} ± {100 * p.accuracy_sem:.1f}",
             _verdict(p.accuracy, p.accuracy_sem, better_is_negative=False, equality=equality),
@@ -216,14 +215,16 @@ def main(argv=None):
   title = f"{args.title} the paper's claims, paired on the same held-out examples".strip()
   md = [
       f"# Claims: {title}\n\n",
-      "A − B per held-out example, mean ± SEM over the pooled examples; accuracy in points (positive = A "
-      "better), gold-choice NLL in nats per token (negative = A better). Verdicts need |mean| > 2 SEM.\n\n",
+      "A − B per held-out example, mean ± SEM; accuracy in points (positive = A better), gold-choice NLL in "
+      "nats per token (negative = A better). Verdicts need |mean| > 2 SEM. Several seeds: seed s of A against "
+      "seed s of B, the SEM adding the seeds' spread to the examples' (per seed: below).\n\n",
       results_render.markdown_table(
           [
               "claim",
               "A",
               "B",
               "tasks",
+              "seeds",
               "examples",
               "Δ accuracy (points)",
               "verdict (accuracy)",
@@ -231,9 +232,28 @@ def main(argv=None):
               "verdict (NLL)",
           ],
           table,
-          align="lllllrlrl",
+          align="llllllrlrl",
       ),
   ]
+  multi = [(claim, a, b, p) for claim, a, b, p, _ in comps if len(p.seeds) > 1]
+  if multi:
+    md += [
+        "\n## Each seed alone\n\n",
+        "The claims above that pool several seeds: each seed's own paired difference (A's seed s against B's "
+        "seed s, on the same examples), mean ± the examples' SEM. The pooled SEM above adds the spread of these "
+        "per-seed means to the examples' SEM (`results.paired`): a seed is another training run, not more "
+        "examples.\n\n",
+        results_render.markdown_table(
+            ["A", "B", "seed", "Δ accuracy (points)", "Δ NLL (nats/token)", "verdict (NLL)"],
+            [
+                [a, b, str(s), f"{100 * acc:+.1f} ± {100 * acc_sem:.1f}", f"{nll:+.4f} ± {nll_sem:.4f}",
+                 _verdict(nll, nll_sem, better_is_negative=True)]
+                for _, a, b, p in multi
+                for s, nll, nll_sem, acc, acc_sem in p.per_seed
+            ],  # fmt: skip
+            align="lllrrl",
+        ),
+    ]
   ret = retention_rows(rows)
   if ret:
     md += [

@@ -1,5 +1,6 @@
 """Table 3: direct training's task-averaged accuracy, mean ± standard error of the mean (SEM) over seeds
-(paper: 42, 43, 44), per (rank, learning rate); also any squeeze method run over several seeds.
+(paper: 42, 43, 44), per (rank, learning rate); also every squeeze method run over several seeds (Post-Squeeze
+and In-Squeeze labelled with their r_src → r_tgt). Paired differences per seed: experiments/claims.py.
 
   python experiments/table3_seeds.py --results runs/lr_grid_seeds --out experiments/results/paper
 writes table3_seeds.{md,png}.
@@ -16,14 +17,23 @@ from lora_squeeze import results as R  # noqa: E402
 from lora_squeeze import results_render  # noqa: E402
 
 
+def _method(row) -> str:
+  """The method with its source rank (``post_squeeze 32→1``) and a non-default squeeze method."""
+  out = row.method
+  if row.source_rank and row.source_rank != row.rank:
+    out += f" {row.source_rank}→{row.rank}"
+  if row.squeeze_method and row.squeeze_method != "efficient":
+    out += f" ({row.squeeze_method})"
+  return out
+
+
 def per_seed(rows, value=lambda r: r.accuracy):
   """{(method, rank, lr, steps, tasks): {seed: task-averaged value}}: per configuration, the tasks that two or
   more seeds ran, averaged for every seed that ran all of them (a seed sweep on one task next to a main sweep
   on three compares that one task)."""
   out = {}
   for key, rs in R.group(
-      [r for r in rows if value(r) is not None and r.method != "post_squeeze"],
-      lambda r: (r.method, r.rank, r.learning_rate, r.steps),
+      [r for r in rows if value(r) is not None], lambda r: (_method(r), r.rank, r.learning_rate, r.steps)
   ).items():
     seeds_of = R.group(rs, lambda r: r.task)
     tasks = tuple(sorted(t for t, trs in seeds_of.items() if len({r.seed for r in trs}) >= 2))

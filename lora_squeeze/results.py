@@ -247,6 +247,9 @@ class Paired:
     accuracy, accuracy_sem: mean difference of per-example correctness (points / 100) and its SEM.
     nll, nll_sem: mean difference of the gold choice's NLL per token (nats; negative = A fits better).
     tasks: the tasks compared.
+    seeds: the training seeds compared, each seed of A against the same seed of B (empty when A and B share
+      no seed, e.g. a training-free B: then each side's rows are averaged per example).
+    per_seed: ((seed, nll, nll_sem, accuracy, accuracy_sem), ...) of each compared seed alone.
   """
 
   n: int
@@ -255,45 +258,84 @@ class Paired:
   nll: float
   nll_sem: float
   tasks: tuple[str, ...]
+  seeds: tuple[int, ...] = ()
+  per_seed: tuple[tuple[int, float, float, float, float], ...] = ()
 
 
 def paired(a_rows: Iterable[Row], b_rows: Iterable[Row]) -> Paired | None:
-  """The paired difference A − B, pooled over the tasks where both have per-example results (seeds: the
-  rows of one task are averaged per example first). None when no task has both."""
+  """The paired difference A − B, pooled over the tasks where both have per-example results. None when no
+  task has both.
 
-  def by_task(rows):
-    out = defaultdict(list)
+  Seeds: on each task only the seeds that A and B both ran are compared, seed s of A against seed s of B
+  (the rows of one seed averaged per example); a task where they share none compares each side's rows
+  averaged per example. With one seed the SEM is the examples' SEM. With k > 1 seeds the estimate is the mean
+  over seeds and examples, and its SEM adds the spread of the seeds' own mean differences to the examples'
+  SEM: sqrt(SEM_examples² + var_seeds / k). A second seed is a second training run, not more examples: its
+  difference can move by more than the examples' SEM (seed 42 vs 43 of the CPU campaign).
+  """
+
+  def by_task_seed(rows):
+    out = defaultdict(lambda: defaultdict(list))
     for r in rows:
       if r.per_example and r.per_example.get("gold_nll"):
-        out[r.task].append(r.per_example)
+        out[r.task][r.seed].append(r.per_example)
     return out
 
-  def avg(pes, key):  # per example, over the rows (seeds) of one task
+  def avg(pes, key):  # per example, over rows
     n = min(len(p[key]) for p in pes)
     return [mean([float(p[key][i]) for p in pes]) for i in range(n)]
 
-  a, b = by_task(a_rows), by_task(b_rows)
+  a, b = by_task_seed(a_rows), by_task_seed(b_rows)
   d_acc, d_nll, tasks = [], [], []
+  seed_acc, seed_nll = defaultdict(list), defaultdict(list)
   for task in sorted(set(a) & set(b)):
-    aa, bb = avg(a[task], "correct"), avg(b[task], "correct")
-    an, bn = avg(a[task], "gold_nll"), avg(b[task], "gold_nll")
-    if len(aa) != len(bb):
+    common = sorted(set(a[task]) & set(b[task]))
+    if common:
+      sides = [(a[task][s], b[task][s], s) for s in common]
+    else:
+      sides = [([p for v in a[task].values() for p in v], [p for v in b[task].values() for p in v], None)]
+    task_acc, task_nll = [], []
+    for pa, pb, s in sides:
+      aa, bb, an, bn = avg(pa, "correct"), avg(pb, "correct"), avg(pa, "gold_nll"), avg(pb, "gold_nll")
+      if len(aa) != len(bb):
+        raise ValueError(
+            f"results.paired: task {task!r} was evaluated on {len(aa)} vs {len(bb)} examples; "
+            "a paired comparison needs the same held-out examples (config.eval.limit)"
+        )
+      acc, nll = [x - y for x, y in zip(aa, bb)], [x - y for x, y in zip(an, bn)]
+      task_acc.append(acc)
+      task_nll.append(nll)
+      if s is not None:
+        seed_acc[s] += acc
+        seed_nll[s] += nll
+    if len({len(x) for x in task_nll}) > 1:
       raise ValueError(
-          f"results.paired: task {task!r} was evaluated on {len(aa)} vs {len(bb)} examples; "
-          "a paired comparison needs the same held-out examples (config.eval.limit)"
+          f"results.paired: task {task!r}'s seeds {common} were evaluated on {[len(x) for x in task_nll]} "
+          "examples; a paired comparison needs the same held-out examples (config.eval.limit)"
       )
-    d_acc += [x - y for x, y in zip(aa, bb)]
-    d_nll += [x - y for x, y in zip(an, bn)]
+    d_acc += [mean(col) for col in zip(*task_acc)]  # per example, the mean over the compared seeds
+    d_nll += [mean(col) for col in zip(*task_nll)]
     tasks.append(task)
   if not tasks:
     return None
+  seeds = tuple(sorted(seed_nll))
+  per_seed = tuple((s, mean(seed_nll[s]), sem(seed_nll[s]), mean(seed_acc[s]), sem(seed_acc[s])) for s in seeds)
+
+  def total_sem(examples_sem, seed_means):
+    if len(seed_means) < 2:
+      return examples_sem
+    spread = sem(seed_means)  # sqrt(var_seeds / k)
+    return math.sqrt(examples_sem**2 + spread**2)
+
   return Paired(
       n=len(d_acc),
       accuracy=mean(d_acc),
-      accuracy_sem=sem(d_acc),
+      accuracy_sem=total_sem(sem(d_acc), [p[3] for p in per_seed]),
       nll=mean(d_nll),
-      nll_sem=sem(d_nll),
+      nll_sem=total_sem(sem(d_nll), [p[1] for p in per_seed]),
       tasks=tuple(tasks),
+      seeds=seeds,
+      per_seed=per_seed,
   )
 
 

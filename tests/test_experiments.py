@@ -196,8 +196,7 @@ def test_every_script_writes_md_and_png(store, tmp_path):
 
 def test_claims_pair_the_records(store, tmp_path):
   """experiments/claims.py: every claim the store has cells for, and the paired NLL difference it prints for
-  Post-Squeeze 2 -> 1 vs direct r=1 equals the per-example records' (direct: its best rate, seeds averaged
-  per example)."""
+  Post-Squeeze 2 -> 1 vs direct r=1 equals the per-example records' (direct: its best rate, the same seed)."""
   out = tmp_path / "out"
   assert _script("claims").main(["--results", str(store), "--out", str(out)]) == 0
   assert (out / "claims.png").stat().st_size > 1000
@@ -213,10 +212,11 @@ def test_claims_pair_the_records(store, tmp_path):
     assert label in md, label
   best = R.best_direct_lr(R.load_rows([store]))[1]
   post = _record(store, "synthetic_s42_post_from2_efficient")["targets"]["1"]["metrics"]["per_example"]
-  direct = [_record(store, f"synthetic_s{s}_direct_r1_lr{best:g}")["metrics"]["per_example"] for s in (42, 43)]
-  diffs = [p - (d0 + d1) / 2 for p, d0, d1 in zip(post["gold_nll"], direct[0]["gold_nll"], direct[1]["gold_nll"])]
+  # Direct r=1 ran seeds 42 and 43, the Post-Squeeze source seed 42 only: seed 42 is paired with seed 42.
+  direct = _record(store, f"synthetic_s42_direct_r1_lr{best:g}")["metrics"]["per_example"]
+  diffs = [p - d for p, d in zip(post["gold_nll"], direct["gold_nll"])]
   row = next(line for line in md.splitlines() if "| Post-Squeeze 2→1 | direct r=1 |" in line)
-  assert f"{R.mean(diffs):+.4f} ± {R.sem(diffs):.4f}" in row, (row, R.mean(diffs))
+  assert "| synthetic | 42 |" in row and f"{R.mean(diffs):+.4f} ± {R.sem(diffs):.4f}" in row, (row, R.mean(diffs))
 
 
 def test_paired_differences():
@@ -249,6 +249,38 @@ def test_paired_differences():
   assert R.paired(a[1:], b[:1]) is None
   with pytest.raises(ValueError, match="same held-out examples"):
     R.paired([row("t1", [1.0, 2.0], [1, 1])], b[:1])
+
+
+def test_paired_compares_each_seed_with_itself_and_counts_the_seeds_spread():
+  row = lambda seed, nll, correct=(1, 0, 1, 0): R.Row(
+      store="s", cell=f"c{seed}", task="t", model="m", method="direct", rank=1, source_rank=None,
+      learning_rate=0.1, seed=seed, steps=8, squeeze_method=None, accuracy=None, ci95=None, n=len(nll),
+      per_example={"gold_nll": list(nll), "correct": list(correct)},
+  )  # fmt: skip
+  base = [1.0, 2.0, 3.0, 4.0]
+  # A − B per example: seed 42 +0.1 +- a little, seed 43 -0.3 +- a little; B's seed 44 has no A partner.
+  a = [
+      row(42, [x + 0.1 + 0.01 * i for i, x in enumerate(base)]),
+      row(43, [x - 0.3 + 0.01 * i for i, x in enumerate(base)]),
+  ]
+  b = [row(42, base), row(43, base), row(44, [9.0] * 4, (0, 0, 0, 0))]
+  p = R.paired(a, b)
+  assert p.seeds == (42, 43) and p.n == 4
+  by_seed = {s: (nll, nll_sem) for s, nll, nll_sem, _, _ in p.per_seed}
+  assert by_seed[42][0] == pytest.approx(0.115) and by_seed[43][0] == pytest.approx(-0.285)
+  assert p.nll == pytest.approx(-0.085)
+  # The examples' SEM of the seed-averaged differences is tiny; the seeds' spread (0.2 = |0.4| / 2) dominates.
+  examples_sem = R.sem([-0.1 + 0.01 * i for i in range(4)])
+  assert p.nll_sem == pytest.approx(math.sqrt(examples_sem**2 + 0.2**2))
+  assert p.accuracy == 0.0 and p.accuracy_sem == 0.0  # B's seed 44 (all wrong) is not compared
+  # Pooling the seeds as examples (the old rule) would have called this difference significant.
+  assert abs(p.nll) < 2 * p.nll_sem and abs(p.nll) > 2 * examples_sem
+  # No shared seed (a training-free B): each side's rows averaged per example, no per-seed entries.
+  zero_shot = [row(0, base)]
+  q = R.paired(a, zero_shot)
+  assert q.seeds == () and q.nll == pytest.approx(-0.085) and q.nll_sem == pytest.approx(examples_sem)
+  with pytest.raises(ValueError, match="same held-out examples"):
+    R.paired([row(42, base), row(43, base[:3], (1, 0, 1))], [row(42, base), row(43, base[:3], (1, 0, 1))])
 
 
 def test_appendix_e_reproduces_the_papers_numbers(tmp_path):

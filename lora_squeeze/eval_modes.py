@@ -54,7 +54,7 @@ def run_post_squeeze(config, workdir: Path, *, evaluate_fn) -> dict:
   source_params, source_cfg, source_meta = checkpoints.load_adapter(
       Path(config.source_workdir) / checkpoints.ADAPTER_DIR
   )
-  model = trainer_lib.load_model(config)
+  model = trainer_lib.load_eval_model(config)
   spectra = squeeze_lib.lora_spectra(source_params)
   per_rank = {}
   for i, r in enumerate(sorted({int(r) for r in config.target_ranks}, reverse=True)):
@@ -88,7 +88,7 @@ def run_post_squeeze(config, workdir: Path, *, evaluate_fn) -> dict:
 def run_zero_shot(config, workdir: Path, *, evaluate_fn) -> dict:
   """The base model without any adapter, evaluated (the paper's "0-S" column)."""
   t_start = time.time()
-  model = trainer_lib.load_model(config)
+  model = trainer_lib.load_eval_model(config)
   metrics = evaluate_adapter(config, model, None, None, evaluate_fn)
   result = {
       "mode": "zero_shot",

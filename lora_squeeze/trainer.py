@@ -504,6 +504,19 @@ def load_model(config, *, mesh=None):
   return models.load(config.model, **options)
 
 
+def load_eval_model(config):
+  """The model of a run that only evaluates (Post-Squeeze, zero-shot). On several devices its base is split
+  over ``config.mesh`` by the fsdp rule, as a training run's is, so the evaluation runs on the mesh with each
+  batch's rows split (``evaluate``); on one device, ``load_model``'s."""
+  if jax.device_count() == 1:
+    return load_model(config)
+  mesh = sharding_lib.mesh_from_config(config)
+  model = load_model(config, mesh=mesh)
+  return dataclasses.replace(
+      model, params=sharding_lib.put(model.params, sharding_lib.base_shardings(model.params, mesh))
+  )
+
+
 def image_spec(model):
   """The model's ``data.pipeline.ImageSpec`` (None for a text-only model)."""
   return models.image_spec(model)

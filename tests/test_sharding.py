@@ -264,7 +264,7 @@ def _free_port() -> int:
 EVAL = ("--config.eval.enabled=True", "--config.eval.limit=16")
 
 
-def _launch(workdir, port, faults=(None, None)):
+def _launch(workdir, port, faults=(None, None), extra=()):
   """Both processes of a 2-process smoke run (what launch/*.sh do on real clusters)."""
   procs = []
   for i in range(2):
@@ -286,6 +286,7 @@ def _launch(workdir, port, faults=(None, None)):
         f"--workdir={workdir}",
         "--config.progress=False",
         *EVAL,
+        *extra,
     ]
     procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
   return procs
@@ -360,6 +361,20 @@ def test_two_processes_killed_one_fails_cleanly_then_resume_matches_single_proce
     np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)
   # The evaluation ran on the 2-device mesh of the two processes and scored like one device.
   got, want = result["metrics"], json.loads((reference / "result.json").read_text())["metrics"]
+  assert got["n"] == want["n"] == 16 and got["accuracy"] == want["accuracy"], (got, want)
+  np.testing.assert_allclose(got["gold_nll"], want["gold_nll"], rtol=1e-4)
+
+  # A Post-Squeeze run (evaluation only, eval_modes) on the two processes' mesh: each target rank scores like
+  # one process squeezing the one-process adapter.
+  post = {"mode": "post_squeeze", "target_ranks": (1,)}
+  ref_post = tmp_path / "single_post"
+  train.run(_smoke(**{"eval.enabled": True, "eval.limit": 16, "source_workdir": str(reference)}, **post), ref_post)
+  post_work = tmp_path / "two_post"
+  flags = ("--config.mode=post_squeeze", f"--config.source_workdir={work}", "--config.target_ranks=(1,)")
+  codes = _wait(_launch(post_work, _free_port(), extra=flags), timeout=240)
+  assert codes == [0, 0], (codes, _logs(post_work))
+  got = json.loads((post_work / "result.json").read_text())["targets"]["1"]["metrics"]
+  want = json.loads((ref_post / "result.json").read_text())["targets"]["1"]["metrics"]
   assert got["n"] == want["n"] == 16 and got["accuracy"] == want["accuracy"], (got, want)
   np.testing.assert_allclose(got["gold_nll"], want["gold_nll"], rtol=1e-4)
 

@@ -263,7 +263,10 @@ COMMITTED = {
         (f"artefact=lr_grid,{_SIQA},ranks=1+32,lr_grid=0.3", {"eval.limit": 300}),
         (f"artefact=lr_grid,{_SIQA},ranks=2+4+8+16,lr_grid=0.01+0.03+0.1", {"eval.limit": 300}),
         (f"artefact=fig3,{_SIQA},ranks=1+2+4+8+16+32,lr=0.1", {"eval.limit": 300}),
-        (f"artefact=heatmap,{_SIQA},ranks=1+2+4+8+16+32,lrs=1:0.1+2:0.1+4:0.1+8:0.1+16:0.1+32:0.1", {"eval.limit": 300}),
+        (
+            f"artefact=heatmap,{_SIQA},ranks=1+2+4+8+16+32,lrs=1:0.1+2:0.1+4:0.1+8:0.1+16:0.1+32:0.1",
+            {"eval.limit": 300},
+        ),
     ],
     "pilot": [
         (

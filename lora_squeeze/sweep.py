@@ -218,9 +218,21 @@ def portable(settings: Mapping[str, Any], cell: Mapping[str, Any]) -> dict:
   return out
 
 
-def _ensure_sources(config, cell, sweep_dir: Path, cells: Mapping[str, Mapping[str, Any]], run_fn, rates) -> None:
+def _source_fingerprints(sweep_dir: Path, cell: Mapping[str, Any]) -> dict[str, str]:
+  """{source cell: its record's fingerprint} ("" for a source without a successful record)."""
+  sources = {}
+  for dep in _deps(cell):
+    dep_path = record_path(sweep_dir, dep)
+    dep_record = json.loads(dep_path.read_text()) if dep_path.exists() else {}
+    sources[dep] = dep_record.get("fingerprint", "") if dep_record.get("status") == "ok" else ""
+  return sources
+
+
+def _ensure_sources(config, cell, sweep_dir: Path, cells: Mapping[str, Mapping[str, Any]], run_fn, rates) -> bool:
   """Rebuilds each finished source cell whose run workdir is not here (the campaign went on on another
-  machine, which kept only the records): a Post- / Cont-Squeeze cell needs its source's adapter."""
+  machine, which kept only the records): a Post- / Cont-Squeeze cell needs its source's adapter. Returns
+  whether it rebuilt any."""
+  rebuilt = False
   for dep in _deps(cell):
     record = record_path(sweep_dir, dep)
     finished = record.exists() and json.loads(record.read_text()).get("status") == "ok"
@@ -231,6 +243,8 @@ def _ensure_sources(config, cell, sweep_dir: Path, cells: Mapping[str, Mapping[s
       )
       _set_aside(record)
       run_cell(config, cells[dep], sweep_dir, run_fn=run_fn, rates=rates, cells=cells)
+      rebuilt = True
+  return rebuilt
 
 
 def run_cell(
@@ -248,11 +262,7 @@ def run_cell(
   path = record_path(sweep_dir, cell["name"])
   cell_cfg = cell_config(config, cell, sweep_dir, rates=rates)
   settings = portable(workdir_lib.result_settings(cell_cfg), cell)
-  sources = {}
-  for dep in _deps(cell):
-    dep_path = record_path(sweep_dir, dep)
-    dep_record = json.loads(dep_path.read_text()) if dep_path.exists() else {}
-    sources[dep] = dep_record.get("fingerprint", "") if dep_record.get("status") == "ok" else ""
+  sources = _source_fingerprints(sweep_dir, cell)
   fp = fingerprint(settings, sources)
   fresh = False
   if path.exists():
@@ -289,7 +299,10 @@ def run_cell(
     for dep, dep_fp in sources.items():
       if not dep_fp:
         raise RuntimeError(f"source cell {dep!r} has not finished successfully")
-    _ensure_sources(config, cell, sweep_dir, cells or {}, run_fn, rates)
+    if _ensure_sources(config, cell, sweep_dir, cells or {}, run_fn, rates):
+      # A rebuilt source has a new record: this cell reads the rebuilt adapter, so its record names that one.
+      record["sources"] = sources = _source_fingerprints(sweep_dir, cell)
+      record["fingerprint"] = fingerprint(settings, sources)
     kwargs = {"fresh": True} if fresh else {}
     (sweep_dir / "cells" / cell["name"]).mkdir(parents=True, exist_ok=True)  # "ran here" (_ensure_sources)
     result = run_fn(cell_cfg, sweep_dir / "cells" / cell["name"], **kwargs)

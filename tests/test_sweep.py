@@ -146,6 +146,37 @@ def test_a_store_continued_elsewhere_skips_what_finished_and_rebuilds_missing_so
   assert calls == []
 
 
+def test_a_cell_whose_source_was_rebuilt_records_the_rebuilt_source(tmp_path):
+  """The rebuilt source's record can hash differently from the one it replaces (written by an older version
+  whose settings held other keys): the cell that triggered the rebuild read the rebuilt adapter, so its record
+  must name the rebuilt record's fingerprint; otherwise the next run reruns it for nothing."""
+  cells = [
+      {"name": "src", "overrides": {"mode": "direct", "lora.rank": 4}},
+      {"name": "cont", "overrides": {"mode": "cont_squeeze", "source_workdir": "@src", "extra_steps": 2}},
+  ]
+  calls = []
+
+  def fake_run(cfg, workdir, **_):
+    calls.append(pathlib.Path(workdir).name)
+    return {"mode": cfg.mode}
+
+  first = tmp_path / "machine1"
+  sweep.run_sweep(_config(cells[:1]), first, run_fn=fake_run)
+  second = tmp_path / "machine2"
+  shutil.copytree(first / "results", second / "results")
+  old = json.loads((second / "results" / "src.json").read_text())
+  old["fingerprint"] = "0" * 16  # as hashed by an older version: same settings, another hash
+  (second / "results" / "src.json").write_text(json.dumps(old))
+  calls.clear()
+  records = sweep.run_sweep(_config(cells), second, run_fn=fake_run)
+  assert calls == ["src", "cont"]  # src kept (same settings), then rebuilt for cont, whose run reads it
+  rebuilt = json.loads((second / "results" / "src.json").read_text())["fingerprint"]
+  assert rebuilt != "0" * 16 and records["cont"]["sources"] == {"src": rebuilt}
+  calls.clear()
+  sweep.run_sweep(_config(cells), second, run_fn=fake_run)
+  assert calls == []
+
+
 def test_an_older_record_with_an_absolute_source_path_is_the_same_cell():
   cell = {"name": "post", "overrides": {"source_workdir": "@src", "squeeze.method": "rsvd"}}
   old = {"source_workdir": "/old/machine/runs/cells/src", "squeeze": {"method": "rsvd"}}

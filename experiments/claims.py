@@ -39,12 +39,12 @@ from lora_squeeze import results as R  # noqa: E402
 from lora_squeeze import results_render  # noqa: E402
 
 
-def _direct(rows, rank, steps):
-  """Direct training at ``rank`` for ``steps`` steps, at its best rate when the store has several."""
+def _direct(rows, rank, steps, rule="accuracy"):
+  """Direct training at ``rank`` for ``steps`` steps, at its best rate (by ``rule``) when the store has several."""
   cands = [r for r in rows if r.method == "direct" and r.rank == rank and r.steps == steps]
   lrs = {r.learning_rate for r in cands}
   if len(lrs) > 1:
-    best = R.best_direct_lr(cands).get(rank)
+    best = R.best_direct_lr(cands, by=rule).get(rank)
     cands = [r for r in cands if r.learning_rate == best]
   return cands
 
@@ -73,8 +73,9 @@ def _verdict(d, d_sem, better_is_negative: bool, equality: bool = False) -> str:
   return "A better" if (z < 0) == better_is_negative else "B better"
 
 
-def comparisons(rows):
-  """[(claim, A label, B label, Paired, equality?)] for every claim the store has cells for."""
+def comparisons(rows, rule="accuracy"):
+  """[(claim, A label, B label, Paired, equality?)] for every claim the store has cells for; direct training's
+  rate per rank by ``rule`` (``results.RATE_RULES``)."""
   out = []
   post_pairs = sorted(
       {
@@ -88,7 +89,7 @@ def comparisons(rows):
   for src, tgt in post_pairs:
     a = _post(rows, src, tgt)
     n_steps = {r.steps for r in a}
-    b = [r for s in n_steps for r in _direct(rows, tgt, s)]
+    b = [r for s in n_steps for r in _direct(rows, tgt, s, rule)]
     p = R.paired(a, b)
     if p:
       out.append(
@@ -135,7 +136,7 @@ def comparisons(rows):
                   False,
               )
           )
-      b = _direct(rows, tgt, steps)
+      b = _direct(rows, tgt, steps, rule)
       p = R.paired(a, b)
       if p:
         out.append(
@@ -190,7 +191,7 @@ def retention_rows(rows):
 
 def main(argv=None):
   args, rows = results_render.script_args(__doc__, argv)
-  comps = comparisons(rows)
+  comps = comparisons(rows, args.rate_rule)
   if not comps:
     raise SystemExit(
         "claims: no pair of cells with per-example results to compare (records made before "
@@ -217,7 +218,9 @@ def main(argv=None):
       f"# Claims: {title}\n\n",
       "A − B per held-out example, mean ± SEM; accuracy in points (positive = A better), gold-choice NLL in "
       "nats per token (negative = A better). Verdicts need |mean| > 2 SEM. Several seeds: seed s of A against "
-      "seed s of B, the SEM adding the seeds' spread to the examples' (per seed: below).\n\n",
+      "seed s of B, the SEM adding the seeds' spread to the examples' (per seed: below). "
+      + R.rate_rule_text(args.rate_rule)
+      + "\n\n",
       results_render.markdown_table(
           [
               "claim",

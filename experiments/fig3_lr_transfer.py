@@ -20,7 +20,7 @@ from lora_squeeze import results as R  # noqa: E402
 from lora_squeeze import results_render  # noqa: E402
 
 
-def compute(rows, *, src=None, lr=None):
+def compute(rows, *, src=None, lr=None, rule="accuracy"):
   """{task: {series: {rank: accuracy}}}, src, lr."""
   post = results_render.require(rows, "fig3", method="post_squeeze")
   src = src or max(r.source_rank for r in post)
@@ -35,7 +35,7 @@ def compute(rows, *, src=None, lr=None):
   ]
   direct = [r for r in rows if r.method == "direct" and r.steps in {p.steps for p in post}]  # not N + M runs
   same_lr = R.per_task([r for r in direct if r.learning_rate == lr], lambda r: r.rank)
-  best = R.best_direct_lr(direct)
+  best = R.best_direct_lr(direct, by=rule)
   tuned = R.per_task([r for r in direct if best.get(r.rank) == r.learning_rate], lambda r: r.rank)
   squeezed = R.per_task(post, lambda r: r.rank)
   squeezed[src] = same_lr.get(src, {})
@@ -58,11 +58,14 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=None)
 
   args, rows = results_render.script_args(__doc__, argv, extra=extra)
-  data, src, lr = compute(rows, src=args.src, lr=args.lr)
+  data, src, lr = compute(rows, src=args.src, lr=args.lr, rule=args.rate_rule)
   plt = results_render.pyplot()
   n = len(data)
   fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
-  md = [f"# Fig. 3: one learning rate (tuned at r_src={src}) for every rank vs Post-Squeeze\n"]
+  md = [
+      f"# Fig. 3: one learning rate (tuned at r_src={src}) for every rank vs Post-Squeeze\n\n"
+      f'{R.rate_rule_text(args.rate_rule)} (the "each rank\'s best lr" series)\n'
+  ]
   for ax, (task, series) in zip(axes[0], data.items()):
     ranks = sorted({k for s in series.values() for k in s})
     for (label, points), style in zip(series.items(), ("o-", "s-", "^--")):

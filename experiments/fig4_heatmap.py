@@ -21,15 +21,17 @@ from lora_squeeze import results as R  # noqa: E402
 from lora_squeeze import results_render  # noqa: E402
 
 
-def gains(rows, *, method="efficient"):
+def gains(rows, *, method="efficient", rule="accuracy"):
   """({(src, tgt): {task: post − direct}}, direct per task per rank, post per task)."""
   post_rows = R.squeezed_from_best(
-      rows, [r for r in results_render.require(rows, "fig4", method="post_squeeze") if r.squeeze_method == method]
+      rows,
+      [r for r in results_render.require(rows, "fig4", method="post_squeeze") if r.squeeze_method == method],
+      by=rule,
   )
   # Baselines trained as long as the squeezed sources were (a store may also hold N + M runs, Table 1).
   steps = {r.steps for r in post_rows}
   direct_rows = [r for r in rows if r.method == "direct" and r.steps in steps]
-  best = R.best_direct_lr(direct_rows)
+  best = R.best_direct_lr(direct_rows, by=rule)
   direct = R.per_task([r for r in direct_rows if best.get(r.rank) == r.learning_rate], lambda r: r.rank)
   if not post_rows:
     raise SystemExit(f"fig4: no Post-Squeeze results with method={method!r} from best-rate sources")
@@ -52,7 +54,7 @@ def main(argv=None):
     p.add_argument("--method", default="efficient", help="squeeze method of the Post-Squeeze cells")
 
   args, rows = results_render.script_args(__doc__, argv, extra=extra)
-  per_cell, direct, _ = gains(rows, method=args.method)
+  per_cell, direct, _ = gains(rows, method=args.method, rule=args.rate_rule)
   srcs = sorted({s for s, _ in per_cell}, reverse=True)
   tgts = sorted({t for _, t in per_cell})
   g = grid(per_cell, srcs, tgts)
@@ -70,7 +72,7 @@ def main(argv=None):
   )
   md = [
       f"# Fig. 4: {title}\n\nPoints of accuracy, Post-Squeeze r_src → r_tgt minus direct training at r_tgt "
-      f"(positive = Post-Squeeze better).\n\n"
+      f"(positive = Post-Squeeze better). {R.rate_rule_text(args.rate_rule)}\n\n"
   ]
   md.append(
       results_render.markdown_table(

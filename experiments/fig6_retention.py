@@ -17,10 +17,10 @@ from lora_squeeze import results as R  # noqa: E402
 from lora_squeeze import results_render  # noqa: E402
 
 
-def retention(rows, sources=None):
+def retention(rows, sources=None, rule="accuracy"):
   """{src: {task: {tgt: V_r}}} (seeds averaged); the three largest source ranks unless ``sources``."""
   post = [r for r in results_render.require(rows, "fig6", method="post_squeeze") if r.retention is not None]
-  post = R.squeezed_from_best(rows, post)
+  post = R.squeezed_from_best(rows, post, by=rule)
   srcs = sorted(sources or sorted({r.source_rank for r in post})[-3:], reverse=True)
   out = {}
   for src in srcs:
@@ -35,7 +35,7 @@ def main(argv=None):
     p.add_argument("--sources", type=int, nargs="*", default=None)
 
   args, rows = results_render.script_args(__doc__, argv, extra=extra)
-  ret = retention(rows, args.sources)
+  ret = retention(rows, args.sources, args.rate_rule)
   tasks = sorted({t for v in ret.values() for t in v})
   plt = results_render.pyplot()
   n = len(tasks) + 1
@@ -64,7 +64,10 @@ def main(argv=None):
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
   png = results_render.save_figure(fig, Path(args.out) / "fig6_retention.png")
-  md = ["# Fig. 6/7: variance retention V_r of Post-Squeeze\n\n## V_r when halving the rank (%)\n\n"]
+  md = [
+      "# Fig. 6/7: variance retention V_r of Post-Squeeze\n\nSources: each r_src's direct run at its tuned rate. "
+      f"{R.rate_rule_text(args.rate_rule)}\n\n## V_r when halving the rank (%)\n\n"
+  ]
   halves = [(s, s // 2) for s in ret if s >= 2]
   md.append(
       results_render.markdown_table(

@@ -17,7 +17,7 @@ from lora_squeeze import results as R  # noqa: E402
 from lora_squeeze import results_render  # noqa: E402
 
 
-def columns(rows, *, tgt=None, src=None):
+def columns(rows, *, tgt=None, src=None, rule="accuracy"):
   """[(column label, {task: accuracy})], tgt, src — the paper's columns, as far as the store holds them."""
   squeezed = [r for r in rows if r.method in ("cont_squeeze", "in_squeeze_standard", "in_squeeze_min_steps")]
   if tgt is None:
@@ -37,7 +37,7 @@ def columns(rows, *, tgt=None, src=None):
   n = min(r.steps for r in direct)
   # Direct training at its tuned rate (the best task average at N steps; seeds averaged); the N + M runs at
   # the same rate where the store has them.
-  lr_t = R.best_direct_lr([r for r in direct if r.steps == n]).get(tgt)
+  lr_t = R.best_direct_lr([r for r in direct if r.steps == n], by=rule).get(tgt)
   direct = [
       r
       for r in direct
@@ -84,7 +84,7 @@ def main(argv=None):
     p.add_argument("--src", type=int, default=None)
 
   args, rows = results_render.script_args(__doc__, argv, extra=extra)
-  cols, tgt, src = columns(rows, tgt=args.tgt, src=args.src)
+  cols, tgt, src = columns(rows, tgt=args.tgt, src=args.src, rule=args.rate_rule)
   tasks = sorted({t for _, v in cols for t in v})
   table = [[t] + results_render.bold_best([v.get(t) for _, v in cols]) for t in tasks]
   complete = [t for t in tasks if all(t in v for _, v in cols)]
@@ -94,6 +94,7 @@ def main(argv=None):
   md = [
       f"# Table 1: {title}\n\n",
       results_render.markdown_table(["task"] + [c for c, _ in cols], table),
+      f"\nDirect training at r_tgt (N and N + M at one rate). {R.rate_rule_text(args.rate_rule)}\n",
       "\n" + results_render.provenance(args.results, rows),
   ]
   plt = results_render.pyplot()

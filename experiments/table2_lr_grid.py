@@ -1,5 +1,6 @@
-"""Table 2: direct training's task-averaged accuracy for every (rank, learning rate) of the grid, and the best
-rate per rank (the paper's rule: the rate that maximises the average over all tasks; seeds averaged first).
+"""Table 2: direct training's task-averaged accuracy (and held-out NLL) for every (rank, learning rate) of the
+grid, and the best rate per rank (by default the paper's rule: the rate that maximises the average accuracy
+over all tasks, seeds averaged first; ``--rate-rule nll``: the lowest average held-out NLL).
 
   python experiments/table2_lr_grid.py --results runs/lr_grid --out experiments/results/paper
 writes table2_lr_grid.{md,png}.
@@ -18,11 +19,11 @@ from lora_squeeze import results as R  # noqa: E402
 from lora_squeeze import results_render  # noqa: E402
 
 
-def grid(rows):
+def grid(rows, value="accuracy"):
   direct = results_render.require(rows, "table2", method="direct")
   n = collections.Counter(r.steps for r in direct).most_common(1)[0][0]  # the grid's N (not N + M runs)
   direct = [r for r in direct if r.steps == n]
-  by = R.per_task(direct, lambda r: (r.rank, r.learning_rate))
+  by = R.per_task(direct, lambda r: (r.rank, r.learning_rate), value)
   tasks = sorted({t for v in by.values() for t in v})
   ranks = sorted({k[0] for k in by})
   lrs = sorted({k[1] for k in by})
@@ -33,7 +34,8 @@ def grid(rows):
 def main(argv=None):
   args, rows = results_render.script_args(__doc__, argv)
   g, ranks, lrs, tasks, direct = grid(rows)
-  best = R.best_direct_lr(direct)
+  best = R.best_direct_lr(direct, by=args.rate_rule)
+  nll, *_ = grid(rows, "gold_nll")
   table = [
       [str(r)]
       + results_render.bold_best([None if math.isnan(g[(r, lr)]) else g[(r, lr)] for lr in lrs])
@@ -44,6 +46,14 @@ def main(argv=None):
   md = [
       f"# Table 2: {title}\n\nA rank's average counts only if every task has a result at that rate.\n\n",
       results_render.markdown_table(["rank"] + [f"lr={lr:g}" for lr in lrs] + ["best lr"], table),
+      f"\n{R.rate_rule_text(args.rate_rule)}\n\n## Held-out NLL (nats/token, mean over tasks)\n\n",
+      results_render.markdown_table(
+          ["rank"] + [f"lr={lr:g}" for lr in lrs],
+          [
+              [str(r)] + ["—" if math.isnan(nll.get((r, lr), math.nan)) else f"{nll[(r, lr)]:.4f}" for lr in lrs]
+              for r in ranks
+          ],
+      ),
       "\n" + results_render.provenance(args.results, rows),
   ]
   plt = results_render.pyplot()

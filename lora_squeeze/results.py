@@ -391,12 +391,19 @@ def best_direct_lr(rows: Iterable[Row], by: str = "accuracy") -> dict[int, float
   return {rank: lr for rank, (_, lr) in best.items()}
 
 
-def squeezed_from_best(rows: Sequence[Row], post: Sequence[Row]) -> list[Row]:
+def rate_rule_text(by: str) -> str:
+  """One sentence for a report: how each rank's learning rate was chosen."""
+  if by == "accuracy":
+    return "Each rank's learning rate: the one with the highest task-averaged accuracy (the paper's Table 2 rule)."
+  return "Each rank's learning rate: the one with the lowest task-averaged held-out NLL (`--rate-rule nll`)."
+
+
+def squeezed_from_best(rows: Sequence[Row], post: Sequence[Row], by: str = "accuracy") -> list[Row]:
   """The Post-Squeeze rows whose source run used, among the rates the store has Post-Squeezes from at that
-  r_src, the one whose direct training scores best (the paper squeezes its tuned r_src adapters)."""
+  r_src, the one whose direct training scores best by ``by`` (the paper squeezes its tuned r_src adapters)."""
   used = {(r.source_rank, r.learning_rate) for r in post}
   candidates = [r for r in rows if r.method == "direct" and (r.rank, r.learning_rate) in used]
-  best = best_direct_lr(candidates)
+  best = best_direct_lr(candidates, by=by)
   return [r for r in post if best.get(r.source_rank, r.learning_rate) == r.learning_rate]
 
 

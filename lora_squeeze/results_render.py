@@ -168,11 +168,19 @@ def provenance(stores: Sequence[str | os.PathLike], rows: Sequence[results.Row])
 
 def script_args(doc: str, argv=None, *, extra: Callable | None = None):
   """``--results DIR [DIR ...]`` (sweep directories or run workdirs), ``--out DIR`` (default
-  experiments/results/paper), plus the script's own options (``extra(parser)``)."""
+  experiments/results/paper), ``--title``, ``--rate-rule`` (``results.RATE_RULES``), plus the script's own
+  options (``extra(parser)``)."""
   p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--results", nargs="+", required=True, help="sweep directories or run workdirs")
   p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "experiments" / "results" / "paper"))
   p.add_argument("--title", default="", help="prefix of the figure titles (e.g. the model and scale)")
+  p.add_argument(
+      "--rate-rule",
+      choices=results.RATE_RULES,
+      default="accuracy",
+      help="how each rank's learning rate is chosen from the store's direct runs: accuracy (the paper's "
+      "Table 2 rule) or nll (lowest held-out NLL, what a campaign tuned with rank_pilot.py used)",
+  )
   if extra is not None:
     extra(p)
   args = p.parse_args(argv)

@@ -162,6 +162,19 @@ def test_fig4_gain_matches_records(store, tmp_path):
   assert row.split("|")[2].strip() == f"{gain:+.1f}", (row, gain)
 
 
+def test_table2_best_rate_follows_the_rate_rule(store, tmp_path):
+  rows = R.load_rows([store])
+  for rule in R.RATE_RULES:
+    out = tmp_path / rule
+    assert _script("table2_lr_grid").main(["--results", str(store), "--out", str(out), "--rate-rule", rule]) == 0
+    md = (out / "table2_lr_grid.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| 1 |"))  # rank 1: rates 0.03 and 0.1
+    n = min(r.steps for r in rows if r.method == "direct")
+    best = R.best_direct_lr([r for r in rows if r.method == "direct" and r.steps == n], by=rule)[1]
+    assert row.split("|")[-2].strip() == f"{best:g}", (rule, row)
+    assert R.rate_rule_text(rule) in md and "Held-out NLL" in md
+
+
 def test_every_script_writes_md_and_png(store, tmp_path):
   out = tmp_path / "out"
   for name in (
@@ -194,11 +207,13 @@ def test_every_script_writes_md_and_png(store, tmp_path):
   assert "100.0" in ret  # V_r(2 -> 2)
 
 
-def test_claims_pair_the_records(store, tmp_path):
+@pytest.mark.parametrize("rule", R.RATE_RULES)
+def test_claims_pair_the_records(store, tmp_path, rule):
   """experiments/claims.py: every claim the store has cells for, and the paired NLL difference it prints for
-  Post-Squeeze 2 -> 1 vs direct r=1 equals the per-example records' (direct: its best rate, the same seed)."""
+  Post-Squeeze 2 -> 1 vs direct r=1 equals the per-example records' (direct: its best rate by --rate-rule,
+  the same seed)."""
   out = tmp_path / "out"
-  assert _script("claims").main(["--results", str(store), "--out", str(out)]) == 0
+  assert _script("claims").main(["--results", str(store), "--out", str(out), "--rate-rule", rule]) == 0
   assert (out / "claims.png").stat().st_size > 1000
   md = (out / "claims.md").read_text()
   for label in (
@@ -210,7 +225,8 @@ def test_claims_pair_the_records(store, tmp_path):
       "| 2→1 | yes |",
   ):
     assert label in md, label
-  best = R.best_direct_lr(R.load_rows([store]))[1]
+  assert R.rate_rule_text(rule) in md
+  best = R.best_direct_lr(R.load_rows([store]), by=rule)[1]
   post = _record(store, "synthetic_s42_post_from2_efficient")["targets"]["1"]["metrics"]["per_example"]
   # Direct r=1 ran seeds 42 and 43, the Post-Squeeze source seed 42 only: seed 42 is paired with seed 42.
   direct = _record(store, f"synthetic_s42_direct_r1_lr{best:g}")["metrics"]["per_example"]

@@ -68,15 +68,16 @@ rates_of() {  # the rank's own rates (lowest held-out NLL of the rate search) fo
     tr + '\n' | grep -E "^(${1//+/|}):" | paste -sd+
 }
 reports() {  # every figure and table script that the stores can feed; a script without its cells says so
-  local title="Gemma 3 270M, SIQA, CPU scale:"
+  # (each rank's rate by the campaign's own rule, the lowest held-out NLL: rates_of)
+  local title="Gemma 3 270M, SIQA, CPU scale:" rule=(--rate-rule nll)
   for s in table2_lr_grid fig3_lr_transfer fig4_heatmap fig5_efficient_vs_standard fig6_retention; do
-    "$PY" "experiments/$s.py" --results "$OUT/rates" --out "$OUT" --title "$title" || true
+    "$PY" "experiments/$s.py" --results "$OUT/rates" --out "$OUT" --title "$title" "${rule[@]}" || true
   done
   for s in table1_methods table3_seeds; do
-    "$PY" "experiments/$s.py" --results "$OUT/table1" --out "$OUT" --title "$title" || true
+    "$PY" "experiments/$s.py" --results "$OUT/table1" --out "$OUT" --title "$title" "${rule[@]}" || true
   done
-  "$PY" experiments/claims.py --results "$OUT/table1" --out "$OUT/table1" --title "$title" || true
-  "$PY" experiments/claims.py --results "$OUT/rates" --out "$OUT/rates" --title "$title" || true
+  "$PY" experiments/claims.py --results "$OUT/table1" --out "$OUT/table1" --title "$title" "${rule[@]}" || true
+  "$PY" experiments/claims.py --results "$OUT/rates" --out "$OUT/rates" --title "$title" "${rule[@]}" || true
 }
 
 stages=("$@")

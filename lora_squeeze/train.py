@@ -224,9 +224,7 @@ class _TrainingRun:
     self.iterator = data.make_train_iterator(
         config.data, self.model.tokenizer, seed=self.seed, shard=shard, image_spec=trainer_lib.image_spec(self.model)
     )
-    self.base_params = self.model.params
-    if self.mesh is not None:  # the frozen base split over fsdp (each device receives only its slices)
-      self.base_params = sharding_lib.put(self.base_params, sharding_lib.base_shardings(self.base_params, self.mesh))
+    self.base_params = self.model.params  # on a mesh: split over fsdp by load_model
     auto = config.get("auto_rank", None) or {}
     self.auto_tau, self.auto_min = float(auto.get("tau", 0.0) or 0.0), int(auto.get("min_rank", 0) or 0)
     self.auto_records: list[dict[str, Any]] = []  # per rank change: the modules' chosen ranks and V_r
@@ -415,10 +413,9 @@ class _TrainingRun:
     final_config = dataclasses.replace(
         self.lora_config, rank=lora_lib.describe_ranks(lora_lib.lora_ranks(final_params))
     )
-    # On a mesh the evaluation runs there too: the fsdp-split base, each batch's rows split over the batch
-    # axes (evaluate's programs read the mesh off the base params).
-    eval_model = self.model if self.mesh is None else dataclasses.replace(self.model, params=self.base_params)
-    metrics = eval_modes.evaluate_adapter(config, eval_model, final_params, final_config, evaluate_fn)
+    # On a mesh the evaluation runs there too: the fsdp-split base (load_model), each batch's rows split over
+    # the batch axes (evaluate's programs read the mesh off the base params).
+    metrics = eval_modes.evaluate_adapter(config, self.model, final_params, final_config, evaluate_fn)
     checkpoints.save_adapter(
         self.workdir / checkpoints.ADAPTER_DIR, final_params, final_config, extra={"mode": config.mode}
     )

@@ -495,26 +495,27 @@ def lora_config_from(config) -> lora_lib.LoRAConfig:
 
 
 def load_model(config, *, mesh=None):
-  """``models.load`` of ``config.model``. With a ``mesh``, a checkpoint is restored straight onto the fsdp
-  rule's shardings: gemma's default restores it REPLICATED, a whole copy of the base on every device (12B in
-  bfloat16: 24 GB per device) before the train loop splits it."""
+  """``models.load`` of ``config.model``; with a ``mesh``, its frozen base split over it by the fsdp rule
+  (``sharding.base_shardings``: each device holds only its slices). A checkpoint is restored straight onto
+  those shardings: gemma's default restores it REPLICATED, a whole copy of the base on every device (12B in
+  bfloat16: 24 GB per device) before it could be split."""
   options = dict(config.get("model_options", {}) or {})
   if mesh is not None and options.get("checkpoint"):
     options["sharding"] = lambda abstract: sharding_lib.base_shardings(abstract, mesh)
-  return models.load(config.model, **options)
+  model = models.load(config.model, **options)
+  if mesh is not None:  # a random-init base (or one restored above: put is then a no-op) onto the fsdp split
+    model = dataclasses.replace(
+        model, params=sharding_lib.put(model.params, sharding_lib.base_shardings(model.params, mesh))
+    )
+  return model
 
 
 def load_eval_model(config):
-  """The model of a run that only evaluates (Post-Squeeze, zero-shot). On several devices its base is split
-  over ``config.mesh`` by the fsdp rule, as a training run's is, so the evaluation runs on the mesh with each
-  batch's rows split (``evaluate``); on one device, ``load_model``'s."""
-  if jax.device_count() == 1:
-    return load_model(config)
-  mesh = sharding_lib.mesh_from_config(config)
-  model = load_model(config, mesh=mesh)
-  return dataclasses.replace(
-      model, params=sharding_lib.put(model.params, sharding_lib.base_shardings(model.params, mesh))
-  )
+  """The model of a run that only evaluates (Post-Squeeze, zero-shot): on several devices split over
+  ``config.mesh`` as a training run's is, so the evaluation runs on the mesh with each batch's rows split
+  (``evaluate``); on one device, no mesh."""
+  mesh = sharding_lib.mesh_from_config(config) if jax.device_count() > 1 else None
+  return load_model(config, mesh=mesh)
 
 
 def image_spec(model):

@@ -309,3 +309,5 @@ def test_committed_campaign_records_would_not_rerun(stage, tmp_path):
     old = sweep.portable(record["settings"], cell)
     same = sweep.fingerprint(settings, record.get("sources", {})) == record["fingerprint"]
     assert same or not workdir.differences(old, settings), (name, workdir.differences(old, settings))
+    for dep, dep_fp in record.get("sources", {}).items():  # a source rebuilt later makes its users rerun
+      assert records.get(dep, {}).get("fingerprint") == dep_fp, f"{stage}: {name} read another run of {dep}"

@@ -15,6 +15,8 @@
 #            In-Squeeze standard and minimum-steps, each with a fresh and a carried optimizer state
 #   seeds    Table 3: its seed-study cells (direct r=1, r=32, Post-Squeeze, direct N + M, In-Squeeze
 #            minimum-steps) at seeds 43 and 44
+#   seeds2   beyond Table 3: Cont-Squeeze and In-Squeeze standard at seeds 43 and 44 (their Table 1 verdicts
+#            against direct training had one seed; the seed-to-seed spread reversed another claim's NLL sign)
 #   autorank In-Squeeze 32 -> 4 with per-module ranks (V_r >= 0.9) against uniform In-Squeeze 32 -> 4, 2, 1
 #            and Post-Squeeze 32 -> 4, 3, 2, 1 (experiments/auto_rank.py pairs it with those at its budget r_eq)
 # Resumable and safe to rerun: finished cells are skipped (on a new machine too: each stage first copies the
@@ -23,7 +25,7 @@
 # stages share cell names) and its own committed store (experiments/results/cpu_campaign/{rates,pilot}/:
 # records and training curves, copied after each stage so that they can be committed as they land).
 # Usage: bash experiments/cpu_campaign.sh [STAGE ...]
-#   (default: rates pilot table1 seeds autorank grid fig3 heatmap)   RUN=runs/cpu_campaign
+#   (default: rates pilot table1 seeds autorank grid fig3 heatmap seeds2)   RUN=runs/cpu_campaign
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN="${RUN:-runs/cpu_campaign}"
@@ -57,10 +59,10 @@ seed() {  # $1 = stage: a new machine starts from the committed store, so finish
 
 # The campaign's sweeps: configs/paper.py on SIQA at N = 40, each stage adding its artefact.
 SIQA="runlocal,tasks=siqa,steps=40"
-campaign() {  # $1 = stage dir, $2 = eval.limit, $3 = configs/paper.py arguments
+campaign() {  # $1 = stage dir, $2 = eval.limit, $3 = configs/paper.py arguments, then --cell=NAME ... (all)
   seed "$1"
   "$PY" -m lora_squeeze.sweep --workdir="$RUN/$1" --config="configs/paper.py:$3" "${COMMON[@]}" \
-    --config.eval.limit="$2" || true
+    --config.eval.limit="$2" "${@:4}" || true
   collect "$1"
 }
 rates_of() {  # the rank's own rates (lowest held-out NLL of the rate search) for the ranks in $1 (1+32)
@@ -81,7 +83,7 @@ reports() {  # every figure and table script that the stores can feed; a script 
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(rates pilot table1 seeds autorank grid fig3 heatmap)
+[ ${#stages[@]} -gt 0 ] || stages=(rates pilot table1 seeds autorank grid fig3 heatmap seeds2)
 for stage in "${stages[@]}"; do
   case "$stage" in
     rates)
@@ -111,6 +113,12 @@ for stage in "${stages[@]}"; do
       LRS="$(rates_of 1+32)"
       campaign table1 0 "artefact=table3,$SIQA,ranks=1+32,src=32,tgt=1,extra=10,lrs=$LRS,seeds=43+44"
       reports ;;
+    seeds2)
+      LRS="$(rates_of 1+32)"
+      campaign table1 0 "artefact=table1,$SIQA,ranks=1+32,src=32,tgt=1,extra=10,lrs=$LRS,seeds=43+44,schemes=standard" \
+        --cell=siqa_s43_cont_32to1_m10 --cell=siqa_s43_in_standard_32to1_m10 \
+        --cell=siqa_s44_cont_32to1_m10 --cell=siqa_s44_in_standard_32to1_m10
+      reports ;;
     autorank)
       LRS="$(rates_of 1+32)"
       campaign table1 0 "artefact=auto_rank,$SIQA,ranks=1+32,src=32,tgt=1,extra=10,lrs=$LRS,tau=0.9,auto_tgt=4"
@@ -126,6 +134,6 @@ for stage in "${stages[@]}"; do
       LRS="$(rates_of 1+2+4+8+16+32)"; echo "[cpu_campaign] heatmap rates: $LRS"
       campaign rates 300 "artefact=heatmap,$SIQA,ranks=1+2+4+8+16+32,lrs=$LRS"
       reports ;;
-    *) echo "unknown stage $stage (rates | pilot | table1 | seeds | autorank | grid | fig3 | heatmap)"; exit 2 ;;
+    *) echo "unknown stage $stage (rates | pilot | table1 | seeds | seeds2 | autorank | grid | fig3 | heatmap)"; exit 2 ;;
   esac
 done

@@ -277,6 +277,7 @@ COMMITTED = {
     "table1": [
         (f"artefact=table1,{_T1},optimizer_states=fresh+carry", {"eval.limit": 0}),
         (f"artefact=table3,{_T1},seeds=43+44", {"eval.limit": 0}),
+        (f"artefact=table1,{_T1},seeds=43+44,schemes=standard", {"eval.limit": 0}),  # cpu_campaign.sh seeds2
         (f"artefact=auto_rank,{_T1},tau=0.9,auto_tgt=4", {"eval.limit": 0}),
     ],
 }

@@ -17,7 +17,8 @@ protocol); ``tiny``: the tiny random model on the synthetic lookup task (the exp
 
 Learning rates: the paper tunes one rate per rank (Table 2; its values are not in our copy of the paper). A
 heatmap/table1/direct sweep takes them from ``lrs=1:0.03+8:0.01+...``, else from a finished lr_grid store
-(``lr_from=DIR``: the best task-averaged rate per rank, the paper's rule), else ``lr``. ``lr_from`` is read when
+(``lr_from=DIR``: the best task-averaged rate per rank, by the paper's rule, or with ``lr_rule=nll`` by the
+lowest held-out NLL), else ``lr``. ``lr_from`` is read when
 the sweep runs, not here: its cells are named ``..._lrbest`` and the sweep stops, before any cell runs, if DIR
 has no finished direct run at one of their ranks (give that rank's rate with ``lrs``).
 """
@@ -42,6 +43,7 @@ def get_config(arg=None):
       lr=0.01,
       lrs=(),
       lr_from="",
+      lr_rule="accuracy",
       src=128,
       tgt=1,
       sources=(),
@@ -70,6 +72,7 @@ def get_config(arg=None):
       lr_grid=arg.lr_grid,
       lrs=paper_sweeps.parse_lrs(arg.lrs),
       lr_from=arg.lr_from,
+      lr_rule=arg.lr_rule,
       tgt=arg.tgt,
       sources=arg.sources,
       methods=arg.methods,

@@ -28,16 +28,25 @@ PAPER_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
 # A learning rate left to the sweep: ``{"best_lr_from": STORE, "rank": R}`` as an override value (or as a value
 # of ``lr_by_rank``) stands for the best direct-training rate at rank R in the lr_grid results store STORE
 # (``results.best_direct_lr``). ``sweep.py`` reads the store when the sweep runs, not when the config is parsed.
+# "Best" by one of RATE_RULES: "accuracy" (the paper's Table 2 rule, the default) or "nll" (the lowest held-out
+# NLL; the reference then also holds ``"by": "nll"``).
 BEST_LR_FROM = "best_lr_from"
+RATE_RULES = ("accuracy", "nll")
 
 
-def best_lr_from(store: str, rank: int) -> dict:
-  """The override value standing for rank ``rank``'s best learning rate in the results store ``store``."""
-  return {BEST_LR_FROM: str(store), "rank": int(rank)}
+def best_lr_from(store: str, rank: int, by: str = "accuracy") -> dict:
+  """The override value standing for rank ``rank``'s best learning rate (by ``by``) in the results store
+  ``store``."""
+  if by not in RATE_RULES:
+    raise UserError(f"learning-rate rule {by!r}: expected one of {', '.join(RATE_RULES)}{did_you_mean(by, RATE_RULES)}")
+  ref = {BEST_LR_FROM: str(store), "rank": int(rank)}
+  if by != "accuracy":  # the default stays implicit: references written before rules existed are unchanged
+    ref["by"] = by
+  return ref
 
 
 def is_best_lr_from(value) -> bool:
-  return isinstance(value, dict) and set(value) == {BEST_LR_FROM, "rank"}
+  return isinstance(value, dict) and set(value) in ({BEST_LR_FROM, "rank"}, {BEST_LR_FROM, "rank", "by"})
 
 
 def _convert(text: str, default):

@@ -238,7 +238,7 @@ class _Task:
     if int(rank) in self.args["lrs"]:
       return self.args["lrs"][int(rank)]
     if self.args["lr_from"]:
-      return config_lib.best_lr_from(self.args["lr_from"], rank)
+      return config_lib.best_lr_from(self.args["lr_from"], rank, self.args["lr_rule"])
     return self.args["lr"]
 
   def direct(self, r: int, lr: float | dict, **extra_base) -> str:
@@ -411,6 +411,7 @@ def cells(
     lr_grid: Sequence[float] = config_lib.LR_GRID,
     lrs: Mapping[int, float] | None = None,
     lr_from: str = "",
+    lr_rule: str = "accuracy",
     src: int = 128,
     tgt: int = 1,
     sources: Sequence[int] = (),
@@ -431,6 +432,7 @@ def cells(
     lr_grid: the lr_grid artefact's rates.
     lrs: {rank: rate}, the ranks' own rates (heatmap, table1, direct).
     lr_from: an lr_grid results store for the ranks ``lrs`` leaves out (resolved by sweep.py when it runs).
+    lr_rule: how ``lr_from``'s best rate is chosen (``config_lib.RATE_RULES``: accuracy, the paper's; nll).
     src, tgt: r_src and r_tgt (fig3: r_src; table1: both).
     sources: the heatmap's source ranks (default: ``ranks``).
     methods: the heatmap's squeeze methods; schemes: table1's In-Squeeze schemes; extra: table1's M values.
@@ -462,6 +464,7 @@ def cells(
   )
   _check(**a)
   a["lr_from"] = str(lr_from)
+  a["lr_rule"] = config_lib.best_lr_from("", 0, lr_rule).get("by", "accuracy")  # checked there
   steps_of = steps if isinstance(steps, Mapping) else {t: steps for t in tasks}
   out = []
   for task in tasks:

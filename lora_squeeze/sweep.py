@@ -27,7 +27,8 @@ Records written before fingerprints existed are kept as they are, with a note.
 
 A learning rate may be left to the sweep: an override value ``{"best_lr_from": STORE, "rank": R}``
 (``config_lib.best_lr_from``; also as a value of ``lr_by_rank``) is the best direct-training rate at rank R in
-the results store STORE (``results.best_direct_lr``, the paper's rule), read when the sweep runs, once per
+the results store STORE (``results.best_direct_lr``: the paper's rule, or with ``"by": "nll"`` the lowest
+held-out NLL), read when the sweep runs, once per
 store. The cell's record keeps the reference in ``overrides`` and the rate in ``settings``; the fingerprint
 hashes the rate, so a cell whose best rate changed (the store gained runs) is rerun. A store without a
 finished direct run at R stops the sweep before any cell runs, naming the cell and the ranks the store has.
@@ -112,16 +113,18 @@ class BestRates:
   """The best direct-training rate per rank of results stores, each store read once (``lr_from`` cells)."""
 
   def __init__(self):
-    self._stores: dict[str, dict[int, float]] = {}
+    self._rows: dict[str, list[results.Row]] = {}
+    self._stores: dict[tuple[str, str], dict[int, float]] = {}
 
-  def rate(self, store: str, rank: int, cell: str) -> float:
-    if store not in self._stores:
+  def rate(self, store: str, rank: int, cell: str, by: str = "accuracy") -> float:
+    if store not in self._rows:
       try:
-        rows = results.load_rows([store])
+        self._rows[store] = results.load_rows([store])
       except FileNotFoundError as e:
         raise workdir_lib.UserError(f"sweep cell {cell!r}: learning rate from lr_from={store}: {e}") from None
-      self._stores[store] = results.best_direct_lr(rows)
-    best = self._stores[store]
+    if (store, by) not in self._stores:
+      self._stores[(store, by)] = results.best_direct_lr(self._rows[store], by=by)
+    best = self._stores[(store, by)]
     if int(rank) not in best:
       have = ", ".join(str(r) for r in sorted(best)) or "none"
       raise workdir_lib.UserError(
@@ -133,7 +136,7 @@ class BestRates:
   def resolve(self, value: Any, cell: str) -> Any:
     """``value`` with every ``best_lr_from`` reference (itself, or a value of a mapping) replaced by the rate."""
     if config_lib.is_best_lr_from(value):
-      return self.rate(value[config_lib.BEST_LR_FROM], value["rank"], cell)
+      return self.rate(value[config_lib.BEST_LR_FROM], value["rank"], cell, value.get("by", "accuracy"))
     if isinstance(value, Mapping):
       return {k: self.resolve(v, cell) for k, v in value.items()}
     return value

@@ -147,6 +147,18 @@ def test_lr_from_reads_the_best_rates(store, tmp_path):
     )
 
 
+def test_lr_from_by_nll(store, tmp_path):
+  """lr_rule=nll: the references say so, and the sweep resolves them to the lowest held-out NLL's rate; a
+  misspelt rule is one error naming the valid ones."""
+  by_nll = R.best_direct_lr(R.load_rows([store]), by="nll")
+  c = _paper(f"tiny,artefact=direct,ranks=2+1,lr_from={store},lr_rule=nll")
+  assert all(x["overrides"]["learning_rate"]["by"] == "nll" for x in c.sweep)
+  lrs = {x["overrides"]["lora.rank"]: sweep.cell_config(c, x, tmp_path).learning_rate for x in c.sweep}
+  assert lrs == by_nll
+  with pytest.raises(UserError, match="'nlll'.*accuracy, nll.*did you mean 'nll'"):
+    _paper(f"tiny,artefact=direct,ranks=1,lr_from={store},lr_rule=nlll")
+
+
 def test_fig4_gain_matches_records(store, tmp_path):
   out = tmp_path / "out"
   assert _script("fig4_heatmap").main(["--results", str(store), "--out", str(out)]) == 0

@@ -75,7 +75,7 @@ def main(argv=None):
     ax.set_xticks(ranks, [str(k) for k in ranks])
     ax.set_xlabel("rank")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{args.title} {task}".strip(), fontsize=9)
+    ax.set_title(results_render.fit_title(ax, f"{args.title} {task}".strip()), fontsize=9)
     ax.grid(alpha=0.3)
     md.append(f"\n## {task}\n")
     md.append(

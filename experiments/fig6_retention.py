@@ -57,7 +57,7 @@ def main(argv=None):
     ax.set_xticks(ticks, [str(k) for k in ticks])
     ax.set_xlabel("r_tgt")
     ax.set_ylabel("V_r (%)")
-    ax.set_title(f"{args.title} {label}".strip(), fontsize=9)
+    ax.set_title(results_render.fit_title(ax, f"{args.title} {label}".strip()), fontsize=9)
     ax.grid(alpha=0.3)
   for ax in list(axes.flat)[len(panels) :]:
     ax.axis("off")

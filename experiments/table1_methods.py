@@ -104,7 +104,7 @@ def main(argv=None):
   ax.set_ylabel(f"mean accuracy over {len(complete)} task(s) (%)")
   lo = min([100 * a for a in avgs if a] or [0])
   ax.set_ylim(max(0, lo - 10), None)
-  ax.set_title(title, fontsize=9)
+  ax.set_title(results_render.fit_title(ax, title), fontsize=9)
   fig.tight_layout()
   png = results_render.save_figure(fig, Path(args.out) / "table1_methods.png")
   return results_render.finish(args.out, "table1_methods", md, png)

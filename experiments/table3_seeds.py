@@ -88,7 +88,7 @@ def main(argv=None):
     ax.scatter([i] * len(data[k]), [100 * v for v in data[k].values()], s=10, color="grey", zorder=3)
   ax.set_xticks(range(len(keys)), [f"{k[0]} r={k[1]}\nlr={k[2]}" for k in keys], fontsize=7)
   ax.set_ylabel("accuracy (%)")
-  ax.set_title(title, fontsize=9)
+  ax.set_title(results_render.fit_title(ax, title), fontsize=9)
   fig.tight_layout()
   png = results_render.save_figure(fig, Path(args.out) / "table3_seeds.png")
   return results_render.finish(args.out, "table3_seeds", md, png)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,16 @@ def heatmap_panel(
         ax.text(j, i, text, ha="center", va="center", fontsize=8)
   ax.set_xticks(range(len(col_labels)), col_labels)
   ax.set_yticks(range(len(row_labels)), row_labels)
-  ax.set_title(title, fontsize=8 if "\n" in title else 9)
+  ax.set_title(fit_title(ax, title), fontsize=8 if "\n" in title else 9)
   fig.colorbar(im, ax=ax, label=cbar_label)
+
+
+def fit_title(ax, title: str, fontsize: float = 9) -> str:
+  """``title`` wrapped at word boundaries to about the width of ``ax`` (a title wider than its panel is cut
+  at the figure's edges or runs into the next panel)."""
+  inches = ax.get_position().width * ax.figure.get_figwidth() * 1.15  # a title may overhang its axes a little
+  width = max(24, int(inches * 72 / (0.55 * fontsize)))  # ~0.55 em per character
+  return "\n".join(textwrap.fill(line, width) for line in title.split("\n"))
 
 
 def heatmap(

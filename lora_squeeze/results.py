@@ -243,13 +243,14 @@ class Paired:
   """A − B over the examples both were evaluated on (same task, same held-out examples, same order).
 
   Attributes:
-    n: examples compared (summed over tasks).
+    n: distinct examples compared (summed over tasks).
     accuracy, accuracy_sem: mean difference of per-example correctness (points / 100) and its SEM.
     nll, nll_sem: mean difference of the gold choice's NLL per token (nats; negative = A fits better).
     tasks: the tasks compared.
     seeds: the training seeds compared, each seed of A against the same seed of B (empty when A and B share
       no seed, e.g. a training-free B: then each side's rows are averaged per example).
     per_seed: ((seed, nll, nll_sem, accuracy, accuracy_sem), ...) of each compared seed alone.
+    comparisons: how many comparisons ``pooled`` averaged per example (1 for ``paired``).
   """
 
   n: int
@@ -260,6 +261,7 @@ class Paired:
   tasks: tuple[str, ...]
   seeds: tuple[int, ...] = ()
   per_seed: tuple[tuple[int, float, float, float, float], ...] = ()
+  comparisons: int = 1
 
 
 def paired(a_rows: Iterable[Row], b_rows: Iterable[Row]) -> Paired | None:
@@ -273,36 +275,35 @@ def paired(a_rows: Iterable[Row], b_rows: Iterable[Row]) -> Paired | None:
   SEM: sqrt(SEM_examples² + var_seeds / k). A second seed is a second training run, not more examples: its
   difference can move by more than the examples' SEM (seed 42 vs 43 of the CPU campaign).
   """
+  return pooled([(a_rows, b_rows)])
 
-  def by_task_seed(rows):
-    out = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-      if r.per_example and r.per_example.get("gold_nll"):
-        out[r.task][r.seed].append(r.per_example)
-    return out
 
-  def avg(pes, key):  # per example, over rows
-    n = min(len(p[key]) for p in pes)
-    return [mean([float(p[key][i]) for p in pes]) for i in range(n)]
-
-  a, b = by_task_seed(a_rows), by_task_seed(b_rows)
+def pooled(comparisons: Sequence[tuple[Iterable[Row], Iterable[Row]]]) -> Paired | None:
+  """Several paired comparisons A_i − B_i that reuse the same held-out examples (every (r_src, r_tgt) of
+  Fig. 4 is evaluated on one task's examples), pooled so that each example counts ONCE: per task, seed and
+  example, the mean difference over the comparisons that have it; then as ``paired``. Treating the
+  comparisons' examples as separate ones would count 15 correlated uses of one example as 15 independent
+  examples and shrink the SEM by up to sqrt(15). ``Paired.comparisons`` says how many were pooled."""
+  merged: dict[str, dict[Any, list[tuple[list[float], list[float]]]]] = defaultdict(lambda: defaultdict(list))
+  count = 0
+  for a_rows, b_rows in comparisons:
+    diffs = _differences(a_rows, b_rows)
+    count += bool(diffs)
+    for task, by_seed in diffs.items():
+      for s, d in by_seed.items():
+        merged[task][s].append(d)
   d_acc, d_nll, tasks = [], [], []
   seed_acc, seed_nll = defaultdict(list), defaultdict(list)
-  for task in sorted(set(a) & set(b)):
-    common = sorted(set(a[task]) & set(b[task]))
-    if common:
-      sides = [(a[task][s], b[task][s], s) for s in common]
-    else:
-      sides = [([p for v in a[task].values() for p in v], [p for v in b[task].values() for p in v], None)]
+  for task in sorted(merged):
     task_acc, task_nll = [], []
-    for pa, pb, s in sides:
-      aa, bb, an, bn = avg(pa, "correct"), avg(pb, "correct"), avg(pa, "gold_nll"), avg(pb, "gold_nll")
-      if len(aa) != len(bb):
+    for s, ds in sorted(merged[task].items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+      if len({len(acc) for acc, _ in ds}) > 1:
         raise ValueError(
-            f"results.paired: task {task!r} was evaluated on {len(aa)} vs {len(bb)} examples; "
-            "a paired comparison needs the same held-out examples (config.eval.limit)"
+            f"results.pooled: task {task!r} was evaluated on {sorted({len(acc) for acc, _ in ds})} examples by the "
+            "pooled comparisons; pooling needs the same held-out examples (config.eval.limit)"
         )
-      acc, nll = [x - y for x, y in zip(aa, bb)], [x - y for x, y in zip(an, bn)]
+      acc = [mean(col) for col in zip(*(x for x, _ in ds))]  # per example, over the comparisons
+      nll = [mean(col) for col in zip(*(y for _, y in ds))]
       task_acc.append(acc)
       task_nll.append(nll)
       if s is not None:
@@ -310,8 +311,9 @@ def paired(a_rows: Iterable[Row], b_rows: Iterable[Row]) -> Paired | None:
         seed_nll[s] += nll
     if len({len(x) for x in task_nll}) > 1:
       raise ValueError(
-          f"results.paired: task {task!r}'s seeds {common} were evaluated on {[len(x) for x in task_nll]} "
-          "examples; a paired comparison needs the same held-out examples (config.eval.limit)"
+          f"results.paired: task {task!r}'s seeds {sorted(k for k in merged[task] if k is not None)} were "
+          f"evaluated on {[len(x) for x in task_nll]} examples; a paired comparison needs the same held-out "
+          "examples (config.eval.limit)"
       )
     d_acc += [mean(col) for col in zip(*task_acc)]  # per example, the mean over the compared seeds
     d_nll += [mean(col) for col in zip(*task_nll)]
@@ -336,7 +338,43 @@ def paired(a_rows: Iterable[Row], b_rows: Iterable[Row]) -> Paired | None:
       tasks=tuple(tasks),
       seeds=seeds,
       per_seed=per_seed,
+      comparisons=count,
   )
+
+
+def _differences(a_rows: Iterable[Row], b_rows: Iterable[Row]) -> dict[str, dict[Any, tuple[list, list]]]:
+  """{task: {seed (None: no shared seed): (per-example Δ correctness, per-example Δ gold NLL)}} of A − B
+  (``paired``'s seed rule)."""
+
+  def by_task_seed(rows):
+    out = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+      if r.per_example and r.per_example.get("gold_nll"):
+        out[r.task][r.seed].append(r.per_example)
+    return out
+
+  def avg(pes, key):  # per example, over rows
+    n = min(len(p[key]) for p in pes)
+    return [mean([float(p[key][i]) for p in pes]) for i in range(n)]
+
+  a, b = by_task_seed(a_rows), by_task_seed(b_rows)
+  out = {}
+  for task in sorted(set(a) & set(b)):
+    common = sorted(set(a[task]) & set(b[task]))
+    if common:
+      sides = [(a[task][s], b[task][s], s) for s in common]
+    else:
+      sides = [([p for v in a[task].values() for p in v], [p for v in b[task].values() for p in v], None)]
+    out[task] = {}
+    for pa, pb, s in sides:
+      aa, bb, an, bn = avg(pa, "correct"), avg(pb, "correct"), avg(pa, "gold_nll"), avg(pb, "gold_nll")
+      if len(aa) != len(bb):
+        raise ValueError(
+            f"results.paired: task {task!r} was evaluated on {len(aa)} vs {len(bb)} examples; "
+            "a paired comparison needs the same held-out examples (config.eval.limit)"
+        )
+      out[task][s] = ([x - y for x, y in zip(aa, bb)], [x - y for x, y in zip(an, bn)])
+  return out
 
 
 def group(rows: Iterable[Row], key: Callable[[Row], Any]) -> dict[Any, list[Row]]:

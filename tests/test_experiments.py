@@ -311,6 +311,43 @@ def test_paired_compares_each_seed_with_itself_and_counts_the_seeds_spread():
     R.paired([row(42, base), row(43, base[:3], (1, 0, 1))], [row(42, base), row(43, base[:3], (1, 0, 1))])
 
 
+def test_no_difference_verdicts_allow_float_rounding_but_not_real_differences():
+  v = _script("claims")._verdict
+  assert v(3.6e-6, 1.5e-6, True, True, 1e-3) == "equivalent (within ±0.001)"  # rounding, 2.4 SEM from 0
+  assert v(0.004, 0.001, True, True, 1e-3) == "differ (+4.0 SEM)"
+  assert v(0.0015, 0.001, True, True, 1e-3) == "no significant difference"
+  assert v(-0.05, 0.01, True) == "A better" and v(-0.01, 0.01, True) == "not significant"
+
+
+def test_pooled_comparisons_count_each_example_once():
+  """Fig. 4's pooled row: comparisons that reuse the same held-out examples are averaged per example, so n is
+  the number of distinct examples and the SEM is that of the per-example means (not of the comparisons'
+  examples side by side, which would count every reuse as a new example)."""
+  row = lambda nll, correct: R.Row(
+      store="s", cell="c", task="t", model="m", method="direct", rank=1, source_rank=None, learning_rate=0.1,
+      seed=42, steps=8, squeeze_method=None, accuracy=None, ci95=None, n=len(nll),
+      per_example={"gold_nll": list(nll), "correct": list(correct)},
+  )  # fmt: skip
+  rng = np.random.default_rng(0)
+  base = rng.normal(3.0, 1.0, 50)
+  shared = rng.normal(-0.05, 0.2, 50)  # the examples' own effect, common to every comparison
+  comps, per_comp = [], []
+  for k in range(3):
+    d = shared + rng.normal(0.0, 0.02, 50)
+    per_comp.append(d)
+    comps.append(([row(base + d, [1] * 50)], [row(base, [1] * 50)]))
+  p = R.pooled(comps)
+  assert p.n == 50 and p.comparisons == 3
+  per_example = np.mean(per_comp, axis=0)
+  assert p.nll == pytest.approx(per_example.mean())
+  assert p.nll_sem == pytest.approx(R.sem(list(per_example)))
+  side_by_side = R.sem(list(np.concatenate(per_comp)))  # 150 "examples": about sqrt(3) too small
+  assert p.nll_sem > 1.5 * side_by_side
+  assert R.pooled(comps[:1]) == R.paired(*comps[0])
+  with pytest.raises(ValueError, match="same held-out examples"):
+    R.pooled(comps + [([row(base[:10], [1] * 10)], [row(base[:10], [1] * 10)])])
+
+
 def test_appendix_e_reproduces_the_papers_numbers(tmp_path):
   assert _script("appE_flops").main(["--out", str(tmp_path)]) == 0
   md = (tmp_path / "appE_flops.md").read_text()

@@ -64,7 +64,8 @@ def main(argv=None):
   fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
   md = [
       f"# Fig. 3: one learning rate (tuned at r_src={src}) for every rank vs Post-Squeeze\n\n"
-      f'{R.rate_rule_text(args.rate_rule)} (the "each rank\'s best lr" series)\n'
+      f'Series "direct, each rank\'s best lr" (shown when the store has several rates per rank): '
+      f"{R.rate_rule_text(args.rate_rule)}\n"
   ]
   for ax, (task, series) in zip(axes[0], data.items()):
     ranks = sorted({k for s in series.values() for k in s})

@@ -44,13 +44,15 @@ Array = jax.Array
 # a factorisation and so degrades gently on a busy machine, where OpenBLAS's own threads collapsed.
 #
 # Precision: the Grams are accumulated in float64 (a float32 factor is converted a block of rows at a time)
-# and every r_src×r_src step runs in float64; only the two products that make the new factors, a @ x and
-# yᵀ @ b, run in the input's precision. All-float32 arithmetic (the XLA route's) is exact to ~1e-6 when
-# ΔW's singular values s_r and s_{r+1} are well apart, but the best rank-r approximation is ill-determined
-# when they nearly coincide, and there float32 rounding of the Grams and the core SVD moved it by 1e-5 to
-# 5e-5 (measured, s_8/s_9 = 1.003-1.008 on Gemma-3-4B-shaped modules); with float64 accumulation the result
-# is the float64 best approximation of the given factors to the output's rounding (~4e-7), for any gap.
-# Costs: the Grams' flops at float64 speed (about 2x) plus one conversion pass.
+# and every r_src×r_src step runs in float64, and so do the two products that make the new factors, a @ x
+# and yᵀ @ b (``_product64``: x and y grow as the factors are ill conditioned or rank deficient, and
+# rounding them to float32 before the product cost up to 0.39 relative error; in float64 the products add
+# ~10% to a module's time). All-float32 arithmetic (the XLA route's) is exact to ~1e-6 when ΔW's singular
+# values s_r and s_{r+1} are well apart, but the best rank-r approximation is ill-determined when they
+# nearly coincide, and there float32 rounding of the Grams and the core SVD moved it by 1e-5 to 5e-5
+# (measured, s_8/s_9 = 1.003-1.008 on Gemma-3-4B-shaped modules); with float64 accumulation the result is
+# the float64 best approximation of the given factors to the output's rounding (~4e-7), for any gap.
+# Costs: the Grams' flops at float64 speed (about 2x) plus one conversion pass per factor and product.
 # The decisions are those of squeeze.py's XLA route (second Cholesky-QR pass, its shift, the zero-direction threshold in
 # units of the input precision, the fresh a-columns from the same hash draws), with the second pass's
 # trigger set for float64 Grams (``_HOST_SECOND_PASS_COND2``).
@@ -191,6 +193,26 @@ def _host_top_svd(core: np.ndarray, k: int, zero: float) -> tuple[np.ndarray, np
   return u_m[:, :k], s, vt_m[:k].T
 
 
+def _product64(f: np.ndarray, z: np.ndarray) -> np.ndarray:
+  """f @ z for an (m, r) factor f of any float dtype and a float64 (r, k) z: accumulated in float64 (f
+  converted a block of rows at a time, as for the Grams), rounded once to f's dtype.
+
+  z = R⁻¹(…) is as large as the factor is ill conditioned or rank deficient (up to 1e7 where R has
+  numerically zero rows, as always when r_src > m or n, because the core's eigenvectors keep float64 rounding
+  there; ~1e3 for a B with cond ~1e4), and f @ z cancels that back to O(1). Rounding z to float32 first and
+  multiplying in float32 lost up to 0.39 relative error on 2% of fresh random 6 x 8 / 8 x 5 pairs squeezed to
+  rank 5, and ~1e-5 on such pairs whose B was also ill conditioned; in float64 they are exact to the
+  output's rounding."""
+  if f.dtype == np.float64:
+    return f @ z
+  m, r = f.shape
+  rows = max(1, _GRAM_BLOCK_BYTES // (8 * r))
+  out = np.empty((m, z.shape[1]), f.dtype)
+  for i in range(0, m, rows):
+    out[i : i + rows] = f[i : i + rows].astype(np.float64) @ z
+  return out
+
+
 def squeeze(a, b, rank: int, key, where: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The XLA route's "efficient" squeeze for one module on the host: (a', b', singular values).
 
@@ -207,8 +229,8 @@ def squeeze(a, b, rank: int, key, where: str = "") -> tuple[np.ndarray, np.ndarr
   y, _ = scipy.linalg.lapack.dtrtrs(r_b, v_k * half, lower=False)
   new_a = np.zeros((m, rank), a.dtype)
   new_b = np.zeros((rank, n), a.dtype)
-  new_a[:, :k] = a @ x.astype(a.dtype)
-  new_b[:k] = y.T.astype(a.dtype) @ b
+  new_a[:, :k] = _product64(a, x)
+  new_b[:k] = _product64(b.T, y).T
   # Energy-free directions (and those beyond r_src) get a fresh LoRA init, as on the XLA route.
   s_pad = np.zeros(rank)
   s_pad[:k] = s[:k]

@@ -44,10 +44,9 @@ Array = jax.Array
 # a factorisation and so degrades gently on a busy machine, where OpenBLAS's own threads collapsed.
 #
 # Precision: the Grams are accumulated in float64 (a float32 factor is converted a block of rows at a time)
-# and every r_src×r_src step runs in float64, and so do the two products that make the new factors, a @ x
-# and yᵀ @ b (``_product64``: x and y grow as the factors are ill conditioned or rank deficient, and
-# rounding them to float32 before the product cost up to 0.39 relative error; in float64 the products add
-# ~10% to a module's time). All-float32 arithmetic (the XLA route's) is exact to ~1e-6 when ΔW's singular
+# and every r_src×r_src step runs in float64; the two products that make the new factors, a @ x and yᵀ @ b,
+# run in the input's precision, except for a rank-deficient factor (``_product64``: there they accumulate
+# in float64). All-float32 arithmetic (the XLA route's) is exact to ~1e-6 when ΔW's singular
 # values s_r and s_{r+1} are well apart, but the best rank-r approximation is ill-determined when they
 # nearly coincide, and there float32 rounding of the Grams and the core SVD moved it by 1e-5 to 5e-5
 # (measured, s_8/s_9 = 1.003-1.008 on Gemma-3-4B-shaped modules); with float64 accumulation the result is
@@ -193,16 +192,23 @@ def _host_top_svd(core: np.ndarray, k: int, zero: float) -> tuple[np.ndarray, np
   return u_m[:, :k], s, vt_m[:k].T
 
 
-def _product64(f: np.ndarray, z: np.ndarray) -> np.ndarray:
-  """f @ z for an (m, r) factor f of any float dtype and a float64 (r, k) z: accumulated in float64 (f
-  converted a block of rows at a time, as for the Grams), rounded once to f's dtype.
+def _rank_deficient(r_f: np.ndarray, dtype) -> bool:
+  """Whether the factor whose CholeskyQR R is ``r_f`` has a numerically zero pivot (lower rank than its r
+  columns: always when r exceeds its other dimension, also with dependent columns)."""
+  d = np.abs(np.diagonal(r_f))
+  return bool(d.min() <= r_f.shape[0] * float(np.finfo(dtype).eps) * np.linalg.norm(r_f))
 
-  z = R⁻¹(…) is as large as the factor is ill conditioned or rank deficient (up to 1e7 where R has
-  numerically zero rows, as always when r_src > m or n, because the core's eigenvectors keep float64 rounding
-  there; ~1e3 for a B with cond ~1e4), and f @ z cancels that back to O(1). Rounding z to float32 first and
-  multiplying in float32 lost up to 0.39 relative error on 2% of fresh random 6 x 8 / 8 x 5 pairs squeezed to
-  rank 5, and ~1e-5 on such pairs whose B was also ill conditioned; in float64 they are exact to the
-  output's rounding."""
+
+def _product64(f: np.ndarray, z: np.ndarray) -> np.ndarray:
+  """f @ z for an (m, r) factor f and a float64 (r, k) z = R⁻¹(…), accumulated in float64 (f converted a
+  block of rows at a time, as for the Grams), in f's dtype: the product for a rank-deficient factor.
+
+  There the core's eigenvectors keep float64 rounding (~1e-16) in R's numerically zero rows, which R⁻¹
+  multiplies by up to 1e22: z reaches 1e7, and f @ z cancels that back to O(1) only in float64. Rounded to
+  float32 first and multiplied in float32, the new factors were off by up to 0.39 relative on 2% of fresh
+  random 6 x 8 / 8 x 5 pairs squeezed to rank 5. A full-rank factor, however ill conditioned (cond 1e5
+  measured), keeps the float32 product to ~2e-7: z's growth there is the true solution's; and that product
+  is 1.3-1.7x faster."""
   if f.dtype == np.float64:
     return f @ z
   m, r = f.shape
@@ -229,8 +235,8 @@ def squeeze(a, b, rank: int, key, where: str = "") -> tuple[np.ndarray, np.ndarr
   y, _ = scipy.linalg.lapack.dtrtrs(r_b, v_k * half, lower=False)
   new_a = np.zeros((m, rank), a.dtype)
   new_b = np.zeros((rank, n), a.dtype)
-  new_a[:, :k] = _product64(a, x)
-  new_b[:k] = _product64(b.T, y).T
+  new_a[:, :k] = _product64(a, x) if _rank_deficient(r_a, a.dtype) else a @ x.astype(a.dtype)
+  new_b[:k] = _product64(b.T, y).T if _rank_deficient(r_b, b.dtype) else y.T.astype(b.dtype) @ b
   # Energy-free directions (and those beyond r_src) get a fresh LoRA init, as on the XLA route.
   s_pad = np.zeros(rank)
   s_pad[:k] = s[:k]

@@ -385,14 +385,15 @@ def group(rows: Iterable[Row], key: Callable[[Row], Any]) -> dict[Any, list[Row]
 
 
 def per_task(rows: Iterable[Row], key: Callable[[Row], Any], value: str = "accuracy") -> dict[Any, dict[str, float]]:
-  """{key: {task: the rows' ``value`` (a Row field: accuracy, gold_nll) averaged over the rows (seeds) of that
-  task}} for rows that have it."""
-  out: dict[Any, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+  """{key: {task: the rows' ``value`` (a Row field: accuracy, gold_nll) averaged over the seeds of that task}}
+  for rows that have it. Rows of one seed are averaged first, so a seed with two records of the same
+  adapter (a Post-Squeeze to r in two sweeps' cells) does not count twice."""
+  out: dict[Any, dict[str, dict[Any, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
   for r in rows:
     v = getattr(r, value)
     if v is not None:
-      out[key(r)][r.task].append(v)
-  return {k: {t: mean(v) for t, v in tasks.items()} for k, tasks in out.items()}
+      out[key(r)][r.task][r.seed].append(v)
+  return {k: {t: mean([mean(v) for v in seeds.values()]) for t, seeds in tasks.items()} for k, tasks in out.items()}
 
 
 def mean_over_tasks(by_task: Mapping[str, float], tasks: Iterable[str] | None = None) -> float:

@@ -319,6 +319,17 @@ def test_no_difference_verdicts_allow_float_rounding_but_not_real_differences():
   assert v(-0.05, 0.01, True) == "A better" and v(-0.01, 0.01, True) == "not significant"
 
 
+def test_per_task_averages_each_seed_once():
+  """Two records of one seed's adapter (a Post-Squeeze to r in two sweeps' cells) count once: seeds are
+  averaged, not rows (Table 1's Post-Squeeze column read 41.7 where Table 3 read 41.54 over the same seeds)."""
+  row = lambda seed, acc: R.Row(
+      store="s", cell=f"c{seed}", task="t", model="m", method="post_squeeze", rank=1, source_rank=32,
+      learning_rate=0.1, seed=seed, steps=8, squeeze_method="efficient", accuracy=acc, ci95=None, n=10,
+  )  # fmt: skip
+  rows = [row(42, 0.5), row(42, 0.5), row(43, 0.2), row(44, 0.2)]
+  assert R.per_task(rows, lambda r: 0)[0]["t"] == pytest.approx(0.3)  # rows would give 0.35
+
+
 def test_pooled_comparisons_count_each_example_once():
   """Fig. 4's pooled row: comparisons that reuse the same held-out examples are averaged per example, so n is
   the number of distinct examples and the SEM is that of the per-example means (not of the comparisons'

@@ -212,7 +212,7 @@ def main(argv=None):
             claim,
             a,
             b,
-            ", ".join(sorted({t.split("|")[0] for t in p.tasks})),
+            ", ".join(p.tasks),
             ", ".join(map(str, p.seeds)) or "-",
             str(p.n) if p.comparisons == 1 else f"{p.n} ({p.comparisons} comparisons, each example once)",
             f"{100 * p.accuracy:+.1f} ± {100 * p.accuracy_sem:.1f}",

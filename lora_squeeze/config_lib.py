@@ -15,6 +15,7 @@ import sys
 from absl import flags
 import ml_collections
 
+from lora_squeeze import results
 from lora_squeeze.workdir import UserError
 from lora_squeeze.workdir import did_you_mean
 from lora_squeeze.workdir import flatten
@@ -28,19 +29,24 @@ PAPER_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
 # A learning rate left to the sweep: ``{"best_lr_from": STORE, "rank": R}`` as an override value (or as a value
 # of ``lr_by_rank``) stands for the best direct-training rate at rank R in the lr_grid results store STORE
 # (``results.best_direct_lr``). ``sweep.py`` reads the store when the sweep runs, not when the config is parsed.
-# "Best" by one of RATE_RULES: "accuracy" (the paper's Table 2 rule, the default) or "nll" (the lowest held-out
-# NLL; the reference then also holds ``"by": "nll"``).
+# "Best" by one of ``results.RATE_RULES``: "accuracy" (the paper's Table 2 rule, the default) or "nll" (the
+# lowest held-out NLL; the reference then also holds ``"by": "nll"``).
 BEST_LR_FROM = "best_lr_from"
-RATE_RULES = ("accuracy", "nll")
+
+
+def check_rate_rule(by: str) -> str:
+  """``by`` if it is one of ``results.RATE_RULES``, else one UserError naming the valid ones."""
+  rules = results.RATE_RULES
+  if by not in rules:
+    raise UserError(f"learning-rate rule {by!r}: expected one of {', '.join(rules)}{did_you_mean(by, rules)}")
+  return by
 
 
 def best_lr_from(store: str, rank: int, by: str = "accuracy") -> dict:
   """The override value standing for rank ``rank``'s best learning rate (by ``by``) in the results store
   ``store``."""
-  if by not in RATE_RULES:
-    raise UserError(f"learning-rate rule {by!r}: expected one of {', '.join(RATE_RULES)}{did_you_mean(by, RATE_RULES)}")
   ref = {BEST_LR_FROM: str(store), "rank": int(rank)}
-  if by != "accuracy":  # the default stays implicit: references written before rules existed are unchanged
+  if check_rate_rule(by) != "accuracy":  # the default stays implicit: older references are unchanged
     ref["by"] = by
   return ref
 

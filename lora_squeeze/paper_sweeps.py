@@ -432,7 +432,7 @@ def cells(
     lr_grid: the lr_grid artefact's rates.
     lrs: {rank: rate}, the ranks' own rates (heatmap, table1, direct).
     lr_from: an lr_grid results store for the ranks ``lrs`` leaves out (resolved by sweep.py when it runs).
-    lr_rule: how ``lr_from``'s best rate is chosen (``config_lib.RATE_RULES``: accuracy, the paper's; nll).
+    lr_rule: how ``lr_from``'s best rate is chosen (``results.RATE_RULES``: accuracy, the paper's; nll).
     src, tgt: r_src and r_tgt (fig3: r_src; table1: both).
     sources: the heatmap's source ranks (default: ``ranks``).
     methods: the heatmap's squeeze methods; schemes: table1's In-Squeeze schemes; extra: table1's M values.
@@ -464,7 +464,7 @@ def cells(
   )
   _check(**a)
   a["lr_from"] = str(lr_from)
-  a["lr_rule"] = config_lib.best_lr_from("", 0, lr_rule).get("by", "accuracy")  # checked there
+  a["lr_rule"] = config_lib.check_rate_rule(lr_rule)
   steps_of = steps if isinstance(steps, Mapping) else {t: steps for t in tasks}
   out = []
   for task in tasks:

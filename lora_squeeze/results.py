@@ -409,7 +409,7 @@ def mean_over_tasks(by_task: Mapping[str, float], tasks: Iterable[str] | None = 
 # How a rank's own learning rate is chosen from direct runs: "accuracy", the paper's Table 2 rule (the highest
 # task-averaged accuracy), or "nll", the lowest task-averaged held-out NLL (what the CPU campaign uses: at a
 # few hundred examples the NLL separates rates that accuracy cannot, experiments/rank_pilot.py).
-RATE_RULES = ("accuracy", "nll")  # = config_lib.RATE_RULES (results imports nothing of the package)
+RATE_RULES = ("accuracy", "nll")
 
 
 def best_direct_lr(rows: Iterable[Row], by: str = "accuracy") -> dict[int, float]:
